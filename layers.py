@@ -1,0 +1,151 @@
+"""Shared attention blocks used by news and user encoders.
+
+Legend: N items (news or users), L sequence length (tokens or history), E input dim, A attention dim,
+Hd heads, Dh head dim, D output dim.
+
+Every softmax here masks padding with -inf before normalising: a padded position must receive exactly zero
+weight, so outputs are invariant to how much padding a batch carries. A row whose positions are *all* padded
+(an empty history) would give NaN after a -inf softmax; `masked_softmax` returns zeros for such rows instead.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
+    """Softmax over `dim` where `mask` is False -> exactly 0; all-masked rows -> all zeros (not NaN).
+
+    Args:
+        logits: any shape, float.
+        mask: bool, broadcastable to `logits`; True = real position. None = no padding.
+    """
+    if mask is None:
+        return torch.softmax(logits, dim=dim)
+    mask = mask.expand_as(logits)
+    logits = logits.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(logits, dim=dim)
+    # softmax of an all -inf row is NaN; an empty history has nothing to attend to, so it contributes 0.
+    return weights.masked_fill(~mask, 0.0)
+
+
+class AdditiveAttention(nn.Module):
+    """Additive (Bahdanau-style) attention pooling: a = softmax(q . tanh(W x + b)), out = sum a x.
+
+    Used by NRMS/NAML/LSTUR for word and news pooling (Wu et al., 2019).
+    """
+
+    def __init__(self, feature_dim: int, attention_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(feature_dim, attention_dim)
+        self.query = nn.Parameter(torch.empty(attention_dim))
+        nn.init.xavier_uniform_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        nn.init.uniform_(self.query, -0.1, 0.1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, return_weights: bool = False):
+        """
+        Args:
+            x: [N, L, E] float.
+            mask: [N, L] bool, True = real.
+        Returns:
+            [N, E] pooled vectors (and [N, L] weights when `return_weights`).
+        """
+        scores = torch.tanh(self.proj(x)) @ self.query  # [N, L]
+        weights = masked_softmax(scores, mask, dim=-1)
+        out = torch.bmm(weights.unsqueeze(1), x).squeeze(1)  # [N, E]
+        return (out, weights) if return_weights else out
+
+
+class QueryAttention(nn.Module):
+    """Attention with an externally supplied query per row (NPA's personalized attention, CATT/DKN).
+
+    score_l = q . tanh(W x_l + b)
+    """
+
+    def __init__(self, feature_dim: int, query_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(feature_dim, query_dim)
+        nn.init.xavier_uniform_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, query: torch.Tensor, mask: torch.Tensor | None = None):
+        """
+        Args:
+            x: [N, L, E]; query: [N, Q]; mask: [N, L] bool.
+        Returns:
+            [N, E]
+        """
+        scores = torch.bmm(torch.tanh(self.proj(x)), query.unsqueeze(2)).squeeze(2)  # [N, L]
+        weights = masked_softmax(scores, mask, dim=-1)
+        return torch.bmm(weights.unsqueeze(1), x).squeeze(1)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """NRMS multi-head self-attention (Wu et al., EMNLP 2019): Hd heads of size Dh, output Hd*Dh.
+
+    Keys that are padding are masked with -inf, so padded positions never influence real ones. Rows of padded
+    queries still get an output (they attend to real keys); callers mask them out in the pooling step.
+    """
+
+    def __init__(self, input_dim: int, head_num: int, head_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.head_num, self.head_dim = head_num, head_dim
+        out_dim = head_num * head_dim
+        self.q = nn.Linear(input_dim, out_dim)
+        self.k = nn.Linear(input_dim, out_dim)
+        self.v = nn.Linear(input_dim, out_dim)
+        self.dropout = dropout
+        for lin in (self.q, self.k, self.v):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, return_weights: bool = False):
+        """
+        Args:
+            x: [N, L, E]; mask: [N, L] bool, True = real.
+        Returns:
+            [N, L, Hd*Dh] (and [N, Hd, L, L] weights when asked).
+        """
+        n, l, _ = x.shape
+
+        def split(t):  # [N, L, Hd*Dh] -> [N, Hd, L, Dh]
+            return t.view(n, l, self.head_num, self.head_dim).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # [N, Hd, L, L]
+        key_mask = None if mask is None else mask[:, None, None, :]
+        weights = masked_softmax(scores, key_mask, dim=-1)
+        if self.training and self.dropout > 0:
+            weights = F.dropout(weights, self.dropout)
+        out = (weights @ v).transpose(1, 2).reshape(n, l, self.head_num * self.head_dim)
+        return (out, weights) if return_weights else out
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dim: int = 1) -> torch.Tensor:
+    """Mean over real positions only; all-padded rows give zeros.
+
+    Args:
+        x: [N, L, E]; mask: [N, L] bool.
+    """
+    if mask is None:
+        return x.mean(dim)
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(dim) / m.sum(dim).clamp(min=1.0)
+
+
+def last_valid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Output of the last real position of each row (histories are left-aligned: real items, then padding).
+
+    Args:
+        x: [N, L, E]; mask: [N, L] bool.
+    Returns:
+        [N, E]; rows with no real position give zeros.
+    """
+    lengths = mask.sum(1)  # [N]
+    idx = (lengths - 1).clamp(min=0)
+    out = x[torch.arange(x.size(0), device=x.device), idx]
+    return out * (lengths > 0).unsqueeze(-1).to(x.dtype)

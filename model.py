@@ -1,0 +1,153 @@
+"""The recommender: news encoder + user encoder (from the registries) + click predictor + loss.
+
+Legend: B batch, H history (50), C candidates (1+K in training), D news dim, U unique news in a batch,
+N news in the corpus table.
+
+The news feature table (token ids, categories, ...) lives on the model's device as non-persistent buffers, so a
+batch carries only news indices. `forward` encodes each unique news of the batch once (history and candidates
+share the work); evaluation encodes every needed news once for the whole split (`encode_news`) and then scores
+impressions from those cached vectors (`score`), never re-encoding history per candidate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dataset import Batch
+from newsEncoders import get_news_encoder
+from userEncoders import UserInputs, UserOutput, get_user_encoder
+
+if TYPE_CHECKING:
+    from config import Config
+    from MIND_corpus import CorpusMeta
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, C] float; padded candidates are -inf
+    loss: torch.Tensor | None = None  # scalar: cross-entropy + weighted auxiliary losses (training)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # each auxiliary loss, already weighted
+
+
+def check_pairing(news_encoder: str, user_encoder: str) -> None:
+    """The one place where news x user pairing rules are enforced (class attributes of the encoders)."""
+    news_cls, user_cls = get_news_encoder(news_encoder), get_user_encoder(user_encoder)
+    allowed_news = getattr(user_cls, "compatible_news_encoders", None)
+    if allowed_news is not None and news_encoder not in allowed_news:
+        raise ValueError(f"--user_encoder {user_encoder} works only with --news_encoder in {sorted(allowed_news)}")
+    allowed_user = getattr(news_cls, "compatible_user_encoders", None)
+    if allowed_user is not None and user_encoder not in allowed_user:
+        raise ValueError(f"--news_encoder {news_encoder} works only with --user_encoder in {sorted(allowed_user)}")
+
+
+class Model(nn.Module):
+    """Args:
+        config: the run's Config.
+        meta: CorpusMeta (vocabulary / category / user sizes and pretrained matrices).
+        news_table: dict of numpy arrays [N, ...] (the corpus news arrays); only the columns the news encoder
+            declares in `features` (plus category when the user encoder needs it) are copied to the device.
+    """
+
+    def __init__(self, config: "Config", meta: "CorpusMeta", news_table: dict[str, np.ndarray]):
+        super().__init__()
+        check_pairing(config.news_encoder, config.user_encoder)
+        self.config = config
+        self.news_encoder = get_news_encoder(config.news_encoder)(config, meta)
+        self.user_encoder = get_user_encoder(config.user_encoder)(config, meta, self.news_encoder)
+        self.features = tuple(self.news_encoder.features)
+        needed = set(self.features)
+        if getattr(self.user_encoder, "needs_category", False):
+            needed.add("category")
+        for name in sorted(needed):
+            if name not in news_table:
+                raise ValueError(f"news encoder {config.news_encoder} reads news feature {name!r}, which the corpus "
+                                 f"does not provide (has: {sorted(news_table)})")
+            tensor = torch.from_numpy(np.array(news_table[name]))  # a copy: the cache arrays are read-only mmaps
+            self.register_buffer(f"news_{name}", tensor, persistent=False)  # rebuilt from the corpus, not saved
+        self.news_num = int(next(iter(news_table.values())).shape[0])
+
+    # -- news --------------------------------------------------------------------------------------------
+    def news_features(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """index [N] long -> {feature: [N, ...] long}"""
+        return {name: getattr(self, f"news_{name}")[index].long() for name in self.features}
+
+    def encode_news(self, index: torch.Tensor, user_id: torch.Tensor | None = None) -> torch.Tensor:
+        """index [N] long (news indices) -> [N, D] news vectors."""
+        return self.news_encoder(self.news_features(index), user_id=user_id)
+
+    def _gather_news(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode the batch's news: each unique news once (personalized encoders: once per user and news)."""
+        b, h = batch.history.shape
+        c = batch.candidates.shape[1]
+        ids = torch.cat([batch.history.reshape(-1), batch.candidates.reshape(-1)])  # [B*H + B*C]
+        if self.news_encoder.personalized:
+            users = torch.cat([batch.user.repeat_interleave(h), batch.user.repeat_interleave(c)])
+            vectors = self.encode_news(ids, user_id=users)  # [B*H + B*C, D]
+        else:
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            vectors = self.encode_news(unique)[inverse]  # [U, D] -> [B*H + B*C, D]
+        history = vectors[: b * h].view(b, h, -1)
+        candidates = vectors[b * h:].view(b, c, -1)
+        return history, candidates
+
+    # -- scoring -----------------------------------------------------------------------------------------
+    def score(self, batch: Batch, history: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, UserOutput]:
+        """Encoded history [B, H, D] and candidates [B, C, D] -> logits [B, C] (padded candidates -inf)."""
+        inputs = UserInputs(
+            history=history, history_mask=batch.history_mask, user_id=batch.user,
+            candidates=candidates, candidate_mask=batch.candidate_mask,
+        )
+        if getattr(self.user_encoder, "needs_category", False):
+            inputs.history_category = self.news_category[batch.history].long()
+            inputs.candidate_category = self.news_category[batch.candidates].long()
+        out = self.user_encoder(inputs)
+        if out.logits is not None:
+            logits = out.logits
+        elif out.user.dim() == 3:  # candidate-aware user vector per candidate: [B, C, D]
+            logits = (out.user * candidates).sum(-1)
+        else:
+            logits = torch.bmm(candidates, out.user.unsqueeze(-1)).squeeze(-1)  # [B, C]
+        # -inf, not a large negative: a padded candidate must get exactly zero probability.
+        logits = logits.float().masked_fill(~batch.candidate_mask, float("-inf"))
+        return logits, out
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        history, candidates = self._gather_news(batch)
+        logits, out = self.score(batch, history, candidates)
+        loss = None
+        aux = dict(out.aux)
+        if batch.target is not None:
+            loss = F.cross_entropy(logits, batch.target)
+            for value in aux.values():
+                loss = loss + value
+        return ModelOutput(logits=logits, loss=loss, aux=aux)
+
+    @torch.no_grad()
+    def score_cached(self, batch: Batch, news_vectors: torch.Tensor) -> torch.Tensor:
+        """Evaluation fast path: news_vectors [N, D] (every news of the split encoded once) -> logits [B, C]."""
+        if self.news_encoder.personalized:  # vectors depend on the user: encode this batch's news
+            history, candidates = self._gather_news(batch)
+        else:
+            history, candidates = news_vectors[batch.history], news_vectors[batch.candidates]
+        return self.score(batch, history, candidates)[0]
+
+    @torch.no_grad()
+    def encode_all_news(self, index: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+        """Encode the news in `index` once, in chunks; returns a table [N, D] indexed by news index (rows not in
+        `index` stay zero). Personalized encoders return an empty table (they encode per batch)."""
+        device = index.device
+        if self.news_encoder.personalized:
+            return torch.zeros(0, device=device)
+        table = None
+        for start in range(0, len(index), chunk):
+            ids = index[start:start + chunk]
+            vec = self.encode_news(ids)
+            if table is None:
+                table = torch.zeros(self.news_num, vec.shape[-1], device=device, dtype=vec.dtype)
+            table[ids] = vec
+        return table

@@ -1,0 +1,127 @@
+"""End to end through main(argv): train -> dev -> test -> prediction.zip on a tiny generated corpus."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import util
+from main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_MODEL = ["--word_embedding_dim=50", "--head_num=4", "--head_dim=8", "--attention_dim=16",
+               "--cnn_kernel_num=32", "--no-progress"]
+TINY_DEMO = ["--demo_news=300", "--demo_users=120", "--demo_train_impressions=300",
+             "--demo_dev_impressions=80", "--demo_test_impressions=80"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    common = [f"--data_dir={tmp / 'data'}", f"--output_dir={tmp / 'best_model'}"]
+    result = main(["--mode=train", "--dataset=demo", "--epoch=2", "--batch_size=32", *TINY_DEMO, *SMALL_MODEL,
+                   *common])
+    return tmp, common, result
+
+
+def test_train_writes_run_folder(trained):
+    tmp, common, result = trained
+    run = Path(result["run_dir"])
+    assert run == tmp / "best_model" / "demo" / "MHSA-MHSA" / "#1"
+    assert Path(result["checkpoint"]) == run / "MHSA-MHSA"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["news_encoder"] == "MHSA" and saved["seed"] == 0 and saved["head_num"] == 4
+    log = [json.loads(line) for line in (run / "dev_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert all(0 <= r["auc"] <= 1 and np.isfinite(r["train_loss"]) for r in log)
+    best = max(log, key=lambda r: util.criterion_value(r, "avg"))
+    assert result["best_epoch"] == best["epoch"]
+    assert result["dev_metrics"]["auc"] == pytest.approx(best["auc"])
+
+
+def test_dev_mode_matches_official_scorer_on_written_files(trained):
+    tmp, common, result = trained
+    report = main(["--mode=dev", f"--dev_model_path={result['checkpoint']}", *common, "--no-progress"])
+    m = report["metrics"]
+    official = util.official_style_score(report["truth"], report["ranking"])
+    for key in ("auc", "mrr", "ndcg5", "ndcg10"):
+        assert m[key] == pytest.approx(official[key], abs=1e-9)
+    # same checkpoint, same data: the dev metrics logged at training time are reproduced
+    for key in ("auc", "mrr", "ndcg5", "ndcg10"):
+        assert m[key] == pytest.approx(result["dev_metrics"][key], abs=1e-9)
+    saved = json.loads((Path(result["checkpoint"]).parent / "dev" / "metrics.json").read_text())
+    assert saved["metrics"]["auc"] == pytest.approx(m["auc"])
+
+
+def test_test_mode_writes_valid_leaderboard_zip(trained):
+    tmp, common, result = trained
+    report = main(["--mode=test", f"--test_model_path={result['checkpoint']}", *common, "--no-progress"])
+    zpath = Path(report["prediction"])
+    with zipfile.ZipFile(zpath) as z:
+        assert z.namelist() == ["prediction.txt"]
+        lines = z.read("prediction.txt").decode().splitlines()
+    behaviors = (tmp / "data" / "MIND-demo" / "test" / "behaviors.tsv").read_text().splitlines()
+    assert len(lines) == len(behaviors)
+    for line, beh in zip(lines, behaviors):
+        impr_id, _, _, _, cands = beh.split("\t")
+        pid, ranks = line.split(" ")
+        assert pid == impr_id  # behaviors.tsv order
+        ranks = json.loads(ranks)
+        assert sorted(ranks) == list(range(1, len(cands.split()) + 1))
+    assert " " not in lines[0].split(" ", 1)[1]
+    assert report["metrics"]["labelled"]  # the demo's test split has labels: metrics printed too
+
+
+def test_unlabelled_test_split_still_predicts(trained, tmp_path):
+    tmp, common, result = trained
+    data = tmp_path / "data"
+    shutil.copytree(tmp / "data" / "MIND-demo", data / "MIND-demo")
+    beh = data / "MIND-demo" / "test" / "behaviors.tsv"
+    rows = [line.split("\t") for line in beh.read_text().splitlines()]
+    beh.write_text("".join("\t".join(r[:4] + [" ".join(c.rsplit("-", 1)[0] for c in r[4].split())]) + "\n"
+                           for r in rows))
+    report = main(["--mode=test", f"--test_model_path={result['checkpoint']}", f"--data_dir={data}", "--no-progress"])
+    assert report["metrics"] == {"labelled": False}
+    ids, ranks = util.read_prediction(report["prediction"])
+    assert [str(i) for i in ids] == [r[0] for r in rows]
+
+
+def test_typed_architecture_flag_conflicting_with_checkpoint_is_an_error(trained):
+    tmp, common, result = trained
+    with pytest.raises(ValueError, match=r"--head_num=8 .*checkpoint: 4"):
+        main(["--mode=dev", f"--dev_model_path={result['checkpoint']}", "--head_num=8", *common])
+
+
+def test_checkpoint_of_another_architecture_is_refused(trained, tmp_path):
+    tmp, common, result = trained
+    ckpt = torch.load(result["checkpoint"], weights_only=True)
+    ckpt["config"]["user_encoder"] = "ATT"  # weights of MHSA-MHSA under an ATT config
+    bad = tmp_path / "MHSA-ATT"
+    torch.save(ckpt, bad)
+    with pytest.raises(ValueError, match=r"checkpoint of MHSA-ATT does not fit"):
+        main(["--mode=dev", f"--dev_model_path={bad}", *common])
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a checkpoint written by this framework"):
+        main(["--mode=dev", f"--dev_model_path={junk}", *common])
+
+
+def test_run_index_is_never_reused(trained):
+    tmp, common, result = trained
+    again = main(["--mode=train", "--dataset=demo", "--epoch=1", "--max_steps_per_epoch=2", "--batch_size=16",
+                  *TINY_DEMO, *SMALL_MODEL, *common])
+    assert Path(again["run_dir"]).name == "#2"
+
+
+def test_command_line_user_mistake_gets_a_message_not_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "main.py", "--mode=dev", f"--dev_model_path={tmp_path / 'nope'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error: checkpoint" in proc.stderr and "Traceback" not in proc.stderr
