@@ -402,6 +402,14 @@ def read_entity_vectors(paths: list[Path], entities: list[str]) -> tuple[np.ndar
     return matrix, int(found.sum()), int(len(entities) - 1 - found.sum())
 
 
+def _zip_first_line(path):
+    import zipfile
+
+    z = zipfile.ZipFile(path)
+    member = next(n for n in z.namelist() if n.endswith(".txt"))
+    return z.open(member)
+
+
 def default_glove_path(data_dir: Path, dim: int) -> Path | None:
     if dim != 300:
         return None
@@ -431,6 +439,7 @@ class CorpusMeta:
     subcategory_names: list[str] = field(default_factory=list)
     vocab: list[str] = field(default_factory=list)
     news_key: str = ""  # cache folder of the news table
+    category_glove: np.ndarray | None = None  # [categories, glove dim] (--use_category_glove)
 
     def signature(self) -> dict[str, Any]:
         """Saved with every checkpoint: dev/test refuse a corpus whose vocabulary or id spaces differ."""
@@ -550,6 +559,49 @@ class Corpus:
         self.log(f"GloVe: {g.meta['found']}/{vocab_size - 2} vocabulary words found "
                  f"({'cache' if not g.built else source})")
         return g.arrays["word_embeddings"], g.meta["found"], g.built
+
+    def add_plm_tokens(self, tokenizer_path: str, max_length: int) -> None:
+        """Tokenize every title once with the PLM's tokenizer (cached like the rest): adds `plm_ids` [N, L]
+        int32 and `plm_mask` [N, L] int8 to the news table. Empty titles (and the padding news) become
+        [CLS] [SEP], a valid sequence."""
+        folder = Path(tokenizer_path)
+        tokenizer_files = [p for p in sorted(folder.iterdir()) if p.is_file() and (
+            "token" in p.name or p.name in ("vocab.txt", "vocab.json", "merges.txt", "spiece.model"))] \
+            if folder.is_dir() else []
+        source = [file_signature(p) for p in tokenizer_files] if folder.is_dir() else tokenizer_path
+        spec = dict(news=self.news_key, tokenizer=source, max_length=max_length)
+
+        def build():
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(tokenizer_path)
+            enc = tok(list(self.news_meta["titles"]), max_length=max_length, truncation=True,
+                      padding="max_length", return_attention_mask=True)
+            ids = np.asarray(enc["input_ids"], dtype=np.int32)
+            mask = np.asarray(enc["attention_mask"], dtype=np.int8)
+            return dict(plm_ids=ids, plm_mask=mask), dict(pad_token_id=int(tok.pad_token_id or 0))
+
+        c = cached(self.cache_dir, "plm", spec, build)
+        self.news = {**self.news, **c.arrays}
+        self.log(f"PLM tokens: {c.arrays['plm_ids'].shape[1]} per title ({'built' if c.built else 'cache'})")
+
+    def add_category_glove(self) -> None:
+        """GloVe vectors of the category names (compound names split into words) for --use_category_glove.
+        Source as for words: --glove_path (or data/glove.840B.300d.*), else the offline 50-d package."""
+        from util import category_glove_matrix
+
+        cfg = self.config
+        path = cfg.glove_path or default_glove_path(Path(cfg.data_dir), 300)
+        if path is not None:
+            with open(path, "rb") if str(path).endswith(".txt") else _zip_first_line(path) as f:
+                dim = len(f.readline().decode("utf-8", "replace").rstrip().split(" ")) - 1
+        else:
+            dim = 50
+        matrix, found = category_glove_matrix(self.meta.category_names, dim, str(path) if path else None,
+                                              seed=cfg.seed, return_found=True)
+        self.meta.category_glove = matrix
+        self.log(f"category GloVe: {found}/{self.meta.category_num - 1} categories found "
+                 f"({path or 'offline GloVe 6B 50-d'}); first {min(dim, cfg.category_embedding_dim)} dims used, frozen")
 
     def behaviors(self, split: str) -> dict[str, Any]:
         """Arrays + stats of one split (built once, then loaded from the cache)."""

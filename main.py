@@ -12,7 +12,7 @@ import util
 from config import ARCHITECTURE_FLAGS, Config
 from MIND_corpus import Corpus, CorpusError
 from model import Model
-from newsEncoders import get_news_encoder
+from newsEncoders import get_news_encoder, resolve_plm_path
 from trainer import (EvalResult, Trainer, evaluate, format_metrics, load_checkpoint, load_state, setup_runtime)
 
 # Flags a user may change when evaluating a checkpoint (they do not change the model or the corpus arrays).
@@ -32,9 +32,16 @@ def prepare_data(config) -> None:
 
 
 def load_corpus(config, log=print) -> Corpus:
+    """The corpus plus what the chosen encoders read: GloVe (training word encoders), PLM tokens, category GloVe."""
     prepare_data(config)
-    needs_glove = getattr(get_news_encoder(config.news_encoder), "needs_glove", True) and config.mode == "train"
-    return Corpus(config, need_glove=needs_glove, log=log)
+    news_cls = get_news_encoder(config.news_encoder)
+    needs_glove = getattr(news_cls, "needs_glove", True) and config.mode == "train"
+    corpus = Corpus(config, need_glove=needs_glove, log=log)
+    if getattr(news_cls, "uses_plm", False):
+        corpus.add_plm_tokens(resolve_plm_path(config.plm_model_name), config.plm_max_length)
+    if config.use_category_glove:
+        corpus.add_category_glove()
+    return corpus
 
 
 def train(config) -> dict[str, Any]:

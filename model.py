@@ -77,15 +77,15 @@ class Model(nn.Module):
 
         Token columns are cut to the longest real sequence among these news (titles average ~11 of 32
         slots): encoders are padding-invariant (tested), so this only removes work. Columns aligned to the
-        title or abstract tokens (`title_entity`, ...) are cut to the same length.
+        title or abstract tokens (`title_entity`, ...) are cut to the same length; PLM ids by their mask.
         """
         out = {name: getattr(self, f"news_{name}")[index] for name in self.features}
-        for text in ("title", "abstract"):
-            if text in out and out[text].dim() == 2 and out[text].shape[1] > 1:
-                used = out[text].ne(0).any(0).nonzero()
+        for prefix, key in (("title", "title"), ("abstract", "abstract"), ("plm", "plm_mask")):
+            if key in out and out[key].dim() == 2 and out[key].shape[1] > 1:
+                used = out[key].ne(0).any(0).nonzero()
                 length = int(used[-1]) + 1 if len(used) else 1
                 for name in out:
-                    if name.startswith(text) and out[name].dim() == 2:
+                    if name.startswith(prefix) and out[name].dim() == 2:
                         out[name] = out[name][:, :length]
         return {name: t.long() for name, t in out.items()}
 

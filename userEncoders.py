@@ -12,10 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import math
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from layers import AdditiveAttention, MultiHeadSelfAttention, last_valid
+from layers import AdditiveAttention, MultiHeadSelfAttention, last_valid, masked_softmax
+from newsEncoders import make_category_embedding
 
 if TYPE_CHECKING:
     from config import Config
@@ -178,3 +182,92 @@ class GRUUserEncoder(UserEncoder):
         """history [B, H, D] -> user [B, D]; empty history -> zeros."""
         out, _ = self.gru(inp.history)  # [B, H, D]; histories are left-aligned, so padding comes after
         return UserOutput(user=last_valid(out, inp.history_mask))
+
+
+@register_user_encoder("MINER")
+class MINERUserEncoder(UserEncoder):
+    """MINER: K interest vectors from poly attention with a category-aware bias, a disagreement regulariser,
+    and weighted / max / mean aggregation of the interests against each candidate.
+
+    Li et al., "MINER: Multi-Interest Matching Network for News Recommendation", ACL 2022 (REFERENCE.md §4).
+    Fixes over the public code: padded history gets -inf (exactly zero weight, not 1e-30), and the category
+    bias is computed per (history item, candidate) instead of averaged over the candidates.
+    """
+
+    candidate_aware = True
+    needs_category = True
+    paper = "MINER (Li et al., ACL 2022)"
+
+    def __init__(self, config, meta, news_encoder):
+        super().__init__(config, meta, news_encoder)
+        d, k, dc = self.news_dim, config.num_interest_vectors, config.context_code_dim
+        self.k, self.dc = k, dc
+        self.project = nn.Linear(d, dc, bias=False)  # W_h
+        self.codes = nn.Parameter(torch.empty(k, dc))  # context codes c_k
+        nn.init.orthogonal_(self.codes)
+        self.category_lambda = nn.Parameter(torch.tensor(float(config.category_aware_lambda)))
+        shared = getattr(news_encoder, "category_embedding", None)
+        if shared is None:  # word-based news encoders: MINER owns a corpus category embedding
+            shared = make_category_embedding(config, meta)
+        self.category_embedding = shared
+        self.aggregation = config.miner_aggregation
+        if self.aggregation == "weighted":
+            self.score_project = nn.Linear(d, d)  # W_e
+        self.beta = config.disagreement_beta
+        # Bound the [B, H, C, K] attention tensor when impressions have hundreds of candidates.
+        self.max_elements = 1 << 24
+
+    def interests(self, inp: UserInputs, candidates: torch.Tensor, candidate_category: torch.Tensor) -> torch.Tensor:
+        """Interest vectors per candidate.
+
+        Args: history [B, H, D], history_mask [B, H], candidates [B, C, D], categories [B, H] / [B, C].
+        Returns: v [B, C, K, D] (zeros for an empty history).
+        """
+        h = inp.history
+        logits = torch.tanh(self.project(h)) @ self.codes.t() / math.sqrt(self.dc)  # [B, H, K]
+        eh = F.normalize(self.category_embedding(inp.history_category), dim=-1)  # [B, H, Ec]
+        ec = F.normalize(self.category_embedding(candidate_category), dim=-1)  # [B, C, Ec]
+        bias = eh @ ec.transpose(1, 2)  # [B, H, C] cosine of categories
+        logits = logits.unsqueeze(2) + self.category_lambda * bias.unsqueeze(-1)  # [B, H, C, K]
+        mask = inp.history_mask[:, :, None, None].expand_as(logits)
+        alpha = masked_softmax(logits, mask, dim=1)  # over history; padded items get exactly 0
+        return torch.einsum("bhck,bhd->bckd", alpha, h)  # [B, C, K, D]
+
+    @staticmethod
+    def disagreement(v: torch.Tensor) -> torch.Tensor:
+        """v [B, C, K, D] -> [B, C]: mean of the K x K cosine-similarity matrix (diagonal included), so
+        1/K for orthogonal interests and 1 for identical ones."""
+        vn = F.normalize(v, dim=-1)
+        return (vn @ vn.transpose(-1, -2)).mean((-1, -2))
+
+    def forward(self, inp):
+        """history [B, H, D], candidates [B, C, D] (+ categories) -> user [B, C, D] (weighted) or logits [B, C].
+
+        An empty history gives zero interest vectors, so every candidate scores 0 (finite; the official tie
+        rule then orders them)."""
+        b, hlen, d = inp.history.shape
+        c = inp.candidates.shape[1]
+        step = max(1, self.max_elements // max(1, b * hlen * self.k))
+        users, logits, disagreement = [], [], []
+        for start in range(0, c, step):
+            cand = inp.candidates[:, start:start + step]  # [B, c, D]
+            v = self.interests(inp, cand, inp.candidate_category[:, start:start + step])  # [B, c, K, D]
+            if self.training and self.beta > 0:
+                sim = self.disagreement(v)  # [B, c]
+                real = inp.candidate_mask[:, start:start + step] & inp.history_mask.any(1, keepdim=True)
+                disagreement.append((sim * real, real))
+            if self.aggregation == "weighted":
+                query = F.gelu(self.score_project(cand))  # [B, c, D]
+                weights = torch.softmax((v * query.unsqueeze(2)).sum(-1), dim=-1)  # [B, c, K]
+                users.append((weights.unsqueeze(-1) * v).sum(2))  # [B, c, D]
+            else:
+                per_interest = (v * cand.unsqueeze(2)).sum(-1)  # [B, c, K]
+                logits.append(per_interest.max(-1).values if self.aggregation == "max" else per_interest.mean(-1))
+        aux = {}
+        if disagreement:
+            total = sum(s.sum() for s, _ in disagreement)
+            count = sum(r.sum() for _, r in disagreement).clamp(min=1)
+            aux["disagreement"] = self.beta * total / count
+        if users:
+            return UserOutput(user=torch.cat(users, 1), aux=aux)
+        return UserOutput(logits=torch.cat(logits, 1), aux=aux)

@@ -620,7 +620,8 @@ def split_category_name(name: str, vocab) -> list[str]:
 _FREQUENT_WORDS = 100_000
 
 
-def category_glove_matrix(names: Sequence[str], dim: int, glove_path: str | None = None, seed: int = 0) -> np.ndarray:
+def category_glove_matrix(names: Sequence[str], dim: int, glove_path: str | None = None, seed: int = 0,
+                          return_found: bool = False):
     """GloVe initialisation of category embeddings.
 
     Args:
@@ -629,7 +630,7 @@ def category_glove_matrix(names: Sequence[str], dim: int, glove_path: str | None
     Returns:
         [len(names), dim] float32: row 0 zero; row i the mean GloVe vector of the words of names[i] (split by
         `split_category_name` over frequent words, then over all words, else the name itself); N(0, 0.1) from
-        `seed` when none is found.
+        `seed` when none is found. With return_found: (matrix, number of names with a GloVe vector).
     """
     lowered = [name.lower() for name in names]
     segments = {s for name in lowered[1:] for s in re.split(r"[^0-9a-z]+", name) if s}
@@ -639,6 +640,7 @@ def category_glove_matrix(names: Sequence[str], dim: int, glove_path: str | None
     every = {w: rank for w, (_, rank) in table.items()}
     rng = np.random.default_rng(seed)
     out = np.zeros((len(names), dim), dtype=np.float32)
+    found = 0
     for i, name in enumerate(lowered):
         if i == 0:
             continue
@@ -646,8 +648,9 @@ def category_glove_matrix(names: Sequence[str], dim: int, glove_path: str | None
         if not all(w in table for w in words):
             words = split_category_name(name, every)
         vecs = [table[w][0] for w in words if w in table]
+        found += bool(vecs)
         out[i] = np.mean(vecs, axis=0) if vecs else rng.normal(0.0, 0.1, size=dim)
-    return out
+    return (out, found) if return_found else out
 
 
 # ----------------------------------------------------------------------------------------------------------

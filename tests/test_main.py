@@ -125,3 +125,22 @@ def test_command_line_user_mistake_gets_a_message_not_a_traceback(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "error: checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_plm_miner_train_dev_test_with_offline_minilm(tmp_path):
+    """PLMMiner-MINER end to end on a tiny generated corpus with the real offline MiniLM (CPU, a few steps)."""
+    common = [f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'best_model'}", "--no-progress"]
+    result = main(["--mode=train", "--dataset=demo", "--news_encoder=PLMMiner", "--user_encoder=MINER",
+                   "--use_category_glove", "--epoch=1", "--max_steps_per_epoch=2", "--batch_size=8",
+                   "--num_interest_vectors=4", "--context_code_dim=16", "--plm_max_length=16",
+                   "--demo_news=150", "--demo_users=60", "--demo_train_impressions=60", "--demo_dev_impressions=30",
+                   "--demo_test_impressions=30", *common])
+    ckpt = Path(result["checkpoint"])
+    assert ckpt.name == "PLMMiner-MINER" and ckpt.parent.name == "#1"
+    saved = json.loads((ckpt.parent / "config.json").read_text())
+    assert saved["plm_model_name"] == "offline-minilm" and saved["plm_frozen_layers"] == 4  # demo suggestions
+    dev = main(["--mode=dev", f"--dev_model_path={ckpt}", *common])
+    assert dev["metrics"]["auc"] == pytest.approx(result["dev_metrics"]["auc"], abs=1e-9)
+    test = main(["--mode=test", f"--test_model_path={ckpt}", *common])
+    ids, ranks = util.read_prediction(test["prediction"])
+    assert len(ids) == 30 and all(sorted(r) == list(range(1, len(r) + 1)) for r in ranks)
