@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plm_pooling", default="attention", choices=["cls", "average", "attention"], help="PLM hidden states -> news vector")
     g.add_argument("--plm_lr", type=float, default=1e-5, help="learning rate of the PLM parameters (own optimizer group)")
     g.add_argument("--plm_max_length", type=int, default=32, help="PLM title tokens (special tokens included)")
+    g.add_argument("--plm_cache", action=BOOL, default=True,
+                   help="run the frozen bottom (embeddings + --plm_frozen_layers, eval mode: no dropout) once per corpus "
+                        "and train the top layers on its cached fp16 hidden states")
 
     g = p.add_argument_group("miner")
     g.add_argument("--num_interest_vectors", type=int, default=32, help="MINER: K context codes / interest vectors")
@@ -161,7 +164,10 @@ class Config:
         return cls(values=defaults, explicit=set(values))
 
     def apply_dataset_suggestions(self) -> None:
+        uses_plm = getattr(NEWS_ENCODERS.get(self.news_encoder), "uses_plm", False)
         for flag, value in DATASET_SUGGESTIONS.get(self.dataset, {}).items():
+            if flag.startswith("plm_") and not uses_plm:
+                continue  # PLM settings mean nothing to a word-based encoder: no note, no change
             if flag in self.values and flag not in self.explicit and self.values[flag] != value:
                 self.values[flag] = value
                 self.notes.append(f"--{flag}={value} (suggested for --dataset={self.dataset}; type the flag to override)")

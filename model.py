@@ -70,6 +70,7 @@ class Model(nn.Module):
             tensor = torch.from_numpy(np.array(news_table[name]))  # a copy: the cache arrays are read-only mmaps
             self.register_buffer(f"news_{name}", tensor, persistent=False)  # rebuilt from the corpus, not saved
         self.news_num = int(next(iter(news_table.values())).shape[0])
+        self.register_buffer("news_plm_hidden", None, persistent=False)  # frozen-layer cache, built on demand
 
     # -- news --------------------------------------------------------------------------------------------
     def news_features(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -80,14 +81,52 @@ class Model(nn.Module):
         title or abstract tokens (`title_entity`, ...) are cut to the same length; PLM ids by their mask.
         """
         out = {name: getattr(self, f"news_{name}")[index] for name in self.features}
+        if self.news_plm_hidden is not None:
+            out["plm_hidden"] = self.news_plm_hidden[index]  # [N, L, Hp] fp16 frozen-layer output
         for prefix, key in (("title", "title"), ("abstract", "abstract"), ("plm", "plm_mask")):
             if key in out and out[key].dim() == 2 and out[key].shape[1] > 1:
                 used = out[key].ne(0).any(0).nonzero()
                 length = int(used[-1]) + 1 if len(used) else 1
                 for name in out:
-                    if name.startswith(prefix) and out[name].dim() == 2:
+                    if name.startswith(prefix) and out[name].dim() >= 2:
                         out[name] = out[name][:, :length]
-        return {name: t.long() for name, t in out.items()}
+        return {name: (t if t.is_floating_point() else t.long()) for name, t in out.items()}
+
+    @torch.no_grad()
+    def build_frozen_cache(self, chunk: int = 256, log=print) -> None:
+        """Run the PLM's frozen bottom once over every news (issue 6): [N, L, Hp] fp16 on the model's device.
+
+        Checked once against the full forward (eval mode); a model whose layers cannot be split this way
+        (e.g. a final norm after the stack) falls back to the uncached path with a warning."""
+        enc = self.news_encoder
+        if not getattr(enc, "cache_frozen", False) or self.news_plm_hidden is not None:
+            return
+        ids_all, mask_all = self.news_plm_ids, self.news_plm_mask
+        n, length = ids_all.shape
+        table = None
+        for start in range(0, n, chunk):
+            ids, mask = ids_all[start:start + chunk].long(), mask_all[start:start + chunk].long()
+            used = int(mask.sum(1).max())
+            hidden = enc.frozen_bottom(ids[:, :used], mask[:, :used])
+            if table is None:
+                table = torch.zeros(n, length, hidden.shape[-1], dtype=torch.float16, device=hidden.device)
+            table[start:start + chunk, :used] = hidden.to(torch.float16)
+        was_training = enc.training
+        enc.eval()
+        probe = torch.arange(1, min(n, 17), device=ids_all.device)
+        full = self.encode_news(probe)
+        self.news_plm_hidden = table
+        cached = self.encode_news(probe)
+        enc.train(was_training)
+        diff = float((full - cached).abs().max() / full.abs().max().clamp(min=1e-6))
+        if diff > 2e-2:
+            self.news_plm_hidden = None
+            log(f"WARNING: the frozen-layer cache does not reproduce {type(enc.plm).__name__}'s output "
+                f"(relative difference {diff:.1e}); training without it")
+            return
+        mb = table.numel() * 2 / 2**20
+        log(f"frozen-layer cache: {n} news x {length} tokens x {table.shape[-1]} (fp16, {mb:,.0f} MiB) for the "
+            f"embeddings + {enc.frozen_layers} frozen layers; relative check difference {diff:.1e}")
 
     def encode_news(self, index: torch.Tensor, user_id: torch.Tensor | None = None) -> torch.Tensor:
         """index [N] long (news indices) -> [N, D] news vectors."""

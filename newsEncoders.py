@@ -8,6 +8,7 @@ columns it reads in `features` so the model gathers only those. Index 0 of every
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -294,6 +295,15 @@ class PLMNewsEncoder(NewsEncoder):
                 for p in layer.parameters():
                     p.requires_grad = False
         self.frozen_layers = config.plm_frozen_layers
+        # Frozen-layer cache (issue 6): the frozen bottom is a fixed function of the title, so the model runs it
+        # once per corpus (eval mode: no dropout there) and trains only the top layers on its hidden states.
+        self.cache_frozen = bool(getattr(config, "plm_cache", True)) and config.plm_frozen_layers > 0 \
+            and hasattr(self.plm, "embeddings")
+        for name, module in self.plm.named_modules():
+            if module is layers:
+                parent_name, _, self._layers_attr = name.rpartition(".")
+                self._layers_parent = self.plm.get_submodule(parent_name) if parent_name else self.plm
+        self._all_layers = layers
         self.pooling = config.plm_pooling
         if self.pooling == "attention":
             self.pool_attention = AdditiveAttention(self.hidden_dim, config.attention_dim)
@@ -305,10 +315,43 @@ class PLMNewsEncoder(NewsEncoder):
         params = [p for p in self.plm.parameters() if p.requires_grad]
         return [{"params": params, "lr": config.plm_lr, "name": "plm"}] if params else []
 
+    @contextmanager
+    def _layers(self, layers: nn.ModuleList, replace_embeddings: torch.Tensor | None = None):
+        """Run the PLM with only `layers` in its stack (and, optionally, a given tensor as the embeddings'
+        output): the model's own forward still builds the attention masks, so this works across versions."""
+        setattr(self._layers_parent, self._layers_attr, layers)
+        handle = None
+        if replace_embeddings is not None:
+            handle = self.plm.embeddings.register_forward_hook(lambda module, args, output: replace_embeddings)
+        try:
+            yield
+        finally:
+            setattr(self._layers_parent, self._layers_attr, self._all_layers)
+            if handle is not None:
+                handle.remove()
+
+    @torch.no_grad()
+    def frozen_bottom(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """plm_ids, plm_mask [N, L] -> hidden states after the embeddings + the frozen layers [N, L, Hp],
+        computed in eval mode (frozen layers run without dropout)."""
+        was_training = self.plm.training
+        self.plm.eval()
+        try:
+            with self._layers(self._all_layers[: self.frozen_layers]):
+                return self.plm(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        finally:
+            self.plm.train(was_training)
+
     def hidden_states(self, news) -> tuple[torch.Tensor, torch.Tensor]:
-        """plm_ids, plm_mask [N, L] -> hidden [N, L, Hp], mask [N, L] bool"""
+        """plm_ids, plm_mask [N, L] (+ plm_hidden [N, L, Hp] from the frozen-layer cache) ->
+        hidden [N, L, Hp], mask [N, L] bool"""
         mask = news["plm_mask"] > 0
-        out = self.plm(input_ids=news["plm_ids"], attention_mask=mask.long())
+        if "plm_hidden" in news:
+            bottom = news["plm_hidden"].to(self.plm.dtype)
+            with self._layers(self._all_layers[self.frozen_layers:], replace_embeddings=bottom):
+                out = self.plm(input_ids=news["plm_ids"], attention_mask=mask.long())
+        else:
+            out = self.plm(input_ids=news["plm_ids"], attention_mask=mask.long())
         return out.last_hidden_state, mask
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ ZIPS = {
 }
 SPLIT_FILES = ("news.tsv", "behaviors.tsv", "entity_embedding.vec", "relation_embedding.vec")
 PROTOCOL_VERSION = 1
+GENERATOR_VERSION = 2  # bump when the demo generator's output changes: ensure_demo then regenerates
 DOWNLOAD_TIMEOUT_S = 10
 
 
@@ -234,8 +235,15 @@ def generate_demo(root, *, num_news: int = 3000, num_users: int = 2000, num_trai
         lo, hi = pool_start[name], max(period_end[name], pool_start[name] + 1)
         pool = np.arange(lo, hi)
         w = np.exp(0.5 * popularity[pool])
-        flat_users = np.repeat(users, counts)
-        cand = pool[np.searchsorted(np.cumsum(w) / w.sum(), rng.random(len(flat_users))).clip(max=len(pool) - 1)]
+        rows = np.repeat(np.arange(n_impr), counts)
+        cand = pool[np.searchsorted(np.cumsum(w) / w.sum(), rng.random(len(rows))).clip(max=len(pool) - 1)]
+        # A news appears once per impression (as in MIND): drop repeated draws, keeping the first.
+        _, first = np.unique(rows * num_news + cand, return_index=True)
+        keep = np.zeros(len(rows), dtype=bool)
+        keep[first] = True
+        rows, cand = rows[keep], cand[keep]
+        counts = np.bincount(rows, minlength=n_impr)
+        flat_users = users[rows]
         prob = 1 / (1 + np.exp(-click_logit(flat_users, cand)))
         label = (rng.random(len(prob)) < prob).astype(np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)])
@@ -291,7 +299,7 @@ def generate_demo(root, *, num_news: int = 3000, num_users: int = 2000, num_trai
                                           num_train_impressions=num_train_impressions,
                                           num_dev_impressions=num_dev_impressions,
                                           num_test_impressions=num_test_impressions),
-              "test_labels": test_labels, "generator_version": PROTOCOL_VERSION}
+              "test_labels": test_labels, "generator_version": GENERATOR_VERSION}
     for name, s in splits.items():
         m = compute_metrics_flat(s["prob"], s["label"], s["offsets"])
         oracle[f"{name}_auc"] = round(m["auc"], 6)
@@ -328,7 +336,8 @@ def ensure_demo(data_dir="data", seed: int = 0, **sizes) -> Path:
     marker = root / "oracle.json"
     if marker.exists():
         saved = json.loads(marker.read_text())
-        if saved.get("sizes") == wanted and saved.get("seed") == seed and saved.get("test_labels", True):
+        if (saved.get("sizes") == wanted and saved.get("seed") == seed and saved.get("test_labels", True)
+                and saved.get("generator_version") == GENERATOR_VERSION):
             return root
     t0 = time.time()
     generate_demo(root, seed=seed, **wanted)

@@ -103,6 +103,7 @@ def evaluate(model: nn.Module, beh: dict[str, Any], config, runtime: Runtime, de
     hist = np.asarray(beh["histories"])
     cands = np.asarray(beh["candidates"])
     # Index 0 stands for news unknown to news.tsv in dev/test: encode it like in training.
+    raw.build_frozen_cache(log=print if runtime.is_main else (lambda *a: None))
     needed = np.union1d(np.union1d(hist.ravel(), cands), [0])
     news_vectors = raw.encode_all_news(torch.from_numpy(needed.astype(np.int64)).to(device))
     data = EvalDataset(beh, config.eval_batch_size)
@@ -269,6 +270,7 @@ class Trainer:
         self.log = log if runtime.is_main else (lambda *a, **k: None)
         self.model = model.to(runtime.device)
         self.raw = model
+        model.build_frozen_cache(log=self.log)
 
     def _loader(self, data: TrainDataset, epoch: int) -> DataLoader:
         cfg = self.config

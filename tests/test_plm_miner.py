@@ -292,3 +292,54 @@ def test_category_glove_init_is_frozen_and_semantic():
     assert cos("northamerica", "middleeast") > cos("northamerica", "autos")
     assert cos("tv", "movies") > cos("tv", "weather")
     assert cos("foodanddrink", "tv") < cos("tv", "movies")
+
+
+def _plm_model(folder, **flags):
+    cfg = make_config(folder, news_encoder="PLMNRMS", user_encoder="MHSA", plm_frozen_layers=2, **flags)
+    ids, mask = tokens(folder, ["", "stock market falls", "team wins the game", "", "storm hits the coast new",
+                                "new recipe for dinner", "the game", "market", "a storm"], 12)
+    table = {"plm_ids": ids.numpy(), "plm_mask": mask.numpy()}
+    torch.manual_seed(0)
+    return Model(cfg, META, table), cfg
+
+
+def test_frozen_layer_cache_reproduces_the_full_forward(tiny_bert):
+    model, _ = _plm_model(tiny_bert)
+    model.eval()
+    index = torch.arange(9)
+    full = model.encode_news(index)
+    model.build_frozen_cache(log=lambda *a: None)
+    assert model.news_plm_hidden is not None and model.news_plm_hidden.dtype == torch.float16
+    assert model.news_plm_hidden.shape[:2] == (9, 12)
+    cached = model.encode_news(index)
+    assert torch.allclose(cached, full, atol=2e-3, rtol=1e-2)
+    # the PLM is whole again after the split runs (no layer left out of the module tree)
+    assert len(model.news_encoder.plm.encoder.layer) == 3
+
+
+def test_training_on_the_cache_moves_only_the_top_layers(tiny_bert):
+    from dataset import Batch
+
+    model, cfg = _plm_model(tiny_bert, dropout_rate=0.0)
+    uncached, _ = _plm_model(tiny_bert, dropout_rate=0.0, plm_cache=False)
+    model.build_frozen_cache(log=lambda *a: None)
+    uncached.build_frozen_cache(log=lambda *a: None)
+    assert uncached.news_plm_hidden is None  # --no-plm_cache
+    batch = Batch(user=torch.tensor([1, 2]), history=torch.tensor([[1, 2, 0], [3, 4, 5]]),
+                  history_mask=torch.tensor([[True, True, False], [True, True, True]]),
+                  candidates=torch.tensor([[6, 7], [8, 1]]), candidate_mask=torch.ones(2, 2, dtype=torch.bool),
+                  target=torch.tensor([0, 1]))
+    for m in (model, uncached):  # PLM dropout off: the two paths must give the same loss
+        m.news_encoder.plm.eval()
+    loss = model(batch).loss
+    assert loss.item() == pytest.approx(uncached(batch).loss.item(), rel=1e-2)
+    plm = model.news_encoder.plm
+    before = {n: p.detach().clone() for n, p in plm.named_parameters()}
+    opt = build_optimizer(model, cfg)
+    loss.backward()
+    opt.step()
+    for n, p in plm.named_parameters():
+        moved = not torch.equal(p, before[n])
+        if n.startswith("embeddings") or n.startswith("encoder.layer.0.") or n.startswith("encoder.layer.1."):
+            assert not moved, n
+    assert any(not torch.equal(p, before[n]) for n, p in plm.named_parameters() if n.startswith("encoder.layer.2."))
