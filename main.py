@@ -116,9 +116,9 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = Config.from_args(argv)
-    for note in config.notes:
-        print(f"note: {note}")
-    if config.mode == "train":
+    if config.mode == "train":  # dev/test take their settings from the checkpoint: suggestions do not apply
+        for note in config.notes:
+            print(f"note: {note}")
         return train(config)
     return evaluate_checkpoint(config)
 

@@ -270,6 +270,7 @@ class PLMNewsEncoder(NewsEncoder):
     features = ("plm_ids", "plm_mask")
     needs_glove = False
     uses_plm = True
+    uses_pool = True  # False: the subclass pools the hidden states itself, so no --plm_pooling layer is built
     paper = "PLM-NR (Wu et al., SIGIR 2021)"
 
     def __init__(self, config, meta):
@@ -294,6 +295,12 @@ class PLMNewsEncoder(NewsEncoder):
             for layer in layers[: config.plm_frozen_layers]:
                 for p in layer.parameters():
                     p.requires_grad = False
+        # No encoder reads the PLM's pooler output (BERT's pooler): left trainable it would never get a gradient,
+        # which DDP's reducer rejects and which wastes optimizer state. Frozen, not removed: state dicts unchanged.
+        pooler = getattr(self.plm, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            for p in pooler.parameters():
+                p.requires_grad = False
         self.frozen_layers = config.plm_frozen_layers
         # Frozen-layer cache (issue 6): the frozen bottom is a fixed function of the title, so the model runs it
         # once per corpus (eval mode: no dropout there) and trains only the top layers on its hidden states.
@@ -305,7 +312,7 @@ class PLMNewsEncoder(NewsEncoder):
                 self._layers_parent = self.plm.get_submodule(parent_name) if parent_name else self.plm
         self._all_layers = layers
         self.pooling = config.plm_pooling
-        if self.pooling == "attention":
+        if self.pooling == "attention" and self.uses_pool:
             self.pool_attention = AdditiveAttention(self.hidden_dim, config.attention_dim)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.output_dim = self.hidden_dim
@@ -389,7 +396,10 @@ class PLMNAMLNewsEncoder(PLMNewsEncoder):
 
 @register_news_encoder("PLMNRMS")
 class PLMNRMSNewsEncoder(PLMNewsEncoder):
-    """PLM hidden states -> multi-head self-attention -> additive attention -> [N, Hp] (NRMS on a PLM)."""
+    """PLM hidden states -> multi-head self-attention -> additive attention -> [N, Hp] (NRMS on a PLM).
+    Pools with its own attention, so --plm_pooling does not apply."""
+
+    uses_pool = False
 
     def __init__(self, config, meta):
         super().__init__(config, meta)

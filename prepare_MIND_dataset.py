@@ -2,534 +2,1120 @@
 
     python prepare_MIND_dataset.py --dataset {small,200k,large,demo} [--data_dir data] [--no-download]
 
-Protocols (REFERENCE.md §1; label them in every result table):
-- small: train = a deterministic 95% of MINDsmall_train impressions, dev = the other 5% (a permutation seeded
-  with 0 of the sorted impression ids), test = the official MINDsmall_dev.
-- 200k: 200,000 users sampled from the sorted MIND-large train+dev user ids (numpy default_rng(0), without
-  replacement); train = their MIND-large train impressions; their MIND-large dev impressions go alternately
-  (in file order) to dev and test.
-- large: the official train / dev / test (test has no labels: the leaderboard split).
-- demo: a seeded MIND-format generator (`generate_demo`), written by this project; MIND's licence forbids
-  redistributing real rows, so tests and the quick start use it.
+Every protocol folder holds `train/`, `dev/` and `test/`, each with `news.tsv`, `behaviors.tsv`,
+`entity_embedding.vec` and `relation_embedding.vec` in the MIND format (REFERENCE.md §1). The protocols (label
+them in every result table):
 
-Zips come from `data/` if the user put them there (e.g. from the gated Hugging Face dataset yjw1029/MIND), else
-they are downloaded from the current official mirror (resumable, size-checked). Offline, preparation fails in
-seconds and says where to put the zips.
+- small: train = a deterministic 95% of the MINDsmall_train impressions, dev = the other 5% (the first 5% of a
+  numpy `default_rng(0)` permutation of the sorted impression ids), test = the official MINDsmall_dev. train and
+  dev read MINDsmall_train's news.tsv, test reads MINDsmall_dev's. "MIND-small results" are therefore results
+  on the official dev set.
+- 200k: 200,000 users sampled from MIND-large: the unique user ids of train+dev behaviors, sorted, then
+  `default_rng(0).choice(n, 200_000, replace=False)`. train = their MIND-large train impressions; their
+  MIND-large dev impressions go alternately (in file order: 1st to dev, 2nd to test, ...) to dev and test.
+  train reads MINDlarge_train's news.tsv, dev and test MINDlarge_dev's.
+- large: the official MIND-large train / dev / test (test has no labels: it is the leaderboard split).
+- demo: a seeded MIND-format corpus written by `generate_demo` (this project's code, no MIND rows: MIND's
+  licence forbids redistributing them), used by the quick start, the tests and size benchmarks.
+
+Zips: a zip the user put in `--data_dir` (e.g. from the gated Hugging Face dataset yjw1029/MIND) is used as is;
+otherwise it is downloaded from the official mirror `MIND_URL` into `<zip>.part` (resumed with an HTTP Range
+request after an interruption), its size checked against the server's, and renamed when complete. Each zip is
+CRC-checked and unpacked once into `data_dir/raw/<zip stem>/`. Offline, preparation fails within seconds with a
+message naming the zips, the folder to put them in and where to get them. Protocol folders are built in a temp
+folder and renamed into place, with a `.prepared` marker; a folder built by the current `PROTOCOL_VERSION` is
+not rebuilt.
+
+Demo corpus extras (not in MIND): `<split>/click_probabilities.tsv` (`ImpressionID \\t p1 p2 ...`, the true
+click probability of each candidate, in order), `test/labels_hidden.tsv` (`ImpressionID \\t 0 1 0 ...`, the
+test labels, written whether or not behaviors.tsv carries them) and `oracle.json` (per split the mean
+per-impression AUC of scoring with the true probabilities, and of the two ingredients alone; sizes; seed).
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import http.client
 import json
 import os
 import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 MIND_URL = "https://recodatasets.z20.web.core.windows.net/newsrec/"
+HF_DATASET = "yjw1029/MIND"
 ZIPS = {
     "small": ("MINDsmall_train.zip", "MINDsmall_dev.zip"),
     "200k": ("MINDlarge_train.zip", "MINDlarge_dev.zip"),
     "large": ("MINDlarge_train.zip", "MINDlarge_dev.zip", "MINDlarge_test.zip"),
 }
+DATASETS = ("small", "200k", "large", "demo")
+SPLITS = ("train", "dev", "test")
 SPLIT_FILES = ("news.tsv", "behaviors.tsv", "entity_embedding.vec", "relation_embedding.vec")
-PROTOCOL_VERSION = 1
-GENERATOR_VERSION = 2  # bump when the demo generator's output changes: ensure_demo then regenerates
-DOWNLOAD_TIMEOUT_S = 10
+BEHAVIOR_COLUMNS = ("ImpressionID", "UserID", "Time", "History", "Impressions")
+PROTOCOL_VERSION = 2
+GENERATOR_VERSION = 3  # bump when the demo generator's output changes: ensure_demo then regenerates
+DOWNLOAD_TIMEOUT_S = 10.0
+DEMO_SIZES = dict(num_news=3000, num_users=2000, num_train_impressions=6000, num_dev_impressions=1500,
+                  num_test_impressions=1500)
+
+
+class MINDNotFoundError(FileNotFoundError):
+    """A MIND zip is neither in the data folder nor downloadable; the message says where to get it."""
 
 
 # ==========================================================================================================
-# Demo corpus
+# Demo corpus: vocabulary
 # ==========================================================================================================
 
-# 17 MIND categories, their subcategories, and topical words (common English: GloVe covers them all).
-CATEGORIES: dict[str, tuple[list[str], list[str]]] = {
-    "news": (["newsus", "newsworld", "newspolitics", "newscrime"],
-             "police court election senate president governor law report officials city state vote campaign "
-             "investigation judge congress policy protest border security mayor federal community".split()),
-    "sports": (["football_nfl", "basketball_nba", "baseball_mlb", "soccer"],
-               "game team season coach players win score playoff league quarterback touchdown championship "
-               "fans stadium injury draft basketball football baseball soccer goal victory defense".split()),
-    "finance": (["markets", "finance-companies", "personalfinance", "finance-real-estate"],
-                "stock market investors shares price company earnings bank money tax economy trade billion "
-                "profit retirement savings credit mortgage interest rates growth sales deal".split()),
-    "lifestyle": (["lifestylebuzz", "lifestyleroyals", "shop-holidays", "lifestyleparenting"],
-                  "family home style wedding royal prince queen holiday gift fashion kids parents dress "
-                  "love life friends beauty shopping christmas design house celebrate".split()),
-    "health": (["wellness", "medical", "nutrition", "fitness"],
-               "health doctors study cancer disease hospital patients diet weight sleep brain heart "
-               "exercise risk symptoms treatment vaccine medicine research pain blood".split()),
-    "foodanddrink": (["recipes", "restaurantsandnews", "foodnews"],
-                     "recipe food dinner chicken cheese restaurant pizza cake chocolate cooking kitchen wine "
-                     "coffee breakfast soup salad bread chef dessert taste menu".split()),
-    "travel": (["travelnews", "traveltrip", "travelarticle"],
-               "travel trip hotel flight airport beach island city vacation cruise tourists airline "
-               "passengers destination park resort journey mountain tour visit".split()),
-    "weather": (["weathertopstories", "weathernews"],
-                "weather storm snow rain winds forecast hurricane temperatures cold heat flooding winter "
-                "tornado ice clouds degrees warning thunderstorms freeze sunny".split()),
-    "autos": (["autosnews", "autosenthusiasts", "autosreview"],
-              "car cars truck vehicle engine ford toyota driver electric speed drive model tesla auto "
-              "road highway motor wheels fuel sedan suv".split()),
-    "video": (["news", "animals", "viral"],
-              "video watch footage camera dog cat animals viral clip moment rescue funny caught shows "
-              "baby bear amazing incredible filmed".split()),
-    "music": (["musicnews", "celebrity", "music-awards"],
-              "music song album singer band concert tour rock star rapper grammy songs guitar festival "
-              "stage fans pop country record".split()),
-    "movies": (["movienews", "movies-celebrity", "movies-gallery"],
-               "movie film actor actress director box office star wars sequel trailer hollywood cinema "
-               "role oscar premiere scene cast studio".split()),
-    "tv": (["tvnews", "tv-celebrity", "tvreviews"],
-           "show series episode season finale television netflix host network drama comedy cast "
-           "characters premiere streaming viewers reality channel".split()),
-    "entertainment": (["celebrity", "entertainment-celebrity", "awards"],
-                      "celebrity star famous singer actress instagram photos red carpet awards party fans "
-                      "couple rumors interview wedding divorce gala".split()),
-    "kids": (["kids-animals", "kids-science"],
-             "kids children school toys games learning science animals zoo puzzle fun students teacher "
-             "playground books cartoon crafts".split()),
-    "middleeast": (["middleeast-top-stories", "middleeast-news"],
-                   "iran israel syria iraq saudi arabia oil military peace talks conflict region troops "
-                   "government leaders minister sanctions ceasefire".split()),
-    "northamerica": (["northamerica-news", "canada"],
-                     "canada mexico ottawa toronto montreal canadian province trade border prime minister "
-                     "quebec vancouver pipeline election parliament".split()),
+# The 17 MIND categories: subcategories, topical words (lower-case, common English, all in GloVe 6B) and named
+# entities (Label, Type: P person, O organisation, G geo-political, C concept) that titles and abstracts mention.
+CATEGORIES: dict[str, dict[str, list]] = {
+    "news": dict(
+        sub=["newsus", "newsworld", "newspolitics", "newscrime", "newsscienceandtechnology"],
+        words="police court election senate president governor law report officials city state vote campaign "
+              "investigation judge congress policy protest border security mayor federal community school "
+              "shooting arrested charged trial lawmakers democrats republicans bill public county sheriff "
+              "suspect witness impeachment hearing testimony".split(),
+        entities=[("America", "G"), ("Washington", "G"), ("Congress", "O"), ("Texas", "G"),
+                  ("California", "G"), ("Florida", "G"), ("Chicago", "G"), ("Pentagon", "O")]),
+    "sports": dict(
+        sub=["football_nfl", "basketball_nba", "baseball_mlb", "soccer", "golf", "icehockey_nhl"],
+        words="game team season coach players win score playoff league quarterback touchdown championship "
+              "fans stadium injury draft basketball football baseball soccer goal victory defense loss rookie "
+              "trade contract record points yards pitcher inning hockey tournament veteran roster sideline "
+              "halftime comeback".split(),
+        entities=[("NFL", "O"), ("NBA", "O"), ("Patriots", "O"), ("Lakers", "O"), ("Yankees", "O"),
+                  ("Cowboys", "O"), ("Packers", "O"), ("Steelers", "O")]),
+    "finance": dict(
+        sub=["markets", "finance-companies", "personalfinance", "finance-real-estate", "finance-retirement"],
+        words="stock market investors shares price company earnings bank money tax economy trade billion "
+              "profit retirement savings credit mortgage interest rates growth sales deal debt budget jobs "
+              "wages income pension fund insurance loan prices quarter revenue layoffs recession dollar".split(),
+        entities=[("Amazon", "O"), ("Apple", "O"), ("Google", "O"), ("Walmart", "O"), ("Boeing", "O"),
+                  ("Microsoft", "O"), ("Nasdaq", "O")]),
+    "lifestyle": dict(
+        sub=["lifestylebuzz", "lifestyleroyals", "shop-holidays", "lifestyleparenting", "lifestylehomeandgarden"],
+        words="family home style wedding royal prince queen holiday gift fashion kids parents dress love "
+              "life friends beauty shopping christmas design house celebrate garden decor bride mother "
+              "daughter baby tips ideas simple cozy modern kitchen living room".split(),
+        entities=[("Meghan", "P"), ("Harry", "P"), ("Kate", "P"), ("William", "P"), ("Target", "O"),
+                  ("Costco", "O")]),
+    "health": dict(
+        sub=["wellness", "medical", "nutrition", "fitness", "health-news"],
+        words="health doctors study cancer disease hospital patients diet weight sleep brain heart exercise "
+              "risk symptoms treatment vaccine medicine research pain blood stress anxiety depression "
+              "diabetes flu virus protein vitamin muscle workout calories nurse surgery healthy".split(),
+        entities=[("FDA", "O"), ("Medicare", "O"), ("Harvard", "O"), ("Stanford", "O"), ("Mayo", "O")]),
+    "foodanddrink": dict(
+        sub=["recipes", "restaurantsandnews", "foodnews", "cocktails"],
+        words="recipe food dinner chicken cheese restaurant pizza cake chocolate cooking kitchen wine coffee "
+              "breakfast soup salad bread chef dessert taste menu turkey pasta beef pie cookies sauce grill "
+              "delicious sweet spicy bake flavor lunch beer cocktail".split(),
+        entities=[("Starbucks", "O"), ("Chipotle", "O"), ("Thanksgiving", "C"), ("Italian", "C"),
+                  ("Mexican", "C")]),
+    "travel": dict(
+        sub=["travelnews", "traveltrip", "travelarticle", "travel-points"],
+        words="travel trip hotel flight airport beach island city vacation cruise tourists airline passengers "
+              "destination park resort journey mountain tour visit adventure road lake desert camping "
+              "luggage passport ship coast hiking trail towns scenic".split(),
+        entities=[("Hawaii", "G"), ("Paris", "G"), ("London", "G"), ("Italy", "G"), ("Alaska", "G"),
+                  ("Delta", "O")]),
+    "weather": dict(
+        sub=["weathertopstories", "weathernews"],
+        words="weather storm snow rain winds forecast hurricane temperatures cold heat flooding winter tornado "
+              "ice clouds degrees warning thunderstorms freeze sunny blizzard chilly frost humid showers "
+              "drought wildfire damage power outages inches".split(),
+        entities=[("Atlantic", "G"), ("Pacific", "G"), ("Midwest", "G"), ("Colorado", "G"),
+                  ("Minnesota", "G")]),
+    "autos": dict(
+        sub=["autosnews", "autosenthusiasts", "autosreview", "autosclassics"],
+        words="car cars truck vehicle engine driver electric speed drive model auto road highway motor wheels "
+              "fuel sedan suv pickup horsepower battery recall crash dealer mileage luxury brakes classic "
+              "racing garage parts".split(),
+        entities=[("Ford", "O"), ("Toyota", "O"), ("Tesla", "O"), ("Honda", "O"), ("Chevrolet", "O"),
+                  ("Jeep", "O"), ("BMW", "O"), ("Porsche", "O")]),
+    "video": dict(
+        sub=["news", "animals", "viral", "lifestyle"],
+        words="video watch footage camera dog cat animals viral clip moment rescue funny caught shows baby "
+              "bear amazing incredible filmed puppy kitten owner hilarious surprise reaction heartwarming "
+              "wild deer dancing".split(),
+        entities=[("YouTube", "O"), ("Facebook", "O"), ("Twitter", "O"), ("Australia", "G")]),
+    "music": dict(
+        sub=["musicnews", "celebrity", "music-awards"],
+        words="music song album singer band concert tour rock star rapper songs guitar festival stage fans pop "
+              "country record hit lyrics performance duet singles charts playlist jazz piano vocals".split(),
+        entities=[("Grammy", "O"), ("Beyonce", "P"), ("Madonna", "P"), ("Nashville", "G"), ("Beatles", "O"),
+                  ("Eminem", "P")]),
+    "movies": dict(
+        sub=["movienews", "movies-celebrity", "movies-gallery", "movies-reviews"],
+        words="movie film actor actress director box office star sequel trailer cinema role premiere scene "
+              "cast studio franchise screen horror comedy thriller villain hero audiences script".split(),
+        entities=[("Hollywood", "G"), ("Disney", "O"), ("Marvel", "O"), ("Oscar", "O"), ("Batman", "C")]),
+    "tv": dict(
+        sub=["tvnews", "tv-celebrity", "tvreviews", "tv-recaps"],
+        words="show series episode season finale television host network drama comedy cast characters premiere "
+              "streaming viewers reality channel sitcom spinoff revival ratings contestants judges "
+              "anchor".split(),
+        entities=[("Netflix", "O"), ("HBO", "O"), ("NBC", "O"), ("CBS", "O"), ("Emmy", "O")]),
+    "entertainment": dict(
+        sub=["celebrity", "entertainment-celebrity", "awards", "humor"],
+        words="celebrity star famous singer actress photos red carpet awards party fans couple rumors "
+              "interview wedding divorce gala outfit glamorous birthday memoir tribute legend icon "
+              "spotted".split(),
+        entities=[("Kardashian", "P"), ("Oprah", "P"), ("Vegas", "G"), ("Broadway", "G"), ("Disney", "O")]),
+    "kids": dict(
+        sub=["kids-animals", "kids-science"],
+        words="kids children school toys games learning science animals zoo puzzle fun students teacher "
+              "playground books cartoon crafts dinosaurs space planets robots classroom homework".split(),
+        entities=[("NASA", "O"), ("Lego", "O"), ("Pokemon", "O"), ("Sesame", "O")]),
+    "middleeast": dict(
+        sub=["middleeast-top-stories", "middleeast-news"],
+        words="oil military peace talks conflict region troops government leaders minister sanctions ceasefire "
+              "war refugees protests embassy diplomats missile attack kingdom".split(),
+        entities=[("Iran", "G"), ("Israel", "G"), ("Syria", "G"), ("Iraq", "G"), ("Dubai", "G"),
+                  ("Egypt", "G"), ("Lebanon", "G"), ("Turkey", "G")]),
+    "northamerica": dict(
+        sub=["northamerica-news", "canada"],
+        words="canadian province trade border prime minister pipeline election parliament provincial premier "
+              "liberal conservative hockey immigration tariffs ".split(),
+        entities=[("Canada", "G"), ("Mexico", "G"), ("Toronto", "G"), ("Ottawa", "G"), ("Quebec", "G"),
+                  ("Vancouver", "G"), ("Trudeau", "P")]),
 }
 FUNCTION_WORDS = ("the a of to in for on with and at after new how why what this is are from by over best top "
-                  "first more says about will could as can you your here just big".split())
+                  "first more says about will could as can you your here just big its that these who when "
+                  "back out now than still may get make every".split())
+# News supply per category, roughly MIND's shape (news and sports largest, kids and middleeast smallest).
 CATEGORY_WEIGHTS = np.array([12, 11, 6, 6, 4, 4, 3, 2, 3, 2, 2, 3, 3, 4, 1, 1, 1], dtype=np.float64)
+RELATIONS = ("P31", "P17", "P131", "P106", "P361", "P279", "P27", "P54")
+
+# Click model: logit = CLICK_BIAS + AFFINITY_WEIGHT * log-lift of the user's preference for the news category
+# + POPULARITY_WEIGHT * popularity + N(0, NOISE_SD). Tuned for an oracle AUC of about 0.82, with the affinity
+# part alone at about 0.75 and popularity alone at about 0.64 (train click-through rates reach about 0.59 on dev,
+# new news being unknown): content beats popularity, neither is trivial; about 10% of candidates are clicked.
+CLICK_BIAS, AFFINITY_WEIGHT, POPULARITY_WEIGHT, NOISE_SD = -2.7, 0.9, 0.7, 0.6
+PREFERENCE_CONCENTRATION = 3.0  # Dirichlet(3 * category shares): each user likes a few categories
+EXPOSURE_WEIGHT = 0.5  # candidates are shown with probability ~ exp(0.5 * popularity)
+# Time windows as fractions of the news list (news are in publication order): which news can be clicked in the
+# history before train, shown in each split, or added to dev/test histories (read since the history was taken).
+BASE_HISTORY_WINDOW = (0.0, 0.6)
+SHOWN_WINDOW = {"train": (0.1, 0.8), "dev": (0.5, 0.9), "test": (0.6, 1.0)}
+EXTRA_HISTORY = {"train": (0, (0.0, 0.0)), "dev": (3, (0.6, 0.8)), "test": (6, (0.6, 0.9))}  # (max count, window)
+SPLIT_START = {"train": ("2019-11-09T00:00:00", 5), "dev": ("2019-11-14T00:00:00", 1),
+               "test": ("2019-11-15T00:00:00", 1)}  # (first moment, days)
 
 
-def _fmt_time(seconds: np.ndarray, start: str) -> list[str]:
-    base = pd.Timestamp(start)
-    stamps = base + pd.to_timedelta(seconds, unit="s")
-    return [f"{t.month}/{t.day}/{t.year} {(t.hour % 12) or 12}:{t.minute:02d}:{t.second:02d} "
-            f"{'AM' if t.hour < 12 else 'PM'}" for t in stamps]
+# ==========================================================================================================
+# Demo corpus: vectorised helpers
+# ==========================================================================================================
+
+def _by_size(offsets: np.ndarray):
+    """Yield `[G, n]` element indices of the segments with n elements, for every n (segments are contiguous),
+    so per-segment sorts become row sorts of small 2-D arrays."""
+    sizes = np.diff(offsets)
+    for n in np.unique(sizes):
+        if n > 0:
+            rows = np.flatnonzero(sizes == n)
+            yield rows, offsets[rows, None] + np.arange(n)
 
 
-def _write_atomic_dir(target: Path, build) -> None:
+def impression_aucs(scores: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per-impression ROC AUC (Mann-Whitney with average ranks for ties, i.e. sklearn's value).
+
+    Args:
+        scores: [N] float; labels: [N] 0/1; offsets: [I+1], impression i is `[offsets[i], offsets[i+1])`.
+    Returns:
+        [I] float64, NaN for empty and single-class impressions.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.float64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    out = np.full(len(offsets) - 1, np.nan)
+    for rows, idx in _by_size(offsets):
+        g, n = idx.shape
+        order = np.argsort(scores[idx], axis=1, kind="stable")
+        s = np.take_along_axis(scores[idx], order, axis=1).ravel()
+        lab = np.take_along_axis(labels[idx], order, axis=1)
+        # Average rank of each tie group (ties never cross rows: a new row starts a new group).
+        new = np.ones(g * n, dtype=bool)
+        new[1:] = s[1:] != s[:-1]
+        new[::n] = True
+        group = np.cumsum(new) - 1
+        first = (np.arange(g * n) % n)[new] + 1.0
+        rank = (first + (np.bincount(group) - 1) / 2.0)[group].reshape(g, n)
+        pos = lab.sum(1)
+        neg = n - pos
+        ok = (pos > 0) & (neg > 0)
+        rank_sum = (rank * lab).sum(1)
+        out[rows[ok]] = (rank_sum[ok] - pos[ok] * (pos[ok] + 1) / 2) / (pos[ok] * neg[ok])
+    return out
+
+
+def _mean_auc(scores: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> float | None:
+    """Mean per-impression AUC over two-class impressions, rounded to 6 digits; None (JSON null) if none."""
+    aucs = impression_aucs(scores, labels, offsets)
+    return round(float(np.nanmean(aucs)), 6) if np.isfinite(aucs).any() else None
+
+
+class _WindowSampler:
+    """Weighted draws of news restricted to a publication window [lo, hi), optionally to one category.
+
+    News are kept sorted by (category, index) with a running sum of weights, so the news of category c
+    published in [lo, hi) are one contiguous slice and a draw is one `searchsorted`.
+    """
+
+    def __init__(self, category: np.ndarray, weights: np.ndarray, n_categories: int):
+        self.n, self.k = len(category), n_categories
+        self.key = category.astype(np.int64) * self.n + np.arange(self.n)
+        self.order = np.argsort(self.key, kind="stable")
+        self.key = self.key[self.order]
+        self.cum = np.concatenate([[0.0], np.cumsum(weights[self.order])])
+
+    def bounds(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """[K] start and end positions (in sorted order) of each category's slice of the window."""
+        base = np.arange(self.k, dtype=np.int64) * self.n
+        return np.searchsorted(self.key, base + lo), np.searchsorted(self.key, base + hi)
+
+    def mass(self, lo: int, hi: int) -> np.ndarray:
+        """[K] total weight of each category inside the window."""
+        a, b = self.bounds(lo, hi)
+        return self.cum[b] - self.cum[a]
+
+    def draw(self, rng: np.random.Generator, categories: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """One news index per entry of `categories` (each category must have news in the window)."""
+        a, b = self.bounds(lo, hi)
+        a, b = a[categories], b[categories]
+        target = self.cum[a] + rng.random(len(categories)) * (self.cum[b] - self.cum[a])
+        pos = np.clip(np.searchsorted(self.cum, target, side="right") - 1, a, b - 1)
+        return self.order[pos]
+
+
+def _draw_distinct(rng: np.random.Generator, offsets: np.ndarray, draw: Callable[[np.ndarray], np.ndarray],
+                   max_rounds: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """Fill slots with `draw(slot_ids)` and redraw slots that repeat a news of the same row (impression or
+    history: row i is slots `[offsets[i], offsets[i+1])`); slots still repeating after `max_rounds` (a row asking
+    for more news than its pool has) are dropped. Returns (news per slot, keep mask)."""
+    values = draw(np.arange(int(offsets[-1])))
+    groups = list(_by_size(offsets))
+    dup = np.zeros(len(values), dtype=bool)
+    for round_ in range(max_rounds + 1):
+        dup[:] = False
+        for _, idx in groups:
+            order = np.argsort(values[idx], axis=1, kind="stable")  # equal news keep slot order
+            slot = np.take_along_axis(idx, order, axis=1)
+            v = values[slot]
+            dup[slot[:, 1:][v[:, 1:] == v[:, :-1]]] = True
+        redo = np.flatnonzero(dup)
+        if len(redo) == 0 or round_ == max_rounds:
+            break
+        values[redo] = draw(redo)
+        # Later rounds only need the rows that changed.
+        changed = np.zeros(len(offsets) - 1, dtype=bool)
+        changed[np.searchsorted(offsets, redo, side="right") - 1] = True
+        groups = [(rows[changed[rows]], idx[changed[rows]]) for rows, idx in groups if changed[rows].any()]
+    return values, ~dup
+
+
+def _categorical_rows(rng: np.random.Generator, probs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """One category per slot, drawn from `probs[rows[slot]]` ([R, K] rows summing to 1), vectorised: row r's
+    cumulative distribution is shifted to [r, r+1] so one `searchsorted` serves all rows."""
+    k = probs.shape[1]
+    cdf = np.cumsum(probs, axis=1)
+    cdf /= cdf[:, -1:]
+    flat = (cdf + np.arange(len(probs))[:, None]).ravel()
+    pos = np.searchsorted(flat, rows + rng.random(len(rows)) * (1 - 1e-12), side="right")
+    return np.clip(pos - rows * k, 0, k - 1)
+
+
+def _segment_pick(rng: np.random.Generator, weights: np.ndarray, offsets: np.ndarray,
+                  segments: np.ndarray) -> np.ndarray:
+    """For each segment i in `segments`, one element index in `[offsets[i], offsets[i+1])` drawn with
+    probability ~ `weights` (Gumbel-max)."""
+    picked = np.zeros(len(segments), dtype=np.int64)
+    sub = np.concatenate([[0], np.cumsum(np.diff(offsets)[segments])])
+    if len(segments) == 0:
+        return picked
+    elem = np.repeat(offsets[segments] - sub[:-1], np.diff(sub)) + np.arange(sub[-1])
+    u = rng.random(len(elem))
+    key = np.log(np.maximum(weights[elem], 1e-300)) - np.log(-np.log(u * (1 - 1e-12) + 1e-300))
+    seg = np.repeat(np.arange(len(segments)), np.diff(sub))
+    order = np.lexsort((key, seg))
+    last = np.zeros(len(segments), dtype=np.int64)
+    last[seg[order]] = elem[order]  # later (larger key) writes win
+    return last
+
+
+def _mind_times(start: str, seconds: np.ndarray) -> list[str]:
+    """MIND timestamps like '11/15/2019 8:55:22 AM' for `start` + seconds."""
+    t = pd.DatetimeIndex(np.datetime64(start, "s") + np.asarray(seconds, dtype="timedelta64[s]"))
+    hour = t.hour.to_numpy()
+    h12 = np.where(hour % 12 == 0, 12, hour % 12)
+    return [f"{mo}/{d}/{y} {h}:{mi:02d}:{s:02d} {'AM' if hh < 12 else 'PM'}"
+            for mo, d, y, h, mi, s, hh in zip(t.month.tolist(), t.day.tolist(), t.year.tolist(), h12.tolist(),
+                                              t.minute.tolist(), t.second.tolist(), hour.tolist())]
+
+
+def _segment_join(tokens: np.ndarray, offsets: np.ndarray, sep: str = " ") -> list[str]:
+    """`sep.join(tokens[offsets[i]:offsets[i+1]])` for every segment i."""
+    tok = tokens.tolist()
+    bounds = offsets.tolist()
+    return [sep.join(tok[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _replace_dir_atomically(target: Path, build: Callable[[Path], None]) -> None:
+    """Run `build(tmp)` in a temp folder beside `target`, then rename it to `target`: a killed run leaves at
+    most a hidden temp folder, never a half-written `target`."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         build(tmp)
         if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+# ==========================================================================================================
+# Demo corpus: news text
+# ==========================================================================================================
+
+class _Vocabulary:
+    """Flat arrays over CATEGORIES: word strings, per-category slices of topical words and of entities."""
+
+    def __init__(self):
+        cats = list(CATEGORIES)
+        words = list(FUNCTION_WORDS)
+        self.n_function = len(words)
+        self.topic_start, self.topic_size = [], []
+        for name in cats:
+            self.topic_start.append(len(words))
+            self.topic_size.append(len(CATEGORIES[name]["words"]))
+            words += CATEGORIES[name]["words"]
+        # Entities: unique labels (one WikidataId each, even when two categories share one), then per category
+        # a slice of a flat list of entity ids.
+        self.entity_label, self.entity_type, self.entity_categories = [], [], []
+        index: dict[str, int] = {}
+        flat, self.entity_start, self.entity_size = [], [], []
+        for c, name in enumerate(cats):
+            self.entity_start.append(len(flat))
+            self.entity_size.append(len(CATEGORIES[name]["entities"]))
+            for label, kind in CATEGORIES[name]["entities"]:
+                if label not in index:
+                    index[label] = len(self.entity_label)
+                    self.entity_label.append(label)
+                    self.entity_type.append(kind)
+                    self.entity_categories.append([])
+                self.entity_categories[index[label]].append(c)
+                flat.append(index[label])
+        self.entity_flat = np.array(flat, dtype=np.int64)
+        self.entity_word_start = len(words)
+        words += self.entity_label
+        self.words = np.array(words, dtype=object)
+        self.capitalised = np.array([w[:1].upper() + w[1:] for w in words], dtype=object)
+        self.length = np.array([len(w) for w in words], dtype=np.int64)
+        self.topic_start = np.array(self.topic_start)
+        self.topic_size = np.array(self.topic_size)
+        self.entity_start = np.array(self.entity_start)
+        self.entity_size = np.array(self.entity_size)
+        # Fake but stable Wikidata ids: Q followed by a number unique to the label.
+        self.wikidata = [f"Q{1000 + 7919 * i}" for i in range(len(self.entity_label))]
+
+
+SUFFIXES = np.array(["", ",", ".", ":", "!", "?"], dtype=object)
+SUFFIX_LEN = np.array([len(s) for s in SUFFIXES])
+
+
+def _make_texts(rng: np.random.Generator, vocab: _Vocabulary, category: np.ndarray, lengths: np.ndarray,
+                topical_share: np.ndarray, entity_share: np.ndarray, is_title: bool
+                ) -> tuple[list[str], list[str]]:
+    """Titles (or abstracts) for all news at once, and their entity JSON.
+
+    Each word is an entity of the news' category (probability `entity_share`), a topical word of the category
+    (`topical_share`) or a function word. Titles: capitalised first word, sometimes a colon after the 2nd or 3rd
+    word, commas, and an optional final ! ? or . ; abstracts: sentences ending with '.', each capitalised.
+    Entity occurrences are recorded with their character offsets in the final text.
+    """
+    n = len(lengths)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    total = int(offsets[-1])
+    row = np.repeat(np.arange(n), lengths)
+    pos = np.arange(total) - offsets[row]
+    last = pos == lengths[row] - 1
+    cat = category[row]
+
+    u = rng.random(total)
+    kind = np.where(u < entity_share[row], 2, np.where(u < entity_share[row] + topical_share[row], 1, 0))
+    function_word = rng.integers(0, vocab.n_function, total)
+    topical_word = vocab.topic_start[cat] + (rng.random(total) * vocab.topic_size[cat]).astype(np.int64)
+    entity = vocab.entity_flat[vocab.entity_start[cat] + (rng.random(total) * vocab.entity_size[cat]).astype(np.int64)]
+    word = np.select([kind == 0, kind == 1], [function_word, topical_word], vocab.entity_word_start + entity)
+
+    suffix = np.where(~last & (rng.random(total) < 0.05), 1, 0)  # commas
+    capital = pos == 0
+    if is_title:
+        colon_at = rng.integers(1, 3, n)
+        with_colon = (rng.random(n) < 0.08) & (lengths > 4)
+        suffix = np.where(with_colon[row] & (pos == colon_at[row]), 3, suffix)
+        end = rng.choice(np.array([0, 0, 0, 0, 0, 0, 2, 4, 5]), n)
+        suffix = np.where(last, end[row], suffix)
+    else:
+        stop = ~last & (pos >= 3) & (rng.random(total) < 1 / 12)  # sentence ends inside the abstract
+        suffix = np.where(stop, 2, suffix)
+        suffix = np.where(last, 2, suffix)
+        capital[1:] |= stop[:-1]
+    tokens = np.where(capital, vocab.capitalised[word], vocab.words[word]) + SUFFIXES[suffix]
+    # Character offset of each token: tokens are joined with one space.
+    width = vocab.length[word] + SUFFIX_LEN[suffix] + 1
+    start = np.cumsum(width) - width
+    start = start - start[offsets[row]]
+    texts = _segment_join(tokens, offsets)
+
+    # Entity JSON: one object per (news, entity) with all its offsets, entities ordered by first occurrence.
+    entity_json = ["[]"] * n
+    occ = np.flatnonzero(kind == 2)
+    if len(occ):
+        occ_row, occ_entity, occ_start = row[occ], entity[occ], start[occ]
+        order = np.lexsort((occ_start, occ_row))
+        confidence = np.round(rng.uniform(0.85, 1.0, len(vocab.entity_label)), 3)
+        current_row, items = -1, {}
+        for r, e, s in zip(occ_row[order].tolist(), occ_entity[order].tolist(), occ_start[order].tolist()):
+            if r != current_row:
+                if items:
+                    entity_json[current_row] = json.dumps(list(items.values()))
+                current_row, items = r, {}
+            if e not in items:
+                label = vocab.entity_label[e]
+                items[e] = {"Label": label, "Type": vocab.entity_type[e], "WikidataId": vocab.wikidata[e],
+                            "Confidence": float(confidence[e]), "OccurrenceOffsets": [], "SurfaceForms": []}
+            items[e]["OccurrenceOffsets"].append(s)
+            items[e]["SurfaceForms"].append(vocab.entity_label[e])
+        if items:
+            entity_json[current_row] = json.dumps(list(items.values()))
+    return texts, entity_json
+
+
+# ==========================================================================================================
+# Demo corpus: the generator
+# ==========================================================================================================
+
 def generate_demo(root, *, num_news: int = 3000, num_users: int = 2000, num_train_impressions: int = 6000,
                   num_dev_impressions: int = 1500, num_test_impressions: int = 1500, seed: int = 0,
                   test_labels: bool = True) -> Path:
-    """Write a MIND-format corpus to `root/{train,dev,test}` plus `root/oracle.json`.
+    """Write a MIND-format corpus to `root/{train,dev,test}` plus `root/oracle.json`; returns `root`.
 
-    Users have Dirichlet topic preferences and news a latent popularity; the click probability of a candidate
-    is sigmoid(0.8 * log(17 * preference of its category) + 0.5 * popularity - 2), so both a content model
-    and a popularity baseline can learn, the first more. `click_probabilities.tsv` holds the true
-    probabilities; `oracle.json` the AUC of scoring with them. With `test_labels=False` the test behaviors
-    carry no labels (like MIND-large) and the labels go to `test/labels_hidden.tsv`.
+    The world: news in publication order, each with a category (17 MIND categories), a subcategory and a latent
+    popularity ~ N(0, 1); users with Dirichlet preferences over categories. A candidate's click probability is
+    sigmoid(CLICK_BIAS + AFFINITY_WEIGHT * log-lift of the user's preference for its category
+    + POPULARITY_WEIGHT * popularity + N(0, NOISE_SD)), rounded to 5 decimals (the value written to
+    click_probabilities.tsv and used for the labels). Histories are drawn from the same model (category by the
+    user's preference, news by popularity) without repeats; about 7% of users have an empty history. Each
+    impression shows 5..40 distinct news of its split's window, weighted by exp(EXPOSURE_WEIGHT * popularity);
+    labels are Bernoulli draws, then an impression without a click gets one (drawn by probability) and one
+    without a non-click loses one, so every impression has both classes. dev and test show news published
+    after train (absent from train/news.tsv), and their histories gained a few recent clicks.
+
+    The bytes written depend only on the arguments and the numpy version (one seeded numpy Generator, no
+    set/dict-order or hash() dependence, fixed float formats), not on the machine or the run.
+    `test_labels=False` writes the test candidates without labels, like MIND-large's test split; the labels are
+    in `test/labels_hidden.tsv` either way, and nothing else changes.
     """
     root = Path(root)
+    for name, value in dict(num_news=num_news, num_users=num_users).items():
+        if value < 1:
+            raise ValueError(f"generate_demo: {name} must be >= 1, got {value}")
+    if num_news < 40:
+        raise ValueError(f"generate_demo: num_news must be >= 40 (every split shows up to 40 news), got {num_news}")
     rng = np.random.default_rng(seed)
+    vocab = _Vocabulary()
     cats = list(CATEGORIES)
     n_cat = len(cats)
+    shares = CATEGORY_WEIGHTS / CATEGORY_WEIGHTS.sum()
 
-    # -- news ------------------------------------------------------------------------------------------
-    news_cat = rng.choice(n_cat, size=num_news, p=CATEGORY_WEIGHTS / CATEGORY_WEIGHTS.sum())
-    news_sub = np.array([rng.integers(len(CATEGORIES[cats[c]][0])) for c in news_cat]) if num_news else np.zeros(0, int)
-    popularity = rng.normal(0, 1, num_news)
+    # -- news --------------------------------------------------------------------------------------------
+    category = rng.choice(n_cat, size=num_news, p=shares)
+    n_sub = np.array([len(CATEGORIES[c]["sub"]) for c in cats])
+    subcategory = (rng.random(num_news) * n_sub[category]).astype(np.int64)
+    popularity = rng.normal(0.0, 1.0, num_news)
+    topical_share = rng.uniform(0.45, 0.7, num_news)
+    entity_share = np.where(rng.random(num_news) < 0.2, 0.0, rng.uniform(0.03, 0.12, num_news))
     title_len = rng.integers(6, 15, num_news)
-    abstract_len = np.where(rng.random(num_news) < 0.1, 0, rng.integers(15, 41, num_news))
-    topical_share = rng.uniform(0.45, 0.75, num_news)
-    ends = np.array(["", "", ".", "!", "?"])
-    end_of = ends[rng.integers(len(ends), size=num_news)]
-    # Entities: the first five topical words of each category are named entities with a Wikidata-like id.
-    entity_words = {}
-    for c, name in enumerate(cats):
-        for j, w in enumerate(CATEGORIES[name][1][:5]):
-            entity_words.setdefault(w, f"Q{100 + c * 10 + j}")
-    news_ids = [f"N{10001 + i}" for i in range(num_news)]
+    abstract_len = np.where(rng.random(num_news) < 0.08, 0, rng.integers(15, 41, num_news))
+    titles, title_entities = _make_texts(rng, vocab, category, title_len, topical_share, entity_share, True)
+    abstracts, abstract_entities = _make_texts(rng, vocab, category, abstract_len, topical_share, entity_share,
+                                               False)
+    news_number = rng.choice(9 * num_news, num_news, replace=False)  # ids unrelated to publication order
+    news_id = np.array([f"N{10000 + k}" for k in news_number.tolist()], dtype=object)
+    sub_names = [CATEGORIES[c]["sub"] for c in cats]
+    news_lines = np.array([
+        f"{nid}\t{cats[c]}\t{sub_names[c][s]}\t{t}\t{a}\thttps://assets.msn.com/labs/mind/{nid}.html\t{te}\t{ae}"
+        for nid, c, s, t, a, te, ae in zip(news_id.tolist(), category.tolist(), subcategory.tolist(), titles,
+                                           abstracts, title_entities, abstract_entities)], dtype=object)
 
-    def make_text(i: int, length: int, capital: bool, end: str) -> tuple[str, list[dict]]:
-        topical = CATEGORIES[cats[news_cat[i]]][1]
-        words = []
-        for k in range(length):
-            if rng.random() < topical_share[i]:
-                words.append(topical[rng.integers(len(topical))])
-            else:
-                words.append(FUNCTION_WORDS[rng.integers(len(FUNCTION_WORDS))])
-        if capital:
-            words[0] = words[0].capitalize()
-        text, entities, pos = "", {}, 0
-        for k, w in enumerate(words):
-            sep = "" if k == 0 else (", " if rng.random() < 0.06 else " ")
-            text += sep
-            pos = len(text)
-            text += w
-            if w.lower() in entity_words:
-                e = entities.setdefault(w.lower(), {"Label": w.lower().title(), "Type": "O",
-                                                    "WikidataId": entity_words[w.lower()],
-                                                    "Confidence": 1.0, "OccurrenceOffsets": [], "SurfaceForms": []})
-                e["OccurrenceOffsets"].append(pos)
-                e["SurfaceForms"].append(w)
-        return text + end, list(entities.values())
+    # -- users -------------------------------------------------------------------------------------------
+    prefs = rng.dirichlet(PREFERENCE_CONCENTRATION * shares, size=num_users)  # [U, K]
+    lift = np.log((prefs + 0.01) / (shares + 0.01))  # [U, K] what a content model can learn from histories
+    user_number = rng.choice(9 * num_users, num_users, replace=False)
+    user_id = np.array([f"U{10000 + k}" for k in user_number.tolist()], dtype=object)
+    activity = rng.lognormal(0.0, 0.8, num_users)
+    hist_len = np.clip(np.rint(rng.lognormal(np.log(18.0), 0.9, num_users)), 1, 80).astype(np.int64)
+    hist_len[rng.random(num_users) < 0.07] = 0
+    # History clicks ~ exposure x click probability: category ~ preference lift x news mass in the window,
+    # news within the category ~ exp((exposure + popularity weight) * popularity).
+    hist_sampler = _WindowSampler(category, np.exp((EXPOSURE_WEIGHT + POPULARITY_WEIGHT) * popularity), n_cat)
+    show_sampler = _WindowSampler(np.zeros(num_news, dtype=np.int64), np.exp(EXPOSURE_WEIGHT * popularity), 1)
+    user_category_weight = np.exp(AFFINITY_WEIGHT * lift)
 
-    news_rows = []
-    for i in range(num_news):
-        title, t_ent = make_text(i, int(title_len[i]), True, end_of[i])
-        if abstract_len[i]:
-            abstract, a_ent = make_text(i, int(abstract_len[i]), True, ".")
-        else:
-            abstract, a_ent = "", []
-        sub = CATEGORIES[cats[news_cat[i]]][0][news_sub[i]]
-        news_rows.append("\t".join([news_ids[i], cats[news_cat[i]], sub, title, abstract,
-                                    f"https://assets.msn.com/labs/mind/{news_ids[i]}.html",
-                                    json.dumps(t_ent) if t_ent else "[]", json.dumps(a_ent) if a_ent else "[]"]))
+    def window(frac: tuple[float, float]) -> tuple[int, int]:
+        lo, hi = int(frac[0] * num_news), int(frac[1] * num_news)
+        return lo, max(hi, lo + 1)
 
-    # Publication periods: the first 70% of news exist during train, then dev-new, then test-new news.
-    period_end = {"train": int(num_news * 0.7), "dev": int(num_news * 0.85), "test": num_news}
-    pool_start = {"train": 0, "dev": int(num_news * 0.4), "test": int(num_news * 0.55)}
+    def histories(lengths: np.ndarray, frac: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct clicked news per user from a window: (flat news, offsets [U+1])."""
+        lo, hi = window(frac)
+        mass = hist_sampler.mass(lo, hi)
+        probs = user_category_weight * mass
+        probs = np.where(probs.sum(1, keepdims=True) > 0, probs, 1.0) * (mass > 0)
+        rows = np.repeat(np.arange(num_users), lengths)
+        cat_of = _categorical_rows(rng, probs / probs.sum(1, keepdims=True), rows)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        news, keep = _draw_distinct(rng, offsets, lambda slots: hist_sampler.draw(rng, cat_of[slots], lo, hi))
+        news, rows = news[keep], rows[keep]
+        return news, np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=num_users))])
 
-    # -- users -----------------------------------------------------------------------------------------
-    prefs = rng.dirichlet(np.full(n_cat, 0.3), size=num_users)  # [users, categories]
-    user_ids = np.array([f"U{100001 + u}" for u in range(num_users)])
-    hist_len = np.where(rng.random(num_users) < 0.08, 0, rng.integers(1, 81, num_users))
+    base_news, base_off = histories(hist_len, BASE_HISTORY_WINDOW)
+    base_strings = np.array(_segment_join(news_id[base_news], base_off), dtype=object)
 
-    def sample_news(users: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        """News in [lo, hi) for each user: category from the user's preferences, news by popularity."""
-        out = np.zeros(len(users), dtype=np.int64)
-        u = rng.random(len(users))
-        cat = (prefs[users].cumsum(1) < u[:, None]).sum(1).clip(max=n_cat - 1)
-        for c in range(n_cat):
-            rows = np.flatnonzero(cat == c)
-            pool = lo + np.flatnonzero(news_cat[lo:hi] == c)
-            if len(pool) == 0:
-                pool = np.arange(lo, hi)
-            w = np.exp(popularity[pool])
-            out[rows] = pool[np.searchsorted(np.cumsum(w) / w.sum(), rng.random(len(rows))).clip(max=len(pool) - 1)]
-        return out
+    # -- behaviors ---------------------------------------------------------------------------------------
+    prob_text = np.array([f"{i / 1e5:.5f}" for i in range(100001)], dtype=object)
+    label_suffix = np.array(["-0", "-1"], dtype=object)
+    digits = np.array(["0", "1"], dtype=object)
+    activity_cdf = np.cumsum(activity) / activity.sum()
 
-    hist_users = np.repeat(np.arange(num_users), hist_len)
-    hist_news = sample_news(hist_users, 0, max(period_end["train"], 1))
-    base_history = np.split(hist_news, np.cumsum(hist_len)[:-1]) if num_users else []
-
-    def click_logit(users: np.ndarray, news: np.ndarray) -> np.ndarray:
-        return 0.8 * np.log(n_cat * prefs[users, news_cat[news]] + 1e-3) + 0.5 * popularity[news] - 2.0
-
-    # -- behaviors -------------------------------------------------------------------------------------
-    def split(name: str, n_impr: int, start: str, extra_history: int, labelled: bool) -> dict:
-        users = rng.integers(0, num_users, n_impr)
-        counts = rng.integers(5, 41, n_impr)
-        lo, hi = pool_start[name], max(period_end[name], pool_start[name] + 1)
-        pool = np.arange(lo, hi)
-        w = np.exp(0.5 * popularity[pool])
+    def make_split(name: str, n_impr: int, labelled: bool) -> dict:
+        n_extra, extra_window = EXTRA_HISTORY[name]
+        hist_strings, parts = base_strings, [(base_news, base_off)]
+        if n_extra:
+            extra_len = np.where(hist_len > 0, rng.integers(0, n_extra + 1, num_users), 0)
+            extra_news, extra_off = histories(extra_len, extra_window)
+            extra_strings = np.array(_segment_join(news_id[extra_news], extra_off), dtype=object)
+            both = (base_strings != "") & (extra_strings != "")
+            hist_strings = base_strings + np.where(both, " ", "") + extra_strings
+            parts.append((extra_news, extra_off))
+        lo, hi = window(SHOWN_WINDOW[name])
+        users = np.minimum(np.searchsorted(activity_cdf, rng.random(n_impr), side="right"), num_users - 1)
+        counts = np.minimum(rng.integers(5, 41, n_impr), hi - lo)
         rows = np.repeat(np.arange(n_impr), counts)
-        cand = pool[np.searchsorted(np.cumsum(w) / w.sum(), rng.random(len(rows))).clip(max=len(pool) - 1)]
-        # A news appears once per impression (as in MIND): drop repeated draws, keeping the first.
-        _, first = np.unique(rows * num_news + cand, return_index=True)
-        keep = np.zeros(len(rows), dtype=bool)
-        keep[first] = True
-        rows, cand = rows[keep], cand[keep]
+        cand, keep = _draw_distinct(rng, np.concatenate([[0], np.cumsum(counts)]), lambda slots: show_sampler.draw(
+            rng, np.zeros(len(slots), dtype=np.int64), lo, hi))
+        cand, rows = cand[keep], rows[keep]
         counts = np.bincount(rows, minlength=n_impr)
-        flat_users = users[rows]
-        prob = 1 / (1 + np.exp(-click_logit(flat_users, cand)))
-        label = (rng.random(len(prob)) < prob).astype(np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)])
-        # At least one click and one non-click per impression (MIND impressions have both).
-        for i in range(n_impr):
-            a, b = offsets[i], offsets[i + 1]
-            if label[a:b].sum() == 0:
-                label[a + np.argmax(prob[a:b])] = 1
-            if label[a:b].sum() == b - a:
-                label[a + np.argmin(prob[a:b])] = 0
-        seconds = np.sort(rng.integers(0, 86400 * (5 if name == "train" else 1), n_impr))
-        times = _fmt_time(seconds, start)
-        # History: the user's clicks before the period (dev/test users have read a few more news since).
-        extra = {}
-        lines, prob_lines, label_lines, referenced = [], [], [], set()
-        for i in range(n_impr):
-            u = int(users[i])
-            hist = list(base_history[u])
-            if extra_history and len(hist):
-                if u not in extra:
-                    k = int(rng.integers(0, extra_history + 1))
-                    extra[u] = list(sample_news(np.full(k, u), 0, pool_start[name] + 1)) if k else []
-                hist = hist + extra[u]
-            a, b = offsets[i], offsets[i + 1]
-            referenced.update(hist)
-            referenced.update(cand[a:b].tolist())
-            cells = [news_ids[n] + (f"-{label[j]}" if labelled else "") for j, n in zip(range(a, b), cand[a:b])]
-            lines.append(f"{i + 1}\t{user_ids[u]}\t{times[i]}\t{' '.join(news_ids[n] for n in hist)}\t{' '.join(cells)}")
-            prob_lines.append(f"{i + 1}\t" + " ".join(f"{p:.4f}" for p in prob[a:b]))
-            label_lines.append(f"{i + 1}\t" + " ".join(str(x) for x in label[a:b]))
-        return dict(lines=lines, prob_lines=prob_lines, label_lines=label_lines, referenced=sorted(referenced),
-                    prob=prob, label=label, offsets=offsets)
+        flat_users = users[rows]
+        affinity = lift[flat_users, category[cand]]
+        logit = (CLICK_BIAS + AFFINITY_WEIGHT * affinity + POPULARITY_WEIGHT * popularity[cand]
+                 + rng.normal(0.0, NOISE_SD, len(cand)))
+        prob_code = np.clip(np.rint(1e5 / (1 + np.exp(-logit))), 1, 99999).astype(np.int64)
+        prob = prob_code / 1e5
+        label = (rng.random(len(prob)) < prob).astype(np.int64)
+        # Both classes in every impression: a click drawn ~ prob where none, a non-click ~ (1 - prob) where all.
+        clicks = np.bincount(rows, weights=label, minlength=n_impr)
+        no_click = np.flatnonzero(clicks == 0)
+        label[_segment_pick(rng, prob, offsets, no_click)] = 1
+        clicks = np.bincount(rows, weights=label, minlength=n_impr)
+        all_click = np.flatnonzero(clicks == counts)
+        label[_segment_pick(rng, 1 - prob, offsets, all_click)] = 0
+
+        start, days = SPLIT_START[name]
+        times = _mind_times(start, np.sort(rng.integers(0, 86400 * days, n_impr)))
+        cells = news_id[cand] + label_suffix[label] if labelled else news_id[cand]
+        impressions = _segment_join(cells, offsets)
+        ids = range(1, n_impr + 1)
+        user_hist = hist_strings[users]
+        behaviors = [f"{i}\t{u}\t{t}\t{h}\t{c}" for i, u, t, h, c in
+                     zip(ids, user_id[users].tolist(), times, user_hist.tolist(), impressions)]
+        probs = [f"{i}\t{p}" for i, p in zip(ids, _segment_join(prob_text[prob_code], offsets))]
+        labels = [f"{i}\t{p}" for i, p in zip(ids, _segment_join(digits[label], offsets))]
+        # News the split references: candidates and the history news of the users it shows.
+        shown_users = np.zeros(num_users, dtype=bool)
+        shown_users[users] = True
+        referenced = np.zeros(num_news, dtype=bool)
+        referenced[cand] = True
+        for flat, off in parts:
+            per_user = np.repeat(np.arange(num_users), np.diff(off))
+            referenced[flat[shown_users[per_user]]] = True
+        metrics = {f"{name}_auc": _mean_auc(prob, label, offsets),
+                   f"{name}_affinity_auc": _mean_auc(affinity, label, offsets),
+                   f"{name}_popularity_auc": _mean_auc(popularity[cand], label, offsets),
+                   f"{name}_impressions": int(n_impr), f"{name}_candidates": int(len(cand)),
+                   f"{name}_clicks": int(label.sum())}
+        return dict(behaviors=behaviors, probs=probs, labels=labels, news=np.flatnonzero(referenced),
+                    metrics=metrics)
 
     splits = {
-        "train": split("train", num_train_impressions, "2019-11-09 00:00:00", 0, True),
-        "dev": split("dev", num_dev_impressions, "2019-11-14 00:00:00", 3, True),
-        "test": split("test", num_test_impressions, "2019-11-15 00:00:00", 6, test_labels),
+        "train": make_split("train", num_train_impressions, True),
+        "dev": make_split("dev", num_dev_impressions, True),
+        "test": make_split("test", num_test_impressions, test_labels),
     }
 
-    # Entity and relation vectors: an entity lies near its category's centre (TransE-like, 100-d).
-    centres = rng.normal(0, 0.3, (n_cat, 100))
-    entity_lines = []
-    for w, q in sorted(entity_words.items(), key=lambda kv: int(kv[1][1:])):
-        c = next(i for i, name in enumerate(cats) if w in CATEGORIES[name][1][:5])
-        vec = centres[c] + rng.normal(0, 0.1, 100)
-        entity_lines.append(q + "\t" + "\t".join(f"{x:.6f}" for x in vec) + "\t")
-    relation_lines = [f"P{31 + r}\t" + "\t".join(f"{x:.6f}" for x in rng.normal(0, 0.3, 100)) + "\t"
-                      for r in range(5)]
+    # -- entity / relation vectors (TransE-like, 100-d): an entity lies near its categories' centre ----------
+    centres = rng.normal(0.0, 0.3, (n_cat, 100))
+    noise = rng.normal(0.0, 0.1, (len(vocab.entity_label), 100))
+    entity_vectors = np.stack([centres[c].mean(0) for c in vocab.entity_categories]) + noise
+    relation_vectors = rng.normal(0.0, 0.3, (len(RELATIONS), 100))
 
-    from util import compute_metrics_flat
+    def vec_lines(names: list[str], vectors: np.ndarray) -> str:
+        return "".join(name + "\t" + "\t".join(f"{x:.6f}" for x in v) + "\t\n" for name, v in zip(names, vectors))
+
+    relation_text = vec_lines(list(RELATIONS), relation_vectors)
+    wikidata = np.array(vocab.wikidata, dtype=object)
+    entity_pattern = {e: f'"WikidataId": "{q}"' for e, q in enumerate(vocab.wikidata)}
 
     oracle = {"seed": seed, "sizes": dict(num_news=num_news, num_users=num_users,
                                           num_train_impressions=num_train_impressions,
                                           num_dev_impressions=num_dev_impressions,
                                           num_test_impressions=num_test_impressions),
-              "test_labels": test_labels, "generator_version": GENERATOR_VERSION}
-    for name, s in splits.items():
-        m = compute_metrics_flat(s["prob"], s["label"], s["offsets"])
-        oracle[f"{name}_auc"] = round(m["auc"], 6)
-        oracle[f"{name}_mrr"] = round(m["mrr"], 6)
-        oracle[f"{name}_ndcg10"] = round(m["ndcg10"], 6)
+              "test_labels": test_labels, "generator_version": GENERATOR_VERSION,
+              "click_model": dict(bias=CLICK_BIAS, affinity_weight=AFFINITY_WEIGHT,
+                                  popularity_weight=POPULARITY_WEIGHT, noise_sd=NOISE_SD)}
+    for s in splits.values():
+        oracle.update(s["metrics"])
+
+    def write(path: Path, lines: list[str]) -> None:
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
     def build(tmp: Path) -> None:
         for name, s in splits.items():
             d = tmp / name
             d.mkdir()
-            rows = [news_rows[i] for i in sorted(set(s["referenced"]))]
-            (d / "news.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-            (d / "behaviors.tsv").write_text("\n".join(s["lines"]) + "\n", encoding="utf-8")
-            (d / "click_probabilities.tsv").write_text("\n".join(s["prob_lines"]) + "\n", encoding="utf-8")
-            if name == "test" and not test_labels:
-                (d / "labels_hidden.tsv").write_text("\n".join(s["label_lines"]) + "\n", encoding="utf-8")
-            (d / "entity_embedding.vec").write_text("\n".join(entity_lines) + "\n", encoding="utf-8")
-            (d / "relation_embedding.vec").write_text("\n".join(relation_lines) + "\n", encoding="utf-8")
-        (tmp / "oracle.json").write_text(json.dumps(oracle, indent=2, sort_keys=True) + "\n")
+            news_rows = news_lines[s["news"]].tolist()
+            write(d / "news.tsv", news_rows)
+            write(d / "behaviors.tsv", s["behaviors"])
+            write(d / "click_probabilities.tsv", s["probs"])
+            if name == "test":
+                write(d / "labels_hidden.tsv", s["labels"])
+            # The entities the split's news mention (as in MIND, each split has its own file).
+            blob = "\n".join(news_rows)
+            used = [e for e in range(len(wikidata)) if entity_pattern[e] in blob]
+            (d / "entity_embedding.vec").write_text(vec_lines(wikidata[used].tolist(), entity_vectors[used]),
+                                                    encoding="utf-8")
+            (d / "relation_embedding.vec").write_text(relation_text, encoding="utf-8")
+        (tmp / "oracle.json").write_text(json.dumps(oracle, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    _write_atomic_dir(root, build)
+    _replace_dir_atomically(root, build)
     return root
 
 
-def ensure_demo(data_dir="data", seed: int = 0, **sizes) -> Path:
-    """`<data_dir>/MIND-demo`, generated unless it exists with the same sizes and seed."""
-    root = Path(data_dir) / "MIND-demo"
-    defaults = dict(num_news=3000, num_users=2000, num_train_impressions=6000, num_dev_impressions=1500,
-                    num_test_impressions=1500)
-    unknown = set(sizes) - set(defaults)
+def ensure_demo(data_dir="data", *, seed: int = 0, **sizes) -> Path:
+    """`<data_dir>/MIND-demo`: reused if its `oracle.json` records the same sizes, seed and generator version
+    (and a labelled test split), else generated (one line printed). `sizes` are `generate_demo`'s size
+    keywords; missing ones take the defaults (DEMO_SIZES)."""
+    unknown = set(sizes) - set(DEMO_SIZES)
     if unknown:
-        raise TypeError(f"ensure_demo: unknown size arguments {sorted(unknown)}")
-    wanted = {**defaults, **sizes}
+        raise TypeError(f"ensure_demo: unknown size arguments {sorted(unknown)}; expected some of {sorted(DEMO_SIZES)}")
+    wanted = {**DEMO_SIZES, **{k: int(v) for k, v in sizes.items()}}
+    root = Path(data_dir) / "MIND-demo"
     marker = root / "oracle.json"
     if marker.exists():
-        saved = json.loads(marker.read_text())
-        if (saved.get("sizes") == wanted and saved.get("seed") == seed and saved.get("test_labels", True)
+        try:
+            saved = json.loads(marker.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, OSError):
+            saved = {}
+        if (saved.get("sizes") == wanted and saved.get("seed") == seed and saved.get("test_labels") is True
                 and saved.get("generator_version") == GENERATOR_VERSION):
             return root
     t0 = time.time()
     generate_demo(root, seed=seed, **wanted)
-    print(f"generated the demo corpus in {root} ({wanted['num_news']} news, {wanted['num_train_impressions']} "
-          f"train impressions; {time.time() - t0:.1f}s)")
+    print(f"generated the demo corpus {root} ({wanted['num_news']} news, {wanted['num_users']} users, "
+          f"{wanted['num_train_impressions']}/{wanted['num_dev_impressions']}/{wanted['num_test_impressions']} "
+          f"train/dev/test impressions, seed {seed}) in {time.time() - t0:.1f}s")
     return root
 
 
 # ==========================================================================================================
-# Real MIND
+# Real MIND: zips
 # ==========================================================================================================
 
-def _missing_zip_message(name: str, data_dir: Path, reason: str) -> str:
-    return (f"{reason}. Put {name} into {data_dir.resolve()}/ (from {MIND_URL}{name}, or the Hugging Face "
-            f"dataset yjw1029/MIND after accepting its licence) and run this again.")
+def _where_to_get(names: Sequence[str], data_dir: Path, base_url: str) -> str:
+    folder = Path(data_dir).resolve()
+    urls = ", ".join(base_url + n for n in names)
+    return (f"Put {', '.join(names)} into {folder}/ and run this again. Get them from {urls} "
+            f"(or from the Hugging Face dataset {HF_DATASET}, after accepting its licence, with an HF_TOKEN).")
 
 
-def obtain_zip(name: str, data_dir: Path, download: bool = True, base_url: str | None = None) -> Path:
-    """A checked zip in `data_dir`: one the user put there, or a resumable download (`<name>.part`)."""
-    data_dir = Path(data_dir)
-    path = data_dir / name
-    if path.exists():
-        if not zipfile.is_zipfile(path):
-            raise ValueError(f"{path} is not a valid zip (truncated download?); delete it and run again")
-        return path
-    if not download:
-        raise FileNotFoundError(_missing_zip_message(name, data_dir, f"{path} not found and --no-download given"))
-    url = (base_url or MIND_URL) + name
-    part = Path(str(path) + ".part")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    done = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+def _raw_dir(data_dir: Path, name: str) -> Path:
+    return Path(data_dir) / "raw" / Path(name).stem
+
+
+def _is_unpacked(folder: Path) -> bool:
+    return all((folder / f).exists() for f in ("news.tsv", "behaviors.tsv"))
+
+
+def _resolve_with_timeout(host: str, port: int, timeout: float) -> None:
+    """Fail within `timeout` when DNS hangs (urllib's timeout does not cover name resolution)."""
+    result: dict = {}
+
+    def work():
+        try:
+            socket.getaddrinfo(host, port)
+            result["ok"] = True
+        except OSError as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if "error" in result:
+        raise result["error"]
+    if "ok" not in result:
+        raise socket.timeout(f"resolving {host} took more than {timeout:.0f}s")
+
+
+def download(url: str, path: Path, *, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """Download `url` to `path` through `<path>.part`, resuming a partial `.part` with a Range request.
+
+    The size is checked against the server's (Content-Range total, or Content-Length), the file must be a zip,
+    and only then is it renamed to `path`. Network errors raise OSError (URLError, timeouts) quickly.
+    """
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.hostname:
+        _resolve_with_timeout(parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80), timeout)
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "prepare_MIND_dataset.py"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing left to fetch: the .part is complete
+            total = have
+            response = None
+        else:
+            raise
+    if response is not None:
+        with response:
             resumed = response.status == 206
-            total = response.headers.get("Content-Length")
-            total = int(total) + (done if resumed else 0) if total else None
+            content_range = response.headers.get("Content-Range", "")
+            length = response.headers.get("Content-Length")
+            if resumed and "/" in content_range and content_range.rsplit("/", 1)[1].strip().isdigit():
+                total = int(content_range.rsplit("/", 1)[1])
+            elif length is not None:
+                total = int(length) + (have if resumed else 0)
+            else:
+                total = None
+            done = have if resumed else 0
+            last_report = time.time()
             with open(part, "ab" if resumed else "wb") as f:
-                got = done if resumed else 0
-                last = time.time()
                 while True:
                     chunk = response.read(1 << 20)
                     if not chunk:
                         break
                     f.write(chunk)
-                    got += len(chunk)
-                    if time.time() - last > 5:
-                        print(f"  {name}: {got / 2**20:,.0f} MiB" + (f" of {total / 2**20:,.0f}" if total else ""))
-                        last = time.time()
-    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
-        raise RuntimeError(_missing_zip_message(name, data_dir, f"could not download {url} ({e}); "
-                                                f"a partial download in {part.name} resumes next time")) from None
-    if total is not None and part.stat().st_size != total:
-        raise RuntimeError(f"{url}: got {part.stat().st_size} bytes of {total}; run again to resume")
+                    done += len(chunk)
+                    if time.time() - last_report > 10:
+                        last_report = time.time()
+                        print(f"  {path.name}: {done / 2**20:,.0f} MiB" + (f" of {total / 2**20:,.0f}" if total else ""),
+                              flush=True)
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise OSError(f"{url}: got {size} of {total} bytes; run again to resume from {part}")
     if not zipfile.is_zipfile(part):
-        raise RuntimeError(f"{url}: the download is not a zip; delete {part} and try again")
+        part.unlink()
+        raise OSError(f"{url}: the download is not a zip file (deleted it; try again)")
     os.replace(part, path)
     return path
 
 
-def unpack(zip_path: Path, data_dir: Path) -> Path:
-    """Unpack once into `<data_dir>/raw/<zip stem>/` (a marker file records completion)."""
-    out = Path(data_dir) / "raw" / Path(zip_path).stem
+def obtain_zip(name: str, data_dir, download_missing: bool = True, base_url: str | None = None) -> Path:
+    """Path of a checked `data_dir/<name>`: the user's file, or downloaded from `base_url` (default MIND_URL)."""
+    data_dir = Path(data_dir)
+    base_url = base_url or MIND_URL
+    path = data_dir / name
+    if path.exists():
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is not a valid zip (an interrupted copy or download?); delete it and run again. "
+                             + _where_to_get([name], data_dir, base_url))
+        return path
+    if not download_missing:
+        raise MINDNotFoundError(f"{name} is not in {data_dir.resolve()}/ and downloading is off (--no-download). "
+                                + _where_to_get([name], data_dir, base_url))
+    print(f"downloading {base_url + name} -> {path}", flush=True)
+    try:
+        return download(base_url + name, path)
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        raise MINDNotFoundError(f"could not download {name} ({e}). " + _where_to_get([name], data_dir, base_url)
+                                + f" A partial download is kept in {path.name}.part and resumes next time.") from None
+
+
+def unpack(zip_path, data_dir) -> Path:
+    """Unpack the MIND files of a zip once into `data_dir/raw/<zip stem>/` (CRC-checked; files may sit in a
+    sub-folder of the zip; other members are ignored, so no path can escape the folder)."""
+    zip_path = Path(zip_path)
+    out = _raw_dir(data_dir, zip_path.name)
     if (out / ".unpacked").exists():
         return out
     with zipfile.ZipFile(zip_path) as z:
+        members = {}
+        for info in sorted(z.infolist(), key=lambda i: (i.filename.count("/"), i.filename)):
+            base = info.filename.rsplit("/", 1)[-1]
+            if base in SPLIT_FILES and not info.is_dir():
+                members.setdefault(base, info)
+        if "behaviors.tsv" not in members or "news.tsv" not in members:
+            raise ValueError(f"{zip_path} holds no behaviors.tsv / news.tsv: not a MIND zip")
+        print(f"unpacking {zip_path.name} -> {out}", flush=True)
         bad = z.testzip()
         if bad is not None:
-            raise ValueError(f"{zip_path}: member {bad} is corrupt; delete the zip and download it again")
-        tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=Path(data_dir)))
-        z.extractall(tmp)
-    # Some archives wrap the files in a folder: find the one holding behaviors.tsv.
-    inner = next((p.parent for p in tmp.rglob("behaviors.tsv")), tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(inner, out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    (out / ".unpacked").write_text("ok\n")
+            raise ValueError(f"{zip_path}: member {bad} is corrupt; delete the zip and get it again")
+
+        def build(tmp: Path) -> None:
+            for base, info in members.items():
+                with z.open(info) as src, open(tmp / base, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+            (tmp / ".unpacked").write_text(f"{zip_path.name}\n")
+
+        _replace_dir_atomically(out, build)
     return out
 
 
-def _read_lines(path: Path) -> list[str]:
-    text = Path(path).read_text(encoding="utf-8")
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return lines
+def obtain_raw(names: Sequence[str], data_dir, *, download: bool = True, base_url: str | None = None
+               ) -> dict[str, Path]:
+    """`{zip name: data_dir/raw/<stem>}` for every zip, unpacking zips found in (or downloaded to) data_dir.
+
+    A raw folder that already holds news.tsv and behaviors.tsv is used without its zip. With download=False
+    every missing zip is reported at once, before any work."""
+    data_dir = Path(data_dir)
+    base_url = base_url or MIND_URL
+    need = [n for n in names if not _is_unpacked(_raw_dir(data_dir, n))]
+    missing = [n for n in need if not (data_dir / n).exists()]
+    if missing and not download:
+        raise MINDNotFoundError(f"missing {', '.join(missing)} in {data_dir.resolve()}/ and downloading is off "
+                                f"(--no-download). " + _where_to_get(missing, data_dir, base_url))
+    for name in need:
+        unpack(obtain_zip(name, data_dir, download, base_url), data_dir)
+    return {n: _raw_dir(data_dir, n) for n in names}
 
 
-def _write_split(out: Path, source: Path, behaviors: list[str] | None, news_source: Path | None = None) -> None:
-    """One protocol split: behaviors (given lines or the source's), news and vectors from `news_source`."""
-    out.mkdir(parents=True, exist_ok=True)
-    news_source = news_source or source
-    for name in ("news.tsv", "entity_embedding.vec", "relation_embedding.vec"):
-        if (news_source / name).exists():
-            shutil.copyfile(news_source / name, out / name)
-    if behaviors is None:
-        shutil.copyfile(source / "behaviors.tsv", out / "behaviors.tsv")
-    else:
-        (out / "behaviors.tsv").write_text("\n".join(behaviors) + ("\n" if behaviors else ""), encoding="utf-8")
+# ==========================================================================================================
+# Real MIND: protocols
+# ==========================================================================================================
+
+def read_behaviors(path, usecols: Sequence[str] | None = None, chunksize: int | None = None):
+    """behaviors.tsv as strings (no header, no quoting, empty history = ''); a reader of frames if chunksize."""
+    if Path(path).stat().st_size == 0:  # pandas refuses an empty file
+        empty = pd.DataFrame({c: pd.Series([], dtype=object) for c in (usecols or BEHAVIOR_COLUMNS)})
+        return iter([empty]) if chunksize else empty
+    return pd.read_csv(path, sep="\t", header=None, names=list(BEHAVIOR_COLUMNS), usecols=usecols, dtype=str,
+                       quoting=csv.QUOTE_NONE, keep_default_na=False, na_filter=False, chunksize=chunksize,
+                       encoding="utf-8", engine="c")
 
 
-def split_small(train_lines: list[str], dev_fraction: float = 0.05, seed: int = 0) -> tuple[list[str], list[str]]:
-    """The `small` protocol's 95/5 split: a permutation (seeded) of the sorted impression ids picks dev."""
-    ids = np.array([int(line.split("\t", 1)[0]) for line in train_lines], dtype=np.int64)
-    order = np.sort(ids)
-    perm = np.random.default_rng(seed).permutation(len(order))
-    dev_ids = set(order[perm[: int(round(len(order) * dev_fraction))]].tolist())
-    is_dev = np.array([i in dev_ids for i in ids.tolist()])
-    return ([l for l, d in zip(train_lines, is_dev) if not d], [l for l, d in zip(train_lines, is_dev) if d])
+def _behavior_lines(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return ""
+    line = frame[BEHAVIOR_COLUMNS[0]].str.cat([frame[c] for c in BEHAVIOR_COLUMNS[1:]], sep="\t")
+    return "\n".join(line.tolist()) + "\n"
 
 
-def sample_users(train_lines: list[str], dev_lines: list[str], num_users: int = 200_000, seed: int = 0) -> set[str]:
-    """The `200k` protocol's users: sorted unique ids of train+dev, seeded sample without replacement."""
-    users = pd.Series([l.split("\t", 2)[1] for l in train_lines + dev_lines]).unique()
-    users = np.sort(users.astype(str))
+def route_behaviors(source, outputs: dict[str, Path], route: Callable[[pd.DataFrame], np.ndarray],
+                    chunksize: int = 500_000) -> dict[str, int]:
+    """Stream `source` in chunks and append each row to the output `route(chunk)` names for it ('' drops it).
+    Rows keep their file order and text; returns the row count written per output."""
+    handles = {k: open(p, "w", encoding="utf-8", newline="\n") for k, p in outputs.items()}
+    counts = dict.fromkeys(outputs, 0)
+    try:
+        for chunk in read_behaviors(source, chunksize=chunksize):
+            target = np.asarray(route(chunk))
+            for key, f in handles.items():
+                mask = target == key
+                if mask.any():
+                    f.write(_behavior_lines(chunk[mask]))
+                    counts[key] += int(mask.sum())
+    finally:
+        for f in handles.values():
+            f.close()
+    return counts
+
+
+def _sorted_ids(values: np.ndarray) -> np.ndarray:
+    """Unique ids, numerically sorted when they are all integers (MIND impression ids), else as strings."""
+    values = np.unique(np.asarray(values, dtype=str))
+    if len(values) and all(v.isdigit() for v in values.tolist()):
+        return values[np.argsort(values.astype(np.int64), kind="stable")]
+    return values
+
+
+def small_dev_ids(impression_ids, dev_fraction: float = 0.05, seed: int = 0) -> np.ndarray:
+    """The `small` protocol's dev impression ids: the first round(5%) of a default_rng(seed) permutation of
+    the sorted unique impression ids."""
+    ids = _sorted_ids(impression_ids)
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    return np.sort(ids[perm[: int(round(len(ids) * dev_fraction))]])
+
+
+def sample_users(user_ids, num_users: int = 200_000, seed: int = 0) -> np.ndarray:
+    """The `200k` protocol's users: `default_rng(seed).choice` without replacement over the sorted unique ids."""
+    users = np.unique(np.asarray(user_ids, dtype=str))
     if num_users > len(users):
-        raise ValueError(f"asked for {num_users} users but MIND-large train+dev has {len(users)}")
+        raise ValueError(f"asked for {num_users} users but the behaviors hold only {len(users)}")
     chosen = np.random.default_rng(seed).choice(len(users), size=num_users, replace=False)
-    return set(users[chosen].tolist())
+    return np.sort(users[chosen])
 
 
-def prepare(dataset: str, data_dir="data", *, download: bool = True, num_users: int = 200_000,
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link when the file system allows it (MIND-large files are GBs), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _news_files(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("news.tsv", "entity_embedding.vec", "relation_embedding.vec"):
+        if (src / name).exists():
+            _link_or_copy(src / name, dst / name)
+        else:  # an empty file keeps the split folder complete; readers treat it as "no vectors"
+            (dst / name).write_text("")
+
+
+def prepare(dataset: str, data_dir="data", *, download: bool = True, num_users: int = 200_000, seed: int = 0,
             base_url: str | None = None) -> Path:
-    """Build `<data_dir>/MIND-<dataset>/{train,dev,test}` (skipped if already built by this version)."""
+    """Build `<data_dir>/MIND-<dataset>/{train,dev,test}` for a protocol (see the module docstring).
+
+    Args:
+        dataset: small, 200k, large or demo (demo: `ensure_demo(data_dir)`).
+        download: fetch missing zips from `base_url` (default MIND_URL); False: only use zips in data_dir.
+        num_users: users sampled by the 200k protocol (tests use a handful).
+        seed: seed of the small split's permutation and of the 200k user sample.
+    Returns:
+        The protocol folder. Nothing is rebuilt if its `.prepared` marker matches this version and arguments.
+    """
     data_dir = Path(data_dir)
     if dataset == "demo":
         return ensure_demo(data_dir)
     if dataset not in ZIPS:
-        raise ValueError(f"unknown --dataset {dataset!r}; choose from {sorted(ZIPS) + ['demo']}")
+        raise ValueError(f"unknown --dataset {dataset!r}; choose from {list(DATASETS)}")
     target = data_dir / f"MIND-{dataset}"
-    marker = {"protocol": dataset, "version": PROTOCOL_VERSION, "num_users": num_users if dataset == "200k" else None}
-    if (target / ".prepared").exists() and json.loads((target / ".prepared").read_text()) == marker:
-        print(f"{target} is ready")
-        return target
-    # Check every zip before any long work, so a missing one fails in seconds.
-    if not download:
-        missing = [z for z in ZIPS[dataset] if not (data_dir / z).exists()]
-        if missing:
-            raise FileNotFoundError(_missing_zip_message(", ".join(missing), data_dir, f"missing {', '.join(missing)}"))
-    raw = {z.split("_")[1].split(".")[0]: unpack(obtain_zip(z, data_dir, download, base_url), data_dir)
-           for z in ZIPS[dataset]}
+    marker = {"protocol": dataset, "version": PROTOCOL_VERSION, "seed": seed,
+              "num_users": num_users if dataset == "200k" else None}
+    done = target / ".prepared"
+    if done.exists():
+        try:
+            saved = json.loads(done.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, OSError):
+            saved = {}
+        if {k: saved.get(k) for k in marker} == marker:
+            print(f"{target} is ready (protocol {dataset}, version {PROTOCOL_VERSION})")
+            return target
+    raw = obtain_raw(ZIPS[dataset], data_dir, download=download, base_url=base_url)
+    t0 = time.time()
 
     def build(tmp: Path) -> None:
+        for split in SPLITS:
+            (tmp / split).mkdir()
+        counts: dict[str, int] = {}
         if dataset == "small":
-            train, dev = split_small(_read_lines(raw["train"] / "behaviors.tsv"))
-            _write_split(tmp / "train", raw["train"], train)
-            _write_split(tmp / "dev", raw["train"], dev)
-            _write_split(tmp / "test", raw["dev"], None)
+            train, dev = raw["MINDsmall_train.zip"], raw["MINDsmall_dev.zip"]
+            ids = read_behaviors(train / "behaviors.tsv", usecols=["ImpressionID"])["ImpressionID"].to_numpy()
+            dev_ids = small_dev_ids(ids, seed=seed)
+            counts.update(route_behaviors(
+                train / "behaviors.tsv", {"train": tmp / "train" / "behaviors.tsv", "dev": tmp / "dev" / "behaviors.tsv"},
+                lambda chunk: np.where(np.isin(chunk["ImpressionID"].to_numpy(dtype=str), dev_ids), "dev", "train")))
+            _news_files(train, tmp / "train")
+            _news_files(train, tmp / "dev")
+            _news_files(dev, tmp / "test")
+            _link_or_copy(dev / "behaviors.tsv", tmp / "test" / "behaviors.tsv")
         elif dataset == "200k":
-            train_lines = _read_lines(raw["train"] / "behaviors.tsv")
-            dev_lines = _read_lines(raw["dev"] / "behaviors.tsv")
-            users = sample_users(train_lines, dev_lines, num_users)
-            mine = [l for l in dev_lines if l.split("\t", 2)[1] in users]
-            _write_split(tmp / "train", raw["train"], [l for l in train_lines if l.split("\t", 2)[1] in users])
-            _write_split(tmp / "dev", raw["dev"], mine[0::2])
-            _write_split(tmp / "test", raw["dev"], mine[1::2])
-        else:
-            for split in ("train", "dev", "test"):
-                _write_split(tmp / split, raw[split], None)
-        (tmp / ".prepared").write_text(json.dumps(marker))
+            train, dev = raw["MINDlarge_train.zip"], raw["MINDlarge_dev.zip"]
+            all_users = np.concatenate([read_behaviors(p / "behaviors.tsv", usecols=["UserID"])["UserID"].to_numpy()
+                                        for p in (train, dev)])
+            users = sample_users(all_users, num_users, seed)
+            counts.update(route_behaviors(
+                train / "behaviors.tsv", {"train": tmp / "train" / "behaviors.tsv"},
+                lambda chunk: np.where(np.isin(chunk["UserID"].to_numpy(dtype=str), users), "train", "")))
+            taken = [0]  # selected dev rows so far: alternation continues across chunks
 
-    _write_atomic_dir(target, build)
-    print(f"prepared {target}")
+            def alternate(chunk: pd.DataFrame) -> np.ndarray:
+                mine = np.isin(chunk["UserID"].to_numpy(dtype=str), users)
+                rank = taken[0] + np.cumsum(mine) - 1
+                taken[0] += int(mine.sum())
+                return np.where(mine, np.where(rank % 2 == 0, "dev", "test"), "")
+
+            counts.update(route_behaviors(dev / "behaviors.tsv", {"dev": tmp / "dev" / "behaviors.tsv",
+                                                                   "test": tmp / "test" / "behaviors.tsv"}, alternate))
+            _news_files(train, tmp / "train")
+            _news_files(dev, tmp / "dev")
+            _news_files(dev, tmp / "test")
+        else:
+            for split in SPLITS:
+                src = raw[f"MINDlarge_{split}.zip"]
+                _news_files(src, tmp / split)
+                _link_or_copy(src / "behaviors.tsv", tmp / split / "behaviors.tsv")
+        (tmp / ".prepared").write_text(json.dumps({**marker, "impressions": counts}, sort_keys=True) + "\n",
+                                       encoding="utf-8")
+
+    _replace_dir_atomically(target, build)
+    print(f"prepared {target} (protocol {dataset}) in {time.time() - t0:.0f}s")
     return target
 
 
+# ==========================================================================================================
+# CLI
+# ==========================================================================================================
+
 def main(argv: Sequence[str] | None = None) -> Path:
+    """Command line: build one protocol folder (or the demo corpus) and return its path."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=["small", "200k", "large", "demo"], help="protocol to build")
-    p.add_argument("--data_dir", default="data", help="where the zips are / go, and where MIND-<dataset>/ is built")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=True, choices=list(DATASETS), help="protocol to build (see above)")
+    g.add_argument("--data_dir", default="data", help="where the zips are / go, and where MIND-<dataset>/ is built")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download missing zips (--no-download: only use zips already in --data_dir)")
-    p.add_argument("--demo_news", type=int, default=3000, help="demo: number of news")
-    p.add_argument("--demo_users", type=int, default=2000, help="demo: number of users")
-    p.add_argument("--demo_train_impressions", type=int, default=6000, help="demo: train impressions")
-    p.add_argument("--demo_dev_impressions", type=int, default=1500, help="demo: dev impressions")
-    p.add_argument("--demo_test_impressions", type=int, default=1500, help="demo: test impressions")
-    p.add_argument("--seed", type=int, default=0, help="demo generator seed")
+    g.add_argument("--num_users", type=int, default=200_000, help="200k protocol: number of users sampled")
+    d = p.add_argument_group("demo")
+    d.add_argument("--demo_news", type=int, default=DEMO_SIZES["num_news"], help="demo: number of news")
+    d.add_argument("--demo_users", type=int, default=DEMO_SIZES["num_users"], help="demo: number of users")
+    d.add_argument("--demo_train_impressions", type=int, default=DEMO_SIZES["num_train_impressions"],
+                   help="demo: train impressions")
+    d.add_argument("--demo_dev_impressions", type=int, default=DEMO_SIZES["num_dev_impressions"],
+                   help="demo: dev impressions")
+    d.add_argument("--demo_test_impressions", type=int, default=DEMO_SIZES["num_test_impressions"],
+                   help="demo: test impressions")
+    d.add_argument("--seed", type=int, default=0, help="demo generator seed (real protocols always use 0)")
     args = p.parse_args(argv)
     if args.dataset == "demo":
         return ensure_demo(args.data_dir, seed=args.seed, num_news=args.demo_news, num_users=args.demo_users,
                            num_train_impressions=args.demo_train_impressions,
                            num_dev_impressions=args.demo_dev_impressions,
                            num_test_impressions=args.demo_test_impressions)
-    return prepare(args.dataset, args.data_dir, download=args.download)
+    return prepare(args.dataset, args.data_dir, download=args.download, num_users=args.num_users)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, RuntimeError, ValueError) as e:
+    except (FileNotFoundError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
