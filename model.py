@@ -132,20 +132,23 @@ class Model(nn.Module):
         """index [N] long (news indices) -> [N, D] news vectors."""
         return self.news_encoder(self.news_features(index), user_id=user_id)
 
-    def _gather_news(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode the batch's news: each unique news once (personalized encoders: once per user and news)."""
+    def _gather_news(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Encode the batch's news: each unique news once (personalized encoders: once per user and news).
+
+        Returns history [B, H, D], candidates [B, C, D] and the news encoder's auxiliary losses (training)."""
         b, h = batch.history.shape
         c = batch.candidates.shape[1]
         ids = torch.cat([batch.history.reshape(-1), batch.candidates.reshape(-1)])  # [B*H + B*C]
         if self.news_encoder.personalized:
             users = torch.cat([batch.user.repeat_interleave(h), batch.user.repeat_interleave(c)])
-            vectors = self.encode_news(ids, user_id=users)  # [B*H + B*C, D]
+            vectors, aux = self.news_encoder.forward_with_aux(self.news_features(ids), user_id=users)
         else:
             unique, inverse = torch.unique(ids, return_inverse=True)
-            vectors = self.encode_news(unique)[inverse]  # [U, D] -> [B*H + B*C, D]
+            vectors, aux = self.news_encoder.forward_with_aux(self.news_features(unique))  # [U, D]
+            vectors = vectors[inverse]  # [B*H + B*C, D]
         history = vectors[: b * h].view(b, h, -1)
         candidates = vectors[b * h:].view(b, c, -1)
-        return history, candidates
+        return history, candidates, aux
 
     # -- scoring -----------------------------------------------------------------------------------------
     def score(self, batch: Batch, history: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, UserOutput]:
@@ -169,10 +172,10 @@ class Model(nn.Module):
         return logits, out
 
     def forward(self, batch: Batch) -> ModelOutput:
-        history, candidates = self._gather_news(batch)
+        history, candidates, news_aux = self._gather_news(batch)
         logits, out = self.score(batch, history, candidates)
         loss = None
-        aux = dict(out.aux)
+        aux = {**news_aux, **out.aux}
         if batch.target is not None:
             loss = F.cross_entropy(logits, batch.target)
             for value in aux.values():
@@ -183,7 +186,7 @@ class Model(nn.Module):
     def score_cached(self, batch: Batch, news_vectors: torch.Tensor) -> torch.Tensor:
         """Evaluation fast path: news_vectors [N, D] (every news of the split encoded once) -> logits [B, C]."""
         if self.news_encoder.personalized:  # vectors depend on the user: encode this batch's news
-            history, candidates = self._gather_news(batch)
+            history, candidates, _ = self._gather_news(batch)
         else:
             history, candidates = news_vectors[batch.history], news_vectors[batch.candidates]
         return self.score(batch, history, candidates)[0]

@@ -62,6 +62,13 @@ class NewsEncoder(nn.Module):
     def forward(self, news: dict[str, torch.Tensor], user_id: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def forward_with_aux(self, news: dict[str, torch.Tensor], user_id: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training entry point: news vectors [N, D] plus auxiliary losses (scalars, already weighted, e.g. DAE's
+        reconstruction). Encoders with an auxiliary loss override this; the model adds the losses to the click
+        loss inside its forward (never stored as attributes, so DDP and AMP see them)."""
+        return self(news, user_id=user_id), {}
+
 
 def word_embedding(config: "Config", meta: "CorpusMeta") -> nn.Embedding:
     """Word embedding initialised from the corpus' GloVe matrix (fine-tuned, as in NNR); row 0 = <PAD> = 0."""
