@@ -515,7 +515,8 @@ class Corpus:
         self._behaviors: dict[str, Cached] = {}
         self.log(f"corpus {self.root}: {self.meta.news_num - 1} news, vocab {self.meta.vocab_size}, "
                  f"{self.meta.category_num - 1} categories, {self.meta.user_num - 1} train users, "
-                 f"{self.meta.entity_num - 1} entities"
+                 f"{self.meta.entity_num - 1} entities ({self.entity_stats.get('missing', 0)} without a vector in "
+                 f"entity_embedding.vec: zero vectors, treated as no entity by KCNN)"
                  + (f"; built {', '.join(built)}" if built else "; from cache")
                  + f" ({time.time() - t0:.1f}s)")
 

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from model import CLICK_PREDICTORS
 from newsEncoders import NEWS_ENCODERS
 from userEncoders import USER_ENCODERS
 
@@ -37,7 +38,23 @@ ARCHITECTURE_FLAGS = (
     "head_num", "head_dim", "attention_dim", "category_embedding_dim", "subcategory_embedding_dim",
     "plm_model_name", "plm_pooling", "plm_max_length", "num_interest_vectors", "context_code_dim",
     "miner_aggregation", "use_category_glove", "dataset",
+    "hidden_dim", "user_embedding_dim", "personalized_embedding_dim", "HDC_window_size", "HDC_filter_num",
+    "entity_embedding_dim", "KCNN_window_sizes", "KCNN_filter_num",
+    "gcn_layer_num", "gcn_normalization_type", "gcn_residual", "gcn_layer_norm", "conv3D_filter_num_first",
+    "conv3D_kernel_size_first", "conv3D_filter_num_second", "conv3D_kernel_size_second", "maxpooling3D_size",
+    "maxpooling3D_stride", "OMAP_head_num",
 )
+
+
+def _int_list(text: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3] (argparse type; a list, as the JSON config round-trips it)."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,3, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--news_encoder", default="MHSA", choices=sorted(NEWS_ENCODERS), help="news encoder (registry in newsEncoders.py)")
     g.add_argument("--user_encoder", default="MHSA", choices=sorted(USER_ENCODERS), help="user encoder (registry in userEncoders.py)")
-    g.add_argument("--click_predictor", default="dot_product", choices=["dot_product"], help="how a user vector scores a candidate")
+    g.add_argument("--click_predictor", default="dot_product", choices=sorted(CLICK_PREDICTORS),
+                   help="how a user vector scores a candidate (registry in model.py): dot_product, mlp (MLP over "
+                        "[user; candidate]), FIM (the user encoder scores candidates itself; chosen, with a note, "
+                        "when the user encoder needs it and the flag is not typed)")
     g.add_argument("--word_embedding_dim", type=int, default=300, help="word embedding dim (GloVe 840B: 300; offline GloVe: 50)")
     g.add_argument("--category_embedding_dim", type=int, default=50, help="category embedding dim")
     g.add_argument("--subcategory_embedding_dim", type=int, default=50, help="subcategory embedding dim")
@@ -88,6 +108,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head_dim", type=int, default=20, help="self-attention head dim (MHSA)")
     g.add_argument("--attention_dim", type=int, default=200, help="additive attention hidden dim")
     g.add_argument("--long_term_masking_probability", type=float, default=0.1, help="LSTUR: p of dropping the user-ID embedding in training")
+
+    g = p.add_argument_group("zoo: news encoders")
+    g.add_argument("--hidden_dim", type=int, default=200,
+                   help="encoder hidden dim (NNR's name): CNE BiLSTM size per direction, DAE code size, Inception MLP width")
+    g.add_argument("--Alpha", type=float, default=0.1, help="DAE (EBNR): weight of the reconstruction loss (0 = off)")
+    g.add_argument("--user_embedding_dim", type=int, default=50, help="NPA: user-ID embedding dim")
+    g.add_argument("--personalized_embedding_dim", type=int, default=200, help="NPA: personalized attention query dim")
+    g.add_argument("--HDC_window_size", type=int, default=3, help="HDC (FIM): dilated convolution window (odd)")
+    g.add_argument("--HDC_filter_num", type=int, default=150, help="HDC (FIM): filters of each dilated convolution level")
+    g.add_argument("--entity_embedding_dim", type=int, default=100,
+                   help="KCNN (DKN): entity vector dim; must match entity_embedding.vec (MIND's TransE: 100)")
+    g.add_argument("--KCNN_window_sizes", type=_int_list, default="1,2,3,4",
+                   help="KCNN (DKN): comma-separated Kim-CNN window sizes, e.g. 1,2,3,4")
+    g.add_argument("--KCNN_filter_num", type=int, default=100, help="KCNN (DKN): filters per window size")
+
+    g = p.add_argument_group("zoo: user encoders")
+    g.add_argument("--gcn_layer_num", type=int, default=4, help="SUE: graph convolution layers (suggested per dataset)")
+    g.add_argument("--gcn_normalization_type", default="symmetric", choices=["symmetric", "asymmetric"],
+                   help="SUE: adjacency normalisation, symmetric D^-1/2 A D^-1/2 or asymmetric (row) D^-1 A")
+    g.add_argument("--gcn_residual", action=BOOL, default=True, help="SUE: residual connection around each GCN layer")
+    g.add_argument("--gcn_layer_norm", action=BOOL, default=False, help="SUE: layer normalisation in each GCN layer")
+    g.add_argument("--conv3D_filter_num_first", type=int, default=32, help="FIM: filters of the first 3-D matching convolution")
+    g.add_argument("--conv3D_kernel_size_first", type=int, default=3, help="FIM: kernel size of the first 3-D convolution")
+    g.add_argument("--conv3D_filter_num_second", type=int, default=16, help="FIM: filters of the second 3-D matching convolution")
+    g.add_argument("--conv3D_kernel_size_second", type=int, default=3, help="FIM: kernel size of the second 3-D convolution")
+    g.add_argument("--maxpooling3D_size", type=int, default=3, help="FIM: 3-D max-pooling window")
+    g.add_argument("--maxpooling3D_stride", type=int, default=3, help="FIM: 3-D max-pooling stride")
+    g.add_argument("--OMAP_head_num", type=int, default=3, help="OMAP (Hi-Fi Ark): number of archives (pooling heads)")
+    g.add_argument("--HiFi_Ark_regularizer_coefficient", type=float, default=0.1,
+                   help="OMAP (Hi-Fi Ark): weight of the head-orthogonality regulariser added to the loss (0 = off)")
 
     g = p.add_argument_group("plm")
     g.add_argument("--plm_type", default="bert", help="informational: bert / roberta / deberta / ...; any Hugging Face AutoModel loads")
@@ -124,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--early_stopping_epoch", type=int, default=5, help="stop after this many epochs without dev improvement")
     g.add_argument("--max_steps_per_epoch", type=int, default=0, help="cap optimizer steps per epoch (0 = full epoch; for smoke tests)")
     g.add_argument("--progress", action=BOOL, default=True, help="tqdm progress bars")
+
+    g = p.add_argument_group("dist", "multi-GPU / multi-node with torchrun (detected from its environment), mixed "
+                             "precision, resuming")
+    g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="mixed precision (autocast; fp32 master weights; fp16 adds a GradScaler). auto: bf16 on GPUs "
+                        "with native bf16, fp16 on older GPUs, off on CPU")
+    g.add_argument("--resume", default=None,
+                   help="continue a run where its last epoch ended: a run folder (<output_dir>/<dataset>/<model>/#<n>), "
+                        "its last.pt, or 'auto' (the highest-numbered run of this dataset and model with a last.pt; "
+                        "a new run if there is none)")
+    g.add_argument("--dist_timeout", type=int, default=60,
+                   help="seconds a process waits in a training/evaluation collective before failing (waits on rank 0's "
+                        "own work, e.g. building the corpus cache, have hours)")
+    g.add_argument("--find_unused_parameters", action=BOOL, default=False,
+                   help="DDP: allow parameters that get no gradient in a step (slower; only if DDP reports unused ones)")
     return p
 
 
@@ -153,6 +218,7 @@ class Config:
         ns = parser.parse_args(argv)
         cfg = cls(values=vars(ns), explicit=_typed_flags(parser, argv))
         cfg.apply_dataset_suggestions()
+        cfg.apply_click_predictor_rule()
         cfg.validate()
         return cfg
 
@@ -168,9 +234,22 @@ class Config:
         for flag, value in DATASET_SUGGESTIONS.get(self.dataset, {}).items():
             if flag.startswith("plm_") and not uses_plm:
                 continue  # PLM settings mean nothing to a word-based encoder: no note, no change
+            if flag.startswith("gcn_") and not getattr(USER_ENCODERS.get(self.user_encoder), "uses_gcn", False):
+                continue  # likewise GCN settings for a user encoder without a graph
             if flag in self.values and flag not in self.explicit and self.values[flag] != value:
                 self.values[flag] = value
                 self.notes.append(f"--{flag}={value} (suggested for --dataset={self.dataset}; type the flag to override)")
+
+    def apply_click_predictor_rule(self) -> None:
+        """A user encoder that accepts only some click predictors (FIM scores candidates itself) gets the first of
+        them when --click_predictor was not typed, with a note; a typed contradicting value is left for
+        model.check_pairing to reject."""
+        cls = USER_ENCODERS.get(self.user_encoder)
+        allowed = cls.click_predictors_for(self) if cls is not None else None
+        if allowed and "click_predictor" not in self.explicit and self.click_predictor not in allowed:
+            self.click_predictor = allowed[0]
+            self.notes.append(f"--click_predictor={allowed[0]} (--user_encoder {self.user_encoder} works only with "
+                              f"{sorted(allowed)}; type the flag to override)")
 
     def validate(self) -> None:
         errors = []
@@ -196,6 +275,26 @@ class Config:
             errors.append("--num_interest_vectors and --context_code_dim must be >= 1")
         if self.cnn_window_size % 2 == 0:
             errors.append(f"--cnn_window_size must be odd (same-length convolution), got {self.cnn_window_size}")
+        for flag in ("hidden_dim", "user_embedding_dim", "personalized_embedding_dim", "HDC_filter_num",
+                     "entity_embedding_dim", "KCNN_filter_num"):
+            if self.values[flag] < 1:
+                errors.append(f"--{flag} must be >= 1, got {self.values[flag]}")
+        if self.Alpha < 0:
+            errors.append(f"--Alpha (DAE reconstruction weight) must be >= 0, got {self.Alpha}")
+        if self.HDC_window_size < 1 or self.HDC_window_size % 2 == 0:
+            errors.append(f"--HDC_window_size must be odd and >= 1 (same-length dilated convolution), got {self.HDC_window_size}")
+        if any(w < 1 for w in self.KCNN_window_sizes):
+            errors.append(f"--KCNN_window_sizes must all be >= 1, got {self.KCNN_window_sizes}")
+        for flag in ("gcn_layer_num", "conv3D_filter_num_first", "conv3D_kernel_size_first", "conv3D_filter_num_second",
+                     "conv3D_kernel_size_second", "maxpooling3D_size", "maxpooling3D_stride", "OMAP_head_num"):
+            if self.values[flag] < 1:
+                errors.append(f"--{flag} must be >= 1, got {self.values[flag]}")
+        if self.HiFi_Ark_regularizer_coefficient < 0:
+            errors.append(f"--HiFi_Ark_regularizer_coefficient must be >= 0, got {self.HiFi_Ark_regularizer_coefficient}")
+        if self.dist_timeout < 1:
+            errors.append(f"--dist_timeout must be >= 1 second, got {self.dist_timeout}")
+        if self.resume and self.mode != "train":
+            errors.append("--resume continues training: use it with --mode=train")
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from dataset import Batch
 from newsEncoders import get_news_encoder
-from userEncoders import UserInputs, UserOutput, get_user_encoder
+from userEncoders import USER_ENCODERS, UserInputs, UserOutput, get_user_encoder
 
 if TYPE_CHECKING:
     from config import Config
@@ -34,8 +34,92 @@ class ModelOutput:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # each auxiliary loss, already weighted
 
 
-def check_pairing(news_encoder: str, user_encoder: str) -> None:
-    """The one place where news x user pairing rules are enforced (class attributes of the encoders)."""
+CLICK_PREDICTORS: dict[str, type["ClickPredictor"]] = {}
+
+
+def register_click_predictor(name: str):
+    def wrap(cls):
+        if name in CLICK_PREDICTORS:
+            raise ValueError(f"click predictor {name!r} registered twice")
+        cls.name = name
+        CLICK_PREDICTORS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_click_predictor(name: str) -> type["ClickPredictor"]:
+    try:
+        return CLICK_PREDICTORS[name]
+    except KeyError:
+        raise ValueError(f"unknown --click_predictor {name!r}; choose from {sorted(CLICK_PREDICTORS)}") from None
+
+
+class ClickPredictor(nn.Module):
+    """user [B, D] or candidate-aware [B, C, D], candidates [B, C, D] -> logits [B, C]."""
+
+    name = "base"
+    encoder_scores = False  # True: the user encoder scores the candidates itself (UserOutput.logits)
+
+    def __init__(self, config: "Config", news_dim: int):
+        super().__init__()
+
+    def forward(self, user: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@register_click_predictor("dot_product")
+class DotProductClickPredictor(ClickPredictor):
+    """score = user . candidate (every paper in the zoo but FIM)."""
+
+    def forward(self, user, candidates):
+        """user [B, D] or [B, C, D], candidates [B, C, D] -> [B, C]"""
+        if user.dim() == 3:
+            return (user * candidates).sum(-1)
+        return torch.bmm(candidates, user.unsqueeze(-1)).squeeze(-1)
+
+
+@register_click_predictor("mlp")
+class MLPClickPredictor(ClickPredictor):
+    """NNR's mlp predictor: score = w . dropout(ReLU(W [user; candidate] + b)) + c, hidden D // 2.
+
+    W is applied as its user and candidate halves (the same function), so a user vector shared by all candidates
+    ([B, D]) is projected once and no [B, C, 2D] concatenation is built."""
+
+    def __init__(self, config, news_dim):
+        super().__init__(config, news_dim)
+        hidden = max(1, news_dim // 2)
+        self.user_proj = nn.Linear(news_dim, hidden)
+        self.candidate_proj = nn.Linear(news_dim, hidden, bias=False)
+        for layer in (self.user_proj, self.candidate_proj):
+            nn.init.xavier_uniform_(layer.weight, gain=nn.init.calculate_gain("relu"))
+        nn.init.zeros_(self.user_proj.bias)
+        self.out = nn.Linear(hidden, 1)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, user, candidates):
+        """user [B, D] or [B, C, D], candidates [B, C, D] -> [B, C]"""
+        u = self.user_proj(user)  # [B, Hd] or [B, C, Hd]
+        if u.dim() == 2:
+            u = u.unsqueeze(1)
+        hidden = self.dropout(F.relu(u + self.candidate_proj(candidates)))  # [B, C, Hd]
+        return self.out(hidden).squeeze(-1)
+
+
+@register_click_predictor("FIM")
+class EncoderScoresClickPredictor(ClickPredictor):
+    """The user encoder scores the candidates itself (FIM's 3-D matching CNN ends in its own scoring layer)."""
+
+    encoder_scores = True
+
+    def forward(self, user, candidates):
+        raise RuntimeError("--click_predictor FIM: the user encoder must return logits, not user vectors")
+
+
+def check_pairing(news_encoder: str, user_encoder: str, click_predictor: str | None = None,
+                  config: "Config | None" = None) -> None:
+    """The one place where news x user x click predictor pairing rules are enforced (class attributes of the
+    encoders; `config` resolves rules that depend on flags, e.g. MINER's --miner_aggregation)."""
     news_cls, user_cls = get_news_encoder(news_encoder), get_user_encoder(user_encoder)
     allowed_news = getattr(user_cls, "compatible_news_encoders", None)
     if allowed_news is not None and news_encoder not in allowed_news:
@@ -43,6 +127,18 @@ def check_pairing(news_encoder: str, user_encoder: str) -> None:
     allowed_user = getattr(news_cls, "compatible_user_encoders", None)
     if allowed_user is not None and user_encoder not in allowed_user:
         raise ValueError(f"--news_encoder {news_encoder} works only with --user_encoder in {sorted(allowed_user)}")
+    if click_predictor is None:
+        return
+    predictor_cls = get_click_predictor(click_predictor)
+    allowed = user_cls.click_predictors_for(config)
+    if allowed is not None and click_predictor not in allowed:
+        raise ValueError(f"--user_encoder {user_encoder} works only with --click_predictor in {sorted(allowed)}")
+    if allowed is None and predictor_cls.encoder_scores:
+        scorers = sorted(name for name, cls in USER_ENCODERS.items()
+                         if click_predictor in (cls.click_predictors_for(config) or ()))
+        raise ValueError(f"--click_predictor {click_predictor} means the user encoder scores the candidates itself; "
+                         f"only --user_encoder in {scorers} does (--user_encoder {user_encoder} returns user vectors: "
+                         f"use --click_predictor in {sorted(n for n, c in CLICK_PREDICTORS.items() if not c.encoder_scores)})")
 
 
 class Model(nn.Module):
@@ -55,10 +151,11 @@ class Model(nn.Module):
 
     def __init__(self, config: "Config", meta: "CorpusMeta", news_table: dict[str, np.ndarray]):
         super().__init__()
-        check_pairing(config.news_encoder, config.user_encoder)
+        check_pairing(config.news_encoder, config.user_encoder, config.click_predictor, config)
         self.config = config
         self.news_encoder = get_news_encoder(config.news_encoder)(config, meta)
         self.user_encoder = get_user_encoder(config.user_encoder)(config, meta, self.news_encoder)
+        self.click_predictor = get_click_predictor(config.click_predictor)(config, self.user_encoder.output_dim)
         self.features = tuple(self.news_encoder.features)
         needed = set(self.features)
         if getattr(self.user_encoder, "needs_category", False):
@@ -161,12 +258,9 @@ class Model(nn.Module):
             inputs.history_category = self.news_category[batch.history].long()
             inputs.candidate_category = self.news_category[batch.candidates].long()
         out = self.user_encoder(inputs)
-        if out.logits is not None:
-            logits = out.logits
-        elif out.user.dim() == 3:  # candidate-aware user vector per candidate: [B, C, D]
-            logits = (out.user * candidates).sum(-1)
-        else:
-            logits = torch.bmm(candidates, out.user.unsqueeze(-1)).squeeze(-1)  # [B, C]
+        # An encoder that scores candidates itself (FIM, MINER max/mean) returns logits; check_pairing made sure
+        # the click predictor agrees.
+        logits = out.logits if out.logits is not None else self.click_predictor(out.user, candidates)  # [B, C]
         # -inf, not a large negative: a padded candidate must get exactly zero probability.
         logits = logits.float().masked_fill(~batch.candidate_mask, float("-inf"))
         return logits, out

@@ -1,7 +1,8 @@
 """News encoders: news features gathered by index -> one vector per news.
 
 Legend: N news in the call (unique news of a batch, or a slice of the corpus at evaluation), L title tokens (32),
-La abstract tokens (128), E word embedding dim, F CNN filters, D news vector dim.
+La abstract tokens (128), E word embedding dim, F CNN filters, D news vector dim, Hd hidden dim (--hidden_dim),
+Ee entity dim, Q personalized query dim, Lh HDC positions (category, subcategory, max_title_length words).
 
 Every encoder receives `news`, a dict of tensors gathered from the model's news table by index; it names the
 columns it reads in `features` so the model gathers only those. Index 0 of every vocabulary is padding.
@@ -15,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from layers import AdditiveAttention, MultiHeadSelfAttention
+from layers import AdditiveAttention, MultiHeadSelfAttention, QueryAttention, masked_mean, masked_softmax
 
 if TYPE_CHECKING:  # encoders never import config at run time (import DAG, STYLE.md §1)
     from config import Config
@@ -451,3 +453,500 @@ def make_category_embedding(config, meta) -> nn.Embedding:
     with torch.no_grad():
         emb.weight[0].zero_()
     return emb
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The NNR zoo (Veason-silverbullet/NNR's news encoders, with its bugs fixed; REFERENCE.md §3)
+# ----------------------------------------------------------------------------------------------------------
+
+def small_embedding(num: int, dim: int) -> nn.Embedding:
+    """uniform(-0.1, 0.1) embedding with a zero, never-updated padding row 0 (NNR's category initialisation)."""
+    emb = nn.Embedding(num, dim, padding_idx=0)
+    nn.init.uniform_(emb.weight, -0.1, 0.1)
+    with torch.no_grad():
+        emb.weight[0].zero_()
+    return emb
+
+
+@register_news_encoder("NAML_Title")
+class NAMLTitleNewsEncoder(NAMLNewsEncoder):
+    """NAML ablation: title, category and subcategory views (no abstract), as NNR's NAML_Title.
+
+    Wu et al., "Neural News Recommendation with Attentive Multi-View Learning", IJCAI 2019.
+    """
+
+    features = ("title", "category", "subcategory")
+    use_abstract = False
+
+
+@register_news_encoder("NAML_Content")
+class NAMLContentNewsEncoder(NAMLNewsEncoder):
+    """NAML ablation: abstract, category and subcategory views (no title), as NNR's NAML_Content.
+
+    Wu et al., "Neural News Recommendation with Attentive Multi-View Learning", IJCAI 2019.
+    """
+
+    features = ("abstract", "category", "subcategory")
+    use_title = False
+
+
+@register_news_encoder("PNE")
+class PNENewsEncoder(NewsEncoder):
+    """NPA news encoder: title CNN + personalized word attention whose query comes from the user-ID embedding.
+
+    Wu et al., "NPA: Neural News Recommendation with Personalized Attention", KDD 2019.
+    Each news row attends with the query of its *own* user: `user_id` [N] is aligned with the news rows (the model
+    expands a batch's users with `repeat_interleave`). NNR expands with `repeat`, pairing news with the wrong users.
+    User 0 (unknown to the training split) has a zero embedding, so its query is the learned `relu(bias)`.
+    """
+
+    paper = "NPA (Wu et al., KDD 2019)"
+    features = ("title",)
+    personalized = True
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        e, f = config.word_embedding_dim, config.cnn_kernel_num
+        self.embedding = word_embedding(config, meta)
+        self.conv = nn.Conv1d(e, f, config.cnn_window_size, padding=config.cnn_window_size // 2)
+        self.user_embedding = small_embedding(meta.user_num, config.user_embedding_dim)
+        self.query = nn.Linear(config.user_embedding_dim, config.personalized_embedding_dim)
+        self.attention = QueryAttention(f, config.personalized_embedding_dim)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.output_dim = f
+
+    def forward(self, news, user_id=None):
+        """
+        Args:
+            news["title"]: [N, L] int token ids (0 = pad).
+            user_id: [N] long, the user each news row is encoded for (0 = unknown user).
+        Returns:
+            [N, F]
+        """
+        tokens = news["title"]
+        if user_id is None or user_id.shape != tokens.shape[:1]:
+            got = None if user_id is None else tuple(user_id.shape)
+            raise ValueError(f"PNE is personalized: user_id must be [N] = {tuple(tokens.shape[:1])}, one user per "
+                             f"news row, got {got}")
+        mask = tokens > 0
+        x = self.dropout(self.embedding(tokens))  # [N, L, E]
+        x = self.dropout(F.relu(self.conv(x.transpose(1, 2))).transpose(1, 2))  # [N, L, F]
+        query = F.relu(self.query(self.user_embedding(user_id)))  # [N, Q]
+        return self.attention(x, query, mask)
+
+
+@register_news_encoder("DAE")
+class DAENewsEncoder(NewsEncoder):
+    """EBNR news encoder: denoising autoencoder over the mean word embedding of title + abstract.
+
+    Okura et al., "Embedding-based News Recommendation for Millions of Users", KDD 2017.
+    x = sigmoid(mean of the real words' embeddings), corrupted by dropout (training only); the code
+    h = sigmoid(W1 x~ + b1) is the news vector; the decoder sigmoid(W2 h + b2) reconstructs x. The reconstruction
+    loss, `--Alpha` * mean over *real* news of the squared L2 error, is returned by `forward_with_aux`: news with no
+    token (the padding news index 0, encoded for every padded history slot) are excluded, so the loss does not
+    depend on how much padding a batch carries (NNR averages it over every row, padding included).
+    """
+
+    paper = "EBNR (Okura et al., KDD 2017)"
+    features = ("title", "abstract")
+    aux_name = "dae_reconstruction"
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        self.embedding = word_embedding(config, meta)
+        self.encoder = nn.Linear(config.word_embedding_dim, config.hidden_dim)
+        self.decoder = nn.Linear(config.hidden_dim, config.word_embedding_dim)
+        for layer in (self.encoder, self.decoder):
+            nn.init.xavier_uniform_(layer.weight, gain=nn.init.calculate_gain("sigmoid"))
+            nn.init.zeros_(layer.bias)
+        self.corrupt = nn.Dropout(config.dropout_rate)
+        self.alpha = float(config.Alpha)
+        self.output_dim = config.hidden_dim
+
+    def _encode(self, news) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> clean input x [N, E], code h [N, Hd], real [N] bool (the news has at least one token)."""
+        total, count = 0.0, 0.0
+        for column in self.features:
+            tokens = news[column]
+            mask = (tokens > 0).unsqueeze(-1).float()  # [N, L, 1]
+            total = total + (self.embedding(tokens) * mask).sum(1)  # [N, E]
+            count = count + mask.sum(1)  # [N, 1]
+        x = torch.sigmoid(total / count.clamp(min=1))
+        h = torch.sigmoid(self.encoder(self.corrupt(x)))
+        return x, h, count.squeeze(-1) > 0
+
+    def forward(self, news, user_id=None):
+        """
+        Args:
+            news: title [N, L], abstract [N, La] (int, 0 = pad).
+        Returns:
+            [N, Hd] the autoencoder's code.
+        """
+        return self._encode(news)[1]
+
+    def forward_with_aux(self, news, user_id=None):
+        """Returns [N, Hd] and {"dae_reconstruction": Alpha * mean over real news of ||x - decode(h)||^2}."""
+        x, h, real = self._encode(news)
+        if self.alpha == 0:
+            return h, {}
+        reconstruction = torch.sigmoid(self.decoder(h))  # [N, E]
+        # The target is the clean input, detached: the loss trains the autoencoder to denoise, it must not pull the
+        # word embeddings towards whatever is easiest to reconstruct.
+        error = (reconstruction - x.detach()).pow(2).sum(-1)  # [N]; squared: finite gradient at zero error
+        real = real.to(error.dtype)
+        loss = (error * real).sum() / real.sum().clamp(min=1)
+        return h, {self.aux_name: self.alpha * loss}
+
+
+@register_news_encoder("KCNN")
+class KCNNNewsEncoder(NewsEncoder):
+    """DKN news encoder: word, entity and context embeddings as three aligned channels, Kim-CNN, max over time.
+
+    Wang et al., "DKN: Deep Knowledge-Aware Network for News Recommendation", WWW 2018.
+    - Entities: `title_entity` [N, L] gives the entity of each title token (0 = none). Entity vectors come from
+      `meta.entity_embeddings` (the splits' entity_embedding.vec, TransE), kept frozen as in DKN; entities with no
+      vector in the file have a zero row there (the corpus counts them; the count is `missing_entity_vectors` here
+      and in the corpus log line). A token whose entity is missing counts as "no entity".
+      Without a matrix (`meta.entity_embeddings is None`, e.g. unit tests) the entity table is random
+      (uniform(-0.1, 0.1)) and trained.
+    - Context: DKN's context embedding is the mean of the entity's neighbours in the knowledge graph. MIND ships
+      no Wikidata graph, so the context of an entity is the entity itself (its own transform g_c below).
+    - Entity and context vectors are mapped to word space by g(e) = tanh(M e + b) (one M each); tokens with no
+      entity get zero in both channels (not tanh(b)), exactly as padding does, so extra padding changes nothing.
+    - Kim-CNN: for each window size h in --KCNN_window_sizes, --KCNN_filter_num filters over the 3 channels; each
+      window starts at a real token (windows reaching past the end see zeros), ReLU, max over those starts.
+    Output D = len(--KCNN_window_sizes) * --KCNN_filter_num. DKN uses 100-d words (--word_embedding_dim=100).
+    """
+
+    paper = "DKN (Wang et al., WWW 2018)"
+    features = ("title", "title_entity")
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        e = config.word_embedding_dim
+        ee = config.entity_embedding_dim
+        self.embedding = word_embedding(config, meta)
+        matrix = getattr(meta, "entity_embeddings", None)
+        if matrix is None:
+            self.entity_embedding = small_embedding(meta.entity_num, ee)
+            known = np.ones(meta.entity_num, dtype=bool)
+        else:
+            matrix = np.asarray(matrix, dtype=np.float32)
+            if matrix.shape[0] != meta.entity_num:
+                raise ValueError(f"entity embedding matrix has {matrix.shape[0]} rows, the corpus has "
+                                 f"{meta.entity_num} entities; delete the corpus cache's entity folder to rebuild it")
+            if matrix.shape[1] != ee:
+                raise ValueError(f"the entity vectors are {matrix.shape[1]}-d; pass --entity_embedding_dim="
+                                 f"{matrix.shape[1]}")
+            self.entity_embedding = nn.Embedding.from_pretrained(torch.from_numpy(matrix.copy()), freeze=True,
+                                                                 padding_idx=0)
+            known = np.abs(matrix).sum(1) > 0
+        known[0] = False
+        self.missing_entity_vectors = int((~known[1:]).sum())
+        self.register_buffer("entity_known", torch.from_numpy(known), persistent=False)  # [entities] bool
+        self.entity_transform = nn.Linear(ee, e)
+        self.context_transform = nn.Linear(ee, e)
+        for layer in (self.entity_transform, self.context_transform):
+            nn.init.xavier_uniform_(layer.weight, gain=nn.init.calculate_gain("tanh"))
+            nn.init.zeros_(layer.bias)
+        self.windows = [int(w) for w in config.KCNN_window_sizes]
+        self.convs = nn.ModuleList(nn.Conv1d(3 * e, config.KCNN_filter_num, w) for w in self.windows)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.output_dim = config.KCNN_filter_num * len(self.windows)
+
+    def channels(self, news) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> the three channels [N, L, 3, E] (word, entity, context) and the token mask [N, L] bool."""
+        tokens = news["title"]
+        mask = tokens > 0
+        entities = news["title_entity"].long() * mask  # entity ids only on real tokens
+        has_entity = (self.entity_known[entities] & mask).unsqueeze(-1).float()  # [N, L, 1]
+        vectors = self.entity_embedding(entities)  # [N, L, Ee]
+        entity = torch.tanh(self.entity_transform(vectors)) * has_entity  # [N, L, E]
+        context = torch.tanh(self.context_transform(vectors)) * has_entity  # MIND has no graph: context = entity
+        return torch.stack([self.embedding(tokens), entity, context], dim=2), mask
+
+    def forward(self, news, user_id=None):
+        """
+        Args:
+            news["title"]: [N, L] int token ids; news["title_entity"]: [N, L] int entity ids aligned to them (0 = none).
+        Returns:
+            [N, len(windows) * KCNN_filter_num]
+        """
+        x, mask = self.channels(news)
+        n, l = mask.shape
+        x = self.dropout(x.reshape(n, l, -1)).transpose(1, 2)  # [N, 3E, L]
+        pooled = []
+        for conv, w in zip(self.convs, self.windows):
+            c = F.relu(conv(F.pad(x, (0, w - 1))))  # [N, F, L]: window t covers tokens t .. t+w-1
+            # ReLU >= 0, so filling windows that start on padding with 0 leaves the max over real starts unchanged
+            # (and gives 0 for a news with no token).
+            pooled.append(c.masked_fill(~mask.unsqueeze(1), 0.0).amax(dim=2))  # [N, F]
+        return torch.cat(pooled, dim=-1)
+
+
+HDC_DILATIONS = (1, 2, 3)  # FIM's three dilated convolution levels
+
+
+@register_news_encoder("HDC")
+class HDCNewsEncoder(NewsEncoder):
+    """FIM news encoder: hierarchical dilated convolutions over [category, subcategory, title words].
+
+    Wang et al., "Fine-grained Interest Matching for Neural News Recommendation", ACL 2020. Only meaningful with
+    the FIM user encoder, which matches candidate and clicked news at every level (pairing checked in model.py).
+
+    Layout of the output vector, D = Lh*E + levels*Lh*F (FIM must reshape it; `split` does it):
+        Lh = --max_title_length + 2 positions: [category, subcategory, word_1 .. word_{max_title_length}]
+        vector[:, : Lh*E]   -> d0 [N, Lh, E]          the embedding level (category/subcategory embeddings are E-d)
+        vector[:, Lh*E :]   -> dL [N, levels, Lh, F]  levels = 3 dilated convolutions (dilation 1, 2, 3)
+    read from the instance as `hdc_length` (Lh), `hdc_embedding_dim` (E), `hdc_levels`, `hdc_filters` (F), or from
+    a config alone with `HDCNewsEncoder.layout(config)`. Padded positions (and category 0) are exactly zero at
+    every level. Titles are padded back to --max_title_length, so D does not depend on the batch's longest title
+    (Model.news_features trims token columns).
+    Each level: Conv1d(window --HDC_window_size, dilation d, same length) -> LayerNorm over the F filters of each
+    position -> ReLU -> padded positions set to 0 (NNR normalises over [F, Lh] including the padding, which makes a
+    title's features depend on its padding).
+    """
+
+    paper = "FIM (Wang et al., ACL 2020)"
+    features = ("title", "category", "subcategory")
+    compatible_user_encoders = ("FIM",)
+
+    @staticmethod
+    def layout(config) -> dict[str, int]:
+        """{"levels", "length" (Lh), "embedding_dim" (E), "filters" (F)} of the output for this config."""
+        return {"levels": len(HDC_DILATIONS), "length": config.max_title_length + 2,
+                "embedding_dim": config.word_embedding_dim, "filters": config.HDC_filter_num}
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        shape = self.layout(config)
+        self.hdc_levels, self.hdc_length = shape["levels"], shape["length"]
+        self.hdc_embedding_dim, self.hdc_filters = shape["embedding_dim"], shape["filters"]
+        e, f, w = self.hdc_embedding_dim, self.hdc_filters, config.HDC_window_size
+        self.embedding = word_embedding(config, meta)
+        self.category_embedding = small_embedding(meta.category_num, e)
+        self.subcategory_embedding = small_embedding(meta.subcategory_num, e)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(e if i == 0 else f, f, w, padding=(w - 1) // 2 * d, dilation=d) for i, d in enumerate(HDC_DILATIONS)
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(f) for _ in HDC_DILATIONS)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.output_dim = self.hdc_length * e + self.hdc_levels * self.hdc_length * f
+
+    def split(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[..., D] -> d0 [..., Lh, E], dL [..., levels, Lh, F] (views, no copy)."""
+        lead = vectors.shape[:-1]
+        cut = self.hdc_length * self.hdc_embedding_dim
+        d0 = vectors[..., :cut].reshape(*lead, self.hdc_length, self.hdc_embedding_dim)
+        dl = vectors[..., cut:].reshape(*lead, self.hdc_levels, self.hdc_length, self.hdc_filters)
+        return d0, dl
+
+    def forward(self, news, user_id=None):
+        """
+        Args:
+            news: title [N, L] (L <= max_title_length), category [N], subcategory [N] (int, 0 = pad).
+        Returns:
+            [N, D], D = Lh*E + levels*Lh*F (layout in the class docstring).
+        """
+        tokens = news["title"]
+        words = self.hdc_length - 2
+        if tokens.shape[1] > words:
+            raise ValueError(f"HDC: titles have {tokens.shape[1]} tokens, more than --max_title_length={words}")
+        tokens = F.pad(tokens, (0, words - tokens.shape[1]))  # [N, Lh-2]
+        category, subcategory = news["category"], news["subcategory"]
+        mask = torch.cat([category.unsqueeze(1) > 0, subcategory.unsqueeze(1) > 0, tokens > 0], 1)  # [N, Lh]
+        d0 = torch.cat([self.category_embedding(category).unsqueeze(1),
+                        self.subcategory_embedding(subcategory).unsqueeze(1), self.embedding(tokens)], 1)
+        d0 = self.dropout(d0)  # [N, Lh, E], zero at padding (padding rows of the embeddings)
+        keep = mask.unsqueeze(-1).to(d0.dtype)
+        x, levels = d0, []
+        for conv, norm in zip(self.convs, self.norms):
+            # Zeroed padding is what the next level's convolution sees, the same zeros as its boundary padding.
+            x = F.relu(norm(conv(x.transpose(1, 2)).transpose(1, 2))) * keep  # [N, Lh, F]
+            levels.append(x)
+        dl = torch.stack(levels, 1)  # [N, levels, Lh, F]
+        return torch.cat([d0.flatten(1), dl.flatten(1)], 1)
+
+
+@register_news_encoder("Inception")
+class InceptionNewsEncoder(NewsEncoder):
+    """NNR's Inception baseline: title, abstract, category and subcategory vectors through three parallel branches
+    (3-layer MLP, 1-layer MLP, plain sum), concatenated and projected back to E.
+
+    Veason-silverbullet/NNR (a baseline without a paper; paired with CATT there). Title and abstract vectors are
+    masked means of their word embeddings (an empty abstract gives zeros; NNR averages over a forced first slot);
+    the category and subcategory embeddings are E-d and owned here (NNR asserts E = category dims instead).
+    """
+
+    paper = "NNR baseline (Veason-silverbullet/NNR)"
+    features = ("title", "abstract", "category", "subcategory")
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        e, h = config.word_embedding_dim, config.hidden_dim
+        self.embedding = word_embedding(config, meta)
+        self.category_embedding = small_embedding(meta.category_num, e)
+        self.subcategory_embedding = small_embedding(meta.subcategory_num, e)
+        self.deep = nn.Sequential(nn.Linear(4 * e, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, e), nn.ReLU())
+        self.wide = nn.Sequential(nn.Linear(4 * e, e), nn.ReLU())
+        self.project = nn.Linear(3 * e, e)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight, gain=1.0 if module is self.project else nn.init.calculate_gain("relu"))
+                nn.init.zeros_(module.bias)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.output_dim = e
+
+    def forward(self, news, user_id=None):
+        """
+        Args:
+            news: title [N, L], abstract [N, La], category [N], subcategory [N] (int, 0 = pad).
+        Returns:
+            [N, E]
+        """
+        parts = [masked_mean(self.embedding(news[c]), news[c] > 0) for c in ("title", "abstract")]  # 2 x [N, E]
+        parts += [self.category_embedding(news["category"]), self.subcategory_embedding(news["subcategory"])]
+        parts = [self.dropout(p) for p in parts]
+        x = torch.cat(parts, -1)  # [N, 4E]
+        return self.project(torch.cat([self.deep(x), self.wide(x), sum(parts)], -1))
+
+
+class ScaledDotAttention(nn.Module):
+    """Attention pooling with a per-row query vector: score_l = (K x_l) . (Q q + b) / sqrt(A), masked softmax.
+    CNE's cross-attention (the title attended with the abstract's vector as query, and vice versa)."""
+
+    def __init__(self, feature_dim: int, query_dim: int, attention_dim: int):
+        super().__init__()
+        self.key = nn.Linear(feature_dim, attention_dim, bias=False)
+        self.query = nn.Linear(query_dim, attention_dim)
+        nn.init.xavier_uniform_(self.key.weight)
+        nn.init.xavier_uniform_(self.query.weight)
+        nn.init.zeros_(self.query.bias)
+        self.scale = attention_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [N, L, Ex], query [N, Eq], mask [N, L] bool -> [N, Ex] (all-padding rows -> zeros)"""
+        scores = torch.bmm(self.key(x), self.query(query).unsqueeze(2)).squeeze(2) * self.scale  # [N, L]
+        weights = masked_softmax(scores, mask, dim=-1)
+        return torch.bmm(weights.unsqueeze(1), x).squeeze(1)
+
+
+@register_news_encoder("CNE")
+class CNENewsEncoder(NewsEncoder):
+    """CNE: collaborative news encoding of title and abstract, plus category and subcategory embeddings.
+
+    Mao et al., "Neural News Recommendation with Collaborative News Encoding and Structural User Encoding",
+    EMNLP Findings 2021. Per view (title, abstract), with h = --hidden_dim:
+    1. BiLSTM context encoder over the real words (packed sequences: padding never enters the recurrence);
+       m_view = [c_fwd; c_bwd], the final cell states (zero for an empty view);
+    2. cross-selective gate: H_title <- H_title * sigmoid(W_h H_title + W_m m_abstract + b), and symmetrically;
+    3. self-attention pooling (additive, masked) -> s_view [N, 2h];
+    4. cross-attention: the view's words attended with the *other* view's s as query (scaled dot product, masked)
+       -> c_view; the view vector is s_view + c_view.
+    Output [title; abstract; category emb; subcategory emb], D = 4h + Ec + Es. The ablations (NNR's variants)
+    switch parts off through the class attributes below.
+    """
+
+    paper = "CNE-SUE (Mao et al., EMNLP Findings 2021)"
+    features = ("title", "abstract", "category", "subcategory")
+    views: tuple[str, ...] = ("title", "abstract")
+    cross_selective = True  # step 2 (needs both views)
+    cross_attention = True  # step 4 (needs both views)
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        h = config.hidden_dim
+        self.embedding = word_embedding(config, meta)  # shared by the views
+        self.rnn = nn.ModuleDict(
+            {v: nn.LSTM(config.word_embedding_dim, h, batch_first=True, bidirectional=True) for v in self.views}
+        )
+        for p in self.rnn.parameters():  # NNR's initialisation: orthogonal matrices, zero biases
+            if p.dim() >= 2:
+                nn.init.orthogonal_(p)
+            else:
+                nn.init.zeros_(p)
+        if self.cross_selective:
+            self.gate_h = nn.ModuleDict({v: nn.Linear(2 * h, 2 * h, bias=False) for v in self.views})
+            self.gate_m = nn.ModuleDict({v: nn.Linear(2 * h, 2 * h) for v in self.views})
+            for layer in [*self.gate_h.values(), *self.gate_m.values()]:
+                nn.init.xavier_uniform_(layer.weight, gain=nn.init.calculate_gain("sigmoid"))
+        self.self_attention = nn.ModuleDict({v: AdditiveAttention(2 * h, config.attention_dim) for v in self.views})
+        if self.cross_attention:
+            self.cross = nn.ModuleDict({v: ScaledDotAttention(2 * h, 2 * h, config.attention_dim) for v in self.views})
+        self.category_embedding = small_embedding(meta.category_num, config.category_embedding_dim)
+        self.subcategory_embedding = small_embedding(meta.subcategory_num, config.subcategory_embedding_dim)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.output_dim = 2 * h * len(self.views) + config.category_embedding_dim + config.subcategory_embedding_dim
+
+    def context(self, view: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens [N, L] -> hidden states [N, L, 2h] (zero at padding), memory m [N, 2h], mask [N, L] bool."""
+        mask = tokens > 0
+        lengths = mask.sum(1)
+        x = self.dropout(self.embedding(tokens))  # [N, L, E]
+        # An empty view runs one step over a zero vector (packing needs length >= 1); its outputs are zeroed below.
+        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        out, (_, cell) = self.rnn[view](packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])  # [N, L, 2h]
+        out = out * mask.unsqueeze(-1).to(out.dtype)
+        memory = torch.cat([cell[0], cell[1]], -1) * (lengths > 0).unsqueeze(-1).to(out.dtype)  # [N, 2h]
+        return out, memory, mask
+
+    def forward(self, news, user_id=None):
+        """
+        Args:
+            news: the `features` columns: title [N, L], abstract [N, La], category [N], subcategory [N] (int, 0 = pad).
+        Returns:
+            [N, 2h * len(views) + Ec + Es]
+        """
+        hidden, memory, mask = {}, {}, {}
+        for v in self.views:
+            hidden[v], memory[v], mask[v] = self.context(v, news[v])
+        other = dict(zip(self.views, reversed(self.views)))
+        if self.cross_selective:
+            hidden = {v: hidden[v] * torch.sigmoid(self.gate_h[v](hidden[v]) + self.gate_m[v](memory[other[v]]).unsqueeze(1))
+                      for v in self.views}
+        pooled = {v: self.self_attention[v](hidden[v], mask[v]) for v in self.views}  # [N, 2h] each
+        if self.cross_attention:
+            pooled = {v: pooled[v] + self.cross[v](hidden[v], pooled[other[v]], mask[v]) for v in self.views}
+        parts = [pooled[v] for v in self.views]
+        parts += [self.dropout(self.category_embedding(news["category"])),
+                  self.dropout(self.subcategory_embedding(news["subcategory"]))]
+        return torch.cat(parts, -1)
+
+
+@register_news_encoder("CNE_Title")
+class CNETitleNewsEncoder(CNENewsEncoder):
+    """CNE ablation (NNR's CNE_Title): title BiLSTM + self-attention + category/subcategory; the abstract is not
+    read. Mao et al., EMNLP Findings 2021."""
+
+    features = ("title", "category", "subcategory")
+    views = ("title",)
+    cross_selective = False
+    cross_attention = False
+
+
+@register_news_encoder("CNE_Content")
+class CNEContentNewsEncoder(CNENewsEncoder):
+    """CNE ablation (NNR's CNE_Content): abstract BiLSTM + self-attention + category/subcategory; the title is
+    not read. Mao et al., EMNLP Findings 2021."""
+
+    features = ("abstract", "category", "subcategory")
+    views = ("abstract",)
+    cross_selective = False
+    cross_attention = False
+
+
+@register_news_encoder("CNE_wo_CS")
+class CNEWithoutCrossSelectiveNewsEncoder(CNENewsEncoder):
+    """CNE ablation (NNR's CNE_wo_CS): no cross-selective gate (plain BiLSTM states), cross-attention kept.
+    Mao et al., EMNLP Findings 2021."""
+
+    cross_selective = False
+
+
+@register_news_encoder("CNE_wo_CA")
+class CNEWithoutCrossAttentionNewsEncoder(CNENewsEncoder):
+    """CNE ablation (NNR's CNE_wo_CA): cross-selective gate kept, no cross-attention (view vector = s_view).
+    Mao et al., EMNLP Findings 2021."""
+
+    cross_attention = False

@@ -1,7 +1,8 @@
 """User encoders: encoded history (and, for candidate-aware ones, candidates) -> user vector(s) or scores.
 
 Legend: B impressions/samples, H history items (50), C candidates (1+K in training), D news vector dim,
-K interest vectors (MINER).
+K interest vectors (MINER) or archives (OMAP), A attention dim, G categories = clusters (SUE; id 0 included),
+N = H + G graph nodes (SUE), Lv / L / F: HDC levels / title positions / filters (FIM).
 
 A user encoder sees flat, already-encoded tensors (`UserInputs`), never raw news: that is what lets the
 evaluation encode every news once and reuse the vectors. Encoders whose output depends on the candidates set
@@ -77,12 +78,20 @@ class UserEncoder(nn.Module):
     candidate_aware = False  # True: output depends on the candidates
     needs_category = False  # True: UserInputs carry history/candidate category ids (MINER)
     compatible_news_encoders: tuple[str, ...] | None = None  # None = any news encoder
+    # --click_predictor values this encoder works with; None = any predictor that scores user vectors. An encoder
+    # that always scores candidates itself (FIM) lists the self-scoring predictor ("FIM").
+    compatible_click_predictors: tuple[str, ...] | None = None
     paper = ""
 
     def __init__(self, config: "Config", meta: "CorpusMeta", news_encoder: "NewsEncoder"):
         super().__init__()
         self.news_dim = news_encoder.output_dim
         self.output_dim = self.news_dim
+
+    @classmethod
+    def click_predictors_for(cls, config: "Config | None") -> tuple[str, ...] | None:
+        """The click predictors this encoder accepts under `config` (None: any that scores user vectors)."""
+        return cls.compatible_click_predictors
 
     def forward(self, inp: UserInputs) -> UserOutput:
         raise NotImplementedError
@@ -198,6 +207,13 @@ class MINERUserEncoder(UserEncoder):
     needs_category = True
     paper = "MINER (Li et al., ACL 2022)"
 
+    @classmethod
+    def click_predictors_for(cls, config):
+        # max / mean return logits that are already dot products of interests and candidates.
+        if config is not None and config.miner_aggregation != "weighted":
+            return ("dot_product",)
+        return None
+
     def __init__(self, config, meta, news_encoder):
         super().__init__(config, meta, news_encoder)
         d, k, dc = self.news_dim, config.num_interest_vectors, config.context_code_dim
@@ -271,3 +287,420 @@ class MINERUserEncoder(UserEncoder):
         if users:
             return UserOutput(user=torch.cat(users, 1), aux=aux)
         return UserOutput(logits=torch.cat(logits, 1), aux=aux)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The NNR zoo: CATT (DKN), PUE (NPA), OMAP (Hi-Fi Ark), SUE (CNE-SUE) and its ablations, FIM
+# ------------------------------------------------------------------------------------------------------------
+
+def candidate_chunk(per_candidate: int, max_elements: int) -> int:
+    """Candidates per chunk so that one chunk's largest tensor stays under `max_elements` (`per_candidate`:
+    elements one candidate adds over the whole batch). Evaluation impressions can hold hundreds of candidates."""
+    return max(1, max_elements // max(1, per_candidate))
+
+
+@register_user_encoder("CATT")
+class CATTUserEncoder(UserEncoder):
+    """DKN's candidate-aware attention: an MLP scores each (candidate, clicked news) pair, softmax over history.
+
+    Wang et al., "DKN: Deep Knowledge-Aware Network for News Recommendation", WWW 2018. The MLP's first layer on
+    [candidate; history] is split into its two halves (same function) so the [B, C, H, 2D] concatenation is never
+    built; the output layer has no bias because softmax cancels it.
+    """
+
+    candidate_aware = True
+    paper = "DKN (Wang et al., WWW 2018)"
+
+    def __init__(self, config, meta, news_encoder):
+        super().__init__(config, meta, news_encoder)
+        d, a = self.news_dim, config.attention_dim
+        self.candidate_proj = nn.Linear(d, a)
+        self.history_proj = nn.Linear(d, a, bias=False)
+        self.score = nn.Linear(a, 1, bias=False)
+        self.max_elements = 1 << 24
+
+    def forward(self, inp):
+        """history [B, H, D], history_mask [B, H], candidates [B, C, D] -> user [B, C, D], attention [B, C, H].
+
+        Empty history -> zero user vectors."""
+        b, h, _ = inp.history.shape
+        c = inp.candidates.shape[1]
+        hist = self.history_proj(inp.history)  # [B, H, A]
+        step = candidate_chunk(b * h * hist.shape[-1], self.max_elements)
+        users, weights = [], []
+        for start in range(0, c, step):
+            cand = self.candidate_proj(inp.candidates[:, start:start + step])  # [B, c, A]
+            hidden = F.relu(cand.unsqueeze(2) + hist.unsqueeze(1))  # [B, c, H, A]
+            logits = self.score(hidden).squeeze(-1)  # [B, c, H]
+            alpha = masked_softmax(logits, inp.history_mask.unsqueeze(1), dim=-1)  # padded history -> exactly 0
+            users.append(alpha @ inp.history)  # [B, c, D]
+            weights.append(alpha)
+        return UserOutput(user=torch.cat(users, 1), attention={"history": torch.cat(weights, 1)})
+
+
+@register_user_encoder("PUE")
+class PUEUserEncoder(UserEncoder):
+    """NPA's personalized attention over the history: the query comes from the user-ID embedding.
+
+    Wu et al., "NPA: Neural News Recommendation with Personalized Attention", KDD 2019:
+    q_u = ReLU(V e_u + v), alpha_j = softmax_j(h_j . tanh(W_p q_u + b_p)) over real history items.
+    NNR pairs PUE with any news encoder (no pairing rule); with PNE the two share one user-ID embedding, as NNR's
+    model-level embedding does, when the news encoder exposes it as `user_embedding`. User 0 (unknown) keeps a zero
+    embedding, so unseen users share one neutral query. An empty history gives a zero user vector.
+    """
+
+    paper = "NPA (Wu et al., KDD 2019)"
+
+    def __init__(self, config, meta, news_encoder):
+        super().__init__(config, meta, news_encoder)
+        shared = getattr(news_encoder, "user_embedding", None)
+        if not isinstance(shared, nn.Embedding):
+            shared = nn.Embedding(meta.user_num, config.user_embedding_dim, padding_idx=0)
+            nn.init.uniform_(shared.weight, -0.1, 0.1)
+            with torch.no_grad():
+                shared.weight[0].zero_()
+        self.user_embedding = shared
+        self.query = nn.Linear(shared.embedding_dim, config.personalized_embedding_dim)  # V, v
+        self.key = nn.Linear(config.personalized_embedding_dim, self.news_dim)  # W_p, b_p
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, inp):
+        """history [B, H, D], history_mask [B, H], user_id [B] -> user [B, D], attention [B, H]."""
+        q = F.relu(self.query(self.dropout(self.user_embedding(inp.user_id))))  # [B, Q]
+        k = torch.tanh(self.key(q))  # [B, D]
+        logits = torch.bmm(inp.history, k.unsqueeze(-1)).squeeze(-1)  # [B, H]
+        alpha = masked_softmax(logits, inp.history_mask, dim=-1)
+        user = torch.bmm(alpha.unsqueeze(1), inp.history).squeeze(1)  # [B, D]
+        return UserOutput(user=user, attention={"history": alpha})
+
+
+@register_user_encoder("OMAP")
+class OMAPUserEncoder(UserEncoder):
+    """Hi-Fi Ark: orthogonal attentive pooling of the history into K archives, then candidate-aware archive
+    attention, with an orthogonality regulariser on the pooling heads.
+
+    Liu et al., "Hi-Fi Ark: Deep User Representation via High-Fidelity Archive Network", IJCAI 2019.
+    1. masked self-attention over the history with a residual connection;
+    2. archives: beta = softmax over HISTORY of h W / sqrt(D) per head (the reference softmaxes over the heads,
+       which pools every history item with total weight 1 instead of making each archive a weighted average);
+    3. candidate-aware softmax over the K archives -> user vector per candidate;
+    4. regulariser ||(W^T W) * (J - I)||_F times --HiFi_Ark_regularizer_coefficient (training, UserOutput.aux).
+    The off-diagonal mask J - I is a buffer, so it follows the model to any device (the reference leaves it on
+    the CPU).
+    """
+
+    candidate_aware = True
+    paper = "Hi-Fi Ark (Liu et al., IJCAI 2019)"
+
+    def __init__(self, config, meta, news_encoder):
+        super().__init__(config, meta, news_encoder)
+        k = config.OMAP_head_num
+        self.heads = nn.Parameter(torch.empty(self.news_dim, k))  # W (Lambda in the paper)
+        nn.init.orthogonal_(self.heads)
+        # A buffer, not a plain tensor attribute: .to(device) / .cuda() move it with the parameters.
+        self.register_buffer("off_diagonal", 1.0 - torch.eye(k), persistent=False)  # J - I
+        self.scale = math.sqrt(self.news_dim)
+        self.coefficient = config.HiFi_Ark_regularizer_coefficient
+
+    def forward(self, inp):
+        """history [B, H, D], history_mask [B, H], candidates [B, C, D] -> user [B, C, D].
+
+        attention: "archives" [B, H, K] (each column sums to 1 over real history items), "candidate" [B, C, K].
+        Empty history -> zero archives -> zero user vectors."""
+        mask = inp.history_mask
+        h = inp.history.masked_fill(~mask.unsqueeze(-1), 0.0)
+        self_logits = h @ h.transpose(1, 2) / self.scale  # [B, H, H]
+        h = h + masked_softmax(self_logits, mask.unsqueeze(1), dim=-1) @ h
+        beta = masked_softmax(h @ self.heads / self.scale, mask.unsqueeze(-1), dim=1)  # [B, H, K], over history
+        archives = beta.transpose(1, 2) @ h  # [B, K, D]
+        gamma = torch.softmax(inp.candidates @ archives.transpose(1, 2) / self.scale, dim=-1)  # [B, C, K]
+        user = gamma @ archives  # [B, C, D]
+        aux = {}
+        if self.training and self.coefficient > 0:
+            # W^T W by elementwise ops, not a matmul: autocast would run it in fp16, where the clamp below underflows.
+            off = (self.heads.unsqueeze(2) * self.heads.unsqueeze(1)).sum(0) * self.off_diagonal  # [K, K]
+            # Frobenius norm; the clamp keeps the gradient finite when the heads are exactly orthogonal (0/0).
+            aux["hifi_ark_orthogonality"] = self.coefficient * (off * off).sum().clamp_min(1e-20).sqrt()
+        return UserOutput(user=user, aux=aux, attention={"archives": beta, "candidate": gamma})
+
+
+def scatter_softmax(logits: torch.Tensor, index: torch.Tensor, mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """Softmax over the last dim within groups: item i is normalised against the real items j with index[j] ==
+    index[i]. Torch-native (scatter_reduce / scatter_add), no torch_scatter dependency.
+
+    Args:
+        logits: [..., H] float.
+        index: [..., H] long in [0, groups): the group (category cluster) of each item.
+        mask: [..., H] bool, True = real item. Padded items get exactly 0 and no gradient.
+        groups: number of groups G.
+    Returns:
+        [..., H] weights; within every group that has real items they sum to 1.
+    """
+    shape = (*logits.shape[:-1], groups)
+    masked = logits.detach().masked_fill(~mask, float("-inf"))
+    # Per-group max for stability (detached: softmax is shift-invariant, so this changes no gradient).
+    group_max = masked.new_full(shape, float("-inf")).scatter_reduce(-1, index, masked, "amax", include_self=True)
+    shift = torch.where(mask, group_max.gather(-1, index), torch.zeros_like(logits))
+    # where(), not masked_fill after exp: a -inf - -inf = NaN would leak into the gradient even at zero weight.
+    e = torch.where(mask, torch.exp(torch.where(mask, logits, shift) - shift), torch.zeros_like(logits))
+    total = torch.zeros(shape, dtype=e.dtype, device=e.device).scatter_add(-1, index, e)  # [..., G]
+    denominator = torch.where(mask, total.gather(-1, index), torch.ones_like(e))
+    return e / denominator
+
+
+def sue_graph(category: torch.Tensor, mask: torch.Tensor, groups: int, normalization: str = "symmetric"
+              ) -> torch.Tensor:
+    """CNE-SUE's user graph, built per batch on the device from the history's category ids (NNR stores it dense per
+    impression on disk, ~90 GB on MIND-large; it depends only on these ids).
+
+    Nodes: the H history slots, then one proxy node per category id (G). Edges (all symmetric, plus a self-loop on
+    every node): two real history news of the same category; a real news and its category's proxy; two proxies
+    whose categories both occur in the history. Padded slots and absent categories are isolated (self-loop only),
+    so they never reach a real node.
+
+    Args:
+        category: [B, H] long in [0, G); mask: [B, H] bool, True = real.
+        normalization: "symmetric" D^-1/2 A D^-1/2, or "asymmetric" D^-1 A (row-normalised).
+    Returns:
+        [B, N, N] float normalised adjacency, N = H + G.
+    """
+    b, h = category.shape
+    member = F.one_hot(category.clamp(0, groups - 1), groups).float() * mask.unsqueeze(-1).float()  # [B, H, G]
+    present = member.amax(1)  # [B, G] 1 = the category occurs in the history
+    top = torch.cat([member @ member.transpose(1, 2), member], 2)  # [B, H, N]
+    bottom = torch.cat([member.transpose(1, 2), present.unsqueeze(2) * present.unsqueeze(1)], 2)  # [B, G, N]
+    adjacency = torch.cat([top, bottom], 1)  # [B, N, N]
+    eye = torch.eye(h + groups, device=category.device, dtype=adjacency.dtype)
+    adjacency = torch.maximum(adjacency, eye)  # self-loops everywhere (NNR's default self connection)
+    degree = adjacency.sum(-1)  # [B, N], >= 1
+    if normalization == "asymmetric":
+        return adjacency / degree.unsqueeze(-1)
+    inv_sqrt = degree.rsqrt()
+    return inv_sqrt.unsqueeze(-1) * adjacency * inv_sqrt.unsqueeze(1)
+
+
+class GCNLayer(nn.Module):
+    """out = ReLU(LN?(W (A x))) (+ x): one graph convolution (Kipf & Welling) as in CNE-SUE."""
+
+    def __init__(self, dim: int, residual: bool, layer_norm: bool):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.linear.weight, gain=nn.init.calculate_gain("relu"))
+        nn.init.zeros_(self.linear.bias)
+        self.norm = nn.LayerNorm(dim) if layer_norm else nn.Identity()
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
+        """x [B, N, D], adjacency [B, N, N] -> [B, N, D]"""
+        out = F.relu(self.norm(self.linear(adjacency @ x)))
+        return out + x if self.residual else out
+
+
+@register_user_encoder("SUE")
+class SUEUserEncoder(UserEncoder):
+    """CNE-SUE's structural user encoder: a GCN over the history news and category proxy nodes, then
+    hierarchical, candidate-aware cluster attention (intra-cluster within each category, then inter-cluster).
+
+    Mao et al., "Neural News Recommendation with Collaborative News Encoding and Structural User Encoding",
+    EMNLP Findings 2021 (NNR pairs it with CNE; any news encoder works here). Fixes over the reference: the graph
+    is built per batch on the device (`sue_graph`), padded history forms no cluster (the reference always attends
+    to a "padding" cluster), and the scatter softmax is torch-native (`scatter_softmax`).
+    Ablations: SUE_wo_GCN (no graph), SUE_wo_HCA (plain masked attention instead of the cluster attention).
+    """
+
+    candidate_aware = True
+    needs_category = True
+    uses_gcn = True  # --gcn_* flags (and their per-dataset suggestions) matter
+    hierarchical = True
+    paper = "CNE-SUE (Mao et al., EMNLP Findings 2021)"
+
+    def __init__(self, config, meta, news_encoder):
+        super().__init__(config, meta, news_encoder)
+        d = self.news_dim
+        self.groups = meta.category_num
+        self.normalization = config.gcn_normalization_type
+        self.dropout = nn.Dropout(config.dropout_rate)
+        if self.uses_gcn:
+            self.proxy = nn.Parameter(torch.zeros(self.groups, d))  # category proxy nodes (zero init, as NNR)
+            self.gcn = nn.ModuleList(GCNLayer(d, config.gcn_residual, config.gcn_layer_norm)
+                                     for _ in range(config.gcn_layer_num))
+            self.gcn_dropout = nn.Dropout(config.dropout_rate / 2)
+        if self.hierarchical:
+            a = max(config.attention_dim, d // 4)
+            self.scale = math.sqrt(a)
+            self.intra_key = nn.Linear(d, a, bias=False)  # a key bias would add a per-candidate constant: cancelled
+            self.intra_query = nn.Linear(d, a)
+            self.cluster_affine = nn.Linear(d, d)
+            self.inter_key = nn.Linear(d, a, bias=False)
+            self.inter_query = nn.Linear(d, a)
+            self.max_elements = 1 << 24
+        else:
+            self.attention = AdditiveAttention(d, config.attention_dim)
+
+    def propagate(self, history: torch.Tensor, category: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """GCN over history + proxy nodes: history [B, H, D] (padding zeroed) -> [B, H, D]."""
+        b = history.shape[0]
+        adjacency = sue_graph(category, mask, self.groups, self.normalization)  # [B, N, N]
+        nodes = torch.cat([history, self.dropout(self.proxy).unsqueeze(0).expand(b, -1, -1)], 1)  # [B, N, D]
+        out = nodes
+        for i, layer in enumerate(self.gcn):
+            out = layer(out, adjacency)
+            if i < len(self.gcn) - 1:
+                out = self.gcn_dropout(out)
+        return (out + nodes)[:, : history.shape[1]]
+
+    def forward(self, inp):
+        """history [B, H, D], history_mask [B, H], history_category [B, H], candidates [B, C, D]
+        -> user [B, C, D] (SUE_wo_HCA: [B, D]).
+
+        attention: "intra" [B, C, H] (sums to 1 within each category cluster), "inter" [B, C, G].
+        Empty history -> no cluster -> zero user vectors."""
+        mask = inp.history_mask
+        category = inp.history_category.long()
+        x = inp.history.masked_fill(~mask.unsqueeze(-1), 0.0)
+        if self.uses_gcn:
+            x = self.propagate(x, category, mask)
+        if not self.hierarchical:
+            user, weights = self.attention(x, mask, return_weights=True)
+            return UserOutput(user=user, attention={"history": weights})
+        b, h, d = x.shape
+        c = inp.candidates.shape[1]
+        member = F.one_hot(category.clamp(0, self.groups - 1), self.groups).to(x.dtype)  # [B, H, G]
+        member = member * mask.unsqueeze(-1).to(x.dtype)
+        present = member.amax(1) > 0  # [B, G]
+        keys = self.intra_key(x)  # [B, H, A]
+        # The cluster affine W f + b is linear and a cluster feature f is a weighted sum of history items, so W is
+        # applied once per history item and aggregated with the same weights (exact; for an absent cluster both
+        # sides are b), instead of a D x D product per (candidate, cluster).
+        values = torch.cat([x, F.linear(x, self.cluster_affine.weight)], -1)  # [B, H, 2D]: x_j and W x_j
+        step = candidate_chunk(b * self.groups * max(d, h), self.max_elements)
+        users, intra_w, inter_w = [], [], []
+        for start in range(0, c, step):
+            cand = inp.candidates[:, start:start + step]  # [B, c, D]
+            n = cand.shape[1]
+            logits = self.intra_query(cand) @ keys.transpose(1, 2) / self.scale  # [B, c, H]
+            alpha = scatter_softmax(logits, category.unsqueeze(1).expand(b, n, h),
+                                    mask.unsqueeze(1).expand(b, n, h), self.groups)  # within each category
+            weights = (alpha.unsqueeze(-1) * member.unsqueeze(1)).transpose(2, 3)  # [B, c, G, H]
+            # One flat bmm: a broadcast [B, c, G, H] @ [B, 1, H, 2D] would copy the history for every candidate.
+            pooled = torch.bmm(weights.reshape(b, n * self.groups, h), values).view(b, n, self.groups, 2 * d)
+            clusters, affine = pooled[..., :d], pooled[..., d:] + self.cluster_affine.bias  # affine = W f + b
+            clusters = self.dropout(F.relu(affine) + clusters)  # [B, c, G, D]
+            # (K f) . q = f . (K^T q): one [B, c, D] query instead of projecting every cluster.
+            query = self.inter_query(cand) @ self.inter_key.weight  # [B, c, D]
+            inter_logits = (clusters * query.unsqueeze(2)).sum(-1)  # [B, c, G]
+            beta = masked_softmax(inter_logits / self.scale, present.unsqueeze(1), dim=-1)  # [B, c, G]
+            users.append((beta.unsqueeze(-1) * clusters).sum(2))  # [B, c, D]
+            intra_w.append(alpha)
+            inter_w.append(beta)
+        return UserOutput(user=torch.cat(users, 1),
+                          attention={"intra": torch.cat(intra_w, 1), "inter": torch.cat(inter_w, 1)})
+
+
+@register_user_encoder("SUE_wo_GCN")
+class SUEwoGCNUserEncoder(SUEUserEncoder):
+    """SUE ablation without the GCN: hierarchical cluster attention on the raw history vectors (Mao et al., 2021)."""
+
+    uses_gcn = False
+
+
+@register_user_encoder("SUE_wo_HCA")
+class SUEwoHCAUserEncoder(SUEUserEncoder):
+    """SUE ablation without hierarchical cluster attention: GCN, then one masked additive attention over the
+    history (the reference leaves it unmasked, so padded slots took weight). Not candidate-aware (Mao et al., 2021)."""
+
+    candidate_aware = False
+    hierarchical = False
+
+
+def conv_pool_size(size: int, kernel_first: int, kernel_second: int, pool: int, stride: int) -> int:
+    """Length of one axis after FIM's conv3D -> maxpool3D -> conv3D -> maxpool3D (no padding); <= 0 = collapsed."""
+    for kernel in (kernel_first, kernel_second):
+        size = size - kernel + 1
+        size = (size - pool) // stride + 1 if size >= pool else 0
+    return size
+
+
+@register_user_encoder("FIM")
+class FIMUserEncoder(UserEncoder):
+    """FIM's fine-grained interest matching: a 3-D CNN over the matching images of every (candidate, clicked news)
+    pair at every HDC level, scoring each candidate itself (UserOutput.logits; --click_predictor=FIM).
+
+    Wang et al., "Fine-grained Interest Matching for Neural News Recommendation", ACL 2020.
+    The HDC news vector is read with the layout the HDC encoder exposes (`hdc_length` Lh, `hdc_embedding_dim` E,
+    `hdc_levels`, `hdc_filters` F): first the embedding level d0 [Lh, E], then the dilated levels [levels, Lh, F]
+    (levels-major: index = ((level * Lh) + position) * F + filter). Image per level l and history item j:
+    M[l, j, x, y] = c_l[x] . h_j,l[y] / sqrt(dim of level l). Channels = 1 + levels, depth = history;
+    conv3D -> ELU -> maxpool3D twice, flatten, linear -> score. The history axis is always --max_history_num deep
+    (padded slots are zero images), so the linear layer's input size is fixed and extra padding changes nothing.
+    """
+
+    candidate_aware = True
+    compatible_news_encoders = ("HDC",)
+    compatible_click_predictors = ("FIM",)
+    paper = "FIM (Wang et al., ACL 2020)"
+
+    def __init__(self, config, meta, news_encoder):
+        super().__init__(config, meta, news_encoder)
+        try:
+            self.levels, self.length, self.filters = (int(news_encoder.hdc_levels), int(news_encoder.hdc_length),
+                                                      int(news_encoder.hdc_filters))
+        except AttributeError:
+            raise ValueError("--user_encoder FIM reads the HDC news encoder's multi-level vectors (hdc_levels, "
+                             "hdc_length, hdc_filters); use --news_encoder HDC") from None
+        self.embedding_dim = int(getattr(news_encoder, "hdc_embedding_dim", 0))  # 0: no d0 block
+        expected = self.length * self.embedding_dim + self.levels * self.length * self.filters
+        if expected != self.news_dim:
+            raise ValueError(f"FIM: HDC output dim {self.news_dim} != hdc_length {self.length} x (hdc_embedding_dim "
+                             f"{self.embedding_dim} + hdc_levels {self.levels} x hdc_filters {self.filters})")
+        self.channels = self.levels + (1 if self.embedding_dim else 0)
+        self.history_num = config.max_history_num
+        k1, k2 = config.conv3D_kernel_size_first, config.conv3D_kernel_size_second
+        pool, stride = config.maxpooling3D_size, config.maxpooling3D_stride
+        depth = conv_pool_size(self.history_num, k1, k2, pool, stride)
+        side = conv_pool_size(self.length, k1, k2, pool, stride)
+        if depth < 1 or side < 1:
+            raise ValueError(
+                f"FIM: the 3-D CNN leaves nothing of a {self.history_num} (history) x {self.length} x {self.length} "
+                f"(title positions) image with --conv3D_kernel_size_first={k1}, --conv3D_kernel_size_second={k2}, "
+                f"--maxpooling3D_size={pool}, --maxpooling3D_stride={stride}; use smaller kernels or pooling, or a "
+                f"larger --max_history_num / --max_title_length")
+        self.conv_first = nn.Conv3d(self.channels, config.conv3D_filter_num_first, k1)
+        self.conv_second = nn.Conv3d(config.conv3D_filter_num_first, config.conv3D_filter_num_second, k2)
+        self.pool = nn.MaxPool3d(pool, stride)
+        self.out = nn.Linear(config.conv3D_filter_num_second * depth * side * side, 1)
+        self.max_elements = 1 << 24
+
+    def split_levels(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """[..., D] -> d0 [..., Lh, E] (None without an embedding level), dL [..., levels, Lh, F]."""
+        cut = self.length * self.embedding_dim
+        d0 = x[..., :cut].unflatten(-1, (self.length, self.embedding_dim)) if cut else None
+        dl = x[..., cut:].unflatten(-1, (self.levels, self.length, self.filters))
+        return d0, dl
+
+    def forward(self, inp):
+        """history [B, H, D] (H <= --max_history_num), history_mask [B, H], candidates [B, C, D] -> logits [B, C].
+
+        An empty history gives all-zero images, so every candidate gets the same finite score."""
+        b, h, d = inp.history.shape
+        if h > self.history_num:
+            raise ValueError(f"FIM: a batch carries {h} history slots, more than --max_history_num={self.history_num}")
+        c = inp.candidates.shape[1]
+        history = inp.history.masked_fill(~inp.history_mask.unsqueeze(-1), 0.0)
+        history = F.pad(history, (0, 0, 0, self.history_num - h))  # [B, Hmax, D]
+        h0, hl = self.split_levels(history)  # [B, Hmax, Lh, E], [B, Hmax, levels, Lh, F]
+        per_candidate = b * self.conv_first.out_channels * self.history_num * self.length * self.length
+        step = candidate_chunk(per_candidate, self.max_elements)
+        logits = []
+        for start in range(0, c, step):
+            c0, cl = self.split_levels(inp.candidates[:, start:start + step])
+            n = cl.shape[1]
+            images = torch.einsum("bclxf,bjlyf->bcljxy", cl, hl) / math.sqrt(self.filters)  # [B, c, levels, Hmax, Lh, Lh]
+            if c0 is not None:
+                first = torch.einsum("bcxe,bjye->bcjxy", c0, h0) / math.sqrt(self.embedding_dim)  # [B, c, Hmax, Lh, Lh]
+                images = torch.cat([first.unsqueeze(2), images], 2)
+            images = images.reshape(b * n, self.channels, self.history_num, self.length, self.length)
+            q = self.pool(F.elu(self.conv_first(images)))
+            q = self.pool(F.elu(self.conv_second(q)))  # [B*c, F2, depth, side, side]
+            logits.append(self.out(q.flatten(1)).view(b, n))
+        return UserOutput(logits=torch.cat(logits, 1))

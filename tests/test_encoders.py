@@ -25,6 +25,10 @@ FLAGS = {
     "word_embedding_dim": 16, "head_num": 2, "head_dim": 8, "attention_dim": 8, "cnn_kernel_num": 16,
     "category_embedding_dim": 8, "subcategory_embedding_dim": 8, "dropout_rate": 0, "num_interest_vectors": 4,
     "context_code_dim": 8, "plm_frozen_layers": 1,
+    "hidden_dim": 6, "user_embedding_dim": 5, "personalized_embedding_dim": 7, "HDC_filter_num": 5,
+    "entity_embedding_dim": 9, "KCNN_window_sizes": "1,2,3", "KCNN_filter_num": 4,
+    "gcn_layer_num": 2, "OMAP_head_num": 2, "conv3D_filter_num_first": 3, "conv3D_kernel_size_first": 2,
+    "conv3D_filter_num_second": 2, "conv3D_kernel_size_second": 1, "maxpooling3D_size": 2, "maxpooling3D_stride": 1,
 }
 NEWS_NAMES = sorted(NEWS_ENCODERS)
 USER_NAMES = sorted(USER_ENCODERS)
@@ -63,7 +67,9 @@ def build_news_encoder(request, name: str, **flags):
 def build_user_encoder(request, name: str, **flags):
     """User encoders get a stub news encoder: they may read only `output_dim` (and `category_embedding`)."""
     torch.manual_seed(0)
-    stub = SimpleNamespace(output_dim=D, category_embedding=None)
+    # The HDC layout (read only by FIM): Lh*E + levels*Lh*F = 4*1 + 2*4*1 = D.
+    stub = SimpleNamespace(output_dim=D, category_embedding=None, hdc_length=4, hdc_embedding_dim=1, hdc_levels=2,
+                           hdc_filters=1)
     return USER_ENCODERS[name](make_config(request, **flags), META, stub)
 
 
@@ -92,6 +98,10 @@ def make_news(cls, lengths: list[int], width: int = 12, seed: int = 0) -> dict[s
             news[feature] = token_rows(lengths, width, META.vocab_size, gen)
         elif feature == "abstract":
             news[feature] = token_rows([k + k // 2 for k in lengths], width + width // 2, META.vocab_size, gen)
+        elif feature == "title_entity":  # entity ids on some title tokens (0 = none), aligned to `title`
+            title = news.get("title", token_rows(lengths, width, META.vocab_size, gen))
+            entity = torch.randint(0, META.entity_num, title.shape, generator=gen)
+            news[feature] = entity.masked_fill(title == 0, 0)
         elif feature in ("category", "subcategory"):
             size = META.category_num if feature == "category" else META.subcategory_num
             news[feature] = torch.randint(1, size, (n,), generator=gen).masked_fill(empty, 0)
@@ -237,9 +247,12 @@ def assert_every_parameter_learns(enc, what: str) -> None:
 
 @pytest.mark.parametrize("name", NEWS_NAMES)
 def test_news_encoder_gradients_reach_every_trainable_parameter(request, name):
-    """Train mode, sum of the outputs; the padding news is in the batch, so its path must give finite grads."""
+    """Train mode, sum of the outputs plus the auxiliary losses, through the training entry point
+    (`forward_with_aux`: DAE's decoder learns only from its reconstruction loss); the padding news is in the
+    batch, so its path must give finite grads."""
     enc = build_news_encoder(request, name).train()
-    encode(enc, make_news(type(enc), LENGTHS), NEWS_USERS).sum().backward()
+    vectors, aux = enc.forward_with_aux(make_news(type(enc), LENGTHS), user_id=NEWS_USERS if enc.personalized else None)
+    (vectors.sum() + sum(aux.values())).backward()
     assert_every_parameter_learns(enc, name)
 
 
@@ -367,7 +380,10 @@ def test_user_encoder_gradients_reach_every_trainable_parameter(request, name):
     assert inp.history.grad[~inp.history_mask].eq(0).all(), f"{name}: a padded history item gets a gradient"
     assert torch.isfinite(inp.candidates.grad).all()
     if name == "LSTUR" or hasattr(enc, "user_embedding"):
-        used = enc.user_embedding.weight.grad[inp.user_id]
+        # LSTUR falls back to the ID embedding for an empty history; attention-based encoders (PUE) read the ID
+        # only through the attention over clicked news, so there the users with a history must learn.
+        users = inp.user_id if name == "LSTUR" else inp.user_id[inp.history_mask.any(1)]
+        used = enc.user_embedding.weight.grad[users]
         assert used.abs().sum(-1).gt(0).all(), f"{name}: an active user's embedding gets no gradient"
 
 

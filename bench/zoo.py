@@ -1,0 +1,88 @@
+"""The paper models on the demo corpus: each trains `--epoch` epochs (2 by default) and is scored on dev.
+
+    python bench/zoo.py                         # every paper model, default demo, 2 epochs
+    python bench/zoo.py --models NRMS,NAML      # a subset
+    python bench/zoo.py --epoch 1 --extra=--max_steps_per_epoch=20   # a quick smoke run
+
+Prints a markdown table (dev AUC / MRR / nDCG@5 / nDCG@10 of the best epoch, mean train seconds per epoch,
+trainable parameters) and the same rows as TSV; README.md quotes the table measured on this project's machine.
+Runs go to `--output_dir` (default `best_model/_bench/`, git-ignored), so they do not mix with your own runs.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from main import main  # noqa: E402
+
+# name -> flags, as in the README's model table (REFERENCE.md §3). The demo GloVe is the offline 50-d package;
+# DKN's 100-d embeddings therefore start random (the corpus says so), as they would without GloVe 6B-100d.
+PAPER_MODELS: dict[str, list[str]] = {
+    "NRMS": ["--news_encoder=MHSA", "--user_encoder=MHSA"],
+    "NAML": ["--news_encoder=NAML", "--user_encoder=ATT"],
+    "LSTUR": ["--news_encoder=CNN", "--user_encoder=LSTUR"],
+    "NPA": ["--news_encoder=PNE", "--user_encoder=PUE"],
+    "DKN": ["--news_encoder=KCNN", "--user_encoder=CATT", "--word_embedding_dim=100"],
+    "EBNR": ["--news_encoder=DAE", "--user_encoder=GRU"],
+    "FIM": ["--news_encoder=HDC", "--user_encoder=FIM", "--click_predictor=FIM"],
+    "Hi-Fi Ark": ["--news_encoder=CNN", "--user_encoder=OMAP"],
+    "CNE-SUE": ["--news_encoder=CNE", "--user_encoder=SUE"],
+    "Inception-CATT": ["--news_encoder=Inception", "--user_encoder=CATT"],
+}
+KEYS = ("auc", "mrr", "ndcg5", "ndcg10")
+
+
+def run(name: str, flags: list[str], args) -> dict:
+    argv = ["--mode=train", "--dataset=demo", f"--epoch={args.epoch}", f"--seed={args.seed}", "--no-progress",
+            f"--output_dir={args.output_dir}", f"--data_dir={args.data_dir}", *flags, *args.extra]
+    out = io.StringIO()
+    t0 = time.time()
+    with contextlib.redirect_stdout(out):
+        result = main(argv)
+    wall = time.time() - t0
+    params = next((line.split(": ")[1].split(" ")[0] for line in out.getvalue().splitlines()
+                   if line.startswith("model ") and "trainable parameters" in line), "?")
+    history = result["history"]
+    per_epoch = sum(r["train_seconds"] for r in history) / max(1, len(history))
+    return {"model": name, "flags": " ".join(flags), **{k: result["dev_metrics"][k] for k in KEYS},
+            "best_epoch": result["best_epoch"], "train_s_per_epoch": per_epoch, "wall_s": wall, "params": params}
+
+
+def main_cli(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(PAPER_MODELS), help="comma-separated names from the table")
+    p.add_argument("--epoch", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data_dir", default="data")
+    p.add_argument("--output_dir", default="best_model/_bench")
+    p.add_argument("--extra", action="append", default=[], help="a flag passed to every run (repeatable)")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PAPER_MODELS]
+    if unknown:
+        p.error(f"unknown models {unknown}; choose from {list(PAPER_MODELS)}")
+    rows = []
+    for name in names:
+        row = run(name, PAPER_MODELS[name], args)
+        rows.append(row)
+        print(f"{name}: dev AUC {row['auc']:.4f} MRR {row['mrr']:.4f} nDCG@5 {row['ndcg5']:.4f} "
+              f"nDCG@10 {row['ndcg10']:.4f}; {row['train_s_per_epoch']:.1f} s/epoch", flush=True)
+    print("\n| model | flags | AUC | MRR | nDCG@5 | nDCG@10 | train s/epoch | parameters |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | `{r['flags']}` | {r['auc']:.4f} | {r['mrr']:.4f} | {r['ndcg5']:.4f} | "
+              f"{r['ndcg10']:.4f} | {r['train_s_per_epoch']:.1f} | {r['params']} |")
+    print("\nmodel\t" + "\t".join(KEYS) + "\ttrain_s_per_epoch")
+    for r in rows:
+        print(r["model"] + "\t" + "\t".join(f"{r[k]:.4f}" for k in KEYS) + f"\t{r['train_s_per_epoch']:.1f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main_cli()
