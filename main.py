@@ -13,11 +13,22 @@ from config import ARCHITECTURE_FLAGS, Config
 from MIND_corpus import Corpus, CorpusError
 from model import Model
 from newsEncoders import get_news_encoder, resolve_plm_path
-from trainer import (EvalResult, Trainer, evaluate, format_metrics, load_checkpoint, load_state, setup_runtime)
+from trainer import (EvalResult, Trainer, evaluate, format_metrics, load_checkpoint, load_state, load_training_state,
+                     resolve_resume, setup_runtime, shutdown_runtime)
 
 # Flags a user may change when evaluating a checkpoint (they do not change the model or the corpus arrays).
 EVAL_OVERRIDABLE = ("data_dir", "device", "eval_batch_size", "num_workers", "progress", "seed", "mode",
-                    "dev_model_path", "test_model_path", "output_dir")
+                    "dev_model_path", "test_model_path", "output_dir", "amp", "dist_timeout")
+# Flags a user may change when resuming a run (`--resume`): where and how fast it runs, and how long it goes on.
+# Everything else comes from the run's saved config, so the resumed epochs continue the same training.
+RESUME_OVERRIDABLE = ("data_dir", "device", "eval_batch_size", "num_workers", "progress", "amp", "dist_timeout",
+                      "find_unused_parameters", "epoch", "early_stopping_epoch", "resume", "mode", "output_dir")
+
+
+def rank0_print(*args, **kwargs) -> None:
+    """print on the main process only (torchrun starts one process per GPU, all running this file)."""
+    if util.dist_env()[0] == 0:
+        print(*args, **kwargs)
 
 
 def prepare_data(config) -> None:
@@ -44,14 +55,60 @@ def load_corpus(config, log=print) -> Corpus:
     return corpus
 
 
+def load_corpus_distributed(config, runtime, log=print) -> Corpus:
+    """`load_corpus`, first on one process per node (it may generate the demo and build the on-disk cache), then on
+    the others, which find the cache built and memory-map it."""
+    with util.first_then_others(runtime.is_local_main, runtime.wait_group):
+        return load_corpus(config, log=log if runtime.is_main else (lambda *a, **k: None))
+
+
+def check_corpus(ckpt: dict[str, Any], corpus: Corpus, path) -> None:
+    saved_sig = ckpt.get("corpus", {})
+    now_sig = corpus.meta.signature()
+    diff = {k: (saved_sig[k], now_sig[k]) for k in now_sig if k in saved_sig and saved_sig[k] != now_sig[k]}
+    if diff:
+        raise ValueError(f"{path} was trained on another corpus than {corpus.root} (checkpoint vs now: {diff}); "
+                         f"use the --data_dir and data the model was trained on")
+
+
+def config_for_resume(config: Config, ckpt: dict[str, Any], path) -> Config:
+    """The run's saved config; typed flags may change only RESUME_OVERRIDABLE ones (others are an error)."""
+    saved = Config.from_dict(ckpt["config"])
+    conflicts = [f"--{f}={config.values[f]!r} (run: {saved.values.get(f)!r})" for f in sorted(config.explicit)
+                 if f not in RESUME_OVERRIDABLE and config.values[f] != saved.values.get(f)]
+    if conflicts:
+        raise ValueError(f"--resume {path}: the run was trained with other settings: " + ", ".join(conflicts)
+                         + ". Drop these flags (a resumed run keeps its config; may change: "
+                         + ", ".join(f"--{f}" for f in RESUME_OVERRIDABLE if f not in ("resume", "mode")) + ")")
+    for flag in RESUME_OVERRIDABLE:
+        if flag in config.explicit or flag in ("resume", "mode"):
+            if flag == "epoch" and config.epoch != saved.epoch:
+                rank0_print(f"note: --epoch {saved.epoch} -> {config.epoch}: the learning-rate schedule is re-planned "
+                            f"over the new total")
+            saved.values[flag] = config.values[flag]
+    saved.explicit = set(config.explicit)
+    return saved
+
+
 def train(config) -> dict[str, Any]:
-    util.set_seed(config.seed)
+    resume_path = resolve_resume(config.resume, config.output_dir, config.dataset, config.model_name)
+    ckpt = None
+    if resume_path is not None:
+        ckpt = load_training_state(resume_path)
+        config = config_for_resume(config, ckpt, resume_path)
+    elif config.resume == "auto":
+        rank0_print(f"note: --resume auto: no run with a last.pt under {config.output_dir}/{config.dataset}/"
+                    f"{config.model_name}/; starting a new run")
     runtime = setup_runtime(config)
-    corpus = load_corpus(config)
+    util.set_seed(config.seed)
+    corpus = load_corpus_distributed(config, runtime)
+    if ckpt is not None:
+        check_corpus(ckpt, corpus, resume_path)
     model = Model(config, corpus.meta, corpus.news)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"model {config.model_name}: {n_params:,} trainable parameters")
-    result = Trainer(config, corpus, model, runtime).train()
+    rank0_print(f"model {config.model_name}: {n_params:,} trainable parameters")
+    result = Trainer(config, corpus, model, runtime, resume=ckpt, resume_path=resume_path).train()
+    shutdown_runtime(runtime)
     return {"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
             "dev_metrics": result.best_metrics, "history": result.history}
 
@@ -73,44 +130,44 @@ def config_for_checkpoint(config: Config, ckpt: dict[str, Any], path: str) -> Co
 
 
 def evaluate_checkpoint(config: Config) -> dict[str, Any]:
+    """Dev/test on a checkpoint; under torchrun the work is sharded and rank 0 writes the files."""
     split = config.mode
     path = config.dev_model_path if split == "dev" else config.test_model_path
     ckpt = load_checkpoint(path)
     cfg = config_for_checkpoint(config, ckpt, path)
     runtime = setup_runtime(cfg)
-    corpus = load_corpus(cfg)
-    saved_sig = ckpt.get("corpus", {})
-    now_sig = corpus.meta.signature()
-    diff = {k: (saved_sig[k], now_sig[k]) for k in now_sig if k in saved_sig and saved_sig[k] != now_sig[k]}
-    if diff:
-        raise ValueError(f"{path} was trained on another corpus than {corpus.root} (checkpoint vs now: {diff}); "
-                         f"use the --data_dir and data the model was trained on")
+    corpus = load_corpus_distributed(cfg, runtime)
+    check_corpus(ckpt, corpus, path)
     model = Model(cfg, corpus.meta, corpus.news)
     load_state(model, ckpt, path)
     model.to(runtime.device)
     beh = corpus.behaviors(split)
     result = evaluate(model, beh, cfg, runtime, desc=split)
     out_dir = Path(path).parent / split
-    out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"split": split, "checkpoint": str(path), "metrics": result.metrics,
                               "stats": beh["stats"], "seconds": round(result.seconds, 2)}
-    ranks_list = np.split(result.ranks, result.offsets[1:-1])
-    if split == "test":
-        util.write_prediction(out_dir / "prediction.txt", result.impression_ids.tolist(),
-                              [r.tolist() for r in ranks_list], zip_path=out_dir / "prediction.zip")
-        report["prediction"] = str(out_dir / "prediction.zip")
-    else:
-        util.write_prediction(out_dir / "ranking.txt", result.impression_ids.tolist(), [r.tolist() for r in ranks_list])
-        report["ranking"] = str(out_dir / "ranking.txt")
-    if result.metrics.get("labelled"):
-        labels_list = np.split(result.labels, result.offsets[1:-1])
-        util.write_truth(out_dir / "truth.txt", result.impression_ids.tolist(), [lab.tolist() for lab in labels_list])
-        report["truth"] = str(out_dir / "truth.txt")
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
-    print(f"{split} ({cfg.model_name}, {corpus.root / split}): {format_metrics(result.metrics)}")
-    for key in ("prediction", "ranking", "truth"):
-        if key in report:
-            print(f"wrote {report[key]}")
+    if runtime.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ranks_list = np.split(result.ranks, result.offsets[1:-1])
+        if split == "test":
+            util.write_prediction(out_dir / "prediction.txt", result.impression_ids.tolist(),
+                                  [r.tolist() for r in ranks_list], zip_path=out_dir / "prediction.zip")
+            report["prediction"] = str(out_dir / "prediction.zip")
+        else:
+            util.write_prediction(out_dir / "ranking.txt", result.impression_ids.tolist(),
+                                  [r.tolist() for r in ranks_list])
+            report["ranking"] = str(out_dir / "ranking.txt")
+        if result.metrics.get("labelled"):
+            labels_list = np.split(result.labels, result.offsets[1:-1])
+            util.write_truth(out_dir / "truth.txt", result.impression_ids.tolist(),
+                             [lab.tolist() for lab in labels_list])
+            report["truth"] = str(out_dir / "truth.txt")
+        (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
+        print(f"{split} ({cfg.model_name}, {corpus.root / split}): {format_metrics(result.metrics)}")
+        for key in ("prediction", "ranking", "truth"):
+            if key in report:
+                print(f"wrote {report[key]}")
+    shutdown_runtime(runtime)  # its barrier keeps the other ranks until the files are written
     return report
 
 
@@ -118,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = Config.from_args(argv)
     if config.mode == "train":  # dev/test take their settings from the checkpoint: suggestions do not apply
         for note in config.notes:
-            print(f"note: {note}")
+            rank0_print(f"note: {note}")
         return train(config)
     return evaluate_checkpoint(config)
 
@@ -128,5 +185,6 @@ if __name__ == "__main__":
         main()
     except (CorpusError, FileNotFoundError, ValueError) as e:
         # A user mistake (bad file, wrong path, conflicting flags) gets its message, not a traceback.
-        print(f"error: {e}", file=sys.stderr)
+        rank, _, world_size = util.dist_env()
+        print(f"error{f' (rank {rank})' if world_size > 1 else ''}: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,30 +1,45 @@
-"""One training loop for CPU, one GPU and torchrun DDP, plus the cached evaluation.
+"""One training loop for CPU, one GPU and torchrun DDP (AMP, gradient accumulation, resumable checkpoints), plus
+the cached evaluation, sharded across ranks under DDP.
 
-Legend: B batch, C candidates, N news in the corpus table, D news dim, I impressions of a split.
+Legend: B batch, C candidates, N news in the corpus table, D news dim, I impressions of a split, W world size.
 
 Nothing in here knows a model name: the model comes from the registries, owns its loss and returns a
-`ModelOutput`; the loop only moves batches, steps the optimizer and evaluates.
+`ModelOutput`; the loop only moves batches, steps the optimizer and evaluates. DDP is a flag, not a copy of the
+loop: `self.model` is the DDP wrapper when distributed, `self.raw` always the bare `Model`.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
+import tempfile
 import time
+import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 import util
-from dataset import Batch, EvalDataset, TrainDataset
+from dataset import EvalDataset, TrainDataset
 
 CHECKPOINT_FORMAT = 1
+LAST_CHECKPOINT = "last.pt"  # training state of a run, rewritten every epoch (what --resume reads)
+# Rank-0-only work (building the corpus cache, computing metrics, writing checkpoints) makes the other ranks wait
+# on a gloo group with this long timeout; the default group keeps the short --dist_timeout, so a rank whose peer
+# died inside a training collective fails fast.
+RANK0_WORK_TIMEOUT = timedelta(hours=3)
+# Test hook: "RANK:STEP" makes that rank die abruptly (os._exit, no cleanup) before optimizer step STEP + 1.
+CRASH_ENV = "MIND_TEST_CRASH_AT"
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -37,29 +52,119 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    amp: str = "off"  # resolved --amp: off | bf16 | fp16
+    wait_group: Any = None  # gloo group with RANK0_WORK_TIMEOUT (None in a single process)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+    @property
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def autocast(self):
+        """Mixed precision for forward passes (training and evaluation); parameters stay fp32."""
+        if self.amp == "off":
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=AMP_DTYPES[self.amp])
 
-def resolve_device(name: str) -> torch.device:
+
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """`--device` -> torch.device; under torchrun (`local_rank` given) a CUDA process takes cuda:LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available on this machine; use --device=cpu or auto")
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device=cpu or auto")
+    if device.type == "cuda" and local_rank is not None:
+        if device.index is not None:
+            raise ValueError(f"--device {name}: under torchrun each process uses cuda:LOCAL_RANK; pass --device=cuda "
+                             f"or auto (choose GPUs with CUDA_VISIBLE_DEVICES)")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible: start "
+                             f"at most that many processes per node (--nproc_per_node)")
+        device = torch.device("cuda", local_rank)
     return device
 
 
-def setup_runtime(config) -> Runtime:
-    """Single process unless torchrun set WORLD_SIZE > 1."""
-    device = resolve_device(config.device)
-    return Runtime(device=device)
+def _cuda_has_bf16(device: torch.device) -> bool:
+    """Native bf16 (Ampere or newer); emulated bf16 on older GPUs is slower than fp16 with loss scaling."""
+    with torch.cuda.device(device):
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # older torch without the keyword
+            return torch.cuda.is_bf16_supported()
+
+
+def resolve_amp(amp: str, device: torch.device, log: Callable = print) -> str:
+    """`--amp` -> off | bf16 | fp16. auto: bf16 on GPUs with native bf16, fp16 on older GPUs, off elsewhere."""
+    if amp == "auto":
+        if device.type == "cuda":
+            return "bf16" if _cuda_has_bf16(device) else "fp16"
+        return "off"
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(f"--amp=fp16 needs a CUDA device (fp16 training needs loss scaling, done by the CUDA "
+                         f"GradScaler); on {device.type} use --amp=bf16 or --amp=off")
+    if amp == "bf16" and device.type == "cuda" and not _cuda_has_bf16(device):
+        raise ValueError(f"--amp=bf16: {torch.cuda.get_device_name(device)} has no native bf16; use --amp=fp16")
+    if amp == "bf16" and device.type == "cpu":
+        log("WARNING: --amp=bf16 on the CPU: allowed, but usually slower than fp32 on CPUs without native bf16 "
+            "matrix units (the default on CPU is --amp=off)")
+    return amp
+
+
+def setup_runtime(config, log: Callable = print) -> Runtime:
+    """Single process unless torchrun set WORLD_SIZE > 1; then one process per GPU (nccl) or CPU process (gloo).
+
+    The rendezvous comes from torchrun's environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE): no port is fixed here.
+    """
+    rank, local_rank, world_size = util.dist_env()
+    distributed = world_size > 1
+    if distributed and config.mode == "train" and config.batch_size % world_size:
+        lower = config.batch_size // world_size * world_size
+        raise ValueError(f"--batch_size={config.batch_size} is the global batch (all {world_size} processes "
+                         f"together) and must be divisible by the number of processes; use e.g. "
+                         f"--batch_size={lower or world_size} or {lower + world_size}")
+    device = resolve_device(config.device, local_rank if distributed else None)
+    amp = resolve_amp(config.amp, device, log if rank == 0 else (lambda *a: None))
+    rt = Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank, amp=amp)
+    if distributed:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=config.dist_timeout),
+                                device_id=device if device.type == "cuda" else None)
+        rt.wait_group = dist.new_group(backend="gloo", timeout=RANK0_WORK_TIMEOUT)
+        if rank == 0:
+            log(f"distributed: {world_size} processes, backend {backend}, rank 0 on {device}")
+    return rt
+
+
+def shutdown_runtime(rt: Runtime) -> None:
+    """Leave the process group after a normal end (after an error the process just exits: torchrun stops the rest)."""
+    if rt.distributed and util.dist_active():
+        import torch.distributed as dist
+
+        util.barrier(rt.wait_group)
+        dist.destroy_process_group()
+
+
+def _crash_step(rank: int) -> int | None:
+    value = os.environ.get(CRASH_ENV, "")
+    if not value:
+        return None
+    who, _, step = value.partition(":")
+    return int(step or 0) if int(who) == rank else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -83,47 +188,92 @@ def batch_ranks(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, Any]
-    ranks: np.ndarray  # flat [sum of candidates] int32, 1-based, in behaviors.tsv candidate order
+    metrics: dict[str, Any]  # the same on every rank
+    ranks: np.ndarray | None  # flat [sum of candidates] int32, 1-based, in behaviors.tsv order (rank 0 only)
     offsets: np.ndarray  # [I+1]
     labels: np.ndarray  # flat int8 (-1 = unlabelled)
     impression_ids: np.ndarray  # [I]
     seconds: float = 0.0
 
 
+def _sum_over_ranks(t: torch.Tensor, rt: Runtime, to_main_only: bool = False) -> torch.Tensor:
+    """Element-wise sum over ranks of tensors that are zero wherever another rank owns the entry: adding zeros
+    is exact, so the result is bit-identical to one process computing everything."""
+    if not rt.distributed:
+        return t
+    import torch.distributed as dist
+
+    dtype = t.dtype
+    # gloo lacks some reductions in half precision; widening is exact, and so is narrowing back.
+    work = t.float() if t.is_floating_point() and dtype != torch.float32 else t
+    work = work.to(rt.device).contiguous()
+    if to_main_only:
+        dist.reduce(work, dst=0, op=dist.ReduceOp.SUM)
+    else:
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    return work.to(dtype)
+
+
+def encode_needed_news(raw: nn.Module, needed: np.ndarray, rt: Runtime) -> torch.Tensor:
+    """Encode the news in `needed` (sorted indices) once; under DDP each rank encodes every W-th chunk and the
+    table [N, D] is summed over ranks. Chunks depend only on `needed`, never on W, so every news is encoded in
+    the same company (and with the same padding) as in one process: identical vectors, identical metrics."""
+    chunk = max(1, min(2048, -(-len(needed) // 16)))  # >= 16 chunks, so small splits still spread over ranks
+    chunks = [needed[i:i + chunk] for i in range(0, len(needed), chunk)]
+    mine = chunks[rt.rank::rt.world_size]
+    if mine:
+        index = torch.from_numpy(np.concatenate(mine).astype(np.int64)).to(rt.device)
+        table = raw.encode_all_news(index, chunk=chunk)  # re-chunks `index` at the same boundaries
+    else:  # fewer chunks than ranks: contribute zeros of the right shape and dtype
+        table = raw.encode_all_news(torch.zeros(1, dtype=torch.long, device=rt.device), chunk=chunk).zero_()
+    if table.numel() == 0:  # personalized news encoders encode per batch
+        return table
+    return _sum_over_ranks(table, rt)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, beh: dict[str, Any], config, runtime: Runtime, desc: str = "eval") -> EvalResult:
-    """Score every impression of a split: encode each needed news once, then users, then candidates."""
+    """Score every impression of a split: encode each needed news once, then users, then candidates.
+
+    Under DDP every rank must call this (it holds collectives): news encoding and impression batches are split
+    across ranks, ranks are summed to rank 0, which computes the metrics; the metrics are broadcast back."""
     t0 = time.time()
+    rt = runtime
     raw = model.module if hasattr(model, "module") else model
     was_training = raw.training
     raw.eval()
-    device = runtime.device
+    device = rt.device
     offsets = np.asarray(beh["offsets"])
     hist = np.asarray(beh["histories"])
     cands = np.asarray(beh["candidates"])
     # Index 0 stands for news unknown to news.tsv in dev/test: encode it like in training.
-    raw.build_frozen_cache(log=print if runtime.is_main else (lambda *a: None))
+    raw.build_frozen_cache(log=print if rt.is_main else (lambda *a: None))
     needed = np.union1d(np.union1d(hist.ravel(), cands), [0])
-    news_vectors = raw.encode_all_news(torch.from_numpy(needed.astype(np.int64)).to(device))
-    data = EvalDataset(beh, config.eval_batch_size)
-    loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=config.num_workers,
-                        pin_memory=device.type == "cuda")
     ranks = np.zeros(len(cands), dtype=np.int32)
-    show = config.progress and runtime.is_main
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True):
-        batch = batch.to(device, non_blocking=True)
-        logits = raw.score_cached(batch, news_vectors)
-        r = batch_ranks(logits, batch.candidate_mask).cpu().numpy()
-        mask = batch.candidate_mask.cpu().numpy()
-        imp = batch.impression_index.cpu().numpy()
-        starts = offsets[imp]
-        cols = np.nonzero(mask)
-        ranks[starts[cols[0]] + cols[1]] = r[cols]
+    with rt.autocast():
+        news_vectors = encode_needed_news(raw, needed, rt)
+        # Each rank takes every W-th batch; batches are the same as in one process (identical logits).
+        data = EvalDataset(beh, config.eval_batch_size, rank=rt.rank, world_size=rt.world_size)
+        loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=config.num_workers,
+                            pin_memory=device.type == "cuda")
+        show = config.progress and rt.is_main
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True):
+            batch = batch.to(device, non_blocking=True)
+            logits = raw.score_cached(batch, news_vectors)
+            r = batch_ranks(logits, batch.candidate_mask).cpu().numpy()
+            mask = batch.candidate_mask.cpu().numpy()
+            imp = batch.impression_index.cpu().numpy()
+            starts = offsets[imp]
+            cols = np.nonzero(mask)
+            ranks[starts[cols[0]] + cols[1]] = r[cols]
     raw.train(was_training)
+    # Every candidate belongs to exactly one rank's batches: the sum puts each rank's ranks in place.
+    ranks = _sum_over_ranks(torch.from_numpy(ranks), rt, to_main_only=True).cpu().numpy()
     labels = np.asarray(beh["labels"])
-    metrics = metrics_from_ranks(ranks, labels, offsets)
-    return EvalResult(metrics, ranks, offsets, labels, np.asarray(beh["impression_ids"]), time.time() - t0)
+    metrics = metrics_from_ranks(ranks, labels, offsets) if rt.is_main else None
+    metrics = util.broadcast_object(metrics, group=rt.wait_group)  # rank 0 may take a while: long timeout
+    return EvalResult(metrics, ranks if rt.is_main else None, offsets, labels, np.asarray(beh["impression_ids"]),
+                      time.time() - t0)
 
 
 def metrics_from_ranks(ranks: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
@@ -173,9 +323,20 @@ def new_run_dir(output_dir: str, dataset: str, model_name: str) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file beside `path`, fsync, then os.replace: an interrupted write (crash, full
+    disk, kill) leaves the previous file under `path` intact, never half a checkpoint."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def save_checkpoint(path: Path, model: nn.Module, config, corpus_meta, extra: dict[str, Any]) -> None:
@@ -207,6 +368,38 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not a checkpoint written by this framework ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint written by this framework (no model/config entries)")
+    return ckpt
+
+
+def resolve_resume(value: str | None, output_dir: str, dataset: str, model_name: str) -> Path | None:
+    """`--resume` -> the last.pt to continue from. A run folder or a last.pt file; `auto` = the highest-numbered run
+    of <output_dir>/<dataset>/<model>/ that has a last.pt (None when there is none: a new run starts)."""
+    if not value:
+        return None
+    if value == "auto":
+        base = Path(output_dir) / dataset / model_name
+        runs = [p for p in base.glob("#*") if p.name[1:].isdigit() and (p / LAST_CHECKPOINT).is_file()]
+        return max(runs, key=lambda p: int(p.name[1:])) / LAST_CHECKPOINT if runs else None
+    path = Path(value)
+    if path.is_dir():
+        path = path / LAST_CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {value}: {path} not found (pass a run folder such as "
+                                f"best_model/<dataset>/<news>-<user>/#<run>, its {LAST_CHECKPOINT}, or auto)")
+    return path
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    """A run's last.pt (weights_only; memory-mapped, so ranks loading it together share the pages)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
+        raise ValueError(f"{path} is not a training-state checkpoint of this framework "
+                         f"({type(e).__name__}: {e})") from None
+    needed = {"model", "config", "optimizer", "scheduler", "epoch", "step", "rng"}
+    if not isinstance(ckpt, dict) or not needed <= set(ckpt):
+        raise ValueError(f"{path} is not a training-state checkpoint of this framework (needs {sorted(needed)}; "
+                         f"the best-model file beside it holds weights only)")
     return ckpt
 
 
@@ -253,6 +446,45 @@ def build_optimizer(model: nn.Module, config) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
+class GlobalBatchSampler(Sampler):
+    """DistributedSampler's role for batch samplers: global batches of `batch_size` samples in an order seeded by
+    (seed, epoch), the same on every rank whatever the world size, each split into W contiguous parts.
+
+    Yields this rank's part of each global batch (an index array for `TrainDataset[...]`). Sharding each global
+    batch, rather than the dataset, is what makes W processes step exactly like one process with the same
+    global batch; `weight(i)` rescales a rank's mean loss when the last batch does not split evenly. A rank whose
+    part is empty (last batch smaller than W) gets one sample with weight 0, so it still joins the all-reduce.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def global_size(self, i: int) -> int:
+        return min(self.batch_size, self.n - i * self.batch_size)
+
+    def weight(self, i: int) -> float:
+        """Factor on this rank's mean loss of batch i so that DDP's average of gradients over ranks equals the
+        gradient of the mean loss over the whole global batch: n_rank * W / n_global."""
+        n = self.global_size(i)
+        lo, hi = util.shard_bounds(n, self.world_size, self.rank)
+        return (hi - lo) * self.world_size / n
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        order = np.random.default_rng([self.seed, self.epoch, 1]).permutation(self.n)
+        for i in range(len(self)):
+            batch = order[i * self.batch_size:i * self.batch_size + self.global_size(i)]
+            lo, hi = util.shard_bounds(len(batch), self.world_size, self.rank)
+            yield batch[lo:hi] if hi > lo else batch[:1]
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -262,23 +494,104 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class TrainState:
+    """What a resumed run needs besides model/optimizer/scheduler/scaler/RNG (all saved in last.pt)."""
+
+    epoch: int = 0  # last finished epoch
+    step: int = 0  # optimizer steps so far
+    best: float = -math.inf
+    best_epoch: int = 0
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
 class Trainer:
-    def __init__(self, config, corpus, model: nn.Module, runtime: Runtime, log: Callable = print):
+    """Args:
+        resume: a loaded last.pt (`load_training_state`) to continue, with `resume_path` its file; the run goes on
+            in that run folder.
+    """
+
+    def __init__(self, config, corpus, model: nn.Module, runtime: Runtime, log: Callable = print,
+                 resume: dict[str, Any] | None = None, resume_path: str | Path | None = None):
         self.config = config
         self.corpus = corpus
         self.runtime = runtime
         self.log = log if runtime.is_main else (lambda *a, **k: None)
-        self.model = model.to(runtime.device)
-        self.raw = model
+        self.raw = model.to(runtime.device)
+        self.resume, self.resume_path = resume, resume_path
+        if resume is not None:
+            load_state(self.raw, resume, resume_path)
         model.build_frozen_cache(log=self.log)
+        self.model = self.raw
+        if runtime.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-    def _loader(self, data: TrainDataset, epoch: int) -> DataLoader:
-        cfg = self.config
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        sampler = BatchSampler(RandomSampler(data, generator=gen), cfg.batch_size // self.runtime.world_size, False)
-        return DataLoader(data, sampler=sampler, batch_size=None, num_workers=cfg.num_workers,
-                          pin_memory=self.runtime.device.type == "cuda")
+            # Ranks get here at different times (PLM loading, frozen-layer cache): wait on the long timeout, so
+            # DDP's own start-up collectives on the default group do not time out.
+            util.barrier(runtime.wait_group)
+            with warnings.catch_warnings():
+                # broadcast_buffers=False: the buffers are the news feature table and the frozen PLM cache,
+                # identical on every rank and large; the replacement flag would still broadcast them once.
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                self.model = DDP(self.raw, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+                                 broadcast_buffers=False, find_unused_parameters=config.find_unused_parameters)
 
+    # -- pieces ---------------------------------------------------------------------------------------------
+    def _run_dir(self) -> Path:
+        cfg, rt = self.config, self.runtime
+        if self.resume is not None:
+            return Path(self.resume_path).parent
+        run_dir = new_run_dir(cfg.output_dir, cfg.dataset, cfg.model_name) if rt.is_main else None
+        return Path(util.broadcast_object(str(run_dir) if run_dir else None, group=rt.wait_group))
+
+    def _restore(self, optimizer, scheduler, scaler) -> TrainState:
+        """Continue a saved run: optimizer, scheduler, scaler, counters and every generator where it stopped."""
+        ckpt, rt, cfg = self.resume, self.runtime, self.config
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        state = TrainState(**{k: ckpt[k] for k in TrainState.__dataclass_fields__ if k in ckpt})
+        rng = ckpt["rng"]
+        if len(rng) == rt.world_size:
+            util.set_rng_state(rng[rt.rank])
+        else:  # another world size: data order and negatives do not depend on it, only dropout streams
+            torch.manual_seed(cfg.seed + 7919 * state.epoch + rt.rank)
+            self.log(f"note: resumed with {rt.world_size} processes, saved with {len(rng)}: dropout streams re-seeded")
+        self.log(f"resumed {self.resume_path}: epoch {state.epoch} done, {state.step} optimizer steps, best "
+                 f"{cfg.dev_criterion} {state.best:.4f} at epoch {state.best_epoch}")
+        return state
+
+    def _save_last(self, path: Path, optimizer, scheduler, scaler, state: TrainState, rng: list) -> None:
+        atomic_torch_save({
+            "format": CHECKPOINT_FORMAT,
+            "model": self.raw.state_dict(),
+            "config": self.config.to_dict(),
+            "corpus": self.corpus.meta.signature(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng,  # one entry per rank
+            "world_size": self.runtime.world_size,
+            **state.to_dict(),
+        }, path)
+
+    def _global_mean(self, total: float, count: int) -> float:
+        if self.runtime.distributed:
+            import torch.distributed as dist
+
+            t = torch.tensor([total], dtype=torch.float64, device=self.runtime.device)
+            dist.all_reduce(t)
+            total = float(t.item())
+        return total / max(count, 1)
+
+    # -- the loop -------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         cfg, rt = self.config, self.runtime
         train_beh = self.corpus.behaviors("train")
@@ -287,75 +600,119 @@ class Trainer:
         if data.skipped_no_negative or data.skipped_no_click:
             self.log(f"train: {len(data)} samples; skipped {data.skipped_no_negative} impressions without "
                      f"negatives and {data.skipped_no_click} without clicks")
-        pop = popularity_result(train_beh, dev_beh, self.raw.news_num)
-        self.log(f"popularity baseline, dev: {format_metrics(pop)}")
+        if rt.is_main:
+            pop = popularity_result(train_beh, dev_beh, self.raw.news_num)
+            self.log(f"popularity baseline, dev: {format_metrics(pop)}")
 
-        batches_per_epoch = math.ceil(len(data) / (cfg.batch_size // rt.world_size * rt.world_size))
-        steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
+        sampler = GlobalBatchSampler(len(data), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
+        batches_per_epoch = len(sampler)
+        accum = cfg.grad_accum_steps
+        steps_per_epoch = math.ceil(batches_per_epoch / accum)
         if cfg.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
         total = steps_per_epoch * cfg.epoch
-        optimizer = build_optimizer(self.model, cfg)
+        optimizer = build_optimizer(self.raw, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total, cfg.warmup_ratio))
+        scaler = torch.amp.GradScaler("cuda", enabled=rt.amp == "fp16")
 
-        run_dir = new_run_dir(cfg.output_dir, cfg.dataset, cfg.model_name) if rt.is_main else None
-        checkpoint = run_dir / cfg.model_name if run_dir else None
+        run_dir = self._run_dir()
+        checkpoint, last = run_dir / cfg.model_name, run_dir / LAST_CHECKPOINT
+        if self.resume is not None:
+            state = self._restore(optimizer, scheduler, scaler)
+        else:
+            state = TrainState()
+            if rt.distributed:  # distinct dropout streams per rank (the model was built from the same seed)
+                torch.manual_seed(cfg.seed + rt.rank)
         if rt.is_main:
             (run_dir / "config.json").write_text(cfg.to_json())
-            self.log(f"run folder {run_dir}; {len(data)} train samples, {steps_per_epoch} steps/epoch, "
-                     f"device {rt.device}")
-        best, best_epoch, best_metrics, history, bad_epochs = -math.inf, 0, {}, [], 0
+            self.log(f"run folder {run_dir}; {len(data)} train samples, {steps_per_epoch} steps/epoch, device "
+                     f"{rt.device}" + (f" x {rt.world_size} processes" if rt.distributed else "")
+                     + f", amp {rt.amp}, batch {cfg.batch_size}"
+                     + (f" ({cfg.batch_size // rt.world_size} per process)" if rt.distributed else "")
+                     + (f" x {accum} accumulation steps" if accum > 1 else ""))
+        if state.stopped_early or state.epoch >= cfg.epoch:
+            self.log(f"nothing to do: the run stopped at epoch {state.epoch} of {cfg.epoch}"
+                     + (" (early stopping)" if state.stopped_early else ""))
+        crash_at = _crash_step(rt.rank)
         show = cfg.progress and rt.is_main
-        epoch_bar = tqdm(range(1, cfg.epoch + 1), desc="epochs", disable=not show, dynamic_ncols=True)
+        epoch_bar = tqdm(range(state.epoch + 1, cfg.epoch + 1), desc="epochs", disable=not show, dynamic_ncols=True)
         for epoch in epoch_bar:
+            if state.stopped_early:
+                break
             t0 = time.time()
             data.set_epoch(epoch)
+            sampler.set_epoch(epoch)
             self.model.train()
+            loader = DataLoader(data, sampler=sampler, batch_size=None, num_workers=cfg.num_workers,
+                                pin_memory=rt.device.type == "cuda")
             loss_sum, loss_n, step = 0.0, 0, 0
-            bar = tqdm(self._loader(data, epoch), total=min(batches_per_epoch, steps_per_epoch * cfg.grad_accum_steps),
-                       desc=f"epoch {epoch}", leave=False, disable=not show, dynamic_ncols=True)
+            bar = tqdm(loader, total=min(batches_per_epoch, steps_per_epoch * accum), desc=f"epoch {epoch}",
+                       leave=False, disable=not show, dynamic_ncols=True)
             optimizer.zero_grad(set_to_none=True)
             for i, batch in enumerate(bar):
+                if crash_at is not None and state.step >= crash_at:
+                    print(f"rank {rt.rank}: {CRASH_ENV} set, dying at step {state.step}", file=sys.stderr, flush=True)
+                    os._exit(13)
+                weight = sampler.weight(i)
+                boundary = (i + 1) % accum == 0 or i + 1 == batches_per_epoch
                 batch = batch.to(rt.device, non_blocking=True)
-                out = self.model(batch)
-                (out.loss / cfg.grad_accum_steps).backward()
-                loss_sum += out.loss.item()
+                # No gradient all-reduce on accumulation micro-batches: DDP syncs on the step's last one.
+                with (self.model.no_sync() if rt.distributed and not boundary else nullcontext()):
+                    with rt.autocast():
+                        out = self.model(batch)
+                    scaler.scale(out.loss * (weight / accum)).backward()
+                loss = out.loss.item()
+                loss_sum += loss * weight / rt.world_size  # this rank's share of the global batch's mean loss
                 loss_n += 1
-                if (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == batches_per_epoch:
+                if boundary:
                     if cfg.gradient_clip_norm > 0:
-                        nn.utils.clip_grad_norm_(self.model.parameters(), cfg.gradient_clip_norm)
-                    optimizer.step()
+                        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                        nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.gradient_clip_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
-                    bar.set_postfix(loss=f"{out.loss.item():.4f}", mean=f"{loss_sum / loss_n:.4f}",
+                    state.step += 1
+                    bar.set_postfix(loss=f"{loss:.4f}", mean=f"{loss_sum * rt.world_size / loss_n:.4f}",
                                     lr=f"{scheduler.get_last_lr()[0]:.2e}")
                     if step >= steps_per_epoch:
                         break
             bar.close()
+            train_loss = self._global_mean(loss_sum, loss_n)
             train_seconds = time.time() - t0
             result = evaluate(self.model, dev_beh, cfg, rt, desc="dev")
-            value = util.criterion_value(result.metrics, cfg.dev_criterion)
-            record = {"epoch": epoch, "train_loss": loss_sum / max(loss_n, 1), "train_seconds": round(train_seconds, 2),
-                      "dev_seconds": round(result.seconds, 2), **{k: v for k, v in result.metrics.items()}}
-            history.append(record)
-            improved = value > best
-            if improved:
-                best, best_epoch, best_metrics, bad_epochs = value, epoch, result.metrics, 0
-            else:
-                bad_epochs += 1
+
+            # Decisions are rank 0's, broadcast: no rank ever acts on its own view.
+            decision = None
             if rt.is_main:
-                with open(run_dir / "dev_log.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if improved:
-                    save_checkpoint(checkpoint, self.model, cfg, self.corpus.meta,
+                value = util.criterion_value(result.metrics, cfg.dev_criterion)
+                improved = value > state.best
+                bad = 0 if improved else state.bad_epochs + 1
+                decision = {"improved": improved, "value": value, "bad_epochs": bad,
+                            "stop": bad >= cfg.early_stopping_epoch}
+            decision = util.broadcast_object(decision, group=rt.wait_group)
+            record = {"epoch": epoch, "train_loss": train_loss, "train_seconds": round(train_seconds, 2),
+                      "dev_seconds": round(result.seconds, 2), **result.metrics}
+            state.history.append(record)
+            state.epoch, state.bad_epochs, state.stopped_early = epoch, decision["bad_epochs"], decision["stop"]
+            if decision["improved"]:
+                state.best, state.best_epoch, state.best_metrics = decision["value"], epoch, result.metrics
+            # Taken after evaluation, the last use of the generators in this epoch, on every rank.
+            rng = util.all_gather_object(util.get_rng_state(), group=rt.wait_group)
+            if rt.is_main:
+                util.write_lines_atomic(run_dir / "dev_log.jsonl", [json.dumps(r) for r in state.history])
+                if decision["improved"]:
+                    save_checkpoint(checkpoint, self.raw, cfg, self.corpus.meta,
                                     {"epoch": epoch, "dev_metrics": result.metrics})
-                self.log(f"epoch {epoch}: loss {record['train_loss']:.4f} ({train_seconds:.1f}s) | dev "
-                         f"{format_metrics(result.metrics)}{'  *best*' if improved else ''}")
-            epoch_bar.set_postfix(best=f"{best:.4f}", best_epoch=best_epoch)
-            if bad_epochs >= cfg.early_stopping_epoch:
-                self.log(f"early stopping: no dev improvement ({cfg.dev_criterion}) for {bad_epochs} epochs")
-                break
+                self._save_last(last, optimizer, scheduler, scaler, state, rng)
+                self.log(f"epoch {epoch}: loss {train_loss:.4f} ({train_seconds:.1f}s) | dev "
+                         f"{format_metrics(result.metrics)}{'  *best*' if decision['improved'] else ''}")
+            util.barrier(rt.wait_group)  # checkpoints written before anyone goes on
+            epoch_bar.set_postfix(best=f"{state.best:.4f}", best_epoch=state.best_epoch)
+            if state.stopped_early:
+                self.log(f"early stopping: no dev improvement ({cfg.dev_criterion}) for {state.bad_epochs} epochs")
         epoch_bar.close()
-        self.log(f"best epoch {best_epoch}: dev {format_metrics(best_metrics)}\ncheckpoint: {checkpoint}")
-        return TrainResult(run_dir, checkpoint, best_epoch, best_metrics, history)
+        self.log(f"best epoch {state.best_epoch}: dev {format_metrics(state.best_metrics)}\ncheckpoint: {checkpoint}"
+                 f"\ntraining state: {last}")
+        return TrainResult(run_dir, checkpoint, state.best_epoch, state.best_metrics, state.history)

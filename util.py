@@ -1,4 +1,4 @@
-"""Metrics identical to the official MIND scorer, leaderboard files, GloVe loading, seeding.
+"""Metrics identical to the official MIND scorer, leaderboard files, GloVe loading, seeding, distributed helpers.
 
 Bottom of the import DAG: imports nothing local.
 
@@ -13,6 +13,7 @@ A leaderboard file holds ranks; the official scorer reads them back as score = 1
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -157,9 +158,11 @@ def compute_metrics(scores_list: Sequence[Sequence[float]], labels_list: Sequenc
 
 
 def criterion_value(metrics: Mapping, name: str) -> float:
-    """The dev criterion `name` of a metrics dict; `avg` = the mean of AUC, MRR, nDCG@5 and nDCG@10."""
+    """The dev criterion `name` of a metrics dict; `avg` = (AUC + MRR + (nDCG@5 + nDCG@10) / 2) / 3, NNR's
+    criterion (REFERENCE.md §3): the two nDCGs count as one metric, not two."""
     if name == "avg":
-        return float(np.mean([metrics[k] for k in METRIC_KEYS]))
+        m = metrics
+        return float((m["auc"] + m["mrr"] + (m["ndcg5"] + m["ndcg10"]) / 2) / 3)
     if name not in METRIC_KEYS:
         raise ValueError(f"unknown criterion {name!r}; choose from {list(CRITERIA)}")
     return float(metrics[name])
@@ -197,6 +200,11 @@ def _write_text_atomic(path: Path, lines: Iterable[str]) -> None:
                 f.write(line)
                 f.write("\n")
     _atomic_write(path, write)
+
+
+def write_lines_atomic(path, lines: Iterable[str]) -> None:
+    """Write `lines` (newline-terminated) to `path` through a temporary file and os.replace."""
+    _write_text_atomic(Path(path), lines)
 
 
 def _check_id(impression_id, seen: set, what: str) -> str:
@@ -668,4 +676,180 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-# ---- distributed helpers (added by the lead) ----
+# ----------------------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun) and resumable RNG state
+# ----------------------------------------------------------------------------------------------------------
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) for a plain `python main.py`."""
+    def read(name: str, default: int) -> int:
+        value = os.environ.get(name, "")
+        try:
+            return int(value) if value != "" else default
+        except ValueError:
+            raise ValueError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
+
+    world_size = read("WORLD_SIZE", 1)
+    rank = read("RANK", 0)
+    local_rank = read("LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"inconsistent torchrun environment: RANK={rank} WORLD_SIZE={world_size}")
+    return rank, local_rank, world_size
+
+
+def dist_active() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier(group=None) -> None:
+    """A barrier when a process group is up; nothing in a single process."""
+    import torch.distributed as dist
+
+    if dist_active():
+        dist.barrier(group=group)
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """Rank `src`'s picklable `obj` on every rank (the value passed elsewhere is ignored)."""
+    import torch.distributed as dist
+
+    if not dist_active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def all_gather_object(obj, group=None) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] in a single process."""
+    import torch.distributed as dist
+
+    if not dist_active():
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+@contextlib.contextmanager
+def first_then_others(is_first: bool, group=None):
+    """Run the body on the `is_first` ranks, then on the others: e.g. one process per node builds the on-disk
+    corpus cache while the others wait, then they all read it. Every rank enters the barrier exactly once."""
+    if not is_first:
+        barrier(group)
+    yield
+    if is_first:
+        barrier(group)
+
+
+def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Contiguous [start, stop) of `rank` in n items split into `world_size` parts differing by at most one."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def get_rng_state() -> dict:
+    """Python, NumPy, torch and CUDA generator states as tensors and plain numbers, so a checkpoint holding
+    them loads with `torch.load(weights_only=True)` (a numpy array or a Python tuple there would not)."""
+    import torch
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss": None if gauss is None else float(gauss)},
+        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of `get_rng_state` (CUDA states are restored only where CUDA is available now)."""
+    import torch
+
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:  # another GPU count than when saved: restore what fits
+            for i, s in enumerate(cuda[:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(s, i)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results over runs: mean ± std per model, as papers report 5- or 10-run averages
+# ----------------------------------------------------------------------------------------------------------
+
+def collect_runs(output_dir, dataset: str | None = None) -> list[dict]:
+    """One record per run folder `<output_dir>/<dataset>/<model>/#<n>/` that has a dev log: dataset, model,
+    run, seed, the best epoch's dev metrics by the run's own `--dev_criterion`, and the test metrics if
+    `--mode=test` was run on it with labels. Runs without a finished epoch are counted as incomplete."""
+    import json
+
+    records, incomplete = [], []
+    root = Path(output_dir)
+    datasets = [root / dataset] if dataset else sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
+    for ds in datasets:
+        for model_dir in sorted(p for p in ds.iterdir() if p.is_dir()) if ds.exists() else []:
+            for run in sorted((p for p in model_dir.iterdir() if p.name.startswith("#")),
+                              key=lambda p: int(p.name[1:]) if p.name[1:].isdigit() else 0):
+                log, cfg_path = run / "dev_log.jsonl", run / "config.json"
+                lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+                lines = [r for r in lines if all(k in r for k in METRIC_KEYS)]
+                if not lines or not cfg_path.exists():
+                    incomplete.append(str(run))
+                    continue
+                cfg = json.loads(cfg_path.read_text())
+                criterion = cfg.get("dev_criterion", "avg")
+                best = max(lines, key=lambda r: criterion_value(r, criterion))
+                rec = {"dataset": ds.name, "model": model_dir.name, "run": run.name, "seed": cfg.get("seed"),
+                       "best_epoch": best.get("epoch"), **{f"dev_{k}": float(best[k]) for k in METRIC_KEYS}}
+                test = run / "test" / "metrics.json"
+                if test.exists():
+                    m = json.loads(test.read_text()).get("metrics", {})
+                    if m.get("labelled") and all(k in m for k in METRIC_KEYS):
+                        rec.update({f"test_{k}": float(m[k]) for k in METRIC_KEYS})
+                records.append(rec)
+    return records if not incomplete else records + [{"incomplete": r} for r in incomplete]
+
+
+def aggregate_runs(records: Sequence[Mapping]) -> tuple[str, str]:
+    """Records of `collect_runs` -> (markdown, tsv): per dataset and model, the number of runs and mean ± std
+    (sample std, ddof=1; 0 for a single run) of each dev metric, and of each test metric where every run has
+    one. Metrics in percent, as in papers."""
+    groups: dict[tuple[str, str], list[Mapping]] = {}
+    for r in records:
+        if "incomplete" not in r:
+            groups.setdefault((r["dataset"], r["model"]), []).append(r)
+    splits = ["dev"] + (["test"] if any("test_auc" in r for r in records) else [])
+    cols = [f"{s}_{k}" for s in splits for k in METRIC_KEYS]
+    names = {"auc": "AUC", "mrr": "MRR", "ndcg5": "nDCG@5", "ndcg10": "nDCG@10"}
+    head = [f"{s} {names[k]}" for s in splits for k in METRIC_KEYS]
+    md = ["| dataset | model | runs | seeds | " + " | ".join(head) + " |", "|---" * (4 + len(head)) + "|"]
+    tsv = ["dataset\tmodel\truns\tseeds\t" + "\t".join(f"{c}_mean\t{c}_std" for c in cols)]
+    for (ds, model), runs in sorted(groups.items()):
+        cells_md, cells_tsv = [], []
+        for c in cols:
+            values = np.array([r[c] for r in runs if c in r], dtype=np.float64) * 100
+            if len(values) < len(runs):  # a metric some runs lack is not averaged over the others
+                cells_md.append("—")
+                cells_tsv.append("\t")
+                continue
+            mean, std = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
+            cells_md.append(f"{mean:.2f} ± {std:.2f}")
+            cells_tsv.append(f"{mean:.6f}\t{std:.6f}")
+        seeds = ",".join(str(r.get("seed")) for r in runs)
+        md.append(f"| {ds} | {model} | {len(runs)} | {seeds} | " + " | ".join(cells_md) + " |")
+        tsv.append(f"{ds}\t{model}\t{len(runs)}\t{seeds}\t" + "\t".join(cells_tsv))
+    return "\n".join(md), "\n".join(tsv)

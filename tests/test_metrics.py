@@ -196,7 +196,7 @@ def test_criterion_value():
     m = {"auc": 0.7, "mrr": 0.3, "ndcg5": 0.35, "ndcg10": 0.4}
     assert util.criterion_value(m, "auc") == 0.7
     assert util.criterion_value(m, "ndcg10") == 0.4
-    assert util.criterion_value(m, "avg") == pytest.approx((0.7 + 0.3 + 0.35 + 0.4) / 4)
+    assert util.criterion_value(m, "avg") == pytest.approx((0.7 + 0.3 + (0.35 + 0.4) / 2) / 3)
     with pytest.raises(ValueError, match="unknown criterion"):
         util.criterion_value(m, "loss")
 

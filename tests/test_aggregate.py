@@ -1,0 +1,62 @@
+"""The results aggregator (`python main.py --mode=aggregate`): mean ± std per model over runs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import util
+
+
+def fake_run(root, dataset, model, n, seed, epochs, criterion="avg", test=None):
+    run = root / dataset / model / f"#{n}"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"seed": seed, "dev_criterion": criterion}))
+    (run / "dev_log.jsonl").write_text("".join(json.dumps({"epoch": i + 1, **m}) + "\n" for i, m in enumerate(epochs)))
+    if test is not None:
+        (run / "test").mkdir()
+        (run / "test" / "metrics.json").write_text(json.dumps({"metrics": {**test, "labelled": True}}))
+    return run
+
+
+def m(auc, mrr, n5, n10):
+    return {"auc": auc, "mrr": mrr, "ndcg5": n5, "ndcg10": n10}
+
+
+def test_best_epoch_by_each_runs_criterion_then_mean_and_sample_std(tmp_path):
+    # run 1: epoch 2 is best by avg; run 2 selects by AUC, so its epoch 1 (higher AUC, lower rest) wins.
+    fake_run(tmp_path, "demo", "MHSA-MHSA", 1, 0, [m(.60, .20, .30, .40), m(.62, .30, .35, .45)])
+    fake_run(tmp_path, "demo", "MHSA-MHSA", 2, 1, [m(.66, .10, .10, .10), m(.64, .30, .40, .50)], criterion="auc")
+    fake_run(tmp_path, "demo", "NAML-ATT", 1, 0, [m(.70, .31, .36, .46)])
+    records = util.collect_runs(tmp_path, "demo")
+    by = {(r["model"], r["run"]): r for r in records}
+    assert by[("MHSA-MHSA", "#1")]["dev_auc"] == .62 and by[("MHSA-MHSA", "#1")]["best_epoch"] == 2
+    assert by[("MHSA-MHSA", "#2")]["dev_auc"] == .66 and by[("MHSA-MHSA", "#2")]["best_epoch"] == 1
+    md, tsv = util.aggregate_runs(records)
+    rows = {line.split("\t")[1]: line.split("\t") for line in tsv.splitlines()[1:]}
+    header = tsv.splitlines()[0].split("\t")
+    nrms = dict(zip(header, rows["MHSA-MHSA"]))
+    assert nrms["runs"] == "2" and nrms["seeds"] == "0,1"
+    assert float(nrms["dev_auc_mean"]) == pytest.approx(64.0)
+    assert float(nrms["dev_auc_std"]) == pytest.approx(np.std([62.0, 66.0], ddof=1))
+    assert float(nrms["dev_mrr_mean"]) == pytest.approx(20.0)
+    naml = dict(zip(header, rows["NAML-ATT"]))
+    assert naml["runs"] == "1" and float(naml["dev_auc_std"]) == 0.0
+    assert "| demo | MHSA-MHSA | 2 | 0,1 | 64.00 ± 2.83 |" in md
+
+
+def test_test_metrics_only_where_every_run_has_them_and_incomplete_runs_are_listed(tmp_path):
+    fake_run(tmp_path, "small", "CNN-LSTUR", 1, 0, [m(.6, .2, .3, .4)], test=m(.61, .21, .31, .41))
+    fake_run(tmp_path, "small", "CNN-LSTUR", 2, 1, [m(.6, .2, .3, .4)], test=m(.63, .23, .33, .43))
+    fake_run(tmp_path, "small", "MHSA-ATT", 1, 0, [m(.6, .2, .3, .4)], test=m(.6, .2, .3, .4))
+    fake_run(tmp_path, "small", "MHSA-ATT", 2, 0, [m(.6, .2, .3, .4)])  # never tested
+    (tmp_path / "small" / "MHSA-ATT" / "#3").mkdir()  # crashed before its first epoch
+    records = util.collect_runs(tmp_path)
+    assert [r["incomplete"] for r in records if "incomplete" in r] == [str(tmp_path / "small" / "MHSA-ATT" / "#3")]
+    md, tsv = util.aggregate_runs(records)
+    header = tsv.splitlines()[0].split("\t")
+    rows = {line.split("\t")[1]: dict(zip(header, line.split("\t"))) for line in tsv.splitlines()[1:]}
+    assert float(rows["CNN-LSTUR"]["test_auc_mean"]) == pytest.approx(62.0)
+    assert rows["MHSA-ATT"]["test_auc_mean"] == ""  # one run has no test metrics: not averaged over the other
+    assert "—" in md.splitlines()[-1]

@@ -1,0 +1,178 @@
+"""Distributed training and evaluation: 2 processes on gloo (CPU) launched with torchrun's CLI give what one
+process gives; a dead rank ends the job; batch sharding, AMP selection and the batch-size rule (STYLE.md §7).
+
+The torchrun runs share one tiny generated corpus (built in-process first, so the ranks only read its cache)
+and use 127.0.0.1 with a free port only. Each launch is bounded by a subprocess timeout: a hang fails the test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import trainer
+import util
+from main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_MODEL = ["--word_embedding_dim=50", "--head_num=4", "--head_dim=8", "--attention_dim=16",
+               "--cnn_kernel_num=32", "--no-progress"]
+TINY_DEMO = ["--demo_news=300", "--demo_users=120", "--demo_train_impressions=300",
+             "--demo_dev_impressions=80", "--demo_test_impressions=80"]
+# 608 training samples: global batch 100 with 2 accumulation steps -> 7 micro-batches (the last holds 8 samples)
+# and 4 optimizer steps, the last with one micro-batch: every branch of the loop (no_sync, partial batch) runs.
+# Dropout 0: the runs must differ only by float rounding. lr 1e-3 makes a data bug move weights far beyond it.
+TRAIN = ["--mode=train", "--dataset=demo", "--epoch=1", "--batch_size=100", "--grad_accum_steps=2",
+         "--dropout_rate=0", "--lr=1e-3", *TINY_DEMO, *SMALL_MODEL]
+
+
+def torchrun(args: list[str], timeout: float = 150, nproc: int = 2, env: dict | None = None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", "main.py", *args]
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", trainer.CRASH_ENV)}
+    full_env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                     "MASTER_ADDR": "127.0.0.1", **(env or {})})
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process and two processes trained from the same seed on the same data."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    data = [f"--data_dir={tmp / 'data'}"]
+    one = main([*TRAIN, *data, f"--output_dir={tmp / 'one'}"])
+    proc = torchrun([*TRAIN, *data, f"--output_dir={tmp / 'two'}"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two_dir = tmp / "two" / "demo" / "MHSA-MHSA" / "#1"
+    return tmp, data, one, two_dir, proc
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(runs):
+    tmp, data, one, two_dir, proc = runs
+    a = torch.load(Path(one["run_dir"]) / trainer.LAST_CHECKPOINT, weights_only=True)
+    b = torch.load(two_dir / trainer.LAST_CHECKPOINT, weights_only=True)
+    assert a["step"] == b["step"] == 4 and b["world_size"] == 2 and len(b["rng"]) == 2
+    assert b["history"][0]["train_loss"] == pytest.approx(a["history"][0]["train_loss"], rel=1e-6)
+    names = list(a["model"])
+    moments = a["optimizer"]["state"]
+    compared = 0
+    for i, name in enumerate(names):
+        # Attention key biases get a mathematically zero gradient (softmax ignores a shift shared by all keys):
+        # Adam turns the float noise left there into steps of random sign in both runs. Their first moment shows
+        # it; every parameter with a real gradient must match.
+        if moments[i]["exp_avg"].abs().max() < 1e-8:
+            continue
+        torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-4, atol=1e-5, msg=name)
+        compared += 1
+    assert compared >= len(names) - 2
+    assert "distributed: 2 processes, backend gloo" in proc.stdout
+
+
+def test_sharded_dev_evaluation_during_training_equals_one_process(runs):
+    tmp, data, one, two_dir, proc = runs
+    logged = [line for line in (two_dir / "dev_log.jsonl").read_text().splitlines()]
+    assert len(logged) == 1
+    sharded = json.loads(logged[0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks ran with OMP_NUM_THREADS=1: same kernels, same rounding
+    try:
+        single = main(["--mode=dev", f"--dev_model_path={two_dir / 'MHSA-MHSA'}", *data, "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("auc", "mrr", "ndcg5", "ndcg10", "impressions"):
+        assert sharded[key] == single["metrics"][key], key
+
+
+def test_sharded_test_prediction_is_identical_to_one_process(runs, tmp_path):
+    tmp, data, one, two_dir, proc = runs
+    ckpt = Path(one["checkpoint"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = main(["--mode=test", f"--test_model_path={ckpt}", *data, "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
+    out = ckpt.parent / "test"
+    saved = tmp_path / "single"
+    shutil.copytree(out, saved)
+    shutil.rmtree(out)
+    proc = torchrun(["--mode=test", f"--test_model_path={ckpt}", *data, "--no-progress"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "prediction.txt").read_bytes() == (saved / "prediction.txt").read_bytes()
+    assert (out / "prediction.zip").exists()
+    sharded = json.loads((out / "metrics.json").read_text())["metrics"]
+    for key in ("auc", "mrr", "ndcg5", "ndcg10", "impressions", "skipped_single_class"):
+        assert sharded[key] == single["metrics"][key], key
+    assert proc.stdout.count("wrote ") == 2  # prediction + truth, written by rank 0 only
+
+
+def test_a_dead_rank_ends_the_job_with_an_error(tmp_path, runs):
+    _, data, _, _, _ = runs
+    proc = torchrun([*TRAIN, "--epoch=2", *data, f"--output_dir={tmp_path / 'crash'}"],
+                    env={trainer.CRASH_ENV: "1:1"}, timeout=90)
+    assert proc.returncode != 0
+    assert "dying at step 1" in proc.stderr
+    assert not list((tmp_path / "crash").rglob(trainer.LAST_CHECKPOINT))  # it died in epoch 1
+
+
+def test_global_batches_are_split_exactly_whatever_the_world_size():
+    """The ranks' parts of each global batch are the one-process batch, and the loss weights make DDP's mean of
+    per-rank mean gradients equal the global batch mean, also when the last batch leaves a rank empty."""
+    n, batch = 23, 6  # last global batch: 5 samples
+    x = np.random.default_rng(0).random(n)
+    single = list(trainer.GlobalBatchSampler(n, batch, seed=3))
+    for world in (2, 3, 6):
+        parts = [trainer.GlobalBatchSampler(n, batch, seed=3, rank=r, world_size=world) for r in range(world)]
+        for s in parts:
+            s.set_epoch(0)
+        rank_batches = [list(s) for s in parts]
+        for i, whole in enumerate(single):
+            weights = [s.weight(i) for s in parts]
+            got = np.concatenate([rb[i] for rb, w in zip(rank_batches, weights) if w > 0])
+            np.testing.assert_array_equal(got, whole)
+            ddp_mean = sum(w * x[rb[i]].mean() for rb, w in zip(rank_batches, weights)) / world
+            assert ddp_mean == pytest.approx(x[whole].mean(), rel=1e-12)
+        assert any(0 in [s.weight(i) for s in parts] for i in range(len(single))) == (world == 6)
+    a, b = trainer.GlobalBatchSampler(n, batch, seed=3), trainer.GlobalBatchSampler(n, batch, seed=3)
+    b.set_epoch(1)
+    assert not all(np.array_equal(p, q) for p, q in zip(a, b))  # a new order every epoch
+
+
+def test_batch_size_must_divide_by_the_world_size(monkeypatch):
+    from config import Config
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match=r"--batch_size=30 is the global batch .* divisible .*=28 or 32"):
+        trainer.setup_runtime(Config.from_args(["--batch_size=30", "--device=cpu"]))
+    assert util.dist_env() == (1, 1, 4)
+
+
+def test_amp_choice(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert trainer.resolve_amp("auto", cpu) == "off"
+    warnings = []
+    assert trainer.resolve_amp("bf16", cpu, log=warnings.append) == "bf16" and "slower" in warnings[0]
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        trainer.resolve_amp("fp16", cpu)
+    # No GPU here: the dtype choice on CUDA is checked with the capability query stubbed.
+    monkeypatch.setattr(trainer, "_cuda_has_bf16", lambda device: True)
+    assert trainer.resolve_amp("auto", cuda) == "bf16"
+    monkeypatch.setattr(trainer, "_cuda_has_bf16", lambda device: False)
+    assert trainer.resolve_amp("auto", cuda) == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    with pytest.raises(ValueError, match="V100 has no native bf16"):
+        trainer.resolve_amp("bf16", cuda)
+    rt = trainer.Runtime(device=cpu, amp="bf16")
+    with rt.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with trainer.Runtime(device=cpu).autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
