@@ -17,7 +17,7 @@ from userEncoders import USER_ENCODERS
 
 DATASETS = ("demo", "small", "200k", "large")
 OFFLINE_MINILM = "offline-minilm"  # alias resolved in newsEncoders.resolve_plm_path
-MODES = ("train", "dev", "test")
+MODES = ("train", "dev", "test", "aggregate")
 CRITERIA = ("auc", "mrr", "ndcg5", "ndcg10", "avg")
 
 # Suggested values per dataset, applied only to flags the user did not type (NNR's per-dataset defaults, which
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     BOOL = argparse.BooleanOptionalAction
 
     g = p.add_argument_group("run")
-    g.add_argument("--mode", default="train", choices=MODES, help="train a model, or evaluate a checkpoint on dev/test")
+    g.add_argument("--mode", default="train", choices=MODES, help="train a model, evaluate a checkpoint on dev/test, or aggregate: mean ± std of every model's runs under --output_dir")
     g.add_argument("--dev_model_path", default=None, help="checkpoint to evaluate with --mode=dev")
     g.add_argument("--test_model_path", default=None, help="checkpoint to predict with --mode=test (writes prediction.zip)")
     g.add_argument("--seed", type=int, default=0, help="random seed (recorded with the run)")

@@ -11,7 +11,7 @@ import numpy as np
 import util
 from config import ARCHITECTURE_FLAGS, Config
 from MIND_corpus import Corpus, CorpusError
-from model import Model
+from model import Model, check_pairing
 from newsEncoders import get_news_encoder, resolve_plm_path
 from trainer import (EvalResult, Trainer, evaluate, format_metrics, load_checkpoint, load_state, load_training_state,
                      resolve_resume, setup_runtime, shutdown_runtime)
@@ -171,9 +171,35 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
     return report
 
 
+def aggregate(config: Config) -> dict[str, Any]:
+    """`--mode=aggregate`: every finished run under `<output_dir>/<dataset>/` (all datasets unless --dataset is
+    typed), grouped by model, as mean ± std per metric; printed as markdown and written as aggregate.md/.tsv."""
+    dataset = config.dataset if "dataset" in config.explicit else None
+    records = util.collect_runs(config.output_dir, dataset)
+    runs = [r for r in records if "incomplete" not in r]
+    if not runs:
+        raise FileNotFoundError(f"no finished run (a run folder with config.json and dev_log.jsonl) under "
+                                f"{Path(config.output_dir) / (dataset or '')}; train with --mode=train first")
+    markdown, tsv = util.aggregate_runs(records)
+    out = Path(config.output_dir) / (dataset or "")
+    util.write_lines_atomic(out / "aggregate.md", markdown.splitlines())
+    util.write_lines_atomic(out / "aggregate.tsv", tsv.splitlines())
+    print(markdown)
+    incomplete = [r["incomplete"] for r in records if "incomplete" in r]
+    if incomplete:
+        print(f"\n{len(incomplete)} run folder(s) without a finished epoch, left out: {', '.join(incomplete)}")
+    print(f"\nmetrics in %, mean ± sample std over runs (best dev epoch of each run by its --dev_criterion; "
+          f"test where every run has labelled test metrics); wrote {out / 'aggregate.md'} and {out / 'aggregate.tsv'}")
+    return {"records": records, "markdown": markdown, "tsv": tsv}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = Config.from_args(argv)
+    if config.mode == "aggregate":
+        return aggregate(config)
     if config.mode == "train":  # dev/test take their settings from the checkpoint: suggestions do not apply
+        # Pairing rules before any data is read: a wrong pairing fails in a second, not after the corpus loads.
+        check_pairing(config.news_encoder, config.user_encoder, config.click_predictor, config)
         for note in config.notes:
             rank0_print(f"note: {note}")
         return train(config)

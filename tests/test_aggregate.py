@@ -60,3 +60,22 @@ def test_test_metrics_only_where_every_run_has_them_and_incomplete_runs_are_list
     assert float(rows["CNN-LSTUR"]["test_auc_mean"]) == pytest.approx(62.0)
     assert rows["MHSA-ATT"]["test_auc_mean"] == ""  # one run has no test metrics: not averaged over the other
     assert "—" in md.splitlines()[-1]
+
+
+def test_main_aggregate_mode_prints_and_writes_tables(tmp_path, capsys):
+    from main import main
+
+    fake_run(tmp_path, "demo", "MHSA-MHSA", 1, 0, [m(.60, .20, .30, .40)])
+    fake_run(tmp_path, "demo", "MHSA-MHSA", 2, 1, [m(.64, .24, .34, .44)])
+    result = main(["--mode=aggregate", f"--output_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert "| demo | MHSA-MHSA | 2 | 0,1 | 62.00 ± 2.83 | 22.00 ± 2.83 |" in out
+    assert (tmp_path / "aggregate.md").read_text().strip() == result["markdown"].strip()
+    assert (tmp_path / "aggregate.tsv").read_text().splitlines()[1].startswith("demo\tMHSA-MHSA\t2\t0,1\t62.000000")
+
+
+def test_main_aggregate_without_runs_says_what_to_do(tmp_path):
+    from main import main
+
+    with pytest.raises(FileNotFoundError, match="no finished run"):
+        main(["--mode=aggregate", f"--output_dir={tmp_path}", "--dataset=small"])

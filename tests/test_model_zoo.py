@@ -155,3 +155,13 @@ def test_invalid_pairing_fails_at_start_naming_valid_partners(news, user):
 def test_every_encoder_has_a_valid_partner():
     assert {n for n, _ in PAIRS} == set(NEWS_ENCODERS)
     assert {u for _, u in PAIRS} == set(USER_ENCODERS)
+
+
+def test_invalid_pairing_fails_before_any_data_is_read(tmp_path):
+    from main import main
+
+    # The data folder does not exist: had the corpus been read first, the error would be about the data.
+    with pytest.raises(ValueError, match="--news_encoder HDC works only with --user_encoder in"):
+        main(["--mode=train", "--news_encoder=HDC", "--user_encoder=ATT", f"--data_dir={tmp_path / 'none'}",
+              "--dataset=small", "--no-progress"])
+    assert not (tmp_path / "none").exists()
