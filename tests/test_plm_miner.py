@@ -343,3 +343,16 @@ def test_training_on_the_cache_moves_only_the_top_layers(tiny_bert):
         if n.startswith("embeddings") or n.startswith("encoder.layer.0.") or n.startswith("encoder.layer.1."):
             assert not moved, n
     assert any(not torch.equal(p, before[n]) for n, p in plm.named_parameters() if n.startswith("encoder.layer.2."))
+
+
+@pytest.mark.parametrize("name", PLM_ENCODERS)
+def test_plm_encoders_with_offline_minilm_shapes_and_padding_invariance(name):
+    """The real pretrained MiniLM (384-d): output shape, and extra padding tokens change nothing (eval mode)."""
+    path = resolve_plm_path(OFFLINE_MINILM)
+    enc = NEWS_ENCODERS[name](make_config(OFFLINE_MINILM, plm_frozen_layers=4), META).eval()
+    short, longer = news_batch(path, length=12), news_batch(path, length=24)
+    with torch.no_grad():
+        a, b = enc(short), enc(longer)
+    extra = 2 * 8 if name == "PLMNAML" else 0  # + category and subcategory embeddings (8-d in make_config)
+    assert a.shape == (4, 384 + extra) and torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

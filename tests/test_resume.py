@@ -134,3 +134,26 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypa
     assert os.listdir(tmp_path) == [trainer.LAST_CHECKPOINT]  # no temporary file left behind
     trainer.atomic_torch_save({"epoch": 2}, path)
     assert torch.load(path, weights_only=True)["epoch"] == 2
+
+
+def test_schedule_plans_exactly_the_optimizer_steps_taken_with_gradient_accumulation(tmp_path):
+    """warmup + linear decay must end at lr 0 on the last optimizer step: the planned total counts optimizer
+    steps (micro-batches / --grad_accum_steps, the last partial group included), not batches."""
+    from dataset import TrainDataset
+    from MIND_corpus import Corpus
+    from config import Config
+
+    common = [f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'runs'}"]
+    tiny = ["--demo_news=150", "--demo_users=60", "--demo_train_impressions=60", "--demo_dev_impressions=10",
+            "--demo_test_impressions=10"]
+    flags = ["--mode=train", "--dataset=demo", "--epoch=2", "--batch_size=16", "--grad_accum_steps=3",
+             *tiny, *SMALL_MODEL, *common]
+    result = main(flags)
+    cfg = Config.from_args(flags)
+    samples = len(TrainDataset(Corpus(cfg, need_glove=False, log=lambda *a: None).behaviors("train"), 4))
+    batches = -(-samples // 16)
+    steps = -(-batches // 3)
+    state = torch.load(Path(result["run_dir"]) / trainer.LAST_CHECKPOINT, weights_only=True)
+    assert state["step"] == 2 * steps
+    assert state["scheduler"]["last_epoch"] == 2 * steps
+    assert all(group["lr"] == 0.0 for group in state["optimizer"]["param_groups"])
