@@ -16,6 +16,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class Registry(dict):
+    """A name -> class table filled by a decorator (`@REGISTRY.register("NAME")`); the one source of truth for
+    argparse `choices` and for lookups. Unknown names get an error listing the valid ones (STYLE.md §2)."""
+
+    def __init__(self, kind: str, flag: str):
+        super().__init__()
+        self.kind, self.flag = kind, flag
+
+    def register(self, name: str):
+        def wrap(cls):
+            if name in self:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            cls.name = name
+            self[name] = cls
+            return cls
+
+        return wrap
+
+    def lookup(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise ValueError(f"unknown {self.flag} {name!r}; choose from {sorted(self)}") from None
+
+
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
     """Softmax over `dim` where `mask` is False -> exactly 0; all-masked rows -> all zeros (not NaN).
 

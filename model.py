@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dataset import Batch
+from layers import Registry
 from newsEncoders import get_news_encoder
 from userEncoders import USER_ENCODERS, UserInputs, UserOutput, get_user_encoder
 
@@ -34,25 +35,12 @@ class ModelOutput:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # each auxiliary loss, already weighted
 
 
-CLICK_PREDICTORS: dict[str, type["ClickPredictor"]] = {}
-
-
-def register_click_predictor(name: str):
-    def wrap(cls):
-        if name in CLICK_PREDICTORS:
-            raise ValueError(f"click predictor {name!r} registered twice")
-        cls.name = name
-        CLICK_PREDICTORS[name] = cls
-        return cls
-
-    return wrap
+CLICK_PREDICTORS: Registry = Registry("click predictor", "--click_predictor")  # name -> ClickPredictor subclass
+register_click_predictor = CLICK_PREDICTORS.register
 
 
 def get_click_predictor(name: str) -> type["ClickPredictor"]:
-    try:
-        return CLICK_PREDICTORS[name]
-    except KeyError:
-        raise ValueError(f"unknown --click_predictor {name!r}; choose from {sorted(CLICK_PREDICTORS)}") from None
+    return CLICK_PREDICTORS.lookup(name)
 
 
 class ClickPredictor(nn.Module):

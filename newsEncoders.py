@@ -18,31 +18,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from layers import AdditiveAttention, MultiHeadSelfAttention, QueryAttention, masked_mean, masked_softmax
+from layers import AdditiveAttention, MultiHeadSelfAttention, QueryAttention, Registry, masked_mean, masked_softmax
 
 if TYPE_CHECKING:  # encoders never import config at run time (import DAG, STYLE.md §1)
     from config import Config
     from MIND_corpus import CorpusMeta
 
-NEWS_ENCODERS: dict[str, type["NewsEncoder"]] = {}
-
-
-def register_news_encoder(name: str):
-    def wrap(cls):
-        if name in NEWS_ENCODERS:
-            raise ValueError(f"news encoder {name!r} registered twice")
-        cls.name = name
-        NEWS_ENCODERS[name] = cls
-        return cls
-
-    return wrap
+NEWS_ENCODERS: Registry = Registry("news encoder", "--news_encoder")  # name -> NewsEncoder subclass
+register_news_encoder = NEWS_ENCODERS.register
 
 
 def get_news_encoder(name: str) -> type["NewsEncoder"]:
-    try:
-        return NEWS_ENCODERS[name]
-    except KeyError:
-        raise ValueError(f"unknown --news_encoder {name!r}; choose from {sorted(NEWS_ENCODERS)}") from None
+    return NEWS_ENCODERS.lookup(name)
 
 
 class NewsEncoder(nn.Module):

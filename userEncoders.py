@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import AdditiveAttention, MultiHeadSelfAttention, last_valid, masked_softmax
+from layers import AdditiveAttention, MultiHeadSelfAttention, Registry, last_valid, masked_softmax
 from newsEncoders import make_category_embedding
 
 if TYPE_CHECKING:
@@ -27,25 +27,12 @@ if TYPE_CHECKING:
     from MIND_corpus import CorpusMeta
     from newsEncoders import NewsEncoder
 
-USER_ENCODERS: dict[str, type["UserEncoder"]] = {}
-
-
-def register_user_encoder(name: str):
-    def wrap(cls):
-        if name in USER_ENCODERS:
-            raise ValueError(f"user encoder {name!r} registered twice")
-        cls.name = name
-        USER_ENCODERS[name] = cls
-        return cls
-
-    return wrap
+USER_ENCODERS: Registry = Registry("user encoder", "--user_encoder")  # name -> UserEncoder subclass
+register_user_encoder = USER_ENCODERS.register
 
 
 def get_user_encoder(name: str) -> type["UserEncoder"]:
-    try:
-        return USER_ENCODERS[name]
-    except KeyError:
-        raise ValueError(f"unknown --user_encoder {name!r}; choose from {sorted(USER_ENCODERS)}") from None
+    return USER_ENCODERS.lookup(name)
 
 
 @dataclass

@@ -39,7 +39,6 @@ PRESETS = {
     "large": dict(news=100000, users=1000000, train_impressions=2232748, dev_impressions=376471,
                   test_impressions=100000),
 }
-GIB = 1024 ** 3
 
 
 def _rss_kib_now() -> int:
@@ -159,6 +158,14 @@ def _proc_rss_kib(pid: int) -> int:
     return 0
 
 
+def _mem_available_kib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1])
+    return 16 * 1024 ** 2
+
+
 def run_child(stage: str, argv: list[str], limit_kib: int) -> bool:
     """Run `scale.py --_stage=<stage>` in a fresh interpreter; False if it failed or was stopped."""
     t0 = time.perf_counter()
@@ -194,7 +201,9 @@ def main(argv=None) -> None:
     p.add_argument("--data_dir", default="data/scale", help="corpus and cache go here (git-ignored under data/)")
     p.add_argument("--train_steps", type=int, default=5)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--rss_limit_gb", type=float, default=16.0, help="stop a stage whose RSS passes this (GiB)")
+    p.add_argument("--rss_limit_gb", type=float, default=None,
+                   help="stop a stage whose RSS passes this (GiB); default 85%% of MemAvailable at start, so the "
+                        "kernel's OOM killer (which may pick another job) is not reached")
     p.add_argument("--stages", default="generate,first,cached", help="comma-separated subset to run")
     p.add_argument("--cleanup", action="store_true", help="delete --data_dir at the end")
     p.add_argument("--verbose", action="store_true", help="also print the corpus log lines")
@@ -217,7 +226,8 @@ def main(argv=None) -> None:
     child_argv = [f"--{k}={getattr(args, k)}" for k in ("news", "users", "train_impressions", "dev_impressions",
                                                        "test_impressions", "data_dir", "train_steps",
                                                        "batch_size")] + (["--verbose"] if args.verbose else [])
-    limit = int(args.rss_limit_gb * 1024 ** 2)
+    limit = int(args.rss_limit_gb * 1024 ** 2) if args.rss_limit_gb else int(0.85 * _mem_available_kib())
+    print(f"RSS limit per stage: {_gib(limit)}", flush=True)
     cache = Path(args.data_dir) / "cache"
     ok = True
     for stage in stages:
