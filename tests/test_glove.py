@@ -150,6 +150,9 @@ def test_split_category_name_with_offline_vocabulary():
     assert util.split_category_name("foodanddrink", frequent) == ["food", "and", "drink"]
     assert util.split_category_name("northamerica", frequent) == ["north", "america"]
     assert util.split_category_name("middleeast", frequent) == ["middle", "east"]
+    # Short names that are words themselves stay whole (not split into letters or sub-words).
+    assert util.split_category_name("tv", frequent) == ["tv"]
+    assert util.split_category_name("autos", frequent) == ["autos"]
 
 
 def test_category_glove_matrix_from_file(glove_file):
