@@ -16,8 +16,10 @@ from newsEncoders import NEWS_ENCODERS
 from userEncoders import USER_ENCODERS
 
 DATASETS = ("demo", "small", "200k", "large")
+# Keys of a saved config.json that --config_file does not take: re-running a run starts a new one.
+FILE_IGNORED = ("config_file", "resume", "seeds")
 OFFLINE_MINILM = "offline-minilm"  # alias resolved in newsEncoders.resolve_plm_path
-MODES = ("train", "dev", "test", "aggregate")
+MODES = ("train", "dev", "test", "aggregate", "explain")
 CRITERIA = ("auc", "mrr", "ndcg5", "ndcg10", "avg")
 
 # Suggested values per dataset, applied only to flags the user did not type (NNR's per-dataset defaults, which
@@ -67,10 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     BOOL = argparse.BooleanOptionalAction
 
     g = p.add_argument_group("run")
-    g.add_argument("--mode", default="train", choices=MODES, help="train a model, evaluate a checkpoint on dev/test, or aggregate: mean ± std of every model's runs under --output_dir")
-    g.add_argument("--dev_model_path", default=None, help="checkpoint to evaluate with --mode=dev")
+    g.add_argument("--mode", default="train", choices=MODES,
+                   help="train a model, evaluate a checkpoint on dev/test, aggregate: mean ± std of every model's runs "
+                        "under --output_dir, or explain: a picture of what a checkpoint attends to in one dev impression")
+    g.add_argument("--config_file", default=None,
+                   help="a saved run's config.json: its values replace the defaults, flags typed on the command line "
+                        "override them (printed); re-runs a run exactly")
+    g.add_argument("--dev_model_path", default=None, help="checkpoint to evaluate with --mode=dev (or to explain)")
     g.add_argument("--test_model_path", default=None, help="checkpoint to predict with --mode=test (writes prediction.zip)")
     g.add_argument("--seed", type=int, default=0, help="random seed (recorded with the run)")
+    g.add_argument("--seeds", type=_int_list, default=None,
+                   help="train once per seed, e.g. 1,2,3 (one run folder each), then print mean ± std over these runs")
+    g.add_argument("--impression_id", default=None, help="--mode=explain: the dev impression (behaviors.tsv column 1)")
+    g.add_argument("--explain_output", default=None,
+                   help="--mode=explain: PNG path (default <checkpoint folder>/explain/impression-<ID>.png)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--output_dir", default="best_model", help="root folder of runs: <output_dir>/<dataset>/<news>-<user>/#<run>/")
 
@@ -174,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--early_stopping_epoch", type=int, default=5, help="stop after this many epochs without dev improvement")
     g.add_argument("--max_steps_per_epoch", type=int, default=0, help="cap optimizer steps per epoch (0 = full epoch; for smoke tests)")
     g.add_argument("--progress", action=BOOL, default=True, help="tqdm progress bars")
+    g.add_argument("--log_every", type=int, default=50,
+                   help="optimizer steps between the records of train_log.jsonl / TensorBoard (and at each epoch end)")
+    g.add_argument("--tensorboard", action=BOOL, default=None,
+                   help="TensorBoard scalars under <run>/tensorboard (default: on when the tensorboard package is installed)")
+    g.add_argument("--plot", action=BOOL, default=True, help="write <run>/curves.png (loss and dev metrics per epoch) "
+                   "after every epoch")
+    g.add_argument("--compile", action=BOOL, default=False,
+                   help="torch.compile the model for training (bench/train.py measures whether it helps; off by default)")
 
     g = p.add_argument_group("dist", "multi-GPU / multi-node with torchrun (detected from its environment), mixed "
                              "precision, resuming")
@@ -213,10 +233,28 @@ class Config:
             self.values[name] = value
 
     @classmethod
-    def from_args(cls, argv: Sequence[str] | None = None) -> "Config":
+    def from_args(cls, argv: Sequence[str] | None = None, file_values: dict[str, Any] | None = None,
+                  file_name: str = "the config file") -> "Config":
+        """Parse `argv`. `file_values` (a saved config.json, read by the caller: this module does no I/O) replace
+        the defaults; typed flags override them, each override noted. File values count as chosen, so per-dataset
+        suggestions do not change them."""
         parser = build_parser()
+        typed = _typed_flags(parser, argv)
+        overrides: list[str] = []
+        if file_values is not None:
+            file_values = {k: v for k, v in file_values.items() if k not in FILE_IGNORED}
+            known = {a.dest for a in parser._actions}
+            unknown = sorted(set(file_values) - known)
+            if unknown:
+                raise ValueError(f"{file_name}: unknown settings {unknown} (not flags of this version of main.py); "
+                                 f"remove them from the file")
+            parser.set_defaults(**file_values)
         ns = parser.parse_args(argv)
-        cfg = cls(values=vars(ns), explicit=_typed_flags(parser, argv))
+        if file_values is not None:
+            overrides = [f"--{k}={getattr(ns, k)!r} overrides {file_name}'s {file_values[k]!r}"
+                         for k in sorted(typed) if k in file_values and file_values[k] != getattr(ns, k)]
+            typed = typed | set(file_values)
+        cfg = cls(values=vars(ns), explicit=typed, notes=overrides)
         cfg.apply_dataset_suggestions()
         cfg.apply_click_predictor_rule()
         cfg.validate()
@@ -295,6 +333,19 @@ class Config:
             errors.append(f"--dist_timeout must be >= 1 second, got {self.dist_timeout}")
         if self.resume and self.mode != "train":
             errors.append("--resume continues training: use it with --mode=train")
+        if self.mode == "explain" and not (self.dev_model_path and self.impression_id):
+            errors.append("--mode=explain needs --dev_model_path=<checkpoint> and --impression_id=<dev impression id>")
+        if self.seeds is not None:
+            if self.mode != "train":
+                errors.append("--seeds runs training once per seed: use it with --mode=train")
+            if "seed" in self.explicit:
+                errors.append("give either --seed or --seeds, not both")
+            if self.resume:
+                errors.append("--seeds starts new runs: it cannot be combined with --resume")
+            if len(set(self.seeds)) != len(self.seeds):
+                errors.append(f"--seeds has repeated values: {self.seeds}")
+        if self.log_every < 1:
+            errors.append(f"--log_every must be >= 1, got {self.log_every}")
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 

@@ -16,6 +16,56 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class AttentionRecorder:
+    """Collects the attention weights of a forward pass, named by module path (`--mode=explain`).
+
+    Modules call `record(self, name, weights, axes)`; that is a no-op unless a recorder is active, so training and
+    evaluation pay one global check. `axes` names each dimension of `weights` (e.g. ("news", "word") or
+    ("impression", "history", "candidate", "interest")) so the picture can label them without knowing the model.
+
+        with AttentionRecorder(model) as rec:
+            model(...)
+        rec.maps  # {"news_encoder.attention/weights": (tensor, axes), ...}
+    """
+
+    def __init__(self, model: nn.Module):
+        self.paths = {id(m): name for name, m in model.named_modules()}
+        self.maps: dict[str, tuple[torch.Tensor, tuple[str, ...]]] = {}
+
+    def add(self, module: nn.Module, name: str, weights: torch.Tensor, axes: tuple[str, ...]) -> None:
+        key = f"{self.paths.get(id(module), type(module).__name__)}/{name}"
+        weights = weights.detach().float().cpu()
+        if key in self.maps and "candidate" in axes:  # an encoder that scores candidates in chunks
+            weights = torch.cat([self.maps[key][0], weights], dim=axes.index("candidate"))
+        self.maps[key] = (weights, tuple(axes))
+
+    def clear(self) -> None:
+        self.maps = {}
+
+    def __enter__(self) -> "AttentionRecorder":
+        global _RECORDER
+        _RECORDER = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _RECORDER
+        _RECORDER = None
+
+
+_RECORDER: AttentionRecorder | None = None
+
+
+def recording() -> bool:
+    """True inside `with AttentionRecorder(...)`: encoders then keep attention they would otherwise free."""
+    return _RECORDER is not None
+
+
+def record(module: nn.Module, name: str, weights: torch.Tensor, axes: tuple[str, ...]) -> None:
+    """Hand `weights` to the active AttentionRecorder, if any (explain mode); free otherwise."""
+    if _RECORDER is not None:
+        _RECORDER.add(module, name, weights, axes)
+
+
 class Registry(dict):
     """A name -> class table filled by a decorator (`@REGISTRY.register("NAME")`); the one source of truth for
     argparse `choices` and for lookups. Unknown names get an error listing the valid ones (STYLE.md §2)."""
@@ -81,6 +131,7 @@ class AdditiveAttention(nn.Module):
         """
         scores = torch.tanh(self.proj(x)) @ self.query  # [N, L]
         weights = masked_softmax(scores, mask, dim=-1)
+        record(self, "weights", weights, ("item", "position"))
         out = torch.bmm(weights.unsqueeze(1), x).squeeze(1)  # [N, E]
         return (out, weights) if return_weights else out
 
@@ -106,6 +157,7 @@ class QueryAttention(nn.Module):
         """
         scores = torch.bmm(torch.tanh(self.proj(x)), query.unsqueeze(2)).squeeze(2)  # [N, L]
         weights = masked_softmax(scores, mask, dim=-1)
+        record(self, "weights", weights, ("item", "position"))
         return torch.bmm(weights.unsqueeze(1), x).squeeze(1)
 
 

@@ -18,11 +18,13 @@ from trainer import (EvalResult, Trainer, evaluate, format_metrics, load_checkpo
 
 # Flags a user may change when evaluating a checkpoint (they do not change the model or the corpus arrays).
 EVAL_OVERRIDABLE = ("data_dir", "device", "eval_batch_size", "num_workers", "progress", "seed", "mode",
-                    "dev_model_path", "test_model_path", "output_dir", "amp", "dist_timeout")
+                    "dev_model_path", "test_model_path", "output_dir", "amp", "dist_timeout", "impression_id",
+                    "explain_output")
 # Flags a user may change when resuming a run (`--resume`): where and how fast it runs, and how long it goes on.
 # Everything else comes from the run's saved config, so the resumed epochs continue the same training.
 RESUME_OVERRIDABLE = ("data_dir", "device", "eval_batch_size", "num_workers", "progress", "amp", "dist_timeout",
-                      "find_unused_parameters", "epoch", "early_stopping_epoch", "resume", "mode", "output_dir")
+                      "find_unused_parameters", "epoch", "early_stopping_epoch", "resume", "mode", "output_dir",
+                      "log_every", "tensorboard", "plot", "compile")
 
 
 def rank0_print(*args, **kwargs) -> None:
@@ -193,8 +195,72 @@ def aggregate(config: Config) -> dict[str, Any]:
     return {"records": records, "markdown": markdown, "tsv": tsv}
 
 
+def train_seeds(config: Config) -> dict[str, Any]:
+    """`--seeds 1,2,3`: one run per seed (each its own run folder), then mean ± std over exactly these runs."""
+    results = []
+    for seed in config.seeds:
+        cfg = Config(values={**config.values, "seed": seed, "seeds": None}, explicit=config.explicit | {"seed"})
+        rank0_print(f"=== seed {seed} ({len(results) + 1}/{len(config.seeds)}) ===")
+        results.append(train(cfg))
+    runs = {str(Path(r["run_dir"]).resolve()) for r in results}
+    records = [r for r in util.collect_runs(config.output_dir, config.dataset)
+               if "incomplete" not in r and str((Path(config.output_dir) / r["dataset"] / r["model"] / r["run"]).resolve())
+               in runs]
+    markdown, tsv = util.aggregate_runs(records)
+    rank0_print(f"\n{len(records)} runs of {config.model_name}, seeds {config.seeds} (metrics in %, mean ± std):\n"
+                f"{markdown}")
+    return {"runs": results, "records": records, "markdown": markdown, "tsv": tsv}
+
+
+def explain(config: Config) -> dict[str, Any]:
+    """`--mode=explain`: a PNG (and its numbers as JSON) of what a checkpoint attends to in one dev impression."""
+    from trainer import explain_impression
+
+    path = config.dev_model_path
+    ckpt = load_checkpoint(path)
+    cfg = config_for_checkpoint(config, ckpt, path)
+    cfg.device = "cpu" if "device" not in config.explicit else cfg.device  # one impression: no GPU needed
+    runtime = setup_runtime(cfg)
+    corpus = load_corpus(cfg)
+    check_corpus(ckpt, corpus, path)
+    model = Model(cfg, corpus.meta, corpus.news)
+    load_state(model, ckpt, path)
+    model.to(runtime.device)
+    data = explain_impression(model, corpus, cfg.impression_id)
+    out = Path(cfg.explain_output) if cfg.explain_output else (
+        Path(path).parent / "explain" / f"impression-{cfg.impression_id}.png")
+    util.plot_explanation(data, out)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    shutdown_runtime(runtime)
+    return {**data, "png": str(out), "json": str(out.with_suffix(".json"))}
+
+
+def read_config_file(argv: Sequence[str] | None) -> tuple[dict[str, Any] | None, str]:
+    """The JSON behind `--config_file` (read here: Config does no I/O), or None when the flag is absent."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config_file", default=None)
+    ns, _ = pre.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    if ns.config_file is None:
+        return None, ""
+    path = Path(ns.config_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config_file {path}: no such file (a run's config.json, e.g. "
+                                f"best_model/demo/MHSA-MHSA/#1/config.json)")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config_file {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config_file {path}: expected a JSON object of flag: value, got {type(values).__name__}")
+    return values, str(path)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config = Config.from_args(argv)
+    file_values, file_name = read_config_file(argv)
+    config = Config.from_args(argv, file_values=file_values, file_name=file_name or "the config file")
     if config.mode == "aggregate":
         return aggregate(config)
     if config.mode == "train":  # dev/test take their settings from the checkpoint: suggestions do not apply
@@ -202,14 +268,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         check_pairing(config.news_encoder, config.user_encoder, config.click_predictor, config)
         for note in config.notes:
             rank0_print(f"note: {note}")
-        return train(config)
+        return train_seeds(config) if config.seeds else train(config)
+    for note in config.notes:
+        if "overrides" in note:
+            rank0_print(f"note: {note}")
+    if config.mode == "explain":
+        return explain(config)
     return evaluate_checkpoint(config)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (CorpusError, FileNotFoundError, ValueError) as e:
+    except (CorpusError, FileNotFoundError, ValueError, ImportError) as e:
         # A user mistake (bad file, wrong path, conflicting flags) gets its message, not a traceback.
         rank, _, world_size = util.dist_env()
         print(f"error{f' (rank {rank})' if world_size > 1 else ''}: {e}", file=sys.stderr)

@@ -442,7 +442,7 @@ def build_optimizer(model: nn.Module, config) -> torch.optim.Optimizer:
             groups.append(group)
             seen.update(id(p) for p in group["params"])
     rest = [p for p in raw.parameters() if p.requires_grad and id(p) not in seen]
-    groups.insert(0, {"params": rest, "lr": config.lr})
+    groups.insert(0, {"params": rest, "lr": config.lr, "name": "model"})  # names label the logged lr
     return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -511,6 +511,33 @@ class TrainState:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+def _group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    return {g.get("name", f"group{i}"): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+
+
+class _LogWindow:
+    """Loss, auxiliary losses and samples since the last train_log record (this rank's shares)."""
+
+    def __init__(self):
+        self.t0, self.loss, self.n, self.samples = time.time(), 0.0, 0, 0
+        self.aux: dict[str, torch.Tensor] = {}
+
+    def add(self, loss_share: float, aux_shares: dict[str, torch.Tensor], global_samples: int) -> None:
+        self.loss += loss_share
+        self.n += 1
+        self.samples += global_samples
+        for k, v in aux_shares.items():
+            self.aux[k] = self.aux.get(k, 0.0) + v
+
+    def reduce(self, global_sums: Callable[[list[float]], list[float]]) -> dict[str, Any]:
+        """Global means over the window (`global_sums` adds the ranks' shares); samples/s of the whole job."""
+        names = sorted(self.aux)
+        sums = global_sums([self.loss, *[float(self.aux[k]) for k in names]])
+        n = max(self.n, 1)
+        return {"loss": sums[0] / n, "aux": {k: v / n for k, v in zip(names, sums[1:])},
+                "samples_per_s": self.samples / max(time.time() - self.t0, 1e-9)}
+
+
 class Trainer:
     """Args:
         resume: a loaded last.pt (`load_training_state`) to continue, with `resume_path` its file; the run goes on
@@ -541,6 +568,10 @@ class Trainer:
                 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
                 self.model = DDP(self.raw, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
                                  broadcast_buffers=False, find_unused_parameters=config.find_unused_parameters)
+        if config.compile:
+            # Training steps only (evaluation runs the bare model): batches vary in shape (unique news, dynamic
+            # padding), so dynamic shapes avoid a recompilation per batch. bench/train.py measures the effect.
+            self.model = torch.compile(self.model, dynamic=True)
 
     # -- pieces ---------------------------------------------------------------------------------------------
     def _run_dir(self) -> Path:
@@ -591,6 +622,22 @@ class Trainer:
             total = float(t.item())
         return total / max(count, 1)
 
+    def _global_sums(self, values: list[float]) -> list[float]:
+        """Sum a few floats over ranks (one all-reduce); identity in one process."""
+        if not self.runtime.distributed or not values:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.runtime.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _plot(self, run_dir: Path) -> None:
+        try:
+            util.plot_curves(run_dir)
+        except Exception as e:  # a picture must never end a training run
+            self.log(f"WARNING: could not draw {run_dir / util.CURVES}: {type(e).__name__}: {e}")
+
     # -- the loop -------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         cfg, rt = self.config, self.runtime
@@ -623,13 +670,19 @@ class Trainer:
             state = TrainState()
             if rt.distributed:  # distinct dropout streams per rank (the model was built from the same seed)
                 torch.manual_seed(cfg.seed + rt.rank)
+        recorder = None
         if rt.is_main:
             (run_dir / "config.json").write_text(cfg.to_json())
+            recorder = util.RunRecorder(run_dir, cfg.tensorboard, resumed=self.resume is not None, log=self.log)
+            recorder.write_environment(util.environment_info(rt.device, rt.world_size, rt.amp))
             self.log(f"run folder {run_dir}; {len(data)} train samples, {steps_per_epoch} steps/epoch, device "
                      f"{rt.device}" + (f" x {rt.world_size} processes" if rt.distributed else "")
                      + f", amp {rt.amp}, batch {cfg.batch_size}"
                      + (f" ({cfg.batch_size // rt.world_size} per process)" if rt.distributed else "")
                      + (f" x {accum} accumulation steps" if accum > 1 else ""))
+        # A training "impression" rate for the logs: samples/s times impressions per sample (an impression with
+        # several clicks gives several samples).
+        impressions_per_sample = len(np.unique(data.sample_impression)) / max(1, len(data))
         if state.stopped_early or state.epoch >= cfg.epoch:
             self.log(f"nothing to do: the run stopped at epoch {state.epoch} of {cfg.epoch}"
                      + (" (early stopping)" if state.stopped_early else ""))
@@ -646,6 +699,8 @@ class Trainer:
             loader = DataLoader(data, sampler=sampler, batch_size=None, num_workers=cfg.num_workers,
                                 pin_memory=rt.device.type == "cuda")
             loss_sum, loss_n, step = 0.0, 0, 0
+            aux_sum: dict[str, torch.Tensor] = {}  # this epoch's auxiliary losses, summed like loss_sum
+            window = _LogWindow()  # since the last train_log record
             bar = tqdm(loader, total=min(batches_per_epoch, steps_per_epoch * accum), desc=f"epoch {epoch}",
                        leave=False, disable=not show, dynamic_ncols=True)
             optimizer.zero_grad(set_to_none=True)
@@ -664,6 +719,11 @@ class Trainer:
                 loss = out.loss.item()
                 loss_sum += loss * weight / rt.world_size  # this rank's share of the global batch's mean loss
                 loss_n += 1
+                share = weight / rt.world_size
+                for name, value in out.aux.items():
+                    aux_sum[name] = aux_sum.get(name, 0.0) + value.detach().float() * share
+                window.add(loss * share, {k: v.detach().float() * share for k, v in out.aux.items()},
+                           sampler.global_size(i))
                 if boundary:
                     if cfg.gradient_clip_norm > 0:
                         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
@@ -674,14 +734,25 @@ class Trainer:
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
                     state.step += 1
+                    if state.step % cfg.log_every == 0:  # the same steps on every rank: the reduce is safe
+                        stats = window.reduce(self._global_sums)
+                        if recorder is not None:
+                            recorder.write({"kind": "step", "epoch": epoch, "step": state.step, **stats,
+                                            "lr": _group_lrs(optimizer),
+                                            "impressions_per_s": stats["samples_per_s"] * impressions_per_sample})
+                        window = _LogWindow()
                     bar.set_postfix(loss=f"{loss:.4f}", mean=f"{loss_sum * rt.world_size / loss_n:.4f}",
                                     lr=f"{scheduler.get_last_lr()[0]:.2e}")
                     if step >= steps_per_epoch:
                         break
             bar.close()
             train_loss = self._global_mean(loss_sum, loss_n)
+            names = sorted(aux_sum)
+            aux_means = dict(zip(names, self._global_sums([float(aux_sum[n]) for n in names]))) if names else {}
+            aux_means = {k: v / max(loss_n, 1) for k, v in aux_means.items()}
             train_seconds = time.time() - t0
-            result = evaluate(self.model, dev_beh, cfg, rt, desc="dev")
+            samples = sum(sampler.global_size(j) for j in range(min(loss_n, batches_per_epoch)))
+            result = evaluate(self.raw, dev_beh, cfg, rt, desc="dev")
 
             # Decisions are rank 0's, broadcast: no rank ever acts on its own view.
             decision = None
@@ -702,6 +773,14 @@ class Trainer:
             rng = util.all_gather_object(util.get_rng_state(), group=rt.wait_group)
             if rt.is_main:
                 util.write_lines_atomic(run_dir / "dev_log.jsonl", [json.dumps(r) for r in state.history])
+                recorder.write({"kind": "epoch", "epoch": epoch, "step": state.step, "train_loss": train_loss,
+                                "aux": aux_means, "lr": _group_lrs(optimizer),
+                                "train_seconds": round(train_seconds, 2), "samples_per_s": samples / train_seconds,
+                                "impressions_per_s": samples / train_seconds * impressions_per_sample,
+                                "dev_seconds": round(result.seconds, 2), "criterion": decision["value"],
+                                **{k: result.metrics[k] for k in util.METRIC_KEYS if k in result.metrics}})
+                if cfg.plot:
+                    self._plot(run_dir)
                 if decision["improved"]:
                     save_checkpoint(checkpoint, self.raw, cfg, self.corpus.meta,
                                     {"epoch": epoch, "dev_metrics": result.metrics})
@@ -713,6 +792,133 @@ class Trainer:
             if state.stopped_early:
                 self.log(f"early stopping: no dev improvement ({cfg.dev_criterion}) for {state.bad_epochs} epochs")
         epoch_bar.close()
+        if recorder is not None:
+            recorder.close()
+            self.log(f"run records: {run_dir / util.TRAIN_LOG}, {run_dir / util.ENVIRONMENT}"
+                     + (f", {run_dir / util.CURVES}" if cfg.plot else "")
+                     + (f", {run_dir / 'tensorboard'}" if recorder.writer is not None else ""))
         self.log(f"best epoch {state.best_epoch}: dev {format_metrics(state.best_metrics)}\ncheckpoint: {checkpoint}"
                  f"\ntraining state: {last}")
         return TrainResult(run_dir, checkpoint, state.best_epoch, state.best_metrics, state.history)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Explain mode: what a trained model attends to in one impression (issue 7)
+# ----------------------------------------------------------------------------------------------------------
+
+NEWS_TSV_COLUMNS = {"title": 3, "abstract": 4}  # text columns of news.tsv
+
+
+def news_texts(root: Path, news_ids: set[str], column: str) -> dict[str, str]:
+    """The `column` text (title / abstract) of `news_ids` from the splits' news.tsv under `root`."""
+    found: dict[str, str] = {}
+    col = NEWS_TSV_COLUMNS[column]
+    for split in ("train", "dev", "test"):
+        path = root / split / "news.tsv"
+        if not path.exists() or len(found) == len(news_ids):
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                nid, _, rest = line.partition("\t")
+                if nid in news_ids and nid not in found:
+                    parts = line.rstrip("\n").split("\t")
+                    found[nid] = parts[col] if len(parts) > col else ""
+    return found
+
+
+def find_impression(beh: dict[str, Any], impression_id: str) -> int:
+    """Row of `impression_id` in a split's behaviors arrays; a clear error with examples when absent."""
+    ids = np.asarray(beh["impression_ids"])
+    rows = np.flatnonzero(ids.astype(str) == str(impression_id))
+    if len(rows) == 0:
+        sizes = np.diff(np.asarray(beh["offsets"]))
+        raise ValueError(f"impression {impression_id!r} is not in {beh['path']} (column 1); "
+                         f"for example: {', '.join(map(str, ids[sizes > 0][:5]))}")
+    return int(rows[0])
+
+
+@torch.no_grad()
+def explain_impression(model: nn.Module, corpus, impression_id: str, split: str = "dev") -> dict[str, Any]:
+    """Run one impression through `model` (eval mode) and collect what it attended to.
+
+    Returns a dict for `util.plot_explanation`: the history and candidate titles, labels and scores, each news'
+    word (token) attention from the news encoder (`layers.AttentionRecorder`), and the user encoder's own
+    attention maps (`UserOutput.attention`) with the names of their axes (`attention_axes`)."""
+    from layers import AttentionRecorder
+
+    beh = corpus.behaviors(split)
+    row = find_impression(beh, impression_id)
+    data = EvalDataset(beh, 1)
+    data.batches = [np.array([row])]
+    device = next(model.parameters()).device
+    batch = data[0].to(device)
+    model.eval()
+    model.build_frozen_cache(log=lambda *a: None)
+    h, c = batch.history.shape[1], batch.candidates.shape[1]
+    ids = torch.cat([batch.history[0], batch.candidates[0]])  # [H + C]
+    user_ids = batch.user.expand(len(ids)) if model.news_encoder.personalized else None
+    with AttentionRecorder(model) as rec:
+        feats = model.news_features(ids)
+        vectors = model.news_encoder(feats, user_id=user_ids)  # [H + C, D]
+        news_maps = dict(rec.maps)
+        rec.clear()
+        logits, out = model.score(batch, vectors[:h].unsqueeze(0), vectors[h:].unsqueeze(0))
+    # Word attention: a news-encoder map over this batch's token positions of the text the encoder reads.
+    text_key = next((k for k in ("title", "plm_ids", "abstract") if k in feats), None)
+    width = feats[text_key].shape[1] if text_key else -1
+    candidates_maps = [(k, w) for k, (w, axes) in news_maps.items()
+                       if k.startswith("news_encoder.") and w.dim() == 2 and w.shape == (h + c, width)]
+    word_key, word_weights = next(((k, w) for k, w in candidates_maps if "title" in k),
+                                  candidates_maps[0] if candidates_maps else (None, None))
+    news_ids = corpus.news_meta["news_ids"]
+    index = ids.cpu().numpy()
+    column = "abstract" if text_key == "abstract" else "title"
+    texts = news_texts(corpus.root, {news_ids[i] for i in index if i > 0}, column)
+    tokens: list[list[str]] = []
+    if text_key == "plm_ids":
+        from transformers import AutoTokenizer
+
+        from newsEncoders import resolve_plm_path
+
+        tok = AutoTokenizer.from_pretrained(resolve_plm_path(model.config.plm_model_name))
+        for r in feats["plm_ids"].cpu().numpy():
+            tokens.append(tok.convert_ids_to_tokens([int(t) for t in r]))
+    elif text_key is not None:
+        from MIND_corpus import tokenize
+
+        vocab = corpus.meta.vocab
+        for i, r in zip(index, feats[text_key].cpu().numpy()):
+            words = tokenize(texts.get(news_ids[i], ""))
+            # The text's own words where they line up with the ids (out-of-vocabulary words keep their spelling).
+            tokens.append([words[j] if j < len(words) else vocab[t] for j, t in enumerate(r)])
+    hist_mask = batch.history_mask[0].cpu().numpy()
+    cand_mask = batch.candidate_mask[0].cpu().numpy()
+    labels = batch.labels[0].cpu().numpy()
+    n_hist = int(hist_mask.sum())
+
+    def news(pos: int) -> dict[str, Any]:
+        i = int(index[pos])
+        entry = {"news_id": news_ids[i] if i > 0 else "(unknown)", "title": texts.get(news_ids[i], "") if i > 0 else ""}
+        if word_weights is not None:
+            length = int((feats[text_key][pos] != 0).sum()) if text_key != "plm_ids" else int(feats["plm_mask"][pos].sum())
+            entry["tokens"] = tokens[pos][:length]
+            entry["weights"] = word_weights[pos, :length].tolist()
+        return entry
+
+    axes_of = getattr(type(model.user_encoder), "attention_axes", {})
+    user_maps = {}
+    for name, weights in out.attention.items():
+        axes = axes_of.get(name)
+        if axes is None or weights.dim() != len(axes):
+            continue  # an attention without declared axes cannot be labelled: left out of the picture
+        w = weights.detach().float().cpu()[0]  # drop the impression axis
+        axes = axes[1:]
+        w = w.narrow(axes.index("history"), 0, n_hist) if "history" in axes else w
+        user_maps[name] = {"axes": list(axes), "weights": w.tolist()}
+    return {
+        "impression_id": str(impression_id), "split": split, "model": model.config.model_name,
+        "word_attention": word_key, "history": [news(p) for p in range(n_hist)],
+        "candidates": [{**news(h + j), "label": int(labels[j]), "score": float(logits[0, j])}
+                       for j in range(c) if cand_mask[j]],
+        "user_attention": user_maps,
+    }

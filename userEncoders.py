@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import AdditiveAttention, MultiHeadSelfAttention, Registry, last_valid, masked_softmax
+from layers import AdditiveAttention, MultiHeadSelfAttention, Registry, last_valid, masked_softmax, recording
 from newsEncoders import make_category_embedding
 
 if TYPE_CHECKING:
@@ -69,6 +69,8 @@ class UserEncoder(nn.Module):
     # that always scores candidates itself (FIM) lists the self-scoring predictor ("FIM").
     compatible_click_predictors: tuple[str, ...] | None = None
     paper = ""
+    # Names of the dimensions of each UserOutput.attention entry, for `--mode=explain`'s picture.
+    attention_axes: dict[str, tuple[str, ...]] = {"history": ("impression", "history")}
 
     def __init__(self, config: "Config", meta: "CorpusMeta", news_encoder: "NewsEncoder"):
         super().__init__()
@@ -193,6 +195,8 @@ class MINERUserEncoder(UserEncoder):
     candidate_aware = True
     needs_category = True
     paper = "MINER (Li et al., ACL 2022)"
+    attention_axes = {"interests": ("impression", "history", "candidate", "interest"),
+                      "candidate": ("impression", "candidate", "interest")}
 
     @classmethod
     def click_predictors_for(cls, config):
@@ -220,10 +224,12 @@ class MINERUserEncoder(UserEncoder):
         # Bound the [B, H, C, K] attention tensor when impressions have hundreds of candidates.
         self.max_elements = 1 << 24
 
-    def interests(self, inp: UserInputs, candidates: torch.Tensor, candidate_category: torch.Tensor) -> torch.Tensor:
+    def interests(self, inp: UserInputs, candidates: torch.Tensor, candidate_category: torch.Tensor,
+                  keep: list | None = None) -> torch.Tensor:
         """Interest vectors per candidate.
 
-        Args: history [B, H, D], history_mask [B, H], candidates [B, C, D], categories [B, H] / [B, C].
+        Args: history [B, H, D], history_mask [B, H], candidates [B, C, D], categories [B, H] / [B, C];
+            keep: a list that receives the attention alpha [B, H, C, K] (explain mode).
         Returns: v [B, C, K, D] (zeros for an empty history).
         """
         h = inp.history
@@ -234,6 +240,8 @@ class MINERUserEncoder(UserEncoder):
         logits = logits.unsqueeze(2) + self.category_lambda * bias.unsqueeze(-1)  # [B, H, C, K]
         mask = inp.history_mask[:, :, None, None].expand_as(logits)
         alpha = masked_softmax(logits, mask, dim=1)  # over history; padded items get exactly 0
+        if keep is not None:
+            keep.append(alpha)
         return torch.einsum("bhck,bhd->bckd", alpha, h)  # [B, C, K, D]
 
     @staticmethod
@@ -252,9 +260,11 @@ class MINERUserEncoder(UserEncoder):
         c = inp.candidates.shape[1]
         step = max(1, self.max_elements // max(1, b * hlen * self.k))
         users, logits, disagreement = [], [], []
+        # The [B, H, C, K] attention is what the chunking avoids holding: kept only for explain mode.
+        alphas, interest_weights = ([], []) if recording() else (None, None)
         for start in range(0, c, step):
             cand = inp.candidates[:, start:start + step]  # [B, c, D]
-            v = self.interests(inp, cand, inp.candidate_category[:, start:start + step])  # [B, c, K, D]
+            v = self.interests(inp, cand, inp.candidate_category[:, start:start + step], alphas)  # [B, c, K, D]
             if self.training and self.beta > 0:
                 sim = self.disagreement(v)  # [B, c]
                 real = inp.candidate_mask[:, start:start + step] & inp.history_mask.any(1, keepdim=True)
@@ -263,17 +273,24 @@ class MINERUserEncoder(UserEncoder):
                 query = F.gelu(self.score_project(cand))  # [B, c, D]
                 weights = torch.softmax((v * query.unsqueeze(2)).sum(-1), dim=-1)  # [B, c, K]
                 users.append((weights.unsqueeze(-1) * v).sum(2))  # [B, c, D]
+                if interest_weights is not None:
+                    interest_weights.append(weights)
             else:
                 per_interest = (v * cand.unsqueeze(2)).sum(-1)  # [B, c, K]
+                if interest_weights is not None:  # max / mean: the share of each interest in the score
+                    interest_weights.append(torch.softmax(per_interest, -1) if self.aggregation == "max"
+                                            else torch.full_like(per_interest, 1.0 / self.k))
                 logits.append(per_interest.max(-1).values if self.aggregation == "max" else per_interest.mean(-1))
         aux = {}
         if disagreement:
             total = sum(s.sum() for s, _ in disagreement)
             count = sum(r.sum() for _, r in disagreement).clamp(min=1)
             aux["disagreement"] = self.beta * total / count
+        attention = ({"interests": torch.cat(alphas, 2), "candidate": torch.cat(interest_weights, 1)}
+                     if alphas is not None else {})
         if users:
-            return UserOutput(user=torch.cat(users, 1), aux=aux)
-        return UserOutput(logits=torch.cat(logits, 1), aux=aux)
+            return UserOutput(user=torch.cat(users, 1), aux=aux, attention=attention)
+        return UserOutput(logits=torch.cat(logits, 1), aux=aux, attention=attention)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -297,6 +314,7 @@ class CATTUserEncoder(UserEncoder):
 
     candidate_aware = True
     paper = "DKN (Wang et al., WWW 2018)"
+    attention_axes = {"history": ("impression", "candidate", "history")}
 
     def __init__(self, config, meta, news_encoder):
         super().__init__(config, meta, news_encoder)
@@ -378,6 +396,7 @@ class OMAPUserEncoder(UserEncoder):
 
     candidate_aware = True
     paper = "Hi-Fi Ark (Liu et al., IJCAI 2019)"
+    attention_axes = {"archives": ("impression", "history", "archive"), "candidate": ("impression", "candidate", "archive")}
 
     def __init__(self, config, meta, news_encoder):
         super().__init__(config, meta, news_encoder)
@@ -500,6 +519,8 @@ class SUEUserEncoder(UserEncoder):
     uses_gcn = True  # --gcn_* flags (and their per-dataset suggestions) matter
     hierarchical = True
     paper = "CNE-SUE (Mao et al., EMNLP Findings 2021)"
+    attention_axes = {"history": ("impression", "history"), "intra": ("impression", "candidate", "history"),
+                      "inter": ("impression", "candidate", "cluster")}
 
     def __init__(self, config, meta, news_encoder):
         super().__init__(config, meta, news_encoder)
