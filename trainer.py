@@ -673,7 +673,8 @@ class Trainer:
         recorder = None
         if rt.is_main:
             (run_dir / "config.json").write_text(cfg.to_json())
-            recorder = util.RunRecorder(run_dir, cfg.tensorboard, resumed=self.resume is not None, log=self.log)
+            recorder = util.RunRecorder(run_dir, cfg.tensorboard, log=self.log,
+                                        resumed_step=state.step if self.resume is not None else None)
             recorder.write_environment(util.environment_info(rt.device, rt.world_size, rt.amp))
             self.log(f"run folder {run_dir}; {len(data)} train samples, {steps_per_epoch} steps/epoch, device "
                      f"{rt.device}" + (f" x {rt.world_size} processes" if rt.distributed else "")

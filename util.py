@@ -923,14 +923,21 @@ class RunRecorder:
     Args:
         run_dir: the run folder.
         tensorboard: True / False, or None = on when the package is installed.
-        resumed: a resumed run keeps the log and writes its environment beside the first one.
+        resumed_step: for a resumed run, the optimizer step it resumes at: the log keeps the records up to it, and
+            the environment is written beside the first one.
     """
 
-    def __init__(self, run_dir, tensorboard: bool | None = None, resumed: bool = False, log=print):
+    def __init__(self, run_dir, tensorboard: bool | None = None, resumed_step: int | None = None, log=print):
         self.run_dir = Path(run_dir)
         self.log_path = self.run_dir / TRAIN_LOG
-        if not resumed and self.log_path.exists():
-            self.log_path.unlink()
+        if resumed_step is None:
+            self.log_path.unlink(missing_ok=True)
+        elif self.log_path.exists():
+            # Records written after the saved state (the interrupted epoch's steps) are redone by the resumed run.
+            kept = [r for r in read_jsonl(self.log_path) if r.get("step", 0) <= resumed_step]
+            import json
+
+            write_lines_atomic(self.log_path, [json.dumps(r) for r in kept])
         if tensorboard is None:
             tensorboard = tensorboard_available()
         elif tensorboard and not tensorboard_available():
@@ -1129,7 +1136,7 @@ def plot_explanation(data: Mapping, out, max_history: int = 12, max_candidates: 
             ax.set_xticklabels(labels_for(ax_names[1], w.shape[1]), rotation=75, ha="right", fontsize=6)
         ax.set_title(f"user encoder: {name} ({' x '.join(m['axes'])}){note}", fontsize=9, loc="left")
     fig.suptitle(f"{data['model']}: {data['split']} impression {data['impression_id']}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))  # leave the suptitle its own line
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)

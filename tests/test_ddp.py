@@ -30,7 +30,7 @@ TINY_DEMO = ["--demo_news=300", "--demo_users=120", "--demo_train_impressions=30
 # and 4 optimizer steps, the last with one micro-batch: every branch of the loop (no_sync, partial batch) runs.
 # Dropout 0: the runs must differ only by float rounding. lr 1e-3 makes a data bug move weights far beyond it.
 TRAIN = ["--mode=train", "--dataset=demo", "--epoch=1", "--batch_size=100", "--grad_accum_steps=2",
-         "--dropout_rate=0", "--lr=1e-3", *TINY_DEMO, *SMALL_MODEL]
+         "--dropout_rate=0", "--lr=1e-3", "--log_every=2", *TINY_DEMO, *SMALL_MODEL]
 
 
 def torchrun(args: list[str], timeout: float = 150, nproc: int = 2, env: dict | None = None):
@@ -73,6 +73,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
         compared += 1
     assert compared >= len(names) - 2
     assert "distributed: 2 processes, backend gloo" in proc.stdout
+    # train_log.jsonl (rank 0 only) logs the global batch's loss and the whole job's sample rate
+    logs = [util.read_jsonl(d / util.TRAIN_LOG) for d in (Path(one["run_dir"]), two_dir)]
+    assert [(r["kind"], r["step"]) for r in logs[1]] == [(r["kind"], r["step"]) for r in logs[0]] == [
+        ("step", 2), ("step", 4), ("epoch", 4)]
+    loss = [[r["loss"] if r["kind"] == "step" else r["train_loss"] for r in log] for log in logs]
+    assert loss[1] == pytest.approx(loss[0], rel=1e-5)
+    assert json.loads((two_dir / util.ENVIRONMENT).read_text())["world_size"] == 2
 
 
 def test_sharded_dev_evaluation_during_training_equals_one_process(runs):

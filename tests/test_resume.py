@@ -19,7 +19,7 @@ TINY_DEMO = ["--demo_news=300", "--demo_users=120", "--demo_train_impressions=30
 # Dropout stays on (demo: 0.2), so the resumed run matches only if the dropout generator is restored too; negatives
 # are redrawn every epoch and the data order changes every epoch, so those must follow the epoch as well.
 TRAIN = ["--mode=train", "--dataset=demo", "--epoch=2", "--batch_size=64", "--max_steps_per_epoch=4",
-         *TINY_DEMO, *SMALL_MODEL]
+         "--log_every=2", *TINY_DEMO, *SMALL_MODEL]
 
 
 class Preempted(Exception):
@@ -77,6 +77,13 @@ def test_two_epochs_equal_one_epoch_plus_resume(resumed):
     assert b["scheduler"]["last_epoch"] == a["scheduler"]["last_epoch"] == 8
     log = [json.loads(line) for line in (run2 / "dev_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
+    # train_log.jsonl goes on where the interrupted run left it: the same records as the uninterrupted run's
+    logs = [[json.loads(x) for x in (Path(r["run_dir"]) / "train_log.jsonl").read_text().splitlines()]
+            for r in (straight, again)]
+    assert [(r["kind"], r["step"]) for r in logs[1]] == [(r["kind"], r["step"]) for r in logs[0]] == [
+        ("step", 2), ("step", 4), ("epoch", 4), ("step", 6), ("step", 8), ("epoch", 8)]
+    assert [r["loss"] for r in logs[1] if r["kind"] == "step"] == pytest.approx(
+        [r["loss"] for r in logs[0] if r["kind"] == "step"], rel=1e-6)
     # the best-model checkpoint stays where dev/test look for it, and it evaluates
     dev = main(["--mode=dev", f"--dev_model_path={again['checkpoint']}", *common])
     assert dev["metrics"]["auc"] == pytest.approx(again["dev_metrics"]["auc"], abs=1e-9)
