@@ -165,3 +165,48 @@ def test_invalid_pairing_fails_before_any_data_is_read(tmp_path):
         main(["--mode=train", "--news_encoder=HDC", "--user_encoder=ATT", f"--data_dir={tmp_path / 'none'}",
               "--dataset=small", "--no-progress"])
     assert not (tmp_path / "none").exists()
+
+
+def _covering_pairs() -> list[tuple[str, str]]:
+    """Each news encoder with its first valid partner, and each user encoder with its first valid partner."""
+    pairs = {next(p for p in PAIRS if p[0] == n) for n in NEWS_ENCODERS}
+    pairs |= {next(p for p in PAIRS if p[1] == u) for u in USER_ENCODERS}
+    return sorted(pairs)
+
+
+COVER = _covering_pairs()
+
+
+@pytest.mark.parametrize("news,user", COVER, ids=[f"{n}-{u}" for n, u in COVER])
+def test_explain_runs_for_every_encoder(zoo, news, user, tmp_path):
+    """`--mode=explain`'s core on every registered encoder: scores equal the evaluation path's, word attention (where
+    the news encoder pools words with attention) is a distribution over each title's real tokens, and every user
+    attention map has the axes its encoder declares, with the history cut to the real clicks."""
+    import util
+    from trainer import explain_impression
+
+    config, corpus, model = build(zoo, news, user)
+    dev = corpus.behaviors("dev")
+    sizes = np.diff(np.asarray(dev["offsets"]))
+    hist_len = (np.asarray(dev["histories"])[np.asarray(dev["history_row"])] != 0).sum(1)
+    row = int(np.flatnonzero((sizes > 1) & (hist_len > 0))[0])
+    impression = str(np.asarray(dev["impression_ids"])[row])
+    data = explain_impression(model, corpus, impression)
+    batch = EvalDataset(dev, 1)
+    batch.batches = [np.array([row])]
+    expected = model.score_cached(batch[0], model.encode_all_news(torch.arange(model.news_num)))[0]
+    np.testing.assert_allclose([c["score"] for c in data["candidates"]], expected.numpy(), rtol=1e-4, atol=1e-4)
+    assert len(data["history"]) == hist_len[row] and len(data["candidates"]) == sizes[row]
+    if data["word_attention"] is not None:
+        for item in data["history"] + data["candidates"]:
+            assert len(item["tokens"]) == len(item["weights"])
+            if item["tokens"]:  # (an empty abstract has no token to attend to)
+                assert sum(item["weights"]) == pytest.approx(1.0, abs=1e-4)
+    axes = USER_ENCODERS[user].attention_axes
+    for name, m in data["user_attention"].items():
+        assert tuple(m["axes"]) == axes[name][1:]
+        shape = np.asarray(m["weights"]).shape
+        sized = {"history": len(data["history"]), "candidate": len(data["candidates"])}
+        assert all(shape[i] == sized[a] for i, a in enumerate(m["axes"]) if a in sized), (name, shape)
+    png = util.plot_explanation(data, tmp_path / "x.png")
+    assert png.stat().st_size > 1000
