@@ -22,10 +22,7 @@ import util
 from main import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_MODEL = ["--word_embedding_dim=50", "--head_num=4", "--head_dim=8", "--attention_dim=16",
-               "--cnn_kernel_num=32", "--no-progress"]
-TINY_DEMO = ["--demo_news=300", "--demo_users=120", "--demo_train_impressions=300",
-             "--demo_dev_impressions=80", "--demo_test_impressions=80"]
+from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
 # 608 training samples: global batch 100 with 2 accumulation steps -> 7 micro-batches (the last holds 8 samples)
 # and 4 optimizer steps, the last with one micro-batch: every branch of the loop (no_sync, partial batch) runs.
 # Dropout 0: the runs must differ only by float rounding. lr 1e-3 makes a data bug move weights far beyond it.

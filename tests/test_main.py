@@ -16,10 +16,7 @@ import util
 from main import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_MODEL = ["--word_embedding_dim=50", "--head_num=4", "--head_dim=8", "--attention_dim=16",
-               "--cnn_kernel_num=32", "--no-progress"]
-TINY_DEMO = ["--demo_news=300", "--demo_users=120", "--demo_train_impressions=300",
-             "--demo_dev_impressions=80", "--demo_test_impressions=80"]
+from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,7 @@ import torch
 import trainer
 from main import main
 
-SMALL_MODEL = ["--word_embedding_dim=50", "--head_num=4", "--head_dim=8", "--attention_dim=16",
-               "--cnn_kernel_num=32", "--no-progress"]
-TINY_DEMO = ["--demo_news=300", "--demo_users=120", "--demo_train_impressions=300",
-             "--demo_dev_impressions=80", "--demo_test_impressions=80"]
+from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
 # Dropout stays on (demo: 0.2), so the resumed run matches only if the dropout generator is restored too; negatives
 # are redrawn every epoch and the data order changes every epoch, so those must follow the epoch as well.
 TRAIN = ["--mode=train", "--dataset=demo", "--epoch=2", "--batch_size=64", "--max_steps_per_epoch=4",

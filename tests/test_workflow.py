@@ -15,10 +15,7 @@ from layers import AdditiveAttention, AttentionRecorder
 from main import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_MODEL = ["--word_embedding_dim=50", "--head_num=4", "--head_dim=8", "--attention_dim=16",
-               "--cnn_kernel_num=32", "--no-progress"]
-TINY_DEMO = ["--demo_news=300", "--demo_users=120", "--demo_train_impressions=300",
-             "--demo_dev_impressions=80", "--demo_test_impressions=80"]
+from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
 TRAIN = ["--mode=train", "--dataset=demo", "--epoch=2", "--batch_size=32", "--max_steps_per_epoch=6",
          "--log_every=2", *TINY_DEMO, *SMALL_MODEL]
 needs_tensorboard = pytest.mark.skipif(not util.tensorboard_available(),
