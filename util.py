@@ -1094,7 +1094,8 @@ def plot_explanation(data: Mapping, out, max_history: int = 12, max_candidates: 
     for m in maps.values():
         shape = np.asarray(m["weights"]).shape
         heights.append(2.2 if len(shape) == 1 else max(2.2, 0.22 * min(shape[0], 40) + 1.6))
-    fig, axes = plt.subplots(panels or 1, 1, figsize=(13, sum(heights) + 1.2 if heights else 3),
+    # constrained layout: each panel gets the room its own labels need (tight_layout gives all the largest gap)
+    fig, axes = plt.subplots(panels or 1, 1, figsize=(13, sum(heights) + 1.2 if heights else 3), layout="constrained",
                              gridspec_kw={"height_ratios": heights} if heights else None, squeeze=False)
     axes = list(axes[:, 0])
     if has_words:
@@ -1129,14 +1130,13 @@ def plot_explanation(data: Mapping, out, max_history: int = 12, max_candidates: 
             if "history" in ax_names and ax_names.index("history") == 0:
                 w, ax_names = w.T, ax_names[::-1]
             im = ax.imshow(w, aspect="auto", cmap="viridis")
-            fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
+            fig.colorbar(im, ax=ax, fraction=0.02, pad=0.005)
             ax.set_yticks(range(w.shape[0]))
             ax.set_yticklabels(labels_for(ax_names[0], w.shape[0]), fontsize=6 if w.shape[0] <= 40 else 4)
             ax.set_xticks(range(w.shape[1]))
             ax.set_xticklabels(labels_for(ax_names[1], w.shape[1]), rotation=75, ha="right", fontsize=6)
         ax.set_title(f"user encoder: {name} ({' x '.join(m['axes'])}){note}", fontsize=9, loc="left")
     fig.suptitle(f"{data['model']}: {data['split']} impression {data['impression_id']}", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.985))  # leave the suptitle its own line
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
