@@ -15,6 +15,11 @@ mtime) and every setting that changes the arrays, so a changed setting rebuilds 
               `--max_history_num` clicks, oldest first, left-aligned), flat candidates + labels + offsets.
 
 Arrays are saved as .npy and loaded with `mmap_mode="r"`, so DataLoader workers share the pages.
+Memory: behaviors.tsv is read `CHUNK_LINES` lines at a time and parsed from the bytes with numpy (candidate and
+history ids are looked up without a Python string per id), so a first build needs the output arrays plus one
+chunk (MIND-large: 2.2M train impressions, 50M candidates, well under 8 GB); the news table is tokenized with one
+re.split per batch of texts. `tokenize_with_spans` and the per-line reference parsers in tests/test_corpus.py
+are the definitions these vectorised paths must reproduce exactly.
 Bad input: errors name the file, the line and what was expected; news referenced by behaviors but missing from
 news.tsv are counted and reported (dropped from histories and train candidates, scored as unknown news in
 dev/test so every impression keeps all its candidates for the official scorer).
@@ -22,6 +27,7 @@ dev/test so every impression keeps all its candidates for the official scorer).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -30,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -57,6 +63,7 @@ def tokenize(text: str) -> list[str]:
 
 
 def tokenize_with_spans(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """Tokens and their character spans, one text at a time (`_tokenize_texts` does many texts at once)."""
     tokens, spans = [], []
     for m in TOKEN_RE.finditer(text):
         tokens.append(m.group().lower())
@@ -65,45 +72,176 @@ def tokenize_with_spans(text: str) -> tuple[list[str], list[tuple[int, int]]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reading tsv files strictly
+# Reading tsv files strictly, in chunks
 # ----------------------------------------------------------------------------------------------------------
 
-def read_tsv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    """Read a MIND tsv (no header, no quoting) with strict checks: UTF-8 and the exact column count.
+# Lines per chunk: a MIND-large behaviors chunk is ~35 MB of text, so a chunk's temporaries stay in the
+# hundreds of MB whatever the file size.
+CHUNK_LINES = 100_000
+_GATHER_FRACTION = 1 / 8  # iter_tsv(usecols=...): gather the columns' bytes if they are at most this share
+_TAB, _NEWLINE, _DASH, _ZERO, _ONE = 9, 10, ord("-"), ord("0"), ord("1")
+# Bytes that separate history ids and candidates: the ASCII whitespace str.split() splits on (MIND uses single
+# spaces). Non-ASCII whitespace stays inside an id, which then is an unknown news (counted in the report).
+_WHITESPACE = np.zeros(256, dtype=bool)
+_WHITESPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
 
-    pandas alone would pad short rows with NaN and quote-parse titles containing `"`, so the file is split
-    here; the per-line work is vectorised through pandas string methods.
+
+def _whitespace(data: np.ndarray) -> np.ndarray:
+    """[bytes] bool: is each byte one of `_WHITESPACE` (one pass over the bytes, fix-ups only for the rare
+    control bytes that are not whitespace)."""
+    ws = data <= 32
+    control = np.flatnonzero(data < 32)
+    ws[control[~_WHITESPACE[data[control]]]] = False
+    return ws
+
+
+@dataclass
+class TsvChunk:
+    """Up to `CHUNK_LINES` consecutive lines of a tsv file, checked (UTF-8, exact column count).
+
+    Legend: R rows (lines) of this chunk, C columns.
     """
-    raw = Path(path).read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise CorpusError(
-            f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); MIND files are UTF-8 — "
-            f"re-download or re-encode the file"
-        ) from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
-    series = pd.Series(lines, dtype=object)
-    n_cols = series.str.count("\t").to_numpy() + 1 if len(series) else np.zeros(0, dtype=np.int64)
-    bad = np.flatnonzero(n_cols != len(columns))
-    if len(bad):
-        i = int(bad[0])
-        raise CorpusError(
-            f"{path}:{i + 1}: expected {len(columns)} tab-separated columns ({', '.join(columns)}), found "
-            f"{int(n_cols[i])}" + (" (empty line)" if lines[i] == "" else "")
-            + (f"; {len(bad)} bad lines in total" if len(bad) > 1 else "")
-        )
-    if not len(series):
-        return pd.DataFrame({c: pd.Series([], dtype=object) for c in columns})
-    frame = series.str.split("\t", expand=True)
-    frame.columns = list(columns)
-    return frame
+
+    path: Path
+    first_line: int  # 1-based line number of row 0 in the file
+    data: np.ndarray  # [bytes] uint8 view of the chunk's bytes (BOM removed); rows end with b"\n"
+    delimiters: np.ndarray  # [R*C] int64 byte positions of each row's C-1 tabs and its line end, in order
+    fields: np.ndarray  # [R, C] object: the columns as str (a trailing "\r" removed); None if not read
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def tokens(self, columns: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Whitespace-separated tokens of the given columns, as byte ranges (no Python string per token).
+
+        Returns:
+            start, end: [T] int64 byte positions in `data`; row: [T] int64 row in the chunk;
+            column: [T] int64. Tokens are in file order.
+        """
+        ws = _whitespace(self.data)
+        edges = np.diff((~ws).view(np.int8), prepend=np.int8(0), append=np.int8(0))  # +1 token start, -1 end
+        del ws
+        start = np.flatnonzero(edges == 1)
+        end = np.flatnonzero(edges == -1)
+        del edges
+        # Delimiters are whitespace, so none sits at a token start: k = how many delimiters precede the token.
+        k = np.searchsorted(self.delimiters, start)
+        n_cols = self.fields.shape[1]
+        column = k % n_cols
+        wanted = np.zeros(n_cols, dtype=bool)
+        wanted[list(columns)] = True
+        keep = wanted[column]
+        return start[keep], end[keep], k[keep] // n_cols, column[keep]
+
+    def text(self, start: int, end: int) -> str:
+        return bytes(self.data[start:end]).decode("utf-8")
+
+
+def _count_bad_rows(lines: Iterator[bytes], n_tabs: int) -> int:
+    """Rows of the rest of a file whose tab count is not `n_tabs` (to report the total with the first one)."""
+    bad = 0
+    while True:
+        block = list(itertools.islice(lines, CHUNK_LINES))
+        if not block:
+            return bad
+        bad += sum(1 for line in block if line.count(b"\t") != n_tabs)
+
+
+def _column_strings(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """[R] object: data[start[i]:end[i]] decoded, for every row i, through one bytes buffer (the fields joined
+    by "\n", which no field contains) and one split, so no Python work per row."""
+    length = end - start
+    out = np.full(int(length.sum()) + len(length), _NEWLINE, dtype=np.uint8)
+    out[_ranges(np.cumsum(length + 1) - (length + 1), length)] = data[_ranges(start, length)]
+    return np.array(out[:-1].tobytes().decode("utf-8").split("\n"), dtype=object)
+
+
+def iter_tsv(path: Path, columns: tuple[str, ...], chunk_lines: int = CHUNK_LINES,
+             usecols: tuple[int, ...] | None = None) -> Iterator[TsvChunk]:
+    """Read a MIND tsv (no header, no quoting) strictly, `chunk_lines` lines at a time: UTF-8 and the exact
+    column count, errors naming the file and line. Only one chunk is in memory at a time. `usecols`: the
+    column indices made into strings (default all; the others stay None, e.g. behaviors' long Impressions
+    column, which is parsed from the bytes instead).
+
+    pandas alone would pad short rows with NaN and quote-parse titles containing `"`, so lines are split here;
+    the per-line work is vectorised (numpy over the bytes, one str.split per chunk).
+    """
+    path = Path(path)
+    n_cols = len(columns)
+    first_line, offset = 1, 0  # offset: file byte position of the chunk's first byte
+    with open(path, "rb") as f:
+        while True:
+            lines = list(itertools.islice(f, chunk_lines))
+            if not lines:
+                return
+            raw = b"".join(lines)
+            n = len(lines)
+            del lines
+            start_offset = offset
+            offset += len(raw)
+            if first_line == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+                start_offset += 3
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = first_line + raw.count(b"\n", 0, e.start)
+                raise CorpusError(
+                    f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {start_offset + e.start}); MIND files are "
+                    f"UTF-8 — re-download or re-encode the file"
+                ) from None
+            data = np.frombuffer(raw, dtype=np.uint8)
+            delimiters = np.flatnonzero((data == _TAB) | (data == _NEWLINE))
+            line_end = np.flatnonzero(data == _NEWLINE)
+            if len(line_end) < n:  # the file's last line has no "\n": it ends where the data ends
+                delimiters = np.append(delimiters, len(data))
+                line_end = np.append(line_end, len(data))
+            found = np.diff(np.searchsorted(delimiters, line_end, side="right"), prepend=0)  # tabs + 1 per row
+            bad = np.flatnonzero(found != n_cols)
+            if len(bad):
+                i = int(bad[0])
+                row_start = int(line_end[i - 1]) + 1 if i else 0
+                row = raw[row_start:int(line_end[i])]
+                total = len(bad) + _count_bad_rows(f, n_cols - 1)
+                raise CorpusError(
+                    f"{path}:{first_line + i}: expected {n_cols} tab-separated columns ({', '.join(columns)}), "
+                    f"found {int(found[i])}" + (" (empty line)" if row in (b"", b"\r") else "")
+                    + (f"; {total} bad lines in total" if total > 1 else "")
+                )
+            ends = delimiters.reshape(n, n_cols)  # [R, C] byte position after each field
+            starts = np.concatenate([np.zeros((n, 1), dtype=np.int64), ends[:, :-1] + 1], axis=1)
+            starts[1:, 0] = ends[:-1, -1] + 1
+            # One trailing "\r" per line is part of the line end (Windows files), as in the reference readers.
+            # Gathering bytes costs more per byte than one str.split of the whole chunk: gather only narrow
+            # columns (behaviors' ids, the users), split everything when the wanted ones hold more of the bytes.
+            if usecols is None or (ends - starts)[:, list(usecols)].sum() > len(data) * _GATHER_FRACTION:
+                if text.endswith("\n"):
+                    text = text[:-1]
+                if "\r" in text:
+                    text = text.replace("\r\n", "\n")
+                    if text.endswith("\r"):
+                        text = text[:-1]
+                fields = np.array(text.replace("\n", "\t").split("\t"), dtype=object).reshape(n, n_cols)
+                if usecols is not None:  # only the wanted columns are handed on
+                    fields[:, [c for c in range(n_cols) if c not in usecols]] = None
+            else:
+                ends = ends.copy()
+                last = ends[:, -1]
+                last -= (last > starts[:, -1]) & (data[np.maximum(last - 1, 0)] == ord("\r"))
+                fields = np.empty((n, n_cols), dtype=object)
+                for c in usecols:
+                    fields[:, c] = _column_strings(data, starts[:, c], ends[:, c])
+            del ends, starts, text
+            yield TsvChunk(path, first_line, data, delimiters, fields)
+            del raw, data, delimiters, line_end, fields  # before the next chunk is read: one chunk at a time
+            first_line += n
+
+
+def read_tsv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    """A whole MIND tsv as a frame of str columns, checked like `iter_tsv` (for files that fit: news.tsv)."""
+    parts = [chunk.fields for chunk in iter_tsv(path, columns)]
+    fields = np.concatenate(parts) if parts else np.zeros((0, len(columns)), dtype=object)
+    return pd.DataFrame({c: fields[:, j] for j, c in enumerate(columns)})
 
 
 def file_signature(path: Path) -> list:
@@ -161,6 +299,58 @@ def cached(cache_dir: Path, component: str, spec: dict[str, Any],
 # News
 # ----------------------------------------------------------------------------------------------------------
 
+# TOKEN_RE with a group: re.split then returns [gap, token, gap, token, ..., gap], whose lengths give every
+# token's character span without a match object per token.
+_TOKEN_SPLIT_RE = re.compile(f"({TOKEN_RE.pattern})")
+_TEXT_BATCH = 50_000  # texts tokenized per re.split call (bounds the temporary token strings)
+
+
+@dataclass
+class _Tokens:
+    """Tokens of T texts, flat. Legend: W tokens of all texts, in text order."""
+
+    words: list[str]  # distinct lower-cased tokens, in order of first appearance
+    code: np.ndarray  # [W] int32 index into `words`
+    first: np.ndarray  # [T+1] int64: text t's tokens are first[t]:first[t+1]
+    start: np.ndarray  # [W] int64 character offset of the token in its text (as TOKEN_RE's span)
+    end: np.ndarray  # [W] int64
+
+
+def _tokenize_texts(texts: list[str]) -> _Tokens:
+    """`tokenize_with_spans` of every text, vectorised: one re.split per batch of texts joined by "\n" (texts are
+    lines of a tsv, so none contains one), token strings coded against a growing word list."""
+    words = pd.Index([], dtype=object)
+    codes, starts, ends, counts = [], [], [], []
+    for b in range(0, len(texts), _TEXT_BATCH):
+        batch = texts[b:b + _TEXT_BATCH]
+        parts = _TOKEN_SPLIT_RE.split("\n".join(batch))  # [2W+1]
+        length = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+        part_end = np.cumsum(length)
+        tok_start, tok_end = part_end[1::2] - length[1::2], part_end[1::2]
+        text_length = np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
+        text_start = np.cumsum(text_length + 1) - (text_length + 1)  # "\n" between texts
+        text_of = np.searchsorted(text_start, tok_start, side="right") - 1
+        tokens = parts[1::2]
+        del parts
+        # Lower-case all tokens at once: "\x00" is neither cased nor case-ignorable, so it ends the context of
+        # str.lower()'s final-sigma rule exactly as the end of a token does.
+        if tokens:
+            tokens = "\x00".join(tokens).lower().split("\x00")
+        local, distinct = pd.factorize(np.array(tokens, dtype=object))
+        del tokens
+        pos = words.get_indexer(distinct)
+        new = np.flatnonzero(pos < 0)
+        pos[new] = len(words) + np.arange(len(new))
+        words = words.append(pd.Index(distinct[new], dtype=object))
+        codes.append(pos[local].astype(np.int32))
+        starts.append(tok_start - text_start[text_of])
+        ends.append(tok_end - text_start[text_of])
+        counts.append(np.bincount(text_of, minlength=len(batch)))
+    cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))
+    first = np.concatenate([[0], np.cumsum(cat(counts, np.int64))]).astype(np.int64)
+    return _Tokens(words.tolist(), cat(codes, np.int32), first, cat(starts, np.int64), cat(ends, np.int64))
+
+
 def _parse_entities(text: str, path: Path, line: int, column: str) -> list[dict]:
     if not text or text == "[]":
         return []
@@ -169,30 +359,76 @@ def _parse_entities(text: str, path: Path, line: int, column: str) -> list[dict]
     except json.JSONDecodeError as e:
         raise CorpusError(f"{path}:{line}: column {column} is not valid JSON ({e.msg}); expected a JSON list "
                           f"of entity objects or []") from None
-    if not isinstance(value, list):
+    if not isinstance(value, list) or not all(isinstance(ent, dict) for ent in value):
         raise CorpusError(f"{path}:{line}: column {column} must be a JSON list of entity objects")
     return value
 
 
-def _align_entities(entities: list[dict], spans: list[tuple[int, int]], max_len: int,
-                    entity_index: dict[str, int]) -> np.ndarray:
-    """Entity id per token position: a token gets the entity whose occurrence span overlaps it (KCNN/DKN)."""
-    out = np.zeros(max_len, dtype=np.int32)
-    spans = spans[:max_len]
-    for ent in entities:
-        wid = ent.get("WikidataId")
-        if not wid:
+def _entity_occurrences(cells: list[str], paths: list[str], lines: list[int], columns: tuple[str, str]):
+    """Parse the entity JSON of every text (cells of news i: 2i title, 2i+1 abstract) in reading order.
+
+    Returns the WikidataIds in order of first use (entity id = position + 1, the numbering a `setdefault` in
+    reading order gives, entities without occurrences included), and per occurrence: cell index, entity id,
+    character start and end (end = start + length of its surface form, or of the label, at least 1).
+    """
+    wids, occ_cell, occ_entity, occ_start, occ_len = [], [], [], [], []
+    for j, text in enumerate(cells):  # one json.loads per non-empty cell: most are "[]" and skipped
+        if not text or text == "[]":
             continue
-        eid = entity_index.setdefault(wid, len(entity_index) + 1)
-        forms = ent.get("SurfaceForms") or []
-        label = ent.get("Label") or ""
-        for j, offset in enumerate(ent.get("OccurrenceOffsets") or []):
-            length = len(forms[j]) if j < len(forms) else len(label)
-            start, end = int(offset), int(offset) + max(length, 1)
-            for t, (s, e) in enumerate(spans):
-                if s < end and e > start:
-                    out[t] = eid
-    return out
+        for ent in _parse_entities(text, paths[j // 2], lines[j // 2], columns[j % 2]):
+            wid = ent.get("WikidataId")
+            if not wid:
+                continue
+            forms = ent.get("SurfaceForms") or []
+            label = ent.get("Label") or ""
+            for k, offset in enumerate(ent.get("OccurrenceOffsets") or []):
+                occ_cell.append(j)
+                occ_entity.append(len(wids))
+                occ_start.append(int(offset))
+                occ_len.append(len(forms[k]) if k < len(forms) else len(label))
+            wids.append(wid)
+    codes, entities = pd.factorize(pd.Series(wids, dtype=object)) if wids else (np.zeros(0, np.int64), [])
+    eid = (np.asarray(codes, dtype=np.int64) + 1)[np.array(occ_entity, dtype=np.int64)]
+    start = np.array(occ_start, dtype=np.int64)
+    end = start + np.maximum(np.array(occ_len, dtype=np.int64), 1)
+    return list(entities), np.array(occ_cell, dtype=np.int64), eid.astype(np.int32), start, end
+
+
+def _scatter_tokens(tok: _Tokens, texts: np.ndarray, rows: np.ndarray, out: np.ndarray, values: np.ndarray) -> None:
+    """out[rows[i], :] = values of text texts[i]'s first out.shape[1] tokens, left-aligned."""
+    max_len = out.shape[1]
+    n = np.minimum(tok.first[texts + 1] - tok.first[texts], max_len)
+    idx = np.repeat(tok.first[texts] - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+    out[np.repeat(rows, n), idx - np.repeat(tok.first[texts], n)] = values[idx]
+
+
+def _align_entities(tok: _Tokens, cell: np.ndarray, eid: np.ndarray, start: np.ndarray, end: np.ndarray,
+                    text_of_cell: np.ndarray, max_len: int, out: np.ndarray, row_of_cell: np.ndarray) -> None:
+    """Entity id per token position (KCNN/DKN): a token gets the entity whose occurrence [start, end) overlaps
+    its span; among the first `max_len` tokens; a later occurrence (in JSON order) overwrites an earlier one.
+
+    Tokens of one text are sorted by position, so the tokens overlapping an occurrence are one range, found
+    with searchsorted on (text, offset) keys, which increase over the flat token list.
+    """
+    if not len(cell):
+        return
+    text = text_of_cell[cell]
+    shift = np.int64(1) << 32  # texts are far shorter than 4 G characters
+    text_of_token = np.repeat(np.arange(len(tok.first) - 1), np.diff(tok.first))
+    key_start = text_of_token * shift + tok.start
+    key_end = text_of_token * shift + tok.end
+    lo = np.searchsorted(key_end, text * shift + np.clip(start, 0, shift - 1), side="right")  # first end > start
+    hi = np.searchsorted(key_start, text * shift + np.clip(end, 0, shift - 1), side="left")  # first start >= end
+    first = tok.first[text]
+    lo = np.clip(lo, first, None)
+    hi = np.minimum(hi, first + np.minimum(tok.first[text + 1] - first, max_len))
+    n = np.maximum(hi - lo, 0)
+    pos = np.repeat(lo - first - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+    rows = np.repeat(row_of_cell[cell], n)
+    flat = rows * max_len + pos
+    # The last write wins (later entities and occurrences overwrite earlier ones, as a loop would).
+    last = len(flat) - 1 - np.unique(flat[::-1], return_index=True)[1]
+    out.reshape(-1)[flat[last]] = np.repeat(eid, n)[last]
 
 
 def build_news(files: dict[str, Path], word_threshold: int, max_title: int, max_abstract: int):
@@ -205,54 +441,53 @@ def build_news(files: dict[str, Path], word_threshold: int, max_title: int, max_
         f["_path"] = str(path)
         frames.append(f)
     news = pd.concat(frames, ignore_index=True)
+    del frames
     empty_id = news["NewsID"] == ""
     if empty_id.any():
         row = news[empty_id].iloc[0]
         raise CorpusError(f"{row['_path']}:{row['_line']}: empty NewsID")
     news = news.drop_duplicates("NewsID", keep="first").reset_index(drop=True)
+    n_news = len(news)
 
+    # Texts 0..N-1 are the titles, N..2N-1 the abstracts.
+    tok = _tokenize_texts(news["Title"].tolist() + news["Abstract"].tolist())
     # Vocabulary: train titles+abstracts only (dev/test words the model never trained on stay <UNK>).
-    train_rows = news["_split"] == "train" if "train" in files else np.ones(len(news), dtype=bool)
-    title_tok, title_spans, abs_tok, abs_spans = [], [], [], []
-    for t in news["Title"].tolist():
-        tok, sp = tokenize_with_spans(t)
-        title_tok.append(tok)
-        title_spans.append(sp)
-    for a in news["Abstract"].tolist():
-        tok, sp = tokenize_with_spans(a)
-        abs_tok.append(tok)
-        abs_spans.append(sp)
-    counts: dict[str, int] = {}
-    for i in np.flatnonzero(np.asarray(train_rows)):
-        for w in title_tok[i]:
-            counts[w] = counts.get(w, 0) + 1
-        for w in abs_tok[i]:
-            counts[w] = counts.get(w, 0) + 1
-    kept = sorted((w for w, c in counts.items() if c >= word_threshold), key=lambda w: (-counts[w], w))
-    vocab = [PAD, UNK] + kept
-    word_index = {w: i for i, w in enumerate(vocab)}
+    train_rows = (news["_split"] == "train").to_numpy() if "train" in files else np.ones(n_news, dtype=bool)
+    in_train = np.repeat(np.concatenate([train_rows, train_rows]), np.diff(tok.first))
+    counts = np.bincount(tok.code[in_train], minlength=len(tok.words))
+    words = np.array(tok.words, dtype=object)
+    kept = np.flatnonzero((counts >= word_threshold) & (counts > 0))
+    word_rank = np.empty(len(words), dtype=np.int64)
+    word_rank[np.argsort(words, kind="stable")] = np.arange(len(words))
+    kept = kept[np.lexsort((word_rank[kept], -counts[kept]))]  # most frequent first, ties alphabetical
+    vocab = [PAD, UNK] + words[kept].tolist()
+    word_id = np.ones(len(words), dtype=np.int32)  # <UNK>
+    word_id[kept] = np.arange(2, len(kept) + 2, dtype=np.int32)
+    token_id = word_id[tok.code]
 
-    n = len(news) + 1  # row 0: padding news
+    n = n_news + 1  # row 0: padding news
+    rows = np.arange(1, n)
     title = np.zeros((n, max_title), dtype=np.int32)
     abstract = np.zeros((n, max_abstract), dtype=np.int32)
+    _scatter_tokens(tok, np.arange(n_news), rows, title, token_id)
+    _scatter_tokens(tok, np.arange(n_news) + n_news, rows, abstract, token_id)
+    title_len = np.zeros(n, dtype=np.int16)
+    title_len[1:] = np.minimum(np.diff(tok.first)[:n_news], max_title)
+
+    # Entities: cells in reading order (news i: title 2i, abstract 2i+1); ids in order of first use.
+    cells = np.empty(2 * n_news, dtype=object)
+    cells[0::2], cells[1::2] = news["TitleEntities"].to_numpy(), news["AbstractEntities"].to_numpy()
+    entity_names, cell, eid, start, end = _entity_occurrences(
+        cells.tolist(), news["_path"].tolist(), news["_line"].tolist(), ("TitleEntities", "AbstractEntities"))
+    text_of_cell = np.where(np.arange(2 * n_news) % 2 == 0, 0, n_news) + np.arange(2 * n_news) // 2
+    row_of_cell = np.arange(2 * n_news) // 2 + 1
     title_entity = np.zeros((n, max_title), dtype=np.int32)
     abstract_entity = np.zeros((n, max_abstract), dtype=np.int32)
-    title_len = np.zeros(n, dtype=np.int16)
-    entity_index: dict[str, int] = {}
-    paths, lines = news["_path"].tolist(), news["_line"].tolist()
-    t_ents, a_ents = news["TitleEntities"].tolist(), news["AbstractEntities"].tolist()
-    for i in range(len(news)):
-        ids = [word_index.get(w, 1) for w in title_tok[i][:max_title]]
-        title[i + 1, :len(ids)] = ids
-        title_len[i + 1] = len(ids)
-        ids = [word_index.get(w, 1) for w in abs_tok[i][:max_abstract]]
-        abstract[i + 1, :len(ids)] = ids
-        ents = _parse_entities(t_ents[i], paths[i], lines[i], "TitleEntities")
-        if ents:
-            title_entity[i + 1] = _align_entities(ents, title_spans[i], max_title, entity_index)
-        ents = _parse_entities(a_ents[i], paths[i], lines[i], "AbstractEntities")
-        if ents:
-            abstract_entity[i + 1] = _align_entities(ents, abs_spans[i], max_abstract, entity_index)
+    is_title = cell % 2 == 0
+    _align_entities(tok, cell[is_title], eid[is_title], start[is_title], end[is_title], text_of_cell, max_title,
+                    title_entity, row_of_cell)
+    _align_entities(tok, cell[~is_title], eid[~is_title], start[~is_title], end[~is_title], text_of_cell,
+                    max_abstract, abstract_entity, row_of_cell)
 
     categories = [PAD] + sorted(set(news["Category"]))
     subcategories = [PAD] + sorted(set(news["SubCategory"]))
@@ -262,7 +497,7 @@ def build_news(files: dict[str, Path], word_threshold: int, max_title: int, max_
     subcategory = np.zeros(n, dtype=np.int32)
     category[1:] = news["Category"].map(cat_index).to_numpy()
     subcategory[1:] = news["SubCategory"].map(sub_index).to_numpy()
-    entities = [PAD] + sorted(entity_index, key=entity_index.get)
+    entities = [PAD] + entity_names
 
     arrays = dict(title=title, abstract=abstract, title_entity=title_entity, abstract_entity=abstract_entity,
                   category=category, subcategory=subcategory, title_length=title_len)
@@ -278,93 +513,211 @@ def build_news(files: dict[str, Path], word_threshold: int, max_title: int, max_
 # Behaviors
 # ----------------------------------------------------------------------------------------------------------
 
-def build_behaviors(path: Path, split: str, news_index: pd.Index, user_index: pd.Index, max_history: int):
-    """Parse one behaviors.tsv into flat, vectorised arrays (see module docstring)."""
-    df = read_tsv(path, BEHAVIOR_COLUMNS)
-    n = len(df)
-    impr_ids = pd.to_numeric(df["ImpressionID"], errors="coerce")
-    if impr_ids.isna().any():
-        i = int(np.flatnonzero(impr_ids.isna().to_numpy())[0])
-        raise CorpusError(f"{path}:{i + 1}: ImpressionID {df['ImpressionID'].iloc[i]!r} is not an integer")
-    impr_ids = impr_ids.to_numpy(np.int64)
-    if len(np.unique(impr_ids)) != n:
-        vals, first = np.unique(impr_ids, return_index=True)
-        dup_rows = np.setdiff1d(np.arange(n), first)
-        i = int(dup_rows[0])
-        raise CorpusError(f"{path}:{i + 1}: ImpressionID {impr_ids[i]} appears twice; ids must be unique")
-    user = (user_index.get_indexer(df["UserID"]) + 1).astype(np.int32)  # -1 (unknown) -> 0
+# Big-endian uint64 masks keeping the first n bytes, n = 0..8.
+_KEEP_BYTES = np.array([0] + [(~np.uint64(0)) << np.uint64(8 * (8 - n)) for n in range(1, 9)], dtype=np.uint64)
 
-    # Histories: de-duplicated (MIND repeats one history for every impression of a user), most recent kept.
-    hist_codes, hist_uniques = pd.factorize(df["History"].str.strip(), sort=False)
-    hist_lists = pd.Series(hist_uniques).str.split()
-    lengths = hist_lists.str.len().to_numpy().astype(np.int64)
-    flat = hist_lists.explode().dropna()
-    flat_ids = news_index.get_indexer(flat.to_numpy()) + 1 if len(flat) else np.zeros(0, dtype=np.int64)
-    rows = np.repeat(np.arange(len(hist_uniques)), lengths)
-    unknown_history = int((flat_ids == 0).sum())
-    keep = flat_ids > 0
-    rows, flat_ids = rows[keep], flat_ids[keep]
-    new_len = np.bincount(rows, minlength=len(hist_uniques))
-    starts = np.concatenate([[0], np.cumsum(new_len)[:-1]])
-    pos = np.arange(len(rows)) - starts[rows]
-    drop = np.maximum(new_len - max_history, 0)  # oldest clicks beyond H are dropped (MIND order: oldest first)
+
+class _IdTable:
+    """Byte-string ids -> row (1-based; 0 = unknown), looked up for byte ranges of a chunk without a Python
+    string per lookup: ids up to 8 bytes (MIND's "N12345") become big-endian uint64 keys (zero-padded), found
+    through a hash index; longer ones a fixed-width bytes array, found by searchsorted."""
+
+    def __init__(self, ids: pd.Index):
+        encoded = [s.encode("utf-8") for s in ids.tolist()]  # once per news, not per candidate
+        self.width = max([len(e) for e in encoded] + [1])
+        if self.width <= 8:
+            self.width = 8
+            self.index = pd.Index(np.array(encoded, dtype="S8").view(">u8").astype(np.uint64))
+        else:
+            table = np.array(encoded, dtype=f"S{self.width}")
+            self.order = np.argsort(table, kind="stable")
+            self.sorted = table[self.order]
+
+    def _keys(self, data: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
+        """The query keys of the ids data[start:start+length] (no Python object per id)."""
+        if self.width == 8:
+            # 8 bytes from each start in one gather through an overlapping [bytes-7, 8] view of the data, then
+            # the bytes past the id's end masked off. Ids in the data's last 7 bytes take the byte-wise path.
+            key = np.zeros(len(start), dtype=np.uint64)
+            inside = start <= len(data) - 8
+            if len(data) >= 8:
+                windows = np.lib.stride_tricks.as_strided(data, shape=(len(data) - 7, 8), strides=(1, 1))
+                key[inside] = windows[start[inside]].view(">u8").ravel()
+            for j in range(8):
+                tail = ~inside & (length > j)
+                key[tail] |= data[start[tail] + j].astype(np.uint64) << np.uint64(8 * (7 - j))
+            return key & _KEEP_BYTES[np.minimum(length, 8)]
+        query = np.zeros((len(start), self.width), dtype=np.uint8)
+        last = max(len(data) - 1, 0)
+        for j in range(self.width):  # a loop over byte columns, not over ids
+            query[:, j] = np.where(length > j, data[np.minimum(start + j, last)], 0)
+        return query.view(f"S{self.width}").ravel()
+
+    def lookup(self, data: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+        """[T] int32 row + 1 of the id data[start:end], 0 where unknown."""
+        length = end - start
+        key = self._keys(data, start, length)
+        # Zero padding ignores trailing NUL bytes, which ids (UTF-8 text) never end with; an empty or longer
+        # token is no id.
+        real = (length > 0) & (length <= self.width)
+        if self.width == 8:
+            return np.where(real, self.index.get_indexer(key) + 1, 0).astype(np.int32)
+        if not len(self.sorted):
+            return np.zeros(len(start), dtype=np.int32)
+        pos = np.minimum(np.searchsorted(self.sorted, key), len(self.sorted) - 1)
+        return np.where(real & (self.sorted[pos] == key), self.order[pos] + 1, 0).astype(np.int32)
+
+
+def _ranges(first: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Concatenated aranges: first[i], first[i]+1, ..., first[i]+count[i]-1 for every i."""
+    return np.repeat(first - np.cumsum(count) + count, count) + np.arange(int(count.sum()))
+
+
+def _histories(ids: np.ndarray, lengths: np.ndarray, max_history: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Left-aligned history rows from flat history ids (0 = unknown news, dropped): the most recent
+    `max_history` known clicks, oldest first (MIND lists clicks oldest first). Returns [U, H] int32,
+    the number of known clicks [U] (before truncation) and the kept length [U] int16."""
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    keep = ids > 0
+    rows, ids = rows[keep], ids[keep]
+    known = np.bincount(rows, minlength=len(lengths))
+    pos = np.arange(len(rows)) - (np.cumsum(known) - known)[rows]
+    drop = np.maximum(known - max_history, 0)  # oldest clicks beyond H are dropped
     keep = pos >= drop[rows]
-    histories = np.zeros((len(hist_uniques), max_history), dtype=np.int32)
-    histories[rows[keep], (pos - drop[rows])[keep]] = flat_ids[keep]
-    history_length = np.minimum(new_len, max_history).astype(np.int16)
+    out = np.zeros((len(lengths), max_history), dtype=np.int32)
+    out[rows[keep], (pos - drop[rows])[keep]] = ids[keep]
+    return out, known, np.minimum(known, max_history).astype(np.int16)
 
-    # Impressions: "N1-1 N2-0 ..." (labelled) or "N1 N2 ..." (unlabelled test).
-    cand_lists = df["Impressions"].str.split()
-    counts = cand_lists.str.len().to_numpy().astype(np.int64)
-    if (counts == 0).any():
-        i = int(np.flatnonzero(counts == 0)[0])
-        raise CorpusError(f"{path}:{i + 1}: empty Impressions column; expected 'N1-1 N2-0 ...'")
-    tokens = cand_lists.explode().to_numpy(dtype=str)
-    line_of = np.repeat(np.arange(n), counts)
-    parts = pd.Series(tokens).str.rpartition("-")
-    has_sep = (parts[1] == "-").to_numpy()
-    if has_sep.any():
-        tail = parts[2].to_numpy(dtype=str)
-        bad = ~has_sep | ((tail != "0") & (tail != "1"))
-        if bad.any():
-            j = int(np.flatnonzero(bad)[0])
+
+def build_behaviors(path: Path, split: str, news_index: pd.Index, user_index: pd.Index, max_history: int,
+                    chunk_lines: int = CHUNK_LINES):
+    """Parse one behaviors.tsv into flat int arrays (see the module docstring), `chunk_lines` lines at a time.
+
+    Only int arrays outlive a chunk: candidates and history ids are parsed from the chunk's bytes (no Python
+    string per candidate), so memory is the output arrays plus one chunk. Histories are de-duplicated across the
+    file by their text (MIND repeats a user's history for each of their impressions). Errors name the file and
+    the line, as found while streaming (the first malformed line of the first chunk that has one).
+    """
+    path = Path(path)
+    news = _IdTable(news_index)
+    seen_histories: dict[str, int] = {}  # history text -> row of the history table
+    impr_ids, users, history_rows, cands, labels, sizes = [], [], [], [], [], []
+    history_parts, known_parts, length_parts = [], [], []
+    stats = dict(impressions=0, candidates=0, unknown_history_news=0, unknown_candidate_news=0, no_click=0,
+                 no_negative=0)
+    labelled: bool | None = None  # decided by the file's first candidate tokens: "N1-1" labelled, "N1" not
+    first_token = ("", 0)  # (text, line) of the file's first candidate: the first bad one if labels appear later
+    for chunk in iter_tsv(path, BEHAVIOR_COLUMNS, chunk_lines, usecols=(0, 1, 3)):
+        n, line0, data = len(chunk), chunk.first_line, chunk.data
+        id_text = chunk.fields[:, 0]
+        ids = pd.to_numeric(pd.Series(id_text, dtype=object), errors="coerce")
+        as_float = ids.to_numpy(np.float64)
+        bad = np.flatnonzero(np.isnan(as_float) | (as_float != np.floor(as_float)))  # "x5", "", "1.5"
+        if len(bad):
+            i = int(bad[0])
+            raise CorpusError(f"{path}:{line0 + i}: ImpressionID {id_text[i]!r} is not an integer")
+        impr_ids.append(ids.to_numpy(np.int64))
+        users.append((user_index.get_indexer(chunk.fields[:, 1]) + 1).astype(np.int32))  # -1 (unknown) -> 0
+
+        start, end, row, column = chunk.tokens((3, 4))
+        # Impressions: "N1-1 N2-0 ..." (labelled) or "N1 N2 ..." (unlabelled test).
+        imp = column == 4
+        c_start, c_end, c_row = start[imp], end[imp], row[imp]
+        count = np.bincount(c_row, minlength=n)
+        if (count == 0).any():
+            i = int(np.flatnonzero(count == 0)[0])
+            raise CorpusError(f"{path}:{line0 + i}: empty Impressions column; expected 'N1-1 N2-0 ...'")
+        if not labelled:  # (still) unlabelled: does a candidate of this chunk contain a "-"?
+            dashes = np.flatnonzero(data == _DASH)
+            has_dash = np.searchsorted(dashes, c_end) > np.searchsorted(dashes, c_start)
+        if labelled is None:
+            labelled = bool(has_dash.any())
+            first_token = (chunk.text(int(c_start[0]), int(c_end[0])), line0 + int(c_row[0]))
+        if labelled:
+            # A label is "-0" or "-1" after the last "-": the last two bytes of the token.
+            last = data[c_end - 1]
+            well_formed = ((c_end - c_start >= 2) & (data[np.maximum(c_end - 2, c_start)] == _DASH)
+                           & ((last == _ZERO) | (last == _ONE)))
+            bad = np.flatnonzero(~well_formed)
+            bad_token = (chunk.text(int(c_start[bad[0]]), int(c_end[bad[0]])), line0 + int(c_row[bad[0]])) \
+                if len(bad) else None
+            label = (last == _ONE).astype(np.int8)
+            id_end = c_end - 2
+        else:
+            bad_token = first_token if has_dash.any() else None  # a labelled token after unlabelled ones
+            label = np.full(len(c_start), -1, dtype=np.int8)
+            id_end = c_end
+        if bad_token:
             raise CorpusError(
-                f"{path}:{line_of[j] + 1}: candidate {tokens[j]!r}: expected '<NewsID>-0' or '<NewsID>-1' "
+                f"{path}:{bad_token[1]}: candidate {bad_token[0]!r}: expected '<NewsID>-0' or '<NewsID>-1' "
                 f"(label suffix 0 = not clicked, 1 = clicked), and every candidate of a labelled file labelled"
             )
-        labels = (tail == "1").astype(np.int8)
-        cand_news = parts[0].to_numpy(dtype=str)
-        labelled = True
-    else:
-        labels = np.full(len(tokens), -1, dtype=np.int8)
-        cand_news = tokens
-        labelled = False
-    cand = (news_index.get_indexer(cand_news) + 1).astype(np.int32)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    unknown_cand = cand == 0
-    stats: dict[str, Any] = dict(
-        impressions=n, candidates=int(len(cand)), labelled=labelled,
-        unknown_history_news=unknown_history, unknown_candidate_news=int(unknown_cand.sum()),
+        cand = news.lookup(data, c_start, id_end)
+        unknown = cand == 0
+        stats["candidates"] += len(cand)
+        stats["unknown_candidate_news"] += int(unknown.sum())
+        if split == "train":  # a candidate missing from news.tsv cannot be encoded: dropped from training, counted
+            cand, label, c_row = cand[~unknown], label[~unknown], c_row[~unknown]
+        size = np.bincount(c_row, minlength=n)
+        if labelled:
+            clicks = np.bincount(c_row, weights=label, minlength=n)
+            stats["no_click"] += int((clicks == 0).sum())
+            stats["no_negative"] += int((clicks == size).sum())
+        cands.append(cand)
+        labels.append(label)
+        sizes.append(size)
+
+        # Histories: parse each history text the first time the file shows it.
+        code, distinct = pd.factorize(pd.Series(chunk.fields[:, 3], dtype=object).str.strip().to_numpy())
+        # A dict, not a growing pd.Index: an Index would rebuild its hash table of all histories every chunk.
+        row_of = np.fromiter(map(seen_histories.get, distinct, itertools.repeat(-1)), dtype=np.int64,
+                             count=len(distinct))
+        new = np.flatnonzero(row_of < 0)
+        row_of[new] = len(seen_histories) + np.arange(len(new))
+        seen_histories.update(zip(distinct[new].tolist(), row_of[new].tolist()))
+        history_rows.append(row_of[code].astype(np.int32))
+        first_row = np.unique(code, return_index=True)[1][new]  # a line showing each new history
+        h = np.flatnonzero(column == 3)
+        h_first = np.searchsorted(row[h], first_row, side="left")
+        h_count = np.searchsorted(row[h], first_row, side="right") - h_first
+        take = h[_ranges(h_first, h_count)]
+        hist_ids = news.lookup(data, start[take], end[take])
+        stats["unknown_history_news"] += int((hist_ids == 0).sum())
+        table, known, length = _histories(hist_ids, h_count, max_history)
+        history_parts.append(table)
+        known_parts.append(known)
+        length_parts.append(length)
+        stats["impressions"] += n
+        del chunk, data, start, end, row, column
+
+    cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype))
+    impr_ids = cat(impr_ids, np.int64)
+    n = len(impr_ids)
+    vals, first = np.unique(impr_ids, return_index=True)
+    if len(vals) != n:
+        i = int(np.setdiff1d(np.arange(n), first)[0])  # the first line repeating an earlier id
+        raise CorpusError(f"{path}:{i + 1}: ImpressionID {impr_ids[i]} appears twice; ids must be unique")
+    del vals, first
+    user = cat(users, np.int32)
+    history_row = cat(history_rows, np.int32)
+    histories = np.concatenate(history_parts) if history_parts else np.zeros((0, max_history), dtype=np.int32)
+    known = cat(known_parts, np.int64)
+    history_length = cat(length_parts, np.int16)
+    offsets = np.concatenate([[0], np.cumsum(cat(sizes, np.int64))]).astype(np.int64)
+    out_stats: dict[str, Any] = dict(
+        impressions=n, candidates=stats["candidates"], labelled=bool(labelled),
+        unknown_history_news=stats["unknown_history_news"], unknown_candidate_news=stats["unknown_candidate_news"],
         unknown_users=int((user == 0).sum()),
-        empty_histories=int((history_length[hist_codes] == 0).sum()),
-        truncated_histories=int((new_len[hist_codes] > max_history).sum()),
+        empty_histories=int((history_length[history_row] == 0).sum()),
+        truncated_histories=int((known[history_row] > max_history).sum()),
     )
-    if split == "train":
-        # A candidate missing from news.tsv cannot be encoded: drop it from training, counted.
-        keep = ~unknown_cand
-        new_counts = np.bincount(line_of[keep], minlength=n)
-        cand, labels = cand[keep], labels[keep]
-        offsets = np.concatenate([[0], np.cumsum(new_counts)]).astype(np.int64)
     if labelled:
-        clicks = np.add.reduceat(labels.astype(np.int64), offsets[:-1]) if len(labels) else np.zeros(n)
-        sizes = np.diff(offsets)
-        clicks = np.where(sizes > 0, clicks, 0)
-        stats["no_click_impressions"] = int((clicks == 0).sum())
-        stats["no_negative_impressions"] = int((clicks == sizes).sum())
-    arrays = dict(impression_ids=impr_ids, user=user, history_row=hist_codes.astype(np.int32),
-                  histories=histories, history_length=history_length, candidates=cand, labels=labels,
+        out_stats["no_click_impressions"] = stats["no_click"]
+        out_stats["no_negative_impressions"] = stats["no_negative"]
+    arrays = dict(impression_ids=impr_ids, user=user, history_row=history_row, histories=histories,
+                  history_length=history_length, candidates=cat(cands, np.int32), labels=cat(labels, np.int8),
                   offsets=offsets)
-    return arrays, stats
+    return arrays, out_stats
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -523,9 +876,11 @@ class Corpus:
     # -- components ------------------------------------------------------------------------------------
     @staticmethod
     def _build_users(path: Path):
-        df = read_tsv(path, BEHAVIOR_COLUMNS)
-        users = sorted(set(df["UserID"]))
-        return {}, dict(users=[""] + users)
+        """The train split's user ids, sorted; only the UserID column outlives each chunk."""
+        users: set[str] = set()
+        for chunk in iter_tsv(path, BEHAVIOR_COLUMNS, usecols=(1,)):
+            users.update(chunk.fields[:, 1])
+        return {}, dict(users=[""] + sorted(users))
 
     def _build_entities(self, vec_files: list[Path]):
         matrix, found, missing = read_entity_vectors(vec_files, self.news_meta["entities"])

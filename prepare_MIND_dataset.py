@@ -68,6 +68,7 @@ BEHAVIOR_COLUMNS = ("ImpressionID", "UserID", "Time", "History", "Impressions")
 PROTOCOL_VERSION = 2
 GENERATOR_VERSION = 3  # bump when the demo generator's output changes: ensure_demo then regenerates
 DOWNLOAD_TIMEOUT_S = 10.0
+WRITE_CHUNK = 100_000  # impressions whose text the demo generator makes and writes at a time
 DEMO_SIZES = dict(num_news=3000, num_users=2000, num_train_impressions=6000, num_dev_impressions=1500,
                   num_test_impressions=1500)
 
@@ -221,6 +222,13 @@ SPLIT_START = {"train": ("2019-11-09T00:00:00", 5), "dev": ("2019-11-14T00:00:00
 # Demo corpus: vectorised helpers
 # ==========================================================================================================
 
+def _chunks(n: int, size: int = 1 << 22):
+    """(start, end) of consecutive slices of range(n): elementwise work on MIND-large-sized arrays (50M
+    candidates) runs slice by slice, so its float64 temporaries stay small."""
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
 def _by_size(offsets: np.ndarray):
     """Yield `[G, n]` element indices of the segments with n elements, for every n (segments are contiguous),
     so per-segment sorts become row sorts of small 2-D arrays."""
@@ -295,11 +303,15 @@ class _WindowSampler:
 
     def draw(self, rng: np.random.Generator, categories: np.ndarray, lo: int, hi: int) -> np.ndarray:
         """One news index per entry of `categories` (each category must have news in the window)."""
-        a, b = self.bounds(lo, hi)
-        a, b = a[categories], b[categories]
-        target = self.cum[a] + rng.random(len(categories)) * (self.cum[b] - self.cum[a])
-        pos = np.clip(np.searchsorted(self.cum, target, side="right") - 1, a, b - 1)
-        return self.order[pos]
+        bound_a, bound_b = self.bounds(lo, hi)
+        u = rng.random(len(categories))
+        out = np.empty(len(categories), dtype=np.int64)
+        for s, e in _chunks(len(categories)):  # elementwise: chunks bound the temporaries, not the values
+            a, b = bound_a[categories[s:e]], bound_b[categories[s:e]]
+            target = self.cum[a] + u[s:e] * (self.cum[b] - self.cum[a])
+            pos = np.clip(np.searchsorted(self.cum, target, side="right") - 1, a, b - 1)
+            out[s:e] = self.order[pos]
+        return out
 
 
 def _draw_distinct(rng: np.random.Generator, offsets: np.ndarray, draw: Callable[[np.ndarray], np.ndarray],
@@ -534,7 +546,10 @@ def generate_demo(root, *, num_news: int = 3000, num_users: int = 2000, num_trai
     after train (absent from train/news.tsv), and their histories gained a few recent clicks.
 
     The bytes written depend only on the arguments and the numpy version (one seeded numpy Generator, no
-    set/dict-order or hash() dependence, fixed float formats), not on the machine or the run.
+    set/dict-order or hash() dependence, fixed float formats), not on the machine or the run. Memory: each
+    split is drawn whole (numbers only), then its text is made and written WRITE_CHUNK impressions at a time,
+    and the next split is drawn after that, so a MIND-large-sized corpus never holds a split's text in memory
+    (chunked and whole writes give the same bytes: tests/test_prepare.py).
     `test_labels=False` writes the test candidates without labels, like MIND-large's test split; the labels are
     in `test/labels_hidden.tsv` either way, and nothing else changes.
     """
@@ -610,7 +625,11 @@ def generate_demo(root, *, num_news: int = 3000, num_users: int = 2000, num_trai
     digits = np.array(["0", "1"], dtype=object)
     activity_cdf = np.cumsum(activity) / activity.sum()
 
-    def make_split(name: str, n_impr: int, labelled: bool) -> dict:
+    def make_split(name: str, n_impr: int, labelled: bool, folder: Path) -> dict:
+        """Draw one split and write its behaviors.tsv and click_probabilities.tsv (and, for test,
+        labels_hidden.tsv) into `folder`. Every random draw is made for the whole split, in a fixed order;
+        only the text is made and written `WRITE_CHUNK` impressions at a time (a MIND-large-sized split's
+        strings would take several GB at once)."""
         n_extra, extra_window = EXTRA_HISTORY[name]
         hist_strings, parts = base_strings, [(base_news, base_off)]
         if n_extra:
@@ -619,41 +638,66 @@ def generate_demo(root, *, num_news: int = 3000, num_users: int = 2000, num_trai
             extra_strings = np.array(_segment_join(news_id[extra_news], extra_off), dtype=object)
             both = (base_strings != "") & (extra_strings != "")
             hist_strings = base_strings + np.where(both, " ", "") + extra_strings
+            del extra_strings, both
             parts.append((extra_news, extra_off))
         lo, hi = window(SHOWN_WINDOW[name])
         users = np.minimum(np.searchsorted(activity_cdf, rng.random(n_impr), side="right"), num_users - 1)
         counts = np.minimum(rng.integers(5, 41, n_impr), hi - lo)
-        rows = np.repeat(np.arange(n_impr), counts)
+        rows = np.repeat(np.arange(n_impr, dtype=np.int32), counts)  # [candidates] impression of each
         cand, keep = _draw_distinct(rng, np.concatenate([[0], np.cumsum(counts)]), lambda slots: show_sampler.draw(
-            rng, np.zeros(len(slots), dtype=np.int64), lo, hi))
+            rng, np.zeros(len(slots), dtype=np.int8), lo, hi))
         cand, rows = cand[keep], rows[keep]
+        del keep
         counts = np.bincount(rows, minlength=n_impr)
         offsets = np.concatenate([[0], np.cumsum(counts)])
-        flat_users = users[rows]
-        affinity = lift[flat_users, category[cand]]
-        logit = (CLICK_BIAS + AFFINITY_WEIGHT * affinity + POPULARITY_WEIGHT * popularity[cand]
-                 + rng.normal(0.0, NOISE_SD, len(cand)))
-        prob_code = np.clip(np.rint(1e5 / (1 + np.exp(-logit))), 1, 99999).astype(np.int64)
+        n_cand = len(cand)
+        affinity = np.empty(n_cand)
+        for a, b in _chunks(n_cand):
+            affinity[a:b] = lift[users[rows[a:b]], category[cand[a:b]]]
+        noise = rng.normal(0.0, NOISE_SD, n_cand)
+        prob_code = np.empty(n_cand, dtype=np.int32)  # click probability x 1e5, in 1..99999
+        for a, b in _chunks(n_cand):  # elementwise, in the reference order of operations
+            logit = (CLICK_BIAS + AFFINITY_WEIGHT * affinity[a:b] + POPULARITY_WEIGHT * popularity[cand[a:b]]
+                     + noise[a:b])
+            prob_code[a:b] = np.clip(np.rint(1e5 / (1 + np.exp(-logit))), 1, 99999)
+        del noise
         prob = prob_code / 1e5
-        label = (rng.random(len(prob)) < prob).astype(np.int64)
+        label = (rng.random(n_cand) < prob).astype(np.int8)
         # Both classes in every impression: a click drawn ~ prob where none, a non-click ~ (1 - prob) where all.
-        clicks = np.bincount(rows, weights=label, minlength=n_impr)
+        clicks = np.bincount(rows[label == 1], minlength=n_impr)
         no_click = np.flatnonzero(clicks == 0)
         label[_segment_pick(rng, prob, offsets, no_click)] = 1
-        clicks = np.bincount(rows, weights=label, minlength=n_impr)
+        clicks = np.bincount(rows[label == 1], minlength=n_impr)
         all_click = np.flatnonzero(clicks == counts)
         label[_segment_pick(rng, 1 - prob, offsets, all_click)] = 0
+        del rows, clicks
 
         start, days = SPLIT_START[name]
-        times = _mind_times(start, np.sort(rng.integers(0, 86400 * days, n_impr)))
-        cells = news_id[cand] + label_suffix[label] if labelled else news_id[cand]
-        impressions = _segment_join(cells, offsets)
-        ids = range(1, n_impr + 1)
-        user_hist = hist_strings[users]
-        behaviors = [f"{i}\t{u}\t{t}\t{h}\t{c}" for i, u, t, h, c in
-                     zip(ids, user_id[users].tolist(), times, user_hist.tolist(), impressions)]
-        probs = [f"{i}\t{p}" for i, p in zip(ids, _segment_join(prob_text[prob_code], offsets))]
-        labels = [f"{i}\t{p}" for i, p in zip(ids, _segment_join(digits[label], offsets))]
+        seconds = np.sort(rng.integers(0, 86400 * days, n_impr))
+        files = {"behaviors": folder / "behaviors.tsv", "probs": folder / "click_probabilities.tsv"}
+        if name == "test":
+            files["labels"] = folder / "labels_hidden.tsv"
+        handles = {k: open(p, "w", encoding="utf-8", newline="\n") for k, p in files.items()}
+        try:
+            for a, b in _chunks(n_impr, WRITE_CHUNK):
+                lo_c, hi_c = int(offsets[a]), int(offsets[b])
+                off = offsets[a:b + 1] - lo_c
+                c = cand[lo_c:hi_c]
+                cells = news_id[c] + label_suffix[label[lo_c:hi_c]] if labelled else news_id[c]
+                ids = range(a + 1, b + 1)
+                times = _mind_times(start, seconds[a:b])
+                handles["behaviors"].write("".join(
+                    f"{i}\t{u}\t{t}\t{h}\t{x}\n" for i, u, t, h, x in
+                    zip(ids, user_id[users[a:b]].tolist(), times, hist_strings[users[a:b]].tolist(),
+                        _segment_join(cells, off))))
+                handles["probs"].write("".join(
+                    f"{i}\t{p}\n" for i, p in zip(ids, _segment_join(prob_text[prob_code[lo_c:hi_c]], off))))
+                if "labels" in handles:
+                    handles["labels"].write("".join(
+                        f"{i}\t{p}\n" for i, p in zip(ids, _segment_join(digits[label[lo_c:hi_c]], off))))
+        finally:
+            for f in handles.values():
+                f.close()
         # News the split references: candidates and the history news of the users it shows.
         shown_users = np.zeros(num_users, dtype=bool)
         shown_users[users] = True
@@ -665,59 +709,56 @@ def generate_demo(root, *, num_news: int = 3000, num_users: int = 2000, num_trai
         metrics = {f"{name}_auc": _mean_auc(prob, label, offsets),
                    f"{name}_affinity_auc": _mean_auc(affinity, label, offsets),
                    f"{name}_popularity_auc": _mean_auc(popularity[cand], label, offsets),
-                   f"{name}_impressions": int(n_impr), f"{name}_candidates": int(len(cand)),
+                   f"{name}_impressions": int(n_impr), f"{name}_candidates": int(n_cand),
                    f"{name}_clicks": int(label.sum())}
-        return dict(behaviors=behaviors, probs=probs, labels=labels, news=np.flatnonzero(referenced),
-                    metrics=metrics)
-
-    splits = {
-        "train": make_split("train", num_train_impressions, True),
-        "dev": make_split("dev", num_dev_impressions, True),
-        "test": make_split("test", num_test_impressions, test_labels),
-    }
-
-    # -- entity / relation vectors (TransE-like, 100-d): an entity lies near its categories' centre ----------
-    centres = rng.normal(0.0, 0.3, (n_cat, 100))
-    noise = rng.normal(0.0, 0.1, (len(vocab.entity_label), 100))
-    entity_vectors = np.stack([centres[c].mean(0) for c in vocab.entity_categories]) + noise
-    relation_vectors = rng.normal(0.0, 0.3, (len(RELATIONS), 100))
+        return dict(news=np.flatnonzero(referenced), metrics=metrics)
 
     def vec_lines(names: list[str], vectors: np.ndarray) -> str:
         return "".join(name + "\t" + "\t".join(f"{x:.6f}" for x in v) + "\t\n" for name, v in zip(names, vectors))
 
-    relation_text = vec_lines(list(RELATIONS), relation_vectors)
-    wikidata = np.array(vocab.wikidata, dtype=object)
-    entity_pattern = {e: f'"WikidataId": "{q}"' for e, q in enumerate(vocab.wikidata)}
-
-    oracle = {"seed": seed, "sizes": dict(num_news=num_news, num_users=num_users,
-                                          num_train_impressions=num_train_impressions,
-                                          num_dev_impressions=num_dev_impressions,
-                                          num_test_impressions=num_test_impressions),
-              "test_labels": test_labels, "generator_version": GENERATOR_VERSION,
-              "click_model": dict(bias=CLICK_BIAS, affinity_weight=AFFINITY_WEIGHT,
-                                  popularity_weight=POPULARITY_WEIGHT, noise_sd=NOISE_SD)}
-    for s in splits.values():
-        oracle.update(s["metrics"])
-
     def write(path: Path, lines: list[str]) -> None:
-        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            f.write("".join(line + "\n" for line in lines))
 
     def build(tmp: Path) -> None:
+        # The splits are drawn (and their behaviors written) in this order, then the entity vectors: the order
+        # of the random draws, hence the bytes, is that of the reference generator.
+        splits = {}
+        for name, n_impr, labelled in (("train", num_train_impressions, True),
+                                       ("dev", num_dev_impressions, True),
+                                       ("test", num_test_impressions, test_labels)):
+            (tmp / name).mkdir()
+            splits[name] = make_split(name, n_impr, labelled, tmp / name)
+
+        # -- entity / relation vectors (TransE-like, 100-d): an entity lies near its categories' centre -------
+        centres = rng.normal(0.0, 0.3, (n_cat, 100))
+        noise = rng.normal(0.0, 0.1, (len(vocab.entity_label), 100))
+        entity_vectors = np.stack([centres[c].mean(0) for c in vocab.entity_categories]) + noise
+        relation_vectors = rng.normal(0.0, 0.3, (len(RELATIONS), 100))
+        relation_text = vec_lines(list(RELATIONS), relation_vectors)
+        wikidata = np.array(vocab.wikidata, dtype=object)
+        entity_pattern = {e: f'"WikidataId": "{q}"' for e, q in enumerate(vocab.wikidata)}
+
+        oracle = {"seed": seed, "sizes": dict(num_news=num_news, num_users=num_users,
+                                              num_train_impressions=num_train_impressions,
+                                              num_dev_impressions=num_dev_impressions,
+                                              num_test_impressions=num_test_impressions),
+                  "test_labels": test_labels, "generator_version": GENERATOR_VERSION,
+                  "click_model": dict(bias=CLICK_BIAS, affinity_weight=AFFINITY_WEIGHT,
+                                      popularity_weight=POPULARITY_WEIGHT, noise_sd=NOISE_SD)}
         for name, s in splits.items():
+            oracle.update(s["metrics"])
             d = tmp / name
-            d.mkdir()
             news_rows = news_lines[s["news"]].tolist()
             write(d / "news.tsv", news_rows)
-            write(d / "behaviors.tsv", s["behaviors"])
-            write(d / "click_probabilities.tsv", s["probs"])
-            if name == "test":
-                write(d / "labels_hidden.tsv", s["labels"])
             # The entities the split's news mention (as in MIND, each split has its own file).
             blob = "\n".join(news_rows)
             used = [e for e in range(len(wikidata)) if entity_pattern[e] in blob]
-            (d / "entity_embedding.vec").write_text(vec_lines(wikidata[used].tolist(), entity_vectors[used]),
-                                                    encoding="utf-8")
-            (d / "relation_embedding.vec").write_text(relation_text, encoding="utf-8")
+            del blob
+            with open(d / "entity_embedding.vec", "w", encoding="utf-8", newline="\n") as f:
+                f.write(vec_lines(wikidata[used].tolist(), entity_vectors[used]))
+            with open(d / "relation_embedding.vec", "w", encoding="utf-8", newline="\n") as f:
+                f.write(relation_text)
         (tmp / "oracle.json").write_text(json.dumps(oracle, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     _replace_dir_atomically(root, build)

@@ -2,8 +2,9 @@
 processes, reporting wall time and peak RSS of each stage (issue 5: MIND-large must stay under 8 GB of host RAM).
 
     python bench/scale.py --news 3000 --users 2000 --train_impressions 6000 --dev_impressions 1500   # quick check
-    python bench/scale.py --preset small     # MIND-small-sized: 65k news, 50k users, 230k/20k impressions (~2 min)
+    python bench/scale.py --preset small     # MIND-small-sized: 65k news, 50k users, 157k/73k impressions (~1 min)
     python bench/scale.py --preset large     # MIND-large-sized: 100k news, 1M users, 2.2M/376k/100k impressions
+                                             # (~5 min, 1.8 GB of tsv, peak RSS under 4 GiB per stage)
 
 Three child processes, each fresh so no stage's memory counts in the next:
   1. generate  the demo corpus into <data_dir>/MIND-demo (skipped when oracle.json already records these sizes);
@@ -14,7 +15,7 @@ Each stage prints one figure per line: `<stage> <figure>: <value>`. Peak RSS is 
 getrusage(RUSAGE_SELF).ru_maxrss (+ RUSAGE_CHILDREN, e.g. DataLoader workers; none here), cross-checked by the
 parent's 0.2 s sampling of /proc/<pid>/status, which also stops a child that passes --rss_limit_gb (so a
 too-hungry build cannot take the machine down) and reports that instead of a figure.
-`--cleanup` deletes <data_dir> at the end (it is large at MIND-large size: about 2.5 GB of tsv).
+`--cleanup` deletes <data_dir> at the end (it is large at MIND-large size: 1.8 GB of tsv, 0.7 GB of cache).
 """
 from __future__ import annotations
 
@@ -68,6 +69,14 @@ def _sizes(args) -> dict[str, int]:
                 num_dev_impressions=args.dev_impressions, num_test_impressions=args.test_impressions)
 
 
+def demo_flags(args) -> list[str]:
+    """main.py's --demo_* flags for these sizes (so load_corpus finds the generated corpus as it is)."""
+    s = _sizes(args)
+    return [f"--demo_news={s['num_news']}", f"--demo_users={s['num_users']}",
+            f"--demo_train_impressions={s['num_train_impressions']}",
+            f"--demo_dev_impressions={s['num_dev_impressions']}", f"--demo_test_impressions={s['num_test_impressions']}"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Child stages
 # ----------------------------------------------------------------------------------------------------------
@@ -94,15 +103,10 @@ def stage_train(args, stage: str) -> None:
     from model import Model
     from trainer import build_optimizer, setup_runtime
 
-    s = _sizes(args)
     cfg = Config.from_args([
         "--dataset=demo", f"--data_dir={args.data_dir}", "--device=cpu", "--no-progress",
         "--news_encoder=MHSA", "--user_encoder=MHSA", "--word_embedding_dim=50", "--head_num=4", "--head_dim=16",
-        "--attention_dim=32", f"--batch_size={args.batch_size}",
-        f"--demo_news={s['num_news']}", f"--demo_users={s['num_users']}",
-        f"--demo_train_impressions={s['num_train_impressions']}",
-        f"--demo_dev_impressions={s['num_dev_impressions']}",
-        f"--demo_test_impressions={s['num_test_impressions']}"])
+        "--attention_dim=32", f"--batch_size={args.batch_size}", *demo_flags(args)])
     rt = setup_runtime(cfg)
     log = (lambda *a, **k: print("   ", *a, **k, flush=True)) if args.verbose else (lambda *a, **k: None)
 
@@ -166,10 +170,12 @@ def _mem_available_kib() -> int:
     return 16 * 1024 ** 2
 
 
-def run_child(stage: str, argv: list[str], limit_kib: int) -> bool:
-    """Run `scale.py --_stage=<stage>` in a fresh interpreter; False if it failed or was stopped."""
+def run_child(stage: str, argv: list[str], limit_kib: int, script: Path | None = None) -> bool:
+    """Run `<script> --_stage=<stage>` (default this file) in a fresh interpreter; False if it failed or was
+    stopped."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), f"--_stage={stage}", *argv], cwd=ROOT)
+    script = Path(script or __file__).resolve()
+    proc = subprocess.Popen([sys.executable, str(script), f"--_stage={stage}", *argv], cwd=ROOT)
     seen, stopped = 0, False
     while proc.poll() is None:
         seen = max(seen, _proc_rss_kib(proc.pid))

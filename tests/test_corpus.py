@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from config import Config
 from dataset import EvalDataset, TrainDataset, sample_negatives
+import MIND_corpus as mc
+import prepare_MIND_dataset as pm
 from MIND_corpus import Corpus, CorpusError, tokenize
 from trainer import batch_ranks
 import util
@@ -136,14 +140,19 @@ def test_unlabelled_test_split(tmp_path):
     assert list(b["impression_ids"]) == [20]
 
 
-@pytest.mark.parametrize("bad_line, message", [
+BAD_BEHAVIORS = [
     ("5\tU1\t11/11/2019 9:05:58 AM\tN1\tN1-1 N2-0\textra", "expected 5 tab-separated columns"),
     ("5\tU1\t11/11/2019 9:05:58 AM\tN1-1 N2-0", "expected 5 tab-separated columns"),
     ("5\tU1\t11/11/2019 9:05:58 AM\tN1\tN1-1 N2-2", "N2-2"),
     ("5\tU1\t11/11/2019 9:05:58 AM\tN1\tN1-1 N2", "every candidate of a labelled file"),
     ("x5\tU1\t11/11/2019 9:05:58 AM\tN1\tN1-1 N2-0", "not an integer"),
+    ("5.5\tU1\t11/11/2019 9:05:58 AM\tN1\tN1-1 N2-0", "not an integer"),
     ("1\tU1\t11/11/2019 9:05:58 AM\tN1\tN1-1 N2-0", "appears twice"),
-])
+    ("5\tU1\t11/11/2019 9:05:58 AM\tN1\t ", "empty Impressions column"),
+]
+
+
+@pytest.mark.parametrize("bad_line, message", BAD_BEHAVIORS)
 def test_malformed_behaviors_name_file_and_line(tmp_path, bad_line, message):
     write_split(tmp_path, "train", NEWS, TRAIN + [bad_line])
     with pytest.raises(CorpusError) as e:
@@ -258,3 +267,269 @@ def test_batch_ranks_follow_official_tie_rule():
     for row in range(50):
         n = sizes[row]
         assert list(ranks[row, :n]) == list(util.ranks_from_scores(scores[row, :n]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The chunked, byte-level parsers agree with the simple definitions
+# ----------------------------------------------------------------------------------------------------------
+
+def reference_behaviors(path: Path, split: str, news_ids: list[str], users: list[str], max_history: int):
+    """behaviors.tsv parsed one line and one candidate at a time with str methods: the definition that
+    `build_behaviors`' chunked byte-level parsing must reproduce exactly."""
+    text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines[-1] == "":
+        lines.pop()
+    rows = [line.split("\t") for line in lines]
+    news = {n: i + 1 for i, n in enumerate(news_ids)}
+    user_id = {u: i + 1 for i, u in enumerate(users)}
+    labelled = any("-" in token for row in rows for token in row[4].split())
+    history_of: dict[str, int] = {}
+    histories, known_lengths = [], []
+    out = {k: [] for k in ("impression_ids", "user", "history_row", "candidates", "labels", "sizes")}
+    stats = Counter()
+    for impression, user, _, history, impressions in rows:
+        out["impression_ids"].append(int(impression))
+        out["user"].append(user_id.get(user, 0))
+        key = history.strip()
+        if key not in history_of:
+            history_of[key] = len(histories)
+            ids = [news.get(token, 0) for token in key.split()]
+            stats["unknown_history_news"] += ids.count(0)
+            known = [i for i in ids if i]
+            histories.append(known[len(known) - min(len(known), max_history):])  # most recent, oldest first
+            known_lengths.append(len(known))
+        out["history_row"].append(history_of[key])
+        size = 0
+        for token in impressions.split():
+            nid, label = (token.rpartition("-")[0], int(token.rpartition("-")[2])) if labelled else (token, -1)
+            stats["candidates"] += 1
+            stats["unknown_candidate_news"] += nid not in news
+            if nid in news or split != "train":
+                out["candidates"].append(news.get(nid, 0))
+                out["labels"].append(label)
+                size += 1
+        out["sizes"].append(size)
+    table = np.zeros((len(histories), max_history), dtype=np.int32)
+    for i, h in enumerate(histories):
+        table[i, :len(h)] = h
+    arrays = dict(impression_ids=np.array(out["impression_ids"], dtype=np.int64),
+                  user=np.array(out["user"], dtype=np.int32),
+                  history_row=np.array(out["history_row"], dtype=np.int32), histories=table,
+                  history_length=np.array([len(h) for h in histories], dtype=np.int16),
+                  candidates=np.array(out["candidates"], dtype=np.int32),
+                  labels=np.array(out["labels"], dtype=np.int8),
+                  offsets=np.concatenate([[0], np.cumsum(out["sizes"])]).astype(np.int64))
+    stats["labelled"] = labelled
+    stats["truncated_histories"] = sum(known_lengths[r] > max_history for r in out["history_row"])
+    stats["empty_histories"] = sum(len(histories[r]) == 0 for r in out["history_row"])
+    return arrays, stats
+
+
+def assert_same_arrays(got: dict, want: dict, what: str) -> None:
+    assert sorted(got) == sorted(want), what
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, (what, k)
+        assert np.array_equal(got[k], want[k]), (what, k)
+
+
+# Lines that stress the byte-level parser: several spaces and tabs-free whitespace between ids, leading and
+# trailing spaces in a history (the same history as line 1 once stripped), CRLF, a non-ASCII and a 9-byte id
+# (the wide-id lookup), an id longer than any news id, an unknown user, a label-looking news id ("N-1-0").
+ODD_NEWS = NEWS + [news_row("Nü7", "news", "newsus", "Umlaut id"), news_row("N-1", "news", "newsus", "Dash id")]
+ODD_TRAIN = TRAIN + [
+    "5\tU1\t11/11/2019 9:05:58 AM\t  N1 N2 N3 N4 N5 \tN1-1   N2-0\x0bN3-0",
+    "6\tU4\t11/11/2019 9:05:58 AM\tNü7\tNü7-1 N-1-0 N123456789-0\r",
+    "7\tU2\t11/11/2019 9:05:58 AM\tN1\tN5-0 N4-1",
+]
+
+
+@pytest.mark.parametrize("long_id", [False, True])
+def test_chunked_behaviors_equal_reference_parser(tmp_path, long_id):
+    news = ODD_NEWS + ([news_row("N12345678", "news", "newsus", "Wide id")] if long_id else [])
+    write_split(tmp_path, "train", news, ODD_TRAIN)
+    write_split(tmp_path, "dev", news + DEV_NEWS, DEV)
+    write_split(tmp_path, "test", news + DEV_NEWS, TEST)
+    root = tmp_path / "MIND-demo"
+    # a BOM and no final newline must not change a thing
+    path = root / "train" / "behaviors.tsv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().rstrip(b"\n"))
+    news_ids = [line.split("\t")[0] for line in news + DEV_NEWS]
+    users = ["U1", "U2", "U3", "U4"]
+    for split in ("train", "dev", "test"):
+        file = root / split / "behaviors.tsv"
+        want, want_stats = reference_behaviors(file, split, news_ids, users, max_history=3)
+        for chunk_lines in (1, 2, 3, mc.CHUNK_LINES):
+            got, stats = mc.build_behaviors(file, split, pd.Index(news_ids), pd.Index(users), 3, chunk_lines)
+            assert_same_arrays(got, want, f"{split}, {chunk_lines} lines per chunk")
+            for key, value in want_stats.items():
+                assert stats[key] == value, (split, chunk_lines, key)
+    got, _ = mc.build_behaviors(root / "train" / "behaviors.tsv", "train", pd.Index(news_ids), pd.Index(users), 3)
+    row = lambda n: news_ids.index(n) + 1  # noqa: E731
+    assert list(got["candidates"][got["offsets"][5]:got["offsets"][6]]) == [row("Nü7"), row("N-1")]
+
+
+def test_chunked_behaviors_equal_reference_on_generated_corpus(tmp_path):
+    root = pm.generate_demo(tmp_path / "MIND-demo", num_news=200, num_users=60, num_train_impressions=150,
+                            num_dev_impressions=40, num_test_impressions=30, test_labels=False)
+    all_news = list(dict.fromkeys(line.split("\t")[0] for s in ("train", "dev", "test")
+                                  for line in (root / s / "news.tsv").read_text().splitlines()))
+    news_ids = [n for i, n in enumerate(all_news) if i % 4]  # a quarter unknown: dropped / kept and counted
+    users = sorted({line.split("\t")[1] for line in (root / "train" / "behaviors.tsv").read_text().splitlines()})
+    for split in ("train", "dev", "test"):
+        file = root / split / "behaviors.tsv"
+        want, want_stats = reference_behaviors(file, split, news_ids, users, max_history=20)
+        whole, whole_stats = mc.build_behaviors(file, split, pd.Index(news_ids), pd.Index(users), 20)
+        assert_same_arrays(whole, want, split)
+        assert whole_stats["unknown_candidate_news"] > 0 and whole_stats["unknown_history_news"] > 0
+        assert whole_stats["truncated_histories"] > 0 and whole_stats["labelled"] == (split != "test")
+        chunked, chunked_stats = mc.build_behaviors(file, split, pd.Index(news_ids), pd.Index(users), 20, 2)
+        assert_same_arrays(chunked, whole, split)
+        assert chunked_stats == whole_stats
+        for key, value in want_stats.items():
+            assert whole_stats[key] == value, (split, key)
+    assert mc.Corpus._build_users(root / "train" / "behaviors.tsv")[1]["users"] == [""] + users
+
+
+@pytest.mark.parametrize("chunk_lines", [1, 2, 3, 100_000])
+@pytest.mark.parametrize("bad_line, message", BAD_BEHAVIORS)
+def test_malformed_line_is_named_across_chunks(tmp_path, bad_line, message, chunk_lines):
+    """The bad line is line 3 of 6: in the first, second or third chunk depending on the chunk size."""
+    path = tmp_path / "behaviors.tsv"
+    path.write_text("\n".join(TRAIN[:2] + [bad_line] + TRAIN[2:]) + "\n", encoding="utf-8")
+    with pytest.raises(CorpusError) as e:
+        mc.build_behaviors(path, "train", pd.Index(["N1", "N2"]), pd.Index(["U1"]), 3, chunk_lines)
+    assert f"{path}:3:" in str(e.value) and message in str(e.value)
+
+
+@pytest.mark.parametrize("chunk_lines", [1, 2, 100_000])
+def test_errors_found_in_later_chunks(tmp_path, chunk_lines):
+    news, users = pd.Index(["N1", "N2", "N3"]), pd.Index(["U1"])
+    path = tmp_path / "behaviors.tsv"
+    # labels appear on line 3 after unlabelled lines: the first bad candidate is line 1's first one
+    path.write_text("1\tU1\tt\t\tN1 N2\n2\tU1\tt\t\tN3\n3\tU1\tt\t\tN1-1 N2-0\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"behaviors.tsv:1: candidate 'N1': expected '<NewsID>-0'"):
+        mc.build_behaviors(path, "test", news, users, 3, chunk_lines)
+    # non-UTF-8 on line 4: the line and the byte offset in the file
+    good = b"1\tU1\tt\t\tN1-1\n2\tU1\tt\t\tN2-0 N1-1\n3\tU1\tt\tN1\tN3-1\n"
+    path.write_bytes(good + b"4\tU1\tt\t\tN\xe91-1\n5\tU1\tt\t\tN1-1\n")
+    with pytest.raises(CorpusError, match=rf"behaviors.tsv:4: not valid UTF-8 \(.* at byte {len(good) + 9}\)"):
+        mc.build_behaviors(path, "dev", news, users, 3, chunk_lines)
+    # column counts: the first bad line, and how many there are in the whole file
+    path.write_text("1\tU1\tt\t\tN1-1\n2\tU1\tt\tN1-1\n3\tU1\tt\t\tN1-1\n\n5\tU1\tt\t\tN1-1\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"behaviors.tsv:2: expected 5 tab-separated columns .* found 4; "
+                                          r"2 bad lines in total"):
+        mc.build_behaviors(path, "dev", news, users, 3, chunk_lines)
+    # a duplicate id far from the first one
+    path.write_text("".join(f"{i}\tU1\tt\t\tN1-1\n" for i in (7, 8, 9, 10, 8)), encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"behaviors.tsv:5: ImpressionID 8 appears twice"):
+        mc.build_behaviors(path, "dev", news, users, 3, chunk_lines)
+
+
+def test_empty_behaviors_file_gives_empty_arrays(tmp_path):
+    path = tmp_path / "behaviors.tsv"
+    path.write_text("")
+    arrays, stats = mc.build_behaviors(path, "dev", pd.Index(["N1"]), pd.Index(["U1"]), 3)
+    assert stats["impressions"] == 0 and len(arrays["offsets"]) == 1 and arrays["histories"].shape == (0, 3)
+
+
+@pytest.mark.parametrize("gather", [0.0, 1.0])  # usecols by one split of the chunk, or by gathering bytes
+def test_read_tsv_chunks_crlf_and_bom(tmp_path, monkeypatch, gather):
+    monkeypatch.setattr(mc, "_GATHER_FRACTION", gather)
+    lf = tmp_path / "lf.tsv"
+    lf.write_text("a\tb\tc\nd\u00e9\t\t\n\tf\t\u65e5\r\r\n", encoding="utf-8")
+    crlf = tmp_path / "crlf.tsv"  # with a BOM and no final newline
+    crlf.write_bytes("\ufeffa\tb\tc\r\nd\u00e9\t\t\r\n\tf\t\u65e5\r\r".encode("utf-8"))
+    want = [["a", "b", "c"], ["d\u00e9", "", ""], ["", "f", "\u65e5\r"]]  # one "\r" is part of the line end
+    for path in (lf, crlf):
+        assert mc.read_tsv(path, ("x", "y", "z")).to_numpy().tolist() == want
+        for chunk_lines in (1, 2, 3):
+            for usecols in (None, (0,), (2,), (0, 2)):
+                chunks = list(mc.iter_tsv(path, ("x", "y", "z"), chunk_lines, usecols))
+                assert [c.first_line for c in chunks] == list(range(1, 4, chunk_lines))
+                got = np.concatenate([c.fields for c in chunks]).tolist()
+                assert got == [[v if usecols is None or j in usecols else None for j, v in enumerate(row)]
+                               for row in want], (path.name, chunk_lines, usecols)
+
+
+TRICKY_TEXTS = [
+    "", "   ", "!!", "Hello, World! It's 3.5 | ok?", "ΟΔΟΣ.Α ΟΔΟΣ", "İstanbul'da ŞEHİR", "Straße ẞ café naïve",
+    "A\u0301ccent e\u0301 x", "tab-free\rcarriage", "ǅungla ǈ", "日本語のテキスト、です。", "ʰΣ ΑΣʰ", "under_score 1_000",
+]
+
+
+def test_vectorised_tokenizer_equals_tokenize_with_spans(monkeypatch):
+    monkeypatch.setattr(mc, "_TEXT_BATCH", 3)  # batch boundaries inside the list
+    texts = TRICKY_TEXTS * 2
+    tok = mc._tokenize_texts(texts)
+    for t, text in enumerate(texts):
+        words, spans = mc.tokenize_with_spans(text)
+        lo, hi = tok.first[t], tok.first[t + 1]
+        assert [tok.words[c] for c in tok.code[lo:hi]] == words, text
+        assert list(zip(tok.start[lo:hi].tolist(), tok.end[lo:hi].tolist())) == spans, text
+
+
+def entity(wid, offsets, forms=None, label="Lakers"):
+    return {"Label": label, "Type": "O", "WikidataId": wid, "Confidence": 1.0, "OccurrenceOffsets": offsets,
+            "SurfaceForms": forms if forms is not None else [label] * len(offsets)}
+
+
+def reference_news(files: dict[str, Path], threshold: int, max_title: int, max_abstract: int):
+    """The news table one news, token and entity occurrence at a time (the definition `build_news` vectorises)."""
+    rows, seen = [], set()
+    for split, path in files.items():
+        for line in path.read_text(encoding="utf-8").split("\n")[:-1]:
+            row = line.split("\t")
+            if row[0] not in seen:
+                seen.add(row[0])
+                rows.append((split, row))
+    toks = [(mc.tokenize_with_spans(row[3]), mc.tokenize_with_spans(row[4])) for _, row in rows]
+    counts = Counter(w for (split, _), (t, a) in zip(rows, toks) if split == "train" for w in t[0] + a[0])
+    vocab = ["<PAD>", "<UNK>"] + sorted((w for w, c in counts.items() if c >= threshold), key=lambda w: (-counts[w], w))
+    index = {w: i for i, w in enumerate(vocab)}
+    n = len(rows) + 1
+    out = dict(title=np.zeros((n, max_title), np.int32), abstract=np.zeros((n, max_abstract), np.int32),
+               title_entity=np.zeros((n, max_title), np.int32),
+               abstract_entity=np.zeros((n, max_abstract), np.int32))
+    entities: dict[str, int] = {}
+    for i, ((_, row), texts) in enumerate(zip(rows, toks)):
+        for (words, spans), column, name, max_len in ((texts[0], 6, "title", max_title),
+                                                      (texts[1], 7, "abstract", max_abstract)):
+            ids = [index.get(w, 1) for w in words[:max_len]]
+            out[name][i + 1, :len(ids)] = ids
+            for ent in json.loads(row[column] or "[]"):
+                if not ent.get("WikidataId"):
+                    continue
+                eid = entities.setdefault(ent["WikidataId"], len(entities) + 1)
+                forms = ent.get("SurfaceForms") or []
+                for j, offset in enumerate(ent.get("OccurrenceOffsets") or []):
+                    start = int(offset)
+                    end = start + max(len(forms[j]) if j < len(forms) else len(ent.get("Label") or ""), 1)
+                    for t, (s, e) in enumerate(spans[:max_len]):
+                        if s < end and e > start:
+                            out[name + "_entity"][i + 1, t] = eid
+    return out, vocab, ["<PAD>"] + list(entities)
+
+
+def test_vectorised_news_table_equals_reference(tmp_path):
+    root = pm.generate_demo(tmp_path / "MIND-demo", num_news=150, num_users=40, num_train_impressions=60,
+                            num_dev_impressions=20, num_test_impressions=20)
+    odd = [  # overlapping occurrences (the later wins), offsets past the text or negative, forms missing,
+             # no WikidataId, no occurrences (still numbered), tokens past the title length, Unicode texts
+        news_row("X1", "news", "newsus", "The Lakers beat the Lakers again and again and again", "Lakers!",
+                 json.dumps([entity("Q1", [4, 500, -3]), entity("Q2", [4], ["Lak"]), entity("", [0]),
+                             entity("Q3", []), entity("Q4", [40, 47], [])])),
+        news_row("X2", "sports", "nba", "ΟΔΟΣ.Α İstanbul Straße", "ǅungla ǈ naïve Lakers",
+                 json.dumps([entity("Q4", [7], ["İstanbul"])])),
+    ]
+    for s in ("train", "dev"):
+        path = root / s / "news.tsv"
+        path.write_text(path.read_text(encoding="utf-8") + "\n".join(odd) + "\n", encoding="utf-8")
+    files = {s: root / s / "news.tsv" for s in ("train", "dev", "test")}
+    for threshold, max_title, max_abstract in ((1, 6, 20), (3, 32, 128)):
+        arrays, meta = mc.build_news(files, threshold, max_title, max_abstract)
+        want, vocab, entities = reference_news(files, threshold, max_title, max_abstract)
+        assert meta["vocab"] == vocab and meta["entities"] == entities
+        for name, value in want.items():
+            assert np.array_equal(arrays[name], value), (name, threshold)
+        assert (arrays["title_entity"] > 0).sum() > 50 and (arrays["abstract_entity"] > 0).sum() > 50

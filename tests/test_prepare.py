@@ -90,6 +90,18 @@ def test_demo_is_deterministic(tmp_path, tiny):
     assert not list(tmp_path.glob(".*tmp*")), "temp folders are renamed or removed"
 
 
+@pytest.mark.parametrize("test_labels", [True, False])
+def test_demo_written_in_chunks_is_byte_identical(tmp_path, monkeypatch, test_labels):
+    """The generator writes its text WRITE_CHUNK impressions at a time and does its elementwise maths in
+    slices (so a MIND-large-sized corpus fits in memory); neither may change a byte of the output."""
+    whole = pm.generate_demo(tmp_path / "whole", **TINY, test_labels=test_labels)  # one chunk at this size
+    slices = pm._chunks
+    monkeypatch.setattr(pm, "_chunks", lambda n, size=1 << 22: slices(n, min(size, 97)))
+    monkeypatch.setattr(pm, "WRITE_CHUNK", 7)
+    chunked = pm.generate_demo(tmp_path / "chunked", **TINY, test_labels=test_labels)
+    assert files_of(chunked) == files_of(whole)
+
+
 def test_demo_layout_and_news_format(demo):
     for split in pm.SPLITS:
         for name in pm.SPLIT_FILES + ("click_probabilities.tsv",):
