@@ -177,6 +177,18 @@ class Model(nn.Module):
                         out[name] = out[name][:, :length]
         return {name: (t if t.is_floating_point() else t.long()) for name, t in out.items()}
 
+    def text_lengths(self, index: torch.Tensor) -> torch.Tensor:
+        """index [N] -> [N] long: real tokens of the text column the news encoder reads (PLM ids, else title, else
+        abstract); zeros for an encoder without one."""
+        for key in ("plm_mask", "title", "abstract"):
+            if key in self.features:
+                return getattr(self, f"news_{key}")[index].ne(0).sum(1)
+        return torch.zeros_like(index)
+
+    def length_order(self, index: torch.Tensor) -> torch.Tensor:
+        """Positions of `index` sorted by text length (stable): chunks of similar length carry little padding."""
+        return torch.argsort(self.text_lengths(index), stable=True)
+
     @torch.no_grad()
     def build_frozen_cache(self, chunk: int = 256, log=print) -> None:
         """Run the PLM's frozen bottom once over every news (issue 6): [N, L, Hp] fp16 on the model's device.
@@ -189,13 +201,15 @@ class Model(nn.Module):
         ids_all, mask_all = self.news_plm_ids, self.news_plm_mask
         n, length = ids_all.shape
         table = None
+        order = self.length_order(torch.arange(n, device=ids_all.device))  # chunks of similar length: less padding
         for start in range(0, n, chunk):
-            ids, mask = ids_all[start:start + chunk].long(), mask_all[start:start + chunk].long()
-            used = int(mask.sum(1).max())
+            rows = order[start:start + chunk]
+            ids, mask = ids_all[rows].long(), mask_all[rows].long()
+            used = max(1, int(mask.sum(1).max()))
             hidden = enc.frozen_bottom(ids[:, :used], mask[:, :used])
             if table is None:
                 table = torch.zeros(n, length, hidden.shape[-1], dtype=torch.float16, device=hidden.device)
-            table[start:start + chunk, :used] = hidden.to(torch.float16)
+            table[rows, :used] = hidden.to(torch.float16)
         was_training = enc.training
         enc.eval()
         probe = torch.arange(1, min(n, 17), device=ids_all.device)
@@ -227,6 +241,15 @@ class Model(nn.Module):
         if self.news_encoder.personalized:
             users = torch.cat([batch.user.repeat_interleave(h), batch.user.repeat_interleave(c)])
             vectors, aux = self.news_encoder.forward_with_aux(self.news_features(ids), user_id=users)
+        elif self.news_encoder.length_buckets > 1:
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            order = self.length_order(unique)  # shortest first
+            parts = []
+            for part in order.tensor_split(self.news_encoder.length_buckets):
+                vec, aux = self.news_encoder.forward_with_aux(self.news_features(unique[part]))  # [U/k, D]
+                assert not aux, "length_buckets needs a news encoder without auxiliary losses"
+                parts.append(vec)
+            vectors = torch.cat(parts)[torch.argsort(order)][inverse]  # back to unique order, then to references
         else:
             unique, inverse = torch.unique(ids, return_inverse=True)
             vectors, aux = self.news_encoder.forward_with_aux(self.news_features(unique))  # [U, D]

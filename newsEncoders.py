@@ -39,6 +39,10 @@ class NewsEncoder(nn.Module):
     features: tuple[str, ...] = ("title",)  # news-table columns this encoder reads
     personalized = False  # True when the vector depends on the user (NPA): no sharing of news across users
     needs_glove = True  # False for encoders without a word embedding (PLM): training skips loading GloVe
+    # >1: the model encodes a batch's unique news in this many chunks of similar text length, each cut to its own
+    # longest text (issue 6; set where encoding cost grows with length, the PLMs). Needs a batch-independent
+    # encoder without auxiliary losses (a mean over chunks is not the mean over the batch).
+    length_buckets = 1
     paper = ""
 
     def __init__(self, config: "Config", meta: "CorpusMeta"):
@@ -266,6 +270,7 @@ class PLMNewsEncoder(NewsEncoder):
     features = ("plm_ids", "plm_mask")
     needs_glove = False
     uses_plm = True
+    length_buckets = 4  # bench/plm.py: x1.3 over one batch-wide cut on the demo's titles
     uses_pool = True  # False: the subclass pools the hidden states itself, so no --plm_pooling layer is built
     paper = "PLM-NR (Wu et al., SIGIR 2021)"
 

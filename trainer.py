@@ -219,6 +219,9 @@ def encode_needed_news(raw: nn.Module, needed: np.ndarray, rt: Runtime) -> torch
     table [N, D] is summed over ranks. Chunks depend only on `needed`, never on W, so every news is encoded in
     the same company (and with the same padding) as in one process: identical vectors, identical metrics."""
     chunk = max(1, min(2048, -(-len(needed) // 16)))  # >= 16 chunks, so small splits still spread over ranks
+    # Chunks of similar text length carry little padding (each is cut to its own longest text); the order depends
+    # only on `needed` and the news table, so it is the same on every rank.
+    needed = needed[raw.length_order(torch.from_numpy(needed.astype(np.int64)).to(rt.device)).cpu().numpy()]
     chunks = [needed[i:i + chunk] for i in range(0, len(needed), chunk)]
     mine = chunks[rt.rank::rt.world_size]
     if mine:
