@@ -10,6 +10,7 @@ impressions from those cached vectors (`score`), never re-encoding history per c
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,9 @@ class ModelOutput:
     loss: torch.Tensor | None = None  # scalar: cross-entropy + weighted auxiliary losses (training)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # each auxiliary loss, already weighted
 
+
+# The frozen-layer cache may take this share of the free GPU memory; a larger one stays in host memory.
+CACHE_DEVICE_FRACTION = 0.5
 
 CLICK_PREDICTORS: Registry = Registry("click predictor", "--click_predictor")  # name -> ClickPredictor subclass
 register_click_predictor = CLICK_PREDICTORS.register
@@ -156,6 +160,9 @@ class Model(nn.Module):
             self.register_buffer(f"news_{name}", tensor, persistent=False)  # rebuilt from the corpus, not saved
         self.news_num = int(next(iter(news_table.values())).shape[0])
         self.register_buffer("news_plm_hidden", None, persistent=False)  # frozen-layer cache, built on demand
+        # The same cache kept in host memory when it would take more than CACHE_DEVICE_FRACTION of the free GPU
+        # memory (a plain attribute: .to(device) must not move it); rows are copied to the device per batch.
+        self.news_plm_hidden_host: torch.Tensor | None = None
 
     # -- news --------------------------------------------------------------------------------------------
     def news_features(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -168,6 +175,8 @@ class Model(nn.Module):
         out = {name: getattr(self, f"news_{name}")[index] for name in self.features}
         if self.news_plm_hidden is not None:
             out["plm_hidden"] = self.news_plm_hidden[index]  # [N, L, Hp] fp16 frozen-layer output
+        elif self.news_plm_hidden_host is not None:
+            out["plm_hidden"] = self.news_plm_hidden_host[index.cpu()].to(index.device, non_blocking=True)
         for prefix, key in (("title", "title"), ("abstract", "abstract"), ("plm", "plm_mask")):
             if key in out and out[key].dim() == 2 and out[key].shape[1] > 1:
                 used = out[key].ne(0).any(0).nonzero()
@@ -190,13 +199,16 @@ class Model(nn.Module):
         return torch.argsort(self.text_lengths(index), stable=True)
 
     @torch.no_grad()
-    def build_frozen_cache(self, chunk: int = 256, log=print) -> None:
+    def build_frozen_cache(self, chunk: int = 256, log=print, host: bool | None = None) -> None:
         """Run the PLM's frozen bottom once over every news (issue 6): [N, L, Hp] fp16 on the model's device.
 
-        Checked once against the full forward (eval mode); a model whose layers cannot be split this way
-        (e.g. a final norm after the stack) falls back to the uncached path with a warning."""
+        The frozen layers run in eval mode (no dropout). The table stays on the model's device when it takes at most
+        CACHE_DEVICE_FRACTION of the free GPU memory, else in (pinned) host memory, rows copied per batch. Checked
+        once against the full forward (eval mode); a model whose layers cannot be split this way (e.g. a final norm
+        after the stack) falls back to the uncached path with a warning. `host=True` forces the host-memory table.
+        """
         enc = self.news_encoder
-        if not getattr(enc, "cache_frozen", False) or self.news_plm_hidden is not None:
+        if not getattr(enc, "cache_frozen", False) or self.has_frozen_cache:
             return
         ids_all, mask_all = self.news_plm_ids, self.news_plm_mask
         n, length = ids_all.shape
@@ -208,24 +220,44 @@ class Model(nn.Module):
             used = max(1, int(mask.sum(1).max()))
             hidden = enc.frozen_bottom(ids[:, :used], mask[:, :used])
             if table is None:
-                table = torch.zeros(n, length, hidden.shape[-1], dtype=torch.float16, device=hidden.device)
-            table[rows, :used] = hidden.to(torch.float16)
+                shape = (n, length, hidden.shape[-1])
+                where = torch.device("cpu") if host else self.cache_device(shape, hidden.device)
+                table = torch.zeros(shape, dtype=torch.float16, device=where)
+                if table.device != hidden.device and torch.cuda.is_available():
+                    table = table.pin_memory()  # asynchronous per-batch copies to the GPU
+            table[rows.to(table.device), :used] = hidden.to(table.device, torch.float16)
         was_training = enc.training
         enc.eval()
         probe = torch.arange(1, min(n, 17), device=ids_all.device)
         full = self.encode_news(probe)
-        self.news_plm_hidden = table
+        on_device = table.device == ids_all.device and not host
+        self.news_plm_hidden, self.news_plm_hidden_host = (table, None) if on_device else (None, table)
         cached = self.encode_news(probe)
         enc.train(was_training)
         diff = float((full - cached).abs().max() / full.abs().max().clamp(min=1e-6))
         if diff > 2e-2:
-            self.news_plm_hidden = None
+            self.news_plm_hidden = self.news_plm_hidden_host = None
             log(f"WARNING: the frozen-layer cache does not reproduce {type(enc.plm).__name__}'s output "
                 f"(relative difference {diff:.1e}); training without it")
             return
         mb = table.numel() * 2 / 2**20
-        log(f"frozen-layer cache: {n} news x {length} tokens x {table.shape[-1]} (fp16, {mb:,.0f} MiB) for the "
-            f"embeddings + {enc.frozen_layers} frozen layers; relative check difference {diff:.1e}")
+        log(f"frozen-layer cache: {n} news x {length} tokens x {table.shape[-1]} (fp16, {mb:,.0f} MiB"
+            + ("" if on_device else f", in host memory: more than {CACHE_DEVICE_FRACTION:.0%} of the free GPU memory")
+            + f") for the embeddings + {enc.frozen_layers} frozen layers; relative check difference {diff:.1e}")
+
+    @property
+    def has_frozen_cache(self) -> bool:
+        return self.news_plm_hidden is not None or self.news_plm_hidden_host is not None
+
+    @staticmethod
+    def cache_device(shape: tuple[int, ...], device: torch.device) -> torch.device:
+        """Where a fp16 frozen-layer table of `shape` goes: `device`, unless it is a GPU where the table would take
+        more than CACHE_DEVICE_FRACTION of the free memory (then the host)."""
+        if device.type != "cuda":
+            return device
+        free, _ = torch.cuda.mem_get_info(device)
+        nbytes = 2 * math.prod(shape)
+        return device if nbytes <= CACHE_DEVICE_FRACTION * free else torch.device("cpu")
 
     def encode_news(self, index: torch.Tensor, user_id: torch.Tensor | None = None) -> torch.Tensor:
         """index [N] long (news indices) -> [N, D] news vectors."""

@@ -190,3 +190,20 @@ def test_length_buckets_change_no_output_and_cut_each_chunk_to_its_own_longest_t
     assert widths == expected and widths[0][1] < widths[-1][1] == int(lengths.max())
     for a, b in zip(eval_outputs(bucketed), eval_outputs(single)):
         assert_close(a, b, 1e-5, "4 length buckets vs 1")
+
+
+def test_frozen_layer_cache_in_host_memory_gives_the_same_outputs():
+    """A table too large for the GPU stays in host memory (rows copied per batch): same features and outputs as the
+    on-device table. Forced with host=True here (this machine has no GPU); `Model.cache_device` decides otherwise."""
+    on_device = build("PLMNRMS", "MHSA")
+    on_host = build("PLMNRMS", "MHSA")
+    on_device.build_frozen_cache(log=lambda *a: None)
+    on_host.build_frozen_cache(log=lambda *a: None, host=True)
+    assert on_device.news_plm_hidden is not None and on_device.news_plm_hidden_host is None
+    assert on_host.news_plm_hidden is None and on_host.news_plm_hidden_host is not None and on_host.has_frozen_cache
+    assert "news_plm_hidden_host" not in dict(on_host.named_buffers())  # .to(device) leaves it where it is
+    some = torch.tensor([5, 1, 3])
+    assert torch.equal(on_host.news_features(some)["plm_hidden"], on_device.news_features(some)["plm_hidden"])
+    for a, b in zip(eval_outputs(on_host), eval_outputs(on_device)):
+        assert_close(a, b, 1e-6, "host vs device cache")
+    assert on_device.cache_device((10, 4, 8), torch.device("cpu")) == torch.device("cpu")
