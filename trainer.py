@@ -617,13 +617,7 @@ class Trainer:
         }, path)
 
     def _global_mean(self, total: float, count: int) -> float:
-        if self.runtime.distributed:
-            import torch.distributed as dist
-
-            t = torch.tensor([total], dtype=torch.float64, device=self.runtime.device)
-            dist.all_reduce(t)
-            total = float(t.item())
-        return total / max(count, 1)
+        return self._global_sums([total])[0] / max(count, 1)
 
     def _global_sums(self, values: list[float]) -> list[float]:
         """Sum a few floats over ranks (one all-reduce); identity in one process."""
