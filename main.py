@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -73,23 +73,43 @@ def check_corpus(ckpt: dict[str, Any], corpus: Corpus, path) -> None:
                          f"use the --data_dir and data the model was trained on")
 
 
+def config_from_saved(config: Config, ckpt: dict[str, Any], overridable: Sequence[str], always: Sequence[str],
+                      conflicting: Callable[[str], bool], saved_name: str = "run") -> tuple[Config, list[str]]:
+    """A run's saved config with the typed `overridable` flags (and every `always` one) taken from the command line.
+
+    Returns it with the typed flags for which `conflicting(flag)` holds and whose value differs from the saved one
+    (`--flag=new (<saved_name>: old)`): the caller turns a non-empty list into its own error message."""
+    saved = Config.from_dict(ckpt["config"])
+    conflicts = [f"--{f}={config.values[f]!r} ({saved_name}: {saved.values.get(f)!r})" for f in sorted(config.explicit)
+                 if conflicting(f) and config.values[f] != saved.values.get(f)]
+    for flag in overridable:
+        if flag in config.explicit or flag in always:
+            saved.values[flag] = config.values[flag]
+    saved.explicit = set(config.explicit)
+    return saved, conflicts
+
+
 def config_for_resume(config: Config, ckpt: dict[str, Any], path) -> Config:
     """The run's saved config; typed flags may change only RESUME_OVERRIDABLE ones (others are an error)."""
-    saved = Config.from_dict(ckpt["config"])
-    conflicts = [f"--{f}={config.values[f]!r} (run: {saved.values.get(f)!r})" for f in sorted(config.explicit)
-                 if f not in RESUME_OVERRIDABLE and config.values[f] != saved.values.get(f)]
+    saved_epoch = ckpt["config"].get("epoch")
+    cfg, conflicts = config_from_saved(config, ckpt, RESUME_OVERRIDABLE, ("resume", "mode"),
+                                       lambda f: f not in RESUME_OVERRIDABLE)
     if conflicts:
         raise ValueError(f"--resume {path}: the run was trained with other settings: " + ", ".join(conflicts)
                          + ". Drop these flags (a resumed run keeps its config; may change: "
                          + ", ".join(f"--{f}" for f in RESUME_OVERRIDABLE if f not in ("resume", "mode")) + ")")
-    for flag in RESUME_OVERRIDABLE:
-        if flag in config.explicit or flag in ("resume", "mode"):
-            if flag == "epoch" and config.epoch != saved.epoch:
-                rank0_print(f"note: --epoch {saved.epoch} -> {config.epoch}: the learning-rate schedule is re-planned "
-                            f"over the new total")
-            saved.values[flag] = config.values[flag]
-    saved.explicit = set(config.explicit)
-    return saved
+    if cfg.epoch != saved_epoch:
+        rank0_print(f"note: --epoch {saved_epoch} -> {cfg.epoch}: the learning-rate schedule is re-planned "
+                    f"over the new total")
+    return cfg
+
+
+def print_notes(config: Config, suggestions: bool = True) -> None:
+    """The config's notes; without `suggestions` only config-file overrides (a checkpoint's or resumed run's
+    saved config wins over per-dataset suggestions, so printing them would mislead)."""
+    for note in config.notes:
+        if suggestions or "overrides" in note:
+            rank0_print(f"note: {note}")
 
 
 def train(config) -> dict[str, Any]:
@@ -97,8 +117,11 @@ def train(config) -> dict[str, Any]:
     ckpt = None
     if resume_path is not None:
         ckpt = load_training_state(resume_path)
+        print_notes(config, suggestions=False)
         config = config_for_resume(config, ckpt, resume_path)
-    elif config.resume == "auto":
+    else:
+        print_notes(config)
+    if config.resume == "auto" and resume_path is None:
         rank0_print(f"note: --resume auto: no run with a last.pt under {config.output_dir}/{config.dataset}/"
                     f"{config.model_name}/; starting a new run")
     runtime = setup_runtime(config)
@@ -118,17 +141,12 @@ def train(config) -> dict[str, Any]:
 def config_for_checkpoint(config: Config, ckpt: dict[str, Any], path: str) -> Config:
     """The saved config, with only evaluation flags taken from the command line; a typed architecture flag
     that contradicts the checkpoint is an error (the weights would not fit, or would silently mean otherwise)."""
-    saved = Config.from_dict(ckpt["config"])
-    conflicts = [f"--{f}={config.values[f]!r} (checkpoint: {saved.values.get(f)!r})"
-                 for f in sorted(config.explicit) if f in ARCHITECTURE_FLAGS and config.values[f] != saved.values.get(f)]
+    cfg, conflicts = config_from_saved(config, ckpt, EVAL_OVERRIDABLE, ("mode", "dev_model_path", "test_model_path"),
+                                       lambda f: f in ARCHITECTURE_FLAGS, saved_name="checkpoint")
     if conflicts:
         raise ValueError(f"{path} was trained with other settings: " + ", ".join(conflicts)
                          + ". Drop these flags: dev/test rebuild the model from the checkpoint's config.")
-    for flag in EVAL_OVERRIDABLE:
-        if flag in config.explicit or flag in ("mode", "dev_model_path", "test_model_path"):
-            saved.values[flag] = config.values[flag]
-    saved.explicit = set(config.explicit)
-    return saved
+    return cfg
 
 
 def evaluate_checkpoint(config: Config) -> dict[str, Any]:
@@ -266,12 +284,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if config.mode == "train":  # dev/test take their settings from the checkpoint: suggestions do not apply
         # Pairing rules before any data is read: a wrong pairing fails in a second, not after the corpus loads.
         check_pairing(config.news_encoder, config.user_encoder, config.click_predictor, config)
-        for note in config.notes:
-            rank0_print(f"note: {note}")
-        return train_seeds(config) if config.seeds else train(config)
-    for note in config.notes:
-        if "overrides" in note:
-            rank0_print(f"note: {note}")
+        if config.seeds:  # each seed's run is a copy without notes: print them once here
+            print_notes(config)
+            return train_seeds(config)
+        return train(config)  # prints the notes once it knows whether the run resumes
+    print_notes(config, suggestions=False)
     if config.mode == "explain":
         return explain(config)
     return evaluate_checkpoint(config)

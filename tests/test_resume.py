@@ -106,6 +106,19 @@ def test_resume_refuses_a_changed_training_flag_and_finished_runs_do_nothing(res
         main([*TRAIN, *common, f"--resume={tmp / 'nowhere'}"])
 
 
+def test_resume_keeps_the_saved_epochs_and_prints_no_dataset_suggestion(resumed, capsys):
+    """Untyped --epoch would be suggested as 4 for the demo; a resumed run keeps its saved 2 and must not say 4."""
+    tmp, common, _, _, again, run2 = resumed
+    untyped_epoch = [f for f in TRAIN if not f.startswith("--epoch=")]
+    from config import Config
+    assert any(n.startswith("--epoch=4 (suggested") for n in Config.from_args([*untyped_epoch, *common]).notes)
+    capsys.readouterr()
+    done = main([*untyped_epoch, *common, f"--resume={run2}"])
+    out = capsys.readouterr().out
+    assert "suggested for" not in out and "--epoch 2 ->" not in out
+    assert done["history"] == again["history"] and len(done["history"]) == 2
+
+
 def test_resume_auto_takes_the_highest_run_with_a_training_state(tmp_path):
     base = tmp_path / "demo" / "M-U"
     for run, has_state in (("#1", True), ("#2", True), ("#10", True), ("#11", False), ("x", True)):
