@@ -39,7 +39,7 @@ ARCHITECTURE_FLAGS = (
     "max_title_length", "max_abstract_length", "max_history_num", "cnn_kernel_num", "cnn_window_size",
     "head_num", "head_dim", "attention_dim", "category_embedding_dim", "subcategory_embedding_dim",
     "plm_model_name", "plm_pooling", "plm_max_length", "num_interest_vectors", "context_code_dim",
-    "miner_aggregation", "use_category_glove", "dataset",
+    "miner_aggregation", "poly_attention_scale", "use_category_glove", "dataset",
     "hidden_dim", "user_embedding_dim", "personalized_embedding_dim", "HDC_window_size", "HDC_filter_num",
     "entity_embedding_dim", "KCNN_window_sizes", "KCNN_filter_num",
     "gcn_layer_num", "gcn_normalization_type", "gcn_residual", "gcn_layer_norm", "conv3D_filter_num_first",
@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--category_aware_lambda", type=float, default=0.5, help="MINER: initial value of the learnable category-bias weight")
     g.add_argument("--miner_aggregation", default="weighted", choices=["weighted", "max", "mean"], help="MINER: interest vectors -> score")
     g.add_argument("--disagreement_beta", type=float, default=0.8, help="MINER: weight of the disagreement loss")
+    g.add_argument("--poly_attention_scale", default="sqrt", choices=["sqrt", "none"],
+                   help="MINER: divide the poly-attention logits by sqrt(--context_code_dim) (sqrt, the design in "
+                        "REFERENCE.md) or not (none, as Li et al.'s code); see the README's MINER notes")
     g.add_argument("--use_category_glove", action=BOOL, default=False,
                    help="initialise category embeddings from GloVe (compound names split into words), frozen")
 

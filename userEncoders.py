@@ -212,6 +212,9 @@ class MINERUserEncoder(UserEncoder):
         self.project = nn.Linear(d, dc, bias=False)  # W_h
         self.codes = nn.Parameter(torch.empty(k, dc))  # context codes c_k
         nn.init.orthogonal_(self.codes)
+        # The design divides the logits by sqrt(d_c); with unit-norm orthogonal codes they then start ~0.05 apart
+        # over a history and the attention stays near uniform (README, MINER notes); `none` keeps Li et al.'s scale.
+        self.logit_scale = 1.0 / math.sqrt(dc) if config.poly_attention_scale == "sqrt" else 1.0
         self.category_lambda = nn.Parameter(torch.tensor(float(config.category_aware_lambda)))
         shared = getattr(news_encoder, "category_embedding", None)
         if shared is None:  # word-based news encoders: MINER owns a corpus category embedding
@@ -233,7 +236,7 @@ class MINERUserEncoder(UserEncoder):
         Returns: v [B, C, K, D] (zeros for an empty history).
         """
         h = inp.history
-        logits = torch.tanh(self.project(h)) @ self.codes.t() / math.sqrt(self.dc)  # [B, H, K]
+        logits = torch.tanh(self.project(h)) @ self.codes.t() * self.logit_scale  # [B, H, K]
         eh = F.normalize(self.category_embedding(inp.history_category), dim=-1)  # [B, H, Ec]
         ec = F.normalize(self.category_embedding(candidate_category), dim=-1)  # [B, C, Ec]
         bias = eh @ ec.transpose(1, 2)  # [B, H, C] cosine of categories

@@ -173,8 +173,8 @@ def inputs(b=3, h=5, c=4, d=6, seed=0):
                       candidate_category=torch.randint(1, 5, (b, c), generator=g))
 
 
-def direct_interests(m, inp):
-    """REFERENCE.md §4 steps 1-3 written out one (user, candidate) at a time."""
+def direct_interests(m, inp, scale="sqrt"):
+    """REFERENCE.md §4 steps 1-3 written out one (user, candidate) at a time (`scale`: --poly_attention_scale)."""
     b, h, d = inp.history.shape
     c = inp.candidates.shape[1]
     out = torch.zeros(b, c, m.k, d)
@@ -185,18 +185,22 @@ def direct_interests(m, inp):
             if not real.any():
                 continue
             hist = inp.history[i][real]  # [h', D]
-            logits = torch.tanh(hist @ m.project.weight.t()) @ m.codes.t() / math.sqrt(m.dc)  # [h', K]
+            logits = torch.tanh(hist @ m.project.weight.t()) @ m.codes.t()  # [h', K]
+            logits = logits / math.sqrt(m.dc) if scale == "sqrt" else logits
             cos = F.cosine_similarity(emb[inp.history_category[i][real]], emb[inp.candidate_category[i, j]][None], dim=-1)
             alpha = torch.softmax(logits + m.category_lambda * cos[:, None], dim=0)  # over history
             out[i, j] = alpha.t() @ hist
     return out
 
 
-def test_miner_interest_vectors_match_the_definition():
-    m, inp = miner(), inputs()
+@pytest.mark.parametrize("scale", ["sqrt", "none"])
+def test_miner_interest_vectors_match_the_definition(scale):
+    m, inp = miner(poly_attention_scale=scale, context_code_dim=64), inputs()
     v = m.interests(inp, inp.candidates, inp.candidate_category)
     assert v.shape == (3, 4, 4, 6)
-    assert torch.allclose(v, direct_interests(m, inp), atol=1e-5)
+    assert torch.allclose(v, direct_interests(m, inp, scale), atol=1e-5)
+    other = direct_interests(m, inp, "none" if scale == "sqrt" else "sqrt")
+    assert not torch.allclose(v[:2], other[:2], atol=1e-3)  # the flag changes the attention
     assert (v[2] == 0).all()  # empty history: zero interests, no NaN
 
 

@@ -270,6 +270,7 @@ def test_miner_keeps_its_large_attention_only_when_explaining(miner):
 
     cfg = type("C", (), {"num_interest_vectors": 3, "context_code_dim": 8, "category_aware_lambda": 0.5,
                          "miner_aggregation": "weighted", "disagreement_beta": 0.8, "category_embedding_dim": 5,
+                         "poly_attention_scale": "sqrt",
                          "use_category_glove": False})()
     meta = type("M", (), {"category_num": 4, "category_glove": None})()
     news = type("N", (), {"output_dim": 6, "category_embedding": torch.nn.Embedding(4, 5)})()
