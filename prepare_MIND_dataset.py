@@ -41,12 +41,12 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -386,16 +386,24 @@ def _segment_join(tokens: np.ndarray, offsets: np.ndarray, sep: str = " ") -> li
     return [sep.join(tok[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def _sibling_dir(target: Path, kind: str) -> Path:
+    """A new empty hidden folder beside `target`. Its name is unique across hosts sharing a filesystem (a pid may
+    repeat there), and mkdir, unlike mkdtemp's 0700, keeps the umask's permissions, which `target` inherits
+    when the folder is renamed to it."""
+    path = target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex}"
+    path.mkdir(parents=True)
+    return path
+
+
 def _replace_dir_atomically(target: Path, build: Callable[[Path], None]) -> None:
     """Run `build(tmp)` in a temp folder beside `target`, then rename it to `target`: a killed run leaves at
     most a hidden temp folder, never a half-written `target`."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = _sibling_dir(target, "tmp")
     try:
         build(tmp)
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            old = _sibling_dir(target, "old")
             os.replace(target, old / "x")
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -765,26 +773,52 @@ def generate_demo(root, *, num_news: int = 3000, num_users: int = 2000, num_trai
     return root
 
 
+def _demo_matches(root: Path, wanted: dict, seed: int) -> bool:
+    """Whether `root/oracle.json` records these sizes, seed and generator version (and a labelled test split)."""
+    try:
+        saved = json.loads((root / "oracle.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, OSError):
+        return False
+    return (saved.get("sizes") == wanted and saved.get("seed") == seed and saved.get("test_labels") is True
+            and saved.get("generator_version") == GENERATOR_VERSION)
+
+
 def ensure_demo(data_dir="data", *, seed: int = 0, **sizes) -> Path:
     """`<data_dir>/MIND-demo`: reused if its `oracle.json` records the same sizes, seed and generator version
     (and a labelled test split), else generated (one line printed). `sizes` are `generate_demo`'s size
-    keywords; missing ones take the defaults (DEMO_SIZES)."""
+    keywords; missing ones take the defaults (DEMO_SIZES).
+
+    The corpus is written to a hidden sibling folder and renamed into place, so a reader never sees half a
+    corpus, and processes generating it at once (one per node of a multi-node run on a shared filesystem)
+    do not interleave their writes: the first rename wins and the others drop their identical copies."""
     unknown = set(sizes) - set(DEMO_SIZES)
     if unknown:
         raise TypeError(f"ensure_demo: unknown size arguments {sorted(unknown)}; expected some of {sorted(DEMO_SIZES)}")
     wanted = {**DEMO_SIZES, **{k: int(v) for k, v in sizes.items()}}
     root = Path(data_dir) / "MIND-demo"
-    marker = root / "oracle.json"
-    if marker.exists():
-        try:
-            saved = json.loads(marker.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, OSError):
-            saved = {}
-        if (saved.get("sizes") == wanted and saved.get("seed") == seed and saved.get("test_labels") is True
-                and saved.get("generator_version") == GENERATOR_VERSION):
-            return root
+    if _demo_matches(root, wanted, seed):
+        return root
     t0 = time.time()
-    generate_demo(root, seed=seed, **wanted)
+    tmp = _sibling_dir(root, "tmp")
+    try:
+        generate_demo(tmp, seed=seed, **wanted)
+        if _demo_matches(root, wanted, seed):  # another process finished first: keep its corpus
+            return root
+        if root.exists():  # another demo (other sizes or seed): move it aside, then delete it
+            stale = _sibling_dir(root, "old")
+            try:
+                os.replace(root, stale / root.name)
+            except FileNotFoundError:  # someone else moved it first
+                pass
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # a non-empty folder appeared there meanwhile: another process's rename won
+            if not _demo_matches(root, wanted, seed):
+                raise
+            return root
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
     print(f"generated the demo corpus {root} ({wanted['num_news']} news, {wanted['num_users']} users, "
           f"{wanted['num_train_impressions']}/{wanted['num_dev_impressions']}/{wanted['num_test_impressions']} "
           f"train/dev/test impressions, seed {seed}) in {time.time() - t0:.1f}s")
