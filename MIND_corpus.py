@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 
+import util
+
 # Cache format version: bump when the meaning of any cached array changes.
 CACHE_VERSION = 1
 SPLITS = ("train", "dev", "test")
@@ -279,6 +281,7 @@ def cached(cache_dir: Path, component: str, spec: dict[str, Any],
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{component}-", dir=folder.parent))
     try:
+        util.umask_permissions(tmp, directory=True)
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
         meta = {**meta, "_arrays": sorted(arrays), "_spec": spec}

@@ -331,6 +331,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        util.umask_permissions(tmp)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

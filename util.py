@@ -177,6 +177,15 @@ def format_prediction_line(impression_id, ranks: Iterable[int]) -> str:
     return f"{impression_id} [{','.join(str(int(r)) for r in ranks)}]"
 
 
+def umask_permissions(path: str | Path, directory: bool = False) -> None:
+    """Give a mkstemp file (0600) or mkdtemp folder (0700) the mode open()/mkdir would have given it under the
+    process umask, so checkpoints, run files and the corpus cache renamed from them are readable by whoever
+    the umask allows (colleagues on a shared cluster), as any other file the run writes."""
+    mask = os.umask(0)  # reading the umask means setting it; restored at once (the main thread writes files)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+
+
 def _atomic_write(path: Path, write) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, then os.replace it: a crash never leaves half a
     file under the final name."""
@@ -185,6 +194,7 @@ def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        umask_permissions(tmp)
         write(tmp)
         os.replace(tmp, path)
     except BaseException:

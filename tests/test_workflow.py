@@ -72,6 +72,20 @@ def test_train_log_has_steps_and_epochs_with_loss_lr_throughput_and_dev_metrics(
     assert epochs[0]["train_loss"] == pytest.approx(np.mean(first), rel=1e-6)
 
 
+def test_run_files_and_corpus_cache_get_the_umask_permissions(nrms):
+    """Files written through a temporary file (mkstemp: 0600, mkdtemp: 0700) and renamed must end up as readable
+    as anything else the umask allows: on a shared cluster colleagues read each other's checkpoints."""
+    import os
+
+    tmp, _, result, run = nrms
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("last.pt", "dev_log.jsonl", "train_log.jsonl", "config.json", Path(result["checkpoint"]).name):
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+    caches = [p for p in (tmp / "data" / "cache").rglob("meta.json")]
+    assert caches and all(p.parent.stat().st_mode & 0o777 == 0o777 & ~mask for p in caches)
+
+
 def test_auxiliary_losses_are_logged_by_name(miner):
     _, _, _, run = miner
     records = util.read_jsonl(run / util.TRAIN_LOG)
