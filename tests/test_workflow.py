@@ -86,6 +86,22 @@ def test_run_files_and_corpus_cache_get_the_umask_permissions(nrms):
     assert caches and all(p.parent.stat().st_mode & 0o777 == 0o777 & ~mask for p in caches)
 
 
+def test_bench_miner_interests_measures_a_miner_checkpoint(miner, nrms):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from miner_interests import main_cli
+
+    tmp, _, result, _ = miner
+    r = main_cli([result["checkpoint"], "--users", "20", f"--data_dir={tmp / 'data'}"])
+    assert r["K"] == 4 and r["scale"] == "sqrt" and 0 < r["users"] <= 20
+    for key in ("interests_mean_cosine", "random_items_mean_cosine"):
+        assert 1 / 4 - 1e-6 <= r[key] <= 1 + 1e-6  # a mean K x K cosine with the diagonal: [1/K, 1]
+    assert 0 < r["attention_entropy_over_log_H"] <= 1 + 1e-6 and r["logit_std_over_history"] > 0
+    with pytest.raises(ValueError, match="not MINER"):
+        main_cli([nrms[2]["checkpoint"], f"--data_dir={tmp / 'data'}"])
+
+
 def test_auxiliary_losses_are_logged_by_name(miner):
     _, _, _, run = miner
     records = util.read_jsonl(run / util.TRAIN_LOG)
