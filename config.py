@@ -39,7 +39,7 @@ ARCHITECTURE_FLAGS = (
     "max_title_length", "max_abstract_length", "max_history_num", "cnn_kernel_num", "cnn_window_size",
     "head_num", "head_dim", "attention_dim", "category_embedding_dim", "subcategory_embedding_dim",
     "plm_model_name", "plm_pooling", "plm_max_length", "num_interest_vectors", "context_code_dim",
-    "miner_aggregation", "poly_attention_scale", "use_category_glove", "dataset",
+    "miner_aggregation", "poly_attention_scale", "use_category_glove", "dataset", "category_fusion",
     "hidden_dim", "user_embedding_dim", "personalized_embedding_dim", "HDC_window_size", "HDC_filter_num",
     "entity_embedding_dim", "KCNN_window_sizes", "KCNN_filter_num",
     "gcn_layer_num", "gcn_normalization_type", "gcn_residual", "gcn_layer_norm", "conv3D_filter_num_first",
@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--KCNN_window_sizes", type=_int_list, default="1,2,3,4",
                    help="KCNN (DKN): comma-separated Kim-CNN window sizes, e.g. 1,2,3,4")
     g.add_argument("--KCNN_filter_num", type=int, default=100, help="KCNN (DKN): filters per window size")
+    g.add_argument("--category_fusion", action=BOOL, default=False,
+                   help="append category and subcategory embeddings (--category_embedding_dim, "
+                        "--subcategory_embedding_dim) to the news vector, as NNR's encoders do; for encoders that "
+                        "do not read the categories themselves")
 
     g = p.add_argument_group("zoo: user encoders")
     g.add_argument("--gcn_layer_num", type=int, default=4, help="SUE: graph convolution layers (suggested per dataset)")
@@ -320,6 +324,10 @@ class Config:
                      "entity_embedding_dim", "KCNN_filter_num"):
             if self.values[flag] < 1:
                 errors.append(f"--{flag} must be >= 1, got {self.values[flag]}")
+        news_cls = NEWS_ENCODERS.get(self.news_encoder)
+        if self.category_fusion and news_cls is not None and "category" in news_cls.features:
+            errors.append(f"--category_fusion: --news_encoder {self.news_encoder} reads the category and subcategory "
+                          f"itself; drop the flag (it is for encoders that do not)")
         if self.Alpha < 0:
             errors.append(f"--Alpha (DAE reconstruction weight) must be >= 0, got {self.Alpha}")
         if self.HDC_window_size < 1 or self.HDC_window_size % 2 == 0:

@@ -261,7 +261,7 @@ class Model(nn.Module):
 
     def encode_news(self, index: torch.Tensor, user_id: torch.Tensor | None = None) -> torch.Tensor:
         """index [N] long (news indices) -> [N, D] news vectors."""
-        return self.news_encoder(self.news_features(index), user_id=user_id)
+        return self.news_encoder.encode(self.news_features(index), user_id=user_id)[0]
 
     def _gather_news(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Encode the batch's news: each unique news once (personalized encoders: once per user and news).
@@ -272,19 +272,19 @@ class Model(nn.Module):
         ids = torch.cat([batch.history.reshape(-1), batch.candidates.reshape(-1)])  # [B*H + B*C]
         if self.news_encoder.personalized:
             users = torch.cat([batch.user.repeat_interleave(h), batch.user.repeat_interleave(c)])
-            vectors, aux = self.news_encoder.forward_with_aux(self.news_features(ids), user_id=users)
+            vectors, aux = self.news_encoder.encode(self.news_features(ids), user_id=users)
         elif self.news_encoder.length_buckets > 1:
             unique, inverse = torch.unique(ids, return_inverse=True)
             order = self.length_order(unique)  # shortest first
             parts = []
             for part in order.tensor_split(self.news_encoder.length_buckets):
-                vec, aux = self.news_encoder.forward_with_aux(self.news_features(unique[part]))  # [U/k, D]
+                vec, aux = self.news_encoder.encode(self.news_features(unique[part]))  # [U/k, D]
                 assert not aux, "length_buckets needs a news encoder without auxiliary losses"
                 parts.append(vec)
             vectors = torch.cat(parts)[torch.argsort(order)][inverse]  # back to unique order, then to references
         else:
             unique, inverse = torch.unique(ids, return_inverse=True)
-            vectors, aux = self.news_encoder.forward_with_aux(self.news_features(unique))  # [U, D]
+            vectors, aux = self.news_encoder.encode(self.news_features(unique))  # [U, D]
             vectors = vectors[inverse]  # [B*H + B*C, D]
         history = vectors[: b * h].view(b, h, -1)
         candidates = vectors[b * h:].view(b, c, -1)

@@ -47,10 +47,28 @@ class NewsEncoder(nn.Module):
 
     def __init__(self, config: "Config", meta: "CorpusMeta"):
         super().__init__()
-        self.output_dim: int = 0
+        self._text_dim = 0  # what the subclass sets as `output_dim`; category fusion adds to it
         # Encoders that own a category embedding expose it here so MINER's category-aware attention can read
         # it (PLMMiner's design); others leave it None and the model provides one.
         self.category_embedding: nn.Embedding | None = None
+        # --category_fusion (NNR's feature fusion): [vector; dropout(category emb); dropout(subcategory emb)].
+        # Config refuses it for encoders that read the categories themselves (NAML, CNE, HDC, PLMNAML).
+        self.fusion_dim = 0
+        if getattr(config, "category_fusion", False):
+            self.features = tuple(dict.fromkeys((*type(self).features, "category", "subcategory")))
+            self.fusion_category = small_embedding(meta.category_num, config.category_embedding_dim)
+            self.fusion_subcategory = small_embedding(meta.subcategory_num, config.subcategory_embedding_dim)
+            self.fusion_dropout = nn.Dropout(config.dropout_rate)
+            self.fusion_dim = config.category_embedding_dim + config.subcategory_embedding_dim
+
+    @property
+    def output_dim(self) -> int:
+        """D: the subclass's vector size, plus the category and subcategory embeddings under --category_fusion."""
+        return self._text_dim + self.fusion_dim
+
+    @output_dim.setter
+    def output_dim(self, value: int) -> None:
+        self._text_dim = int(value)
 
     def forward(self, news: dict[str, torch.Tensor], user_id: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -61,6 +79,16 @@ class NewsEncoder(nn.Module):
         reconstruction). Encoders with an auxiliary loss override this; the model adds the losses to the click
         loss inside its forward (never stored as attributes, so DDP and AMP see them)."""
         return self(news, user_id=user_id), {}
+
+    def encode(self, news: dict[str, torch.Tensor], user_id: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What the model calls: `forward_with_aux`, then the category fusion when it is on -> [N, D], aux."""
+        vectors, aux = self.forward_with_aux(news, user_id=user_id)
+        if self.fusion_dim:
+            category = self.fusion_dropout(self.fusion_category(news["category"].long()))  # [N, Ec]
+            subcategory = self.fusion_dropout(self.fusion_subcategory(news["subcategory"].long()))  # [N, Es]
+            vectors = torch.cat([vectors, category.to(vectors.dtype), subcategory.to(vectors.dtype)], dim=-1)
+        return vectors, aux
 
 
 def word_embedding(config: "Config", meta: "CorpusMeta") -> nn.Embedding:
@@ -115,7 +143,7 @@ class MHSANewsEncoder(NewsEncoder):
         self.embedding = word_embedding(config, meta)
         self.mhsa = MultiHeadSelfAttention(config.word_embedding_dim, config.head_num, config.head_dim)
         self.output_dim = config.head_num * config.head_dim
-        self.attention = AdditiveAttention(self.output_dim, config.attention_dim)
+        self.attention = AdditiveAttention(config.head_num * config.head_dim, config.attention_dim)
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, news, user_id=None, return_weights: bool = False):
@@ -558,7 +586,7 @@ class DAENewsEncoder(NewsEncoder):
     def _encode(self, news) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> clean input x [N, E], code h [N, Hd], real [N] bool (the news has at least one token)."""
         total, count = 0.0, 0.0
-        for column in self.features:
+        for column in DAENewsEncoder.features:  # the texts (an instance's features may add the categories)
             tokens = news[column]
             mask = (tokens > 0).unsqueeze(-1).float()  # [N, L, 1]
             total = total + (self.embedding(tokens) * mask).sum(1)  # [N, E]

@@ -858,7 +858,7 @@ def explain_impression(model: nn.Module, corpus, impression_id: str, split: str 
     user_ids = batch.user.expand(len(ids)) if model.news_encoder.personalized else None
     with AttentionRecorder(model) as rec:
         feats = model.news_features(ids)
-        vectors = model.news_encoder(feats, user_id=user_ids)  # [H + C, D]
+        vectors = model.news_encoder.encode(feats, user_id=user_ids)[0]  # [H + C, D]
         news_maps = dict(rec.maps)
         rec.clear()
         logits, out = model.score(batch, vectors[:h].unsqueeze(0), vectors[h:].unsqueeze(0))

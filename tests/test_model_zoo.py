@@ -82,16 +82,16 @@ def zoo(tmp_path_factory):
     return data_dir, folder, {False: word, True: plm}
 
 
-def make_config(data_dir, news: str, user: str, plm_folder=None) -> Config:
+def make_config(data_dir, news: str, user: str, plm_folder=None, *extra: str) -> Config:
     values = {**FLAGS, "data_dir": data_dir, "news_encoder": news, "user_encoder": user}
     if plm_folder is not None:
         values["plm_model_name"] = plm_folder
-    return Config.from_args([f"--{k}={v}" for k, v in values.items()] + ["--no-progress"])
+    return Config.from_args([f"--{k}={v}" for k, v in values.items()] + ["--no-progress", *extra])
 
 
-def build(zoo, news: str, user: str) -> tuple[Config, Corpus, Model]:
+def build(zoo, news: str, user: str, *extra: str) -> tuple[Config, Corpus, Model]:
     data_dir, folder, corpora = zoo
-    config = make_config(data_dir, news, user, folder if _uses_plm(news) else None)
+    config = make_config(data_dir, news, user, folder if _uses_plm(news) else None, *extra)
     corpus = corpora[_uses_plm(news)]
     torch.manual_seed(0)
     return config, corpus, Model(config, corpus.meta, corpus.news)
@@ -99,7 +99,40 @@ def build(zoo, news: str, user: str) -> tuple[Config, Corpus, Model]:
 
 @pytest.mark.parametrize("news,user", PAIRS, ids=[f"{n}-{u}" for n, u in PAIRS])
 def test_pairing_trains_a_step_and_evaluates(zoo, news, user):
-    config, corpus, model = build(zoo, news, user)
+    train_step_and_evaluate(zoo, news, user)
+
+
+# --category_fusion: every news encoder that does not read the categories itself, with a plain, a
+# candidate-aware and a category-reading user encoder.
+FUSABLE = sorted(n for n in NEWS_ENCODERS if "category" not in NEWS_ENCODERS[n].features)
+FUSED_PAIRS = [(n, u) for n in FUSABLE for u in ("ATT", "CATT", "MINER") if (n, u) in PAIRS]
+
+
+@pytest.mark.parametrize("news,user", FUSED_PAIRS, ids=[f"{n}-{u}" for n, u in FUSED_PAIRS])
+def test_category_fusion_appends_both_embeddings_trains_and_evaluates(zoo, news, user):
+    plain = build(zoo, news, user)[2]
+    model = train_step_and_evaluate(zoo, news, user, "--category_fusion", fused=True)
+    enc = model.news_encoder
+    assert enc.output_dim == plain.news_encoder.output_dim + 16  # + category (8) + subcategory (8)
+    assert {"category", "subcategory"} <= set(model.features)
+    index = torch.arange(1, model.news_num)
+    users = torch.ones_like(index) if enc.personalized else None  # NPA's news vectors depend on the user
+    vectors = model.encode_news(index, user_id=users)  # eval mode: no dropout
+    feats = model.news_features(index)
+    torch.testing.assert_close(vectors[:, -16:-8], enc.fusion_category(feats["category"].long()))
+    torch.testing.assert_close(vectors[:, -8:], enc.fusion_subcategory(feats["subcategory"].long()))
+
+
+@pytest.mark.parametrize("news", ["NAML", "CNE", "HDC"])
+def test_category_fusion_is_refused_for_encoders_that_read_categories(zoo, news):
+    with pytest.raises(ValueError, match=f"--category_fusion: --news_encoder {news} reads the category"):
+        make_config(zoo[0], news, "ATT" if news != "HDC" else "FIM", None, "--category_fusion")
+
+
+def train_step_and_evaluate(zoo, news: str, user: str, *extra: str, fused: bool = False) -> Model:
+    """One training step moves both encoders (and the fusion embeddings when `fused`), the cached evaluation
+    path equals the full forward, and `trainer.evaluate` ranks every dev impression."""
+    config, corpus, model = build(zoo, news, user, *extra)
     model.build_frozen_cache(log=lambda *a: None)
 
     # -- one training step on a real batch --
@@ -118,6 +151,8 @@ def test_pairing_trains_a_step_and_evaluates(zoo, news, user):
     assert any(n.startswith("news_encoder.") for n in moved), f"{news}-{user}: no news-encoder weight moved"
     assert any(n.startswith("user_encoder.") for n in moved) or not any(
         n.startswith("user_encoder.") for n in before), f"{news}-{user}: no user-encoder weight moved"
+    if fused:
+        assert {"news_encoder.fusion_category.weight", "news_encoder.fusion_subcategory.weight"} <= moved
 
     # -- the cached evaluation path equals the full forward of the same impressions --
     model.eval()
@@ -139,6 +174,7 @@ def test_pairing_trains_a_step_and_evaluates(zoo, news, user):
         assert 0.0 <= result.metrics[key] <= 1.0
     for ranks in np.split(result.ranks, result.offsets[1:-1]):
         assert sorted(ranks.tolist()) == list(range(1, len(ranks) + 1))
+    return model
 
 
 @pytest.mark.parametrize("news,user", INVALID, ids=[f"{n}-{u}" for n, u in INVALID])
