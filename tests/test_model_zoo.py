@@ -102,7 +102,7 @@ def test_pairing_trains_a_step_and_evaluates(zoo, news, user):
     train_step_and_evaluate(zoo, news, user)
 
 
-# --category_fusion: every news encoder that does not read the categories itself, with a plain, a
+# --category_fusion: every news encoder that does not read the categories itself (7), with a plain, a
 # candidate-aware and a category-reading user encoder.
 FUSABLE = sorted(n for n in NEWS_ENCODERS if "category" not in NEWS_ENCODERS[n].features)
 FUSED_PAIRS = [(n, u) for n in FUSABLE for u in ("ATT", "CATT", "MINER") if (n, u) in PAIRS]
