@@ -52,7 +52,7 @@ class NewsEncoder(nn.Module):
         # it (PLMMiner's design); others leave it None and the model provides one.
         self.category_embedding: nn.Embedding | None = None
         # --category_fusion (NNR's feature fusion): [vector; dropout(category emb); dropout(subcategory emb)].
-        # Config refuses it for encoders that read the categories themselves (NAML, CNE, HDC, PLMNAML).
+        # Config refuses it for encoders that read the categories themselves (NAML, CNE, HDC, Inception, PLMNAML).
         self.fusion_dim = 0
         if getattr(config, "category_fusion", False):
             self.features = tuple(dict.fromkeys((*type(self).features, "category", "subcategory")))

@@ -395,23 +395,34 @@ def _sibling_dir(target: Path, kind: str) -> Path:
     return path
 
 
-def _replace_dir_atomically(target: Path, build: Callable[[Path], None]) -> None:
+def _replace_dir_atomically(target: Path, build: Callable[[Path], None],
+                            keep_existing: Callable[[Path], bool] | None = None) -> None:
     """Run `build(tmp)` in a temp folder beside `target`, then rename it to `target`: a killed run leaves at
-    most a hidden temp folder, never a half-written `target`."""
+    most a hidden temp folder, never a half-written `target`.
+
+    `keep_existing(target)`: asked once the build is done; True means that what is at `target` now is already
+    what was built (another process sharing the filesystem got there first), so it stays and the build is
+    dropped. Without it, `target` is replaced."""
     target = Path(target)
     tmp = _sibling_dir(target, "tmp")
     try:
         build(tmp)
+        if keep_existing is not None and keep_existing(target):
+            return
         if target.exists():
             old = _sibling_dir(target, "old")
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
+            try:
+                os.replace(target, old / "x")
+            except FileNotFoundError:  # another process moved it first
+                pass
             shutil.rmtree(old, ignore_errors=True)
-        else:
+        try:
             os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        except OSError:  # a non-empty folder appeared there meanwhile: another process's rename won
+            if keep_existing is None or not keep_existing(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left once renamed
 
 
 # ==========================================================================================================
@@ -539,7 +550,7 @@ def _make_texts(rng: np.random.Generator, vocab: _Vocabulary, category: np.ndarr
 
 def generate_demo(root, *, num_news: int = 3000, num_users: int = 2000, num_train_impressions: int = 6000,
                   num_dev_impressions: int = 1500, num_test_impressions: int = 1500, seed: int = 0,
-                  test_labels: bool = True) -> Path:
+                  test_labels: bool = True, keep_existing: Callable[[Path], bool] | None = None) -> Path:
     """Write a MIND-format corpus to `root/{train,dev,test}` plus `root/oracle.json`; returns `root`.
 
     The world: news in publication order, each with a category (17 MIND categories), a subcategory and a latent
@@ -559,7 +570,8 @@ def generate_demo(root, *, num_news: int = 3000, num_users: int = 2000, num_trai
     and the next split is drawn after that, so a MIND-large-sized corpus never holds a split's text in memory
     (chunked and whole writes give the same bytes: tests/test_prepare.py).
     `test_labels=False` writes the test candidates without labels, like MIND-large's test split; the labels are
-    in `test/labels_hidden.tsv` either way, and nothing else changes.
+    in `test/labels_hidden.tsv` either way, and nothing else changes. The corpus is written beside `root` and
+    renamed into place; `keep_existing(root)` True keeps a corpus another process put there meanwhile.
     """
     root = Path(root)
     for name, value in dict(num_news=num_news, num_users=num_users).items():
@@ -769,7 +781,7 @@ def generate_demo(root, *, num_news: int = 3000, num_users: int = 2000, num_trai
                 f.write(relation_text)
         (tmp / "oracle.json").write_text(json.dumps(oracle, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    _replace_dir_atomically(root, build)
+    _replace_dir_atomically(root, build, keep_existing)
     return root
 
 
@@ -799,26 +811,7 @@ def ensure_demo(data_dir="data", *, seed: int = 0, **sizes) -> Path:
     if _demo_matches(root, wanted, seed):
         return root
     t0 = time.time()
-    tmp = _sibling_dir(root, "tmp")
-    try:
-        generate_demo(tmp, seed=seed, **wanted)
-        if _demo_matches(root, wanted, seed):  # another process finished first: keep its corpus
-            return root
-        if root.exists():  # another demo (other sizes or seed): move it aside, then delete it
-            stale = _sibling_dir(root, "old")
-            try:
-                os.replace(root, stale / root.name)
-            except FileNotFoundError:  # someone else moved it first
-                pass
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp, root)
-        except OSError:  # a non-empty folder appeared there meanwhile: another process's rename won
-            if not _demo_matches(root, wanted, seed):
-                raise
-            return root
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
+    generate_demo(root, seed=seed, keep_existing=lambda r: _demo_matches(r, wanted, seed), **wanted)
     print(f"generated the demo corpus {root} ({wanted['num_news']} news, {wanted['num_users']} users, "
           f"{wanted['num_train_impressions']}/{wanted['num_dev_impressions']}/{wanted['num_test_impressions']} "
           f"train/dev/test impressions, seed {seed}) in {time.time() - t0:.1f}s")

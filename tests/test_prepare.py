@@ -263,25 +263,30 @@ def test_ensure_demo_reuses_and_regenerates(tmp_path, capsys):
         pm.ensure_demo(tmp_path, news=3)
 
 
-def test_ensure_demo_writes_beside_and_renames_so_racing_processes_keep_one_corpus(tmp_path, monkeypatch, capsys):
+def test_ensure_demo_writes_beside_and_renames_so_racing_processes_keep_one_corpus(tmp_path, monkeypatch):
     """Two nodes of a multi-node run may generate the demo at once on a shared filesystem: the first rename wins,
-    the other drops its (identical) copy, and no hidden temporary folder is left behind."""
-    real = pm.generate_demo
-    seen = []
+    the other keeps that corpus and drops its (identical) copy, and no hidden temporary folder is left behind."""
+    real = pm._replace_dir_atomically
+    builds, first = [], {}
 
-    def generate_while_another_process_finishes(root, **kw):
-        seen.append(Path(root))
-        real(root, **kw)
-        if len(seen) == 1:  # the "other process" generates and renames into place before we are done
-            assert not (tmp_path / "MIND-demo").exists()  # we are writing beside, not into, MIND-demo
-            pm.ensure_demo(tmp_path, **TINY)
+    def racing(target, build, keep_existing=None):
+        def build_while_another_process_finishes(tmp):
+            builds.append(Path(tmp))
+            build(tmp)
+            if len(builds) == 1:
+                assert not (tmp_path / "MIND-demo").exists()  # we are writing beside, not into, MIND-demo
+                pm.ensure_demo(tmp_path, **TINY)  # the other process generates and renames into place first
+                first["inode"] = (tmp_path / "MIND-demo" / "train" / "behaviors.tsv").stat().st_ino
 
-    monkeypatch.setattr(pm, "generate_demo", generate_while_another_process_finishes)
+        real(target, build_while_another_process_finishes, keep_existing)
+
+    monkeypatch.setattr(pm, "_replace_dir_atomically", racing)
     root = pm.ensure_demo(tmp_path, **TINY)
-    assert len(seen) == 2 and all(p.parent == tmp_path and p.name.startswith(".MIND-demo.tmp-") for p in seen)
+    assert len(builds) == 2 and all(p.parent == tmp_path and p.name.startswith(".MIND-demo.tmp-") for p in builds)
+    assert (root / "train" / "behaviors.tsv").stat().st_ino == first["inode"]  # the first corpus stayed
     assert [p.name for p in tmp_path.iterdir()] == ["MIND-demo"]  # both temporary folders are gone
     assert pm._demo_matches(root, {**pm.DEMO_SIZES, **TINY}, 0)
-    reference = real(tmp_path / "ref", **TINY)
+    reference = pm.generate_demo(tmp_path / "ref", **TINY)
     for name in ("train/behaviors.tsv", "dev/news.tsv", "test/behaviors.tsv"):
         assert (root / name).read_bytes() == (reference / name).read_bytes()
     # a folder made by ensure_demo has the usual permissions (mkdtemp would have made it 0700)
