@@ -177,13 +177,29 @@ def format_prediction_line(impression_id, ranks: Iterable[int]) -> str:
     return f"{impression_id} [{','.join(str(int(r)) for r in ranks)}]"
 
 
+def _read_umask() -> int:
+    """The process umask. Linux shows it in /proc; elsewhere reading it means setting it for an instant, which is
+    why this runs once, at import, before any thread (TensorBoard's writer) could create a file meanwhile."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def umask_permissions(path: str | Path, directory: bool = False) -> None:
     """Give a mkstemp file (0600) or mkdtemp folder (0700) the mode open()/mkdir would have given it under the
     process umask, so checkpoints, run files and the corpus cache renamed from them are readable by whoever
     the umask allows (colleagues on a shared cluster), as any other file the run writes."""
-    mask = os.umask(0)  # reading the umask means setting it; restored at once (the main thread writes files)
-    os.umask(mask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
 
 
 def _atomic_write(path: Path, write) -> None:

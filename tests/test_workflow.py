@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +77,6 @@ def test_train_log_has_steps_and_epochs_with_loss_lr_throughput_and_dev_metrics(
 def test_run_files_and_corpus_cache_get_the_umask_permissions(nrms):
     """Files written through a temporary file (mkstemp: 0600, mkdtemp: 0700) and renamed must end up as readable
     as anything else the umask allows: on a shared cluster colleagues read each other's checkpoints."""
-    import os
-
     tmp, _, result, run = nrms
     mask = os.umask(0)
     os.umask(mask)
@@ -86,9 +86,16 @@ def test_run_files_and_corpus_cache_get_the_umask_permissions(nrms):
     assert caches and all(p.parent.stat().st_mode & 0o777 == 0o777 & ~mask for p in caches)
 
 
-def test_bench_miner_interests_measures_a_miner_checkpoint(miner, nrms):
-    import sys
+def test_the_umask_is_read_without_changing_it(tmp_path):
+    """util reads the umask once at import (from /proc on Linux): a process with umask 027 gets 0640 files."""
+    code = ("import os; os.umask(0o027); import util; assert os.umask(0o027) == 0o027; "
+            "open('f', 'w').close(); util.umask_permissions('f'); print(oct(util._UMASK), oct(os.stat('f').st_mode & 0o777))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.split() == ["0o27", "0o640"]
 
+
+def test_bench_miner_interests_measures_a_miner_checkpoint(miner, nrms):
     sys.path.insert(0, str(ROOT / "bench"))
     from miner_interests import main_cli
 
