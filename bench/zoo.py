@@ -3,9 +3,11 @@
     python bench/zoo.py                         # every paper model, default demo, 2 epochs
     python bench/zoo.py --models NRMS,NAML      # a subset
     python bench/zoo.py --epoch 1 --extra=--max_steps_per_epoch=20   # a quick smoke run
+    python bench/zoo.py --models NRMS --seeds 0,1,2 --extra=--category_fusion   # mean ± std over seeds
 
 Prints a markdown table (dev AUC / MRR / nDCG@5 / nDCG@10 of the best epoch, mean train seconds per epoch,
-trainable parameters) and the same rows as TSV; README.md quotes the table measured on this project's machine.
+trainable parameters; with `--seeds`, one run per seed and each metric as mean ± sample std over them) and the
+same rows as TSV; README.md quotes the table measured on this project's machine.
 Runs go to `--output_dir` (default `best_model/_bench/`, git-ignored), so they do not mix with your own runs.
 """
 from __future__ import annotations
@@ -16,6 +18,8 @@ import io
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,7 +43,8 @@ KEYS = ("auc", "mrr", "ndcg5", "ndcg10")
 
 
 def run(name: str, flags: list[str], args) -> dict:
-    argv = ["--mode=train", "--dataset=demo", f"--epoch={args.epoch}", f"--seed={args.seed}", "--no-progress",
+    seeding = f"--seeds={','.join(map(str, args.seeds))}" if args.seeds else f"--seed={args.seed}"
+    argv = ["--mode=train", "--dataset=demo", f"--epoch={args.epoch}", seeding, "--no-progress",
             f"--output_dir={args.output_dir}", f"--data_dir={args.data_dir}", *flags, *args.extra]
     out = io.StringIO()
     t0 = time.time()
@@ -48,10 +53,19 @@ def run(name: str, flags: list[str], args) -> dict:
     wall = time.time() - t0
     params = next((line.split(": ")[1].split(" ")[0] for line in out.getvalue().splitlines()
                    if line.startswith("model ") and "trainable parameters" in line), "?")
-    history = result["history"]
+    runs = result["runs"] if args.seeds else [result]  # one result per seed
+    history = [epoch for r in runs for epoch in r["history"]]
     per_epoch = sum(r["train_seconds"] for r in history) / max(1, len(history))
-    return {"model": name, "flags": " ".join(flags), **{k: result["dev_metrics"][k] for k in KEYS},
-            "best_epoch": result["best_epoch"], "train_s_per_epoch": per_epoch, "wall_s": wall, "params": params}
+    values = {k: np.array([r["dev_metrics"][k] for r in runs]) for k in KEYS}
+    return {"model": name, "flags": " ".join(flags), **{k: float(v.mean()) for k, v in values.items()},
+            **{f"{k}_std": float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()},
+            "runs": len(runs), "best_epoch": [r["best_epoch"] for r in runs], "train_s_per_epoch": per_epoch,
+            "wall_s": wall, "params": params}
+
+
+def cell(row: dict, key: str) -> str:
+    """A metric as printed: the value, or mean ± std over seeds."""
+    return f"{row[key]:.4f}" + (f" ± {row[key + '_std']:.4f}" if row["runs"] > 1 else "")
 
 
 def main_cli(argv=None) -> list[dict]:
@@ -59,6 +73,8 @@ def main_cli(argv=None) -> list[dict]:
     p.add_argument("--models", default=",".join(PAPER_MODELS), help="comma-separated names from the table")
     p.add_argument("--epoch", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=None,
+                   help="comma-separated seeds: one run per seed (main.py --seeds), metrics as mean ± std")
     p.add_argument("--data_dir", default="data")
     p.add_argument("--output_dir", default="best_model/_bench")
     p.add_argument("--extra", action="append", default=[], help="a flag passed to every run (repeatable)")
@@ -71,16 +87,17 @@ def main_cli(argv=None) -> list[dict]:
     for name in names:
         row = run(name, PAPER_MODELS[name], args)
         rows.append(row)
-        print(f"{name}: dev AUC {row['auc']:.4f} MRR {row['mrr']:.4f} nDCG@5 {row['ndcg5']:.4f} "
-              f"nDCG@10 {row['ndcg10']:.4f}; {row['train_s_per_epoch']:.1f} s/epoch", flush=True)
-    print("\n| model | flags | AUC | MRR | nDCG@5 | nDCG@10 | train s/epoch | parameters |")
-    print("|---|---|---|---|---|---|---|---|")
+        print(f"{name}: dev AUC {cell(row, 'auc')} MRR {cell(row, 'mrr')} nDCG@5 {cell(row, 'ndcg5')} "
+              f"nDCG@10 {cell(row, 'ndcg10')}; {row['train_s_per_epoch']:.1f} s/epoch", flush=True)
+    print("\n| model | flags | runs | AUC | MRR | nDCG@5 | nDCG@10 | train s/epoch | parameters |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | `{r['flags']}` | {r['auc']:.4f} | {r['mrr']:.4f} | {r['ndcg5']:.4f} | "
-              f"{r['ndcg10']:.4f} | {r['train_s_per_epoch']:.1f} | {r['params']} |")
-    print("\nmodel\t" + "\t".join(KEYS) + "\ttrain_s_per_epoch")
+        print(f"| {r['model']} | `{r['flags']}` | {r['runs']} | " + " | ".join(cell(r, k) for k in KEYS)
+              + f" | {r['train_s_per_epoch']:.1f} | {r['params']} |")
+    print("\nmodel\truns\t" + "\t".join(f"{k}\t{k}_std" for k in KEYS) + "\ttrain_s_per_epoch")
     for r in rows:
-        print(r["model"] + "\t" + "\t".join(f"{r[k]:.4f}" for k in KEYS) + f"\t{r['train_s_per_epoch']:.1f}")
+        print(f"{r['model']}\t{r['runs']}\t" + "\t".join(f"{r[k]:.4f}\t{r[k + '_std']:.4f}" for k in KEYS)
+              + f"\t{r['train_s_per_epoch']:.1f}")
     return rows
 
 

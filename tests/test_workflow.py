@@ -95,6 +95,24 @@ def test_the_umask_is_read_without_changing_it(tmp_path):
     assert out.stdout.split() == ["0o27", "0o640"]
 
 
+def test_bench_zoo_one_seed_and_mean_std_over_seeds(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from zoo import main_cli
+
+    common = ["--models", "NRMS", "--epoch", "1", f"--data_dir={tmp_path / 'data'}",
+              f"--output_dir={tmp_path / 'runs'}", *(f"--extra={f}" for f in [*TINY_DEMO, *SMALL_MODEL,
+                                                                             "--max_steps_per_epoch=3"])]
+    one = main_cli(common)[0]
+    assert one["runs"] == 1 and one["auc_std"] == 0.0 and 0 <= one["auc"] <= 1
+    seeds = main_cli([*common, "--seeds", "0,1"])[0]
+    logs = sorted((tmp_path / "runs" / "demo" / "MHSA-MHSA").glob("#*/dev_log.jsonl"))
+    aucs = [json.loads(log.read_text().splitlines()[-1])["auc"] for log in logs[1:]]  # #2, #3: seeds 0 and 1
+    assert seeds["runs"] == 2 and len(aucs) == 2
+    assert seeds["auc"] == pytest.approx(np.mean(aucs)) and seeds["auc_std"] == pytest.approx(np.std(aucs, ddof=1))
+    assert aucs[0] == pytest.approx(one["auc"])  # seed 0 again: the same run
+    assert f"{seeds['auc']:.4f} ± {seeds['auc_std']:.4f}" in capsys.readouterr().out
+
+
 def test_bench_miner_interests_measures_a_miner_checkpoint(miner, nrms):
     sys.path.insert(0, str(ROOT / "bench"))
     from miner_interests import main_cli
