@@ -235,14 +235,17 @@ def main(argv=None):
             cached[r] = epoch_batches(r)
         return cached[r]
 
-    def model_only(module: nn.Module, r: int) -> float:
-        batches = batches_of(r)
+    def timed_steps(module: nn.Module, batches: list[Batch]) -> float:
+        """Seconds per optimizer step over batches already on the device."""
         sync()
         t0 = time.perf_counter()
         for batch in batches:
             stepper.step(module, batch)
         sync()
         return (time.perf_counter() - t0) / len(batches)
+
+    def model_only(module: nn.Module, r: int) -> float:
+        return timed_steps(module, batches_of(r))
 
     startup: dict[int, list[float]] = {w: [] for w in workers}
 
@@ -280,14 +283,8 @@ def main(argv=None):
 
     def no_dedup(r: int) -> float:
         """Fewer steps (`--dedup_steps`): this path is ~4x slower and its per-step time is what matters."""
-        batches = batches_of(r)[: args.dedup_steps]
         with without_dedup(model):
-            sync()
-            t0 = time.perf_counter()
-            for batch in batches:
-                stepper.step(model, batch)
-            sync()
-        return (time.perf_counter() - t0) / len(batches)
+            return timed_steps(model, batches_of(r)[: args.dedup_steps])
 
     measures: dict[str, Callable[[int], float]] = {"model-only": lambda r: model_only(model, r)}
     for w in workers:
