@@ -32,7 +32,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,10 +277,8 @@ def cached(cache_dir: Path, component: str, spec: dict[str, Any],
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in meta["_arrays"]}
         return Cached(arrays, meta, folder, built=False)
     arrays, meta = build()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{component}-", dir=folder.parent))
+    tmp = util.sibling_dir(folder, "tmp")
     try:
-        util.umask_permissions(tmp, directory=True)
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
         meta = {**meta, "_arrays": sorted(arrays), "_spec": spec}

@@ -46,13 +46,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
+
+from util import sibling_dir
 
 MIND_URL = "https://recodatasets.z20.web.core.windows.net/newsrec/"
 HF_DATASET = "yjw1029/MIND"
@@ -386,15 +387,6 @@ def _segment_join(tokens: np.ndarray, offsets: np.ndarray, sep: str = " ") -> li
     return [sep.join(tok[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _sibling_dir(target: Path, kind: str) -> Path:
-    """A new empty hidden folder beside `target`. Its name is unique across hosts sharing a filesystem (a pid may
-    repeat there), and mkdir, unlike mkdtemp's 0700, keeps the umask's permissions, which `target` inherits
-    when the folder is renamed to it."""
-    path = target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex}"
-    path.mkdir(parents=True)
-    return path
-
-
 def _replace_dir_atomically(target: Path, build: Callable[[Path], None],
                             keep_existing: Callable[[Path], bool] | None = None) -> None:
     """Run `build(tmp)` in a temp folder beside `target`, then rename it to `target`: a killed run leaves at
@@ -404,13 +396,13 @@ def _replace_dir_atomically(target: Path, build: Callable[[Path], None],
     what was built (another process sharing the filesystem got there first), so it stays and the build is
     dropped. Without it, `target` is replaced."""
     target = Path(target)
-    tmp = _sibling_dir(target, "tmp")
+    tmp = sibling_dir(target, "tmp")
     try:
         build(tmp)
         if keep_existing is not None and keep_existing(target):
             return
         if target.exists():
-            old = _sibling_dir(target, "old")
+            old = sibling_dir(target, "old")
             try:
                 os.replace(target, old / "x")
             except FileNotFoundError:  # another process moved it first

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import tempfile
+import uuid
 import zipfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -195,11 +196,20 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def umask_permissions(path: str | Path, directory: bool = False) -> None:
-    """Give a mkstemp file (0600) or mkdtemp folder (0700) the mode open()/mkdir would have given it under the
-    process umask, so checkpoints, run files and the corpus cache renamed from them are readable by whoever
-    the umask allows (colleagues on a shared cluster), as any other file the run writes."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
+def sibling_dir(target: str | Path, kind: str) -> Path:
+    """A new empty hidden folder `.<name>.<kind>-<random>` beside `target`, to build in and rename to `target`.
+    mkdir, unlike mkdtemp's 0700, keeps the umask's permissions, which `target` inherits by the rename."""
+    target = Path(target)
+    path = target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex}"
+    path.mkdir(parents=True)
+    return path
+
+
+def umask_permissions(path: str | Path) -> None:
+    """Give a mkstemp file (0600) the mode open() would have given it under the process umask, so checkpoints
+    and run files renamed from it are readable by whoever the umask allows (colleagues on a shared cluster), as
+    any other file the run writes."""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def _atomic_write(path: Path, write) -> None:
