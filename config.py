@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="best_model", help="root folder of runs: <output_dir>/<dataset>/<news>-<user>/#<run>/")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="demo", choices=DATASETS, help="MIND protocol (REFERENCE.md §1) or the generated demo")
+    g.add_argument("--dataset", default="demo", choices=DATASETS, help="MIND protocol (docs/MIND.md §2) or the generated demo")
     g.add_argument("--data_dir", default="data", help="folder holding MIND-<dataset>/ and cache/")
     g.add_argument("--word_threshold", type=int, default=3, help="min count in train titles+abstracts to enter the vocabulary")
     g.add_argument("--max_title_length", type=int, default=32, help="title tokens kept")
@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--miner_aggregation", default="weighted", choices=["weighted", "max", "mean"], help="MINER: interest vectors -> score")
     g.add_argument("--disagreement_beta", type=float, default=0.8, help="MINER: weight of the disagreement loss")
     g.add_argument("--poly_attention_scale", default="sqrt", choices=["sqrt", "none"],
-                   help="MINER: divide the poly-attention logits by sqrt(--context_code_dim) (sqrt, the design in "
-                        "REFERENCE.md) or not (none, as Li et al.'s code); see the README's MINER notes")
+                   help="MINER: divide the poly-attention logits by sqrt(--context_code_dim) (sqrt, this "
+                        "project's design) or not (none, as Li et al.'s code); see the README's MINER notes")
     g.add_argument("--use_category_glove", action=BOOL, default=False,
                    help="initialise category embeddings from GloVe (compound names split into words), frozen")
 

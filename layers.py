@@ -68,7 +68,7 @@ def record(module: nn.Module, name: str, weights: torch.Tensor, axes: tuple[str,
 
 class Registry(dict):
     """A name -> class table filled by a decorator (`@REGISTRY.register("NAME")`); the one source of truth for
-    argparse `choices` and for lookups. Unknown names get an error listing the valid ones (STYLE.md §2)."""
+    argparse `choices` and for lookups. Unknown names get an error listing the valid ones."""
 
     def __init__(self, kind: str, flag: str):
         super().__init__()

@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from layers import AdditiveAttention, MultiHeadSelfAttention, QueryAttention, Registry, masked_mean, masked_softmax
 
-if TYPE_CHECKING:  # encoders never import config at run time (import DAG, STYLE.md §1)
+if TYPE_CHECKING:  # encoders never import config at run time (config imports the registries)
     from config import Config
     from MIND_corpus import CorpusMeta
 
@@ -232,7 +232,7 @@ class NAMLNewsEncoder(NewsEncoder):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pretrained-language-model news encoders (PLM-NR, Wu et al., SIGIR 2021; the user's design, REFERENCE.md §4)
+# Pretrained-language-model news encoders (PLM-NR, Wu et al., SIGIR 2021; README: PLM and MINER flags)
 # ----------------------------------------------------------------------------------------------------------
 
 OFFLINE_MINILM = "offline-minilm"
@@ -476,7 +476,7 @@ def make_category_embedding(config, meta) -> nn.Embedding:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The NNR zoo (Veason-silverbullet/NNR's news encoders, with its bugs fixed; REFERENCE.md §3)
+# The NNR zoo (Veason-silverbullet/NNR's news encoders, with its bugs fixed; README: Where we differ)
 # ----------------------------------------------------------------------------------------------------------
 
 def small_embedding(num: int, dim: int) -> nn.Embedding:

@@ -3,7 +3,7 @@
     python prepare_MIND_dataset.py --dataset {small,200k,large,demo} [--data_dir data] [--no-download]
 
 Every protocol folder holds `train/`, `dev/` and `test/`, each with `news.tsv`, `behaviors.tsv`,
-`entity_embedding.vec` and `relation_embedding.vec` in the MIND format (REFERENCE.md §1). The protocols (label
+`entity_embedding.vec` and `relation_embedding.vec` in the MIND format (docs/MIND.md §1). The protocols (label
 them in every result table):
 
 - small: train = a deterministic 95% of the MINDsmall_train impressions, dev = the other 5% (the first 5% of a

@@ -187,7 +187,7 @@ class MINERUserEncoder(UserEncoder):
     """MINER: K interest vectors from poly attention with a category-aware bias, a disagreement regulariser,
     and weighted / max / mean aggregation of the interests against each candidate.
 
-    Li et al., "MINER: Multi-Interest Matching Network for News Recommendation", ACL 2022 (REFERENCE.md §4).
+    Li et al., "MINER: Multi-Interest Matching Network for News Recommendation", ACL 2022 (README: PLM and MINER flags).
     Fixes over the public code: padded history gets -inf (exactly zero weight, not 1e-30), and the category
     bias is computed per (history item, candidate) instead of averaged over the candidates.
     """

@@ -2,7 +2,7 @@
 
 Bottom of the import DAG: imports nothing local.
 
-Official semantics (msnews/MIND evaluate.py, REFERENCE.md §2), per impression and then the plain mean:
+Official semantics (msnews/MIND evaluate.py; docs/MIND.md §4), per impression and then the plain mean:
 - AUC = sklearn's roc_auc_score on that impression (ties count one half);
 - MRR = sum over the clicked items of 1/position in the score order, divided by the number of clicks;
 - nDCG@k, k = 5, 10: gains 2^label - 1, discounts log2(position + 2), position from 0;
@@ -160,7 +160,7 @@ def compute_metrics(scores_list: Sequence[Sequence[float]], labels_list: Sequenc
 
 def criterion_value(metrics: Mapping, name: str) -> float:
     """The dev criterion `name` of a metrics dict; `avg` = (AUC + MRR + (nDCG@5 + nDCG@10) / 2) / 3, NNR's
-    criterion (REFERENCE.md §3): the two nDCGs count as one metric, not two."""
+    criterion (docs/MIND.md §4): the two nDCGs count as one metric, not two."""
     if name == "avg":
         m = metrics
         return float((m["auc"] + m["mrr"] + (m["ndcg5"] + m["ndcg10"]) / 2) / 3)

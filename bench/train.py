@@ -48,7 +48,7 @@ from main import load_corpus  # noqa: E402
 from model import Model  # noqa: E402
 from trainer import GlobalBatchSampler, build_optimizer, setup_runtime, warmup_linear  # noqa: E402
 
-# Generated corpus sizes. small = MIND-small (REFERENCE.md §1: 156,965 train / 73,152 dev impressions; 65k news
+# Generated corpus sizes. small = MIND-small (docs/MIND.md §1: 156,965 train / 73,152 dev impressions; 65k news
 # over train + dev, as bench/scale.py --preset small).
 PRESETS: dict[str, dict[str, int]] = {
     "demo": dict(news=3000, users=2000, train_impressions=6000, dev_impressions=1500),

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from main import main  # noqa: E402
 
-# name -> flags, as in the README's model table (REFERENCE.md §3). The demo GloVe is the offline 50-d package;
+# name -> flags, as in the README's model table. The demo GloVe is the offline 50-d package;
 # DKN's 100-d embeddings therefore start random (the corpus says so), as they would without GloVe 6B-100d.
 PAPER_MODELS: dict[str, list[str]] = {
     "NRMS": ["--news_encoder=MHSA", "--user_encoder=MHSA"],

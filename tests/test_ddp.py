@@ -1,5 +1,5 @@
 """Distributed training and evaluation: 2 processes on gloo (CPU) launched with torchrun's CLI give what one
-process gives; a dead rank ends the job; batch sharding, AMP selection and the batch-size rule (STYLE.md §7).
+process gives; a dead rank ends the job; batch sharding, AMP selection and the batch-size rule.
 
 The torchrun runs share one tiny generated corpus (built in-process first, so the ranks only read its cache)
 and use 127.0.0.1 with a free port only. Each launch is bounded by a subprocess timeout: a hang fails the test.

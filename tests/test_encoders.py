@@ -1,5 +1,5 @@
 """Every registered news and user encoder: shapes, padding invariance, batch independence, gradients, empty
-inputs; the shared attention blocks; registry errors (STYLE.md §7).
+inputs; the shared attention blocks; registry errors.
 
 Legend: N news, L title tokens, La abstract tokens, B users, H history, C candidates, D news dim.
 

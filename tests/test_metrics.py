@@ -1,4 +1,4 @@
-"""Metrics: golden cases from the official scorer (REFERENCE.md §2), tie rule, skipping, parity, leaderboard files."""
+"""Metrics: golden cases from the official scorer (docs/MIND.md §4), tie rule, skipping, parity, leaderboard files."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 import util
 
-# labels, scores, AUC, MRR, nDCG@5, nDCG@10 (REFERENCE.md §2, computed with the official scorer's functions)
+# labels, scores, AUC, MRR, nDCG@5, nDCG@10 (docs/MIND.md §4, computed with the official scorer's functions)
 GOLDEN = [
     ([0, 1, 0, 0, 1], [.3, .5, 0, 0, .2], 0.833333, 0.666667, 0.919721, 0.919721),
     ([1, 0, 0], [.9, .5, .1], 1.0, 1.0, 1.0, 1.0),

@@ -1,4 +1,4 @@
-"""PLM news encoders (tiny random BERT and the offline MiniLM) and the MINER user encoder (REFERENCE.md §4)."""
+"""PLM news encoders (tiny random BERT and the offline MiniLM) and the MINER user encoder (README: PLM and MINER flags)."""
 from __future__ import annotations
 
 import math
@@ -174,7 +174,7 @@ def inputs(b=3, h=5, c=4, d=6, seed=0):
 
 
 def direct_interests(m, inp, scale="sqrt"):
-    """REFERENCE.md §4 steps 1-3 written out one (user, candidate) at a time (`scale`: --poly_attention_scale)."""
+    """MINER's poly attention, category bias and interest vectors (userEncoders.MINER) written out one (user, candidate) at a time (`scale`: --poly_attention_scale)."""
     b, h, d = inp.history.shape
     c = inp.candidates.shape[1]
     out = torch.zeros(b, c, m.k, d)

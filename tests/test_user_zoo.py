@@ -1,5 +1,5 @@
 """The NNR zoo user encoders and click predictors beyond the generic checks of test_encoders.py: each test names
-the behaviour it guards, and most fail on a known bug of the reference code (REFERENCE.md §3).
+the behaviour it guards, and most fail on a known bug of the reference code (README: Where we differ).
 
 Legend: B users, H history, C candidates, D news dim, K archives (OMAP), G categories (SUE), N = H + G nodes.
 """
