@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo_train_impressions", type=int, default=6000, help="demo corpus: train impressions")
     g.add_argument("--demo_dev_impressions", type=int, default=1500, help="demo corpus: dev impressions")
     g.add_argument("--demo_test_impressions", type=int, default=1500, help="demo corpus: test impressions")
+    g.add_argument("--demo_seed", type=int, default=0,
+                   help="demo corpus: generator seed. An existing data/MIND-demo is used as it is unless a typed "
+                        "--demo_* flag contradicts it (an error: it is never replaced)")
 
     g = p.add_argument_group("model")
     g.add_argument("--news_encoder", default="MHSA", choices=sorted(NEWS_ENCODERS), help="news encoder (registry in newsEncoders.py)")
@@ -302,6 +305,7 @@ class Config:
             errors.append("--mode=dev needs --dev_model_path=<checkpoint>")
         if self.mode == "test" and not self.test_model_path:
             errors.append("--mode=test needs --test_model_path=<checkpoint>")
+        errors += self._data_errors()
         for flag in ("batch_size", "eval_batch_size", "epoch", "max_title_length", "max_abstract_length",
                      "max_history_num", "grad_accum_steps", "head_num", "head_dim", "cnn_kernel_num"):
             if self.values[flag] < 1:
@@ -359,6 +363,21 @@ class Config:
             errors.append(f"--log_every must be >= 1, got {self.log_every}")
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+
+    def _data_errors(self) -> list[str]:
+        """Invalid values of the data flags (what the files say is checked where they are read)."""
+        errors = []
+        for flag, low in (("word_threshold", 1), ("demo_news", 40), ("demo_users", 1), ("demo_train_impressions", 1),
+                          ("demo_dev_impressions", 1), ("demo_test_impressions", 1), ("demo_seed", 0)):
+            if self.values[flag] < low:
+                why = " (every demo impression shows up to 40 news)" if flag == "demo_news" else ""
+                errors.append(f"--{flag} must be >= {low}{why}, got {self.values[flag]}")
+        for flag in ("data_dir", "output_dir"):
+            if not str(self.values[flag]).strip():
+                errors.append(f"--{flag} is empty; give a folder (default: {'data' if flag == 'data_dir' else 'best_model'})")
+        if self.glove_path is not None and not str(self.glove_path).strip():
+            errors.append("--glove_path is empty; give a GloVe .txt or .zip file, or leave the flag out")
+        return errors
 
     @property
     def model_name(self) -> str:

@@ -33,15 +33,35 @@ def rank0_print(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
-def prepare_data(config) -> None:
-    """The demo corpus is generated on first use; real MIND must be prepared by prepare_MIND_dataset.py."""
-    if config.dataset == "demo":
-        from prepare_MIND_dataset import ensure_demo
+# main.py's demo flags and the generator's names for them.
+DEMO_FLAGS = (("demo_news", "num_news"), ("demo_users", "num_users"), ("demo_train_impressions", "num_train_impressions"),
+              ("demo_dev_impressions", "num_dev_impressions"), ("demo_test_impressions", "num_test_impressions"),
+              ("demo_seed", "seed"))
 
-        ensure_demo(config.data_dir, num_news=config.demo_news, num_users=config.demo_users,
-                    num_train_impressions=config.demo_train_impressions,
-                    num_dev_impressions=config.demo_dev_impressions,
-                    num_test_impressions=config.demo_test_impressions, seed=0)
+
+def prepare_data(config) -> None:
+    """The demo corpus is generated on first use; real MIND must be prepared by prepare_MIND_dataset.py.
+
+    An existing demo corpus is never replaced: typed --demo_* flags must match it (else an error naming both
+    settings), untyped ones take its values (a corpus made by prepare_MIND_dataset.py with other sizes is used as
+    it is), and the config records them, so config.json names the corpus the run used. Evaluating a checkpoint
+    or resuming a run asks for the saved settings: they name the corpus the model was trained on."""
+    if config.dataset == "demo":
+        from prepare_MIND_dataset import demo_settings, ensure_demo
+
+        strict = config.mode != "train" or bool(config.resume)
+        asked = {name: config.values[flag] for flag, name in DEMO_FLAGS if strict or flag in config.explicit}
+        root = ensure_demo(config.data_dir, seed=asked.pop("seed", None), **asked)
+        saved = demo_settings(root) or {}
+        have = {**saved.get("sizes", {}), "seed": saved.get("seed")}
+        adopted = [f"--{flag}={have[name]}" for flag, name in DEMO_FLAGS
+                   if have.get(name) is not None and config.values[flag] != have[name]]
+        for flag, name in DEMO_FLAGS:
+            if have.get(name) is not None:
+                config.values[flag] = have[name]
+        if adopted:
+            rank0_print(f"note: using the demo corpus in {root} as it is ({' '.join(adopted)}; type --demo_* flags "
+                        f"to ask for other settings)")
 
 
 def load_corpus(config, log=print) -> Corpus:

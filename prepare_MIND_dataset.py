@@ -779,31 +779,115 @@ def generate_demo(root, *, num_news: int = 3000, num_users: int = 2000, num_trai
 
 def _demo_matches(root: Path, wanted: dict, seed: int) -> bool:
     """Whether `root/oracle.json` records these sizes, seed and generator version (and a labelled test split)."""
+    saved = demo_settings(root)
+    return (saved is not None and saved.get("sizes") == wanted and saved.get("seed") == seed
+            and saved.get("test_labels") is True and saved.get("generator_version") == GENERATOR_VERSION)
+
+
+# main.py's flag for each demo setting (prepare_MIND_dataset.py takes the same names): messages name these.
+DEMO_FLAGS = dict(num_news="--demo_news", num_users="--demo_users", num_train_impressions="--demo_train_impressions",
+                  num_dev_impressions="--demo_dev_impressions", num_test_impressions="--demo_test_impressions",
+                  seed="--demo_seed")
+
+
+def demo_settings(root) -> dict | None:
+    """What `root/oracle.json` records (sizes, seed, test_labels, generator_version), or None when `root` holds no
+    demo corpus (no oracle.json, or one that is not a JSON object)."""
     try:
-        saved = json.loads((root / "oracle.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, OSError):
-        return False
-    return (saved.get("sizes") == wanted and saved.get("seed") == seed and saved.get("test_labels") is True
-            and saved.get("generator_version") == GENERATOR_VERSION)
+        saved = json.loads((Path(root) / "oracle.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
-def ensure_demo(data_dir="data", *, seed: int = 0, **sizes) -> Path:
-    """`<data_dir>/MIND-demo`: reused if its `oracle.json` records the same sizes, seed and generator version
-    (and a labelled test split), else generated (one line printed). `sizes` are `generate_demo`'s size
-    keywords; missing ones take the defaults (DEMO_SIZES).
+def _flags(settings: dict) -> str:
+    return " ".join(f"{DEMO_FLAGS[k]}={settings[k]}" for k in DEMO_FLAGS if k in settings)
 
-    The corpus is written to a hidden sibling folder and renamed into place, so a reader never sees half a
-    corpus, and processes generating it at once (one per node of a multi-node run on a shared filesystem)
-    do not interleave their writes: the first rename wins and the others drop their identical copies."""
+
+class DemoMismatchError(ValueError):
+    """The data folder already holds a demo corpus (or other files) that this request would replace."""
+
+
+def _set_old_generator_aside(root: Path, version) -> Path:
+    """Move a demo corpus made by an older generator to `<root>.generator-v<version>[-n]` (nothing is deleted)."""
+    n, aside = 1, root.with_name(f"{root.name}.generator-v{version}")
+    while aside.exists():
+        n += 1
+        aside = root.with_name(f"{root.name}.generator-v{version}-{n}")
+    try:
+        os.replace(root, aside)
+    except FileNotFoundError:  # another process moved it first
+        pass
+    return aside
+
+
+def ensure_demo(data_dir="data", *, seed: int | None = 0, **sizes) -> Path:
+    """`<data_dir>/MIND-demo`, made by `generate_demo` unless it is there already. Never replaces a corpus made
+    with other settings.
+
+    Args:
+        data_dir: the folder holding MIND-demo/.
+        seed, sizes: the settings asked for (`generate_demo`'s size keywords). Those given must match an existing
+            corpus; seed=None and sizes left out accept what an existing corpus has (main.py passes only the
+            --demo_* flags the user typed), and take the defaults (DEMO_SIZES, seed 0) when it is generated.
+    Returns:
+        The corpus folder. Its settings are in `demo_settings(root)`.
+    Raises:
+        DemoMismatchError: MIND-demo holds a corpus made with other settings, or files that are no demo corpus
+            (it is left as it is; the message names both settings and how to proceed).
+
+    A corpus made by an older generator version with the asked settings is moved aside to
+    `MIND-demo.generator-v<old>` (printed) and the current generator writes a new one. The corpus is written to
+    a hidden sibling folder and renamed into place, so a reader never sees half a corpus, and processes
+    generating it at once (one per node of a multi-node run on a shared filesystem) do not interleave their
+    writes: the first rename wins and the others drop their identical copies."""
     unknown = set(sizes) - set(DEMO_SIZES)
     if unknown:
         raise TypeError(f"ensure_demo: unknown size arguments {sorted(unknown)}; expected some of {sorted(DEMO_SIZES)}")
-    wanted = {**DEMO_SIZES, **{k: int(v) for k, v in sizes.items()}}
+    asked = {k: int(v) for k, v in sizes.items()}
+    if seed is not None:
+        asked["seed"] = int(seed)
     root = Path(data_dir) / "MIND-demo"
-    if _demo_matches(root, wanted, seed):
-        return root
+    if root.exists() and not root.is_dir():
+        raise DemoMismatchError(f"{root} is a file, not a corpus folder; move it away or pass another --data_dir")
+    saved = demo_settings(root)
+    if saved is not None:
+        have = {**saved.get("sizes", {}), "seed": saved.get("seed")}
+        differ = [k for k in asked if have.get(k) != asked[k]]
+        if saved.get("test_labels") is not True:
+            differ.append("test labels")
+        if differ:
+            raise DemoMismatchError(
+                f"{root} holds a demo corpus made with {_flags(have)}"
+                + ("" if saved.get("test_labels") is True else " and an unlabelled test split")
+                + f"; this run asks for {_flags({**have, **asked})} (different: "
+                + ", ".join(DEMO_FLAGS.get(k, k) for k in differ) + "). It was left as it is. To use it, "
+                "type its values (or leave the --demo_* flags out: main.py then takes the corpus as it is); to "
+                "keep both, pass another --data_dir; to replace it, delete the folder first")
+        if saved.get("generator_version") == GENERATOR_VERSION:
+            return root
+        aside = _set_old_generator_aside(root, saved.get("generator_version"))
+        print(f"{root} was made by demo generator version {saved.get('generator_version')}, this code writes "
+              f"version {GENERATOR_VERSION}: moved it to {aside}, generating a new one with the same settings")
+        asked = have
+    elif root.is_dir() and any(root.iterdir()):
+        raise DemoMismatchError(f"{root} holds files but no demo corpus (no valid oracle.json): it was left as it "
+                                f"is. Pass another --data_dir, or move the folder away to have the demo generated")
+    wanted = {**DEMO_SIZES, **{k: v for k, v in asked.items() if k != "seed"}}
+    seed = asked.get("seed", 0)
     t0 = time.time()
-    generate_demo(root, seed=seed, keep_existing=lambda r: _demo_matches(r, wanted, seed), **wanted)
+
+    def keep_existing(r: Path) -> bool:
+        """Once generated: True if another process put the same corpus there meanwhile (ours is dropped); an
+        error, never a replacement, if what appeared there is anything else."""
+        if _demo_matches(r, wanted, seed):
+            return True
+        if r.exists() and (not r.is_dir() or any(r.iterdir())):
+            raise DemoMismatchError(f"{r} appeared while the demo was generated, with other settings or files; it "
+                                    f"was left as it is. Pass another --data_dir")
+        return False
+
+    generate_demo(root, seed=seed, keep_existing=keep_existing, **wanted)
     print(f"generated the demo corpus {root} ({wanted['num_news']} news, {wanted['num_users']} users, "
           f"{wanted['num_train_impressions']}/{wanted['num_dev_impressions']}/{wanted['num_test_impressions']} "
           f"train/dev/test impressions, seed {seed}) in {time.time() - t0:.1f}s")
@@ -1163,7 +1247,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
                    help="demo: dev impressions")
     d.add_argument("--demo_test_impressions", type=int, default=DEMO_SIZES["num_test_impressions"],
                    help="demo: test impressions")
-    d.add_argument("--seed", type=int, default=0, help="demo generator seed (real protocols always use 0)")
+    d.add_argument("--demo_seed", "--seed", dest="seed", type=int, default=0,
+                   help="demo generator seed (real protocols always use 0)")
     args = p.parse_args(argv)
     if args.dataset == "demo":
         return ensure_demo(args.data_dir, seed=args.seed, num_news=args.demo_news, num_users=args.demo_users,

@@ -248,17 +248,22 @@ def test_impression_aucs_match_sklearn_with_ties():
             assert np.isnan(aucs[i])
 
 
-def test_ensure_demo_reuses_and_regenerates(tmp_path, capsys):
+def test_ensure_demo_reuses_and_never_replaces(tmp_path, capsys):
     root = pm.ensure_demo(tmp_path, **TINY)
     assert root == tmp_path / "MIND-demo" and "generated" in capsys.readouterr().out
     stamp = (root / "train" / "behaviors.tsv").stat().st_mtime_ns
     assert pm.ensure_demo(tmp_path, **TINY) == root
     assert capsys.readouterr().out == "" and (root / "train" / "behaviors.tsv").stat().st_mtime_ns == stamp
-    pm.ensure_demo(tmp_path, **{**TINY, "num_train_impressions": 200})
-    assert "generated" in capsys.readouterr().out
-    assert len(read_rows(root / "train" / "behaviors.tsv", 5)) == 200
-    pm.ensure_demo(tmp_path, **{**TINY, "num_train_impressions": 200}, seed=2)
-    assert "generated" in capsys.readouterr().out
+    # other settings: an error, and the corpus stays (it used to be replaced: data loss)
+    with pytest.raises(pm.DemoMismatchError, match="--demo_train_impressions"):
+        pm.ensure_demo(tmp_path, **{**TINY, "num_train_impressions": 200})
+    with pytest.raises(pm.DemoMismatchError, match="--demo_seed"):
+        pm.ensure_demo(tmp_path, **TINY, seed=2)
+    assert (root / "train" / "behaviors.tsv").stat().st_mtime_ns == stamp
+    assert len(read_rows(root / "train" / "behaviors.tsv", 5)) == TINY["num_train_impressions"]
+    # settings left out (seed=None) take the corpus as it is
+    assert pm.ensure_demo(tmp_path, seed=None, num_news=TINY["num_news"]) == root
+    assert (root / "train" / "behaviors.tsv").stat().st_mtime_ns == stamp
     with pytest.raises(TypeError, match="unknown size"):
         pm.ensure_demo(tmp_path, news=3)
 
