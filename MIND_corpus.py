@@ -43,7 +43,7 @@ import pandas as pd
 import util
 
 # Cache format version: bump when the meaning of any cached array changes.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: duplicate rows within a news.tsv counted, or an error if they differ
 SPLITS = ("train", "dev", "test")
 PAD, UNK = "<PAD>", "<UNK>"
 
@@ -432,13 +432,28 @@ def _align_entities(tok: _Tokens, cell: np.ndarray, eid: np.ndarray, start: np.n
 
 
 def build_news(files: dict[str, Path], word_threshold: int, max_title: int, max_abstract: int):
-    """Parse every split's news.tsv into one news table (first appearance wins; train first)."""
-    frames = []
+    """Parse every split's news.tsv into one news table (first appearance wins; train first).
+
+    The splits' files share most news (MIND's dev news.tsv repeats train's), so an id seen in an earlier file is
+    expected. Within one file, a row repeating an earlier row exactly is skipped and counted
+    (`duplicate_news_rows`, in the corpus log line); a NewsID repeated with other content is an error naming
+    both lines (which row is right cannot be guessed)."""
+    frames, duplicates = [], {}
     for split, path in files.items():
         f = read_tsv(path, NEWS_COLUMNS)
         f["_split"] = split
         f["_line"] = np.arange(1, len(f) + 1)
         f["_path"] = str(path)
+        repeated = f["NewsID"].duplicated(keep="first").to_numpy()
+        if repeated.any():
+            differs = repeated & ~f.duplicated(list(NEWS_COLUMNS), keep="first").to_numpy()
+            if differs.any():
+                row = f[differs].iloc[0]
+                first = int(f.loc[f["NewsID"] == row["NewsID"], "_line"].iloc[0])
+                raise CorpusError(f"{path}:{row['_line']}: NewsID {row['NewsID']} appears again with other "
+                                  f"content (first at line {first}); keep one row per news")
+            duplicates[str(path)] = int(repeated.sum())
+            f = f[~repeated]
         frames.append(f)
     news = pd.concat(frames, ignore_index=True)
     del frames
@@ -504,7 +519,7 @@ def build_news(files: dict[str, Path], word_threshold: int, max_title: int, max_
     meta = dict(news_ids=[""] + news["NewsID"].tolist(), vocab=vocab, categories=categories,
                 subcategories=subcategories, entities=entities,
                 titles=[""] + news["Title"].tolist(),
-                train_news=int(np.asarray(train_rows).sum()),
+                train_news=int(np.asarray(train_rows).sum()), duplicate_news_rows=duplicates,
                 news_per_split={s: int((news["_split"] == s).sum()) for s in files})
     return arrays, meta
 
@@ -870,6 +885,8 @@ class Corpus:
                  f"{self.meta.category_num - 1} categories, {self.meta.user_num - 1} train users, "
                  f"{self.meta.entity_num - 1} entities ({self.entity_stats.get('missing', 0)} without a vector in "
                  f"entity_embedding.vec: zero vectors, treated as no entity by KCNN)"
+                 + "".join(f"; {n} duplicate rows of {path} skipped (same NewsID and content)"
+                           for path, n in self.news_meta.get("duplicate_news_rows", {}).items())
                  + (f"; built {', '.join(built)}" if built else "; from cache")
                  + f" ({time.time() - t0:.1f}s)")
 
@@ -962,17 +979,33 @@ class Corpus:
     def behaviors(self, split: str) -> dict[str, Any]:
         """Arrays + stats of one split (built once, then loaded from the cache)."""
         if split not in self.splits:
-            raise FileNotFoundError(f"{self.root / split / 'behaviors.tsv'} not found (splits here: {self.splits})")
+            raise FileNotFoundError(self._missing_split_message(split))
         if split not in self._behaviors:
             path = self.root / split / "behaviors.tsv"
             spec = dict(file=file_signature(path), news=self._news_sig, users=self.user_ids_key(),
                         max_history_num=self.config.max_history_num, split=split)
             b = cached(self.cache_dir, f"behaviors-{split}", spec, lambda: build_behaviors(
                 path, split, self.news_index, self.user_index, self.config.max_history_num))
-            self._behaviors[split] = b
             self.log(self.describe(split, b.meta))
+            check_usable(split, path, b.arrays, b.meta)
+            self._behaviors[split] = b
         b = self._behaviors[split]
-        return {**b.arrays, "stats": b.meta, "path": self.root / split / "behaviors.tsv"}
+        # The cache's own keys (`_arrays`, `_spec`) stay out of the stats that reports and metrics.json show.
+        stats = {k: v for k, v in b.meta.items() if not k.startswith("_")}
+        return {**b.arrays, "stats": stats, "path": self.root / split / "behaviors.tsv"}
+
+    def _missing_split_message(self, split: str) -> str:
+        dataset = self.config.dataset
+        has_test = "" if split != "test" else (
+            " The MIND protocols small, 200k and large have a test split (python prepare_MIND_dataset.py "
+            "--dataset=small|200k|large), as does the generated demo; "
+            + (f"this --dataset={dataset} folder was made without one: rebuild it with "
+               f"python prepare_MIND_dataset.py --dataset={dataset} (it keeps your zips)" if dataset != "demo"
+               else "this demo folder lacks it: move it away to have it generated again")
+            + ", or put your own test/news.tsv and test/behaviors.tsv there (labels optional), or evaluate on dev "
+              "with --mode=dev.")
+        return (f"{self.root} has no {split} split: {self.root / split / 'behaviors.tsv'} not found (splits here: "
+                f"{', '.join(self.splits)}).{has_test}")
 
     def user_ids_key(self) -> list:
         return file_signature(self.root / "train" / "behaviors.tsv")
@@ -982,12 +1015,40 @@ class Corpus:
         parts = [f"{split}: {stats['impressions']} impressions, {stats['candidates']} candidates"]
         if not stats["labelled"]:
             parts.append("no labels")
-        for key, text in (("unknown_history_news", "history news missing from news.tsv (dropped)"),
+        for key, text in (("unknown_users", "impressions of users not in train (user id 0)" if split != "train"
+                           else ""),
+                          ("unknown_history_news", "history news missing from news.tsv (dropped)"),
                           ("unknown_candidate_news", "candidates missing from news.tsv ("
                            + ("dropped" if split == "train" else "scored as unknown news") + ")"),
                           ("empty_histories", "impressions with empty history"),
                           ("no_click_impressions", "impressions without clicks"),
                           ("no_negative_impressions", "impressions without negatives")):
-            if stats.get(key):
+            if stats.get(key) and text:
                 parts.append(f"{stats[key]} {text}")
         return "; ".join(parts)
+
+
+def check_usable(split: str, path: Path, arrays: dict[str, np.ndarray], stats: dict[str, Any]) -> None:
+    """A split that cannot serve at all is an error naming its file, before any model is built: no impressions,
+    or (train) no labels or no impression with both a click and a non-click to make a training sample from."""
+    if stats["impressions"] == 0:
+        raise CorpusError(f"{path}: no impressions (the file is empty); "
+                          + ("training needs labelled impressions" if split == "train" else f"nothing to evaluate")
+                          + ": rebuild the corpus (python prepare_MIND_dataset.py --dataset=...) or fix the file")
+    if split != "train":
+        return
+    if not stats["labelled"]:
+        raise CorpusError(f"{path}: the train split has no labels (candidates 'N1' instead of 'N1-1'/'N1-0'); "
+                          f"training needs labelled impressions")
+    labels = np.asarray(arrays["labels"])
+    sizes = np.diff(np.asarray(arrays["offsets"]))
+    impression_of = np.repeat(np.arange(len(sizes)), sizes)
+    clicks = np.bincount(impression_of, weights=labels == 1, minlength=len(sizes))
+    usable = int(((clicks > 0) & (clicks < sizes)).sum())
+    if usable == 0:
+        raise CorpusError(
+            f"{path}: none of its {stats['impressions']} impressions has both a clicked and a non-clicked candidate "
+            f"known to news.tsv ({stats.get('no_click_impressions', 0)} without clicks, "
+            f"{stats.get('no_negative_impressions', 0)} without negatives, {stats['unknown_candidate_news']} "
+            f"candidates missing from news.tsv): no training sample can be made; check that news.tsv and "
+            f"behaviors.tsv belong together")

@@ -64,6 +64,9 @@ def prepare_data(config) -> None:
                         f"to ask for other settings)")
 
 
+MODE_SPLITS = {"train": ("train", "dev"), "dev": ("dev",), "test": ("test",), "explain": ("dev",)}
+
+
 def load_corpus(config, log=print) -> Corpus:
     """The corpus plus what the chosen encoders read: GloVe (training word encoders), PLM tokens, category GloVe."""
     prepare_data(config)
@@ -74,6 +77,10 @@ def load_corpus(config, log=print) -> Corpus:
         corpus.add_plm_tokens(resolve_plm_path(config.plm_model_name), config.plm_max_length)
     if config.use_category_glove:
         corpus.add_category_glove()
+    # The splits this mode reads, parsed and checked before any model is built: a missing, empty or unusable split
+    # fails in seconds, naming its file, not after a PLM has loaded.
+    for split in MODE_SPLITS.get(config.mode, ()):
+        corpus.behaviors(split)
     return corpus
 
 
