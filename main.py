@@ -17,12 +17,12 @@ from trainer import (EvalResult, Trainer, evaluate, format_metrics, load_checkpo
                      resolve_resume, setup_runtime, shutdown_runtime)
 
 # Flags a user may change when evaluating a checkpoint (they do not change the model or the corpus arrays).
-EVAL_OVERRIDABLE = ("data_dir", "device", "eval_batch_size", "num_workers", "progress", "seed", "mode",
+EVAL_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_workers", "progress", "seed", "mode",
                     "dev_model_path", "test_model_path", "output_dir", "amp", "dist_timeout", "impression_id",
                     "explain_output")
 # Flags a user may change when resuming a run (`--resume`): where and how fast it runs, and how long it goes on.
 # Everything else comes from the run's saved config, so the resumed epochs continue the same training.
-RESUME_OVERRIDABLE = ("data_dir", "device", "eval_batch_size", "num_workers", "progress", "amp", "dist_timeout",
+RESUME_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_workers", "progress", "amp", "dist_timeout",
                       "find_unused_parameters", "epoch", "early_stopping_epoch", "resume", "mode", "output_dir",
                       "log_every", "tensorboard", "plot", "compile")
 
@@ -51,7 +51,9 @@ def prepare_data(config) -> None:
 
         strict = config.mode != "train" or bool(config.resume)
         asked = {name: config.values[flag] for flag, name in DEMO_FLAGS if strict or flag in config.explicit}
-        root = ensure_demo(config.data_dir, seed=asked.pop("seed", None), **asked)
+        util.check_folder(config.data_dir, "--data_dir")
+        with util.writing_into(config.data_dir, "--data_dir", "the demo corpus"):
+            root = ensure_demo(config.data_dir, seed=asked.pop("seed", None), **asked)
         saved = demo_settings(root) or {}
         have = {**saved.get("sizes", {}), "seed": saved.get("seed")}
         adopted = [f"--{flag}={have[name]}" for flag, name in DEMO_FLAGS

@@ -237,6 +237,8 @@ class NAMLNewsEncoder(NewsEncoder):
 
 OFFLINE_MINILM = "offline-minilm"
 HUB_HOST = ("huggingface.co", 443)
+# Default --plm_frozen_layers as a share of the model's layers: PLM-NR tunes the top 2 of BERT-base's 12.
+FROZEN_SHARE = (10, 12)
 
 
 def resolve_plm_path(name: str) -> str:
@@ -310,9 +312,20 @@ class PLMNewsEncoder(NewsEncoder):
         self.plm = AutoModel.from_pretrained(path)
         self.hidden_dim = self.plm.config.hidden_size
         layers = transformer_layers(self.plm)
+        if config.plm_frozen_layers is None:
+            # Not given: the same share as PLM-NR's 10 of 12 for any depth. Resolved here, where the model's depth is
+            # known (Config does no I/O), and written back so config.json and the checkpoint record the number.
+            config.plm_frozen_layers = len(layers) * FROZEN_SHARE[0] // FROZEN_SHARE[1]
+            from util import dist_env
+
+            if dist_env()[0] == 0:
+                print(f"note: --plm_frozen_layers={config.plm_frozen_layers}: {config.plm_frozen_layers} of "
+                      f"{config.plm_model_name}'s {len(layers)} layers frozen (the default, "
+                      f"{FROZEN_SHARE[0]}/{FROZEN_SHARE[1]} of the layers, rounded down; type the flag to choose)")
         if config.plm_frozen_layers > len(layers):
             raise ValueError(f"--plm_frozen_layers={config.plm_frozen_layers} but {config.plm_model_name} has "
-                             f"{len(layers)} layers; pass --plm_frozen_layers between 0 and {len(layers)}")
+                             f"{len(layers)} layers; pass --plm_frozen_layers between 0 and {len(layers)}, or leave "
+                             f"it out to freeze {len(layers) * FROZEN_SHARE[0] // FROZEN_SHARE[1]}")
         if config.plm_frozen_layers > 0:
             # Embeddings + the lowest N layers stay pretrained (PLM-NR: tuning the top layers loses almost nothing).
             for p in self.plm.get_input_embeddings().parameters():

@@ -53,7 +53,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from util import sibling_dir
+from util import check_folder, sibling_dir, writing_into
 
 MIND_URL = "https://recodatasets.z20.web.core.windows.net/newsrec/"
 HF_DATASET = "yjw1029/MIND"
@@ -1250,11 +1250,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
     d.add_argument("--demo_seed", "--seed", dest="seed", type=int, default=0,
                    help="demo generator seed (real protocols always use 0)")
     args = p.parse_args(argv)
+    for flag, value, low in (("--demo_news", args.demo_news, 40), ("--demo_users", args.demo_users, 1),
+                             ("--demo_train_impressions", args.demo_train_impressions, 1),
+                             ("--demo_dev_impressions", args.demo_dev_impressions, 1),
+                             ("--demo_test_impressions", args.demo_test_impressions, 1),
+                             ("--num_users", args.num_users, 1)):
+        if value < low:
+            p.error(f"{flag} must be >= {low}, got {value}")
+    check_folder(args.data_dir, "--data_dir")
     if args.dataset == "demo":
-        return ensure_demo(args.data_dir, seed=args.seed, num_news=args.demo_news, num_users=args.demo_users,
-                           num_train_impressions=args.demo_train_impressions,
-                           num_dev_impressions=args.demo_dev_impressions,
-                           num_test_impressions=args.demo_test_impressions)
+        with writing_into(args.data_dir, "--data_dir", "the demo corpus"):
+            return ensure_demo(args.data_dir, seed=args.seed, num_news=args.demo_news, num_users=args.demo_users,
+                               num_train_impressions=args.demo_train_impressions,
+                               num_dev_impressions=args.demo_dev_impressions,
+                               num_test_impressions=args.demo_test_impressions)
     return prepare(args.dataset, args.data_dir, download=args.download, num_users=args.num_users)
 
 

