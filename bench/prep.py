@@ -67,7 +67,8 @@ def main(argv=None) -> None:
                    help="corpus sizes (bench/scale.py's presets; size flags override)")
     for name in ("news", "users", "train_impressions", "dev_impressions", "test_impressions"):
         p.add_argument(f"--{name}", type=int)
-    p.add_argument("--data_dir", default="data/scale", help="corpus and cache go here (git-ignored under data/)")
+    p.add_argument("--data_dir", default=None,
+                   help="corpus and cache go here (default data/scale/<sizes>, as bench/scale.py; git-ignored)")
     p.add_argument("--rss_limit_gb", type=float, default=None,
                    help="stop a stage whose RSS passes this (GiB); default 85%% of MemAvailable at start")
     p.add_argument("--stages", default="generate,first,cached", help="comma-separated subset to run")
@@ -78,6 +79,7 @@ def main(argv=None) -> None:
     for k, v in scale.PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.data_dir = args.data_dir or scale.default_data_dir(args)
     if args._stage:
         return stage_build(args, args._stage)
 

@@ -7,7 +7,9 @@ processes, reporting wall time and peak RSS of each stage (issue 5: MIND-large m
                                              # (~5 min, 1.8 GB of tsv, peak RSS under 4 GiB per stage)
 
 Three child processes, each fresh so no stage's memory counts in the next:
-  1. generate  the demo corpus into <data_dir>/MIND-demo (skipped when oracle.json already records these sizes);
+  1. generate  the demo corpus into <data_dir>/MIND-demo (skipped when oracle.json already records these sizes;
+               the default --data_dir, data/scale/<sizes>, is one folder per set of sizes, as an existing demo
+               corpus is never replaced);
   2. first     the first `load_corpus` + train/dev behaviors (builds <data_dir>/cache), the model, the
                TrainDataset and a few optimizer steps (NRMS, MHSA-MHSA, small dims);
   3. cached    the same again, reading the cache built by 2.
@@ -67,6 +69,12 @@ def _say(stage: str, figure: str, value: str) -> None:
 def _sizes(args) -> dict[str, int]:
     return dict(num_news=args.news, num_users=args.users, num_train_impressions=args.train_impressions,
                 num_dev_impressions=args.dev_impressions, num_test_impressions=args.test_impressions)
+
+
+def default_data_dir(args) -> str:
+    """data/scale/<news>-<users>-<train>-<dev>-<test>: one folder per set of sizes (a demo corpus is never
+    replaced by one of other sizes)."""
+    return "data/scale/" + "-".join(str(v) for v in _sizes(args).values())
 
 
 def demo_flags(args) -> list[str]:
@@ -204,7 +212,8 @@ def main(argv=None) -> None:
     p.add_argument("--train_impressions", type=int)
     p.add_argument("--dev_impressions", type=int)
     p.add_argument("--test_impressions", type=int)
-    p.add_argument("--data_dir", default="data/scale", help="corpus and cache go here (git-ignored under data/)")
+    p.add_argument("--data_dir", default=None,
+                   help="corpus and cache go here (default data/scale/<sizes>, git-ignored under data/)")
     p.add_argument("--train_steps", type=int, default=5)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--rss_limit_gb", type=float, default=None,
@@ -220,6 +229,7 @@ def main(argv=None) -> None:
     for k, v in base.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.data_dir = args.data_dir or default_data_dir(args)
 
     if args._stage == "generate":
         return stage_generate(args)

@@ -21,7 +21,7 @@ from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
 TRAIN = ["--mode=train", "--dataset=demo", "--epoch=2", "--batch_size=32", "--max_steps_per_epoch=6",
          "--log_every=2", *TINY_DEMO, *SMALL_MODEL]
 needs_tensorboard = pytest.mark.skipif(not util.tensorboard_available(),
-                                       reason="tensorboard not installed (.ci/run installs it)")
+                                       reason="tensorboard not installed (requirements.txt lists it)")
 
 
 def png_size(path: Path) -> tuple[int, int]:
