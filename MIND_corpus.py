@@ -387,10 +387,10 @@ def _entity_occurrences(cells: list[str], paths: list[str], lines: list[int], co
             offsets = ent.get("OccurrenceOffsets") or []
             if not (isinstance(wid, str) and isinstance(label, str) and isinstance(forms, list)
                     and all(isinstance(f, str) for f in forms) and isinstance(offsets, list)
-                    and all(type(o) is int and o >= 0 for o in offsets)):
+                    and all(type(o) is int for o in offsets)):  # an offset outside the text marks no token
                 raise CorpusError(
                     f"{paths[j // 2]}:{lines[j // 2]}: column {columns[j % 2]}: entity {wid!r}: expected WikidataId "
-                    f"and Label strings, OccurrenceOffsets a list of character offsets (integers >= 0) and "
+                    f"and Label strings, OccurrenceOffsets a list of character offsets (integers) and "
                     f"SurfaceForms a list of strings")
             for k, offset in enumerate(offsets):
                 occ_cell.append(j)
