@@ -1026,6 +1026,10 @@ class Corpus:
                else "this demo folder lacks it: move it away to have it generated again")
             + ", or put your own test/news.tsv and test/behaviors.tsv there (labels optional), or evaluate on dev "
               "with --mode=dev.")
+        if split == "dev":
+            has_test = (" Training picks its best epoch on dev, and --mode=dev evaluates it: add dev/news.tsv and "
+                        "dev/behaviors.tsv (e.g. a share of your train impressions), or rebuild the corpus with "
+                        "prepare_MIND_dataset.py.")
         return (f"{self.root} has no {split} split: {self.root / split / 'behaviors.tsv'} not found (splits here: "
                 f"{', '.join(self.splits)}).{has_test}")
 

@@ -574,6 +574,13 @@ def test_empty_dev_split_fails_before_the_model(tmp_path, no_model):
         main(["--mode=train", *flags(tmp_path), f"--output_dir={tmp_path / 'runs'}", "--no-progress"])
 
 
+def test_training_without_a_dev_split_says_what_is_missing(tmp_path, no_model):
+    write_corpus(tmp_path, dev=None)
+    with pytest.raises(FileNotFoundError, match=r"MIND-small has no dev split: .*dev/behaviors.tsv not found \(splits "
+                                                r"here: train\). Training picks its best epoch on dev"):
+        main(["--mode=train", *flags(tmp_path), f"--output_dir={tmp_path / 'runs'}", "--no-progress"])
+
+
 @pytest.fixture(scope="module")
 def trained_demo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
