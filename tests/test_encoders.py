@@ -68,7 +68,7 @@ def build_user_encoder(request, name: str, **flags):
     """User encoders get a stub news encoder: they may read only `output_dim` (and `category_embedding`)."""
     torch.manual_seed(0)
     # The HDC layout (read only by FIM): Lh*E + levels*Lh*F = 4*1 + 2*4*1 = D.
-    stub = SimpleNamespace(output_dim=D, category_embedding=None, hdc_length=4, hdc_embedding_dim=1, hdc_levels=2,
+    stub = SimpleNamespace(output_dim=D, category_embedding=None, user_embedding=None, hdc_length=4, hdc_embedding_dim=1, hdc_levels=2,
                            hdc_filters=1)
     return USER_ENCODERS[name](make_config(request, **flags), META, stub)
 

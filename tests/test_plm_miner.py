@@ -93,7 +93,7 @@ def test_frozen_layers_get_no_gradient_and_do_not_move(tiny_bert):
     assert all(not p.requires_grad for p in frozen)
     assert all(p.requires_grad for p in layers[2].parameters())
     before = {id(p): p.detach().clone() for p in enc.parameters()}
-    groups = enc.param_groups(cfg)
+    groups = enc.param_groups()
     rest = [p for p in enc.parameters() if p.requires_grad and all(p is not q for q in groups[0]["params"])]
     opt = torch.optim.Adam(groups + [{"params": rest}], lr=1e-2)
     enc(news_batch(tiny_bert)).pow(2).sum().backward()

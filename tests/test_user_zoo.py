@@ -38,7 +38,7 @@ def make_config(**flags) -> Config:
 
 def build_user(name: str, news_encoder=None, **flags):
     torch.manual_seed(0)
-    stub = news_encoder or SimpleNamespace(output_dim=D, category_embedding=None)
+    stub = news_encoder or SimpleNamespace(output_dim=D, category_embedding=None, user_embedding=None)
     return USER_ENCODERS[name](make_config(**flags), META, stub).eval()
 
 
@@ -345,7 +345,7 @@ def test_fim_reads_the_hdc_layout_and_refuses_other_news_encoders():
     ours, theirs = fim.split_levels(vectors), hdc.split(vectors)
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
     with pytest.raises(ValueError, match="--news_encoder HDC"):
-        USER_ENCODERS["FIM"](config, META, SimpleNamespace(output_dim=12))
+        USER_ENCODERS["FIM"](config, META, SimpleNamespace(output_dim=12, hdc_embedding_dim=0))
     bad = fim_stub()
     bad.output_dim += 1
     with pytest.raises(ValueError, match="HDC output dim"):

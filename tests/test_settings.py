@@ -1,0 +1,213 @@
+"""Component settings (settings.py): each encoder's flags live beside it, the command line is generated from them,
+checkpoints store them, and a component reads nothing else."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.nn as nn
+
+import config as config_module
+from config import Config, architecture_flags, build_parser
+from main import main
+from model import all_components, flag_owners, model_settings
+from newsEncoders import NEWS_ENCODERS, NewsEncoder, word_embedding
+from settings import ComponentView, Settings, SharedDims, at_least, component_settings, setting
+from tests.common import SMALL_MODEL, TINY_DEMO
+from userEncoders import USER_ENCODERS
+
+DATA = Path(__file__).parent / "data"
+SETTINGS_CLASSES = sorted({s for _, _, cls in all_components() for s in component_settings(cls)},
+                          key=lambda s: s.__name__)
+
+
+def _other_value(f, value):
+    """A valid value different from the default, per field type (for round trips that would miss a dropped field)."""
+    meta = f.metadata
+    if meta.get("choices"):
+        return next(c for c in meta["choices"] if c != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 2  # odd stays odd
+    if isinstance(value, float):
+        return value / 2 if value else 0.05
+    if isinstance(value, list):
+        return [v + 1 for v in value]
+    return value + "-x"
+
+
+# Defaults changed on purpose since the snapshot, each with its reason.
+CHANGED_DEFAULTS = {"plm_frozen_layers": "None: 10/12 of the loaded model's layers (issue 13: MiniLM has only 6)"}
+
+
+def test_every_flag_of_the_previous_command_line_still_parses_with_its_default():
+    """The flags and defaults main.py had before the settings classes (snapshot) are all still there."""
+    now = {a.dest: a for a in build_parser()._actions}
+    rows = [line.rstrip("\n").split("\t") for line in (DATA / "flags_before_settings.tsv").read_text().splitlines()]
+    assert len(rows) > 90
+    for options, dest, default in rows:
+        assert dest in now, f"--{dest} disappeared from the command line"
+        if dest not in CHANGED_DEFAULTS:
+            assert repr(now[dest].default) == default, f"--{dest} default changed"
+        for option in options.split():
+            assert option in now[dest].option_strings
+
+
+@pytest.mark.parametrize("settings_cls", SETTINGS_CLASSES, ids=lambda s: s.__name__)
+def test_each_settings_class_round_trips_through_a_checkpoint(settings_cls):
+    """Non-default values of every field survive model_settings -> torch.save/load -> Config.from_dict."""
+    owner = next((kind, name, cls) for kind, name, cls in all_components() if settings_cls in component_settings(cls))
+    kind, name, _ = owner
+    changed = {f.name: _other_value(f, getattr(settings_cls(), f.name)) for f in fields(settings_cls)}
+    role = {"news encoder": "news_encoder", "user encoder": "user_encoder", "click predictor": "click_predictor"}[kind]
+    values = {**Config.from_dict({}).values, role: name, **changed}
+    if name == "FIM" or name == "HDC":
+        values.update(news_encoder="HDC", user_encoder="FIM", click_predictor="FIM")
+    cfg = Config.from_dict(values)
+    saved = model_settings(cfg)
+    buffer = io.BytesIO()
+    torch.save({"config": cfg.to_dict(), "model_settings": saved}, buffer)
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=True)
+    part = {"news encoder": "news", "user encoder": "user", "click predictor": "click"}[kind]
+    for flag, value in changed.items():
+        assert ckpt["model_settings"][part][flag] == value
+    rebuilt = Config.from_dict(ckpt["config"])
+    assert model_settings(rebuilt) == saved
+    assert settings_cls.from_values(rebuilt.values).to_dict() == changed
+
+
+def test_a_flag_of_another_encoder_is_an_error_naming_its_owner(tmp_path):
+    with pytest.raises(ValueError, match=r"--HDC_window_size is a setting of news encoder HDC.*drop it"):
+        main(["--mode=train", "--news_encoder=MHSA", "--user_encoder=MHSA", "--HDC_window_size=5",
+              f"--data_dir={tmp_path}", f"--output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ValueError, match=r"--num_interest_vectors is a setting of user encoder MINER"):
+        main(["--mode=train", "--user_encoder=ATT", "--num_interest_vectors=4", f"--data_dir={tmp_path}"])
+    assert not (tmp_path / "out").exists(), "refused before any run folder is made"
+
+
+def test_flags_of_the_chosen_components_and_shared_dimensions_are_accepted():
+    cfg = Config.from_args(["--news_encoder=HDC", "--user_encoder=FIM", "--HDC_window_size=5", "--attention_dim=8"])
+    assert cfg.stray_flags(cfg.typed) == []
+    cfg = Config.from_args(["--news_encoder=PLMNRMS", "--user_encoder=MINER", "--head_num=4", "--plm_lr=1e-4"])
+    assert cfg.stray_flags(cfg.typed) == []
+
+
+def test_config_file_values_are_not_stray_flags(tmp_path):
+    """A saved config.json holds every flag; only what is typed on the command line is checked."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(Config.from_dict({}).values))
+    cfg = Config.from_args([f"--config_file={path}"], file_values=json.loads(path.read_text()))
+    assert "HDC_window_size" in cfg.explicit and cfg.stray_flags(cfg.typed) == []
+
+
+def test_a_component_reads_only_its_own_settings_and_the_shared_dimensions():
+    values = Config.from_dict({}).values
+    view = ComponentView(NEWS_ENCODERS["MHSA"], values, flag_owners())
+    assert view.head_num == values["head_num"] and view.word_embedding_dim == values["word_embedding_dim"]
+    with pytest.raises(AttributeError, match=r"reads --HDC_window_size.*news encoder HDC"):
+        view.HDC_window_size
+    with pytest.raises(AttributeError, match=r"reads --batch_size.*run-level flag"):
+        view.batch_size
+    with pytest.raises(AttributeError, match=r"reads --plm_lr.*news encoders? PLMNAML"):
+        view.plm_lr
+
+
+def test_settings_checks_name_the_flag():
+    with pytest.raises(ValueError, match=r"--HDC_window_size must be odd"):
+        Config.from_args(["--news_encoder=HDC", "--user_encoder=FIM", "--HDC_window_size=2"])
+    with pytest.raises(ValueError, match=r"--num_interest_vectors must be >= 1, got 0"):
+        Config.from_args(["--user_encoder=MINER", "--num_interest_vectors=0"])
+    with pytest.raises(ValueError, match=r"--dropout_rate must be in \[0, 1\), got 1.5"):
+        Config.from_args(["--dropout_rate=1.5"])
+    # An unused component's value is not checked (it builds nothing)...
+    Config.from_args(["--news_encoder=MHSA", "--HDC_window_size=2"])
+
+
+def test_architecture_flags_follow_from_the_settings_classes():
+    mhsa = architecture_flags({"news_encoder": "MHSA", "user_encoder": "MHSA", "click_predictor": "dot_product"})
+    assert {"head_num", "head_dim", "word_embedding_dim", "max_title_length", "news_encoder"} <= mhsa
+    assert "HDC_window_size" not in mhsa and "dropout_rate" not in mhsa and "lr" not in mhsa
+    plm = architecture_flags({"news_encoder": "PLMMiner", "user_encoder": "MINER", "click_predictor": "dot_product"})
+    assert {"plm_model_name", "plm_pooling", "num_interest_vectors", "use_category_glove"} <= plm
+    assert not {"plm_lr", "plm_cache", "plm_frozen_layers", "disagreement_beta"} & plm  # training knobs
+
+
+def test_checkpoint_stores_the_model_settings_and_dev_refuses_a_contradicting_one(tmp_path):
+    common = [f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'out'}", *TINY_DEMO]
+    result = main(["--mode=train", "--epoch=1", "--max_steps_per_epoch=2", "--no-plot", "--no-tensorboard",
+                   *SMALL_MODEL, *common])
+    ckpt = torch.load(result["checkpoint"], weights_only=True)
+    assert ckpt["model_settings"]["news"] == {"category_fusion": False, "head_num": 4, "head_dim": 8}
+    assert ckpt["model_settings"]["shared"]["attention_dim"] == 16
+    with pytest.raises(ValueError, match=r"--head_dim=4 .*checkpoint: 8"):
+        main(["--mode=dev", f"--dev_model_path={result['checkpoint']}", "--head_dim=4", *common])
+
+
+def test_a_checkpoint_written_before_the_settings_classes_still_evaluates(tmp_path):
+    """tests/data/checkpoint_before_settings: NRMS trained by the code before this change (1 epoch x 3 steps on the
+    tiny demo, flags in its config.json); dev mode rebuilds it and reproduces the dev metrics it logged."""
+    run = tmp_path / "run"
+    shutil.copytree(DATA / "checkpoint_before_settings", run)
+    logged = json.loads((run / "dev_log.jsonl").read_text().splitlines()[-1])
+    report = main(["--mode=dev", f"--dev_model_path={run / 'MHSA-MHSA'}", f"--data_dir={tmp_path / 'data'}",
+                   "--no-progress"])
+    for metric in ("auc", "mrr", "ndcg5", "ndcg10"):
+        assert report["metrics"][metric] == pytest.approx(logged[metric], abs=1e-6), metric
+
+
+# -- adding an encoder: the README's worked example, trained on the tiny demo --------------------------------------
+@dataclass
+class BagSettings(Settings):
+    """Settings of the README's example encoder."""
+
+    title: ClassVar[str] = "Bag (example)"
+    bag_dim: int = setting(32, "Bag: news vector size", check=at_least(1))
+
+
+class BagNewsEncoder(NewsEncoder):
+    """Mean of the title's word vectors, projected: the README's 20-line example of a new encoder."""
+
+    settings = (BagSettings,)
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        self.embedding = word_embedding(config, meta)
+        self.project = nn.Linear(config.word_embedding_dim, config.bag_dim)
+        self.output_dim = config.bag_dim
+
+    def forward(self, news, user_id=None):
+        """news["title"] [N, L] -> [N, bag_dim]"""
+        tokens = news["title"]
+        mask = (tokens > 0).unsqueeze(-1).float()  # [N, L, 1]
+        mean = (self.embedding(tokens) * mask).sum(1) / mask.sum(1).clamp(min=1)  # [N, E]
+        return torch.tanh(self.project(mean))
+
+
+@pytest.fixture
+def bag_registered():
+    NEWS_ENCODERS.register("Bag")(BagNewsEncoder)
+    try:
+        yield
+    finally:
+        del NEWS_ENCODERS["Bag"]
+
+
+def test_a_new_encoder_is_one_class_with_its_settings(tmp_path, bag_registered):
+    assert "--bag_dim" in build_parser().format_help()
+    common = [f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'out'}", *TINY_DEMO]
+    result = main(["--mode=train", "--news_encoder=Bag", "--user_encoder=ATT", "--bag_dim=24", "--epoch=1",
+                   "--max_steps_per_epoch=3", "--no-plot", "--no-tensorboard", "--word_embedding_dim=50",
+                   "--no-progress", *common])
+    ckpt = torch.load(result["checkpoint"], weights_only=True)
+    assert ckpt["model_settings"]["news"]["bag_dim"] == 24
+    assert ckpt["model"]["news_encoder.project.weight"].shape == (24, 50)
+    report = main(["--mode=dev", f"--dev_model_path={result['checkpoint']}", *common])
+    assert 0 < report["metrics"]["auc"] < 1
