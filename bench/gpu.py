@@ -43,8 +43,9 @@ Embeddings are lookups (not counted). Achieved TFLOP/s = these FLOPs / the timed
 user encoder, optimizer and batch building included), so it is the PLM's share of the hardware actually used.
 
 Where a goal is missed, a torch.profiler summary of a few steps (top ops by GPU time) goes to <out>/profile.txt.
-Every row runs in try/except (subprocess rows with timeouts); speed rows not started before --budget seconds are
-'skipped: budget'; gpu.md and gpu.json are rewritten after each row, so a killed run keeps its finished rows.
+Every row runs in try/except (subprocess rows with timeouts, their process groups killed on timeout); speed rows not
+started before --budget seconds are 'skipped: budget', no row starts after --deadline seconds and subprocess timeouts
+are cut to end before it; gpu.md and gpu.json are rewritten after each row, so a killed run keeps its finished rows.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -246,6 +248,10 @@ class Context:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
+    def timeout(self, seconds: float) -> float:
+        """A subprocess' timeout: its own, cut so that it ends 10 s before --deadline (at least 10 s)."""
+        return max(10.0, min(seconds, self.args.deadline - self.elapsed() - 10))
+
     def config(self, which: str, *flags: str) -> Config:
         sizes = self.sizes.speed if which == "speed" else self.sizes.check
         return bench_config(str(self.data / which), sizes, str(self.device), *self.sizes.model, *flags)
@@ -366,6 +372,20 @@ def profile_to_file(ctx: Context, title: str, fn: Callable[[], Any], steps: int)
     return f"profile of {steps} steps in profile.txt"
 
 
+def counted_step_flops(step: Callable[[], Any]) -> float | None:
+    """FLOPs of one more training step as torch's FlopCounterMode counts them (matmuls, convolutions and attention
+    of the whole model, forward and backward): a cross-check of the PLM formula, and the figure for models
+    without one. None if the counter fails (it must not fail the row)."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            step()
+        return float(counter.get_total_flops())
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def train_speed(ctx: Context, flags: list[str], compiled: bool = False) -> dict[str, Any]:
     """Train steps of a model on the speed corpus through the trainer's loader and inner loop. Returns the numbers
     and, for later use (profiling, the dev row), the model, its Stepper and the batch iterator."""
@@ -413,11 +433,14 @@ def train_speed(ctx: Context, flags: list[str], compiled: bool = False) -> dict[
         counter.close()
     peak_gib = torch.cuda.max_memory_allocated(rt.device) / 2**30 if ctx.cuda else None
     samples_s = samples / dt
+    step_flops = None if compiled else counted_step_flops(lambda: stepper.step(
+        module, next(it).to(rt.device, non_blocking=True)))
     r = {"cfg": cfg, "rt": rt, "model": model, "module": module, "stepper": stepper, "it": it, "corpus": corpus,
          "step_ms": dt / s.steps * 1e3, "batch_build_ms": load_s / s.steps * 1e3, "samples_s": samples_s,
          "impressions_s": samples_s * impressions_per_sample, "epoch_s": EPOCH_SAMPLES / samples_s,
          "cache_s": cache_s, "warmup_s": warm_s, "peak_gib": peak_gib, "losses": losses,
-         "finite": all(math.isfinite(x) for x in losses), "news": model.news_num - 1, "amp": rt.amp}
+         "finite": all(math.isfinite(x) for x in losses), "news": model.news_num - 1, "amp": rt.amp,
+         "model_tflops": step_flops / (dt / s.steps) / 1e12 if step_flops else None}
     if counter is not None:
         r.update(tflops=counter.flops / dt / 1e12, slots_per_step=counter.slots / s.steps,
                  plm_calls_per_step=counter.calls / s.steps, layer_params=counter.layer_params)
@@ -431,6 +454,9 @@ def speed_detail(r: dict[str, Any], ctx: Context) -> str:
              f"amp {r['amp']}, {r['news']:,} news"]
     if r.get("slots_per_step") is not None:
         parts.append(f"{r['slots_per_step']:,.0f} PLM token slots/step in {r['plm_calls_per_step']:.0f} calls")
+    if r.get("model_tflops") is not None:
+        parts.append(f"whole model {r['model_tflops']:.3g} TFLOP/s (FLOPs of one step counted by torch's "
+                     f"FlopCounterMode / the mean step time)")
     if r["cache_s"] is not None:
         parts.append(f"frozen-layer cache build {r['cache_s']:.1f} s (once per corpus, not in the epoch)")
     if r["peak_gib"] is not None:
@@ -474,7 +500,9 @@ def row_speed_plm(ctx: Context, row: Row, frozen: bool) -> None:
 def row_speed_nrms(ctx: Context, row: Row, compiled: bool = False) -> None:
     r = train_speed(ctx, ctx.nrms_flags, compiled)
     row.value = f"{r['impressions_s']:,.0f} train imp/s; epoch {r['epoch_s']:,.0f} s"
-    row.limit = "-"
+    tf = r.get("model_tflops")
+    row.limit = "-" if tf is None else (f"{tf:.3g} of {ctx.peak:.0f} TFLOP/s bf16 dense = {tf / ctx.peak:.1%}"
+                                        if ctx.peak else f"{tf:.3g} TFLOP/s; bf16 peak unknown")
     row.status = "measured" if r["finite"] else "FAIL"
     row.detail = speed_detail(r, ctx)
     row.data = {k: v for k, v in r.items() if isinstance(v, (int, float, str, type(None)))}
@@ -655,16 +683,28 @@ def log_subprocess(ctx: Context, title: str, cmd: list[str], proc_out: str, rc: 
         f.write(f"## {title}\n$ {' '.join(cmd)}\nexit status {rc}\n{proc_out[-6000:]}\n\n")
 
 
-def run_logged(ctx: Context, title: str, cmd: list[str], timeout: float, env: dict | None = None
-               ) -> subprocess.CompletedProcess:
+def run_bounded(cmd: list[str], timeout: float, env: dict) -> tuple[int | None, str]:
+    """(exit status or None on timeout, stdout + stderr). The child gets its own process group, killed whole on
+    timeout: torchrun's workers must not outlive their agent and keep the GPU."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        log_subprocess(ctx, title, cmd, out, f"timed out after {timeout:.0f} s")
-        raise TimeoutError(f"{title}: timed out after {timeout:.0f} s (output in subprocess.txt)") from None
-    log_subprocess(ctx, title, cmd, p.stdout + p.stderr, p.returncode)
-    return p
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return None, out
+
+
+def run_logged(ctx: Context, title: str, cmd: list[str], timeout: float, env: dict) -> tuple[int, str]:
+    """A subprocess row's command within `timeout` (and the deadline), its output appended to subprocess.txt."""
+    timeout = ctx.timeout(timeout)
+    rc, out = run_bounded(cmd, timeout, env)
+    log_subprocess(ctx, title, cmd, out, rc if rc is not None else f"timed out after {timeout:.0f} s")
+    if rc is None:
+        raise TimeoutError(f"{title}: timed out after {timeout:.0f} s (output in subprocess.txt)")
+    return rc, out
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -681,13 +721,8 @@ def row_pytest(ctx: Context, row: Row) -> None:
                       "dependencies iniconfig, pluggy, packaging) and rerun with --rows=pytest")
         return
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *s.pytest_targets]
-    env = child_env(MIND_TEST_DEVICE=str(ctx.device))
-    try:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=s.pytest_timeout)
-        out, rc = p.stdout + p.stderr, p.returncode
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        rc = None
+    timeout = ctx.timeout(s.pytest_timeout)
+    rc, out = run_bounded(cmd, timeout, child_env(MIND_TEST_DEVICE=str(ctx.device)))
     (ctx.out / "pytest.txt").write_text(f"$ MIND_TEST_DEVICE={ctx.device} {' '.join(cmd)}\n\n{out}")
     lines = [ln for ln in out.splitlines() if ln.strip()]
     summary = next((ln.strip("= ") for ln in reversed(lines) if " in " in ln and (
@@ -702,7 +737,7 @@ def row_pytest(ctx: Context, row: Row) -> None:
     row.value = summary
     row.goal = "all pass (offline-package tests may skip)"
     if rc is None:
-        row.status = f"FAIL: timed out after {s.pytest_timeout} s"
+        row.status = f"FAIL: timed out after {timeout:.0f} s"
     else:
         row.status = "pass" if rc == 0 else "FAIL"
     row.detail = (f"MIND_TEST_DEVICE={ctx.device} {' '.join(s.pytest_targets)}; output in pytest.txt"
@@ -724,17 +759,17 @@ def row_torchrun(ctx: Context, row: Row) -> None:
                   "--no-plot", "--no-tensorboard"]
         launch = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
                                     if s.torchrun else []), "main.py"]
-        steps, done = [], []
+        steps: list[str] = []
 
         def run(title: str, *flags: str) -> str:
             t0 = time.perf_counter()
-            p = run_logged(ctx, f"torchrun: {title}", launch + common + list(flags), s.torchrun_timeout, child_env())
+            rc, out = run_logged(ctx, f"torchrun: {title}", launch + common + list(flags), s.torchrun_timeout,
+                                 child_env())
             steps.append(f"{title} {time.perf_counter() - t0:.0f} s")
-            if p.returncode != 0:
-                tail = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()][-1:]
-                raise RuntimeError(f"{title} exited with {p.returncode}: {tail[0] if tail else ''} (subprocess.txt)")
-            done.append(title)
-            return p.stdout
+            if rc != 0:
+                tail = [ln for ln in out.splitlines() if ln.strip()][-1:]
+                raise RuntimeError(f"{title} exited with {rc}: {tail[0] if tail else ''} (subprocess.txt)")
+            return out
 
         run("train", "--mode=train", "--epoch=1", f"--max_steps_per_epoch={s.torchrun_steps}", "--batch_size=32")
         run_dir = runs / "demo" / "MHSA-MHSA" / "#1"
@@ -758,7 +793,7 @@ def row_torchrun(ctx: Context, row: Row) -> None:
                          if s.torchrun else "smoke: launched with plain python (the nccl row runs torchrun); ")
                       + ", ".join(steps))
     except Exception:
-        row.detail = "done: " + (", ".join(steps) or "nothing")
+        row.detail = "finished stages: " + (", ".join(steps) or "none")
         raise
     finally:
         shutil.rmtree(runs, ignore_errors=True)
@@ -789,10 +824,10 @@ def nccl_probe() -> None:
 def row_nccl(ctx: Context, row: Row) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(Path(__file__)),
            "--nccl_probe"]
-    p = run_logged(ctx, "nccl probe", cmd, ctx.sizes.torchrun_timeout, child_env())
-    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("probe ")), "")
-    row.status = "pass" if p.returncode == 0 and "ok=True" in line else "FAIL"
-    row.value = line.replace("probe ", "") or f"exit status {p.returncode} (subprocess.txt)"
+    rc, out = run_logged(ctx, "nccl probe", cmd, ctx.sizes.torchrun_timeout, child_env())
+    line = next((ln for ln in out.splitlines() if ln.startswith("probe ")), "")
+    row.status = "pass" if rc == 0 and "ok=True" in line else "FAIL"
+    row.value = line.replace("probe ", "") or f"exit status {rc} (subprocess.txt)"
     row.goal = "all_reduce, all_gather_object, barrier"
     row.detail = ("torchrun --nproc_per_node=1, " + ("NCCL" if ctx.cuda else "gloo (no CUDA)")
                   + "; more processes need more GPUs")
@@ -887,6 +922,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="auto (cuda if available; cpu with --smoke) | cpu | cuda | cuda:N")
     p.add_argument("--budget", type=float, default=330.0,
                    help="seconds from the start after which speed rows not yet started are 'skipped: budget'")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds from the start after which no row starts and subprocess timeouts are cut to end "
+                        "before it (default 540, under a 10-minute command limit; smoke: 3600)")
     p.add_argument("--rows", default="", help=f"comma-separated prefixes of the row keys to run (default all): "
                    f"{ROW_KEYS}")
     p.add_argument("--steps", type=int, default=None, help="timed steps per speed row (default 20; smoke 2)")
@@ -908,6 +946,8 @@ def main(argv=None) -> int:
     transformers.logging.disable_progress_bar()
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     sizes = SMOKE if args.smoke else FULL
+    if args.deadline is None:
+        args.deadline = 3600.0 if args.smoke else 540.0
     if args.steps is not None:
         if args.steps < 1:
             p.error(f"--steps must be >= 1, got {args.steps}")
@@ -925,7 +965,7 @@ def main(argv=None) -> int:
         (out / name).unlink(missing_ok=True)
     header = {"device": ctx.device_name if ctx.cuda else f"CPU ({os.cpu_count()} cores)", "torch": torch.__version__,
               "cuda": torch.version.cuda, "peak_tflops": ctx.peak, "smoke": args.smoke,
-              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": args.budget,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": args.budget, "deadline_s": args.deadline,
               "command": " ".join(["python bench/gpu.py", *(argv if argv is not None else sys.argv[1:])])}
     print(f"bench/gpu.py on {header['device']} (torch {torch.__version__}, CUDA {torch.version.cuda}); out {out}, "
           f"data {args.data_dir}", flush=True)
@@ -936,6 +976,11 @@ def main(argv=None) -> int:
             continue
         row = Row(key=key, name=name)
         needs = sizes.compile_needs_s if key == "speed-compile" else 0.0  # compilation alone takes about a minute
+        if ctx.elapsed() > args.deadline:
+            row.status = "skipped: deadline"
+            row.detail = f"{ctx.elapsed():.0f} s elapsed of the --deadline {args.deadline:.0f} s"
+            table.add(row)
+            continue
         if section == "speed" and ctx.elapsed() + needs > args.budget:
             row.status = "skipped: budget"
             row.detail = (f"{ctx.elapsed():.0f} s elapsed of the --budget {args.budget:.0f} s"
