@@ -19,19 +19,21 @@ Rows (keys for --rows):
   through the trainer's own DataLoader and inner loop (`bench/train.py`'s Stepper), batch building included;
 - speed-dev-plm, speed-dev-nrms: `trainer.evaluate` on the MIND-small-sized dev split (73,152 impressions);
 - speed-nrms: NRMS (MHSA-MHSA, 300-d random word embeddings) training, as above;
+- speed-compile: NRMS training through torch.compile(dynamic=True) (what --compile does) vs the eager speed-nrms
+  row, compilation (the first steps) timed apart; started only with a minute of --budget left;
 - pytest: the model-level test modules on the device ($MIND_TEST_DEVICE): every registered encoder pairing trains a
   step and its cached evaluation equals the full forward (tests/test_model_zoo.py, test_encoders.py,
   test_perf_correctness.py); tests that need the offline GloVe / MiniLM packages skip where those are absent;
-- amp-*: --amp=bf16 and --amp=fp16 (GradScaler) for NRMS, PLMNRMS-MHSA and PLMMiner-MINER: logits of the mixed
-  precision forward vs fp32 (same weights, eval mode), then --amp_steps optimizer steps on 4 fixed batches: every
-  loss finite and the last steps' mean loss below the first steps'. fp16 needs CUDA ('skipped: no CUDA' on CPU);
-  bf16 autocast also runs on the CPU, so the smoke mode exercises it;
+- amp-*: --amp=bf16 and --amp=fp16 (GradScaler) for NRMS, PLMNRMS-MHSA and PLMMiner-MINER: 50 optimizer steps
+  (smoke: 10) on 4 fixed batches, every loss finite and the last steps' mean loss below the first steps'; then the
+  logits of the mixed-precision forward vs fp32 on the trained weights (eval mode, a dev batch), within AMP_RTOL
+  of the largest fp32 logit. fp16 needs CUDA ('skipped: no CUDA' on CPU); bf16 autocast also runs on the CPU, so
+  the smoke mode exercises it;
 - cache-host: the frozen-layer cache on the device vs forced into pinned host memory: same logits and loss;
 - torchrun, nccl: `torchrun --nproc_per_node=1 main.py` train -> dev -> test (prediction.zip) -> --resume on a
   small generated corpus; with one process main.py starts no process group (it does for 2+), so the nccl row
   checks the backend itself under torchrun (all_reduce, all_gather_object, barrier). --smoke launches main.py's
   stages with plain python (a torch import less per stage); its nccl row still runs torchrun (gloo on the CPU);
-- speed-compile: NRMS training through torch.compile(dynamic=True) vs the eager speed-nrms row.
 
 PLM FLOPs (speed-plm-*): a forward pre-hook on the PLM records the shape [N, l] of every call during the timed
 steps (l = the chunk's width after dynamic padding, so padding slots the GPU computes count, real and padded
@@ -41,6 +43,8 @@ parameters (7.1M for BERT-base), d the hidden size; layers that train cost 3x th
 inputs and of the weights, each as much as the forward), frozen layers 1x (with the cache they do not run at all).
 Embeddings are lookups (not counted). Achieved TFLOP/s = these FLOPs / the timed steps' wall time (the whole step:
 user encoder, optimizer and batch building included), so it is the PLM's share of the hardware actually used.
+Every training row also runs one more step under torch's FlopCounterMode (matmuls, convolutions and attention of the
+whole model, forward and backward): the 'whole model' TFLOP/s, a cross-check of the formula and NRMS's figure.
 
 Where a goal is missed, a torch.profiler summary of a few steps (top ops by GPU time) goes to <out>/profile.txt.
 Every row runs in try/except (subprocess rows with timeouts, their process groups killed on timeout); speed rows not
@@ -549,7 +553,8 @@ def row_speed_dev(ctx: Context, row: Row, which: str) -> None:
     row.detail = (f"{cfg.model_name}, {n:,} impressions, {len(np.asarray(dev['candidates'])):,} candidates, "
                   f"eval batch {cfg.eval_batch_size}, amp {rt.amp}{peak}; "
                   f"AUC {result.metrics.get('auc', float('nan')):.3f} "
-                  f"(untrained weights)" + ("" if n == 73152 else f"; {projected:.1f} s projected for 73,152"))
+                  f"(random or barely trained weights: a speed figure, not a result)"
+                  + ("" if n == 73152 else f"; {projected:.1f} s projected for 73,152"))
     row.data = {"seconds": dt, "impressions": n, "projected_s": projected}
     if projected > GOAL_DEV_S:
         from eval import subset
@@ -876,7 +881,8 @@ def row_setup_plm(ctx: Context, row: Row) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 def plan(ctx: Context) -> list[tuple[str, str, str, Callable[[Row], None]]]:
-    """(key, section, name, fn) in running order: setup, the headline speed rows, correctness, then compile."""
+    """(key, section, name, fn) in running order: setup, the speed rows (within --budget), then the correctness
+    rows (never skipped for the budget, only after --deadline)."""
     s = ctx.sizes
     layers = s.bert.get("num_hidden_layers", 12)
     rows = [
@@ -891,6 +897,7 @@ def plan(ctx: Context) -> list[tuple[str, str, str, Callable[[Row], None]]]:
          lambda r: row_speed_dev(ctx, r, "plm_frozen")),
         ("speed-nrms", "speed", f"NRMS train ({s.word_dim}-d)", lambda r: row_speed_nrms(ctx, r)),
         ("speed-dev-nrms", "speed", "dev evaluation, NRMS", lambda r: row_speed_dev(ctx, r, "nrms")),
+        ("speed-compile", "speed", "NRMS train, --compile", lambda r: row_speed_nrms(ctx, r, compiled=True)),
         ("pytest", "correctness", f"model-level tests on {ctx.device}", lambda r: row_pytest(ctx, r)),
     ]
     for name in AMP_MODELS:
@@ -902,14 +909,13 @@ def plan(ctx: Context) -> list[tuple[str, str, str, Callable[[Row], None]]]:
         ("torchrun", "correctness", "torchrun --nproc_per_node=1: train, dev, test, resume",
          lambda r: row_torchrun(ctx, r)),
         ("nccl", "correctness", "process group under torchrun", lambda r: row_nccl(ctx, r)),
-        ("speed-compile", "speed", "NRMS train, --compile", lambda r: row_speed_nrms(ctx, r, compiled=True)),
     ]
     return rows
 
 
 ROW_KEYS = ("setup-speed, setup-check, setup-plm, speed-plm-full, speed-plm-frozen, speed-dev-plm, speed-nrms, "
-            "speed-dev-nrms, pytest, amp-{bf16,fp16}-{NRMS,PLMNRMS-MHSA,PLMMiner-MINER}, cache-host, torchrun, nccl, "
-            "speed-compile")
+            "speed-dev-nrms, speed-compile, pytest, amp-{bf16,fp16}-{NRMS,PLMNRMS-MHSA,PLMMiner-MINER}, cache-host, "
+            "torchrun, nccl")
 
 
 def main(argv=None) -> int:

@@ -75,14 +75,26 @@ def test_smoke_output_folder_is_small_and_flat(smoke):
     assert "profile.txt" in files  # CPU speeds miss the goals: the profiler summary was written
 
 
-def test_budget_skips_the_speed_rows_not_yet_started(tmp_path, capsys):
-    """--budget 0: every speed row is 'skipped: budget' (correctness rows still run)."""
-    code = gpu.main(["--smoke", "--budget=0", "--rows=speed-nrms,speed-compile", f"--out={tmp_path / 'out'}",
-                     f"--data_dir={tmp_path / 'data'}"])
-    rows = json.loads((tmp_path / "out" / "gpu.json").read_text())["rows"]
-    assert code == 0 and [r["key"] for r in rows] == ["speed-nrms", "speed-compile"]
-    assert all(r["status"] == "skipped: budget" for r in rows)
-    assert "total wall time" in capsys.readouterr().out
+def test_budget_and_deadline_skip_the_rows_not_yet_started(tmp_path, capsys, monkeypatch):
+    """--budget 0: speed rows are 'skipped: budget' and correctness rows still run; --deadline 0: every row is
+    'skipped: deadline'. (In this process: --threads=0 keeps torch's thread count for the tests that follow.)"""
+    import transformers
+
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # main sets it: restored after the test
+    verbosity = transformers.logging.get_verbosity()
+    common = ["--smoke", "--threads=0", f"--out={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}"]
+    try:
+        code = gpu.main([*common, "--budget=0", "--rows=speed-nrms,speed-compile,amp-fp16-NRMS"])
+        rows = json.loads((tmp_path / "out" / "gpu.json").read_text())["rows"]
+        assert code == 0 and [r["key"] for r in rows] == ["speed-nrms", "speed-compile", "amp-fp16-NRMS"]
+        assert [r["status"] for r in rows] == ["skipped: budget", "skipped: budget", "skipped: no CUDA"]
+        assert "total wall time" in capsys.readouterr().out
+        gpu.main([*common, "--deadline=0", "--rows=setup-check,amp-fp16-NRMS"])
+        rows = json.loads((tmp_path / "out" / "gpu.json").read_text())["rows"]
+        assert [r["status"] for r in rows] == ["skipped: deadline", "skipped: deadline"]
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
 
 
 def test_plm_flops_count_every_layer_three_times_when_trained():
