@@ -80,6 +80,32 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+
+def nccl_probe() -> None:
+    """Run by torchrun (--nccl_probe): the backend main.py uses for 2+ processes, on this device."""
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, device_id=device if cuda else None)
+    x = torch.full((4,), float(dist.get_rank() + 1), device=device)
+    dist.all_reduce(x)
+    objects = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, {"rank": dist.get_rank()})
+    dist.barrier()
+    expected = dist.get_world_size() * (dist.get_world_size() + 1) / 2
+    ok = bool((x == expected).all()) and objects[0] == {"rank": 0}
+    print(f"probe backend={dist.get_backend()} world={dist.get_world_size()} all_reduce={x.tolist()} ok={ok}")
+    dist.destroy_process_group()
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--nccl_probe"]:  # the nccl row's torchrun child: torch alone
+    nccl_probe()
+
 from train import Stepper, bench_config, demo_flags, synchronizer  # noqa: E402
 
 from config import Config  # noqa: E402
@@ -802,28 +828,6 @@ def row_torchrun(ctx: Context, row: Row) -> None:
         raise
     finally:
         shutil.rmtree(runs, ignore_errors=True)
-
-
-def nccl_probe() -> None:
-    """Run by torchrun (--nccl_probe): the backend main.py uses for 2+ processes, on this device."""
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available()
-    backend = "nccl" if cuda else "gloo"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, device_id=device if cuda else None)
-    x = torch.full((4,), float(dist.get_rank() + 1), device=device)
-    dist.all_reduce(x)
-    objects = [None] * dist.get_world_size()
-    dist.all_gather_object(objects, {"rank": dist.get_rank()})
-    dist.barrier()
-    expected = dist.get_world_size() * (dist.get_world_size() + 1) / 2
-    ok = bool((x == expected).all()) and objects[0] == {"rank": 0}
-    print(f"probe backend={dist.get_backend()} world={dist.get_world_size()} all_reduce={x.tolist()} ok={ok}")
-    dist.destroy_process_group()
-    sys.exit(0 if ok else 1)
 
 
 def row_nccl(ctx: Context, row: Row) -> None:
