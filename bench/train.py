@@ -68,13 +68,19 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def bench_config(data_dir: str, preset: str, device: str, *flags: str) -> Config:
-    """A Config on a generated demo corpus of `preset` size in `data_dir` (git-ignored), no progress bars."""
-    s = PRESETS[preset]
+def demo_flags(sizes: dict[str, int]) -> list[str]:
+    """main.py's --demo_* flags of a generated corpus of `sizes` (a PRESETS entry); 100 test impressions."""
+    return [f"--demo_news={sizes['news']}", f"--demo_users={sizes['users']}",
+            f"--demo_train_impressions={sizes['train_impressions']}",
+            f"--demo_dev_impressions={sizes['dev_impressions']}", "--demo_test_impressions=100"]
+
+
+def bench_config(data_dir: str, preset: str | dict[str, int], device: str, *flags: str) -> Config:
+    """A Config on a generated demo corpus of `preset` size (a PRESETS name or its own sizes) in `data_dir`
+    (git-ignored), no progress bars."""
+    s = PRESETS[preset] if isinstance(preset, str) else preset
     return Config.from_args(["--dataset=demo", f"--data_dir={data_dir}", f"--device={device}", "--no-progress",
-                             f"--demo_news={s['news']}", f"--demo_users={s['users']}",
-                             f"--demo_train_impressions={s['train_impressions']}",
-                             f"--demo_dev_impressions={s['dev_impressions']}", "--demo_test_impressions=100", *flags])
+                             *demo_flags(s), *flags])
 
 
 def machine(device: torch.device) -> str:

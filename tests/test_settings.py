@@ -32,6 +32,8 @@ def _other_value(f, value):
     meta = f.metadata
     if meta.get("choices"):
         return next(c for c in meta["choices"] if c != value)
+    if value is None:  # a default resolved later (--plm_frozen_layers): any valid number
+        return 3
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
