@@ -42,6 +42,7 @@ def make_config(plm: str | Path, **flags) -> Config:
             "category_embedding_dim": 8, "subcategory_embedding_dim": 8, "dropout_rate": 0.0,
             "num_interest_vectors": 4, "context_code_dim": 8, "word_embedding_dim": 16}
     base.update(flags)
+    base = {k: v for k, v in base.items() if v is not None}  # None: leave the flag out (its default)
     return Config.from_args([f"--{k}={v}" for k, v in base.items() if not isinstance(v, bool)]
                             + [f"--{k}" if v else f"--no-{k}" for k, v in base.items() if isinstance(v, bool)])
 
@@ -365,3 +366,15 @@ def test_plm_encoders_with_offline_minilm_shapes_and_padding_invariance(name):
     extra = 2 * 8 if name == "PLMNAML" else 0  # + category and subcategory embeddings (8-d in make_config)
     assert a.shape == (4, 384 + extra) and torch.isfinite(a).all()
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_model_records_the_frozen_layers_the_encoder_resolved(tiny_bert):
+    """--plm_frozen_layers left out: the encoder picks 10/12 of the PLM's layers (2 of the tiny BERT's 3) and reports
+    it through resolved_settings(); the model writes it into the run's config, so config.json and the checkpoint
+    record the number used rather than None."""
+    cfg = make_config(tiny_bert, news_encoder="PLMNRMS", user_encoder="MHSA", plm_frozen_layers=None, dataset="small")
+    assert cfg.plm_frozen_layers is None
+    ids, mask = tokens(tiny_bert, ["", "stock market falls", "team wins"], 12)
+    model = Model(cfg, META, {"plm_ids": ids.numpy(), "plm_mask": mask.numpy()})
+    assert model.news_encoder.frozen_layers == 2 and cfg.plm_frozen_layers == 2
+    assert cfg.to_dict()["plm_frozen_layers"] == 2 and model.model_settings()["news"]["plm_frozen_layers"] == 2

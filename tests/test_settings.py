@@ -19,7 +19,7 @@ from main import main
 from model import all_components, flag_owners, model_settings
 from newsEncoders import NEWS_ENCODERS, NewsEncoder, word_embedding
 from settings import ComponentView, Settings, SharedDims, at_least, component_settings, setting
-from tests.common import SMALL_MODEL, TINY_DEMO
+from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
 from userEncoders import USER_ENCODERS
 
 DATA = Path(__file__).parent / "data"
