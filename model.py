@@ -148,6 +148,11 @@ class Model(nn.Module):
         self.news_encoder = get_news_encoder(config.news_encoder)(config, meta)
         self.user_encoder = get_user_encoder(config.user_encoder)(config, meta, self.news_encoder)
         self.click_predictor = get_click_predictor(config.click_predictor)(config, self.user_encoder.output_dim)
+        if getattr(self.news_encoder, "category_embedding_for_user", False) and \
+                not getattr(self.user_encoder, "reads_category_embedding", False):
+            # Never read, so never a gradient: DDP stops at the second step on such a parameter. Frozen, not
+            # removed, so the state dict (and existing checkpoints) keep their keys.
+            self.news_encoder.category_embedding.weight.requires_grad_(False)
         self.features = tuple(self.news_encoder.features)
         needed = set(self.features)
         if getattr(self.user_encoder, "needs_category", False):

@@ -64,6 +64,7 @@ class UserEncoder(nn.Module):
     name = "base"
     candidate_aware = False  # True: output depends on the candidates
     needs_category = False  # True: UserInputs carry history/candidate category ids (MINER)
+    reads_category_embedding = False  # True: reads the news encoder's `category_embedding` (MINER)
     compatible_news_encoders: tuple[str, ...] | None = None  # None = any news encoder
     # --click_predictor values this encoder works with; None = any predictor that scores user vectors. An encoder
     # that always scores candidates itself (FIM) lists the self-scoring predictor ("FIM").
@@ -194,6 +195,7 @@ class MINERUserEncoder(UserEncoder):
 
     candidate_aware = True
     needs_category = True
+    reads_category_embedding = True  # the news encoder's category embedding, when it has one (PLMMiner, NAML, ...)
     paper = "MINER (Li et al., ACL 2022)"
     attention_axes = {"interests": ("impression", "history", "candidate", "interest"),
                       "candidate": ("impression", "candidate", "interest")}
