@@ -21,6 +21,7 @@ FILE_IGNORED = ("config_file", "resume", "seeds")
 OFFLINE_MINILM = "offline-minilm"  # alias resolved in newsEncoders.resolve_plm_path
 MODES = ("train", "dev", "test", "aggregate", "explain")
 CRITERIA = ("auc", "mrr", "ndcg5", "ndcg10", "avg")
+TIE_BREAKS = ("popularity", "position")
 
 # Suggested values per dataset, applied only to flags the user did not type (NNR's per-dataset defaults, which
 # the reference silently forces even over typed flags). The demo uses the offline 50-d GloVe and short runs.
@@ -190,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_ratio", type=float, default=0.1, help="linear warmup over this fraction of steps, then linear decay to 0")
     g.add_argument("--grad_accum_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--dev_criterion", default="avg", choices=CRITERIA, help="dev metric that selects the best epoch; avg = (AUC+MRR+(nDCG5+nDCG10)/2)/3")
+    g.add_argument("--tie_break", default="popularity", choices=TIE_BREAKS,
+                   help="order of candidates with equal scores in the written ranks and the metrics computed from "
+                        "them (e.g. an empty history, where models score every candidate alike): popularity = the "
+                        "news' train clicks, then train impressions, then news index (independent of candidate "
+                        "position); position = the official scorer's order of tied scores (the later candidate "
+                        "first)")
     g.add_argument("--early_stopping_epoch", type=int, default=5, help="stop after this many epochs without dev improvement")
     g.add_argument("--max_steps_per_epoch", type=int, default=0, help="cap optimizer steps per epoch (0 = full epoch; for smoke tests)")
     g.add_argument("--progress", action=BOOL, default=True, help="tqdm progress bars")
@@ -303,11 +310,27 @@ class Config:
         if self.mode == "test" and not self.test_model_path:
             errors.append("--mode=test needs --test_model_path=<checkpoint>")
         for flag in ("batch_size", "eval_batch_size", "epoch", "max_title_length", "max_abstract_length",
-                     "max_history_num", "grad_accum_steps", "head_num", "head_dim", "cnn_kernel_num"):
+                     "max_history_num", "grad_accum_steps", "head_num", "head_dim", "cnn_kernel_num",
+                     "word_embedding_dim", "category_embedding_dim", "subcategory_embedding_dim", "attention_dim",
+                     "early_stopping_epoch", "demo_news", "demo_users", "demo_train_impressions",
+                     "demo_dev_impressions", "demo_test_impressions"):
             if self.values[flag] < 1:
                 errors.append(f"--{flag} must be >= 1, got {self.values[flag]}")
         if self.negative_sample_num < 1:
-            errors.append("--negative_sample_num must be >= 1")
+            errors.append(f"--negative_sample_num must be >= 1, got {self.negative_sample_num}")
+        for flag in ("num_workers", "max_steps_per_epoch", "word_threshold", "seed"):
+            if self.values[flag] < 0:
+                errors.append(f"--{flag} must be >= 0, got {self.values[flag]}")
+        if self.seeds is not None and any(s < 0 for s in self.seeds):
+            errors.append(f"--seeds must all be >= 0, got {self.seeds}")
+        for flag in ("lr", "plm_lr"):
+            if not self.values[flag] > 0:  # `not >`: NaN fails too
+                errors.append(f"--{flag} must be > 0, got {self.values[flag]}")
+        for flag in ("weight_decay", "gradient_clip_norm", "disagreement_beta"):
+            if not self.values[flag] >= 0:
+                errors.append(f"--{flag} must be >= 0, got {self.values[flag]}")
+        if not 0 <= self.long_term_masking_probability < 1:
+            errors.append(f"--long_term_masking_probability must be in [0, 1), got {self.long_term_masking_probability}")
         if not 0 <= self.dropout_rate < 1:
             errors.append(f"--dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if not 0 <= self.warmup_ratio < 1:
@@ -318,8 +341,8 @@ class Config:
             errors.append(f"--plm_max_length must be >= 3 (room for special tokens), got {self.plm_max_length}")
         if self.num_interest_vectors < 1 or self.context_code_dim < 1:
             errors.append("--num_interest_vectors and --context_code_dim must be >= 1")
-        if self.cnn_window_size % 2 == 0:
-            errors.append(f"--cnn_window_size must be odd (same-length convolution), got {self.cnn_window_size}")
+        if self.cnn_window_size < 1 or self.cnn_window_size % 2 == 0:
+            errors.append(f"--cnn_window_size must be odd and >= 1 (same-length convolution), got {self.cnn_window_size}")
         for flag in ("hidden_dim", "user_embedding_dim", "personalized_embedding_dim", "HDC_filter_num",
                      "entity_embedding_dim", "KCNN_filter_num"):
             if self.values[flag] < 1:
