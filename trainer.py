@@ -1047,7 +1047,8 @@ class Trainer:
                             "stop": bad >= cfg.early_stopping_epoch}
             decision = util.broadcast_object(decision, group=rt.wait_group)
             record = {"epoch": epoch, "train_loss": train_loss, "train_seconds": round(train_seconds, 2),
-                      "dev_seconds": round(result.seconds, 2), **result.metrics}
+                      "dev_seconds": round(result.seconds, 2), **result.metrics,
+                      **{k: result.ties[k] for k in ("tie_break", "tied_impressions", "nonfinite_scores")}}
             state.history.append(record)
             state.epoch, state.bad_epochs, state.stopped_early = epoch, decision["bad_epochs"], decision["stop"]
             if decision["improved"]:

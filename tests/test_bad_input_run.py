@@ -208,6 +208,8 @@ def test_dev_mode_reports_the_tie_rule_and_its_count(trained, capsys):
             assert report["metrics"][key] == pytest.approx(official[key], abs=1e-12)
     saved = json.loads((Path(result["checkpoint"]).parent / "dev" / "metrics.json").read_text())
     assert set(saved["ties"]) >= {"tie_break", "tied_impressions", "nonfinite_scores"}
+    logged = json.loads((Path(result["run_dir"]) / "dev_log.jsonl").read_text().splitlines()[0])
+    assert logged["tie_break"] == "popularity" and logged["nonfinite_scores"] == 0 and "tied_impressions" in logged
 
 
 # ----------------------------------------------------------------------------------------------------------
