@@ -21,6 +21,7 @@ DATASETS = ("demo", "small", "200k", "large")
 FILE_IGNORED = ("config_file", "resume", "seeds")
 MODES = ("train", "dev", "test", "aggregate", "explain")
 CRITERIA = ("auc", "mrr", "ndcg5", "ndcg10", "avg")
+TIE_BREAKS = ("popularity", "position")
 
 # Suggested values per dataset, applied only to flags the user did not type (NNR's per-dataset defaults, which
 # the reference silently forces even over typed flags). The demo uses the offline 50-d GloVe and short runs.
@@ -134,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_ratio", type=float, default=0.1, help="linear warmup over this fraction of steps, then linear decay to 0")
     g.add_argument("--grad_accum_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--dev_criterion", default="avg", choices=CRITERIA, help="dev metric that selects the best epoch; avg = (AUC+MRR+(nDCG5+nDCG10)/2)/3")
+    g.add_argument("--tie_break", default="popularity", choices=TIE_BREAKS,
+                   help="order of candidates with equal scores in the written ranks and the metrics computed from "
+                        "them (e.g. an empty history, where models score every candidate alike): popularity = the "
+                        "news' train clicks, then train impressions, then news index (independent of candidate "
+                        "position); position = the official scorer's order of tied scores (the later candidate "
+                        "first)")
     g.add_argument("--early_stopping_epoch", type=int, default=5, help="stop after this many epochs without dev improvement")
     g.add_argument("--max_steps_per_epoch", type=int, default=0, help="cap optimizer steps per epoch (0 = full epoch; for smoke tests)")
     g.add_argument("--progress", action=BOOL, default=True, help="tqdm progress bars")
@@ -248,11 +255,21 @@ class Config:
             errors.append("--mode=test needs --test_model_path=<checkpoint>")
         errors += self._data_errors()
         for flag in ("batch_size", "eval_batch_size", "epoch", "max_title_length", "max_abstract_length",
-                     "max_history_num", "grad_accum_steps"):
+                     "max_history_num", "grad_accum_steps", "early_stopping_epoch"):
             if self.values[flag] < 1:
                 errors.append(f"--{flag} must be >= 1, got {self.values[flag]}")
         if self.negative_sample_num < 1:
-            errors.append("--negative_sample_num must be >= 1")
+            errors.append(f"--negative_sample_num must be >= 1, got {self.negative_sample_num}")
+        for flag in ("num_workers", "max_steps_per_epoch", "seed"):
+            if self.values[flag] < 0:
+                errors.append(f"--{flag} must be >= 0, got {self.values[flag]}")
+        if self.seeds is not None and any(s < 0 for s in self.seeds):
+            errors.append(f"--seeds must all be >= 0, got {self.seeds}")
+        if not self.lr > 0:  # `not >`: NaN fails too
+            errors.append(f"--lr must be > 0, got {self.lr}")
+        for flag in ("weight_decay", "gradient_clip_norm"):
+            if not self.values[flag] >= 0:
+                errors.append(f"--{flag} must be >= 0, got {self.values[flag]}")
         if not 0 <= self.warmup_ratio < 1:
             errors.append(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         # The shared dimensions and the chosen components' own settings check themselves (settings.py).

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -13,13 +15,14 @@ from config import Config, architecture_flags
 from MIND_corpus import Corpus, CorpusError
 from model import Model, check_pairing
 from newsEncoders import get_news_encoder, resolve_plm_path
-from trainer import (EvalResult, Trainer, evaluate, format_metrics, load_checkpoint, load_state, load_training_state,
-                     resolve_resume, setup_runtime, shutdown_runtime)
+from trainer import (EvalResult, RunLock, Trainer, TrainingInterrupted, evaluate, format_metrics, format_ties,
+                     load_checkpoint, load_state, load_training_state, resolve_checkpoint_path, resolve_resume,
+                     runs_base_dir, setup_runtime, shutdown_runtime, tie_rank_for)
 
 # Flags a user may change when evaluating a checkpoint (they do not change the model or the corpus arrays).
 EVAL_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_workers", "progress", "seed", "mode",
                     "dev_model_path", "test_model_path", "output_dir", "amp", "dist_timeout", "impression_id",
-                    "explain_output")
+                    "explain_output", "tie_break")
 # Flags a user may change when resuming a run (`--resume`): where and how fast it runs, and how long it goes on.
 # Everything else comes from the run's saved config, so the resumed epochs continue the same training.
 RESUME_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_workers", "progress", "amp", "dist_timeout",
@@ -141,27 +144,68 @@ def print_notes(config: Config, suggestions: bool = True) -> None:
             rank0_print(f"note: {note}")
 
 
+_HF_BARS_OFF = False  # transformers' progress bars were turned off here (--no-progress)
+
+
+def follow_progress_flag(config) -> None:
+    """transformers' own progress bars (e.g. "Loading weights" of a PLM) follow --progress / --no-progress."""
+    global _HF_BARS_OFF
+    if not getattr(get_news_encoder(config.news_encoder), "uses_plm", False):
+        return  # no PLM: transformers is not even imported
+    from transformers.utils import logging as hf_logging
+
+    if not config.progress:
+        hf_logging.disable_progress_bar()
+        _HF_BARS_OFF = True
+    elif _HF_BARS_OFF:  # an earlier call in this process turned them off
+        hf_logging.enable_progress_bar()
+        _HF_BARS_OFF = False
+
+
+def resume_command(config: Config, run_dir: Path) -> str:
+    """The command that continues `run_dir`: --resume plus the typed flags a resumed run may change (the rest comes
+    from the run's saved config)."""
+    args = ["--mode=train", f"--resume={run_dir}"]
+    for flag in RESUME_OVERRIDABLE:
+        if flag in ("resume", "mode") or flag not in config.explicit or config.values.get(flag) is None:
+            continue
+        value = config.values[flag]
+        args.append((f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else f"--{flag}={value}")
+    _, _, world_size = util.dist_env()
+    launcher = (f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world_size)} main.py"
+                if world_size > 1 else "python main.py")
+    return launcher + " " + " ".join(shlex.quote(a) for a in args)
+
+
 def train(config) -> dict[str, Any]:
     resume_path = resolve_resume(config.resume, config.output_dir, config.dataset, config.model_name)
     ckpt = None
     if resume_path is not None:
+        RunLock(resume_path.parent).check()  # a run being trained by another process: stop before loading data
         ckpt = load_training_state(resume_path)
         print_notes(config, suggestions=False)
         config = config_for_resume(config, ckpt, resume_path)
     else:
+        runs_base_dir(config.output_dir, config.dataset, config.model_name)  # unwritable: fail before loading data
         print_notes(config)
     if config.resume == "auto" and resume_path is None:
         rank0_print(f"note: --resume auto: no run with a last.pt under {config.output_dir}/{config.dataset}/"
                     f"{config.model_name}/; starting a new run")
     runtime = setup_runtime(config)
     util.set_seed(config.seed)
+    follow_progress_flag(config)
     corpus = load_corpus_distributed(config, runtime)
     if ckpt is not None:
         check_corpus(ckpt, corpus, resume_path)
     model = Model(config, corpus.meta, corpus.news)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rank0_print(f"model {config.model_name}: {n_params:,} trainable parameters")
-    result = Trainer(config, corpus, model, runtime, resume=ckpt, resume_path=resume_path).train()
+    try:
+        result = Trainer(config, corpus, model, runtime, resume=ckpt, resume_path=resume_path).train()
+    except TrainingInterrupted as e:
+        if e.run_dir is not None:
+            e.command = resume_command(config, e.run_dir)
+        raise
     shutdown_runtime(runtime)
     return {"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
             "dev_metrics": result.best_metrics, "history": result.history}
@@ -182,20 +226,24 @@ def config_for_checkpoint(config: Config, ckpt: dict[str, Any], path: str) -> Co
 def evaluate_checkpoint(config: Config) -> dict[str, Any]:
     """Dev/test on a checkpoint; under torchrun the work is sharded and rank 0 writes the files."""
     split = config.mode
-    path = config.dev_model_path if split == "dev" else config.test_model_path
+    flag = f"--{split}_model_path"
+    path = resolve_checkpoint_path(config.dev_model_path if split == "dev" else config.test_model_path, flag,
+                                   log=rank0_print)
     ckpt = load_checkpoint(path)
     cfg = config_for_checkpoint(config, ckpt, path)
     runtime = setup_runtime(cfg)
+    follow_progress_flag(cfg)
     corpus = load_corpus_distributed(cfg, runtime)
     check_corpus(ckpt, corpus, path)
     model = Model(cfg, corpus.meta, corpus.news)
     load_state(model, ckpt, path)
     model.to(runtime.device)
     beh = corpus.behaviors(split)
-    result = evaluate(model, beh, cfg, runtime, desc=split)
-    out_dir = Path(path).parent / split
+    result = evaluate(model, beh, cfg, runtime, desc=split,
+                      tie_rank=tie_rank_for(cfg, corpus.behaviors("train"), model.news_num))
+    out_dir = path.parent / split  # the run's own folder, beside its checkpoint
     report: dict[str, Any] = {"split": split, "checkpoint": str(path), "metrics": result.metrics,
-                              "stats": beh["stats"], "seconds": round(result.seconds, 2)}
+                              "ties": result.ties, "stats": beh["stats"], "seconds": round(result.seconds, 2)}
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         ranks_list = np.split(result.ranks, result.offsets[1:-1])
@@ -214,7 +262,11 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
             report["truth"] = str(out_dir / "truth.txt")
         (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
         print(f"{split} ({cfg.model_name}, {corpus.root / split}): {format_metrics(result.metrics)}")
-        for key in ("prediction", "ranking", "truth"):
+        if format_ties(result.ties, split):
+            print(format_ties(result.ties, split))
+        if "prediction" in report:
+            print(f"wrote {out_dir / 'prediction.txt'} and {report['prediction']} (the file to upload)")
+        for key in ("ranking", "truth"):
             if key in report:
                 print(f"wrote {report[key]}")
     shutdown_runtime(runtime)  # its barrier keeps the other ranks until the files are written
@@ -264,7 +316,7 @@ def explain(config: Config) -> dict[str, Any]:
     """`--mode=explain`: a PNG (and its numbers as JSON) of what a checkpoint attends to in one dev impression."""
     from trainer import explain_impression
 
-    path = config.dev_model_path
+    path = resolve_checkpoint_path(config.dev_model_path, "--dev_model_path")
     ckpt = load_checkpoint(path)
     cfg = config_for_checkpoint(config, ckpt, path)
     cfg.device = "cpu" if "device" not in config.explicit else cfg.device  # one impression: no GPU needed
@@ -276,7 +328,7 @@ def explain(config: Config) -> dict[str, Any]:
     model.to(runtime.device)
     data = explain_impression(model, corpus, cfg.impression_id)
     out = Path(cfg.explain_output) if cfg.explain_output else (
-        Path(path).parent / "explain" / f"impression-{cfg.impression_id}.png")
+        path.parent / "explain" / f"impression-{cfg.impression_id}.png")
     util.plot_explanation(data, out)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     print(f"wrote {out} and {out.with_suffix('.json')}")
@@ -327,11 +379,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return evaluate_checkpoint(config)
 
 
-if __name__ == "__main__":
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: `main`, with a one-line message and an exit status instead of a traceback for user
+    mistakes (2) and Ctrl-C (130)."""
+    rank, _, world_size = util.dist_env()
     try:
-        main()
+        main(argv)
+    except TrainingInterrupted as e:
+        if rank == 0:
+            print(e, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("interrupted", file=sys.stderr)
+        return 130
     except (CorpusError, FileNotFoundError, ValueError, ImportError) as e:
         # A user mistake (bad file, wrong path, conflicting flags) gets its message, not a traceback.
-        rank, _, world_size = util.dist_env()
         print(f"error{f' (rank {rank})' if world_size > 1 else ''}: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -191,6 +191,10 @@ class Model(nn.Module):
         # the run's config, so config.json and the checkpoint record the value used.
         for flag, value in self.news_encoder.resolved_settings().items():
             config.values[flag] = value
+        if self.news_encoder.category_embedding_for_user and not self.user_encoder.reads_category_embedding:
+            # Never read, so never a gradient: DDP stops at the second step on such a parameter. Frozen, not
+            # removed, so the state dict (and existing checkpoints) keep their keys.
+            self.news_encoder.category_embedding.weight.requires_grad_(False)
         self.features = tuple(self.news_encoder.features)
         needed = set(self.features)
         if self.user_encoder.needs_category:

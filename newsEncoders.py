@@ -86,6 +86,9 @@ class NewsEncoder(nn.Module):
     uses_plm = False  # True: a pretrained LM (PLM flags, per-dataset PLM suggestions, PLM tokens in the corpus)
     cache_frozen = False  # True: the model builds this encoder's frozen-layer cache before training/evaluation
     compatible_user_encoders: tuple[str, ...] | None = None  # None = any user encoder
+    # True: `category_embedding` exists only for a user encoder that reads it (MINER); with any other user encoder the
+    # model freezes it, since no gradient would ever reach it.
+    category_embedding_for_user = False
     hdc_embedding_dim = 0  # FIM reads the HDC layout from the news encoder; 0 where there is none
     # >1: the model encodes a batch's unique news in this many chunks of similar text length, each cut to its own
     # longest text (issue 6; set where encoding cost grows with length, the PLMs). Needs a batch-independent
@@ -313,7 +316,8 @@ class PLMSettings(Settings):
         "rounded down: 10 of BERT-base's 12, 5 of MiniLM's 6; the log says which)",
         check=lambda v: None if v is None or v >= 0 else "must be >= 0", architecture=False)
     plm_pooling: str = setting("attention", "PLM hidden states -> news vector", choices=("cls", "average", "attention"))
-    plm_lr: float = setting(1e-5, "learning rate of the PLM parameters (own optimizer group)", architecture=False)
+    plm_lr: float = setting(1e-5, "learning rate of the PLM parameters (own optimizer group)", architecture=False,
+                            check=lambda v: None if v > 0 else "must be > 0")  # `not >`: NaN fails too
     plm_max_length: int = setting(32, "PLM title tokens (special tokens included)",
                                   check=lambda v: None if v >= 3 else "must be >= 3 (room for special tokens)")
     plm_cache: bool = setting(True, "run the frozen bottom (embeddings + --plm_frozen_layers, eval mode: no dropout) "
@@ -457,6 +461,24 @@ class PLMNewsEncoder(NewsEncoder):
             self.pool_attention = AdditiveAttention(self.hidden_dim, config.attention_dim)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.output_dim = self.hidden_dim
+        self.train(self.training)  # the frozen bottom in eval mode from the start
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The PLM's frozen bottom: its embeddings and the lowest --plm_frozen_layers layers (none when 0)."""
+        if self.frozen_layers == 0:
+            return []
+        embeddings = getattr(self.plm, "embeddings", None)
+        return [self.plm.get_input_embeddings(), *([embeddings] if isinstance(embeddings, nn.Module) else []),
+                *self._all_layers[: self.frozen_layers]]
+
+    def train(self, mode: bool = True):
+        """Training mode everywhere but the frozen bottom, which always runs in eval mode (no dropout): the
+        frozen-layer cache is computed that way, so training with and without it (--no-plm_cache, or the
+        cache's fallback) is the same model."""
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
 
     def resolved_settings(self) -> dict:
         """--plm_frozen_layers as resolved from the model's depth (the flag's default is a share of the layers)."""
@@ -486,13 +508,13 @@ class PLMNewsEncoder(NewsEncoder):
     def frozen_bottom(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """plm_ids, plm_mask [N, L] -> hidden states after the embeddings + the frozen layers [N, L, Hp],
         computed in eval mode (frozen layers run without dropout)."""
-        was_training = self.plm.training
+        was_training = self.training
         self.plm.eval()
         try:
             with self._layers(self._all_layers[: self.frozen_layers]):
                 return self.plm(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         finally:
-            self.plm.train(was_training)
+            self.train(was_training)  # this encoder's own train(): the frozen bottom stays in eval mode
 
     def hidden_states(self, news) -> tuple[torch.Tensor, torch.Tensor]:
         """plm_ids, plm_mask [N, L] (+ plm_hidden [N, L, Hp] from the frozen-layer cache) ->
@@ -569,6 +591,9 @@ class PLMMinerNewsEncoder(PLMNewsEncoder):
     settings = (CategoryGloveSettings,)
 
     paper = "MINER (Li et al., ACL 2022) news side"
+    # The category embedding is not part of the news vector: it is there for a user encoder that reads it
+    # (`reads_category_embedding`); with any other, Model freezes it (no gradient would ever reach it).
+    category_embedding_for_user = True
 
     def __init__(self, config, meta):
         super().__init__(config, meta)
@@ -715,6 +740,10 @@ class DAENewsEncoder(NewsEncoder):
         self.corrupt = nn.Dropout(config.dropout_rate)
         self.alpha = float(config.Alpha)
         self.output_dim = config.hidden_dim
+        if self.alpha == 0:
+            # --Alpha=0: no reconstruction loss, so the decoder never gets a gradient (which DDP rejects at the
+            # second step). Frozen, not removed: the state dict keeps its keys.
+            self.decoder.requires_grad_(False)
 
     def _encode(self, news) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> clean input x [N, E], code h [N, Hd], real [N] bool (the news has at least one token)."""

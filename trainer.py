@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -171,19 +173,41 @@ def _crash_step(rank: int) -> int | None:
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------
 
-def batch_ranks(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """logits [B, C] -> 1-based ranks [B, C] (padded candidates get ranks after the real ones).
+def batch_ranks(logits: torch.Tensor, mask: torch.Tensor, tie_rank: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, C], mask [B, C] bool, tie_rank [B, C] long or None -> 1-based ranks [B, C] long.
 
-    Ties follow the official scorer's order `argsort(score)[::-1]`: among equal scores the higher index ranks
-    first. Sorting the reversed row stably in descending order gives exactly that.
+    Order within a row: the real candidates with a finite score, best first; then the real candidates whose score
+    is not finite (NaN or +-inf: no usable score, so ranked last; `evaluate` counts them); then the padded slots,
+    so a real candidate never ranks after padding. Equal finite scores go by `tie_rank` (lower first: the news'
+    training popularity rank, `popularity_rank`), then by the official scorer's order `argsort(score)[::-1]`
+    (among equal scores the higher index first); with `tie_rank` None only the latter (--tie_break=position).
     """
-    c = logits.shape[1]
-    x = torch.nan_to_num(logits.float(), nan=float("-inf")).masked_fill(~mask, float("-inf"))
-    order = torch.sort(x.flip(1), dim=1, descending=True, stable=True).indices  # positions in flipped rows
-    order = c - 1 - order  # back to original positions, best first
+    b, c = logits.shape
+    x = logits.float()
+    finite = torch.isfinite(x) & mask
+    group = torch.where(mask, (~finite).long(), 2)  # 0 finite, 1 not finite, 2 padding
+    key = torch.where(finite, x, torch.zeros_like(x))
+    # Stable sorts from the least significant key to the most: index (descending), tie rank, score, group.
+    order = torch.arange(c - 1, -1, -1, device=logits.device).expand(b, c)
+    if tie_rank is not None:
+        order = order.gather(1, torch.sort(tie_rank.gather(1, order), dim=1, stable=True).indices)
+    order = order.gather(1, torch.sort(key.gather(1, order), dim=1, descending=True, stable=True).indices)
+    order = order.gather(1, torch.sort(group.gather(1, order), dim=1, stable=True).indices)  # best first
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(1, c + 1, device=logits.device).expand_as(order))
     return ranks
+
+
+def tie_and_nonfinite_counts(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits, mask [B, C] -> (tied [B] bool: two real candidates share a finite score, so the tie rule of
+    `batch_ranks` orders them; nonfinite [B] long: real candidates whose score is NaN or +-inf)."""
+    x = logits.float()
+    finite = torch.isfinite(x) & mask
+    key = torch.where(finite, x, torch.full_like(x, float("inf")))  # sorted after every finite score
+    sorted_key, order = torch.sort(key, dim=1)
+    sorted_finite = finite.gather(1, order)
+    tied = ((sorted_key[:, 1:] == sorted_key[:, :-1]) & sorted_finite[:, 1:] & sorted_finite[:, :-1]).any(1)
+    return tied, (mask & ~finite).sum(1)
 
 
 @dataclass
@@ -194,6 +218,8 @@ class EvalResult:
     labels: np.ndarray  # flat int8 (-1 = unlabelled)
     impression_ids: np.ndarray  # [I]
     seconds: float = 0.0
+    # tie_break (popularity | position), tied_impressions, nonfinite_scores, nonfinite_impressions (up to 5 ids)
+    ties: dict[str, Any] = field(default_factory=dict)
 
 
 def _sum_over_ranks(t: torch.Tensor, rt: Runtime, to_main_only: bool = False) -> torch.Tensor:
@@ -235,11 +261,15 @@ def encode_needed_news(raw: nn.Module, needed: np.ndarray, rt: Runtime) -> torch
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, beh: dict[str, Any], config, runtime: Runtime, desc: str = "eval") -> EvalResult:
+def evaluate(model: nn.Module, beh: dict[str, Any], config, runtime: Runtime, desc: str = "eval",
+             tie_rank: np.ndarray | None = None) -> EvalResult:
     """Score every impression of a split: encode each needed news once, then users, then candidates.
 
-    Under DDP every rank must call this (it holds collectives): news encoding and impression batches are split
-    across ranks, ranks are summed to rank 0, which computes the metrics; the metrics are broadcast back."""
+    `tie_rank` [N] long orders candidates with equal scores (`popularity_rank`; None: the official scorer's order,
+    --tie_break=position); the ranks carry that order, and the metrics are computed from the ranks, so the
+    written files and the printed metrics agree. Under DDP every rank must call this (it holds collectives): news
+    encoding and impression batches are split across ranks, ranks are summed to rank 0, which computes the
+    metrics; the metrics are broadcast back."""
     t0 = time.time()
     rt = runtime
     raw = model.module if hasattr(model, "module") else model
@@ -252,7 +282,11 @@ def evaluate(model: nn.Module, beh: dict[str, Any], config, runtime: Runtime, de
     # Index 0 stands for news unknown to news.tsv in dev/test: encode it like in training.
     raw.build_frozen_cache(log=print if rt.is_main else (lambda *a: None))
     needed = np.union1d(np.union1d(hist.ravel(), cands), [0])
-    ranks = np.zeros(len(cands), dtype=np.int32)
+    n_imp = len(offsets) - 1
+    # ranks [sum of candidates], then per impression: tied scores (0/1), non-finite scores (count); one reduce.
+    counts = np.zeros(len(cands) + 2 * n_imp, dtype=np.int32)
+    ranks, tied, nonfinite = counts[:len(cands)], counts[len(cands):len(cands) + n_imp], counts[len(cands) + n_imp:]
+    tie_table = torch.from_numpy(np.asarray(tie_rank, dtype=np.int64)).to(device) if tie_rank is not None else None
     with rt.autocast():
         news_vectors = encode_needed_news(raw, needed, rt)
         # Each rank takes every W-th batch; batches are the same as in one process (identical logits).
@@ -263,20 +297,44 @@ def evaluate(model: nn.Module, beh: dict[str, Any], config, runtime: Runtime, de
         for batch in tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True):
             batch = batch.to(device, non_blocking=True)
             logits = raw.score_cached(batch, news_vectors)
-            r = batch_ranks(logits, batch.candidate_mask).cpu().numpy()
+            r = batch_ranks(logits, batch.candidate_mask,
+                            tie_table[batch.candidates] if tie_table is not None else None).cpu().numpy()
+            row_tied, row_nonfinite = tie_and_nonfinite_counts(logits, batch.candidate_mask)
             mask = batch.candidate_mask.cpu().numpy()
             imp = batch.impression_index.cpu().numpy()
             starts = offsets[imp]
             cols = np.nonzero(mask)
             ranks[starts[cols[0]] + cols[1]] = r[cols]
+            tied[imp] = row_tied.cpu().numpy()
+            nonfinite[imp] = row_nonfinite.cpu().numpy()
     raw.train(was_training)
-    # Every candidate belongs to exactly one rank's batches: the sum puts each rank's ranks in place.
-    ranks = _sum_over_ranks(torch.from_numpy(ranks), rt, to_main_only=True).cpu().numpy()
+    # Every candidate and impression belongs to exactly one rank's batches: the sum puts each rank's part in place.
+    counts = _sum_over_ranks(torch.from_numpy(counts), rt, to_main_only=True).cpu().numpy()
+    ranks, tied, nonfinite = counts[:len(cands)], counts[len(cands):len(cands) + n_imp], counts[len(cands) + n_imp:]
     labels = np.asarray(beh["labels"])
+    ties = None
+    if rt.is_main:
+        ids = np.asarray(beh["impression_ids"])
+        ties = {"tie_break": "popularity" if tie_rank is not None else "position",
+                "tied_impressions": int((tied > 0).sum()), "nonfinite_scores": int(nonfinite.sum()),
+                "nonfinite_impressions": [str(i) for i in ids[nonfinite > 0][:5]]}
     metrics = metrics_from_ranks(ranks, labels, offsets) if rt.is_main else None
-    metrics = util.broadcast_object(metrics, group=rt.wait_group)  # rank 0 may take a while: long timeout
+    metrics, ties = util.broadcast_object((metrics, ties), group=rt.wait_group)  # rank 0 may take a while
     return EvalResult(metrics, ranks if rt.is_main else None, offsets, labels, np.asarray(beh["impression_ids"]),
-                      time.time() - t0)
+                      time.time() - t0, ties)
+
+
+def format_ties(ties: dict[str, Any], split: str) -> str:
+    """One line on the tie and non-finite-score rules of an evaluation, or "" when neither applied."""
+    parts = []
+    if ties.get("tied_impressions"):
+        rule = ("the news' training popularity" if ties["tie_break"] == "popularity"
+                else "position (the official scorer's order)")
+        parts.append(f"{ties['tied_impressions']} impressions with tied scores, ordered by {rule} (--tie_break)")
+    if ties.get("nonfinite_scores"):
+        parts.append(f"WARNING: {ties['nonfinite_scores']} non-finite (NaN/inf) scores, ranked last in their "
+                     f"impressions (e.g. {', '.join(ties['nonfinite_impressions'])}); the model may have diverged")
+    return f"{split}: " + "; ".join(parts) if parts else ""
 
 
 def metrics_from_ranks(ranks: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
@@ -288,14 +346,34 @@ def metrics_from_ranks(ranks: np.ndarray, labels: np.ndarray, offsets: np.ndarra
     return metrics
 
 
+def train_popularity(train_beh: dict[str, Any], news_num: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per news [N]: clicks and impressions (times shown) in the train split."""
+    cands, labels = np.asarray(train_beh["candidates"]), np.asarray(train_beh["labels"])
+    return np.bincount(cands, weights=labels == 1, minlength=news_num), np.bincount(cands, minlength=news_num)
+
+
 def popularity_result(train_beh: dict[str, Any], beh: dict[str, Any], news_num: int) -> dict[str, Any]:
     """The popularity baseline: score a candidate by its click count in train (impressions as tie-break)."""
-    cands, labels = np.asarray(train_beh["candidates"]), np.asarray(train_beh["labels"])
-    clicks = np.bincount(cands, weights=labels == 1, minlength=news_num)
-    shown = np.bincount(cands, minlength=news_num)
+    clicks, shown = train_popularity(train_beh, news_num)
     score = clicks + shown * 1e-6
     flat = score[np.asarray(beh["candidates"])]
     return util.compute_metrics_flat(flat, np.asarray(beh["labels"]).astype(np.int64), np.asarray(beh["offsets"]))
+
+
+def popularity_rank(train_beh: dict[str, Any], news_num: int) -> np.ndarray:
+    """[N] int64, 0 = most popular: news ordered by train clicks, then train impressions (both descending), then
+    news index. A total order of the news, so candidates with equal model scores are ordered by what they are,
+    never by where they stand in the impression (--tie_break=popularity)."""
+    clicks, shown = train_popularity(train_beh, news_num)
+    order = np.lexsort((np.arange(news_num), -shown, -clicks))
+    rank = np.empty(news_num, dtype=np.int64)
+    rank[order] = np.arange(news_num)
+    return rank
+
+
+def tie_rank_for(config, train_beh: dict[str, Any], news_num: int) -> np.ndarray | None:
+    """`--tie_break` -> the `tie_rank` argument of `evaluate`."""
+    return popularity_rank(train_beh, news_num) if config.tie_break == "popularity" else None
 
 
 def format_metrics(m: dict[str, Any]) -> str:
@@ -311,10 +389,23 @@ def format_metrics(m: dict[str, Any]) -> str:
 # Checkpoints and run folders
 # ----------------------------------------------------------------------------------------------------------
 
+def runs_base_dir(output_dir: str, dataset: str, model_name: str) -> Path:
+    """`<output_dir>/<dataset>/<model>/`, created; a folder that cannot be created or written is a one-line error
+    naming it (checked before any data is read, so a long data load never ends on an unwritable --output_dir)."""
+    base = Path(output_dir) / dataset / model_name
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=base, prefix=".write-test.", delete=True)
+        probe.close()
+    except OSError as e:
+        raise ValueError(f"--output_dir {output_dir}: cannot write run folders under {base} "
+                         f"({e.strerror or type(e).__name__}); pass a writable folder") from None
+    return base
+
+
 def new_run_dir(output_dir: str, dataset: str, model_name: str) -> Path:
     """`<output_dir>/<dataset>/<model>/#<n>/` with n one above every existing run (never reused)."""
-    base = Path(output_dir) / dataset / model_name
-    base.mkdir(parents=True, exist_ok=True)
+    base = runs_base_dir(output_dir, dataset, model_name)
     while True:
         taken = [int(p.name[1:]) for p in base.iterdir() if p.name.startswith("#") and p.name[1:].isdigit()]
         run = Path(base) / f"#{max(taken, default=0) + 1}"
@@ -323,6 +414,101 @@ def new_run_dir(output_dir: str, dataset: str, model_name: str) -> Path:
             return run
         except FileExistsError:
             continue
+
+
+# What a run folder holds before its first optimizer step: a run that fails there leaves nothing worth keeping.
+LOCK_FILE = ".train.lock"
+START_FILES = {"config.json", util.TRAIN_LOG, util.ENVIRONMENT, "tensorboard", LOCK_FILE}
+
+
+class RunLocked(ValueError):
+    """Another live process trains in this run folder."""
+
+
+class RunLock:
+    """`<run>/.train.lock`, created with O_EXCL and holding the owner's pid and host, for the length of a training:
+    a second training of the same run folder (two `--resume=auto` at once) stops with a message instead of both
+    writing last.pt. A lock whose process is dead (same host) is stale and taken over, with a note."""
+
+    def __init__(self, run_dir: Path, log: Callable = print):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.log = log
+        self.held = False
+
+    def owner(self) -> dict[str, Any] | None:
+        try:
+            value = json.loads(self.path.read_text())
+            return value if isinstance(value, dict) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable or half-written: treated as held
+
+    @staticmethod
+    def alive(owner: dict[str, Any]) -> bool:
+        """False only when the owner is provably gone: a dead pid on this host."""
+        pid, host = owner.get("pid"), owner.get("host")
+        if not isinstance(pid, int) or host != socket.gethostname():
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def check(self) -> None:
+        """Raise RunLocked if a live process holds the lock (without taking it)."""
+        owner = self.owner()
+        if owner is not None and self.alive(owner):
+            raise RunLocked(f"{self.path.parent} is being trained by another process (pid {owner.get('pid', '?')} on "
+                            f"{owner.get('host', '?')}, lock {self.path}); wait for it to end, or stop it first. If "
+                            f"no such process runs any more, delete {self.path}")
+
+    def acquire(self) -> None:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.owner()
+                if owner is None:
+                    continue  # released meanwhile: try again
+                self.check()
+                self.log(f"note: {self.path} was left by pid {owner.get('pid')}, which has ended; taking it over")
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+            self.held = True
+            return
+        self.check()
+        raise RunLocked(f"could not take {self.path}: other processes keep creating it")
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training. `run_dir` and `epoch` (the epoch last.pt holds, 0 = none) say what can be resumed;
+    main adds the command that resumes (`command`)."""
+
+    def __init__(self, run_dir: Path | None, epoch: int, text: str):
+        super().__init__(text)
+        self.run_dir, self.epoch, self.text = run_dir, epoch, text
+        self.command: str | None = None
+
+    def __str__(self) -> str:
+        return self.text + (f"; resume with: {self.command}" if self.command and self.epoch > 0 else "")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -356,18 +542,43 @@ def save_checkpoint(path: Path, model: nn.Module, config, corpus_meta, extra: di
     }, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        candidates = [p for p in path.iterdir() if p.is_file() and "-" in p.name and p.suffix == ""]
-        if len(candidates) == 1:
-            path = candidates[0]
-        else:
-            raise FileNotFoundError(f"{path} is a folder; pass the checkpoint file inside it "
-                                    f"(e.g. best_model/<dataset>/<news>-<user>/#1/<news>-<user>)")
+def _run_checkpoints(run_dir: Path) -> list[Path]:
+    """Best-model files in a run folder: `<news>-<user>` (named by its config.json when there is one)."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        named = run_dir / f"{saved['news_encoder']}-{saved['user_encoder']}"
+        if named.is_file():
+            return [named]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return sorted(p for p in run_dir.iterdir() if p.is_file() and "-" in p.name and p.suffix == "")
+
+
+def resolve_checkpoint_path(value: str | Path, flag: str = "checkpoint", log: Callable = print) -> Path:
+    """`--dev_model_path` / `--test_model_path` -> the checkpoint file. A run folder (`.../<news>-<user>/#1`) stands
+    for the one checkpoint inside it (said in a note); a folder of runs, a folder without a checkpoint or a missing
+    path is an error showing the path to pass. Outputs (dev/, test/) go beside the file: the run's own folder."""
+    path = Path(value)
+    example = "best_model/<dataset>/<news>-<user>/#<run>/<news>-<user>"
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} not found (expected best_model/<dataset>/<news>-<user>/#<run>/"
-                                f"<news>-<user>)")
+        raise FileNotFoundError(f"checkpoint {path} not found ({flag}; expected {example})")
+    if not path.is_dir():
+        return path
+    found = _run_checkpoints(path)
+    if len(found) == 1:
+        log(f"note: {flag} {value} is a run folder: using its checkpoint {found[0]}")
+        return found[0]
+    runs = sorted((p for p in path.glob("#*") if p.is_dir() and p.name[1:].isdigit()), key=lambda p: int(p.name[1:]))
+    inside = [c for r in runs for c in _run_checkpoints(r)]
+    if inside:
+        raise FileNotFoundError(f"{flag} {value} is a folder of runs ({', '.join(r.name for r in runs)}); pass one "
+                                f"run's checkpoint, e.g. {inside[-1]}")
+    what = f"holds {len(found)} candidate files ({', '.join(p.name for p in found)})" if found else "holds no checkpoint"
+    raise FileNotFoundError(f"{flag} {value} is a folder that {what}; pass the checkpoint file itself ({example})")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = resolve_checkpoint_path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
@@ -640,6 +851,65 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        """`_train`, plus what surrounds a run: the run-folder lock, a clear end on Ctrl-C (`TrainingInterrupted`:
+        which epoch last.pt holds and the run folder to resume), and the removal of a new run's folder when
+        training fails before its first optimizer step (it then holds only start-up files)."""
+        self._opened: tuple[Path, bool, RunLock | None] | None = None  # run folder, new run?, its lock
+        self._state: TrainState | None = None
+        self._first_step: int | None = None
+        try:
+            return self._train()
+        except KeyboardInterrupt:
+            raise self._interrupted() from None
+        except BaseException:
+            self._remove_failed_start()
+            raise
+        finally:
+            if self._opened is not None and self._opened[2] is not None:
+                self._opened[2].release()
+
+    def _made_no_step(self) -> bool:
+        return self._state is None or self._first_step is None or self._state.step == self._first_step
+
+    def _remove_failed_start(self) -> bool:
+        """Remove a new run's folder that holds only this run's start-up files, when no optimizer step was made."""
+        if self._opened is None or not self._opened[1] or not self.runtime.is_main or not self._made_no_step():
+            return False
+        run_dir = self._opened[0]
+        if not run_dir.is_dir() or any(p.name not in START_FILES for p in run_dir.iterdir()):
+            return False
+        if self._opened[2] is not None:
+            self._opened[2].release()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        self.log(f"removed {run_dir}: the run failed before its first optimizer step")
+        return True
+
+    def _interrupted(self) -> "TrainingInterrupted":
+        state = self._state
+        if self._opened is None or state is None:
+            return TrainingInterrupted(None, 0, "interrupted before training began: nothing was written")
+        run_dir = self._opened[0]
+        if state.epoch == 0:
+            removed = self._remove_failed_start()
+            return TrainingInterrupted(run_dir, 0, f"interrupted in epoch 1, before any epoch finished: nothing to "
+                                       f"resume" + (f" ({run_dir} removed)" if removed else f" ({run_dir} keeps the "
+                                                    f"logs of the interrupted epoch)"))
+        return TrainingInterrupted(run_dir, state.epoch, f"interrupted in epoch {state.epoch + 1}: epoch "
+                                   f"{state.epoch} is saved in {run_dir / LAST_CHECKPOINT}")
+
+    def _open_run_dir(self) -> Path:
+        """The run folder (a new `#n`, or the resumed run's), locked by rank 0 for the length of the training."""
+        run_dir = self._run_dir()
+        lock = None
+        if self.runtime.is_main:
+            lock = RunLock(run_dir, log=self.log)
+            self._opened = (run_dir, self.resume is None, lock)
+            lock.acquire()
+        else:
+            self._opened = (run_dir, self.resume is None, None)
+        return run_dir
+
+    def _train(self) -> TrainResult:
         cfg, rt = self.config, self.runtime
         train_beh = self.corpus.behaviors("train")
         dev_beh = self.corpus.behaviors("dev")
@@ -647,6 +917,12 @@ class Trainer:
         if data.skipped_no_negative or data.skipped_no_click:
             self.log(f"train: {len(data)} samples; skipped {data.skipped_no_negative} impressions without "
                      f"negatives and {data.skipped_no_click} without clicks")
+        if len(data) == 0:
+            raise ValueError(f"{train_beh['path']}: no training sample: none of its {len(train_beh['offsets']) - 1} "
+                             f"impressions has both a click and a negative ({data.skipped_no_negative} without "
+                             f"negatives, {data.skipped_no_click} without clicks); training needs impressions "
+                             f"with '<NewsID>-1' and '<NewsID>-0' candidates")
+        tie_rank = tie_rank_for(cfg, train_beh, self.raw.news_num)
         if rt.is_main:
             pop = popularity_result(train_beh, dev_beh, self.raw.news_num)
             self.log(f"popularity baseline, dev: {format_metrics(pop)}")
@@ -662,7 +938,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total, cfg.warmup_ratio))
         scaler = torch.amp.GradScaler("cuda", enabled=rt.amp == "fp16")
 
-        run_dir = self._run_dir()
+        run_dir = self._open_run_dir()
         checkpoint, last = run_dir / cfg.model_name, run_dir / LAST_CHECKPOINT
         if self.resume is not None:
             state = self._restore(optimizer, scheduler, scaler)
@@ -670,6 +946,7 @@ class Trainer:
             state = TrainState()
             if rt.distributed:  # distinct dropout streams per rank (the model was built from the same seed)
                 torch.manual_seed(cfg.seed + rt.rank)
+        self._state, self._first_step = state, state.step
         recorder = None
         if rt.is_main:
             (run_dir / "config.json").write_text(cfg.to_json())
@@ -689,6 +966,8 @@ class Trainer:
                      + (" (early stopping)" if state.stopped_early else ""))
         crash_at = _crash_step(rt.rank)
         show = cfg.progress and rt.is_main
+        # While the epoch bar is drawn, lines go above it (tqdm.write), never glued to the end of the bar.
+        say = (lambda text: tqdm.write(str(text))) if show else self.log
         epoch_bar = tqdm(range(state.epoch + 1, cfg.epoch + 1), desc="epochs", disable=not show, dynamic_ncols=True)
         for epoch in epoch_bar:
             if state.stopped_early:
@@ -711,12 +990,14 @@ class Trainer:
                     os._exit(13)
                 weight = sampler.weight(i)
                 boundary = (i + 1) % accum == 0 or i + 1 == batches_per_epoch
+                # The epoch's last window may hold fewer micro-batches: the step's gradient is their mean.
+                held = min(accum, batches_per_epoch - i // accum * accum)
                 batch = batch.to(rt.device, non_blocking=True)
                 # No gradient all-reduce on accumulation micro-batches: DDP syncs on the step's last one.
                 with (self.model.no_sync() if rt.distributed and not boundary else nullcontext()):
                     with rt.autocast():
                         out = self.model(batch)
-                    scaler.scale(out.loss * (weight / accum)).backward()
+                    scaler.scale(out.loss * (weight / held)).backward()
                 loss = out.loss.item()
                 loss_sum += loss * weight / rt.world_size  # this rank's share of the global batch's mean loss
                 loss_n += 1
@@ -747,13 +1028,16 @@ class Trainer:
                     if step >= steps_per_epoch:
                         break
             bar.close()
+            if step == 0:  # never an evaluation, a "best" epoch and a checkpoint of a model that did not train
+                raise ValueError(f"epoch {epoch}: the training data loader gave no batch ({len(data)} samples, "
+                                 f"{batches_per_epoch} batches expected): nothing was trained, nothing saved")
             train_loss = self._global_mean(loss_sum, loss_n)
             names = sorted(aux_sum)
             aux_means = dict(zip(names, self._global_sums([float(aux_sum[n]) for n in names]))) if names else {}
             aux_means = {k: v / max(loss_n, 1) for k, v in aux_means.items()}
             train_seconds = time.time() - t0
             samples = sum(sampler.global_size(j) for j in range(min(loss_n, batches_per_epoch)))
-            result = evaluate(self.raw, dev_beh, cfg, rt, desc="dev")
+            result = evaluate(self.raw, dev_beh, cfg, rt, desc="dev", tie_rank=tie_rank)
 
             # Decisions are rank 0's, broadcast: no rank ever acts on its own view.
             decision = None
@@ -765,7 +1049,8 @@ class Trainer:
                             "stop": bad >= cfg.early_stopping_epoch}
             decision = util.broadcast_object(decision, group=rt.wait_group)
             record = {"epoch": epoch, "train_loss": train_loss, "train_seconds": round(train_seconds, 2),
-                      "dev_seconds": round(result.seconds, 2), **result.metrics}
+                      "dev_seconds": round(result.seconds, 2), **result.metrics,
+                      **{k: result.ties[k] for k in ("tie_break", "tied_impressions", "nonfinite_scores")}}
             state.history.append(record)
             state.epoch, state.bad_epochs, state.stopped_early = epoch, decision["bad_epochs"], decision["stop"]
             if decision["improved"]:
@@ -786,12 +1071,14 @@ class Trainer:
                     save_checkpoint(checkpoint, self.raw, cfg, self.corpus.meta,
                                     {"epoch": epoch, "dev_metrics": result.metrics})
                 self._save_last(last, optimizer, scheduler, scaler, state, rng)
-                self.log(f"epoch {epoch}: loss {train_loss:.4f} ({train_seconds:.1f}s) | dev "
-                         f"{format_metrics(result.metrics)}{'  *best*' if decision['improved'] else ''}")
+                say(f"epoch {epoch}: loss {train_loss:.4f} ({train_seconds:.1f}s) | dev "
+                    f"{format_metrics(result.metrics)}{'  *best*' if decision['improved'] else ''}")
+                if format_ties(result.ties, "dev"):
+                    say(format_ties(result.ties, "dev"))
             util.barrier(rt.wait_group)  # checkpoints written before anyone goes on
             epoch_bar.set_postfix(best=f"{state.best:.4f}", best_epoch=state.best_epoch)
             if state.stopped_early:
-                self.log(f"early stopping: no dev improvement ({cfg.dev_criterion}) for {state.bad_epochs} epochs")
+                say(f"early stopping: no dev improvement ({cfg.dev_criterion}) for {state.bad_epochs} epochs")
         epoch_bar.close()
         if recorder is not None:
             recorder.close()

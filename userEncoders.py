@@ -65,6 +65,7 @@ class UserEncoder(nn.Module):
     name = "base"
     candidate_aware = False  # True: output depends on the candidates
     needs_category = False  # True: UserInputs carry history/candidate category ids (MINER)
+    reads_category_embedding = False  # True: reads the news encoder's `category_embedding` (MINER)
     compatible_news_encoders: tuple[str, ...] | None = None  # None = any news encoder
     uses_gcn = False  # True: --gcn_* flags (and their per-dataset suggestions) matter
     settings: tuple[type[Settings], ...] = ()  # settings classes whose flags the encoder reads (settings.py)
@@ -212,7 +213,8 @@ class MINERSettings(Settings):
     category_aware_lambda: float = setting(0.5, "MINER: initial value of the learnable category-bias weight",
                                            architecture=False)
     miner_aggregation: str = setting("weighted", "MINER: interest vectors -> score", choices=("weighted", "max", "mean"))
-    disagreement_beta: float = setting(0.8, "MINER: weight of the disagreement loss", architecture=False)
+    disagreement_beta: float = setting(0.8, "MINER: weight of the disagreement loss", architecture=False,
+                                       check=at_least(0))
     poly_attention_scale: str = setting("sqrt", "MINER: divide the poly-attention logits by sqrt(--context_code_dim) "
                                         "(sqrt, the MINER design) or not (none, as Li et al.'s code); see the README's "
                                         "MINER notes", choices=("sqrt", "none"))
@@ -232,6 +234,7 @@ class MINERUserEncoder(UserEncoder):
 
     candidate_aware = True
     needs_category = True
+    reads_category_embedding = True  # the news encoder's category embedding, when it has one (PLMMiner, NAML, ...)
     paper = "MINER (Li et al., ACL 2022)"
     attention_axes = {"interests": ("impression", "history", "candidate", "interest"),
                       "candidate": ("impression", "candidate", "interest")}

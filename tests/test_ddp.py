@@ -180,3 +180,39 @@ def test_amp_choice(monkeypatch):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with trainer.Runtime(device=cpu).autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def _pairings_with(news: str, extra: str = "") -> list[str]:
+    from model import check_pairing
+    from userEncoders import USER_ENCODERS
+
+    valid = []
+    for user in sorted(USER_ENCODERS):
+        try:
+            check_pairing(news, user)
+        except ValueError:
+            continue
+        valid.append(f"{news}-{user}" + (f":{extra}" if extra else ""))
+    return valid
+
+
+def test_pairings_with_a_parameter_used_only_sometimes_train_under_ddp(tmp_path):
+    """Every pairing of the two families where a trainable parameter could go without a gradient (found by one
+    forward/backward of every valid pairing and flag variant, listing parameters whose .grad stays None): PLMMiner's
+    category embedding, read only by the MINER user encoder, and DAE's decoder under --Alpha=0 (no reconstruction
+    loss). Each takes 2 DDP steps in one 2-process launch (DDP stops at step 2 on an unused parameter)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    plm = tmp_path / "tiny-bert"
+    BertModel(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=16, max_position_embeddings=16)).save_pretrained(plm)
+    pairings = _pairings_with("PLMMiner") + _pairings_with("DAE", "--Alpha=0")
+    assert {"PLMMiner-ATT", "PLMMiner-MHSA", "DAE-GRU:--Alpha=0"} <= set(pairings) and len(pairings) >= 20
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", "tests/ddp_pairings.py", str(plm), *pairings]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1"})
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert [line[3:] for line in proc.stdout.splitlines() if line.startswith("ok ")] == pairings

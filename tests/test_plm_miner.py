@@ -378,3 +378,40 @@ def test_model_records_the_frozen_layers_the_encoder_resolved(tiny_bert):
     model = Model(cfg, META, {"plm_ids": ids.numpy(), "plm_mask": mask.numpy()})
     assert model.news_encoder.frozen_layers == 2 and cfg.plm_frozen_layers == 2
     assert cfg.to_dict()["plm_frozen_layers"] == 2 and model.model_settings()["news"]["plm_frozen_layers"] == 2
+
+
+def test_frozen_layers_run_in_eval_mode_so_cache_and_no_cache_train_alike(tiny_bert):
+    """Dropout on (the PLM's own 0.1, --dropout_rate 0.2): in training mode the frozen bottom (embeddings + the
+    lowest --plm_frozen_layers) runs without dropout, as the cache computes it, so a model trained with
+    --no-plm_cache (or on the cache's fallback) is the model trained on the cache: same loss for the same seed."""
+    from dataset import Batch
+
+    cached, _ = _plm_model(tiny_bert, dropout_rate=0.2)
+    uncached, _ = _plm_model(tiny_bert, dropout_rate=0.2, plm_cache=False)
+    cached.build_frozen_cache(log=lambda *a: None)
+    uncached.build_frozen_cache(log=lambda *a: None)
+    assert cached.news_plm_hidden is not None and uncached.news_plm_hidden is None
+    for model in (cached, uncached):
+        model.train()
+        enc = model.news_encoder
+        assert enc.training and enc.plm.encoder.layer[2].training  # the trained top layer keeps its dropout
+        assert enc.frozen_modules() and not any(m.training for m in enc.frozen_modules())
+    enc = uncached.news_encoder
+    ids, mask = uncached.news_plm_ids[1:5].long(), uncached.news_plm_mask[1:5].long()
+    with torch.no_grad(), enc._layers(enc._all_layers[: enc.frozen_layers]):
+        first = enc.plm(input_ids=ids, attention_mask=mask).last_hidden_state
+        second = enc.plm(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(first, second)  # training mode, yet no dropout in the frozen part
+    batch = Batch(user=torch.tensor([1, 2]), history=torch.tensor([[1, 2, 0], [3, 4, 5]]),
+                  history_mask=torch.tensor([[True, True, False], [True, True, True]]),
+                  candidates=torch.tensor([[6, 7], [8, 1]]), candidate_mask=torch.ones(2, 2, dtype=torch.bool),
+                  target=torch.tensor([0, 1]))
+    losses = []
+    for model in (cached, uncached):
+        torch.manual_seed(7)  # the same dropout masks in the layers that train
+        losses.append(model(batch).loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=2e-3)  # the cache holds fp16 hidden states
+    cached.eval()  # and back: eval everywhere, train() again keeps the frozen bottom in eval mode
+    assert not any(m.training for m in cached.modules())
+    cached.train()
+    assert not any(m.training for m in cached.news_encoder.frozen_modules())
