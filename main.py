@@ -186,7 +186,7 @@ def train(config) -> dict[str, Any]:
         print_notes(config, suggestions=False)
         config = config_for_resume(config, ckpt, resume_path)
     else:
-        runs_base_dir(config.output_dir, config.dataset, config.model_name)  # unwritable: fail before loading data
+        runs_base_dir(config.output_dir, config.dataset, config.model_name, keep=False)  # unwritable: fail first
         print_notes(config)
     if config.resume == "auto" and resume_path is None:
         rank0_print(f"note: --resume auto: no run with a last.pt under {config.output_dir}/{config.dataset}/"

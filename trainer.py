@@ -389,10 +389,13 @@ def format_metrics(m: dict[str, Any]) -> str:
 # Checkpoints and run folders
 # ----------------------------------------------------------------------------------------------------------
 
-def runs_base_dir(output_dir: str, dataset: str, model_name: str) -> Path:
+def runs_base_dir(output_dir: str, dataset: str, model_name: str, keep: bool = True) -> Path:
     """`<output_dir>/<dataset>/<model>/`, created; a folder that cannot be created or written is a one-line error
-    naming it (checked before any data is read, so a long data load never ends on an unwritable --output_dir)."""
+    naming it (checked before any data is read, so a long data load never ends on an unwritable --output_dir).
+    `keep=False` only checks: the folders it had to create are removed again (a run that then fails on its data
+    leaves nothing behind)."""
     base = Path(output_dir) / dataset / model_name
+    missing = [p for p in (base, *base.parents) if not p.exists()]
     try:
         base.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=base, prefix=".write-test.", delete=True)
@@ -400,6 +403,12 @@ def runs_base_dir(output_dir: str, dataset: str, model_name: str) -> Path:
     except OSError as e:
         raise ValueError(f"--output_dir {output_dir}: cannot write run folders under {base} "
                          f"({e.strerror or type(e).__name__}); pass a writable folder") from None
+    if not keep:
+        for folder in missing:  # deepest first; only the empty folders made here
+            try:
+                folder.rmdir()
+            except OSError:
+                break
     return base
 
 

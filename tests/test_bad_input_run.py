@@ -224,8 +224,10 @@ def test_training_data_without_a_usable_sample_is_an_error_before_any_run_folder
     # every candidate clicked: no impression has a negative, so every sample is filtered out
     beh.write_text("".join("\t".join(r[:4] + [" ".join(c.rsplit("-", 1)[0] + "-1" for c in r[4].split())]) + "\n"
                            for r in rows))
-    with pytest.raises(ValueError, match=r"behaviors.tsv: no training sample: none of its 300 impressions has both "
-                                         r"a click and a negative \(300 without negatives"):
+    # the data layer refuses it while loading the corpus (MIND_corpus), before the trainer's own check
+    with pytest.raises(ValueError, match=r"behaviors.tsv: none of its 300 impressions has both a clicked and a "
+                                         r"non-clicked candidate known to news.tsv \(0 without clicks, 300 without "
+                                         r"negatives"):
         new_run(tmp_path, f"--data_dir={tmp_path / 'data'}")
     assert not list((tmp_path / "runs").rglob("#*"))
 
@@ -377,11 +379,16 @@ BAD_FLAGS = ["--lr=0", "--lr=-1e-4", "--plm_lr=0", "--num_workers=-1", "--batch_
              "--disagreement_beta=-0.5", "--word_threshold=-1", "--warmup_ratio=1", "--log_every=0"]
 
 
+# A component's settings are checked when the run uses that component (settings.py); main refuses them otherwise.
+COMPONENT_OF = {"--plm_lr": ["--news_encoder=PLMNRMS"], "--long_term_masking_probability": ["--user_encoder=LSTUR"],
+                "--cnn_window_size": ["--news_encoder=CNN"], "--disagreement_beta": ["--user_encoder=MINER"]}
+
+
 @pytest.mark.parametrize("flag", BAD_FLAGS)
 def test_out_of_range_flag_is_an_error_naming_it(flag):
     name = flag.split("=")[0]
     with pytest.raises(ValueError, match=f"invalid configuration:\n  {name} must be"):
-        Config.from_args([flag])
+        Config.from_args([flag, *COMPONENT_OF.get(name, [])])
 
 
 def test_bad_flag_fails_before_any_folder_is_made(tmp_path, capsys):

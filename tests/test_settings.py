@@ -155,12 +155,13 @@ def test_checkpoint_stores_the_model_settings_and_dev_refuses_a_contradicting_on
 
 def test_a_checkpoint_written_before_the_settings_classes_still_evaluates(tmp_path):
     """tests/data/checkpoint_before_settings: NRMS trained by the code before this change (1 epoch x 3 steps on the
-    tiny demo, flags in its config.json); dev mode rebuilds it and reproduces the dev metrics it logged."""
+    tiny demo, flags in its config.json); dev mode rebuilds it and reproduces the dev metrics it logged. Ties were
+    then broken by candidate position (the official scorer's order): --tie_break=position reproduces that."""
     run = tmp_path / "run"
     shutil.copytree(DATA / "checkpoint_before_settings", run)
     logged = json.loads((run / "dev_log.jsonl").read_text().splitlines()[-1])
     report = main(["--mode=dev", f"--dev_model_path={run / 'MHSA-MHSA'}", f"--data_dir={tmp_path / 'data'}",
-                   "--no-progress"])
+                   "--no-progress", "--tie_break=position"])
     for metric in ("auc", "mrr", "ndcg5", "ndcg10"):
         assert report["metrics"][metric] == pytest.approx(logged[metric], abs=1e-6), metric
 
