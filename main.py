@@ -321,6 +321,7 @@ def explain(config: Config) -> dict[str, Any]:
     cfg = config_for_checkpoint(config, ckpt, path)
     cfg.device = "cpu" if "device" not in config.explicit else cfg.device  # one impression: no GPU needed
     runtime = setup_runtime(cfg)
+    follow_progress_flag(cfg)
     corpus = load_corpus(cfg)
     check_corpus(ckpt, corpus, path)
     model = Model(cfg, corpus.meta, corpus.news)
