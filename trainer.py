@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+import significance
 import util
 from dataset import EvalDataset, TrainDataset
 
@@ -194,6 +195,8 @@ class EvalResult:
     labels: np.ndarray  # flat int8 (-1 = unlabelled)
     impression_ids: np.ndarray  # [I]
     seconds: float = 0.0
+    # util.per_impression_metrics of the scored impressions (rank 0 of a labelled split; None otherwise)
+    per_impression: dict[str, Any] | None = None
 
 
 def _sum_over_ranks(t: torch.Tensor, rt: Runtime, to_main_only: bool = False) -> torch.Tensor:
@@ -273,29 +276,60 @@ def evaluate(model: nn.Module, beh: dict[str, Any], config, runtime: Runtime, de
     # Every candidate belongs to exactly one rank's batches: the sum puts each rank's ranks in place.
     ranks = _sum_over_ranks(torch.from_numpy(ranks), rt, to_main_only=True).cpu().numpy()
     labels = np.asarray(beh["labels"])
-    metrics = metrics_from_ranks(ranks, labels, offsets) if rt.is_main else None
+    per = per_impression_from_ranks(ranks, labels, offsets) if rt.is_main else None
+    metrics = metrics_of(per) if rt.is_main else None
     metrics = util.broadcast_object(metrics, group=rt.wait_group)  # rank 0 may take a while: long timeout
     return EvalResult(metrics, ranks if rt.is_main else None, offsets, labels, np.asarray(beh["impression_ids"]),
-                      time.time() - t0)
+                      time.time() - t0, per)
+
+
+def per_impression_from_ranks(ranks: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> dict[str, Any] | None:
+    """`util.per_impression_metrics` on score = 1/rank, exactly what a submission is scored on; None when the
+    split has no labels (MIND-large test)."""
+    if len(labels) and (labels < 0).all():
+        return None
+    return util.per_impression_metrics(1.0 / ranks.astype(np.float64), labels.astype(np.int64), offsets)
 
 
 def metrics_from_ranks(ranks: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
     """Official-scorer metrics computed on score = 1/rank, exactly what a submission is scored on."""
-    if len(labels) and (labels < 0).all():
-        return {"labelled": False}
-    metrics = util.compute_metrics_flat(1.0 / ranks.astype(np.float64), labels.astype(np.int64), offsets)
-    metrics["labelled"] = True
-    return metrics
+    return metrics_of(per_impression_from_ranks(ranks, labels, offsets))
 
 
-def popularity_result(train_beh: dict[str, Any], beh: dict[str, Any], news_num: int) -> dict[str, Any]:
-    """The popularity baseline: score a candidate by its click count in train (impressions as tie-break)."""
+def metrics_of(per: dict[str, Any] | None) -> dict[str, Any]:
+    """The metrics dict of an evaluation from its per-impression metrics (None: an unlabelled split)."""
+    return {"labelled": False} if per is None else {**util.mean_metrics(per), "labelled": True}
+
+
+def popularity_per_impression(train_beh: dict[str, Any], beh: dict[str, Any], news_num: int) -> dict[str, Any]:
+    """The popularity baseline per impression (`util.per_impression_metrics`): a candidate scores its click count
+    in train (impressions as tie-break)."""
     cands, labels = np.asarray(train_beh["candidates"]), np.asarray(train_beh["labels"])
     clicks = np.bincount(cands, weights=labels == 1, minlength=news_num)
     shown = np.bincount(cands, minlength=news_num)
     score = clicks + shown * 1e-6
     flat = score[np.asarray(beh["candidates"])]
-    return util.compute_metrics_flat(flat, np.asarray(beh["labels"]).astype(np.int64), np.asarray(beh["offsets"]))
+    return util.per_impression_metrics(flat, np.asarray(beh["labels"]).astype(np.int64), np.asarray(beh["offsets"]))
+
+
+def popularity_result(train_beh: dict[str, Any], beh: dict[str, Any], news_num: int) -> dict[str, Any]:
+    """The popularity baseline's metrics (means of `popularity_per_impression`)."""
+    return util.mean_metrics(popularity_per_impression(train_beh, beh, news_num))
+
+
+def write_records(folder: Path, per: dict[str, Any] | None, popularity: dict[str, Any] | None, beh: dict[str, Any],
+                  meta: dict[str, Any]) -> list[Path]:
+    """Write the per-impression records of a split (`significance.write_per_impression`) into `folder`: the
+    model's (`per`) as per_impression.npz, the popularity baseline's as per_impression_popularity.npz (model
+    "popularity"); either may be None. `meta` says what was scored (model, run, seed, split, ...)."""
+    written = []
+    for name, values, extra in ((significance.PER_IMPRESSION, per, {}),
+                                (significance.POPULARITY, popularity,
+                                 {"model": "popularity", "run": None, "seed": None, "epoch": None, "checkpoint": None})):
+        if values is not None:
+            written.append(significance.write_per_impression(folder / name, values, beh["impression_ids"],
+                                                             beh["offsets"], beh["labels"], {**meta, **extra}))
+    return written
 
 
 def format_metrics(m: dict[str, Any]) -> str:
@@ -646,8 +680,8 @@ class Trainer:
             self.log(f"train: {len(data)} samples; skipped {data.skipped_no_negative} impressions without "
                      f"negatives and {data.skipped_no_click} without clicks")
         if rt.is_main:
-            pop = popularity_result(train_beh, dev_beh, self.raw.news_num)
-            self.log(f"popularity baseline, dev: {format_metrics(pop)}")
+            pop = popularity_per_impression(train_beh, dev_beh, self.raw.news_num)
+            self.log(f"popularity baseline, dev: {format_metrics(util.mean_metrics(pop))}")
 
         sampler = GlobalBatchSampler(len(data), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
         batches_per_epoch = len(sampler)
@@ -671,6 +705,9 @@ class Trainer:
         recorder = None
         if rt.is_main:
             (run_dir / "config.json").write_text(cfg.to_json())
+            # Per-impression records for --mode=compare, where --mode=dev writes them too: <run>/dev/.
+            record_meta = {"split": "dev", "dataset": cfg.dataset, "corpus": str(self.corpus.root)}
+            write_records(run_dir / "dev", None, pop, dev_beh, record_meta)
             recorder = util.RunRecorder(run_dir, cfg.tensorboard, log=self.log,
                                         resumed_step=state.step if self.resume is not None else None)
             recorder.write_environment(util.environment_info(rt.device, rt.world_size, rt.amp))
@@ -783,6 +820,9 @@ class Trainer:
                 if decision["improved"]:
                     save_checkpoint(checkpoint, self.raw, cfg, self.corpus.meta,
                                     {"epoch": epoch, "dev_metrics": result.metrics})
+                    write_records(run_dir / "dev", result.per_impression, None, dev_beh,
+                                  {**record_meta, "model": cfg.model_name, "run": run_dir.name, "seed": cfg.seed,
+                                   "epoch": epoch, "checkpoint": str(checkpoint), "written_by": "training"})
                 self._save_last(last, optimizer, scheduler, scaler, state, rng)
                 self.log(f"epoch {epoch}: loss {train_loss:.4f} ({train_seconds:.1f}s) | dev "
                          f"{format_metrics(result.metrics)}{'  *best*' if decision['improved'] else ''}")
