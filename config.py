@@ -95,13 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="dev", choices=["dev", "test"],
                    help="which split's records to read from run folders and checkpoints")
     g.add_argument("--all_pairs", action=BOOL, default=False,
-                   help="compare every pair of runs (default: each run against the first)")
+                   help="compare every pair of runs instead of each run against the first")
     g.add_argument("--resamples", type=int, default=10_000,
                    help="paired-bootstrap resamples (interval) and sign-flip permutations (p-value), each; seeded by "
                         "--seed")
     g.add_argument("--compare_output", default=None,
-                   help="folder for compare.md and compare.tsv (default <output_dir>/<dataset>/compare/<time>/); "
-                        "an existing table there is never overwritten")
+                   help="folder for compare.md and compare.tsv, refused if it holds them already; unset: a new "
+                        "<output_dir>/<dataset>/compare/<YYYYmmdd-HHMMSS>/")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="demo", choices=DATASETS, help="MIND protocol (REFERENCE.md §1) or the generated demo")
