@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from model import CLICK_PREDICTORS, all_components, flag_owners, model_components
+from model import CLICK_PREDICTORS, all_components, flag_owners
 from newsEncoders import NEWS_ENCODERS, OFFLINE_MINILM
 from settings import Settings, SharedDims, component_settings, int_list
 from userEncoders import USER_ENCODERS
@@ -19,7 +19,7 @@ from userEncoders import USER_ENCODERS
 DATASETS = ("demo", "small", "200k", "large")
 # Keys of a saved config.json that --config_file does not take: re-running a run starts a new one.
 FILE_IGNORED = ("config_file", "resume", "seeds")
-MODES = ("train", "dev", "test", "aggregate", "explain")
+MODES = ("train", "dev", "test", "aggregate", "explain", "compare")
 CRITERIA = ("auc", "mrr", "ndcg5", "ndcg10", "avg")
 TIE_BREAKS = ("popularity", "position")
 
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--mode", default="train", choices=MODES,
                    help="train a model, evaluate a checkpoint on dev/test, aggregate: mean ± std of every model's runs "
-                        "under --output_dir, or explain: a picture of what a checkpoint attends to in one dev impression")
+                        "under --output_dir, explain: a picture of what a checkpoint attends to in one dev impression, "
+                        "or compare: paired significance tests between runs (--runs)")
     g.add_argument("--config_file", default=None,
                    help="a saved run's config.json: its values replace the defaults, flags typed on the command line "
                         "override them (printed); re-runs a run exactly")
@@ -89,6 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--mode=explain: PNG path (default <checkpoint folder>/explain/impression-<ID>.png)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--output_dir", default="best_model", help="root folder of runs: <output_dir>/<dataset>/<news>-<user>/#<run>/")
+
+    g = p.add_argument_group("compare", "--mode=compare: paired tests over the impressions runs scored in common "
+                             "(the per-impression records that training, --mode=dev and --mode=test write)")
+    g.add_argument("--runs", nargs="+", default=None, metavar="PATH",
+                   help="runs to compare, the first is the reference: a run folder, a checkpoint, a per_impression.npz "
+                        "file, or popularity:PATH for the popularity baseline stored beside that run")
+    g.add_argument("--split", default="dev", choices=["dev", "test"],
+                   help="which split's records to read from run folders and checkpoints")
+    g.add_argument("--all_pairs", action=BOOL, default=False,
+                   help="compare every pair of runs instead of each run against the first")
+    g.add_argument("--resamples", type=int, default=10_000,
+                   help="paired-bootstrap resamples (interval) and sign-flip permutations (p-value), each; seeded by "
+                        "--seed")
+    g.add_argument("--compare_output", default=None,
+                   help="folder for compare.md and compare.tsv, refused if it holds them already; unset: a new "
+                        "<output_dir>/<dataset>/compare/<YYYYmmdd-HHMMSS>/")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="demo", choices=DATASETS, help="MIND protocol (docs/MIND.md §2) or the generated demo")
@@ -296,6 +313,13 @@ class Config:
                 errors.append("--seeds starts new runs: it cannot be combined with --resume")
             if len(set(self.seeds)) != len(self.seeds):
                 errors.append(f"--seeds has repeated values: {self.seeds}")
+        if self.mode == "compare" and (not self.runs or len(self.runs) < 2):
+            errors.append("--mode=compare needs --runs with at least two runs (run folders, checkpoints or "
+                          "per_impression.npz files; popularity:PATH for the popularity baseline)")
+        if self.runs and self.mode != "compare":
+            errors.append("--runs lists the runs of --mode=compare: use it with --mode=compare")
+        if self.resamples < 1:
+            errors.append(f"--resamples must be >= 1, got {self.resamples}")
         if self.log_every < 1:
             errors.append(f"--log_every must be >= 1, got {self.log_every}")
         if errors:

@@ -1,4 +1,5 @@
-"""Entry point: `python main.py --mode={train,dev,test} ...` (see README). `main(argv)` is what tests call."""
+"""Entry point: `python main.py --mode={train,dev,test,aggregate,explain,compare} ...` (see README). `main(argv)` is
+what tests call."""
 from __future__ import annotations
 
 import json
@@ -10,14 +11,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+import significance
 import util
 from config import Config, architecture_flags
 from MIND_corpus import Corpus, CorpusError
 from model import Model, check_pairing
 from newsEncoders import get_news_encoder, resolve_plm_path
 from trainer import (EvalResult, RunLock, Trainer, TrainingInterrupted, evaluate, format_metrics, format_ties,
-                     load_checkpoint, load_state, load_training_state, resolve_checkpoint_path, resolve_resume,
-                     runs_base_dir, setup_runtime, shutdown_runtime, tie_rank_for)
+                     load_checkpoint, load_state, load_training_state, popularity_per_impression,
+                     resolve_checkpoint_path, resolve_resume, runs_base_dir, setup_runtime, shutdown_runtime,
+                     tie_rank_for, write_records)
 
 # Flags a user may change when evaluating a checkpoint (they do not change the model or the corpus arrays).
 EVAL_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_workers", "progress", "seed", "mode",
@@ -260,13 +263,27 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
             util.write_truth(out_dir / "truth.txt", result.impression_ids.tolist(),
                              [lab.tolist() for lab in labels_list])
             report["truth"] = str(out_dir / "truth.txt")
+        pop = None
+        if result.per_impression is not None:  # per-impression records for --mode=compare
+            pop = popularity_per_impression(corpus.behaviors("train"), beh, model.news_num)
+            report["popularity_metrics"] = util.mean_metrics(pop)
+            meta = {"split": split, "dataset": cfg.dataset, "corpus": str(corpus.root), "model": cfg.model_name,
+                    "run": Path(path).parent.name, "seed": cfg.seed, "epoch": ckpt.get("epoch"),
+                    "checkpoint": str(path), "written_by": f"--mode={split}"}
+            written = write_records(out_dir, result.per_impression, pop, beh, meta)
+            report["per_impression"], report["per_impression_popularity"] = map(str, written)
         (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
         print(f"{split} ({cfg.model_name}, {corpus.root / split}): {format_metrics(result.metrics)}")
         if format_ties(result.ties, split):
             print(format_ties(result.ties, split))
+        if pop is not None:
+            print(f"popularity baseline, {split}: {format_metrics(report['popularity_metrics'])}")
+        else:
+            print(f"note: the {split} split has no labels: no per-impression metrics written (--mode=compare needs "
+                  f"labelled impressions)")
         if "prediction" in report:
             print(f"wrote {out_dir / 'prediction.txt'} and {report['prediction']} (the file to upload)")
-        for key in ("ranking", "truth"):
+        for key in ("ranking", "truth", "per_impression", "per_impression_popularity"):
             if key in report:
                 print(f"wrote {report[key]}")
     shutdown_runtime(runtime)  # its barrier keeps the other ranks until the files are written
@@ -283,16 +300,44 @@ def aggregate(config: Config) -> dict[str, Any]:
         raise FileNotFoundError(f"no finished run (a run folder with config.json and dev_log.jsonl) under "
                                 f"{Path(config.output_dir) / (dataset or '')}; train with --mode=train first")
     markdown, tsv = util.aggregate_runs(records)
+    paired_md, paired_tsv, notes = significance.seed_differences(records)
+    if paired_md:
+        markdown += "\n\nPaired by seed (B − A over the seeds both models were trained with, in percentage points):\n\n" \
+            + paired_md
     out = Path(config.output_dir) / (dataset or "")
     util.write_lines_atomic(out / "aggregate.md", markdown.splitlines())
     util.write_lines_atomic(out / "aggregate.tsv", tsv.splitlines())
+    written = [out / "aggregate.md", out / "aggregate.tsv"]
+    if paired_tsv:
+        util.write_lines_atomic(out / "aggregate_paired.tsv", paired_tsv.splitlines())
+        written.append(out / "aggregate_paired.tsv")
     print(markdown)
+    for note in notes:
+        print(f"note: {note}")
     incomplete = [r["incomplete"] for r in records if "incomplete" in r]
     if incomplete:
         print(f"\n{len(incomplete)} run folder(s) without a finished epoch, left out: {', '.join(incomplete)}")
-    print(f"\nmetrics in %, mean ± sample std over runs (best dev epoch of each run by its --dev_criterion; "
-          f"test where every run has labelled test metrics); wrote {out / 'aggregate.md'} and {out / 'aggregate.tsv'}")
-    return {"records": records, "markdown": markdown, "tsv": tsv}
+    print(f"\nmetrics in %, mean ± sample std over runs [95% confidence interval of the mean, t-distribution] (best "
+          f"dev epoch of each run by its --dev_criterion; test where every run has labelled test metrics); wrote "
+          + ", ".join(map(str, written)))
+    return {"records": records, "markdown": markdown, "tsv": tsv, "paired_tsv": paired_tsv}
+
+
+def compare(config: Config) -> dict[str, Any]:
+    """`--mode=compare`: paired tests between runs on the impressions they all scored (significance.py); printed
+    as markdown, written as compare.md and compare.tsv."""
+    import time
+
+    runs = significance.load_runs(config.runs, config.split)
+    rows = significance.compare_runs(runs, config.all_pairs, config.resamples, config.seed)
+    markdown, tsv = significance.compare_tables(runs, rows, config.resamples, config.seed)
+    out = significance.output_folder(config.compare_output, config.output_dir, runs[0].meta.get("dataset", "unknown"),
+                                     time.strftime("%Y%m%d-%H%M%S"))
+    util.write_lines_atomic(out / "compare.md", markdown.splitlines())
+    util.write_lines_atomic(out / "compare.tsv", tsv.splitlines())
+    print(markdown)
+    print(f"\nwrote {out / 'compare.md'} and {out / 'compare.tsv'}")
+    return {"runs": runs, "rows": rows, "markdown": markdown, "tsv": tsv, "folder": str(out)}
 
 
 def train_seeds(config: Config) -> dict[str, Any]:
@@ -364,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = Config.from_args(argv, file_values=file_values, file_name=file_name or "the config file")
     if config.mode == "aggregate":
         return aggregate(config)
+    if config.mode == "compare":
+        return compare(config)
     if config.mode == "train":  # dev/test take their settings from the checkpoint: suggestions do not apply
         # Pairing rules before any data is read: a wrong pairing fails in a second, not after the corpus loads.
         check_pairing(config.news_encoder, config.user_encoder, config.click_predictor, config)
@@ -394,7 +441,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
         if rank == 0:
             print("interrupted", file=sys.stderr)
         return 130
-    except (CorpusError, FileNotFoundError, ValueError, ImportError) as e:
+    except (CorpusError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         # A user mistake (bad file, wrong path, conflicting flags) gets its message, not a traceback.
         print(f"error{f' (rank {rank})' if world_size > 1 else ''}: {e}", file=sys.stderr)
         return 2

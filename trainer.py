@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+import significance
 import util
 from dataset import EvalDataset, TrainDataset
 
@@ -220,6 +221,8 @@ class EvalResult:
     seconds: float = 0.0
     # tie_break (popularity | position), tied_impressions, nonfinite_scores, nonfinite_impressions (up to 5 ids)
     ties: dict[str, Any] = field(default_factory=dict)
+    # util.per_impression_metrics of the scored impressions (rank 0 of a labelled split; None otherwise)
+    per_impression: dict[str, Any] | None = None
 
 
 def _sum_over_ranks(t: torch.Tensor, rt: Runtime, to_main_only: bool = False) -> torch.Tensor:
@@ -312,16 +315,17 @@ def evaluate(model: nn.Module, beh: dict[str, Any], config, runtime: Runtime, de
     counts = _sum_over_ranks(torch.from_numpy(counts), rt, to_main_only=True).cpu().numpy()
     ranks, tied, nonfinite = counts[:len(cands)], counts[len(cands):len(cands) + n_imp], counts[len(cands) + n_imp:]
     labels = np.asarray(beh["labels"])
-    ties = None
+    ties, per = None, None
     if rt.is_main:
         ids = np.asarray(beh["impression_ids"])
         ties = {"tie_break": "popularity" if tie_rank is not None else "position",
                 "tied_impressions": int((tied > 0).sum()), "nonfinite_scores": int(nonfinite.sum()),
                 "nonfinite_impressions": [str(i) for i in ids[nonfinite > 0][:5]]}
-    metrics = metrics_from_ranks(ranks, labels, offsets) if rt.is_main else None
+        per = per_impression_from_ranks(ranks, labels, offsets)
+    metrics = metrics_of(per) if rt.is_main else None
     metrics, ties = util.broadcast_object((metrics, ties), group=rt.wait_group)  # rank 0 may take a while
     return EvalResult(metrics, ranks if rt.is_main else None, offsets, labels, np.asarray(beh["impression_ids"]),
-                      time.time() - t0, ties)
+                      time.time() - t0, ties, per)
 
 
 def format_ties(ties: dict[str, Any], split: str) -> str:
@@ -337,13 +341,22 @@ def format_ties(ties: dict[str, Any], split: str) -> str:
     return f"{split}: " + "; ".join(parts) if parts else ""
 
 
+def per_impression_from_ranks(ranks: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> dict[str, Any] | None:
+    """`util.per_impression_metrics` on score = 1/rank, exactly what a submission is scored on; None when the
+    split has no labels (MIND-large test)."""
+    if len(labels) and (labels < 0).all():
+        return None
+    return util.per_impression_metrics(1.0 / ranks.astype(np.float64), labels.astype(np.int64), offsets)
+
+
 def metrics_from_ranks(ranks: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
     """Official-scorer metrics computed on score = 1/rank, exactly what a submission is scored on."""
-    if len(labels) and (labels < 0).all():
-        return {"labelled": False}
-    metrics = util.compute_metrics_flat(1.0 / ranks.astype(np.float64), labels.astype(np.int64), offsets)
-    metrics["labelled"] = True
-    return metrics
+    return metrics_of(per_impression_from_ranks(ranks, labels, offsets))
+
+
+def metrics_of(per: dict[str, Any] | None) -> dict[str, Any]:
+    """The metrics dict of an evaluation from its per-impression metrics (None: an unlabelled split)."""
+    return {"labelled": False} if per is None else {**util.mean_metrics(per), "labelled": True}
 
 
 def train_popularity(train_beh: dict[str, Any], news_num: int) -> tuple[np.ndarray, np.ndarray]:
@@ -352,12 +365,33 @@ def train_popularity(train_beh: dict[str, Any], news_num: int) -> tuple[np.ndarr
     return np.bincount(cands, weights=labels == 1, minlength=news_num), np.bincount(cands, minlength=news_num)
 
 
-def popularity_result(train_beh: dict[str, Any], beh: dict[str, Any], news_num: int) -> dict[str, Any]:
-    """The popularity baseline: score a candidate by its click count in train (impressions as tie-break)."""
+def popularity_per_impression(train_beh: dict[str, Any], beh: dict[str, Any], news_num: int) -> dict[str, Any]:
+    """The popularity baseline per impression (`util.per_impression_metrics`): a candidate scores its click count
+    in train (impressions as tie-break)."""
     clicks, shown = train_popularity(train_beh, news_num)
     score = clicks + shown * 1e-6
     flat = score[np.asarray(beh["candidates"])]
-    return util.compute_metrics_flat(flat, np.asarray(beh["labels"]).astype(np.int64), np.asarray(beh["offsets"]))
+    return util.per_impression_metrics(flat, np.asarray(beh["labels"]).astype(np.int64), np.asarray(beh["offsets"]))
+
+
+def popularity_result(train_beh: dict[str, Any], beh: dict[str, Any], news_num: int) -> dict[str, Any]:
+    """The popularity baseline's metrics (means of `popularity_per_impression`)."""
+    return util.mean_metrics(popularity_per_impression(train_beh, beh, news_num))
+
+
+def write_records(folder: Path, per: dict[str, Any] | None, popularity: dict[str, Any] | None, beh: dict[str, Any],
+                  meta: dict[str, Any]) -> list[Path]:
+    """Write the per-impression records of a split (`significance.write_per_impression`) into `folder`: the
+    model's (`per`) as per_impression.npz, the popularity baseline's as per_impression_popularity.npz (model
+    "popularity"); either may be None. `meta` says what was scored (model, run, seed, split, ...)."""
+    written = []
+    for name, values, extra in ((significance.PER_IMPRESSION, per, {}),
+                                (significance.POPULARITY, popularity,
+                                 {"model": "popularity", "run": None, "seed": None, "epoch": None, "checkpoint": None})):
+        if values is not None:
+            written.append(significance.write_per_impression(folder / name, values, beh["impression_ids"],
+                                                             beh["offsets"], beh["labels"], {**meta, **extra}))
+    return written
 
 
 def popularity_rank(train_beh: dict[str, Any], news_num: int) -> np.ndarray:
@@ -933,8 +967,8 @@ class Trainer:
                              f"with '<NewsID>-1' and '<NewsID>-0' candidates")
         tie_rank = tie_rank_for(cfg, train_beh, self.raw.news_num)
         if rt.is_main:
-            pop = popularity_result(train_beh, dev_beh, self.raw.news_num)
-            self.log(f"popularity baseline, dev: {format_metrics(pop)}")
+            pop = popularity_per_impression(train_beh, dev_beh, self.raw.news_num)
+            self.log(f"popularity baseline, dev: {format_metrics(util.mean_metrics(pop))}")
 
         sampler = GlobalBatchSampler(len(data), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
         batches_per_epoch = len(sampler)
@@ -959,6 +993,9 @@ class Trainer:
         recorder = None
         if rt.is_main:
             (run_dir / "config.json").write_text(cfg.to_json())
+            # Per-impression records for --mode=compare, where --mode=dev writes them too: <run>/dev/.
+            record_meta = {"split": "dev", "dataset": cfg.dataset, "corpus": str(self.corpus.root)}
+            write_records(run_dir / "dev", None, pop, dev_beh, record_meta)
             recorder = util.RunRecorder(run_dir, cfg.tensorboard, log=self.log,
                                         resumed_step=state.step if self.resume is not None else None)
             recorder.write_environment(util.environment_info(rt.device, rt.world_size, rt.amp))
@@ -1079,6 +1116,9 @@ class Trainer:
                 if decision["improved"]:
                     save_checkpoint(checkpoint, self.raw, cfg, self.corpus.meta,
                                     {"epoch": epoch, "dev_metrics": result.metrics})
+                    write_records(run_dir / "dev", result.per_impression, None, dev_beh,
+                                  {**record_meta, "model": cfg.model_name, "run": run_dir.name, "seed": cfg.seed,
+                                   "epoch": epoch, "checkpoint": str(checkpoint), "written_by": "training"})
                 self._save_last(last, optimizer, scheduler, scaler, state, rng)
                 say(f"epoch {epoch}: loss {train_loss:.4f} ({train_seconds:.1f}s) | dev "
                     f"{format_metrics(result.metrics)}{'  *best*' if decision['improved'] else ''}")

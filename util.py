@@ -96,16 +96,16 @@ def _group_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarr
     return out
 
 
-def compute_metrics_flat(scores: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> dict:
-    """Official metrics from flat arrays: impression i is `[offsets[i], offsets[i+1])`.
+def per_impression_metrics(scores: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> dict:
+    """Official metrics of each impression, from flat arrays: impression i is `[offsets[i], offsets[i+1])`.
 
     Args:
         scores: [N] float, higher = better.
         labels: [N] 0/1.
         offsets: [I+1] int, offsets[0] = 0, non-decreasing, offsets[-1] = N.
     Returns:
-        {auc, mrr, ndcg5, ndcg10 (means over scored impressions, NaN if none), impressions (scored),
-         skipped_single_class, skipped_empty}.
+        {index: [S] int64, the positions (0..I-1, ascending) of the S scored impressions; auc, mrr, ndcg5,
+         ndcg10: [S] float64, their metrics; skipped_single_class, skipped_empty: counts}.
     Impressions are grouped by candidate count and each group is scored as one 2-D array.
     """
     scores = np.asarray(scores, dtype=np.float64).ravel()
@@ -125,18 +125,38 @@ def compute_metrics_flat(scores: np.ndarray, labels: np.ndarray, offsets: np.nda
     clicks = csum[offsets[1:]] - csum[offsets[:-1]]
     empty = sizes == 0
     two_class = ~empty & (clicks > 0) & (clicks < sizes)
-    totals = dict.fromkeys(METRIC_KEYS, 0.0)
+    index = np.flatnonzero(two_class)
+    out: dict = {"index": index, **{k: np.zeros(len(index)) for k in METRIC_KEYS}}
     for n in np.unique(sizes[two_class]):
         rows = np.flatnonzero(two_class & (sizes == n))
+        at = np.searchsorted(index, rows)  # where these impressions sit among the scored ones
         idx = offsets[rows, None] + np.arange(n)  # [G, n]
         for key, values in _group_metrics(scores[idx], labels[idx]).items():
-            totals[key] += float(values.sum())
-    count = int(two_class.sum())
-    result: dict = {k: (totals[k] / count if count else float("nan")) for k in METRIC_KEYS}
+            out[key][at] = values
+    out["skipped_single_class"] = int((~empty & ~two_class).sum())
+    out["skipped_empty"] = int(empty.sum())
+    return out
+
+
+def mean_metrics(per_impression: Mapping) -> dict:
+    """`per_impression_metrics`' result -> {auc, mrr, ndcg5, ndcg10 (means, NaN if none scored), impressions,
+    skipped_single_class, skipped_empty}."""
+    count = len(per_impression["index"])
+    result: dict = {k: (float(per_impression[k].sum()) / count if count else float("nan")) for k in METRIC_KEYS}
     result["impressions"] = count
-    result["skipped_single_class"] = int((~empty & ~two_class).sum())
-    result["skipped_empty"] = int(empty.sum())
+    result["skipped_single_class"] = per_impression["skipped_single_class"]
+    result["skipped_empty"] = per_impression["skipped_empty"]
     return result
+
+
+def compute_metrics_flat(scores: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> dict:
+    """Official metrics from flat arrays (see `per_impression_metrics` for the arguments).
+
+    Returns:
+        {auc, mrr, ndcg5, ndcg10 (means over scored impressions, NaN if none), impressions (scored),
+         skipped_single_class, skipped_empty}.
+    """
+    return mean_metrics(per_impression_metrics(scores, labels, offsets))
 
 
 def compute_metrics(scores_list: Sequence[Sequence[float]], labels_list: Sequence[Sequence[int]]) -> dict:
@@ -928,10 +948,25 @@ def collect_runs(output_dir, dataset: str | None = None) -> list[dict]:
     return records if not incomplete else records + [{"incomplete": r} for r in incomplete]
 
 
+def t_interval(values, confidence: float = 0.95) -> tuple[float, float]:
+    """Confidence interval of the mean of `values` (e.g. one model's runs over seeds): mean ± t * s / sqrt(n),
+    t the `(1 + confidence) / 2` quantile of Student's t with n - 1 degrees of freedom (scipy.stats.t), s the
+    sample std. (nan, nan) for fewer than two values."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf((1 + confidence) / 2, n - 1) * values.std(ddof=1) / np.sqrt(n)
+    return float(values.mean() - half), float(values.mean() + half)
+
+
 def aggregate_runs(records: Sequence[Mapping]) -> tuple[str, str]:
     """Records of `collect_runs` -> (markdown, tsv): per dataset and model, the number of runs and mean ± std
     (sample std, ddof=1; 0 for a single run) of each dev metric, and of each test metric where every run has
-    one. Metrics in percent, as in papers."""
+    one, with the 95% t-interval of the mean over runs (`t_interval`) where there are two runs or more. Metrics
+    in percent, as in papers."""
     groups: dict[tuple[str, str], list[Mapping]] = {}
     for r in records:
         if "incomplete" not in r:
@@ -941,18 +976,20 @@ def aggregate_runs(records: Sequence[Mapping]) -> tuple[str, str]:
     names = {"auc": "AUC", "mrr": "MRR", "ndcg5": "nDCG@5", "ndcg10": "nDCG@10"}
     head = [f"{s} {names[k]}" for s in splits for k in METRIC_KEYS]
     md = ["| dataset | model | runs | seeds | " + " | ".join(head) + " |", "|---" * (4 + len(head)) + "|"]
-    tsv = ["dataset\tmodel\truns\tseeds\t" + "\t".join(f"{c}_mean\t{c}_std" for c in cols)]
+    tsv = ["dataset\tmodel\truns\tseeds\t" + "\t".join(f"{c}_mean\t{c}_std\t{c}_ci_low\t{c}_ci_high" for c in cols)]
     for (ds, model), runs in sorted(groups.items()):
         cells_md, cells_tsv = [], []
         for c in cols:
             values = np.array([r[c] for r in runs if c in r], dtype=np.float64) * 100
             if len(values) < len(runs):  # a metric some runs lack is not averaged over the others
                 cells_md.append("—")
-                cells_tsv.append("\t")
+                cells_tsv.append("\t\t\t")
                 continue
             mean, std = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
-            cells_md.append(f"{mean:.2f} ± {std:.2f}")
-            cells_tsv.append(f"{mean:.6f}\t{std:.6f}")
+            low, high = t_interval(values)
+            ci = len(values) > 1
+            cells_md.append(f"{mean:.2f} ± {std:.2f}" + (f" [{low:.2f}, {high:.2f}]" if ci else ""))
+            cells_tsv.append(f"{mean:.6f}\t{std:.6f}\t" + (f"{low:.6f}\t{high:.6f}" if ci else "\t"))
         seeds = ",".join(str(r.get("seed")) for r in runs)
         md.append(f"| {ds} | {model} | {len(runs)} | {seeds} | " + " | ".join(cells_md) + " |")
         tsv.append(f"{ds}\t{model}\t{len(runs)}\t{seeds}\t" + "\t".join(cells_tsv))

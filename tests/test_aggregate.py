@@ -1,4 +1,4 @@
-"""The results aggregator (`python main.py --mode=aggregate`): mean ± std per model over runs."""
+"""The results aggregator (`python main.py --mode=aggregate`): mean ± std and 95% interval per model over runs."""
 from __future__ import annotations
 
 import json
@@ -43,7 +43,12 @@ def test_best_epoch_by_each_runs_criterion_then_mean_and_sample_std(tmp_path):
     assert float(nrms["dev_mrr_mean"]) == pytest.approx(20.0)
     naml = dict(zip(header, rows["NAML-ATT"]))
     assert naml["runs"] == "1" and float(naml["dev_auc_std"]) == 0.0
-    assert "| demo | MHSA-MHSA | 2 | 0,1 | 64.00 ± 2.83 |" in md
+    # 95% t-interval of the mean: 64 ± t(0.975, 1) * 2.83 / sqrt(2) = 64 ± 12.706 * 2
+    assert float(nrms["dev_auc_ci_low"]) == pytest.approx(64.0 - 12.7062047 * 2.0)
+    assert float(nrms["dev_auc_ci_high"]) == pytest.approx(64.0 + 12.7062047 * 2.0)
+    assert naml["dev_auc_ci_low"] == "" and naml["dev_auc_ci_high"] == ""  # one run: no interval
+    assert "| demo | MHSA-MHSA | 2 | 0,1 | 64.00 ± 2.83 [38.59, 89.41] |" in md
+    assert "| demo | NAML-ATT | 1 | 0 | 70.00 ± 0.00 |" in md
 
 
 def test_test_metrics_only_where_every_run_has_them_and_incomplete_runs_are_listed(tmp_path):
@@ -69,7 +74,7 @@ def test_main_aggregate_mode_prints_and_writes_tables(tmp_path, capsys):
     fake_run(tmp_path, "demo", "MHSA-MHSA", 2, 1, [m(.64, .24, .34, .44)])
     result = main(["--mode=aggregate", f"--output_dir={tmp_path}"])
     out = capsys.readouterr().out
-    assert "| demo | MHSA-MHSA | 2 | 0,1 | 62.00 ± 2.83 | 22.00 ± 2.83 |" in out
+    assert "| demo | MHSA-MHSA | 2 | 0,1 | 62.00 ± 2.83 [36.59, 87.41] | 22.00 ± 2.83 [-3.41, 47.41] |" in out
     assert (tmp_path / "aggregate.md").read_text().strip() == result["markdown"].strip()
     assert (tmp_path / "aggregate.tsv").read_text().splitlines()[1].startswith("demo\tMHSA-MHSA\t2\t0,1\t62.000000")
 

@@ -9,13 +9,11 @@ import os
 import re
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import MIND_corpus as mc
 import prepare_MIND_dataset as pm
 import util
 from config import Config, build_parser

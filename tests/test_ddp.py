@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import significance
 import trainer
 import util
 from main import main
@@ -114,7 +115,11 @@ def test_sharded_test_prediction_is_identical_to_one_process(runs, tmp_path):
     sharded = json.loads((out / "metrics.json").read_text())["metrics"]
     for key in ("auc", "mrr", "ndcg5", "ndcg10", "impressions", "skipped_single_class"):
         assert sharded[key] == single["metrics"][key], key
-    assert proc.stdout.count("wrote ") == 2  # prediction + truth, written by rank 0 only
+    # prediction, truth and the model's and the popularity baseline's per-impression records, by rank 0 only
+    assert proc.stdout.count("wrote ") == 4
+    for name in (significance.PER_IMPRESSION, significance.POPULARITY):
+        np.testing.assert_array_equal(significance.load_per_impression(out / name).metrics,
+                                      significance.load_per_impression(saved / name).metrics)
 
 
 def test_a_dead_rank_ends_the_job_with_an_error(tmp_path, runs):

@@ -13,14 +13,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import config as config_module
 from config import Config, architecture_flags, build_parser
 from main import main
 from model import all_components, flag_owners, model_settings
 from newsEncoders import NEWS_ENCODERS, NewsEncoder, word_embedding
-from settings import ComponentView, Settings, SharedDims, at_least, component_settings, setting
+from settings import ComponentView, Settings, at_least, component_settings, setting
 from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
-from userEncoders import USER_ENCODERS
 
 DATA = Path(__file__).parent / "data"
 SETTINGS_CLASSES = sorted({s for _, _, cls in all_components() for s in component_settings(cls)},
