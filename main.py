@@ -11,16 +11,33 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+import run_records
+import scorer
 import significance
 import util
+from checkpoints import (
+    RunLock,
+    load_checkpoint,
+    load_state,
+    load_training_state,
+    resolve_checkpoint_path,
+    resolve_resume,
+    runs_base_dir,
+)
 from config import Config, architecture_flags
+from devices import setup_runtime, shutdown_runtime
+from evaluation import (
+    evaluate,
+    format_metrics,
+    format_ties,
+    popularity_per_impression,
+    tie_rank_for,
+    write_records,
+)
 from MIND_corpus import Corpus, CorpusError
 from model import Model, check_pairing
 from newsEncoders import get_news_encoder, resolve_plm_path
-from trainer import (EvalResult, RunLock, Trainer, TrainingInterrupted, evaluate, format_metrics, format_ties,
-                     load_checkpoint, load_state, load_training_state, popularity_per_impression,
-                     resolve_checkpoint_path, resolve_resume, runs_base_dir, setup_runtime, shutdown_runtime,
-                     tie_rank_for, write_records)
+from trainer import Trainer, TrainingInterrupted
 
 # Flags a user may change when evaluating a checkpoint (they do not change the model or the corpus arrays).
 EVAL_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_workers", "progress", "seed", "mode",
@@ -251,22 +268,22 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         ranks_list = np.split(result.ranks, result.offsets[1:-1])
         if split == "test":
-            util.write_prediction(out_dir / "prediction.txt", result.impression_ids.tolist(),
+            scorer.write_prediction(out_dir / "prediction.txt", result.impression_ids.tolist(),
                                   [r.tolist() for r in ranks_list], zip_path=out_dir / "prediction.zip")
             report["prediction"] = str(out_dir / "prediction.zip")
         else:
-            util.write_prediction(out_dir / "ranking.txt", result.impression_ids.tolist(),
+            scorer.write_prediction(out_dir / "ranking.txt", result.impression_ids.tolist(),
                                   [r.tolist() for r in ranks_list])
             report["ranking"] = str(out_dir / "ranking.txt")
         if result.metrics.get("labelled"):
             labels_list = np.split(result.labels, result.offsets[1:-1])
-            util.write_truth(out_dir / "truth.txt", result.impression_ids.tolist(),
+            scorer.write_truth(out_dir / "truth.txt", result.impression_ids.tolist(),
                              [lab.tolist() for lab in labels_list])
             report["truth"] = str(out_dir / "truth.txt")
         pop = None
         if result.per_impression is not None:  # per-impression records for --mode=compare
             pop = popularity_per_impression(corpus.behaviors("train"), beh, model.news_num)
-            report["popularity_metrics"] = util.mean_metrics(pop)
+            report["popularity_metrics"] = scorer.mean_metrics(pop)
             meta = {"split": split, "dataset": cfg.dataset, "corpus": str(corpus.root), "model": cfg.model_name,
                     "run": Path(path).parent.name, "seed": cfg.seed, "epoch": ckpt.get("epoch"),
                     "checkpoint": str(path), "written_by": f"--mode={split}"}
@@ -294,12 +311,12 @@ def aggregate(config: Config) -> dict[str, Any]:
     """`--mode=aggregate`: every finished run under `<output_dir>/<dataset>/` (all datasets unless --dataset is
     typed), grouped by model, as mean ± std per metric; printed as markdown and written as aggregate.md/.tsv."""
     dataset = config.dataset if "dataset" in config.explicit else None
-    records = util.collect_runs(config.output_dir, dataset)
+    records = run_records.collect_runs(config.output_dir, dataset)
     runs = [r for r in records if "incomplete" not in r]
     if not runs:
         raise FileNotFoundError(f"no finished run (a run folder with config.json and dev_log.jsonl) under "
                                 f"{Path(config.output_dir) / (dataset or '')}; train with --mode=train first")
-    markdown, tsv = util.aggregate_runs(records)
+    markdown, tsv = run_records.aggregate_runs(records)
     paired_md, paired_tsv, notes = significance.seed_differences(records)
     if paired_md:
         markdown += "\n\nPaired by seed (B − A over the seeds both models were trained with, in percentage points):\n\n" \
@@ -348,10 +365,10 @@ def train_seeds(config: Config) -> dict[str, Any]:
         rank0_print(f"=== seed {seed} ({len(results) + 1}/{len(config.seeds)}) ===")
         results.append(train(cfg))
     runs = {str(Path(r["run_dir"]).resolve()) for r in results}
-    records = [r for r in util.collect_runs(config.output_dir, config.dataset)
+    records = [r for r in run_records.collect_runs(config.output_dir, config.dataset)
                if "incomplete" not in r and str((Path(config.output_dir) / r["dataset"] / r["model"] / r["run"]).resolve())
                in runs]
-    markdown, tsv = util.aggregate_runs(records)
+    markdown, tsv = run_records.aggregate_runs(records)
     rank0_print(f"\n{len(records)} runs of {config.model_name}, seeds {config.seeds} (metrics in %, mean ± std):\n"
                 f"{markdown}")
     return {"runs": results, "records": records, "markdown": markdown, "tsv": tsv}
@@ -359,7 +376,7 @@ def train_seeds(config: Config) -> dict[str, Any]:
 
 def explain(config: Config) -> dict[str, Any]:
     """`--mode=explain`: a PNG (and its numbers as JSON) of what a checkpoint attends to in one dev impression."""
-    from trainer import explain_impression
+    from explain_mode import explain_impression
 
     path = resolve_checkpoint_path(config.dev_model_path, "--dev_model_path")
     ckpt = load_checkpoint(path)
@@ -375,7 +392,7 @@ def explain(config: Config) -> dict[str, Any]:
     data = explain_impression(model, corpus, cfg.impression_id)
     out = Path(cfg.explain_output) if cfg.explain_output else (
         path.parent / "explain" / f"impression-{cfg.impression_id}.png")
-    util.plot_explanation(data, out)
+    run_records.plot_explanation(data, out)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     print(f"wrote {out} and {out.with_suffix('.json')}")
     shutdown_runtime(runtime)

@@ -12,7 +12,7 @@ interval for its expected score (t-distribution), and two models trained with th
   a seeded number of resamples, in chunks of resamples so memory stays bounded) and the paired t-test beside.
 - `holm`: Holm's step-down adjustment of a family of p-values.
 - `compare_runs` / `compare_tables`: `--mode=compare`; `seed_differences`: the paired-by-seed part of
-  `--mode=aggregate` (`util.aggregate_runs` adds the across-seed interval of each model).
+  `--mode=aggregate` (`run_records.aggregate_runs` adds the across-seed interval of each model).
 
 Imports only util (and scipy where a distribution is needed).
 """
@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+import run_records
 import util
-from util import METRIC_KEYS
+from scorer import METRIC_KEYS
 
 PER_IMPRESSION = "per_impression.npz"
 POPULARITY = "per_impression_popularity.npz"
@@ -62,7 +63,7 @@ class PerImpression:
 
 def write_per_impression(path, per: Mapping, impression_ids: np.ndarray, offsets: np.ndarray, labels: np.ndarray,
                          meta: Mapping) -> Path:
-    """Write `util.per_impression_metrics`' result as a .npz (atomically; no pickled objects inside).
+    """Write `scorer.per_impression_metrics`' result as a .npz (atomically; no pickled objects inside).
 
     Args:
         per: {index [S], auc/mrr/ndcg5/ndcg10 [S], skipped_single_class, skipped_empty}.
@@ -371,9 +372,9 @@ def output_folder(requested: str | None, output_dir, dataset: str, stamp: str) -
 def seed_differences(records: Sequence[Mapping]) -> tuple[str, str, list[str]]:
     """For each dataset and each pair of models with at least two seeds in common, the per-seed difference B − A
     of every metric (dev; test where both runs of every shared seed have test metrics): mean ± sample std, the 95%
-    t-interval of its mean (`util.t_interval`) and the paired t-test p-value over seeds.
+    t-interval of its mean (`run_records.t_interval`) and the paired t-test p-value over seeds.
 
-    Records are `util.collect_runs`' (a model with two runs of one seed: the latest run is used, and noted).
+    Records are `run_records.collect_runs`' (a model with two runs of one seed: the latest run is used, and noted).
     Returns (markdown, tsv, notes); empty tables when no two models share two seeds."""
     from scipy import stats
 
@@ -404,7 +405,7 @@ def seed_differences(records: Sequence[Mapping]) -> tuple[str, str, list[str]]:
                 va = np.array([r[col] for r in ra]) * 100
                 vb = np.array([r[col] for r in rb]) * 100
                 d = vb - va
-                low, high = util.t_interval(d)
+                low, high = run_records.t_interval(d)
                 with np.errstate(divide="ignore", invalid="ignore"):
                     t = stats.ttest_rel(vb, va)
                 t_stat, p = (0.0, 1.0) if (d == 0).all() else (float(t.statistic), float(t.pvalue))

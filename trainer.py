@@ -1,5 +1,5 @@
-"""One training loop for CPU, one GPU and torchrun DDP (AMP, gradient accumulation, resumable checkpoints), plus
-the cached evaluation, sharded across ranks under DDP.
+"""One training loop for CPU, one GPU and torchrun DDP (AMP, gradient accumulation, resumable checkpoints). Devices
+live in devices.py, the evaluation in evaluation.py, checkpoints and run folders in checkpoints.py.
 
 Legend: B batch, C candidates, N news in the corpus table, D news dim, I impressions of a split, W world size.
 
@@ -13,14 +13,11 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
-import tempfile
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -30,516 +27,41 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-import significance
+import run_records
+import scorer
 import util
-from dataset import EvalDataset, TrainDataset
-
-CHECKPOINT_FORMAT = 1
-LAST_CHECKPOINT = "last.pt"  # training state of a run, rewritten every epoch (what --resume reads)
-# Rank-0-only work (building the corpus cache, computing metrics, writing checkpoints) makes the other ranks wait
-# on a gloo group with this long timeout; the default group keeps the short --dist_timeout, so a rank whose peer
-# died inside a training collective fails fast.
-RANK0_WORK_TIMEOUT = timedelta(hours=3)
-# Test hook: "RANK:STEP" makes that rank die abruptly (os._exit, no cleanup) before optimizer step STEP + 1.
-CRASH_ENV = "MIND_TEST_CRASH_AT"
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
+from checkpoints import (
+    CHECKPOINT_FORMAT,
+    LAST_CHECKPOINT,
+    START_FILES,
+    RunLock,
+    atomic_torch_save,
+    load_state,
+    new_run_dir,
+    save_checkpoint,
+)
+from dataset import TrainDataset
+from devices import CRASH_ENV, Runtime, _crash_step
+from evaluation import (
+    evaluate,
+    format_metrics,
+    format_ties,
+    popularity_per_impression,
+    tie_rank_for,
+    write_records,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # Devices and processes
 # ----------------------------------------------------------------------------------------------------------
 
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    amp: str = "off"  # resolved --amp: off | bf16 | fp16
-    wait_group: Any = None  # gloo group with RANK0_WORK_TIMEOUT (None in a single process)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_local_main(self) -> bool:
-        return self.local_rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def autocast(self):
-        """Mixed precision for forward passes (training and evaluation); parameters stay fp32."""
-        if self.amp == "off":
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=AMP_DTYPES[self.amp])
-
-
-def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
-    """`--device` -> torch.device; under torchrun (`local_rank` given) a CUDA process takes cuda:LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device=cpu or auto")
-    if device.type == "cuda" and local_rank is not None:
-        if device.index is not None:
-            raise ValueError(f"--device {name}: under torchrun each process uses cuda:LOCAL_RANK; pass --device=cuda "
-                             f"or auto (choose GPUs with CUDA_VISIBLE_DEVICES)")
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible: start "
-                             f"at most that many processes per node (--nproc_per_node)")
-        device = torch.device("cuda", local_rank)
-    return device
-
-
-def _cuda_has_bf16(device: torch.device) -> bool:
-    """Native bf16 (Ampere or newer); emulated bf16 on older GPUs is slower than fp16 with loss scaling."""
-    with torch.cuda.device(device):
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # older torch without the keyword
-            return torch.cuda.is_bf16_supported()
-
-
-def resolve_amp(amp: str, device: torch.device, log: Callable = print) -> str:
-    """`--amp` -> off | bf16 | fp16. auto: bf16 on GPUs with native bf16, fp16 on older GPUs, off elsewhere."""
-    if amp == "auto":
-        if device.type == "cuda":
-            return "bf16" if _cuda_has_bf16(device) else "fp16"
-        return "off"
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError(f"--amp=fp16 needs a CUDA device (fp16 training needs loss scaling, done by the CUDA "
-                         f"GradScaler); on {device.type} use --amp=bf16 or --amp=off")
-    if amp == "bf16" and device.type == "cuda" and not _cuda_has_bf16(device):
-        raise ValueError(f"--amp=bf16: {torch.cuda.get_device_name(device)} has no native bf16; use --amp=fp16")
-    if amp == "bf16" and device.type == "cpu":
-        log("WARNING: --amp=bf16 on the CPU: allowed, but usually slower than fp32 on CPUs without native bf16 "
-            "matrix units (the default on CPU is --amp=off)")
-    return amp
-
-
-def setup_runtime(config, log: Callable = print) -> Runtime:
-    """Single process unless torchrun set WORLD_SIZE > 1; then one process per GPU (nccl) or CPU process (gloo).
-
-    The rendezvous comes from torchrun's environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE): no port is fixed here.
-    """
-    rank, local_rank, world_size = util.dist_env()
-    distributed = world_size > 1
-    if distributed and config.mode == "train" and config.batch_size % world_size:
-        lower = config.batch_size // world_size * world_size
-        raise ValueError(f"--batch_size={config.batch_size} is the global batch (all {world_size} processes "
-                         f"together) and must be divisible by the number of processes; use e.g. "
-                         f"--batch_size={lower or world_size} or {lower + world_size}")
-    device = resolve_device(config.device, local_rank if distributed else None)
-    amp = resolve_amp(config.amp, device, log if rank == 0 else (lambda *a: None))
-    rt = Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank, amp=amp)
-    if distributed:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=config.dist_timeout),
-                                device_id=device if device.type == "cuda" else None)
-        rt.wait_group = dist.new_group(backend="gloo", timeout=RANK0_WORK_TIMEOUT)
-        if rank == 0:
-            log(f"distributed: {world_size} processes, backend {backend}, rank 0 on {device}")
-    return rt
-
-
-def shutdown_runtime(rt: Runtime) -> None:
-    """Leave the process group after a normal end (after an error the process just exits: torchrun stops the rest)."""
-    if rt.distributed and util.dist_active():
-        import torch.distributed as dist
-
-        util.barrier(rt.wait_group)
-        dist.destroy_process_group()
-
-
-def _crash_step(rank: int) -> int | None:
-    value = os.environ.get(CRASH_ENV, "")
-    if not value:
-        return None
-    who, _, step = value.partition(":")
-    return int(step or 0) if int(who) == rank else None
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------
 
-def batch_ranks(logits: torch.Tensor, mask: torch.Tensor, tie_rank: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [B, C], mask [B, C] bool, tie_rank [B, C] long or None -> 1-based ranks [B, C] long.
-
-    Order within a row: the real candidates with a finite score, best first; then the real candidates whose score
-    is not finite (NaN or +-inf: no usable score, so ranked last; `evaluate` counts them); then the padded slots,
-    so a real candidate never ranks after padding. Equal finite scores go by `tie_rank` (lower first: the news'
-    training popularity rank, `popularity_rank`), then by the official scorer's order `argsort(score)[::-1]`
-    (among equal scores the higher index first); with `tie_rank` None only the latter (--tie_break=position).
-    """
-    b, c = logits.shape
-    x = logits.float()
-    finite = torch.isfinite(x) & mask
-    group = torch.where(mask, (~finite).long(), 2)  # 0 finite, 1 not finite, 2 padding
-    key = torch.where(finite, x, torch.zeros_like(x))
-    # Stable sorts from the least significant key to the most: index (descending), tie rank, score, group.
-    order = torch.arange(c - 1, -1, -1, device=logits.device).expand(b, c)
-    if tie_rank is not None:
-        order = order.gather(1, torch.sort(tie_rank.gather(1, order), dim=1, stable=True).indices)
-    order = order.gather(1, torch.sort(key.gather(1, order), dim=1, descending=True, stable=True).indices)
-    order = order.gather(1, torch.sort(group.gather(1, order), dim=1, stable=True).indices)  # best first
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(1, c + 1, device=logits.device).expand_as(order))
-    return ranks
-
-
-def tie_and_nonfinite_counts(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits, mask [B, C] -> (tied [B] bool: two real candidates share a finite score, so the tie rule of
-    `batch_ranks` orders them; nonfinite [B] long: real candidates whose score is NaN or +-inf)."""
-    x = logits.float()
-    finite = torch.isfinite(x) & mask
-    key = torch.where(finite, x, torch.full_like(x, float("inf")))  # sorted after every finite score
-    sorted_key, order = torch.sort(key, dim=1)
-    sorted_finite = finite.gather(1, order)
-    tied = ((sorted_key[:, 1:] == sorted_key[:, :-1]) & sorted_finite[:, 1:] & sorted_finite[:, :-1]).any(1)
-    return tied, (mask & ~finite).sum(1)
-
-
-@dataclass
-class EvalResult:
-    metrics: dict[str, Any]  # the same on every rank
-    ranks: np.ndarray | None  # flat [sum of candidates] int32, 1-based, in behaviors.tsv order (rank 0 only)
-    offsets: np.ndarray  # [I+1]
-    labels: np.ndarray  # flat int8 (-1 = unlabelled)
-    impression_ids: np.ndarray  # [I]
-    seconds: float = 0.0
-    # tie_break (popularity | position), tied_impressions, nonfinite_scores, nonfinite_impressions (up to 5 ids)
-    ties: dict[str, Any] = field(default_factory=dict)
-    # util.per_impression_metrics of the scored impressions (rank 0 of a labelled split; None otherwise)
-    per_impression: dict[str, Any] | None = None
-
-
-def _sum_over_ranks(t: torch.Tensor, rt: Runtime, to_main_only: bool = False) -> torch.Tensor:
-    """Element-wise sum over ranks of tensors that are zero wherever another rank owns the entry: adding zeros
-    is exact, so the result is bit-identical to one process computing everything."""
-    if not rt.distributed:
-        return t
-    import torch.distributed as dist
-
-    dtype = t.dtype
-    # gloo lacks some reductions in half precision; widening is exact, and so is narrowing back.
-    work = t.float() if t.is_floating_point() and dtype != torch.float32 else t
-    work = work.to(rt.device).contiguous()
-    if to_main_only:
-        dist.reduce(work, dst=0, op=dist.ReduceOp.SUM)
-    else:
-        dist.all_reduce(work, op=dist.ReduceOp.SUM)
-    return work.to(dtype)
-
-
-def encode_needed_news(raw: nn.Module, needed: np.ndarray, rt: Runtime) -> torch.Tensor:
-    """Encode the news in `needed` (sorted indices) once; under DDP each rank encodes every W-th chunk and the
-    table [N, D] is summed over ranks. Chunks depend only on `needed`, never on W, so every news is encoded in
-    the same company (and with the same padding) as in one process: identical vectors, identical metrics."""
-    chunk = max(1, min(2048, -(-len(needed) // 16)))  # >= 16 chunks, so small splits still spread over ranks
-    # Chunks of similar text length carry little padding (each is cut to its own longest text); the order depends
-    # only on `needed` and the news table, so it is the same on every rank.
-    needed = needed[raw.length_order(torch.from_numpy(needed.astype(np.int64)).to(rt.device)).cpu().numpy()]
-    chunks = [needed[i:i + chunk] for i in range(0, len(needed), chunk)]
-    mine = chunks[rt.rank::rt.world_size]
-    if mine:
-        index = torch.from_numpy(np.concatenate(mine).astype(np.int64)).to(rt.device)
-        table = raw.encode_all_news(index, chunk=chunk)  # re-chunks `index` at the same boundaries
-    else:  # fewer chunks than ranks: contribute zeros of the right shape and dtype
-        table = raw.encode_all_news(torch.zeros(1, dtype=torch.long, device=rt.device), chunk=chunk).zero_()
-    if table.numel() == 0:  # personalized news encoders encode per batch
-        return table
-    return _sum_over_ranks(table, rt)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, beh: dict[str, Any], config, runtime: Runtime, desc: str = "eval",
-             tie_rank: np.ndarray | None = None) -> EvalResult:
-    """Score every impression of a split: encode each needed news once, then users, then candidates.
-
-    `tie_rank` [N] long orders candidates with equal scores (`popularity_rank`; None: the official scorer's order,
-    --tie_break=position); the ranks carry that order, and the metrics are computed from the ranks, so the
-    written files and the printed metrics agree. Under DDP every rank must call this (it holds collectives): news
-    encoding and impression batches are split across ranks, ranks are summed to rank 0, which computes the
-    metrics; the metrics are broadcast back."""
-    t0 = time.time()
-    rt = runtime
-    raw = model.module if hasattr(model, "module") else model
-    was_training = raw.training
-    raw.eval()
-    device = rt.device
-    offsets = np.asarray(beh["offsets"])
-    hist = np.asarray(beh["histories"])
-    cands = np.asarray(beh["candidates"])
-    # Index 0 stands for news unknown to news.tsv in dev/test: encode it like in training.
-    raw.build_frozen_cache(log=print if rt.is_main else (lambda *a: None))
-    needed = np.union1d(np.union1d(hist.ravel(), cands), [0])
-    n_imp = len(offsets) - 1
-    # ranks [sum of candidates], then per impression: tied scores (0/1), non-finite scores (count); one reduce.
-    counts = np.zeros(len(cands) + 2 * n_imp, dtype=np.int32)
-    ranks, tied, nonfinite = counts[:len(cands)], counts[len(cands):len(cands) + n_imp], counts[len(cands) + n_imp:]
-    tie_table = torch.from_numpy(np.asarray(tie_rank, dtype=np.int64)).to(device) if tie_rank is not None else None
-    with rt.autocast():
-        news_vectors = encode_needed_news(raw, needed, rt)
-        # Each rank takes every W-th batch; batches are the same as in one process (identical logits).
-        data = EvalDataset(beh, config.eval_batch_size, rank=rt.rank, world_size=rt.world_size)
-        loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=config.num_workers,
-                            pin_memory=device.type == "cuda")
-        show = config.progress and rt.is_main
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True):
-            batch = batch.to(device, non_blocking=True)
-            logits = raw.score_cached(batch, news_vectors)
-            r = batch_ranks(logits, batch.candidate_mask,
-                            tie_table[batch.candidates] if tie_table is not None else None).cpu().numpy()
-            row_tied, row_nonfinite = tie_and_nonfinite_counts(logits, batch.candidate_mask)
-            mask = batch.candidate_mask.cpu().numpy()
-            imp = batch.impression_index.cpu().numpy()
-            starts = offsets[imp]
-            cols = np.nonzero(mask)
-            ranks[starts[cols[0]] + cols[1]] = r[cols]
-            tied[imp] = row_tied.cpu().numpy()
-            nonfinite[imp] = row_nonfinite.cpu().numpy()
-    raw.train(was_training)
-    # Every candidate and impression belongs to exactly one rank's batches: the sum puts each rank's part in place.
-    counts = _sum_over_ranks(torch.from_numpy(counts), rt, to_main_only=True).cpu().numpy()
-    ranks, tied, nonfinite = counts[:len(cands)], counts[len(cands):len(cands) + n_imp], counts[len(cands) + n_imp:]
-    labels = np.asarray(beh["labels"])
-    ties, per = None, None
-    if rt.is_main:
-        ids = np.asarray(beh["impression_ids"])
-        ties = {"tie_break": "popularity" if tie_rank is not None else "position",
-                "tied_impressions": int((tied > 0).sum()), "nonfinite_scores": int(nonfinite.sum()),
-                "nonfinite_impressions": [str(i) for i in ids[nonfinite > 0][:5]]}
-        per = per_impression_from_ranks(ranks, labels, offsets)
-    metrics = metrics_of(per) if rt.is_main else None
-    metrics, ties = util.broadcast_object((metrics, ties), group=rt.wait_group)  # rank 0 may take a while
-    return EvalResult(metrics, ranks if rt.is_main else None, offsets, labels, np.asarray(beh["impression_ids"]),
-                      time.time() - t0, ties, per)
-
-
-def format_ties(ties: dict[str, Any], split: str) -> str:
-    """One line on the tie and non-finite-score rules of an evaluation, or "" when neither applied."""
-    parts = []
-    if ties.get("tied_impressions"):
-        rule = ("the news' training popularity" if ties["tie_break"] == "popularity"
-                else "position (the official scorer's order)")
-        parts.append(f"{ties['tied_impressions']} impressions with tied scores, ordered by {rule} (--tie_break)")
-    if ties.get("nonfinite_scores"):
-        parts.append(f"WARNING: {ties['nonfinite_scores']} non-finite (NaN/inf) scores, ranked last in their "
-                     f"impressions (e.g. {', '.join(ties['nonfinite_impressions'])}); the model may have diverged")
-    return f"{split}: " + "; ".join(parts) if parts else ""
-
-
-def per_impression_from_ranks(ranks: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> dict[str, Any] | None:
-    """`util.per_impression_metrics` on score = 1/rank, exactly what a submission is scored on; None when the
-    split has no labels (MIND-large test)."""
-    if len(labels) and (labels < 0).all():
-        return None
-    return util.per_impression_metrics(1.0 / ranks.astype(np.float64), labels.astype(np.int64), offsets)
-
-
-def metrics_from_ranks(ranks: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
-    """Official-scorer metrics computed on score = 1/rank, exactly what a submission is scored on."""
-    return metrics_of(per_impression_from_ranks(ranks, labels, offsets))
-
-
-def metrics_of(per: dict[str, Any] | None) -> dict[str, Any]:
-    """The metrics dict of an evaluation from its per-impression metrics (None: an unlabelled split)."""
-    return {"labelled": False} if per is None else {**util.mean_metrics(per), "labelled": True}
-
-
-def train_popularity(train_beh: dict[str, Any], news_num: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per news [N]: clicks and impressions (times shown) in the train split."""
-    cands, labels = np.asarray(train_beh["candidates"]), np.asarray(train_beh["labels"])
-    return np.bincount(cands, weights=labels == 1, minlength=news_num), np.bincount(cands, minlength=news_num)
-
-
-def popularity_per_impression(train_beh: dict[str, Any], beh: dict[str, Any], news_num: int) -> dict[str, Any]:
-    """The popularity baseline per impression (`util.per_impression_metrics`): a candidate scores its click count
-    in train (impressions as tie-break)."""
-    clicks, shown = train_popularity(train_beh, news_num)
-    score = clicks + shown * 1e-6
-    flat = score[np.asarray(beh["candidates"])]
-    return util.per_impression_metrics(flat, np.asarray(beh["labels"]).astype(np.int64), np.asarray(beh["offsets"]))
-
-
-def popularity_result(train_beh: dict[str, Any], beh: dict[str, Any], news_num: int) -> dict[str, Any]:
-    """The popularity baseline's metrics (means of `popularity_per_impression`)."""
-    return util.mean_metrics(popularity_per_impression(train_beh, beh, news_num))
-
-
-def write_records(folder: Path, per: dict[str, Any] | None, popularity: dict[str, Any] | None, beh: dict[str, Any],
-                  meta: dict[str, Any]) -> list[Path]:
-    """Write the per-impression records of a split (`significance.write_per_impression`) into `folder`: the
-    model's (`per`) as per_impression.npz, the popularity baseline's as per_impression_popularity.npz (model
-    "popularity"); either may be None. `meta` says what was scored (model, run, seed, split, ...)."""
-    written = []
-    for name, values, extra in ((significance.PER_IMPRESSION, per, {}),
-                                (significance.POPULARITY, popularity,
-                                 {"model": "popularity", "run": None, "seed": None, "epoch": None, "checkpoint": None})):
-        if values is not None:
-            written.append(significance.write_per_impression(folder / name, values, beh["impression_ids"],
-                                                             beh["offsets"], beh["labels"], {**meta, **extra}))
-    return written
-
-
-def popularity_rank(train_beh: dict[str, Any], news_num: int) -> np.ndarray:
-    """[N] int64, 0 = most popular: news ordered by train clicks, then train impressions (both descending), then
-    news index. A total order of the news, so candidates with equal model scores are ordered by what they are,
-    never by where they stand in the impression (--tie_break=popularity)."""
-    clicks, shown = train_popularity(train_beh, news_num)
-    order = np.lexsort((np.arange(news_num), -shown, -clicks))
-    rank = np.empty(news_num, dtype=np.int64)
-    rank[order] = np.arange(news_num)
-    return rank
-
-
-def tie_rank_for(config, train_beh: dict[str, Any], news_num: int) -> np.ndarray | None:
-    """`--tie_break` -> the `tie_rank` argument of `evaluate`."""
-    return popularity_rank(train_beh, news_num) if config.tie_break == "popularity" else None
-
-
-def format_metrics(m: dict[str, Any]) -> str:
-    if not m.get("labelled", True) or "auc" not in m:
-        return "no labels"
-    return (f"AUC {m['auc']:.4f}  MRR {m['mrr']:.4f}  nDCG@5 {m['ndcg5']:.4f}  nDCG@10 {m['ndcg10']:.4f}"
-            f"  ({m['impressions']} impressions"
-            + (f", {m['skipped_single_class']} single-class skipped" if m.get("skipped_single_class") else "")
-            + ")")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints and run folders
 # ----------------------------------------------------------------------------------------------------------
-
-def runs_base_dir(output_dir: str, dataset: str, model_name: str, keep: bool = True) -> Path:
-    """`<output_dir>/<dataset>/<model>/`, created; a folder that cannot be created or written is a one-line error
-    naming it (checked before any data is read, so a long data load never ends on an unwritable --output_dir).
-    `keep=False` only checks: the folders it had to create are removed again (a run that then fails on its data
-    leaves nothing behind)."""
-    base = Path(output_dir) / dataset / model_name
-    missing = [p for p in (base, *base.parents) if not p.exists()]
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=base, prefix=".write-test.", delete=True)
-        probe.close()
-    except OSError as e:
-        raise ValueError(f"--output_dir {output_dir}: cannot write run folders under {base} "
-                         f"({e.strerror or type(e).__name__}); pass a writable folder") from None
-    if not keep:
-        for folder in missing:  # deepest first; only the empty folders made here
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-    return base
-
-
-def new_run_dir(output_dir: str, dataset: str, model_name: str) -> Path:
-    """`<output_dir>/<dataset>/<model>/#<n>/` with n one above every existing run (never reused)."""
-    base = runs_base_dir(output_dir, dataset, model_name)
-    while True:
-        taken = [int(p.name[1:]) for p in base.iterdir() if p.name.startswith("#") and p.name[1:].isdigit()]
-        run = Path(base) / f"#{max(taken, default=0) + 1}"
-        try:
-            run.mkdir()  # atomic: two runs started together cannot get the same index
-            return run
-        except FileExistsError:
-            continue
-
-
-# What a run folder holds before its first optimizer step: a run that fails there leaves nothing worth keeping.
-LOCK_FILE = ".train.lock"
-START_FILES = {"config.json", util.TRAIN_LOG, util.ENVIRONMENT, "tensorboard", LOCK_FILE}
-
-
-class RunLocked(ValueError):
-    """Another live process trains in this run folder."""
-
-
-class RunLock:
-    """`<run>/.train.lock`, created with O_EXCL and holding the owner's pid and host, for the length of a training:
-    a second training of the same run folder (two `--resume=auto` at once) stops with a message instead of both
-    writing last.pt. A lock whose process is dead (same host) is stale and taken over, with a note."""
-
-    def __init__(self, run_dir: Path, log: Callable = print):
-        self.path = Path(run_dir) / LOCK_FILE
-        self.log = log
-        self.held = False
-
-    def owner(self) -> dict[str, Any] | None:
-        try:
-            value = json.loads(self.path.read_text())
-            return value if isinstance(value, dict) else {}
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}  # unreadable or half-written: treated as held
-
-    @staticmethod
-    def alive(owner: dict[str, Any]) -> bool:
-        """False only when the owner is provably gone: a dead pid on this host."""
-        pid, host = owner.get("pid"), owner.get("host")
-        if not isinstance(pid, int) or host != socket.gethostname():
-            return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def check(self) -> None:
-        """Raise RunLocked if a live process holds the lock (without taking it)."""
-        owner = self.owner()
-        if owner is not None and self.alive(owner):
-            raise RunLocked(f"{self.path.parent} is being trained by another process (pid {owner.get('pid', '?')} on "
-                            f"{owner.get('host', '?')}, lock {self.path}); wait for it to end, or stop it first. If "
-                            f"no such process runs any more, delete {self.path}")
-
-    def acquire(self) -> None:
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self.owner()
-                if owner is None:
-                    continue  # released meanwhile: try again
-                self.check()
-                self.log(f"note: {self.path} was left by pid {owner.get('pid')}, which has ended; taking it over")
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
-            self.held = True
-            return
-        self.check()
-        raise RunLocked(f"could not take {self.path}: other processes keep creating it")
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-
 
 class TrainingInterrupted(Exception):
     """Ctrl-C during training. `run_dir` and `epoch` (the epoch last.pt holds, 0 = none) say what can be resumed;
@@ -552,130 +74,6 @@ class TrainingInterrupted(Exception):
 
     def __str__(self) -> str:
         return self.text + (f"; resume with: {self.command}" if self.command and self.epoch > 0 else "")
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then os.replace: an interrupted write (crash, full
-    disk, kill) leaves the previous file under `path` intact, never half a checkpoint."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        util.umask_permissions(tmp)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_checkpoint(path: Path, model: nn.Module, config, corpus_meta, extra: dict[str, Any]) -> None:
-    raw = model.module if hasattr(model, "module") else model
-    atomic_torch_save({
-        "format": CHECKPOINT_FORMAT,
-        "model": raw.state_dict(),
-        "config": config.to_dict(),
-        # The components and the settings that define them (model.model_settings); `config` keeps every flag.
-        "model_settings": raw.model_settings(),
-        "corpus": corpus_meta.signature(),
-        **extra,
-    }, path)
-
-
-def _run_checkpoints(run_dir: Path) -> list[Path]:
-    """Best-model files in a run folder: `<news>-<user>` (named by its config.json when there is one)."""
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())
-        named = run_dir / f"{saved['news_encoder']}-{saved['user_encoder']}"
-        if named.is_file():
-            return [named]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return sorted(p for p in run_dir.iterdir() if p.is_file() and "-" in p.name and p.suffix == "")
-
-
-def resolve_checkpoint_path(value: str | Path, flag: str = "checkpoint", log: Callable = print) -> Path:
-    """`--dev_model_path` / `--test_model_path` -> the checkpoint file. A run folder (`.../<news>-<user>/#1`) stands
-    for the one checkpoint inside it (said in a note); a folder of runs, a folder without a checkpoint or a missing
-    path is an error showing the path to pass. Outputs (dev/, test/) go beside the file: the run's own folder."""
-    path = Path(value)
-    example = "best_model/<dataset>/<news>-<user>/#<run>/<news>-<user>"
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} not found ({flag}; expected {example})")
-    if not path.is_dir():
-        return path
-    found = _run_checkpoints(path)
-    if len(found) == 1:
-        log(f"note: {flag} {value} is a run folder: using its checkpoint {found[0]}")
-        return found[0]
-    runs = sorted((p for p in path.glob("#*") if p.is_dir() and p.name[1:].isdigit()), key=lambda p: int(p.name[1:]))
-    inside = [c for r in runs for c in _run_checkpoints(r)]
-    if inside:
-        raise FileNotFoundError(f"{flag} {value} is a folder of runs ({', '.join(r.name for r in runs)}); pass one "
-                                f"run's checkpoint, e.g. {inside[-1]}")
-    what = f"holds {len(found)} candidate files ({', '.join(p.name for p in found)})" if found else "holds no checkpoint"
-    raise FileNotFoundError(f"{flag} {value} is a folder that {what}; pass the checkpoint file itself ({example})")
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = resolve_checkpoint_path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
-        raise ValueError(f"{path} is not a checkpoint written by this framework ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint written by this framework (no model/config entries)")
-    return ckpt
-
-
-def resolve_resume(value: str | None, output_dir: str, dataset: str, model_name: str) -> Path | None:
-    """`--resume` -> the last.pt to continue from. A run folder or a last.pt file; `auto` = the highest-numbered run
-    of <output_dir>/<dataset>/<model>/ that has a last.pt (None when there is none: a new run starts)."""
-    if not value:
-        return None
-    if value == "auto":
-        base = Path(output_dir) / dataset / model_name
-        runs = [p for p in base.glob("#*") if p.name[1:].isdigit() and (p / LAST_CHECKPOINT).is_file()]
-        return max(runs, key=lambda p: int(p.name[1:])) / LAST_CHECKPOINT if runs else None
-    path = Path(value)
-    if path.is_dir():
-        path = path / LAST_CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume {value}: {path} not found (pass a run folder such as "
-                                f"best_model/<dataset>/<news>-<user>/#<run>, its {LAST_CHECKPOINT}, or auto)")
-    return path
-
-
-def load_training_state(path: str | Path) -> dict[str, Any]:
-    """A run's last.pt (weights_only; memory-mapped, so ranks loading it together share the pages)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
-        raise ValueError(f"{path} is not a training-state checkpoint of this framework "
-                         f"({type(e).__name__}: {e})") from None
-    needed = {"model", "config", "optimizer", "scheduler", "epoch", "step", "rng"}
-    if not isinstance(ckpt, dict) or not needed <= set(ckpt):
-        raise ValueError(f"{path} is not a training-state checkpoint of this framework (needs {sorted(needed)}; "
-                         f"the best-model file beside it holds weights only)")
-    return ckpt
-
-
-def load_state(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
-    """Load weights with an error that says which architecture the checkpoint belongs to."""
-    raw = model.module if hasattr(model, "module") else model
-    result = raw.load_state_dict(ckpt["model"], strict=False)
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing {result.missing_keys[:5]}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected {result.unexpected_keys[:5]}")
-    if problems:
-        saved = ckpt["config"]
-        raise ValueError(f"{path}: checkpoint of {saved.get('news_encoder')}-{saved.get('user_encoder')} does not "
-                         f"fit the model built ({'; '.join(problems)})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -888,9 +286,9 @@ class Trainer:
 
     def _plot(self, run_dir: Path) -> None:
         try:
-            util.plot_curves(run_dir)
+            run_records.plot_curves(run_dir)
         except Exception as e:  # a picture must never end a training run
-            self.log(f"WARNING: could not draw {run_dir / util.CURVES}: {type(e).__name__}: {e}")
+            self.log(f"WARNING: could not draw {run_dir / run_records.CURVES}: {type(e).__name__}: {e}")
 
     # -- the loop -------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -968,7 +366,7 @@ class Trainer:
         tie_rank = tie_rank_for(cfg, train_beh, self.raw.news_num)
         if rt.is_main:
             pop = popularity_per_impression(train_beh, dev_beh, self.raw.news_num)
-            self.log(f"popularity baseline, dev: {format_metrics(util.mean_metrics(pop))}")
+            self.log(f"popularity baseline, dev: {format_metrics(scorer.mean_metrics(pop))}")
 
         sampler = GlobalBatchSampler(len(data), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
         batches_per_epoch = len(sampler)
@@ -996,9 +394,9 @@ class Trainer:
             # Per-impression records for --mode=compare, where --mode=dev writes them too: <run>/dev/.
             record_meta = {"split": "dev", "dataset": cfg.dataset, "corpus": str(self.corpus.root)}
             write_records(run_dir / "dev", None, pop, dev_beh, record_meta)
-            recorder = util.RunRecorder(run_dir, cfg.tensorboard, log=self.log,
+            recorder = run_records.RunRecorder(run_dir, cfg.tensorboard, log=self.log,
                                         resumed_step=state.step if self.resume is not None else None)
-            recorder.write_environment(util.environment_info(rt.device, rt.world_size, rt.amp))
+            recorder.write_environment(run_records.environment_info(rt.device, rt.world_size, rt.amp))
             self.log(f"run folder {run_dir}; {len(data)} train samples, {steps_per_epoch} steps/epoch, device "
                      f"{rt.device}" + (f" x {rt.world_size} processes" if rt.distributed else "")
                      + f", amp {rt.amp}, batch {cfg.batch_size}"
@@ -1088,7 +486,7 @@ class Trainer:
             # Decisions are rank 0's, broadcast: no rank ever acts on its own view.
             decision = None
             if rt.is_main:
-                value = util.criterion_value(result.metrics, cfg.dev_criterion)
+                value = scorer.criterion_value(result.metrics, cfg.dev_criterion)
                 improved = value > state.best
                 bad = 0 if improved else state.bad_epochs + 1
                 decision = {"improved": improved, "value": value, "bad_epochs": bad,
@@ -1110,7 +508,7 @@ class Trainer:
                                 "train_seconds": round(train_seconds, 2), "samples_per_s": samples / train_seconds,
                                 "impressions_per_s": samples / train_seconds * impressions_per_sample,
                                 "dev_seconds": round(result.seconds, 2), "criterion": decision["value"],
-                                **{k: result.metrics[k] for k in util.METRIC_KEYS if k in result.metrics}})
+                                **{k: result.metrics[k] for k in scorer.METRIC_KEYS if k in result.metrics}})
                 if cfg.plot:
                     self._plot(run_dir)
                 if decision["improved"]:
@@ -1131,8 +529,8 @@ class Trainer:
         epoch_bar.close()
         if recorder is not None:
             recorder.close()
-            self.log(f"run records: {run_dir / util.TRAIN_LOG}, {run_dir / util.ENVIRONMENT}"
-                     + (f", {run_dir / util.CURVES}" if cfg.plot else "")
+            self.log(f"run records: {run_dir / run_records.TRAIN_LOG}, {run_dir / run_records.ENVIRONMENT}"
+                     + (f", {run_dir / run_records.CURVES}" if cfg.plot else "")
                      + (f", {run_dir / 'tensorboard'}" if recorder.writer is not None else ""))
         self.log(f"best epoch {state.best_epoch}: dev {format_metrics(state.best_metrics)}\ncheckpoint: {checkpoint}"
                  f"\ntraining state: {last}")
@@ -1143,119 +541,3 @@ class Trainer:
 # Explain mode: what a trained model attends to in one impression (issue 7)
 # ----------------------------------------------------------------------------------------------------------
 
-NEWS_TSV_COLUMNS = {"title": 3, "abstract": 4}  # text columns of news.tsv
-
-
-def news_texts(root: Path, news_ids: set[str], column: str) -> dict[str, str]:
-    """The `column` text (title / abstract) of `news_ids` from the splits' news.tsv under `root`."""
-    found: dict[str, str] = {}
-    col = NEWS_TSV_COLUMNS[column]
-    for split in ("train", "dev", "test"):
-        path = root / split / "news.tsv"
-        if not path.exists() or len(found) == len(news_ids):
-            continue
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                nid, _, rest = line.partition("\t")
-                if nid in news_ids and nid not in found:
-                    parts = line.rstrip("\n").split("\t")
-                    found[nid] = parts[col] if len(parts) > col else ""
-    return found
-
-
-def find_impression(beh: dict[str, Any], impression_id: str) -> int:
-    """Row of `impression_id` in a split's behaviors arrays; a clear error with examples when absent."""
-    ids = np.asarray(beh["impression_ids"])
-    rows = np.flatnonzero(ids.astype(str) == str(impression_id))
-    if len(rows) == 0:
-        sizes = np.diff(np.asarray(beh["offsets"]))
-        raise ValueError(f"impression {impression_id!r} is not in {beh['path']} (column 1); "
-                         f"for example: {', '.join(map(str, ids[sizes > 0][:5]))}")
-    return int(rows[0])
-
-
-@torch.no_grad()
-def explain_impression(model: nn.Module, corpus, impression_id: str, split: str = "dev") -> dict[str, Any]:
-    """Run one impression through `model` (eval mode) and collect what it attended to.
-
-    Returns a dict for `util.plot_explanation`: the history and candidate titles, labels and scores, each news'
-    word (token) attention from the news encoder (`layers.AttentionRecorder`), and the user encoder's own
-    attention maps (`UserOutput.attention`) with the names of their axes (`attention_axes`)."""
-    from layers import AttentionRecorder
-
-    beh = corpus.behaviors(split)
-    row = find_impression(beh, impression_id)
-    data = EvalDataset(beh, 1)
-    data.batches = [np.array([row])]
-    device = next(model.parameters()).device
-    batch = data[0].to(device)
-    model.eval()
-    model.build_frozen_cache(log=lambda *a: None)
-    h, c = batch.history.shape[1], batch.candidates.shape[1]
-    ids = torch.cat([batch.history[0], batch.candidates[0]])  # [H + C]
-    user_ids = batch.user.expand(len(ids)) if model.news_encoder.personalized else None
-    with AttentionRecorder(model) as rec:
-        feats = model.news_features(ids)
-        vectors = model.news_encoder.encode(feats, user_id=user_ids)[0]  # [H + C, D]
-        news_maps = dict(rec.maps)
-        rec.clear()
-        logits, out = model.score(batch, vectors[:h].unsqueeze(0), vectors[h:].unsqueeze(0))
-    # Word attention: a news-encoder map over this batch's token positions of the text the encoder reads.
-    text_key = next((k for k in ("title", "plm_ids", "abstract") if k in feats), None)
-    width = feats[text_key].shape[1] if text_key else -1
-    candidates_maps = [(k, w) for k, (w, axes) in news_maps.items()
-                       if k.startswith("news_encoder.") and w.dim() == 2 and w.shape == (h + c, width)]
-    word_key, word_weights = next(((k, w) for k, w in candidates_maps if "title" in k),
-                                  candidates_maps[0] if candidates_maps else (None, None))
-    news_ids = corpus.news_meta["news_ids"]
-    index = ids.cpu().numpy()
-    column = "abstract" if text_key == "abstract" else "title"
-    texts = news_texts(corpus.root, {news_ids[i] for i in index if i > 0}, column)
-    tokens: list[list[str]] = []
-    if text_key == "plm_ids":
-        from transformers import AutoTokenizer
-
-        from newsEncoders import resolve_plm_path
-
-        tok = AutoTokenizer.from_pretrained(resolve_plm_path(model.config.plm_model_name))
-        for r in feats["plm_ids"].cpu().numpy():
-            tokens.append(tok.convert_ids_to_tokens([int(t) for t in r]))
-    elif text_key is not None:
-        from MIND_corpus import tokenize
-
-        vocab = corpus.meta.vocab
-        for i, r in zip(index, feats[text_key].cpu().numpy()):
-            words = tokenize(texts.get(news_ids[i], ""))
-            # The text's own words where they line up with the ids (out-of-vocabulary words keep their spelling).
-            tokens.append([words[j] if j < len(words) else vocab[t] for j, t in enumerate(r)])
-    hist_mask = batch.history_mask[0].cpu().numpy()
-    cand_mask = batch.candidate_mask[0].cpu().numpy()
-    labels = batch.labels[0].cpu().numpy()
-    n_hist = int(hist_mask.sum())
-
-    def news(pos: int) -> dict[str, Any]:
-        i = int(index[pos])
-        entry = {"news_id": news_ids[i] if i > 0 else "(unknown)", "title": texts.get(news_ids[i], "") if i > 0 else ""}
-        if word_weights is not None:
-            length = int((feats[text_key][pos] != 0).sum()) if text_key != "plm_ids" else int(feats["plm_mask"][pos].sum())
-            entry["tokens"] = tokens[pos][:length]
-            entry["weights"] = word_weights[pos, :length].tolist()
-        return entry
-
-    axes_of = type(model.user_encoder).attention_axes
-    user_maps = {}
-    for name, weights in out.attention.items():
-        axes = axes_of.get(name)
-        if axes is None or weights.dim() != len(axes):
-            continue  # an attention without declared axes cannot be labelled: left out of the picture
-        w = weights.detach().float().cpu()[0]  # drop the impression axis
-        axes = axes[1:]
-        w = w.narrow(axes.index("history"), 0, n_hist) if "history" in axes else w
-        user_maps[name] = {"axes": list(axes), "weights": w.tolist()}
-    return {
-        "impression_id": str(impression_id), "split": split, "model": model.config.model_name,
-        "word_attention": word_key, "history": [news(p) for p in range(n_hist)],
-        "candidates": [{**news(h + j), "label": int(labels[j]), "score": float(logits[0, j])}
-                       for j in range(c) if cand_mask[j]],
-        "user_attention": user_maps,
-    }

@@ -23,9 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import Config  # noqa: E402
 from dataset import EvalDataset, TrainDataset  # noqa: E402
+from devices import setup_runtime  # noqa: E402
+from evaluation import evaluate  # noqa: E402
 from main import load_corpus  # noqa: E402
 from model import Model  # noqa: E402
-from trainer import build_optimizer, evaluate, setup_runtime  # noqa: E402
+from trainer import build_optimizer  # noqa: E402
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ candidate encoded again for every candidate, as several reference implementation
     python bench/eval.py --device cuda --threads 0 --plm_dev_fraction 1
 
 Per model (random initial weights: speed does not depend on training):
-1. interleaved rounds, each on a new random sample of dev impressions: the cached path (`trainer.evaluate` on the
+1. interleaved rounds, each on a new random sample of dev impressions: the cached path (`evaluation.evaluate` on the
    sample: it encodes the news the sample needs once) vs per-candidate re-encoding of the same sample, batched by
    (impression, candidate) pairs with no padded candidates, and the largest logit difference between the two;
 2. the cached path on the dev split (all of it, or a random `--*dev_fraction` of its impressions, then the full
@@ -34,13 +34,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train import (PRESETS, THREADS_HELP, bench_config, interleaved, machine, median, print_table,  # noqa: E402
-                   ratio, set_threads, synchronizer)
+from train import (  # noqa: E402
+    PRESETS,
+    THREADS_HELP,
+    bench_config,
+    interleaved,
+    machine,
+    median,
+    print_table,
+    ratio,
+    set_threads,
+    synchronizer,
+)
 
 from dataset import Batch, EvalDataset  # noqa: E402
+from devices import setup_runtime  # noqa: E402
+from evaluation import evaluate  # noqa: E402
 from main import load_corpus  # noqa: E402
 from model import Model  # noqa: E402
-from trainer import evaluate, setup_runtime  # noqa: E402
 
 # name -> (news encoder, user encoder, flags, impressions per naive sample)
 MODELS = {
@@ -54,7 +65,7 @@ PER_HISTORY = ("histories", "history_length")  # rows of the de-duplicated histo
 
 def subset(beh: dict, rows: np.ndarray) -> dict:
     """The behaviors dict restricted to impression `rows` (sorted): flat candidate arrays and offsets rebuilt, and
-    the history table cut to these impressions' rows (`trainer.evaluate` encodes every news of the table)."""
+    the history table cut to these impressions' rows (`evaluation.evaluate` encodes every news of the table)."""
     offsets = np.asarray(beh["offsets"])
     starts, ends = offsets[rows], offsets[rows + 1]
     flat = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(rows) else np.zeros(0, np.int64)
@@ -70,7 +81,7 @@ def subset(beh: dict, rows: np.ndarray) -> dict:
 
 
 def needed_news(beh: dict) -> np.ndarray:
-    """The news `trainer.evaluate` encodes for these impressions (histories, candidates, the unknown news 0)."""
+    """The news `evaluation.evaluate` encodes for these impressions (histories, candidates, the unknown news 0)."""
     hist = np.asarray(beh["histories"])[np.asarray(beh["history_row"])]
     return np.union1d(np.union1d(hist.ravel(), np.asarray(beh["candidates"])), [0])
 
@@ -82,7 +93,7 @@ def padded_tokens(lengths: np.ndarray, chunk: int) -> int:
 
 
 def padding_report(model: Model, needed: np.ndarray) -> str:
-    """Token slots of the dev's news encoding (chunks of `trainer.encode_needed_news`) and of the frozen-layer cache
+    """Token slots of the dev's news encoding (chunks of `evaluation.encode_needed_news`) and of the frozen-layer cache
     build (chunks of 256 over the corpus), in index order as today vs sorted by length first (a proposal)."""
     if hasattr(model, "news_plm_mask"):
         lengths, what = model.news_plm_mask.ne(0).sum(1).cpu().numpy(), "PLM tokens"
@@ -90,7 +101,7 @@ def padding_report(model: Model, needed: np.ndarray) -> str:
         lengths, what = model.news_title.ne(0).sum(1).cpu().numpy(), "title tokens"
     else:
         return ""
-    chunk = max(1, min(2048, -(-len(needed) // 16)))  # as trainer.encode_needed_news
+    chunk = max(1, min(2048, -(-len(needed) // 16)))  # as evaluation.encode_needed_news
     now, ordered = padded_tokens(lengths[needed], chunk), padded_tokens(np.sort(lengths[needed]), chunk)
     text = (f"{what} computed for the dev's {len(needed):,} news (chunks of {chunk}): {now:,} in index order (today), "
             f"{ordered:,} if sorted by length before chunking (x{now / ordered:.2f} fewer; real tokens "

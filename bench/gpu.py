@@ -17,7 +17,7 @@ Rows (keys for --rows):
   MIND-small epoch projected from the measured samples/s (236k training samples per epoch), the PLM's achieved
   TFLOP/s and its share of the bf16 dense peak, peak GPU memory. Timed over --steps steps after warm-up steps,
   through the trainer's own DataLoader and inner loop (`bench/train.py`'s Stepper), batch building included;
-- speed-dev-plm, speed-dev-nrms: `trainer.evaluate` on the MIND-small-sized dev split (73,152 impressions);
+- speed-dev-plm, speed-dev-nrms: `evaluation.evaluate` on the MIND-small-sized dev split (73,152 impressions);
 - speed-nrms: NRMS (MHSA-MHSA, 300-d random word embeddings) training, as above;
 - speed-compile: NRMS training through torch.compile(dynamic=True) (what --compile does) vs the eager speed-nrms
   row, compilation (the first steps) timed apart; started only with a minute of --budget left;
@@ -110,10 +110,12 @@ from train import Stepper, bench_config, demo_flags, synchronizer  # noqa: E402
 
 from config import Config  # noqa: E402
 from dataset import EvalDataset, TrainDataset  # noqa: E402
+from devices import setup_runtime  # noqa: E402
+from evaluation import evaluate  # noqa: E402
 from main import load_corpus  # noqa: E402
 from MIND_corpus import Corpus  # noqa: E402
 from model import Model  # noqa: E402
-from trainer import GlobalBatchSampler, evaluate, setup_runtime  # noqa: E402
+from trainer import GlobalBatchSampler  # noqa: E402
 
 # MIND-small: about 236k training samples (one per click) per epoch, 73,152 dev impressions.
 EPOCH_SAMPLES = 236_000
@@ -548,7 +550,7 @@ def row_speed_nrms(ctx: Context, row: Row, compiled: bool = False) -> None:
 
 
 def row_speed_dev(ctx: Context, row: Row, which: str) -> None:
-    """trainer.evaluate on the whole MIND-small-sized dev split, with the model of an earlier speed row (or a new
+    """evaluation.evaluate on the whole MIND-small-sized dev split, with the model of an earlier speed row (or a new
     one); the frozen-layer cache is built before the clock starts (training has it already)."""
     kept = ctx.keep.get(which)
     if kept is None:

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from checkpoints import load_checkpoint, load_state  # noqa: E402
 from config import Config  # noqa: E402
 from main import config_for_checkpoint, load_corpus  # noqa: E402
 from model import Model  # noqa: E402
-from trainer import load_checkpoint, load_state  # noqa: E402
 from userEncoders import MINERUserEncoder  # noqa: E402
 
 

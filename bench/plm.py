@@ -42,13 +42,24 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train import (THREADS_HELP, Stepper, bench_config, interleaved, machine, median, print_table,  # noqa: E402
-                   ratio, set_threads, synchronizer)
+from train import (  # noqa: E402
+    THREADS_HELP,
+    Stepper,
+    bench_config,
+    interleaved,
+    machine,
+    median,
+    print_table,
+    ratio,
+    set_threads,
+    synchronizer,
+)
 
 from dataset import Batch, TrainDataset  # noqa: E402
+from devices import setup_runtime  # noqa: E402
 from main import load_corpus  # noqa: E402
 from model import Model  # noqa: E402
-from trainer import GlobalBatchSampler, setup_runtime  # noqa: E402
+from trainer import GlobalBatchSampler  # noqa: E402
 
 MODELS = {"PLMNRMS-MHSA": ("PLMNRMS", "MHSA", []), "PLMMiner-MINER": ("PLMMiner", "MINER", ["--use_category_glove"])}
 VARIANTS = [("cache off, padding off", False, False), ("cache on, padding off", True, False),

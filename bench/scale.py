@@ -107,9 +107,10 @@ def stage_train(args, stage: str) -> None:
 
     from config import Config
     from dataset import TrainDataset
+    from devices import setup_runtime
     from main import load_corpus
     from model import Model
-    from trainer import build_optimizer, setup_runtime
+    from trainer import build_optimizer
 
     cfg = Config.from_args([
         "--dataset=demo", f"--data_dir={args.data_dir}", "--device=cpu", "--no-progress",

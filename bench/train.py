@@ -44,9 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import Config  # noqa: E402
 from dataset import Batch, TrainDataset  # noqa: E402
+from devices import setup_runtime  # noqa: E402
 from main import load_corpus  # noqa: E402
 from model import Model  # noqa: E402
-from trainer import GlobalBatchSampler, build_optimizer, setup_runtime, warmup_linear  # noqa: E402
+from trainer import GlobalBatchSampler, build_optimizer, warmup_linear  # noqa: E402
 
 # Generated corpus sizes. small = MIND-small (docs/MIND.md §1: 156,965 train / 73,152 dev impressions; 65k news
 # over train + dev, as bench/scale.py --preset small).

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-import util
+import run_records
 
 
 def fake_run(root, dataset, model, n, seed, epochs, criterion="avg", test=None):
@@ -29,11 +29,11 @@ def test_best_epoch_by_each_runs_criterion_then_mean_and_sample_std(tmp_path):
     fake_run(tmp_path, "demo", "MHSA-MHSA", 1, 0, [m(.60, .20, .30, .40), m(.62, .30, .35, .45)])
     fake_run(tmp_path, "demo", "MHSA-MHSA", 2, 1, [m(.66, .10, .10, .10), m(.64, .30, .40, .50)], criterion="auc")
     fake_run(tmp_path, "demo", "NAML-ATT", 1, 0, [m(.70, .31, .36, .46)])
-    records = util.collect_runs(tmp_path, "demo")
+    records = run_records.collect_runs(tmp_path, "demo")
     by = {(r["model"], r["run"]): r for r in records}
     assert by[("MHSA-MHSA", "#1")]["dev_auc"] == .62 and by[("MHSA-MHSA", "#1")]["best_epoch"] == 2
     assert by[("MHSA-MHSA", "#2")]["dev_auc"] == .66 and by[("MHSA-MHSA", "#2")]["best_epoch"] == 1
-    md, tsv = util.aggregate_runs(records)
+    md, tsv = run_records.aggregate_runs(records)
     rows = {line.split("\t")[1]: line.split("\t") for line in tsv.splitlines()[1:]}
     header = tsv.splitlines()[0].split("\t")
     nrms = dict(zip(header, rows["MHSA-MHSA"]))
@@ -57,9 +57,9 @@ def test_test_metrics_only_where_every_run_has_them_and_incomplete_runs_are_list
     fake_run(tmp_path, "small", "MHSA-ATT", 1, 0, [m(.6, .2, .3, .4)], test=m(.6, .2, .3, .4))
     fake_run(tmp_path, "small", "MHSA-ATT", 2, 0, [m(.6, .2, .3, .4)])  # never tested
     (tmp_path / "small" / "MHSA-ATT" / "#3").mkdir()  # crashed before its first epoch
-    records = util.collect_runs(tmp_path)
+    records = run_records.collect_runs(tmp_path)
     assert [r["incomplete"] for r in records if "incomplete" in r] == [str(tmp_path / "small" / "MHSA-ATT" / "#3")]
-    md, tsv = util.aggregate_runs(records)
+    md, tsv = run_records.aggregate_runs(records)
     header = tsv.splitlines()[0].split("\t")
     rows = {line.split("\t")[1]: dict(zip(header, line.split("\t"))) for line in tsv.splitlines()[1:]}
     assert float(rows["CNN-LSTUR"]["test_auc_mean"]) == pytest.approx(62.0)

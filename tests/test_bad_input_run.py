@@ -17,14 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
 
+import checkpoints
+import devices
+import evaluation
+import scorer
 import trainer
-import util
 from config import Config
 from main import cli, main
 from model import Model
-
-from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # 608 training samples (TINY_DEMO); 3 steps of 64 per epoch.
@@ -104,12 +106,12 @@ def test_nonfinite_scores_rank_after_every_finite_score_and_before_padding():
     mask = torch.tensor([[True, True, True, True, False, False],
                          [True, True, True, False, False, False],
                          [True, True, False, False, False, False]])
-    ranks = trainer.batch_ranks(logits, mask)
+    ranks = evaluation.batch_ranks(logits, mask)
     assert ranks[0, :4].tolist()[0] == 1 and ranks[0, 3] == 2 and sorted(ranks[0, 1:3].tolist()) == [3, 4]
     assert ranks[1, :3].tolist() == [3, 1, 2]  # +inf is no usable score either
     for row, n in enumerate(mask.sum(1).tolist()):
         assert sorted(ranks[row, :n].tolist()) == list(range(1, n + 1))  # padding always after real candidates
-    tied, nonfinite = trainer.tie_and_nonfinite_counts(logits, mask)
+    tied, nonfinite = evaluation.tie_and_nonfinite_counts(logits, mask)
     assert nonfinite.tolist() == [2, 1, 2] and tied.tolist() == [False, False, False]
 
 
@@ -132,7 +134,7 @@ def test_nonfinite_scores_are_ranked_last_counted_and_the_ranking_is_written(tra
     assert report["ties"]["nonfinite_scores"] == 2
     saved = json.loads((Path(result["checkpoint"]).parent / "dev" / "metrics.json").read_text())
     assert saved["ties"]["nonfinite_scores"] == 2
-    ids, ranks = util.read_prediction(report["ranking"])
+    ids, ranks = scorer.read_prediction(report["ranking"])
     row = ranks[poisoned["impression"]]
     assert sorted(row) == list(range(1, len(row) + 1)) and sorted(row[:2]) == [len(row) - 1, len(row)]
     assert str(ids[poisoned["impression"]]) in saved["ties"]["nonfinite_impressions"]
@@ -143,17 +145,17 @@ def test_equal_scores_are_ordered_by_training_popularity_then_the_official_order
     logits = torch.tensor([[1.0, 1.0, 1.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
     mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
     popularity = torch.tensor([[2, 0, 1, 3], [5, 5, 1, 0]])  # 0 = most popular
-    assert trainer.batch_ranks(logits, mask, popularity).tolist() == [[4, 2, 3, 1], [3, 2, 1, 4]]
+    assert evaluation.batch_ranks(logits, mask, popularity).tolist() == [[4, 2, 3, 1], [3, 2, 1, 4]]
     # position: the official scorer's order (among equal scores the higher index first)
-    assert trainer.batch_ranks(logits, mask).tolist() == [[4, 3, 2, 1], [3, 2, 1, 4]]
-    tied, _ = trainer.tie_and_nonfinite_counts(logits, mask)
+    assert evaluation.batch_ranks(logits, mask).tolist() == [[4, 3, 2, 1], [3, 2, 1, 4]]
+    tied, _ = evaluation.tie_and_nonfinite_counts(logits, mask)
     assert tied.tolist() == [True, True]
 
 
 def test_popularity_rank_orders_news_by_train_clicks_then_impressions_then_index():
     beh = {"candidates": np.array([1, 2, 2, 3, 3, 3, 4]), "labels": np.array([1, 1, 0, 1, 0, 0, 0])}
     # clicks: 1 -> 1, 2 -> 1, 3 -> 1, 4 -> 0; shown: 1 -> 1, 2 -> 2, 3 -> 3, 4 -> 1
-    assert trainer.popularity_rank(beh, 6).tolist() == [4, 2, 1, 0, 3, 5]  # order: 3, 2, 1, 4, 0, 5
+    assert evaluation.popularity_rank(beh, 6).tolist() == [4, 2, 1, 0, 3, 5]  # order: 3, 2, 1, 4, 0, 5
 
 
 def _empty_history_copy(beh: dict, reverse: bool) -> dict:
@@ -175,23 +177,23 @@ def test_empty_history_metrics_do_not_depend_on_candidate_order_under_popularity
     from MIND_corpus import Corpus
 
     tmp, data, result = trained
-    ckpt = trainer.load_checkpoint(result["checkpoint"])
+    ckpt = checkpoints.load_checkpoint(result["checkpoint"])
     cfg = Config.from_dict(ckpt["config"])
     cfg.progress = False
     corpus = Corpus(cfg, need_glove=False, log=lambda *a: None)
     model = Model(cfg, corpus.meta, corpus.news)
-    trainer.load_state(model, ckpt, result["checkpoint"])
+    checkpoints.load_state(model, ckpt, result["checkpoint"])
     dev = corpus.behaviors("dev")
-    rt = trainer.Runtime(device=torch.device("cpu"))
-    popularity = trainer.popularity_rank(corpus.behaviors("train"), model.news_num)
-    results = {(rule, reverse): trainer.evaluate(model, _empty_history_copy(dev, reverse), cfg, rt,
+    rt = devices.Runtime(device=torch.device("cpu"))
+    popularity = evaluation.popularity_rank(corpus.behaviors("train"), model.news_num)
+    results = {(rule, reverse): evaluation.evaluate(model, _empty_history_copy(dev, reverse), cfg, rt,
                                                  tie_rank=popularity if rule == "popularity" else None)
                for rule in ("popularity", "position") for reverse in (False, True)}
     sizes = np.diff(np.asarray(dev["offsets"]))
     for key, res in results.items():
         assert res.ties["tied_impressions"] == int((sizes > 1).sum()), key  # every score of an impression ties
         assert res.ties["tie_break"] == key[0]
-    for metric in util.METRIC_KEYS:
+    for metric in scorer.METRIC_KEYS:
         assert results["popularity", True].metrics[metric] == results["popularity", False].metrics[metric], metric
     # the position rule depends on where the clicks stand: reversing the candidates changes the metrics
     assert results["position", True].metrics["mrr"] != results["position", False].metrics["mrr"]
@@ -203,8 +205,8 @@ def test_dev_mode_reports_the_tie_rule_and_its_count(trained, capsys):
     for rule in ("popularity", "position"):
         report = main(["--mode=dev", f"--dev_model_path={result['checkpoint']}", data, f"--tie_break={rule}"])
         assert report["ties"]["tie_break"] == rule
-        official = util.official_style_score(report["truth"], report["ranking"])
-        for key in util.METRIC_KEYS:
+        official = scorer.official_style_score(report["truth"], report["ranking"])
+        for key in scorer.METRIC_KEYS:
             assert report["metrics"][key] == pytest.approx(official[key], abs=1e-12)
     saved = json.loads((Path(result["checkpoint"]).parent / "dev" / "metrics.json").read_text())
     assert set(saved["ties"]) >= {"tie_break", "tied_impressions", "nonfinite_scores"}
@@ -284,7 +286,7 @@ def test_test_mode_names_both_prediction_files(trained, capsys):
 # ----------------------------------------------------------------------------------------------------------
 
 def _lock(run: Path, pid: int) -> Path:
-    path = run / trainer.LOCK_FILE
+    path = run / checkpoints.LOCK_FILE
     path.write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
     return path
 
@@ -293,17 +295,17 @@ def test_a_run_folder_being_trained_refuses_a_second_training(trained, tmp_path)
     _, data, _ = trained
     first = new_run(tmp_path, data)
     run = Path(first["run_dir"])
-    assert not (run / trainer.LOCK_FILE).exists()  # released at the end of the run
+    assert not (run / checkpoints.LOCK_FILE).exists()  # released at the end of the run
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         _lock(run, other.pid)  # another live process trains this run
-        with pytest.raises(trainer.RunLocked, match=rf"being trained by another process \(pid {other.pid} "):
+        with pytest.raises(checkpoints.RunLocked, match=rf"being trained by another process \(pid {other.pid} "):
             new_run(tmp_path, data, "--resume=auto", "--epoch=2")
-        last = torch.load(run / trainer.LAST_CHECKPOINT, weights_only=True)
+        last = torch.load(run / checkpoints.LAST_CHECKPOINT, weights_only=True)
         assert last["epoch"] == 1  # untouched
         # the lock of a live process is never taken over
-        lock = trainer.RunLock(run)
-        with pytest.raises(trainer.RunLocked):
+        lock = checkpoints.RunLock(run)
+        with pytest.raises(checkpoints.RunLocked):
             lock.acquire()
     finally:
         other.kill()
@@ -311,19 +313,19 @@ def test_a_run_folder_being_trained_refuses_a_second_training(trained, tmp_path)
     # the same process gone: a stale lock, taken over with a note
     again = new_run(tmp_path, data, "--resume=auto", "--epoch=2")
     assert Path(again["run_dir"]) == run and again["history"][-1]["epoch"] == 2
-    assert not (run / trainer.LOCK_FILE).exists()
+    assert not (run / checkpoints.LOCK_FILE).exists()
 
 
 def test_the_lock_is_exclusive_and_released(tmp_path):
-    a, b = trainer.RunLock(tmp_path, log=lambda *x: None), trainer.RunLock(tmp_path, log=lambda *x: None)
+    a, b = checkpoints.RunLock(tmp_path, log=lambda *x: None), checkpoints.RunLock(tmp_path, log=lambda *x: None)
     a.acquire()
-    assert json.loads((tmp_path / trainer.LOCK_FILE).read_text())["pid"] == os.getpid()
-    with pytest.raises(trainer.RunLocked, match=f"pid {os.getpid()}"):
+    assert json.loads((tmp_path / checkpoints.LOCK_FILE).read_text())["pid"] == os.getpid()
+    with pytest.raises(checkpoints.RunLocked, match=f"pid {os.getpid()}"):
         b.acquire()
     a.release()
     b.acquire()
     b.release()
-    assert not (tmp_path / trainer.LOCK_FILE).exists()
+    assert not (tmp_path / checkpoints.LOCK_FILE).exists()
 
 
 # ----------------------------------------------------------------------------------------------------------

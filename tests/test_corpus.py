@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -11,13 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from config import Config
-from dataset import EvalDataset, TrainDataset, sample_negatives
 import MIND_corpus as mc
 import prepare_MIND_dataset as pm
+import scorer
+from config import Config
+from dataset import EvalDataset, TrainDataset, sample_negatives
+from evaluation import batch_ranks
 from MIND_corpus import Corpus, CorpusError, tokenize
-from trainer import batch_ranks
-import util
 
 VEC = "\t".join(["0.5"] * 100)
 
@@ -266,7 +265,7 @@ def test_batch_ranks_follow_official_tie_rule():
     ranks = batch_ranks(torch.from_numpy(scores), torch.from_numpy(mask)).numpy()
     for row in range(50):
         n = sizes[row]
-        assert list(ranks[row, :n]) == list(util.ranks_from_scores(scores[row, :n]))
+        assert list(ranks[row, :n]) == list(scorer.ranks_from_scores(scores[row, :n]))
 
 
 # ----------------------------------------------------------------------------------------------------------

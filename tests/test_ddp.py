@@ -17,6 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
+import devices
+import run_records
 import significance
 import trainer
 import util
@@ -24,6 +27,7 @@ from main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
+
 # 608 training samples: global batch 100 with 2 accumulation steps -> 7 micro-batches (the last holds 8 samples)
 # and 4 optimizer steps, the last with one micro-batch: every branch of the loop (no_sync, partial batch) runs.
 # Dropout 0: the runs must differ only by float rounding. lr 1e-3 makes a data bug move weights far beyond it.
@@ -34,7 +38,7 @@ TRAIN = ["--mode=train", "--dataset=demo", "--epoch=1", "--batch_size=100", "--g
 def torchrun(args: list[str], timeout: float = 150, nproc: int = 2, env: dict | None = None):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
            "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", "main.py", *args]
-    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", trainer.CRASH_ENV)}
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", devices.CRASH_ENV)}
     full_env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                      "MASTER_ADDR": "127.0.0.1", **(env or {})})
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -54,8 +58,8 @@ def runs(tmp_path_factory):
 
 def test_two_processes_train_like_one_with_the_same_global_batch(runs):
     tmp, data, one, two_dir, proc = runs
-    a = torch.load(Path(one["run_dir"]) / trainer.LAST_CHECKPOINT, weights_only=True)
-    b = torch.load(two_dir / trainer.LAST_CHECKPOINT, weights_only=True)
+    a = torch.load(Path(one["run_dir"]) / checkpoints.LAST_CHECKPOINT, weights_only=True)
+    b = torch.load(two_dir / checkpoints.LAST_CHECKPOINT, weights_only=True)
     assert a["step"] == b["step"] == 4 and b["world_size"] == 2 and len(b["rng"]) == 2
     assert b["history"][0]["train_loss"] == pytest.approx(a["history"][0]["train_loss"], rel=1e-6)
     names = list(a["model"])
@@ -72,12 +76,12 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
     assert compared >= len(names) - 2
     assert "distributed: 2 processes, backend gloo" in proc.stdout
     # train_log.jsonl (rank 0 only) logs the global batch's loss and the whole job's sample rate
-    logs = [util.read_jsonl(d / util.TRAIN_LOG) for d in (Path(one["run_dir"]), two_dir)]
+    logs = [run_records.read_jsonl(d / run_records.TRAIN_LOG) for d in (Path(one["run_dir"]), two_dir)]
     assert [(r["kind"], r["step"]) for r in logs[1]] == [(r["kind"], r["step"]) for r in logs[0]] == [
         ("step", 2), ("step", 4), ("epoch", 4)]
     loss = [[r["loss"] if r["kind"] == "step" else r["train_loss"] for r in log] for log in logs]
     assert loss[1] == pytest.approx(loss[0], rel=1e-5)
-    assert json.loads((two_dir / util.ENVIRONMENT).read_text())["world_size"] == 2
+    assert json.loads((two_dir / run_records.ENVIRONMENT).read_text())["world_size"] == 2
 
 
 def test_sharded_dev_evaluation_during_training_equals_one_process(runs):
@@ -125,10 +129,10 @@ def test_sharded_test_prediction_is_identical_to_one_process(runs, tmp_path):
 def test_a_dead_rank_ends_the_job_with_an_error(tmp_path, runs):
     _, data, _, _, _ = runs
     proc = torchrun([*TRAIN, "--epoch=2", *data, f"--output_dir={tmp_path / 'crash'}"],
-                    env={trainer.CRASH_ENV: "1:1"}, timeout=90)
+                    env={devices.CRASH_ENV: "1:1"}, timeout=90)
     assert proc.returncode != 0
     assert "dying at step 1" in proc.stderr
-    assert not list((tmp_path / "crash").rglob(trainer.LAST_CHECKPOINT))  # it died in epoch 1
+    assert not list((tmp_path / "crash").rglob(checkpoints.LAST_CHECKPOINT))  # it died in epoch 1
 
 
 def test_global_batches_are_split_exactly_whatever_the_world_size():
@@ -161,29 +165,29 @@ def test_batch_size_must_divide_by_the_world_size(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ValueError, match=r"--batch_size=30 is the global batch .* divisible .*=28 or 32"):
-        trainer.setup_runtime(Config.from_args(["--batch_size=30", "--device=cpu"]))
+        devices.setup_runtime(Config.from_args(["--batch_size=30", "--device=cpu"]))
     assert util.dist_env() == (1, 1, 4)
 
 
 def test_amp_choice(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert trainer.resolve_amp("auto", cpu) == "off"
+    assert devices.resolve_amp("auto", cpu) == "off"
     warnings = []
-    assert trainer.resolve_amp("bf16", cpu, log=warnings.append) == "bf16" and "slower" in warnings[0]
+    assert devices.resolve_amp("bf16", cpu, log=warnings.append) == "bf16" and "slower" in warnings[0]
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
-        trainer.resolve_amp("fp16", cpu)
+        devices.resolve_amp("fp16", cpu)
     # No GPU here: the dtype choice on CUDA is checked with the capability query stubbed.
-    monkeypatch.setattr(trainer, "_cuda_has_bf16", lambda device: True)
-    assert trainer.resolve_amp("auto", cuda) == "bf16"
-    monkeypatch.setattr(trainer, "_cuda_has_bf16", lambda device: False)
-    assert trainer.resolve_amp("auto", cuda) == "fp16"
+    monkeypatch.setattr(devices, "_cuda_has_bf16", lambda device: True)
+    assert devices.resolve_amp("auto", cuda) == "bf16"
+    monkeypatch.setattr(devices, "_cuda_has_bf16", lambda device: False)
+    assert devices.resolve_amp("auto", cuda) == "fp16"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
     with pytest.raises(ValueError, match="V100 has no native bf16"):
-        trainer.resolve_amp("bf16", cuda)
-    rt = trainer.Runtime(device=cpu, amp="bf16")
+        devices.resolve_amp("bf16", cuda)
+    rt = devices.Runtime(device=cpu, amp="bf16")
     with rt.autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    with trainer.Runtime(device=cpu).autocast():
+    with devices.Runtime(device=cpu).autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 

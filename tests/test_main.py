@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import util
+import scorer
 from main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def test_train_writes_run_folder(trained):
     log = [json.loads(line) for line in (run / "dev_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
     assert all(0 <= r["auc"] <= 1 and np.isfinite(r["train_loss"]) for r in log)
-    best = max(log, key=lambda r: util.criterion_value(r, "avg"))
+    best = max(log, key=lambda r: scorer.criterion_value(r, "avg"))
     assert result["best_epoch"] == best["epoch"]
     assert result["dev_metrics"]["auc"] == pytest.approx(best["auc"])
 
@@ -47,7 +47,7 @@ def test_dev_mode_matches_official_scorer_on_written_files(trained):
     tmp, common, result = trained
     report = main(["--mode=dev", f"--dev_model_path={result['checkpoint']}", *common, "--no-progress"])
     m = report["metrics"]
-    official = util.official_style_score(report["truth"], report["ranking"])
+    official = scorer.official_style_score(report["truth"], report["ranking"])
     for key in ("auc", "mrr", "ndcg5", "ndcg10"):
         assert m[key] == pytest.approx(official[key], abs=1e-9)
     # same checkpoint, same data: the dev metrics logged at training time are reproduced
@@ -86,7 +86,7 @@ def test_unlabelled_test_split_still_predicts(trained, tmp_path):
                            for r in rows))
     report = main(["--mode=test", f"--test_model_path={result['checkpoint']}", f"--data_dir={data}", "--no-progress"])
     assert report["metrics"] == {"labelled": False}
-    ids, ranks = util.read_prediction(report["prediction"])
+    ids, ranks = scorer.read_prediction(report["prediction"])
     assert [str(i) for i in ids] == [r[0] for r in rows]
 
 
@@ -141,5 +141,5 @@ def test_plm_miner_train_dev_test_with_offline_minilm(tmp_path):
     dev = main(["--mode=dev", f"--dev_model_path={ckpt}", *common])
     assert dev["metrics"]["auc"] == pytest.approx(result["dev_metrics"]["auc"], abs=1e-9)
     test = main(["--mode=test", f"--test_model_path={ckpt}", *common])
-    ids, ranks = util.read_prediction(test["prediction"])
+    ids, ranks = scorer.read_prediction(test["prediction"])
     assert len(ids) == 30 and all(sorted(r) == list(range(1, len(r) + 1)) for r in ranks)

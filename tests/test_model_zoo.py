@@ -10,7 +10,7 @@ For each valid pairing:
   weights of both encoders;
 - the cached evaluation path (every news encoded once, `Model.score_cached`) gives the same logits as the full
   forward of the same batch, so candidate-aware user encoders really use the cached vectors correctly;
-- `trainer.evaluate` over the dev split returns metrics in [0, 1] and a valid ranking of every impression.
+- `evaluation.evaluate` over the dev split returns metrics in [0, 1] and a valid ranking of every impression.
 
 Legend: B impressions, C candidates, N news.
 """
@@ -19,17 +19,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from common import model_device  # noqa: E402
 
+import run_records
 from config import Config
 from dataset import EvalDataset, TrainDataset
+from devices import Runtime
+from evaluation import evaluate
 from MIND_corpus import Corpus
 from model import Model, check_pairing
 from newsEncoders import NEWS_ENCODERS
 from prepare_MIND_dataset import ensure_demo
-from trainer import Runtime, build_optimizer, evaluate
+from trainer import build_optimizer
 from userEncoders import USER_ENCODERS
-
-from common import model_device  # noqa: E402
 
 DEVICE = model_device()  # $MIND_TEST_DEVICE (cpu by default): bench/gpu.py runs this module on the GPU
 SIZES = dict(num_news=150, num_users=60, num_train_impressions=60, num_dev_impressions=24, num_test_impressions=6)
@@ -134,7 +136,7 @@ def test_category_fusion_is_refused_for_encoders_that_read_categories(zoo, news)
 
 def train_step_and_evaluate(zoo, news: str, user: str, *extra: str, fused: bool = False) -> Model:
     """One training step moves both encoders (and the fusion embeddings when `fused`), the cached evaluation
-    path equals the full forward, and `trainer.evaluate` ranks every dev impression."""
+    path equals the full forward, and `evaluation.evaluate` ranks every dev impression."""
     config, corpus, model = build(zoo, news, user, *extra)
     model.build_frozen_cache(log=lambda *a: None)
 
@@ -221,8 +223,7 @@ def test_explain_runs_for_every_encoder(zoo, news, user, tmp_path):
     """`--mode=explain`'s core on every registered encoder: scores equal the evaluation path's, word attention (where
     the news encoder pools words with attention) is a distribution over each title's real tokens, and every user
     attention map has the axes its encoder declares, with the history cut to the real clicks."""
-    import util
-    from trainer import explain_impression
+    from explain_mode import explain_impression
 
     config, corpus, model = build(zoo, news, user)
     dev = corpus.behaviors("dev")
@@ -248,5 +249,5 @@ def test_explain_runs_for_every_encoder(zoo, news, user, tmp_path):
         shape = np.asarray(m["weights"]).shape
         sized = {"history": len(data["history"]), "candidate": len(data["candidates"])}
         assert all(shape[i] == sized[a] for i, a in enumerate(m["axes"]) if a in sized), (name, shape)
-    png = util.plot_explanation(data, tmp_path / "x.png")
+    png = run_records.plot_explanation(data, tmp_path / "x.png")
     assert png.stat().st_size > 1000

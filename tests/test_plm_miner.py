@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from common import needs_glove50, needs_minilm  # noqa: E402
 
-import util
+import glove_vectors
 from config import Config
 from MIND_corpus import CorpusMeta
 from model import Model
 from newsEncoders import NEWS_ENCODERS, OFFLINE_MINILM, resolve_plm_path
 from trainer import build_optimizer, warmup_linear
 from userEncoders import MINERUserEncoder, UserInputs
-
-from common import needs_glove50, needs_minilm  # noqa: E402
 
 WORDS = "stock market falls team wins game storm hits coast new recipe for dinner the a of".split()
 
@@ -288,7 +287,7 @@ def test_miner_uses_the_news_encoder_category_embedding_or_its_own(tiny_bert):
 @needs_glove50
 def test_category_glove_init_is_frozen_and_semantic():
     names = ["<PAD>", "foodanddrink", "northamerica", "middleeast", "tv", "autos", "movies", "weather"]
-    matrix, found = util.category_glove_matrix(names, 50, return_found=True)
+    matrix, found = glove_vectors.category_glove_matrix(names, 50, return_found=True)
     assert found == 7
     meta = CorpusMeta(vocab_size=5, category_num=len(names), subcategory_num=2, user_num=2, entity_num=1,
                       news_num=2, category_names=names, category_glove=matrix)

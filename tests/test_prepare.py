@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import prepare_MIND_dataset as pm
-import util
+import scorer
 
 TINY = dict(num_news=300, num_users=150, num_train_impressions=400, num_dev_impressions=120,
             num_test_impressions=120)
@@ -207,7 +207,7 @@ def test_oracle_matches_click_probabilities(demo):
     for split in pm.SPLITS:
         p, y, offsets, _, _ = flat_split(demo, split)
         assert ((p > 0) & (p < 1)).all()
-        recomputed = util.compute_metrics_flat(p, y, offsets)  # the project's official-metric implementation
+        recomputed = scorer.compute_metrics_flat(p, y, offsets)  # the project's official-metric implementation
         assert recomputed["skipped_single_class"] == 0
         assert recomputed["auc"] == pytest.approx(oracle[f"{split}_auc"], abs=2e-6)
         assert np.nanmean(pm.impression_aucs(p, y, offsets)) == pytest.approx(recomputed["auc"], abs=1e-12)
@@ -228,7 +228,7 @@ def test_popularity_scorer_beats_chance_but_not_the_oracle(demo):
     for split in ("dev", "test"):
         _, y, offsets, cands, _ = flat_split(demo, split)
         score = np.array([(clicks.get(n, 0) + 10 * prior) / (shown.get(n, 0) + 10) for n in cands])
-        auc = util.compute_metrics_flat(score, y, offsets)["auc"]
+        auc = scorer.compute_metrics_flat(score, y, offsets)["auc"]
         assert 0.53 < auc < oracle[f"{split}_auc"] - 0.1, (split, auc)
 
 

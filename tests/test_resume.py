@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
 
+import checkpoints
 import trainer
 from main import main
 
-from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
 # Dropout stays on (demo: 0.2), so the resumed run matches only if the dropout generator is restored too; negatives
 # are redrawn every epoch and the data order changes every epoch, so those must follow the epoch as well.
 TRAIN = ["--mode=train", "--dataset=demo", "--epoch=2", "--batch_size=64", "--max_steps_per_epoch=4",
@@ -43,7 +44,7 @@ def resumed(tmp_path_factory):
     finally:
         trainer.Trainer._save_last = original
     run2 = tmp / "runs" / "demo" / "MHSA-MHSA" / "#2"
-    after_crash = torch.load(run2 / trainer.LAST_CHECKPOINT, weights_only=True)
+    after_crash = torch.load(run2 / checkpoints.LAST_CHECKPOINT, weights_only=True)
     again = main([*TRAIN, *common, "--resume=auto"])
     return tmp, common, straight, after_crash, again, run2
 
@@ -52,8 +53,8 @@ def test_two_epochs_equal_one_epoch_plus_resume(resumed):
     tmp, common, straight, after_crash, again, run2 = resumed
     assert after_crash["epoch"] == 1 and after_crash["step"] == 4
     assert Path(again["run_dir"]) == run2  # the same run folder goes on
-    a = torch.load(Path(straight["run_dir"]) / trainer.LAST_CHECKPOINT, weights_only=True)
-    b = torch.load(run2 / trainer.LAST_CHECKPOINT, weights_only=True)
+    a = torch.load(Path(straight["run_dir"]) / checkpoints.LAST_CHECKPOINT, weights_only=True)
+    b = torch.load(run2 / checkpoints.LAST_CHECKPOINT, weights_only=True)
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 8
     compared = 0
     for i, (name, value) in enumerate(a["model"].items()):
@@ -100,7 +101,7 @@ def test_resume_refuses_a_changed_training_flag_and_finished_runs_do_nothing(res
     tmp, common, straight, _, again, run2 = resumed
     with pytest.raises(ValueError, match=r"--lr=0.5 \(run: 0.0001\)"):
         main([*TRAIN, *common, f"--resume={run2}", "--lr=0.5"])
-    done = main([*TRAIN, *common, f"--resume={run2 / trainer.LAST_CHECKPOINT}"])
+    done = main([*TRAIN, *common, f"--resume={run2 / checkpoints.LAST_CHECKPOINT}"])
     assert done["history"] == again["history"] and done["run_dir"] == again["run_dir"]
     with pytest.raises(FileNotFoundError, match="--resume .*not found"):
         main([*TRAIN, *common, f"--resume={tmp / 'nowhere'}"])
@@ -124,16 +125,16 @@ def test_resume_auto_takes_the_highest_run_with_a_training_state(tmp_path):
     for run, has_state in (("#1", True), ("#2", True), ("#10", True), ("#11", False), ("x", True)):
         (base / run).mkdir(parents=True)
         if has_state:
-            (base / run / trainer.LAST_CHECKPOINT).write_bytes(b"")
-    assert trainer.resolve_resume("auto", str(tmp_path), "demo", "M-U") == base / "#10" / trainer.LAST_CHECKPOINT
-    assert trainer.resolve_resume("auto", str(tmp_path), "demo", "other") is None
-    assert trainer.resolve_resume(str(base / "#2"), "", "", "") == base / "#2" / trainer.LAST_CHECKPOINT
-    assert trainer.resolve_resume(None, str(tmp_path), "demo", "M-U") is None
+            (base / run / checkpoints.LAST_CHECKPOINT).write_bytes(b"")
+    assert checkpoints.resolve_resume("auto", str(tmp_path), "demo", "M-U") == base / "#10" / checkpoints.LAST_CHECKPOINT
+    assert checkpoints.resolve_resume("auto", str(tmp_path), "demo", "other") is None
+    assert checkpoints.resolve_resume(str(base / "#2"), "", "", "") == base / "#2" / checkpoints.LAST_CHECKPOINT
+    assert checkpoints.resolve_resume(None, str(tmp_path), "demo", "M-U") is None
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
-    path = tmp_path / trainer.LAST_CHECKPOINT
-    trainer.atomic_torch_save({"epoch": 1, "w": torch.arange(4.0)}, path)
+    path = tmp_path / checkpoints.LAST_CHECKPOINT
+    checkpoints.atomic_torch_save({"epoch": 1, "w": torch.arange(4.0)}, path)
     real_save = torch.save
 
     def dies_half_way(obj, f, *args, **kwargs):
@@ -144,21 +145,21 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypa
 
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(OSError, match="No space left"):
-        trainer.atomic_torch_save({"epoch": 2, "w": torch.arange(9.0)}, path)
+        checkpoints.atomic_torch_save({"epoch": 2, "w": torch.arange(9.0)}, path)
     monkeypatch.undo()
     kept = torch.load(path, weights_only=True)
     assert kept["epoch"] == 1 and kept["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
-    assert os.listdir(tmp_path) == [trainer.LAST_CHECKPOINT]  # no temporary file left behind
-    trainer.atomic_torch_save({"epoch": 2}, path)
+    assert os.listdir(tmp_path) == [checkpoints.LAST_CHECKPOINT]  # no temporary file left behind
+    checkpoints.atomic_torch_save({"epoch": 2}, path)
     assert torch.load(path, weights_only=True)["epoch"] == 2
 
 
 def test_schedule_plans_exactly_the_optimizer_steps_taken_with_gradient_accumulation(tmp_path):
     """warmup + linear decay must end at lr 0 on the last optimizer step: the planned total counts optimizer
     steps (micro-batches / --grad_accum_steps, the last partial group included), not batches."""
+    from config import Config
     from dataset import TrainDataset
     from MIND_corpus import Corpus
-    from config import Config
 
     common = [f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'runs'}"]
     tiny = ["--demo_news=150", "--demo_users=60", "--demo_train_impressions=60", "--demo_dev_impressions=10",
@@ -170,7 +171,7 @@ def test_schedule_plans_exactly_the_optimizer_steps_taken_with_gradient_accumula
     samples = len(TrainDataset(Corpus(cfg, need_glove=False, log=lambda *a: None).behaviors("train"), 4))
     batches = -(-samples // 16)
     steps = -(-batches // 3)
-    state = torch.load(Path(result["run_dir"]) / trainer.LAST_CHECKPOINT, weights_only=True)
+    state = torch.load(Path(result["run_dir"]) / checkpoints.LAST_CHECKPOINT, weights_only=True)
     assert state["step"] == 2 * steps
     assert state["scheduler"]["last_epoch"] == 2 * steps
     assert all(group["lr"] == 0.0 for group in state["optimizer"]["param_groups"])

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from common import SMALL_MODEL, TINY_DEMO
 from scipy import stats
 
+import run_records
+import scorer
 import significance
-import util
-from common import SMALL_MODEL, TINY_DEMO
 from main import main
 
 
@@ -27,7 +28,7 @@ def impressions(n: int, seed: int = 0):
 
 
 def record(tmp_path, name, scores, labels, offsets, ids=None, split="dev", **meta) -> Path:
-    per = util.per_impression_metrics(scores, labels, offsets)
+    per = scorer.per_impression_metrics(scores, labels, offsets)
     ids = np.arange(100, 100 + len(offsets) - 1) if ids is None else ids
     return significance.write_per_impression(tmp_path / f"{name}.npz", per, ids, offsets, labels,
                                              {"model": name, "split": split, "dataset": "demo", **meta})
@@ -67,7 +68,7 @@ def test_planted_difference_is_found_with_its_sign_and_the_direct_p_value(tmp_pa
     a, b = record(tmp_path, "A", base, labels, offsets), record(tmp_path, "B", better, labels, offsets)
     runs = significance.load_runs([str(a), str(b)], "dev")
     rows = significance.compare_runs(runs, resamples=2000, seed=7)
-    assert [r["metric"] for r in rows] == list(util.METRIC_KEYS)
+    assert [r["metric"] for r in rows] == list(scorer.METRIC_KEYS)
     va, vb = significance.align(runs)
     d = vb - va
     for col, r in enumerate(rows):
@@ -146,7 +147,7 @@ def test_holm_is_applied_per_metric_over_the_comparisons(tmp_path):
              for i in range(3)]
     rows = significance.compare_runs(significance.load_runs([str(p) for p in paths], "dev"), resamples=300)
     assert {(r["a"], r["b"]) for r in rows} == {("M0", "M1"), ("M0", "M2")}  # each against the first
-    for key in util.METRIC_KEYS:
+    for key in scorer.METRIC_KEYS:
         family = [r for r in rows if r["metric"] == key]
         np.testing.assert_allclose([r["p_holm"] for r in family], significance.holm([r["p_perm"] for r in family]))
     every = significance.compare_runs(significance.load_runs([str(p) for p in paths], "dev"), all_pairs=True,
@@ -160,14 +161,14 @@ def test_per_impression_metrics_are_the_official_ones_impression_by_impression()
     labels, offsets, rng = impressions(50, seed=5)
     labels[offsets[3]:offsets[4]] = 1  # one single-class impression: skipped and counted
     scores = rng.normal(size=offsets[-1])
-    per = util.per_impression_metrics(scores, labels, offsets)
+    per = scorer.per_impression_metrics(scores, labels, offsets)
     assert per["skipped_single_class"] == 1 and 3 not in per["index"] and len(per["index"]) == 49
     for j, i in enumerate(per["index"][:10]):
-        one = util.compute_metrics([scores[offsets[i]:offsets[i + 1]]], [labels[offsets[i]:offsets[i + 1]]])
-        for key in util.METRIC_KEYS:
+        one = scorer.compute_metrics([scores[offsets[i]:offsets[i + 1]]], [labels[offsets[i]:offsets[i + 1]]])
+        for key in scorer.METRIC_KEYS:
             assert per[key][j] == pytest.approx(one[key], abs=1e-12)
-    flat = util.compute_metrics_flat(scores, labels, offsets)
-    for key in util.METRIC_KEYS:
+    flat = scorer.compute_metrics_flat(scores, labels, offsets)
+    for key in scorer.METRIC_KEYS:
         assert flat[key] == pytest.approx(per[key].mean(), abs=1e-12)
 
 
@@ -226,7 +227,7 @@ def test_run_paths_resolve_to_their_records(tmp_path):
     (run / "dev").mkdir(parents=True)
     labels, offsets, rng = impressions(10)
     for name in (significance.PER_IMPRESSION, significance.POPULARITY):
-        per = util.per_impression_metrics(rng.normal(size=offsets[-1]), labels, offsets)
+        per = scorer.per_impression_metrics(rng.normal(size=offsets[-1]), labels, offsets)
         significance.write_per_impression(run / "dev" / name, per, np.arange(10), offsets, labels, {"split": "dev"})
     ckpt = run / "MHSA-MHSA"
     ckpt.write_bytes(b"weights")
@@ -252,10 +253,10 @@ def test_run_paths_resolve_to_their_records(tmp_path):
 
 def test_t_interval_is_scipys():
     values = np.array([64.1, 63.2, 65.0, 64.4])
-    low, high = util.t_interval(values)
+    low, high = run_records.t_interval(values)
     ref = stats.t.interval(0.95, 3, loc=values.mean(), scale=stats.sem(values))
     assert (low, high) == pytest.approx(ref, abs=1e-12)
-    assert np.isnan(util.t_interval([1.0])).all()
+    assert np.isnan(run_records.t_interval([1.0])).all()
 
 
 def fake_run(root, model, n, seed, auc, test=None):
@@ -273,7 +274,7 @@ def test_seed_differences_pair_runs_by_seed(tmp_path):
     for n, (seed, auc) in enumerate([(2, .64), (0, .63), (1, .66), (9, .70)], 1):  # seed 9: A has none
         fake_run(tmp_path, "B-B", n, seed, auc)
     fake_run(tmp_path, "C-C", 1, 0, .5)  # one shared seed: no pair
-    md, tsv, notes = significance.seed_differences(util.collect_runs(tmp_path, "demo"))
+    md, tsv, notes = significance.seed_differences(run_records.collect_runs(tmp_path, "demo"))
     rows = [dict(zip(tsv.splitlines()[0].split("\t"), line.split("\t"))) for line in tsv.splitlines()[1:]]
     assert {(r["a"], r["b"]) for r in rows} == {("A-A", "B-B")} and not notes
     auc = next(r for r in rows if r["metric"] == "dev_auc")
@@ -285,7 +286,7 @@ def test_seed_differences_pair_runs_by_seed(tmp_path):
     assert float(auc["p_t"]) == pytest.approx(stats.ttest_rel([63, 66, 64], [60, 62, 61]).pvalue, rel=1e-5)
     assert "| demo | A-A | B-B | 0,1,2 | dev AUC | +3.33 ± 0.58 |" in md
     fake_run(tmp_path, "A-A", 4, 0, .59)  # a second run of seed 0: the latest is used, and said so
-    _, tsv2, notes = significance.seed_differences(util.collect_runs(tmp_path, "demo"))
+    _, tsv2, notes = significance.seed_differences(run_records.collect_runs(tmp_path, "demo"))
     assert notes == ["demo/A-A: runs #1 and #4 share seed 0; the paired-by-seed table uses #4"]
     assert float(tsv2.splitlines()[1].split("\t")[5]) == pytest.approx(np.mean([4.0, 4.0, 3.0]))
 
@@ -296,7 +297,7 @@ def test_main_aggregate_prints_intervals_and_the_paired_table(tmp_path, capsys):
         fake_run(tmp_path, "B-B", n, seed, auc + 0.01 * (n + 1))
     result = main(["--mode=aggregate", f"--output_dir={tmp_path}"])
     out = capsys.readouterr().out
-    low, high = util.t_interval([60.0, 62.0])
+    low, high = run_records.t_interval([60.0, 62.0])
     assert f"| demo | A-A | 2 | 0,1 | 61.00 ± 1.41 [{low:.2f}, {high:.2f}] |" in out
     assert "Paired by seed" in out and "| demo | A-A | B-B | 0,1 | dev AUC | +2.50 ± 0.71 |" in out
     assert (tmp_path / "aggregate.md").read_text().strip() == result["markdown"].strip()

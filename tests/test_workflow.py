@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-import util
+import run_records
+import scorer
 from layers import AdditiveAttention, AttentionRecorder
 from main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
+
 TRAIN = ["--mode=train", "--dataset=demo", "--epoch=2", "--batch_size=32", "--max_steps_per_epoch=6",
          "--log_every=2", *TINY_DEMO, *SMALL_MODEL]
-needs_tensorboard = pytest.mark.skipif(not util.tensorboard_available(),
+needs_tensorboard = pytest.mark.skipif(not run_records.tensorboard_available(),
                                        reason="tensorboard not installed (requirements.txt lists it)")
 
 
@@ -51,7 +53,7 @@ def miner(nrms):
 
 def test_train_log_has_steps_and_epochs_with_loss_lr_throughput_and_dev_metrics(nrms):
     _, _, result, run = nrms
-    records = util.read_jsonl(run / util.TRAIN_LOG)
+    records = run_records.read_jsonl(run / run_records.TRAIN_LOG)
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12]  # every --log_every optimizer steps
@@ -68,7 +70,7 @@ def test_train_log_has_steps_and_epochs_with_loss_lr_throughput_and_dev_metrics(
     for rec, hist in zip(epochs, result["history"]):
         for key in ("auc", "mrr", "ndcg5", "ndcg10", "train_loss"):
             assert rec[key] == pytest.approx(hist[key], abs=1e-12), key
-        assert rec["criterion"] == pytest.approx(util.criterion_value(hist, "avg"))
+        assert rec["criterion"] == pytest.approx(scorer.criterion_value(hist, "avg"))
     # the epoch mean is the mean over its steps: the logged windows average to it
     first = [r["loss"] for r in steps if r["epoch"] == 1]
     assert epochs[0]["train_loss"] == pytest.approx(np.mean(first), rel=1e-6)
@@ -129,7 +131,7 @@ def test_bench_miner_interests_measures_a_miner_checkpoint(miner, nrms):
 
 def test_auxiliary_losses_are_logged_by_name(miner):
     _, _, _, run = miner
-    records = util.read_jsonl(run / util.TRAIN_LOG)
+    records = run_records.read_jsonl(run / run_records.TRAIN_LOG)
     assert records and all("disagreement" in r["aux"] for r in records)
     # MINER's disagreement (beta x mean cosine of the K interests) lies in (0, beta]
     assert all(0 < r["aux"]["disagreement"] <= 0.8 + 1e-6 for r in records)
@@ -137,7 +139,7 @@ def test_auxiliary_losses_are_logged_by_name(miner):
 
 def test_environment_names_versions_device_and_commit(nrms):
     _, _, _, run = nrms
-    env = json.loads((run / util.ENVIRONMENT).read_text())
+    env = json.loads((run / run_records.ENVIRONMENT).read_text())
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["world_size"] == 1
     assert env["transformers"] and env["python"]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -147,7 +149,7 @@ def test_environment_names_versions_device_and_commit(nrms):
 
 def test_curves_png_is_written(nrms):
     _, _, _, run = nrms
-    width, height = png_size(run / util.CURVES)
+    width, height = png_size(run / run_records.CURVES)
     assert width > 400 and height > 200
 
 
@@ -162,7 +164,7 @@ def test_tensorboard_scalars(nrms):
     assert {"train/loss", "train/lr/model", "train/samples_per_s", "train/impressions_per_s", "dev/auc",
             "dev/ndcg10", "epoch/train_loss"} <= tags
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
-    log = [r for r in util.read_jsonl(run / util.TRAIN_LOG) if r["kind"] == "epoch"]
+    log = [r for r in run_records.read_jsonl(run / run_records.TRAIN_LOG) if r["kind"] == "epoch"]
     assert [e.value for e in acc.Scalars("dev/auc")] == pytest.approx([r["auc"] for r in log], rel=1e-6)
 
 
@@ -171,17 +173,17 @@ def test_records_can_be_switched_off(nrms, tmp_path):
     result = main([*TRAIN, f"--data_dir={tmp / 'data'}", f"--output_dir={tmp_path}", "--epoch=1",
                    "--max_steps_per_epoch=2", "--no-tensorboard", "--no-plot"])
     run = Path(result["run_dir"])
-    assert not (run / "tensorboard").exists() and not (run / util.CURVES).exists()
-    assert (run / util.TRAIN_LOG).exists() and (run / util.ENVIRONMENT).exists()  # records are always written
+    assert not (run / "tensorboard").exists() and not (run / run_records.CURVES).exists()
+    assert (run / run_records.TRAIN_LOG).exists() and (run / run_records.ENVIRONMENT).exists()  # records are always written
 
 
 def test_resumed_log_drops_records_after_the_saved_step(tmp_path):
-    log = tmp_path / util.TRAIN_LOG
+    log = tmp_path / run_records.TRAIN_LOG
     log.write_text("".join(json.dumps({"kind": k, "step": s}) + "\n" for k, s in
                            [("step", 2), ("epoch", 3), ("step", 4), ("step", 6)]))
-    util.RunRecorder(tmp_path, tensorboard=False, resumed_step=3, log=lambda *a: None)
-    assert [r["step"] for r in util.read_jsonl(log)] == [2, 3]  # steps 4 and 6 will be redone
-    util.RunRecorder(tmp_path, tensorboard=False, log=lambda *a: None)  # a new run starts a new log
+    run_records.RunRecorder(tmp_path, tensorboard=False, resumed_step=3, log=lambda *a: None)
+    assert [r["step"] for r in run_records.read_jsonl(log)] == [2, 3]  # steps 4 and 6 will be redone
+    run_records.RunRecorder(tmp_path, tensorboard=False, log=lambda *a: None)  # a new run starts a new log
     assert not log.exists()
 
 
@@ -278,10 +280,10 @@ def test_explain_scores_match_the_dev_ranking(nrms):
     _, common, result, run = nrms
     out = explain(run, common, impression="5")
     report = main(["--mode=dev", f"--dev_model_path={result['checkpoint']}", *common])
-    ids, ranks = util.read_prediction(report["ranking"])
+    ids, ranks = scorer.read_prediction(report["ranking"])
     expected = ranks[ids.index("5") if "5" in ids else ids.index(5)]
     scores = np.array([c["score"] for c in out["candidates"]])
-    assert list(util.ranks_from_scores(scores)) == list(expected)
+    assert list(scorer.ranks_from_scores(scores)) == list(expected)
 
 
 def test_explain_miner_interests_and_candidate_weights(miner):

@@ -1,0 +1,129 @@
+"""--mode=explain: what a trained model attends to in one impression (word attention of the news encoder, the
+user encoder's declared attention maps), as data for records.plot_explanation."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dataset import EvalDataset
+
+NEWS_TSV_COLUMNS = {"title": 3, "abstract": 4}  # text columns of news.tsv
+
+
+def news_texts(root: Path, news_ids: set[str], column: str) -> dict[str, str]:
+    """The `column` text (title / abstract) of `news_ids` from the splits' news.tsv under `root`."""
+    found: dict[str, str] = {}
+    col = NEWS_TSV_COLUMNS[column]
+    for split in ("train", "dev", "test"):
+        path = root / split / "news.tsv"
+        if not path.exists() or len(found) == len(news_ids):
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                nid, _, rest = line.partition("\t")
+                if nid in news_ids and nid not in found:
+                    parts = line.rstrip("\n").split("\t")
+                    found[nid] = parts[col] if len(parts) > col else ""
+    return found
+
+
+def find_impression(beh: dict[str, Any], impression_id: str) -> int:
+    """Row of `impression_id` in a split's behaviors arrays; a clear error with examples when absent."""
+    ids = np.asarray(beh["impression_ids"])
+    rows = np.flatnonzero(ids.astype(str) == str(impression_id))
+    if len(rows) == 0:
+        sizes = np.diff(np.asarray(beh["offsets"]))
+        raise ValueError(f"impression {impression_id!r} is not in {beh['path']} (column 1); "
+                         f"for example: {', '.join(map(str, ids[sizes > 0][:5]))}")
+    return int(rows[0])
+
+
+@torch.no_grad()
+def explain_impression(model: nn.Module, corpus, impression_id: str, split: str = "dev") -> dict[str, Any]:
+    """Run one impression through `model` (eval mode) and collect what it attended to.
+
+    Returns a dict for `run_records.plot_explanation`: the history and candidate titles, labels and scores, each news'
+    word (token) attention from the news encoder (`layers.AttentionRecorder`), and the user encoder's own
+    attention maps (`UserOutput.attention`) with the names of their axes (`attention_axes`)."""
+    from layers import AttentionRecorder
+
+    beh = corpus.behaviors(split)
+    row = find_impression(beh, impression_id)
+    data = EvalDataset(beh, 1)
+    data.batches = [np.array([row])]
+    device = next(model.parameters()).device
+    batch = data[0].to(device)
+    model.eval()
+    model.build_frozen_cache(log=lambda *a: None)
+    h, c = batch.history.shape[1], batch.candidates.shape[1]
+    ids = torch.cat([batch.history[0], batch.candidates[0]])  # [H + C]
+    user_ids = batch.user.expand(len(ids)) if model.news_encoder.personalized else None
+    with AttentionRecorder(model) as rec:
+        feats = model.news_features(ids)
+        vectors = model.news_encoder.encode(feats, user_id=user_ids)[0]  # [H + C, D]
+        news_maps = dict(rec.maps)
+        rec.clear()
+        logits, out = model.score(batch, vectors[:h].unsqueeze(0), vectors[h:].unsqueeze(0))
+    # Word attention: a news-encoder map over this batch's token positions of the text the encoder reads.
+    text_key = next((k for k in ("title", "plm_ids", "abstract") if k in feats), None)
+    width = feats[text_key].shape[1] if text_key else -1
+    candidates_maps = [(k, w) for k, (w, axes) in news_maps.items()
+                       if k.startswith("news_encoder.") and w.dim() == 2 and w.shape == (h + c, width)]
+    word_key, word_weights = next(((k, w) for k, w in candidates_maps if "title" in k),
+                                  candidates_maps[0] if candidates_maps else (None, None))
+    news_ids = corpus.news_meta["news_ids"]
+    index = ids.cpu().numpy()
+    column = "abstract" if text_key == "abstract" else "title"
+    texts = news_texts(corpus.root, {news_ids[i] for i in index if i > 0}, column)
+    tokens: list[list[str]] = []
+    if text_key == "plm_ids":
+        from transformers import AutoTokenizer
+
+        from newsEncoders import resolve_plm_path
+
+        tok = AutoTokenizer.from_pretrained(resolve_plm_path(model.config.plm_model_name))
+        for r in feats["plm_ids"].cpu().numpy():
+            tokens.append(tok.convert_ids_to_tokens([int(t) for t in r]))
+    elif text_key is not None:
+        from MIND_corpus import tokenize
+
+        vocab = corpus.meta.vocab
+        for i, r in zip(index, feats[text_key].cpu().numpy()):
+            words = tokenize(texts.get(news_ids[i], ""))
+            # The text's own words where they line up with the ids (out-of-vocabulary words keep their spelling).
+            tokens.append([words[j] if j < len(words) else vocab[t] for j, t in enumerate(r)])
+    hist_mask = batch.history_mask[0].cpu().numpy()
+    cand_mask = batch.candidate_mask[0].cpu().numpy()
+    labels = batch.labels[0].cpu().numpy()
+    n_hist = int(hist_mask.sum())
+
+    def news(pos: int) -> dict[str, Any]:
+        i = int(index[pos])
+        entry = {"news_id": news_ids[i] if i > 0 else "(unknown)", "title": texts.get(news_ids[i], "") if i > 0 else ""}
+        if word_weights is not None:
+            length = int((feats[text_key][pos] != 0).sum()) if text_key != "plm_ids" else int(feats["plm_mask"][pos].sum())
+            entry["tokens"] = tokens[pos][:length]
+            entry["weights"] = word_weights[pos, :length].tolist()
+        return entry
+
+    axes_of = type(model.user_encoder).attention_axes
+    user_maps = {}
+    for name, weights in out.attention.items():
+        axes = axes_of.get(name)
+        if axes is None or weights.dim() != len(axes):
+            continue  # an attention without declared axes cannot be labelled: left out of the picture
+        w = weights.detach().float().cpu()[0]  # drop the impression axis
+        axes = axes[1:]
+        w = w.narrow(axes.index("history"), 0, n_hist) if "history" in axes else w
+        user_maps[name] = {"axes": list(axes), "weights": w.tolist()}
+    return {
+        "impression_id": str(impression_id), "split": split, "model": model.config.model_name,
+        "word_attention": word_key, "history": [news(p) for p in range(n_hist)],
+        "candidates": [{**news(h + j), "label": int(labels[j]), "score": float(logits[0, j])}
+                       for j in range(c) if cand_mask[j]],
+        "user_attention": user_maps,
+    }
