@@ -324,7 +324,8 @@ def compare_tables(runs: Sequence[PerImpression], rows: Sequence[Mapping], resam
           "| run | seed | file | " + " | ".join(NAMES[k] for k in METRIC_KEYS) + " |", "|---" * 7 + "|"]
     for r in runs:
         means = r.means()
-        md.append(f"| {r.label} | {r.meta.get('seed', '—')} | `{r.path}` | "
+        run_seed = r.meta.get("seed")
+        md.append(f"| {r.label} | {'—' if run_seed is None else run_seed} | `{r.path}` | "
                   + " | ".join(f"{100 * means[k]:.2f}" for k in METRIC_KEYS) + " |")
     md += ["", f"B − A in percentage points; 95% paired-bootstrap interval and sign-flip permutation p-value "
            f"({resamples} resamples each, seed {seed}); Holm over the {len(rows) // len(METRIC_KEYS)} comparison(s) "
