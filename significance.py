@@ -1,8 +1,8 @@
 """Which model is really better: paired tests over impressions, intervals over seeds.
 
 Two runs scored on the same impressions are compared impression by impression: the per-impression difference
-`d_i = metric_B(i) - metric_A(i)` removes what is hard or easy about each impression, so a real difference shows
-at a fraction of the sample size an unpaired comparison of two means needs. Over seeds, a model's runs give an
+`d_i = metric_B(i) - metric_A(i)` removes what is hard or easy about each impression (both runs share it), so
+the test is sharper than an unpaired comparison of two means, the more so the more alike the runs rank. Over seeds, a model's runs give an
 interval for its expected score (t-distribution), and two models trained with the same seeds are paired by seed.
 
 - Records: training (at each new best dev epoch), `--mode=dev` and `--mode=test` write `per_impression.npz` (the
@@ -151,6 +151,7 @@ def align(runs: Sequence[PerImpression]) -> list[np.ndarray]:
     other impressions, or whose impressions with the same ids differ (other candidates or clicks: another
     corpus) are refused with a ValueError naming the difference."""
     ref = runs[0]
+    ref_order = np.argsort(ref.impression_ids, kind="stable")
     out = []
     for r in runs:
         if r.meta.get("split") != ref.meta.get("split"):
@@ -166,8 +167,6 @@ def align(runs: Sequence[PerImpression]) -> list[np.ndarray]:
                 f"({_examples(only_r) or 'none'}). A paired test needs the same impressions: evaluate both "
                 f"checkpoints on the same split of the same corpus")
         order = np.argsort(r.impression_ids, kind="stable")
-        if r is ref:
-            ref_order = order
         same = ((r.candidates[order] == ref.candidates[ref_order]) & (r.clicks[order] == ref.clicks[ref_order]))
         if not same.all():
             bad = r.impression_ids[order][~same]
@@ -325,7 +324,8 @@ def compare_tables(runs: Sequence[PerImpression], rows: Sequence[Mapping], resam
           "| run | seed | file | " + " | ".join(NAMES[k] for k in METRIC_KEYS) + " |", "|---" * 7 + "|"]
     for r in runs:
         means = r.means()
-        md.append(f"| {r.label} | {r.meta.get('seed', '—')} | `{r.path}` | "
+        run_seed = r.meta.get("seed")
+        md.append(f"| {r.label} | {'—' if run_seed is None else run_seed} | `{r.path}` | "
                   + " | ".join(f"{100 * means[k]:.2f}" for k in METRIC_KEYS) + " |")
     md += ["", f"B − A in percentage points; 95% paired-bootstrap interval and sign-flip permutation p-value "
            f"({resamples} resamples each, seed {seed}); Holm over the {len(rows) // len(METRIC_KEYS)} comparison(s) "

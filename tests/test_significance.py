@@ -345,10 +345,14 @@ def test_compare_end_to_end_and_never_overwrites(two_runs, capsys):
     assert [r.label for r in result["runs"]] == ["popularity", "MHSA-MHSA #1", "MHSA-MHSA #2"]
     assert len(result["rows"]) == 8 and {r["a"] for r in result["rows"]} == {"popularity"}
     assert "| popularity | MHSA-MHSA #2 | AUC |" in printed
+    assert f"| popularity | — | `{ckpts[0].parent / 'dev' / significance.POPULARITY}` |" in printed  # no seed
+    assert f"| MHSA-MHSA #2 | 1 | `{ckpts[1].parent / 'dev' / significance.PER_IMPRESSION}` |" in printed
+    assert "(500 resamples each, seed 0)" in printed  # the resampling seed, not a run's
     assert (out / "compare.md").read_text().strip() == result["markdown"].strip()
     tsv = (out / "compare.tsv").read_text().splitlines()
     assert tsv[0].startswith("a\tb\tmetric\timpressions") and len(tsv) == 9
     row = dict(zip(tsv[0].split("\t"), tsv[1].split("\t")))
+    assert row["resamples"] == "500" and row["seed"] == "0"
     assert float(row["diff"]) == pytest.approx(result["rows"][0]["diff"], abs=1e-15)
     with pytest.raises(FileExistsError, match="already holds compare.md, compare.tsv"):
         main(["--mode=compare", "--runs", str(ckpts[0]), str(ckpts[1]), f"--compare_output={out}", *common])
