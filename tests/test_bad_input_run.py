@@ -411,7 +411,7 @@ def test_unwritable_output_dir_is_one_line_naming_it_before_data_is_read(tmp_pat
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(trainer.tempfile, "NamedTemporaryFile", read_only)  # tests run as root: simulate it
+    monkeypatch.setattr(checkpoints.tempfile, "NamedTemporaryFile", read_only)  # tests run as root: simulate it
     with pytest.raises(ValueError, match=r"--output_dir .*ro: cannot write run folders under .*\(Permission denied\)"):
         main([*TRAIN, f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'ro'}"])
     assert not (tmp_path / "data").exists()
