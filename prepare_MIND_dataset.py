@@ -24,7 +24,7 @@ request after an interruption), its size checked against the server's, and renam
 CRC-checked and unpacked once into `data_dir/raw/<zip stem>/`. Offline, preparation fails within seconds with a
 message naming the zips, the folder to put them in and where to get them. Protocol folders are built in a temp
 folder and renamed into place, with a `.prepared` marker; a folder built by the current `PROTOCOL_VERSION` is
-not rebuilt.
+not rebuilt, and a folder without the marker (a corpus the user put there) is never replaced: an error.
 
 Demo corpus extras (not in MIND): `<split>/click_probabilities.tsv` (`ImpressionID \\t p1 p2 ...`, the true
 click probability of each candidate, in order), `test/labels_hidden.tsv` (`ImpressionID \\t 0 1 0 ...`, the
@@ -1173,6 +1173,11 @@ def prepare(dataset: str, data_dir="data", *, download: bool = True, num_users: 
         if {k: saved.get(k) for k in marker} == marker:
             print(f"{target} is ready (protocol {dataset}, version {PROTOCOL_VERSION})")
             return target
+    elif target.is_dir() and any(target.iterdir()):
+        # Not built here (no marker): a corpus the user put there. Rebuilding would delete it.
+        raise FileExistsError(f"{target} holds files that prepare_MIND_dataset.py did not build (no .prepared marker); "
+                              f"it was left as it is. main.py --dataset={dataset} reads it as it is; to have the "
+                              f"protocol built, move the folder away or pass another --data_dir")
     raw = obtain_raw(ZIPS[dataset], data_dir, download=download, base_url=base_url)
     t0 = time.time()
 

