@@ -414,6 +414,13 @@ def _is_embedding(name: str) -> bool:
     return "emb" in top or top in ("wte", "wpe")
 
 
+def _drop_stack_copies(module, state_dict, prefix, *args) -> None:
+    """Older checkpoints held the PLM's layer stack twice (also as `_all_layers` / `_layers_parent`): the copies
+    equal the `plm.` entries, so they are dropped on load."""
+    for key in [k for k in state_dict if k.startswith((f"{prefix}_all_layers.", f"{prefix}_layers_parent."))]:
+        del state_dict[key]
+
+
 class PLMNewsEncoder(NewsEncoder):
     """Base: PLM over token ids [N, L] -> hidden [N, L, Hp] -> pooling -> dropout -> [N, Hp].
 
@@ -517,7 +524,11 @@ class PLMNewsEncoder(NewsEncoder):
             # The base weights are all frozen and come from --plm_model_name: the checkpoint keeps the rest only.
             backbones.exclude_frozen_base(self)
         if config.gradient_checkpointing and not self.precompute:
-            self.plm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(self.plm, "activation_checkpointing_enable", None)  # transformers 5's name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.plm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.frozen_layers = frozen
         self.plm_lr = config.plm_lr
         # Frozen-layer cache (issue 6): the frozen bottom is a fixed function of the title, so the model runs it
@@ -527,8 +538,11 @@ class PLMNewsEncoder(NewsEncoder):
         self.cache_frozen = bool(config.plm_cache) and not self.precompute and 0 < frozen \
             and (frozen < len(layers) or hasattr(self.plm, "embeddings"))
         parent_name, _, self._layers_attr = stack_name.rpartition(".")
-        self._layers_parent = self.plm.get_submodule(parent_name) if parent_name else self.plm
-        self._all_layers = layers
+        # Plain attributes, not submodules: registered, they put the layer stack into the state dict a second time
+        # (checkpoints before this change hold those copies: `_drop_stack_copies` skips them on load).
+        object.__setattr__(self, "_layers_parent", self.plm.get_submodule(parent_name) if parent_name else self.plm)
+        object.__setattr__(self, "_all_layers", layers)
+        self.register_load_state_dict_pre_hook(_drop_stack_copies)
         if self.pooling == "attention" and self.uses_pool:
             self.pool_attention = AdditiveAttention(self.hidden_dim, config.attention_dim)
         self.dropout = nn.Dropout(config.dropout_rate)

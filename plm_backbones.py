@@ -158,8 +158,10 @@ def add_lora(plm: nn.Module, modules: list[str], rank: int, alpha: float, dropou
         p.requires_grad = False
     if not modules:
         return
+    # GPT-2 stores its projections transposed (transformers' Conv1D): peft must be told.
+    transposed = any(type(plm.get_submodule(m)).__name__ == "Conv1D" for m in modules)
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
-                                       bias="none"), plm)
+                                       bias="none", fan_in_fan_out=transposed), plm)
     for name, p in plm.named_parameters():
         p.requires_grad = "lora_" in name
         if "lora_" in name and p.dtype != torch.float32:
@@ -176,7 +178,6 @@ def exclude_frozen_base(owner: nn.Module, plm_attr: str = "plm") -> None:
     def drop(module, state_dict, prefix, local_metadata):
         for name in base:
             state_dict.pop(f"{prefix}{plm_attr}.{name}", None)
-        return state_dict
 
     def allow_missing(module, incompatible):
         keep = [k for k in incompatible.missing_keys if not _is_base(k)]
