@@ -314,7 +314,8 @@ def test_main_train_dev_test_with_a_tiny_decoder_lora_and_a_template(backbones, 
              "--plm_lora_rank=4", "--plm_frozen_layers=1", "--plm_pooling=last", "--plm_lr=1e-3",
              "--plm_text_template=News: {title} Category: {category}", "--plm_max_length=16",
              "--attention_dim=8", "--category_embedding_dim=8"]
-    result = main(["--mode=train", "--dataset=demo", "--epoch=1", "--batch_size=32", *TINY_DEMO, *flags, *common])
+    result = main(["--mode=train", "--dataset=demo", "--epoch=1", "--batch_size=64", "--max_history_num=10", *TINY_DEMO,
+                   *flags, *common])
     run = Path(result["run_dir"])
     saved = json.loads((run / "config.json").read_text())
     assert saved["plm_lora_rank"] == 4 and saved["plm_text_template"].startswith("News: ")
