@@ -472,9 +472,10 @@ class PLMNewsEncoder(NewsEncoder):
             if config.plm_lora_rank:
                 raise ValueError("--plm_embeddings=precompute runs a frozen backbone once; it cannot train LoRA "
                                  "adapters: drop --plm_lora_rank or use --plm_embeddings=finetune")
-            if frozen is not None and frozen != len(layers):
-                raise ValueError(f"--plm_embeddings=precompute freezes all {len(layers)} layers of "
-                                 f"{config.plm_model_name}; leave --plm_frozen_layers out (got {frozen})")
+            if frozen is not None and frozen != len(layers) and main_rank:
+                # A note, not an error: per-dataset suggestions (the demo's 4) set the flag without the user.
+                print(f"note: --plm_embeddings=precompute freezes all {len(layers)} layers of "
+                      f"{config.plm_model_name} (--plm_frozen_layers={frozen} does not apply)")
             frozen = len(layers)
             self.length_buckets = 1  # no PLM runs per batch: nothing to save by length
         if frozen is None:

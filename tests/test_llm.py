@@ -338,3 +338,11 @@ def test_state_dict_holds_the_layer_stack_once_and_old_checkpoints_load(backbone
             old[k.replace("news_encoder.plm.encoder.layer.", "news_encoder._all_layers.")] = v
             old[k.replace("news_encoder.plm.encoder.", "news_encoder._layers_parent.")] = v
     load_state(build(backbones["bert"], plm_pooling="cls"), {"model": old, "config": {}}, "old")
+
+
+def test_precompute_freezes_every_layer_whatever_the_suggested_frozen_layers(backbones):
+    # The demo suggests --plm_frozen_layers=4 without the user typing it: precompute still freezes all, with a note.
+    enc = NEWS_ENCODERS["PLMMiner"](make_config(backbones["llama"], plm_embeddings="precompute", plm_pooling="last",
+                                                plm_frozen_layers=1), META)
+    assert enc.resolved_settings()["plm_frozen_layers"] == 3
+    assert not any(p.requires_grad for p in enc.plm.parameters())
