@@ -869,6 +869,7 @@ class Corpus:
                 raise FileNotFoundError(f"{self.root / s / 'news.tsv'} is missing (behaviors.tsv is there)")
         t0 = time.time()
         news_files = {s: self.root / s / "news.tsv" for s in self.splits}
+        self._news_files = news_files
         self._news_sig = [file_signature(p) for p in news_files.values()]
         spec = dict(files=self._news_sig, word_threshold=config.word_threshold,
                     max_title_length=config.max_title_length, max_abstract_length=config.max_abstract_length)
@@ -960,30 +961,68 @@ class Corpus:
                  f"({'cache' if not g.built else source})")
         return g.arrays["word_embeddings"], g.meta["found"], g.built
 
-    def add_plm_tokens(self, tokenizer_path: str, max_length: int) -> None:
-        """Tokenize every title once with the PLM's tokenizer (cached like the rest): adds `plm_ids` [N, L]
-        int32 and `plm_mask` [N, L] int8 to the news table. Empty titles (and the padding news) become
-        [CLS] [SEP], a valid sequence."""
+    def add_plm_tokens(self, tokenizer_path: str, max_length: int, template: str = "{title}") -> None:
+        """Tokenize every news' PLM text once with the PLM's tokenizer (cached like the rest; the template is in the
+        cache key): adds `plm_ids` [N, L] int32 and `plm_mask` [N, L] int8 to the news table, padded on the right.
+
+        The text is `template` filled with the news' title, abstract, category and subcategory (--plm_text_template).
+        A tokenizer without a pad token (GPT-2, Llama) pads with its EOS token. A text with no token at all (an empty
+        title under a decoder's tokenizer, the padding news) keeps one pad token as its only real token, so every
+        sequence has one; encoders' empty titles become [CLS] [SEP]."""
+        from plm_backbones import ensure_pad_token
+
         folder = Path(tokenizer_path)
         tokenizer_files = [p for p in sorted(folder.iterdir()) if p.is_file() and (
             "token" in p.name or p.name in ("vocab.txt", "vocab.json", "merges.txt", "spiece.model"))] \
             if folder.is_dir() else []
         source = [file_signature(p) for p in tokenizer_files] if folder.is_dir() else tokenizer_path
         spec = dict(news=self.news_key, tokenizer=source, max_length=max_length)
+        if template != "{title}":
+            spec["template"] = template  # (left out for the default: caches built before templates stay valid)
 
         def build():
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(tokenizer_path)
-            enc = tok(list(self.news_meta["titles"]), max_length=max_length, truncation=True,
-                      padding="max_length", return_attention_mask=True)
+            ensure_pad_token(tok)
+            tok.padding_side = "right"  # the model cuts token columns to the longest real text: padding must trail
+            enc = tok(self.plm_texts(template), max_length=max_length, truncation=True, padding="max_length",
+                      return_attention_mask=True)
             ids = np.asarray(enc["input_ids"], dtype=np.int32)
             mask = np.asarray(enc["attention_mask"], dtype=np.int8)
-            return dict(plm_ids=ids, plm_mask=mask), dict(pad_token_id=int(tok.pad_token_id or 0))
+            empty = mask.sum(1) == 0
+            ids[empty, 0], mask[empty, 0] = tok.pad_token_id, 1
+            return dict(plm_ids=ids, plm_mask=mask), dict(pad_token_id=int(tok.pad_token_id or 0),
+                                                          empty_texts=int(empty.sum()))
 
         c = cached(self.cache_dir, "plm", spec, build)
         self.news = {**self.news, **c.arrays}
-        self.log(f"PLM tokens: {c.arrays['plm_ids'].shape[1]} per title ({'built' if c.built else 'cache'})")
+        self.log(f"PLM tokens: {c.arrays['plm_ids'].shape[1]} per news text ({'built' if c.built else 'cache'}"
+                 + (f"; template {template!r}" if template != "{title}" else "") + ")")
+
+    def plm_texts(self, template: str) -> list[str]:
+        """Every news' PLM text (row 0, the padding news, included): `template` filled per news."""
+        titles = list(self.news_meta["titles"])
+        if template == "{title}":
+            return titles
+        from plm_backbones import template_fields
+
+        fields = template_fields(template)
+        columns: dict[str, list[str]] = {"title": titles}
+        if "category" in fields:
+            names = self.news_meta["categories"]
+            columns["category"] = ["" if i == 0 else names[i] for i in np.asarray(self.news["category"])]
+        if "subcategory" in fields:
+            names = self.news_meta["subcategories"]
+            columns["subcategory"] = ["" if i == 0 else names[i] for i in np.asarray(self.news["subcategory"])]
+        if "abstract" in fields:  # abstracts are not kept as text in the news cache: read them from news.tsv
+            abstract: dict[str, str] = {}
+            for path in self._news_files.values():
+                f = read_tsv(path, NEWS_COLUMNS)
+                for nid, text in zip(f["NewsID"].tolist(), f["Abstract"].tolist()):
+                    abstract.setdefault(nid, text)
+            columns["abstract"] = [""] + [abstract.get(nid, "") for nid in self.news_meta["news_ids"][1:]]
+        return [template.format(**{k: v[i] for k, v in columns.items()}) for i in range(len(titles))]
 
     def add_category_glove(self) -> None:
         """GloVe vectors of the category names (compound names split into words) for --use_category_glove.

@@ -99,7 +99,8 @@ def load_corpus(config, log=print) -> Corpus:
     needs_glove = news_cls.needs_glove and config.mode == "train"
     corpus = Corpus(config, need_glove=needs_glove, log=log)
     if news_cls.uses_plm:
-        corpus.add_plm_tokens(resolve_plm_path(config.plm_model_name), config.plm_max_length)
+        corpus.add_plm_tokens(resolve_plm_path(config.plm_model_name), config.plm_max_length,
+                              config.plm_text_template)
     if config.use_category_glove:
         corpus.add_category_glove()
     # The splits this mode reads, parsed and checked before any model is built: a missing, empty or unusable split

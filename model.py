@@ -207,6 +207,8 @@ class Model(nn.Module):
             self.register_buffer(f"news_{name}", tensor, persistent=False)  # rebuilt from the corpus, not saved
         self.news_num = int(next(iter(news_table.values())).shape[0])
         self.register_buffer("news_plm_hidden", None, persistent=False)  # frozen-layer cache, built on demand
+        # --plm_embeddings=precompute: every news' pooled PLM vector [N, Hp] fp16, read from its on-disk store.
+        self.register_buffer("news_pooled_plm", None, persistent=False)
         # The same cache kept in host memory when it would take more than CACHE_DEVICE_FRACTION of the free GPU
         # memory (a plain attribute: .to(device) must not move it); rows are copied to the device per batch.
         self.news_plm_hidden_host: torch.Tensor | None = None
@@ -224,6 +226,8 @@ class Model(nn.Module):
         title or abstract tokens (`title_entity`, ...) are cut to the same length; PLM ids by their mask.
         """
         out = {name: getattr(self, f"news_{name}")[index] for name in self.features}
+        if self.news_pooled_plm is not None:
+            out["pooled_plm"] = self.news_pooled_plm[index]  # [N, Hp] fp16 precomputed PLM vectors
         if self.news_plm_hidden is not None:
             out["plm_hidden"] = self.news_plm_hidden[index]  # [N, L, Hp] fp16 frozen-layer output
         elif self.news_plm_hidden_host is not None:
@@ -259,6 +263,8 @@ class Model(nn.Module):
         after the stack) falls back to the uncached path with a warning. `host=True` forces the host-memory table.
         """
         enc = self.news_encoder
+        if getattr(enc, "precompute", False):
+            return self.build_embedding_store(log=log)
         if not enc.cache_frozen or self.has_frozen_cache:
             return
         ids_all, mask_all = self.news_plm_ids, self.news_plm_mask
@@ -295,6 +301,40 @@ class Model(nn.Module):
         log(f"frozen-layer cache: {n} news x {length} tokens x {table.shape[-1]} (fp16, {mb:,.0f} MiB"
             + ("" if on_device else f", in host memory: more than {CACHE_DEVICE_FRACTION:.0%} of the free GPU memory")
             + f") for the embeddings + {enc.frozen_layers} frozen layers; relative check difference {diff:.1e}")
+
+    @torch.no_grad()
+    def build_embedding_store(self, log=print) -> None:
+        """--plm_embeddings=precompute: every news' pooled vector from the frozen backbone, [N, Hp] fp16, read from
+        `<cache folder>/plm-embeddings-<key>.npy` (a memory map keyed by the backbone's files, the token table, which
+        holds --plm_text_template and --plm_max_length, the pooling and the dtype), built there on first use in
+        length-sorted chunks. Training then gathers stored vectors: no PLM runs per step."""
+        if self.news_pooled_plm is not None:
+            return
+        import time
+        from pathlib import Path
+
+        from newsEncoders import resolve_plm_path
+        from plm_backbones import backbone_signature, build_store, store_key
+
+        enc, cfg = self.news_encoder, self.config
+        ids_all, mask_all = self.news_plm_ids, self.news_plm_mask
+        key = store_key(backbone_signature(resolve_plm_path(cfg.plm_model_name)), ids_all.cpu().numpy(),
+                        mask_all.cpu().numpy(), cfg.plm_pooling, cfg.plm_dtype, {"model": cfg.plm_model_name})
+        folder = Path(getattr(cfg, "cache_dir", None) or Path(cfg.data_dir) / "cache")
+        path = folder / f"plm-embeddings-{key}.npy"
+
+        def encode(rows: torch.Tensor) -> torch.Tensor:
+            mask = mask_all[rows].long()
+            used = max(1, int(mask.sum(1).max()))
+            return enc.frozen_pooled(ids_all[rows, :used].long(), mask[:, :used])
+
+        t0 = time.time()
+        order = self.length_order(torch.arange(self.news_num, device=ids_all.device))
+        table, built = build_store(path, self.news_num, encode, order)
+        self.news_pooled_plm = torch.from_numpy(np.array(table)).to(ids_all.device)
+        log(f"precomputed PLM vectors: {self.news_num} news x {table.shape[1]} (fp16, "
+            f"{table.nbytes / 2**20:,.1f} MiB) {'built in %.1f s' % (time.time() - t0) if built else 'loaded'} "
+            f"from {path}")
 
     @property
     def has_frozen_cache(self) -> bool:

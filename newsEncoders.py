@@ -21,7 +21,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from layers import (AdditiveAttention, MHSASettings, MultiHeadSelfAttention, QueryAttention, Registry, masked_mean,
                     masked_softmax)
-from settings import Settings, all_at_least_1, at_least, odd, setting
+import plm_backbones as backbones
+from plm_backbones import template_error
+from settings import Settings, all_at_least_1, at_least, odd, setting, unit_interval
 
 if TYPE_CHECKING:  # encoders never import config at run time (config imports the registries)
     from config import Config
@@ -315,7 +317,9 @@ class PLMSettings(Settings):
         None, "embeddings + the lowest N transformer layers get no gradient (default: 10/12 of the model's layers, "
         "rounded down: 10 of BERT-base's 12, 5 of MiniLM's 6; the log says which)",
         check=lambda v: None if v is None or v >= 0 else "must be >= 0", architecture=False)
-    plm_pooling: str = setting("attention", "PLM hidden states -> news vector", choices=("cls", "average", "attention"))
+    plm_pooling: str = setting("attention", "PLM hidden states -> news vector: cls (the first real token; encoders "
+                                "only), last (the last real token: for decoder-only LLMs, it has read the whole text), "
+                                "average, attention (learned)", choices=("cls", "last", "average", "attention"))
     plm_lr: float = setting(1e-5, "learning rate of the PLM parameters (own optimizer group)", architecture=False,
                             check=lambda v: None if v > 0 else "must be > 0")  # `not >`: NaN fails too
     plm_max_length: int = setting(32, "PLM title tokens (special tokens included)",
@@ -323,6 +327,28 @@ class PLMSettings(Settings):
     plm_cache: bool = setting(True, "run the frozen bottom (embeddings + --plm_frozen_layers, eval mode: no dropout) "
                               "once per corpus and train the top layers on its cached fp16 hidden states",
                               architecture=False)
+    plm_text_template: str = setting(
+        "{title}", "the text the PLM reads per news, fields {title} {abstract} {category} {subcategory}, e.g. "
+        "'News: {title} Category: {category}' (prompting an LLM)", check=template_error)
+    plm_lora_rank: int = setting(0, "LoRA rank (peft): the whole backbone frozen, low-rank adapters trained at "
+                                    "--plm_lr in the layers above --plm_frozen_layers; 0 = no LoRA", check=at_least(0))
+    plm_lora_alpha: float = setting(16.0, "LoRA alpha (the adapter's output is scaled by alpha / rank)",
+                                    check=lambda v: None if v > 0 else "must be > 0")
+    plm_lora_dropout: float = setting(0.05, "dropout on the LoRA adapters' input", check=unit_interval,
+                                      architecture=False)
+    plm_lora_target_modules: str = setting(
+        "", "comma-separated module names inside each block that get adapters; empty: the family's default "
+        "(Llama/Qwen2/Mistral/Gemma q_proj,k_proj,v_proj,o_proj; GPT-2 c_attn; BERT/RoBERTa query,value)")
+    plm_dtype: str = setting("fp32", "dtype the backbone is loaded in: bf16 halves its memory (meant for GPUs; "
+                                     "allowed on the CPU, but slow there)", choices=("fp32", "bf16"),
+                             architecture=False)
+    gradient_checkpointing: bool = setting(False, "recompute the PLM's activations in the backward pass instead of "
+                                                  "storing them (less memory, about a third more compute)",
+                                           architecture=False)
+    plm_embeddings: str = setting(
+        "finetune", "finetune: the PLM runs in every step (top layers / LoRA trained); precompute: a frozen backbone "
+        "encodes every news once (pooled with last/average/cls, fp16 memory map under the cache folder, keyed by model, "
+        "template and length) and the model trains on the stored vectors", choices=("finetune", "precompute"))
 
 
 @dataclass
@@ -381,20 +407,30 @@ def resolve_plm_path(name: str) -> str:
 
 
 def transformer_layers(plm: nn.Module) -> nn.ModuleList:
-    """The stack of transformer blocks of any common encoder (BERT/RoBERTa/DeBERTa: encoder.layer,
-    DistilBERT: transformer.layer, others: layers): the longest ModuleList whose name ends in layer(s)."""
-    best = None
-    for name, module in plm.named_modules():
-        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layer", "layers"):
-            if best is None or len(module) > len(best):
-                best = module
-    if best is None:
-        raise ValueError(f"cannot find the transformer layers of {type(plm).__name__} to freeze")
-    return best
+    """The stack of transformer blocks (plm_backbones.layer_stack: BERT/RoBERTa/DeBERTa encoder.layer, GPT-2 h,
+    Llama/Qwen2/Mistral/Gemma layers, ...)."""
+    return backbones.layer_stack(plm)[1]
+
+
+def _is_embedding(name: str) -> bool:
+    """A parameter of the input embeddings (BERT embeddings.*, GPT-2 wte / wpe, Llama embed_tokens)."""
+    top = name.split(".")[0]
+    return "emb" in top or top in ("wte", "wpe")
+
+
+def _drop_stack_copies(module, state_dict, prefix, *args) -> None:
+    """Older checkpoints held the PLM's layer stack twice (also as `_all_layers` / `_layers_parent`): the copies
+    equal the `plm.` entries, so they are dropped on load."""
+    for key in [k for k in state_dict if k.startswith((f"{prefix}_all_layers.", f"{prefix}_layers_parent."))]:
+        del state_dict[key]
 
 
 class PLMNewsEncoder(NewsEncoder):
-    """Base: PLM over title token ids [N, L] -> hidden [N, L, Hp] -> pooling -> dropout -> [N, Hp]."""
+    """Base: PLM over token ids [N, L] -> hidden [N, L, Hp] -> pooling -> dropout -> [N, Hp].
+
+    The PLM is an encoder (BERT, RoBERTa, DeBERTa, MiniLM) or a decoder-only LLM (GPT-2, Llama, Qwen2, Mistral,
+    Gemma; plm_backbones.FAMILIES), fine-tuned in its top layers, through LoRA adapters (--plm_lora_rank), or not at
+    all (--plm_embeddings=precompute: the model reads stored vectors)."""
 
     settings = (PLMSettings,)
 
@@ -409,18 +445,48 @@ class PLMNewsEncoder(NewsEncoder):
         super().__init__(config, meta)
         from transformers import AutoModel
 
+        from util import dist_env
+
+        main_rank = dist_env()[0] == 0
         path = resolve_plm_path(config.plm_model_name)
-        self.plm = AutoModel.from_pretrained(path)
+        dtype = torch.bfloat16 if config.plm_dtype == "bf16" else torch.float32
+        if dtype == torch.bfloat16 and not torch.cuda.is_available() and main_rank:
+            print("note: --plm_dtype=bf16 without CUDA: the CPU runs bf16 matmuls far slower than fp32; it saves "
+                  "memory only")
+        self.plm = AutoModel.from_pretrained(path, dtype=dtype)
         self.hidden_dim = self.plm.config.hidden_size
-        layers = transformer_layers(self.plm)
+        stack_name, layers = backbones.layer_stack(self.plm)
+        self.decoder = backbones.is_decoder(self.plm)
+        self.precompute = config.plm_embeddings == "precompute"
+        self.pooling = config.plm_pooling
+        kind = type(self.plm).__name__
+        if self.decoder and self.pooling == "cls" and self.uses_pool:
+            raise ValueError(f"--plm_pooling=cls: {config.plm_model_name} ({kind}) is decoder-only, it has no [CLS] "
+                             f"token and its first token has read nothing else; use --plm_pooling=last (the last real "
+                             f"token has read the whole text), average or attention")
         frozen = config.plm_frozen_layers
+        if self.precompute:
+            if not self.uses_pool:
+                raise ValueError(f"--plm_embeddings=precompute stores one vector per news, but --news_encoder="
+                                 f"{type(self).__name__.replace('NewsEncoder', '')} attends over the PLM's tokens; "
+                                 f"use PLMNAML or PLMMiner, or --plm_embeddings=finetune")
+            if self.pooling == "attention":
+                raise ValueError("--plm_embeddings=precompute needs a pooling without weights: pass --plm_pooling="
+                                 + ("last (decoder-only model)" if self.decoder else "cls, last or average"))
+            if config.plm_lora_rank:
+                raise ValueError("--plm_embeddings=precompute runs a frozen backbone once; it cannot train LoRA "
+                                 "adapters: drop --plm_lora_rank or use --plm_embeddings=finetune")
+            if frozen is not None and frozen != len(layers) and main_rank:
+                # A note, not an error: per-dataset suggestions (the demo's 4) set the flag without the user.
+                print(f"note: --plm_embeddings=precompute freezes all {len(layers)} layers of "
+                      f"{config.plm_model_name} (--plm_frozen_layers={frozen} does not apply)")
+            frozen = len(layers)
+            self.length_buckets = 1  # no PLM runs per batch: nothing to save by length
         if frozen is None:
             # Not given: the same share as PLM-NR's 10 of 12 for any depth. Resolved here, where the model's depth is
             # known (Config does no I/O); `resolved_settings` hands it back so config.json and the checkpoint record it.
             frozen = len(layers) * FROZEN_SHARE[0] // FROZEN_SHARE[1]
-            from util import dist_env
-
-            if dist_env()[0] == 0:
+            if main_rank:
                 print(f"note: --plm_frozen_layers={frozen}: {frozen} of {config.plm_model_name}'s {len(layers)} layers "
                       f"frozen (the default, {FROZEN_SHARE[0]}/{FROZEN_SHARE[1]} of the layers, rounded down; type the "
                       f"flag to choose)")
@@ -432,12 +498,14 @@ class PLMNewsEncoder(NewsEncoder):
             # Embeddings + the lowest N layers stay pretrained (PLM-NR: tuning the top layers loses almost nothing).
             for p in self.plm.get_input_embeddings().parameters():
                 p.requires_grad = False
-            embeddings = getattr(self.plm, "embeddings", None)
-            if embeddings is not None:
-                for p in embeddings.parameters():
+            for name, p in self.plm.named_parameters():
+                if _is_embedding(name):
                     p.requires_grad = False
             for layer in layers[:frozen]:
                 for p in layer.parameters():
+                    p.requires_grad = False
+            if frozen == len(layers):  # nothing trains in the backbone (a final norm after the stack neither)
+                for p in self.plm.parameters():
                     p.requires_grad = False
         # No encoder reads the PLM's pooler output (BERT's pooler): left trainable it would never get a gradient,
         # which DDP's reducer rejects and which wastes optimizer state. Frozen, not removed: state dicts unchanged.
@@ -445,18 +513,41 @@ class PLMNewsEncoder(NewsEncoder):
         if isinstance(pooler, nn.Module):
             for p in pooler.parameters():
                 p.requires_grad = False
+        self.lora_modules: list[str] = []
+        if config.plm_lora_rank:
+            fam = backbones.family(self.plm)
+            targets = [t.strip() for t in config.plm_lora_target_modules.split(",") if t.strip()] \
+                or (list(fam.lora_targets) if fam else [])
+            if not targets:
+                raise ValueError(f"--plm_lora_rank: no default LoRA modules for {kind} (model_type "
+                                 f"{self.plm.config.model_type!r}); name them with --plm_lora_target_modules=a,b")
+            # Adapters only above the frozen layers: those below stay a fixed function, so their cache stays valid.
+            self.lora_modules = backbones.lora_modules(self.plm, stack_name, layers, frozen, targets)
+            backbones.add_lora(self.plm, self.lora_modules, config.plm_lora_rank, config.plm_lora_alpha,
+                               config.plm_lora_dropout)
+        if config.plm_lora_rank or self.precompute:
+            # The base weights are all frozen and come from --plm_model_name: the checkpoint keeps the rest only.
+            backbones.exclude_frozen_base(self)
+        if config.gradient_checkpointing and not self.precompute:
+            enable = getattr(self.plm, "activation_checkpointing_enable", None)  # transformers 5's name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.plm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.frozen_layers = frozen
         self.plm_lr = config.plm_lr
         # Frozen-layer cache (issue 6): the frozen bottom is a fixed function of the title, so the model runs it
-        # once per corpus (eval mode: no dropout there) and trains only the top layers on its hidden states.
-        self.cache_frozen = bool(config.plm_cache) and frozen > 0 \
-            and hasattr(self.plm, "embeddings")
-        for name, module in self.plm.named_modules():
-            if module is layers:
-                parent_name, _, self._layers_attr = name.rpartition(".")
-                self._layers_parent = self.plm.get_submodule(parent_name) if parent_name else self.plm
-        self._all_layers = layers
-        self.pooling = config.plm_pooling
+        # once per corpus (eval mode: no dropout there) and trains only the top layers on its hidden states. With
+        # every layer frozen the top pass has no block to receive the cached states: only BERT-like models, whose
+        # output is the last block's (no final norm), stand the cached states in for their embeddings' output.
+        self.cache_frozen = bool(config.plm_cache) and not self.precompute and 0 < frozen \
+            and (frozen < len(layers) or hasattr(self.plm, "embeddings"))
+        parent_name, _, self._layers_attr = stack_name.rpartition(".")
+        # Plain attributes, not submodules: registered, they put the layer stack into the state dict a second time
+        # (checkpoints before this change hold those copies: `_drop_stack_copies` skips them on load).
+        object.__setattr__(self, "_layers_parent", self.plm.get_submodule(parent_name) if parent_name else self.plm)
+        object.__setattr__(self, "_all_layers", layers)
+        self.register_load_state_dict_pre_hook(_drop_stack_copies)
         if self.pooling == "attention" and self.uses_pool:
             self.pool_attention = AdditiveAttention(self.hidden_dim, config.attention_dim)
         self.dropout = nn.Dropout(config.dropout_rate)
@@ -485,18 +576,26 @@ class PLMNewsEncoder(NewsEncoder):
         return {"plm_frozen_layers": self.frozen_layers}
 
     def param_groups(self) -> list[dict]:
-        """The PLM trains at --plm_lr; everything else (pooling, heads) at --lr."""
+        """The PLM (its top layers, or its LoRA adapters) trains at --plm_lr; everything else at --lr."""
         params = [p for p in self.plm.parameters() if p.requires_grad]
         return [{"params": params, "lr": self.plm_lr, "name": "plm"}] if params else []
 
     @contextmanager
-    def _layers(self, layers: nn.ModuleList, replace_embeddings: torch.Tensor | None = None):
-        """Run the PLM with only `layers` in its stack (and, optionally, a given tensor as the embeddings'
-        output): the model's own forward still builds the attention masks, so this works across versions."""
+    def _layers(self, layers: nn.ModuleList, bottom: torch.Tensor | None = None):
+        """Run the PLM with only `layers` in its stack and, optionally, `bottom` [N, L, Hp] as the hidden states the
+        first of them receives: the model's own forward still builds the attention masks and positions (rotary
+        included), so this works across families and versions."""
         setattr(self._layers_parent, self._layers_attr, layers)
         handle = None
-        if replace_embeddings is not None:
-            handle = self.plm.embeddings.register_forward_hook(lambda module, args, output: replace_embeddings)
+        if bottom is not None and len(layers):
+            def feed(module, args, kwargs):
+                if args:
+                    return (bottom, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": bottom}
+
+            handle = layers[0].register_forward_pre_hook(feed, with_kwargs=True)
+        elif bottom is not None:
+            handle = self.plm.embeddings.register_forward_hook(lambda module, args, output: bottom)
         try:
             yield
         finally:
@@ -504,42 +603,80 @@ class PLMNewsEncoder(NewsEncoder):
             if handle is not None:
                 handle.remove()
 
+    def _plm_inputs(self, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+        inputs = {"input_ids": ids, "attention_mask": mask.long()}
+        positions = backbones.position_ids(self.plm, mask)
+        if positions is not None:
+            inputs["position_ids"] = positions
+        return inputs
+
     @torch.no_grad()
     def frozen_bottom(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """plm_ids, plm_mask [N, L] -> hidden states after the embeddings + the frozen layers [N, L, Hp],
-        computed in eval mode (frozen layers run without dropout)."""
+        computed in eval mode (frozen layers run without dropout). Read from the last frozen block's output, not
+        the model's: a decoder's final norm must not run on them."""
         was_training = self.training
         self.plm.eval()
+        seen: list[torch.Tensor] = []
+        handle = self._all_layers[self.frozen_layers - 1].register_forward_hook(
+            lambda module, args, output: seen.append(output[0] if isinstance(output, tuple) else output))
         try:
             with self._layers(self._all_layers[: self.frozen_layers]):
-                return self.plm(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+                self.plm(**self._plm_inputs(ids, mask))
+            return seen[-1]
         finally:
+            handle.remove()
             self.train(was_training)  # this encoder's own train(): the frozen bottom stays in eval mode
 
     def hidden_states(self, news) -> tuple[torch.Tensor, torch.Tensor]:
         """plm_ids, plm_mask [N, L] (+ plm_hidden [N, L, Hp] from the frozen-layer cache) ->
-        hidden [N, L, Hp], mask [N, L] bool"""
+        hidden [N, L, Hp] (fp32 even from a bf16 backbone), mask [N, L] bool"""
         mask = news["plm_mask"] > 0
+        inputs = self._plm_inputs(news["plm_ids"], mask)
         if "plm_hidden" in news:
             bottom = news["plm_hidden"].to(self.plm.dtype)
-            with self._layers(self._all_layers[self.frozen_layers:], replace_embeddings=bottom):
-                out = self.plm(input_ids=news["plm_ids"], attention_mask=mask.long())
+            with self._layers(self._all_layers[self.frozen_layers:], bottom=bottom):
+                out = self.plm(**inputs)
         else:
-            out = self.plm(input_ids=news["plm_ids"], attention_mask=mask.long())
-        return out.last_hidden_state, mask
+            out = self.plm(**inputs)
+        hidden = out.last_hidden_state
+        return (hidden.float() if hidden.dtype == torch.bfloat16 else hidden), mask
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[N, L, Hp] -> [N, Hp]"""
         if self.pooling == "cls":
-            return hidden[:, 0]
+            return backbones.first_token(hidden, mask)
+        if self.pooling == "last":
+            return backbones.last_token(hidden, mask)
         if self.pooling == "average":
             m = mask.unsqueeze(-1).to(hidden.dtype)
             return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
         return self.pool_attention(hidden, mask)
 
-    def forward(self, news, user_id=None):
+    @torch.no_grad()
+    def frozen_pooled(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """plm_ids, plm_mask [N, L] -> [N, Hp]: the frozen backbone pooled, eval mode (--plm_embeddings=precompute:
+        what the model stores per news, and what it computes for a news it has no stored vector for)."""
+        was_training = self.plm.training
+        self.plm.eval()
+        try:
+            hidden, m = self.hidden_states({"plm_ids": ids, "plm_mask": mask})
+            return self.pool(hidden, m)
+        finally:
+            self.plm.train(was_training)
+
+    def news_vector(self, news) -> torch.Tensor:
+        """The pooled PLM vector [N, Hp]: stored (pooled_plm, --plm_embeddings=precompute), else computed."""
+        if "pooled_plm" in news:
+            return news["pooled_plm"].float()
+        if self.precompute:
+            return self.frozen_pooled(news["plm_ids"], news["plm_mask"])
         hidden, mask = self.hidden_states(news)
-        return self.dropout(self.pool(hidden, mask))  # [N, Hp]
+        return self.pool(hidden, mask)
+
+    def forward(self, news, user_id=None):
+        """news: plm_ids, plm_mask [N, L] (+ plm_hidden [N, L, Hp] or pooled_plm [N, Hp]) -> [N, Hp]"""
+        return self.dropout(self.news_vector(news))  # [N, Hp]
 
 
 @register_news_encoder("PLMNAML")

@@ -29,6 +29,12 @@ Rows (keys for --rows):
   logits of the mixed-precision forward vs fp32 on the trained weights (eval mode, a dev batch), within AMP_RTOL
   of the largest fp32 logit. fp16 needs CUDA ('skipped: no CUDA' on CPU); bf16 autocast also runs on the CPU, so
   the smoke mode exercises it;
+- llm-lora-fp32, llm-lora-bf16, llm-lora-bf16-ckpt: a random decoder-only LLM of Qwen2.5-0.5B's shape (24 layers,
+  896-d, 14 heads / 2 KV heads, MLP 4,864, vocabulary 151,936; smoke: 2 layers, 64-d) under PLMMiner with LoRA rank
+  16 on q/k/v/o of every layer (--plm_frozen_layers=0, last-token pooling): one training step (forward + backward +
+  Adam on the adapters) on 1,024 news x 32 tokens (smoke: 16 x 8), backbone fp32 / --plm_dtype=bf16 / bf16 +
+  --gradient_checkpointing: peak GPU memory (torch.cuda.max_memory_allocated over the step, weights included) and
+  step time; pass when the loss is finite and only LoRA adapters of the backbone got gradients;
 - cache-host: the frozen-layer cache on the device vs forced into pinned host memory: same logits and loss;
 - torchrun, nccl: `torchrun --nproc_per_node=1 main.py` train -> dev -> test (prediction.zip) -> --resume on a
   small generated corpus; with one process main.py starts no process group (it does for 2+), so the nccl row
@@ -650,6 +656,61 @@ def row_amp(ctx: Context, row: Row, name: str, amp: str) -> None:
     row.data = {"first": first, "last": last, "logit_rel_diff": rel, "finite": finite, "losses": losses}
 
 
+LLM_SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=512)  # Qwen2.5-0.5B
+LLM_SMOKE = dict(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64)
+
+
+def row_llm(ctx: Context, row: Row, dtype: str, checkpointing: bool) -> None:
+    """One LoRA training step of a random Qwen2.5-0.5B-shaped PLMMiner encoder: peak memory and time."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    from MIND_corpus import CorpusMeta
+    from newsEncoders import NEWS_ENCODERS
+
+    shape = LLM_SMOKE if ctx.args.smoke else LLM_SHAPE
+    folder = ctx.data / ("qwen2-smoke-random" if ctx.args.smoke else "qwen2-0.5b-random")
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        Qwen2Model(Qwen2Config(**shape)).to(torch.bfloat16).save_pretrained(folder)
+    flags = [f"--plm_model_name={folder}", "--plm_frozen_layers=0", "--plm_lora_rank=16", "--plm_pooling=last",
+             f"--plm_dtype={dtype}"] + (["--gradient_checkpointing"] if checkpointing else [])
+    cfg = Config.from_args(flags)
+    meta = CorpusMeta(vocab_size=10, category_num=5, subcategory_num=5, user_num=2, entity_num=1, news_num=10)
+    n, length = (16, 8) if ctx.args.smoke else (1024, 32)
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    enc = NEWS_ENCODERS["PLMMiner"](cfg, meta).to(ctx.device).train()
+    opt = torch.optim.Adam([p for p in enc.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(1, shape["vocab_size"], (n, length), device=ctx.device)
+    news = {"plm_ids": ids, "plm_mask": torch.ones_like(ids)}
+    times = []
+    for _ in range(3):  # the first step warms up (kernels, allocator); the next two are timed
+        ctx.sync()
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss = enc(news).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        ctx.sync()
+        times.append(time.perf_counter() - t0)
+    with_grad = [name for name, p in enc.plm.named_parameters() if p.grad is not None]
+    ok = math.isfinite(float(loss)) and with_grad and all("lora_" in name for name in with_grad)
+    peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.cuda else float("nan")
+    row.status = "pass" if ok else "FAIL"
+    row.value = (f"peak {peak:.2f} GiB, step {np.median(times[1:]):.3f} s" if ctx.cuda
+                 else f"step {np.median(times[1:]):.3f} s (CPU: no GPU memory figure)")
+    row.goal = "finite loss; gradients only in the LoRA adapters"
+    row.detail = (f"{shape['num_hidden_layers']} layers x {shape['hidden_size']}, {n} news x {length} tokens, "
+                  f"{sum(p.numel() for p in enc.plm.parameters() if p.requires_grad):,} adapter parameters")
+    row.data = {"peak_gib": peak, "step_s": times[1:], "dtype": dtype, "checkpointing": checkpointing}
+    del enc, opt
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+
+
 def row_cache_host(ctx: Context, row: Row) -> None:
     """Frozen-layer cache on the device vs forced into (pinned) host memory: same logits, same training step."""
     from plm import dropout_off
@@ -911,6 +972,11 @@ def plan(ctx: Context) -> list[tuple[str, str, str, Callable[[Row], None]]]:
             rows.append((f"amp-{amp}-{name}", "correctness", f"--amp={amp} {name}",
                          lambda r, name=name, amp=amp: row_amp(ctx, r, name, amp)))
     rows += [
+        ("llm-lora-fp32", "correctness", "LLM (Qwen2.5-0.5B shape) + LoRA, fp32",
+         lambda r: row_llm(ctx, r, "fp32", False)),
+        ("llm-lora-bf16", "correctness", "LLM + LoRA, --plm_dtype=bf16", lambda r: row_llm(ctx, r, "bf16", False)),
+        ("llm-lora-bf16-ckpt", "correctness", "LLM + LoRA, bf16 + --gradient_checkpointing",
+         lambda r: row_llm(ctx, r, "bf16", True)),
         ("cache-host", "correctness", "frozen-layer cache: device vs pinned host", lambda r: row_cache_host(ctx, r)),
         ("torchrun", "correctness", "torchrun --nproc_per_node=1: train, dev, test, resume",
          lambda r: row_torchrun(ctx, r)),
@@ -920,7 +986,8 @@ def plan(ctx: Context) -> list[tuple[str, str, str, Callable[[Row], None]]]:
 
 
 ROW_KEYS = ("setup-speed, setup-check, setup-plm, speed-plm-full, speed-plm-frozen, speed-dev-plm, speed-nrms, "
-            "speed-dev-nrms, speed-compile, pytest, amp-{bf16,fp16}-{NRMS,PLMNRMS-MHSA,PLMMiner-MINER}, cache-host, "
+            "speed-dev-nrms, speed-compile, pytest, amp-{bf16,fp16}-{NRMS,PLMNRMS-MHSA,PLMMiner-MINER}, llm-lora-fp32, "
+            "llm-lora-bf16, llm-lora-bf16-ckpt, cache-host, "
             "torchrun, nccl")
 
 

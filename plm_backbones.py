@@ -1,0 +1,244 @@
+"""What the PLM news encoders need to know about a Hugging Face backbone, encoder (BERT) or decoder-only (GPT-2,
+Llama, Qwen2, Mistral, Gemma): where its layer stack is, how positions follow padding, which pooling fits, which
+modules LoRA adapts, and the on-disk store of precomputed news vectors (--plm_embeddings=precompute).
+
+Legend: N news, L PLM tokens, Hp the PLM's hidden size.
+
+Everything model-specific sits in the FAMILIES table, keyed by `config.model_type`; a model type not in it falls
+back to the longest ModuleList named layer / layers / h, and is an error naming its class when there is none.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Family:
+    stack: str  # dotted path of the ModuleList of transformer blocks, from the AutoModel
+    decoder: bool  # decoder-only (causal): no [CLS]; the last real token has seen the whole text
+    arange_positions: bool  # absolute positions 0, 1, ...: we pass position_ids so left padding shifts nothing
+    lora_targets: tuple[str, ...]  # default --plm_lora_target_modules (module names inside each block)
+
+
+_LLAMA_LIKE = Family("layers", True, True, ("q_proj", "k_proj", "v_proj", "o_proj"))
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family("h", True, True, ("c_attn",)),  # c_attn: the fused q/k/v projection
+    **{t: _LLAMA_LIKE for t in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3")},
+    "bert": Family("encoder.layer", False, True, ("query", "value")),
+    # RoBERTa counts positions from its padding id itself; DeBERTa's are relative: no position_ids for them.
+    "roberta": Family("encoder.layer", False, False, ("query", "value")),
+    "xlm-roberta": Family("encoder.layer", False, False, ("query", "value")),
+    "deberta": Family("encoder.layer", False, False, ("in_proj",)),
+    "deberta-v2": Family("encoder.layer", False, False, ("query_proj", "value_proj")),
+    "distilbert": Family("transformer.layer", False, False, ("q_lin", "v_lin")),
+}
+
+TEMPLATE_FIELDS = ("title", "abstract", "category", "subcategory")
+
+
+def family(plm: nn.Module) -> Family | None:
+    return FAMILIES.get(getattr(plm.config, "model_type", ""))
+
+
+def layer_stack(plm: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(dotted name, ModuleList) of the transformer blocks: the family's stack, else the longest ModuleList whose
+    name ends in layer / layers / h."""
+    fam = family(plm)
+    if fam is not None:
+        try:
+            stack = plm.get_submodule(fam.stack)
+        except AttributeError:
+            stack = None
+        if isinstance(stack, nn.ModuleList):
+            return fam.stack, stack
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in plm.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layer", "layers", "h"):
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise ValueError(f"--plm_model_name: cannot find the transformer layers of {type(plm).__name__} "
+                         f"(model_type {getattr(plm.config, 'model_type', '?')!r}); the PLM encoders know "
+                         f"{sorted(FAMILIES)} and any model whose block list is named layer, layers or h")
+    return best
+
+
+def is_decoder(plm: nn.Module) -> bool:
+    fam = family(plm)
+    return fam.decoder if fam is not None else bool(getattr(plm.config, "is_decoder", False))
+
+
+def position_ids(plm: nn.Module, mask: torch.Tensor) -> torch.Tensor | None:
+    """mask [N, L] -> position ids [N, L] counting real tokens only (left padding then moves no position), for
+    families with absolute 0-based positions; None for the others (they place tokens themselves)."""
+    fam = family(plm)
+    if fam is None or not fam.arange_positions:
+        return None
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Decoder-only tokenizers (GPT-2, Llama) often have no pad token: use EOS (else UNK, else BOS) for padding;
+    the attention mask keeps it out of every real token's view, so which id fills the slots does not matter."""
+    if tokenizer.pad_token is None:
+        for candidate in (tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token):
+            if candidate is not None:
+                tokenizer.pad_token = candidate
+                return
+        raise ValueError(f"--plm_model_name: the tokenizer {type(tokenizer).__name__} has no pad, eos, unk or bos "
+                         f"token to pad with; add one to its tokenizer_config.json")
+
+
+def template_error(template: str) -> str | None:
+    """What is wrong with a --plm_text_template (None: fine)."""
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        return f"is not a format string ({e}); write fields as {{title}}"
+    unknown = [n for n in names if n not in TEMPLATE_FIELDS]
+    if unknown:
+        return f"uses {unknown}; fields are {list(TEMPLATE_FIELDS)} (e.g. 'News: {{title}} Category: {{category}}')"
+    if not names:
+        return f"has no field; use at least one of {list(TEMPLATE_FIELDS)}"
+    return None
+
+
+def template_fields(template: str) -> set[str]:
+    return {f for _, f, _, _ in string.Formatter().parse(template) if f}
+
+
+# -- pooling ----------------------------------------------------------------------------------------------------
+
+def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden [N, L, Hp], mask [N, L] -> [N, Hp]: the last real token, wherever the padding is (left or right)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (mask.long() * (positions + 1)).argmax(1)  # the highest real position (0 for an all-padding row)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def first_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N, L, Hp] -> [N, Hp]: the first real token ([CLS] for BERT-like encoders, wherever the padding is)."""
+    first = mask.long().argmax(1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+
+
+# -- LoRA -------------------------------------------------------------------------------------------------------
+
+def lora_modules(plm: nn.Module, stack_name: str, layers: nn.ModuleList, first: int, targets: list[str]) -> list[str]:
+    """Full names of the modules LoRA adapts: those named in `targets` inside blocks first.. of the stack (the
+    blocks below `first` are frozen and may be cached, so they get no adapter)."""
+    names = []
+    for i in range(first, len(layers)):
+        for sub, module in layers[i].named_modules():
+            if sub and sub.split(".")[-1] in targets and not list(module.children()):
+                names.append(f"{stack_name}.{i}.{sub}")
+    if not names and first < len(layers):
+        found = sorted({n.split(".")[-1] for n, m in layers[0].named_modules() if n and not list(m.children())})
+        raise ValueError(f"--plm_lora_target_modules={','.join(targets)}: no such module in "
+                         f"{type(plm).__name__}'s blocks; it has {found}")
+    return names
+
+
+def add_lora(plm: nn.Module, modules: list[str], rank: int, alpha: float, dropout: float) -> None:
+    """Inject LoRA adapters (peft) into `modules` of `plm`, in place: every base weight frozen, the adapters
+    trainable, kept in fp32 even on a bf16 backbone (their updates are small)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    for p in plm.parameters():
+        p.requires_grad = False
+    if not modules:
+        return
+    # GPT-2 stores its projections transposed (transformers' Conv1D): peft must be told.
+    transposed = any(type(plm.get_submodule(m)).__name__ == "Conv1D" for m in modules)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
+                                       bias="none", fan_in_fan_out=transposed), plm)
+    for name, p in plm.named_parameters():
+        p.requires_grad = "lora_" in name
+        if "lora_" in name and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def exclude_frozen_base(owner: nn.Module, plm_attr: str = "plm") -> None:
+    """Leave the PLM's frozen base weights out of `owner`'s state dict (they come from --plm_model_name when the
+    model is rebuilt), and accept their absence when loading: a LoRA or precompute checkpoint then holds the
+    adapters and the heads only, megabytes instead of the backbone's gigabytes."""
+    plm = getattr(owner, plm_attr)
+    base = {n for n, p in plm.named_parameters() if not p.requires_grad} | {n for n, _ in plm.named_buffers()}
+
+    def drop(module, state_dict, prefix, local_metadata):
+        for name in base:
+            state_dict.pop(f"{prefix}{plm_attr}.{name}", None)
+
+    def allow_missing(module, incompatible):
+        keep = [k for k in incompatible.missing_keys if not _is_base(k)]
+        incompatible.missing_keys[:] = keep
+
+    def _is_base(key: str) -> bool:
+        head, sep, tail = key.partition(f"{plm_attr}.")
+        while sep:
+            if tail in base:
+                return True
+            head, sep, tail = tail.partition(f"{plm_attr}.")
+        return False
+
+    owner.register_state_dict_post_hook(drop)
+    owner.register_load_state_dict_post_hook(allow_missing)
+
+
+# -- precomputed news vectors -------------------------------------------------------------------------------------
+
+def backbone_signature(path: str) -> list:
+    """What identifies the backbone's weights: the folder's config and weight files (name, size, mtime), or the
+    hub name."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return [path]
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (
+        p.suffix in (".safetensors", ".bin", ".json") or p.name.endswith(".index.json")))
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def store_key(backbone: list, ids: np.ndarray, mask: np.ndarray, pooling: str, dtype: str, extra: dict) -> str:
+    """The store's name: backbone + the token table (which holds template and length) + pooling and dtype."""
+    h = hashlib.sha1(json.dumps({"backbone": backbone, "pooling": pooling, "dtype": dtype, **extra},
+                                sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(ids).tobytes())
+    h.update(np.ascontiguousarray(mask).tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_store(path: Path, n: int, encode: Callable[[torch.Tensor], torch.Tensor], order: torch.Tensor,
+                chunk: int = 256) -> tuple[np.ndarray, bool]:
+    """The [n, Hp] fp16 news-vector table at `path` (a .npy memory map): loaded when there, else built by
+    `encode(rows) -> [len(rows), Hp]` over `order` (length-sorted rows, so chunks carry little padding) and
+    written atomically (temp file + rename; a concurrent build of the same key keeps one of two equal files).
+    Returns (table, built)."""
+    if path.exists():
+        return np.load(path, mmap_mode="r"), False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
+    table = None
+    try:
+        for start in range(0, n, chunk):
+            rows = order[start:start + chunk]
+            vectors = encode(rows).float().cpu().numpy()
+            if table is None:
+                table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, vectors.shape[-1]))
+            table[rows.cpu().numpy()] = vectors.astype(np.float16)
+        table.flush()
+        del table
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return np.load(path, mmap_mode="r"), True
