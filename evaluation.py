@@ -180,11 +180,6 @@ def per_impression_from_ranks(ranks: np.ndarray, labels: np.ndarray, offsets: np
     return scorer.per_impression_metrics(1.0 / ranks.astype(np.float64), labels.astype(np.int64), offsets)
 
 
-def metrics_from_ranks(ranks: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
-    """Official-scorer metrics computed on score = 1/rank, exactly what a submission is scored on."""
-    return metrics_of(per_impression_from_ranks(ranks, labels, offsets))
-
-
 def metrics_of(per: dict[str, Any] | None) -> dict[str, Any]:
     """The metrics dict of an evaluation from its per-impression metrics (None: an unlabelled split)."""
     return {"labelled": False} if per is None else {**scorer.mean_metrics(per), "labelled": True}
@@ -203,11 +198,6 @@ def popularity_per_impression(train_beh: dict[str, Any], beh: dict[str, Any], ne
     score = clicks + shown * 1e-6
     flat = score[np.asarray(beh["candidates"])]
     return scorer.per_impression_metrics(flat, np.asarray(beh["labels"]).astype(np.int64), np.asarray(beh["offsets"]))
-
-
-def popularity_result(train_beh: dict[str, Any], beh: dict[str, Any], news_num: int) -> dict[str, Any]:
-    """The popularity baseline's metrics (means of `popularity_per_impression`)."""
-    return scorer.mean_metrics(popularity_per_impression(train_beh, beh, news_num))
 
 
 def write_records(folder: Path, per: dict[str, Any] | None, popularity: dict[str, Any] | None, beh: dict[str, Any],
