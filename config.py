@@ -13,13 +13,14 @@ from typing import Any, Sequence
 
 from model import CLICK_PREDICTORS, all_components, flag_owners
 from newsEncoders import NEWS_ENCODERS, OFFLINE_MINILM
+from pretraining import PRETRAIN_TASKS, parse_tasks, task_flag_owners, task_settings_classes
 from settings import Settings, SharedDims, component_settings, int_list
 from userEncoders import USER_ENCODERS
 
 DATASETS = ("demo", "small", "200k", "large")
 # Keys of a saved config.json that --config_file does not take: re-running a run starts a new one.
 FILE_IGNORED = ("config_file", "resume", "seeds")
-MODES = ("train", "dev", "test", "aggregate", "explain", "compare")
+MODES = ("train", "dev", "test", "aggregate", "explain", "compare", "pretrain")
 CRITERIA = ("auc", "mrr", "ndcg5", "ndcg10", "avg")
 TIE_BREAKS = ("popularity", "position")
 
@@ -169,6 +170,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "after every epoch")
     g.add_argument("--compile", action=BOOL, default=False,
                    help="torch.compile the model for training (bench/train.py measures whether it helps; off by default)")
+
+    g = p.add_argument_group("pretrain", "--mode=pretrain: self-supervised pretraining of the encoders on click "
+                             "sequences (no impression labels; docs/pretraining.md), and fine-tuning from it")
+    g.add_argument("--pretrain_tasks", default="contrastive,mip",
+                   help=f"comma-separated objectives, each weighted by its own --<task>_weight flag: "
+                        f"{', '.join(sorted(PRETRAIN_TASKS))}")
+    g.add_argument("--pretrain_holdout", type=float, default=0.05,
+                   help="share of users whose sequences are held out of pretraining; their loss after each epoch picks "
+                        "the best epoch (0: none held out, the last epoch is kept)")
+    g.add_argument("--pretrain_eval_histories", action=BOOL, default=True,
+                   help="also pretrain on the history column of the dev/test behaviours (known at prediction time; "
+                        "their candidates and labels are never read)")
+    g.add_argument("--init_from", default=None,
+                   help="--mode=train: start from the news and user encoder weights of a --mode=pretrain checkpoint "
+                        "(best_model/<dataset>/<news>-<user>/pretrain#<n>/<news>-<user>); other weights start afresh")
+    g.add_argument("--train_fraction", type=float, default=1.0,
+                   help="train on a share of the train impressions, chosen by --seed (e.g. 0.1: fine-tuning with "
+                        "10%% of the labels)")
+    for settings_cls in task_settings_classes():
+        settings_cls.add_arguments(p)
 
     g = p.add_argument_group("dist", "multi-GPU / multi-node with torchrun (detected from its environment), mixed "
                              "precision, resuming")
@@ -322,8 +343,37 @@ class Config:
             errors.append(f"--resamples must be >= 1, got {self.resamples}")
         if self.log_every < 1:
             errors.append(f"--log_every must be >= 1, got {self.log_every}")
+        errors += self._pretrain_errors()
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+
+    def _pretrain_errors(self) -> list[str]:
+        """--mode=pretrain's task list and settings; task flags typed for tasks not chosen; --init_from and
+        --train_fraction."""
+        errors = []
+        if not 0 < self.train_fraction <= 1:
+            errors.append(f"--train_fraction must be in (0, 1], got {self.train_fraction}")
+        if not 0 <= self.pretrain_holdout <= 0.5:
+            errors.append(f"--pretrain_holdout must be in [0, 0.5], got {self.pretrain_holdout}")
+        if self.init_from and self.mode != "train":
+            errors.append("--init_from starts fine-tuning from a pretraining checkpoint: use it with --mode=train")
+        if self.init_from and self.resume:
+            errors.append("--init_from starts a new run; --resume continues one from its own weights: give one")
+        try:
+            tasks = parse_tasks(self.pretrain_tasks) if self.mode == "pretrain" else []
+        except ValueError as e:
+            return errors + [str(e)]
+        chosen = {flag for name in tasks for s in PRETRAIN_TASKS[name].settings for flag in s.names()}
+        for s in task_settings_classes():
+            if set(s.names()) & chosen:
+                errors += s.from_values(self.values).errors()
+        typed = self.typed | ({"pretrain_tasks"} & self.explicit if self.mode != "pretrain" else set())
+        for flag in sorted(typed):
+            owners = task_flag_owners().get(flag)
+            if (owners and flag not in chosen) or (flag == "pretrain_tasks" and self.mode != "pretrain"):
+                errors.append(f"--{flag} is a setting of --mode=pretrain" + (f" with --pretrain_tasks including "
+                              f"{' or '.join(owners)}" if owners else "") + "; drop it")
+        return errors
 
     def _data_errors(self) -> list[str]:
         """Invalid values of the data flags (what the files say is checked where they are read)."""
