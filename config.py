@@ -367,8 +367,7 @@ class Config:
         for s in task_settings_classes():
             if set(s.names()) & chosen:
                 errors += s.from_values(self.values).errors()
-        typed = self.typed | ({"pretrain_tasks"} & self.explicit if self.mode != "pretrain" else set())
-        for flag in sorted(typed):
+        for flag in sorted(self.typed):  # typed only: a config file holds every flag
             owners = task_flag_owners().get(flag)
             if (owners and flag not in chosen) or (flag == "pretrain_tasks" and self.mode != "pretrain"):
                 errors.append(f"--{flag} is a setting of --mode=pretrain" + (f" with --pretrain_tasks including "
