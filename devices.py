@@ -2,7 +2,6 @@
 the evaluation share. Legend: W world size."""
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,10 +15,6 @@ import util
 # on a gloo group with this long timeout; the default group keeps the short --dist_timeout, so a rank whose peer
 # died inside a training collective fails fast.
 RANK0_WORK_TIMEOUT = timedelta(hours=3)
-
-
-# Test hook: "RANK:STEP" makes that rank die abruptly (os._exit, no cleanup) before optimizer step STEP + 1.
-CRASH_ENV = "MIND_TEST_CRASH_AT"
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -136,14 +131,6 @@ def shutdown_runtime(rt: Runtime) -> None:
 
         util.barrier(rt.wait_group)
         dist.destroy_process_group()
-
-
-def _crash_step(rank: int) -> int | None:
-    value = os.environ.get(CRASH_ENV, "")
-    if not value:
-        return None
-    who, _, step = value.partition(":")
-    return int(step or 0) if int(who) == rank else None
 
 
 def _sum_over_ranks(t: torch.Tensor, rt: Runtime, to_main_only: bool = False) -> torch.Tensor:

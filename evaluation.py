@@ -114,7 +114,7 @@ def evaluate(model: nn.Module, beh: dict[str, Any], config, runtime: Runtime, de
     hist = np.asarray(beh["histories"])
     cands = np.asarray(beh["candidates"])
     # Index 0 stands for news unknown to news.tsv in dev/test: encode it like in training.
-    raw.build_frozen_cache(log=print if rt.is_main else (lambda *a: None))
+    raw.prepare(log=print if rt.is_main else (lambda *a: None))
     needed = np.union1d(np.union1d(hist.ravel(), cands), [0])
     n_imp = len(offsets) - 1
     # ranks [sum of candidates], then per impression: tied scores (0/1), non-finite scores (count); one reduce.

@@ -58,7 +58,7 @@ def explain_impression(model: nn.Module, corpus, impression_id: str, split: str 
     device = next(model.parameters()).device
     batch = data[0].to(device)
     model.eval()
-    model.build_frozen_cache(log=lambda *a: None)
+    model.prepare(log=lambda *a: None)
     h, c = batch.history.shape[1], batch.candidates.shape[1]
     ids = torch.cat([batch.history[0], batch.candidates[0]])  # [H + C]
     user_ids = batch.user.expand(len(ids)) if model.news_encoder.personalized else None

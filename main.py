@@ -37,7 +37,7 @@ from evaluation import (
 from MIND_corpus import Corpus, CorpusError
 from model import Model, check_pairing
 from newsEncoders import get_news_encoder, resolve_plm_path
-from trainer import Trainer, TrainingInterrupted
+from trainer import Callback, Trainer, TrainingInterrupted
 
 # Flags a user may change when evaluating a checkpoint (they do not change the model or the corpus arrays).
 EVAL_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_workers", "progress", "seed", "mode",
@@ -198,7 +198,7 @@ def resume_command(config: Config, run_dir: Path) -> str:
     return launcher + " " + " ".join(shlex.quote(a) for a in args)
 
 
-def train(config) -> dict[str, Any]:
+def train(config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     resume_path = resolve_resume(config.resume, config.output_dir, config.dataset, config.model_name)
     ckpt = None
     if resume_path is not None:
@@ -224,7 +224,8 @@ def train(config) -> dict[str, Any]:
     if config.init_from and ckpt is None:
         init_from_pretraining(config, corpus, model)
     try:
-        result = Trainer(config, corpus, model, runtime, resume=ckpt, resume_path=resume_path).train()
+        result = Trainer(config, corpus, model, runtime, resume=ckpt, resume_path=resume_path,
+                         callbacks=callbacks).train()
     except TrainingInterrupted as e:
         if e.run_dir is not None:
             e.command = resume_command(config, e.run_dir)
@@ -398,13 +399,13 @@ def compare(config: Config) -> dict[str, Any]:
     return {"runs": runs, "rows": rows, "markdown": markdown, "tsv": tsv, "folder": str(out)}
 
 
-def train_seeds(config: Config) -> dict[str, Any]:
+def train_seeds(config: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """`--seeds 1,2,3`: one run per seed (each its own run folder), then mean ± std over exactly these runs."""
     results = []
     for seed in config.seeds:
         cfg = Config(values={**config.values, "seed": seed, "seeds": None}, explicit=config.explicit | {"seed"})
         rank0_print(f"=== seed {seed} ({len(results) + 1}/{len(config.seeds)}) ===")
-        results.append(train(cfg))
+        results.append(train(cfg, callbacks))
     runs = {str(Path(r["run_dir"]).resolve()) for r in results}
     records = [r for r in run_records.collect_runs(config.output_dir, config.dataset)
                if "incomplete" not in r and str((Path(config.output_dir) / r["dataset"] / r["model"] / r["run"]).resolve())
@@ -462,7 +463,8 @@ def read_config_file(argv: Sequence[str] | None) -> tuple[dict[str, Any] | None,
     return values, str(path)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Run one command line. `callbacks` (trainer.Callback) hook into training, e.g. from a test's launcher."""
     file_values, file_name = read_config_file(argv)
     config = Config.from_args(argv, file_values=file_values, file_name=file_name or "the config file")
     if config.mode == "aggregate":
@@ -483,20 +485,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise ValueError("; ".join(stray))
         if config.seeds:  # each seed's run is a copy without notes: print them once here
             print_notes(config)
-            return train_seeds(config)
-        return train(config)  # prints the notes once it knows whether the run resumes
+            return train_seeds(config, callbacks)
+        return train(config, callbacks)  # prints the notes once it knows whether the run resumes
     print_notes(config, suggestions=False)
     if config.mode == "explain":
         return explain(config)
     return evaluate_checkpoint(config)
 
 
-def cli(argv: Sequence[str] | None = None) -> int:
+def cli(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
     """The command line: `main`, with a one-line message and an exit status instead of a traceback for user
     mistakes (2) and Ctrl-C (130)."""
     rank, _, world_size = util.dist_env()
     try:
-        main(argv)
+        main(argv, callbacks)
     except TrainingInterrupted as e:
         if rank == 0:
             print(e, file=sys.stderr)

@@ -10,8 +10,8 @@ impressions from those cached vectors (`score`), never re-encoding history per c
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,8 +37,30 @@ class ModelOutput:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # each auxiliary loss, already weighted
 
 
-# The frozen-layer cache may take this share of the free GPU memory; a larger one stays in host memory.
-CACHE_DEVICE_FRACTION = 0.5
+class NewsSource:
+    """Every news of the corpus, as a news encoder's `prepare` sees it: the feature columns, a length order and the
+    model's own news encoding (to check what it caches against the uncached path).
+
+    Attributes: num (N), device, cache_dir (where on-disk stores go: --cache_dir, else <data_dir>/cache)."""
+
+    def __init__(self, model: "Model"):
+        self._model = model
+        self.num = model.news_num
+        cfg = model.config
+        self.cache_dir = Path(getattr(cfg, "cache_dir", None) or Path(cfg.data_dir) / "cache")
+        self.device = next(iter(model.buffers())).device
+
+    def column(self, name: str) -> torch.Tensor:
+        """The full column [N, ...] of a feature the encoder reads (e.g. plm_ids [N, L])."""
+        return getattr(self._model, f"news_{name}")
+
+    def length_order(self) -> torch.Tensor:
+        """[N] news sorted by text length (stable): chunks of similar length carry little padding."""
+        return self._model.length_order(torch.arange(self.num, device=self.device))
+
+    def encode(self, index: torch.Tensor) -> torch.Tensor:
+        """index [n] -> [n, D]: the model's news vectors, through `news_features` (cached features included)."""
+        return self._model.encode_news(index)
 
 CLICK_PREDICTORS: Registry = Registry("click predictor", "--click_predictor")  # name -> ClickPredictor subclass
 register_click_predictor = CLICK_PREDICTORS.register
@@ -206,12 +228,6 @@ class Model(nn.Module):
             tensor = torch.from_numpy(np.array(news_table[name]))  # a copy: the cache arrays are read-only mmaps
             self.register_buffer(f"news_{name}", tensor, persistent=False)  # rebuilt from the corpus, not saved
         self.news_num = int(next(iter(news_table.values())).shape[0])
-        self.register_buffer("news_plm_hidden", None, persistent=False)  # frozen-layer cache, built on demand
-        # --plm_embeddings=precompute: every news' pooled PLM vector [N, Hp] fp16, read from its on-disk store.
-        self.register_buffer("news_pooled_plm", None, persistent=False)
-        # The same cache kept in host memory when it would take more than CACHE_DEVICE_FRACTION of the free GPU
-        # memory (a plain attribute: .to(device) must not move it); rows are copied to the device per batch.
-        self.news_plm_hidden_host: torch.Tensor | None = None
 
     def model_settings(self) -> dict[str, Any]:
         """What the checkpoint stores as the model's settings (see `model_settings`)."""
@@ -226,12 +242,7 @@ class Model(nn.Module):
         title or abstract tokens (`title_entity`, ...) are cut to the same length; PLM ids by their mask.
         """
         out = {name: getattr(self, f"news_{name}")[index] for name in self.features}
-        if self.news_pooled_plm is not None:
-            out["pooled_plm"] = self.news_pooled_plm[index]  # [N, Hp] fp16 precomputed PLM vectors
-        if self.news_plm_hidden is not None:
-            out["plm_hidden"] = self.news_plm_hidden[index]  # [N, L, Hp] fp16 frozen-layer output
-        elif self.news_plm_hidden_host is not None:
-            out["plm_hidden"] = self.news_plm_hidden_host[index.cpu()].to(index.device, non_blocking=True)
+        out.update(self.news_encoder.cached_features(index))  # what the encoder's `prepare` computed, if anything
         for prefix, key in (("title", "title"), ("abstract", "abstract"), ("plm", "plm_mask")):
             if key in out and out[key].dim() == 2 and out[key].shape[1] > 1:
                 used = out[key].ne(0).any(0).nonzero()
@@ -253,102 +264,12 @@ class Model(nn.Module):
         """Positions of `index` sorted by text length (stable): chunks of similar length carry little padding."""
         return torch.argsort(self.text_lengths(index), stable=True)
 
-    @torch.no_grad()
-    def build_frozen_cache(self, chunk: int = 256, log=print, host: bool | None = None) -> None:
-        """Run the PLM's frozen bottom once over every news (issue 6): [N, L, Hp] fp16 on the model's device.
-
-        The frozen layers run in eval mode (no dropout). The table stays on the model's device when it takes at most
-        CACHE_DEVICE_FRACTION of the free GPU memory, else in (pinned) host memory, rows copied per batch. Checked
-        once against the full forward (eval mode); a model whose layers cannot be split this way (e.g. a final norm
-        after the stack) falls back to the uncached path with a warning. `host=True` forces the host-memory table.
-        """
-        enc = self.news_encoder
-        if getattr(enc, "precompute", False):
-            return self.build_embedding_store(log=log)
-        if not enc.cache_frozen or self.has_frozen_cache:
-            return
-        ids_all, mask_all = self.news_plm_ids, self.news_plm_mask
-        n, length = ids_all.shape
-        table = None
-        order = self.length_order(torch.arange(n, device=ids_all.device))  # chunks of similar length: less padding
-        for start in range(0, n, chunk):
-            rows = order[start:start + chunk]
-            ids, mask = ids_all[rows].long(), mask_all[rows].long()
-            used = max(1, int(mask.sum(1).max()))
-            hidden = enc.frozen_bottom(ids[:, :used], mask[:, :used])
-            if table is None:
-                shape = (n, length, hidden.shape[-1])
-                where = torch.device("cpu") if host else self.cache_device(shape, hidden.device)
-                table = torch.zeros(shape, dtype=torch.float16, device=where)
-                if table.device != hidden.device and torch.cuda.is_available():
-                    table = table.pin_memory()  # asynchronous per-batch copies to the GPU
-            table[rows.to(table.device), :used] = hidden.to(table.device, torch.float16)
-        was_training = enc.training
-        enc.eval()
-        probe = torch.arange(1, min(n, 17), device=ids_all.device)
-        full = self.encode_news(probe)
-        on_device = table.device == ids_all.device and not host
-        self.news_plm_hidden, self.news_plm_hidden_host = (table, None) if on_device else (None, table)
-        cached = self.encode_news(probe)
-        enc.train(was_training)
-        diff = float((full - cached).abs().max() / full.abs().max().clamp(min=1e-6))
-        if diff > 2e-2:
-            self.news_plm_hidden = self.news_plm_hidden_host = None
-            log(f"WARNING: the frozen-layer cache does not reproduce {type(enc.plm).__name__}'s output "
-                f"(relative difference {diff:.1e}); training without it")
-            return
-        mb = table.numel() * 2 / 2**20
-        log(f"frozen-layer cache: {n} news x {length} tokens x {table.shape[-1]} (fp16, {mb:,.0f} MiB"
-            + ("" if on_device else f", in host memory: more than {CACHE_DEVICE_FRACTION:.0%} of the free GPU memory")
-            + f") for the embeddings + {enc.frozen_layers} frozen layers; relative check difference {diff:.1e}")
-
-    @torch.no_grad()
-    def build_embedding_store(self, log=print) -> None:
-        """--plm_embeddings=precompute: every news' pooled vector from the frozen backbone, [N, Hp] fp16, read from
-        `<cache folder>/plm-embeddings-<key>.npy` (a memory map keyed by the backbone's files, the token table, which
-        holds --plm_text_template and --plm_max_length, the pooling and the dtype), built there on first use in
-        length-sorted chunks. Training then gathers stored vectors: no PLM runs per step."""
-        if self.news_pooled_plm is not None:
-            return
-        import time
-        from pathlib import Path
-
-        from newsEncoders import resolve_plm_path
-        from plm_backbones import backbone_signature, build_store, store_key
-
-        enc, cfg = self.news_encoder, self.config
-        ids_all, mask_all = self.news_plm_ids, self.news_plm_mask
-        key = store_key(backbone_signature(resolve_plm_path(cfg.plm_model_name)), ids_all.cpu().numpy(),
-                        mask_all.cpu().numpy(), cfg.plm_pooling, cfg.plm_dtype, {"model": cfg.plm_model_name})
-        folder = Path(getattr(cfg, "cache_dir", None) or Path(cfg.data_dir) / "cache")
-        path = folder / f"plm-embeddings-{key}.npy"
-
-        def encode(rows: torch.Tensor) -> torch.Tensor:
-            mask = mask_all[rows].long()
-            used = max(1, int(mask.sum(1).max()))
-            return enc.frozen_pooled(ids_all[rows, :used].long(), mask[:, :used])
-
-        t0 = time.time()
-        order = self.length_order(torch.arange(self.news_num, device=ids_all.device))
-        table, built = build_store(path, self.news_num, encode, order)
-        self.news_pooled_plm = torch.from_numpy(np.array(table)).to(ids_all.device)
-        log(f"precomputed PLM vectors: {self.news_num} news x {table.shape[1]} (fp16, "
-            f"{table.nbytes / 2**20:,.1f} MiB) {'built in %.1f s' % (time.time() - t0) if built else 'loaded'} "
-            f"from {path}")
-
-    @property
-    def has_frozen_cache(self) -> bool:
-        return self.news_plm_hidden is not None or self.news_plm_hidden_host is not None
-
-    @staticmethod
-    def cache_device(shape: tuple[int, ...], device: torch.device) -> torch.device:
-        """Where a fp16 frozen-layer table of `shape` goes: `device`, unless it is a GPU where the table would take
-        more than CACHE_DEVICE_FRACTION of the free memory (then the host)."""
-        if device.type != "cuda":
-            return device
-        free, _ = torch.cuda.mem_get_info(device)
-        nbytes = 2 * math.prod(shape)
-        return device if nbytes <= CACHE_DEVICE_FRACTION * free else torch.device("cpu")
+    def prepare(self, log=print, **options) -> None:
+        """Before training or evaluation: each encoder computes what stays fixed while it trains, over every news of
+        the corpus (the PLM encoders: their frozen-layer cache or stored vectors). The model does not know what is
+        cached; `news_features` merges the encoder's `cached_features` into its input. Idempotent. `options` go to
+        the encoder's `prepare` (the PLM encoders take `chunk` and `host`)."""
+        self.news_encoder.prepare(NewsSource(self), log=log, **options)
 
     def encode_news(self, index: torch.Tensor, user_id: torch.Tensor | None = None) -> torch.Tensor:
         """index [N] long (news indices) -> [N, D] news vectors."""

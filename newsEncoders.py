@@ -27,6 +27,7 @@ from settings import Settings, all_at_least_1, at_least, odd, setting, unit_inte
 
 if TYPE_CHECKING:  # encoders never import config at run time (config imports the registries)
     from config import Config
+    from model import NewsSource
     from MIND_corpus import CorpusMeta
 
 NEWS_ENCODERS: Registry = Registry("news encoder", "--news_encoder")  # name -> NewsEncoder subclass
@@ -86,7 +87,6 @@ class NewsEncoder(nn.Module):
     personalized = False  # True when the vector depends on the user (NPA): no sharing of news across users
     needs_glove = True  # False for encoders without a word embedding (PLM): training skips loading GloVe
     uses_plm = False  # True: a pretrained LM (PLM flags, per-dataset PLM suggestions, PLM tokens in the corpus)
-    cache_frozen = False  # True: the model builds this encoder's frozen-layer cache before training/evaluation
     compatible_user_encoders: tuple[str, ...] | None = None  # None = any user encoder
     # True: `category_embedding` exists only for a user encoder that reads it (MINER); with any other user encoder the
     # model freezes it, since no gradient would ever reach it.
@@ -130,6 +130,16 @@ class NewsEncoder(nn.Module):
     def param_groups(self) -> list[dict]:
         """Optimizer groups with their own learning rate (the PLM's); the rest trains at --lr."""
         return []
+
+    def prepare(self, news: "NewsSource", log=print, **options) -> None:
+        """Called by the model before training and evaluation with every news of the corpus (model.NewsSource): the
+        place to compute what stays fixed while the encoder trains. Nothing by default; the PLM encoders build
+        their frozen-layer cache or load their stored vectors here."""
+
+    def cached_features(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """index [N] -> features `prepare` computed for these news, merged into this encoder's input by the model
+        (same keys as `forward` reads). None by default."""
+        return {}
 
     def resolved_settings(self) -> dict:
         """Settings whose value the encoder chose when built (a default that depends on the weights it loaded); the
@@ -542,6 +552,14 @@ class PLMNewsEncoder(NewsEncoder):
         # output is the last block's (no final norm), stand the cached states in for their embeddings' output.
         self.cache_frozen = bool(config.plm_cache) and not self.precompute and 0 < frozen \
             and (frozen < len(layers) or hasattr(self.plm, "embeddings"))
+        # Built by `prepare`, not saved (rebuilt from the corpus): the frozen-layer cache [N, L, Hp] fp16 on the
+        # model's device, or in host memory when it would take more than backbones.CACHE_DEVICE_FRACTION of the free
+        # GPU memory (a plain attribute: .to(device) must not move it; rows are copied to the device per batch);
+        # under --plm_embeddings=precompute, every news' pooled vector [N, Hp] fp16 from the on-disk store.
+        self.register_buffer("frozen_table", None, persistent=False)
+        self.frozen_table_host: torch.Tensor | None = None
+        self.register_buffer("stored_vectors", None, persistent=False)
+        self._store_settings = (config.plm_model_name, config.plm_pooling, config.plm_dtype)
         parent_name, _, self._layers_attr = stack_name.rpartition(".")
         # Plain attributes, not submodules: registered, they put the layer stack into the state dict a second time
         # (checkpoints before this change hold those copies: `_drop_stack_copies` skips them on load).
@@ -652,6 +670,101 @@ class PLMNewsEncoder(NewsEncoder):
             m = mask.unsqueeze(-1).to(hidden.dtype)
             return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
         return self.pool_attention(hidden, mask)
+
+    # -- what stays fixed while training: built once over the corpus (`prepare`), read per batch ---------------
+    @property
+    def has_frozen_cache(self) -> bool:
+        return self.frozen_table is not None or self.frozen_table_host is not None
+
+    def cached_features(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """index [N] -> pooled_plm [N, Hp] (stored vectors) or plm_hidden [N, L, Hp] (frozen-layer cache), fp16."""
+        if self.stored_vectors is not None:
+            return {"pooled_plm": self.stored_vectors[index]}
+        if self.frozen_table is not None:
+            return {"plm_hidden": self.frozen_table[index]}
+        if self.frozen_table_host is not None:
+            return {"plm_hidden": self.frozen_table_host[index.cpu()].to(index.device, non_blocking=True)}
+        return {}
+
+    def prepare(self, news, log=print, chunk: int = 256, host: bool | None = None) -> None:
+        """--plm_embeddings=precompute: load (or build) the stored vectors; else, with the frozen-layer cache on,
+        build it. `host=True` forces the cache into host memory."""
+        if self.precompute:
+            self._load_store(news, log)
+        elif self.cache_frozen and not self.has_frozen_cache:
+            self._build_frozen_cache(news, log, chunk, host)
+
+    @torch.no_grad()
+    def _build_frozen_cache(self, news, log, chunk: int, host: bool | None) -> None:
+        """Run the PLM's frozen bottom once over every news (issue 6): [N, L, Hp] fp16 on the model's device.
+
+        The frozen layers run in eval mode (no dropout). The table stays on the model's device when it takes at most
+        CACHE_DEVICE_FRACTION of the free GPU memory, else in (pinned) host memory. Checked once against the full
+        forward (eval mode); a model whose layers cannot be split this way (e.g. a final norm after the stack) falls
+        back to the uncached path with a warning."""
+        ids_all, mask_all = news.column("plm_ids"), news.column("plm_mask")
+        n, length = ids_all.shape
+        table = None
+        order = news.length_order()  # chunks of similar length: less padding
+        for start in range(0, n, chunk):
+            rows = order[start:start + chunk]
+            ids, mask = ids_all[rows].long(), mask_all[rows].long()
+            used = max(1, int(mask.sum(1).max()))
+            hidden = self.frozen_bottom(ids[:, :used], mask[:, :used])
+            if table is None:
+                shape = (n, length, hidden.shape[-1])
+                where = torch.device("cpu") if host else backbones.cache_device(shape, hidden.device)
+                table = torch.zeros(shape, dtype=torch.float16, device=where)
+                if table.device != hidden.device and torch.cuda.is_available():
+                    table = table.pin_memory()  # asynchronous per-batch copies to the GPU
+            table[rows.to(table.device), :used] = hidden.to(table.device, torch.float16)
+        was_training = self.training
+        self.eval()
+        probe = torch.arange(1, min(n, 17), device=ids_all.device)
+        full = news.encode(probe)
+        on_device = table.device == ids_all.device and not host
+        self.frozen_table, self.frozen_table_host = (table, None) if on_device else (None, table)
+        cached = news.encode(probe)
+        self.train(was_training)
+        diff = float((full - cached).abs().max() / full.abs().max().clamp(min=1e-6))
+        if diff > 2e-2:
+            self.frozen_table = self.frozen_table_host = None
+            log(f"WARNING: the frozen-layer cache does not reproduce {type(self.plm).__name__}'s output "
+                f"(relative difference {diff:.1e}); training without it")
+            return
+        mb = table.numel() * 2 / 2**20
+        log(f"frozen-layer cache: {n} news x {length} tokens x {table.shape[-1]} (fp16, {mb:,.0f} MiB"
+            + ("" if on_device else f", in host memory: more than {backbones.CACHE_DEVICE_FRACTION:.0%} of the free "
+               f"GPU memory") + f") for the embeddings + {self.frozen_layers} frozen layers; relative check "
+            f"difference {diff:.1e}")
+
+    @torch.no_grad()
+    def _load_store(self, news, log) -> None:
+        """--plm_embeddings=precompute: every news' pooled vector from the frozen backbone, [N, Hp] fp16, read from
+        `<cache folder>/plm-embeddings-<key>.npy` (a memory map keyed by the backbone's files, the token table, which
+        holds --plm_text_template and --plm_max_length, the pooling and the dtype), built there on first use in
+        length-sorted chunks. Training then gathers stored vectors: no PLM runs per step."""
+        if self.stored_vectors is not None:
+            return
+        import time
+
+        model_name, pooling, dtype = self._store_settings
+        ids_all, mask_all = news.column("plm_ids"), news.column("plm_mask")
+        key = backbones.store_key(backbones.backbone_signature(resolve_plm_path(model_name)), ids_all.cpu().numpy(),
+                                  mask_all.cpu().numpy(), pooling, dtype, {"model": model_name})
+        path = news.cache_dir / f"plm-embeddings-{key}.npy"
+
+        def encode(rows: torch.Tensor) -> torch.Tensor:
+            mask = mask_all[rows].long()
+            used = max(1, int(mask.sum(1).max()))
+            return self.frozen_pooled(ids_all[rows, :used].long(), mask[:, :used])
+
+        t0 = time.time()
+        table, built = backbones.build_store(path, news.num, encode, news.length_order())
+        self.stored_vectors = torch.from_numpy(np.array(table)).to(ids_all.device)
+        log(f"precomputed PLM vectors: {news.num} news x {table.shape[1]} (fp16, "
+            f"{table.nbytes / 2**20:,.1f} MiB) {'built in %.1f s' % (time.time() - t0) if built else 'loaded'} "
+            f"from {path}")
 
     @torch.no_grad()
     def frozen_pooled(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

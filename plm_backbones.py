@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import string
 from dataclasses import dataclass
@@ -196,6 +197,20 @@ def exclude_frozen_base(owner: nn.Module, plm_attr: str = "plm") -> None:
 
 
 # -- precomputed news vectors -------------------------------------------------------------------------------------
+
+# The frozen-layer cache may take this share of the free GPU memory; a larger one stays in host memory.
+CACHE_DEVICE_FRACTION = 0.5
+
+
+def cache_device(shape: tuple[int, ...], device: torch.device) -> torch.device:
+    """Where a fp16 frozen-layer table of `shape` goes: `device`, unless it is a GPU where the table would take more
+    than CACHE_DEVICE_FRACTION of the free memory (then the host)."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    nbytes = 2 * math.prod(shape)
+    return device if nbytes <= CACHE_DEVICE_FRACTION * free else torch.device("cpu")
+
 
 def backbone_signature(path: str) -> list:
     """What identifies the backbone's weights: the folder's config and weight files (name, size, mtime), or the

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import sys
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +39,7 @@ from checkpoints import (
     save_checkpoint,
 )
 from dataset import TrainDataset
-from devices import CRASH_ENV, Runtime, _crash_step
+from devices import Runtime
 from evaluation import (
     evaluate,
     format_metrics,
@@ -50,18 +48,6 @@ from evaluation import (
     tie_rank_for,
     write_records,
 )
-
-# ----------------------------------------------------------------------------------------------------------
-# Devices and processes
-# ----------------------------------------------------------------------------------------------------------
-
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------------------
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints and run folders
-# ----------------------------------------------------------------------------------------------------------
 
 class TrainingInterrupted(Exception):
     """Ctrl-C during training. `run_dir` and `epoch` (the epoch last.pt holds, 0 = none) say what can be resumed;
@@ -196,23 +182,69 @@ class _LogWindow:
                 "samples_per_s": self.samples / max(time.time() - self.t0, 1e-9)}
 
 
+class Callback:
+    """Hooks into the loop, for tests and extensions (nothing in the production loop needs one). Each runs on
+    every rank; override what you need. `trainer.runtime.rank` tells the rank."""
+
+    def on_train_start(self, trainer: "Trainer", run: "_Run") -> None:
+        pass
+
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+        pass
+
+    def on_step_start(self, trainer: "Trainer", step: int) -> None:
+        """Before the micro-batches of optimizer step `step + 1` (`step` steps done so far)."""
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, record: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class _Run:
+    """What the epochs of one run share: set up by `Trainer._start`, read and updated by the epoch methods."""
+
+    data: Any  # TrainDataset or another dataset of Batches (`set_epoch`, `__getitem__(indices)`)
+    sampler: GlobalBatchSampler
+    batches_per_epoch: int
+    accum: int
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    run_dir: Path
+    checkpoint: Path  # the best epoch's model
+    last: Path  # last.pt, the resumable state
+    state: TrainState
+    recorder: Any  # run_records.RunRecorder on rank 0, None elsewhere
+    dev_beh: Any
+    tie_rank: Any
+    record_meta: dict[str, Any]
+    impressions_per_sample: float
+    show: bool  # progress bars drawn
+    say: Callable[[str], None]
+    epoch_bar: Any
+
+
 class Trainer:
     """Args:
         resume: a loaded last.pt (`load_training_state`) to continue, with `resume_path` its file; the run goes on
             in that run folder.
+        callbacks: `Callback`s called at the start of training, of each epoch and step, and at each epoch's end.
     """
 
     def __init__(self, config, corpus, model: nn.Module, runtime: Runtime, log: Callable = print,
-                 resume: dict[str, Any] | None = None, resume_path: str | Path | None = None):
+                 resume: dict[str, Any] | None = None, resume_path: str | Path | None = None,
+                 callbacks: Sequence[Callback] = ()):
         self.config = config
         self.corpus = corpus
         self.runtime = runtime
+        self.callbacks = list(callbacks)
         self.log = log if runtime.is_main else (lambda *a, **k: None)
         self.raw = model.to(runtime.device)
         self.resume, self.resume_path = resume, resume_path
         if resume is not None:
             load_state(self.raw, resume, resume_path)
-        model.build_frozen_cache(log=self.log)
+        model.prepare(log=self.log)
         self.model = self.raw
         if runtime.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -351,9 +383,24 @@ class Trainer:
         return run_dir
 
     def _train(self) -> TrainResult:
-        cfg, rt = self.config, self.runtime
+        """The loop: start (or resume), then per epoch train, evaluate, save; stop early when dev stalls."""
+        run = self._start()
+        for epoch in run.epoch_bar:
+            if run.state.stopped_early:
+                break
+            for cb in self.callbacks:
+                cb.on_epoch_start(self, epoch)
+            stats = self._train_epoch(run, epoch)
+            result = self._evaluate_epoch(run, epoch)
+            decision = self._decide(run, result)
+            self._save_epoch(run, epoch, stats, result, decision)
+        return self._finish(run)
+
+    # -- start ----------------------------------------------------------------------------------------------
+    def _training_data(self) -> TrainDataset:
+        """The samples of one epoch (a dataset whose `__getitem__(indices)` gives a Batch, `set_epoch(e)`)."""
+        cfg = self.config
         train_beh = self.corpus.behaviors("train")
-        dev_beh = self.corpus.behaviors("dev")
         data = TrainDataset(train_beh, cfg.negative_sample_num, seed=cfg.seed)
         if data.skipped_no_negative or data.skipped_no_click:
             self.log(f"train: {len(data)} samples; skipped {data.skipped_no_negative} impressions without "
@@ -363,9 +410,18 @@ class Trainer:
                              f"impressions has both a click and a negative ({data.skipped_no_negative} without "
                              f"negatives, {data.skipped_no_click} without clicks); training needs impressions "
                              f"with '<NewsID>-1' and '<NewsID>-0' candidates")
-        tie_rank = tie_rank_for(cfg, train_beh, self.raw.news_num)
+        return data
+
+    def _start(self) -> "_Run":
+        """Everything a run needs before its first epoch: data and sampler, optimizer and schedule, the run folder
+        (new or resumed) with its config and records, and the dev split with its popularity baseline."""
+        cfg, rt = self.config, self.runtime
+        data = self._training_data()
+        dev_beh = self.corpus.behaviors("dev")
+        tie_rank = tie_rank_for(cfg, self.corpus.behaviors("train"), self.raw.news_num)
+        pop = None
         if rt.is_main:
-            pop = popularity_per_impression(train_beh, dev_beh, self.raw.news_num)
+            pop = popularity_per_impression(self.corpus.behaviors("train"), dev_beh, self.raw.news_num)
             self.log(f"popularity baseline, dev: {format_metrics(scorer.mean_metrics(pop))}")
 
         sampler = GlobalBatchSampler(len(data), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
@@ -374,13 +430,12 @@ class Trainer:
         steps_per_epoch = math.ceil(batches_per_epoch / accum)
         if cfg.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-        total = steps_per_epoch * cfg.epoch
         optimizer = build_optimizer(self.raw, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total, cfg.warmup_ratio))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(steps_per_epoch * cfg.epoch,
+                                                                               cfg.warmup_ratio))
         scaler = torch.amp.GradScaler("cuda", enabled=rt.amp == "fp16")
 
         run_dir = self._open_run_dir()
-        checkpoint, last = run_dir / cfg.model_name, run_dir / LAST_CHECKPOINT
         if self.resume is not None:
             state = self._restore(optimizer, scheduler, scaler)
         else:
@@ -389,155 +444,180 @@ class Trainer:
                 torch.manual_seed(cfg.seed + rt.rank)
         self._state, self._first_step = state, state.step
         recorder = None
+        # Per-impression records for --mode=compare, where --mode=dev writes them too: <run>/dev/.
+        record_meta = {"split": "dev", "dataset": cfg.dataset, "corpus": str(self.corpus.root)}
         if rt.is_main:
             (run_dir / "config.json").write_text(cfg.to_json())
-            # Per-impression records for --mode=compare, where --mode=dev writes them too: <run>/dev/.
-            record_meta = {"split": "dev", "dataset": cfg.dataset, "corpus": str(self.corpus.root)}
             write_records(run_dir / "dev", None, pop, dev_beh, record_meta)
             recorder = run_records.RunRecorder(run_dir, cfg.tensorboard, log=self.log,
-                                        resumed_step=state.step if self.resume is not None else None)
+                                               resumed_step=state.step if self.resume is not None else None)
             recorder.write_environment(run_records.environment_info(rt.device, rt.world_size, rt.amp))
             self.log(f"run folder {run_dir}; {len(data)} train samples, {steps_per_epoch} steps/epoch, device "
                      f"{rt.device}" + (f" x {rt.world_size} processes" if rt.distributed else "")
                      + f", amp {rt.amp}, batch {cfg.batch_size}"
                      + (f" ({cfg.batch_size // rt.world_size} per process)" if rt.distributed else "")
                      + (f" x {accum} accumulation steps" if accum > 1 else ""))
-        # A training "impression" rate for the logs: samples/s times impressions per sample (an impression with
-        # several clicks gives several samples).
-        impressions_per_sample = len(np.unique(data.sample_impression)) / max(1, len(data))
         if state.stopped_early or state.epoch >= cfg.epoch:
             self.log(f"nothing to do: the run stopped at epoch {state.epoch} of {cfg.epoch}"
                      + (" (early stopping)" if state.stopped_early else ""))
-        crash_at = _crash_step(rt.rank)
         show = cfg.progress and rt.is_main
-        # While the epoch bar is drawn, lines go above it (tqdm.write), never glued to the end of the bar.
-        say = (lambda text: tqdm.write(str(text))) if show else self.log
-        epoch_bar = tqdm(range(state.epoch + 1, cfg.epoch + 1), desc="epochs", disable=not show, dynamic_ncols=True)
-        for epoch in epoch_bar:
-            if state.stopped_early:
-                break
-            t0 = time.time()
-            data.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            self.model.train()
-            loader = DataLoader(data, sampler=sampler, batch_size=None, num_workers=cfg.num_workers,
-                                pin_memory=rt.device.type == "cuda")
-            loss_sum, loss_n, step = 0.0, 0, 0
-            aux_sum: dict[str, torch.Tensor] = {}  # this epoch's auxiliary losses, summed like loss_sum
-            window = _LogWindow()  # since the last train_log record
-            bar = tqdm(loader, total=min(batches_per_epoch, steps_per_epoch * accum), desc=f"epoch {epoch}",
-                       leave=False, disable=not show, dynamic_ncols=True)
-            optimizer.zero_grad(set_to_none=True)
-            for i, batch in enumerate(bar):
-                if crash_at is not None and state.step >= crash_at:
-                    print(f"rank {rt.rank}: {CRASH_ENV} set, dying at step {state.step}", file=sys.stderr, flush=True)
-                    os._exit(13)
-                weight = sampler.weight(i)
-                boundary = (i + 1) % accum == 0 or i + 1 == batches_per_epoch
-                # The epoch's last window may hold fewer micro-batches: the step's gradient is their mean.
-                held = min(accum, batches_per_epoch - i // accum * accum)
-                batch = batch.to(rt.device, non_blocking=True)
-                # No gradient all-reduce on accumulation micro-batches: DDP syncs on the step's last one.
-                with (self.model.no_sync() if rt.distributed and not boundary else nullcontext()):
-                    with rt.autocast():
-                        out = self.model(batch)
-                    scaler.scale(out.loss * (weight / held)).backward()
-                loss = out.loss.item()
-                loss_sum += loss * weight / rt.world_size  # this rank's share of the global batch's mean loss
-                loss_n += 1
-                share = weight / rt.world_size
-                for name, value in out.aux.items():
-                    aux_sum[name] = aux_sum.get(name, 0.0) + value.detach().float() * share
-                window.add(loss * share, {k: v.detach().float() * share for k, v in out.aux.items()},
-                           sampler.global_size(i))
-                if boundary:
-                    if cfg.gradient_clip_norm > 0:
-                        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                        nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.gradient_clip_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    state.step += 1
-                    if state.step % cfg.log_every == 0:  # the same steps on every rank: the reduce is safe
-                        stats = window.reduce(self._global_sums)
-                        if recorder is not None:
-                            recorder.write({"kind": "step", "epoch": epoch, "step": state.step, **stats,
-                                            "lr": _group_lrs(optimizer),
-                                            "impressions_per_s": stats["samples_per_s"] * impressions_per_sample})
-                        window = _LogWindow()
-                    bar.set_postfix(loss=f"{loss:.4f}", mean=f"{loss_sum * rt.world_size / loss_n:.4f}",
-                                    lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                    if step >= steps_per_epoch:
-                        break
-            bar.close()
-            if step == 0:  # never an evaluation, a "best" epoch and a checkpoint of a model that did not train
-                raise ValueError(f"epoch {epoch}: the training data loader gave no batch ({len(data)} samples, "
-                                 f"{batches_per_epoch} batches expected): nothing was trained, nothing saved")
-            train_loss = self._global_mean(loss_sum, loss_n)
-            names = sorted(aux_sum)
-            aux_means = dict(zip(names, self._global_sums([float(aux_sum[n]) for n in names]))) if names else {}
-            aux_means = {k: v / max(loss_n, 1) for k, v in aux_means.items()}
-            train_seconds = time.time() - t0
-            samples = sum(sampler.global_size(j) for j in range(min(loss_n, batches_per_epoch)))
-            result = evaluate(self.raw, dev_beh, cfg, rt, desc="dev", tie_rank=tie_rank)
+        run = _Run(
+            data=data, sampler=sampler, batches_per_epoch=batches_per_epoch, accum=accum,
+            steps_per_epoch=steps_per_epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+            run_dir=run_dir, checkpoint=run_dir / cfg.model_name, last=run_dir / LAST_CHECKPOINT, state=state,
+            recorder=recorder, dev_beh=dev_beh, tie_rank=tie_rank, record_meta=record_meta,
+            # A training "impression" rate for the logs: samples/s times impressions per sample (an impression
+            # with several clicks gives several samples).
+            impressions_per_sample=len(np.unique(data.sample_impression)) / max(1, len(data)),
+            show=show,
+            # While the epoch bar is drawn, lines go above it (tqdm.write), never glued to the end of the bar.
+            say=(lambda text: tqdm.write(str(text))) if show else self.log,
+            epoch_bar=tqdm(range(state.epoch + 1, cfg.epoch + 1), desc="epochs", disable=not show,
+                           dynamic_ncols=True))
+        for cb in self.callbacks:
+            cb.on_train_start(self, run)
+        return run
 
-            # Decisions are rank 0's, broadcast: no rank ever acts on its own view.
-            decision = None
-            if rt.is_main:
-                value = scorer.criterion_value(result.metrics, cfg.dev_criterion)
-                improved = value > state.best
-                bad = 0 if improved else state.bad_epochs + 1
-                decision = {"improved": improved, "value": value, "bad_epochs": bad,
-                            "stop": bad >= cfg.early_stopping_epoch}
-            decision = util.broadcast_object(decision, group=rt.wait_group)
-            record = {"epoch": epoch, "train_loss": train_loss, "train_seconds": round(train_seconds, 2),
-                      "dev_seconds": round(result.seconds, 2), **result.metrics,
-                      **{k: result.ties[k] for k in ("tie_break", "tied_impressions", "nonfinite_scores")}}
-            state.history.append(record)
-            state.epoch, state.bad_epochs, state.stopped_early = epoch, decision["bad_epochs"], decision["stop"]
-            if decision["improved"]:
-                state.best, state.best_epoch, state.best_metrics = decision["value"], epoch, result.metrics
-            # Taken after evaluation, the last use of the generators in this epoch, on every rank.
-            rng = util.all_gather_object(util.get_rng_state(), group=rt.wait_group)
-            if rt.is_main:
-                util.write_lines_atomic(run_dir / "dev_log.jsonl", [json.dumps(r) for r in state.history])
-                recorder.write({"kind": "epoch", "epoch": epoch, "step": state.step, "train_loss": train_loss,
-                                "aux": aux_means, "lr": _group_lrs(optimizer),
-                                "train_seconds": round(train_seconds, 2), "samples_per_s": samples / train_seconds,
-                                "impressions_per_s": samples / train_seconds * impressions_per_sample,
+    # -- one epoch ------------------------------------------------------------------------------------------
+    def _train_epoch(self, run: "_Run", epoch: int) -> dict[str, Any]:
+        """One epoch of optimizer steps (at most --max_steps_per_epoch). Returns the epoch's global mean loss and
+        auxiliary losses, its seconds and the samples it saw."""
+        cfg, rt, state = self.config, self.runtime, run.state
+        optimizer, scheduler, scaler, sampler = run.optimizer, run.scheduler, run.scaler, run.sampler
+        t0 = time.time()
+        run.data.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        self.model.train()
+        loader = DataLoader(run.data, sampler=sampler, batch_size=None, num_workers=cfg.num_workers,
+                            pin_memory=rt.device.type == "cuda")
+        loss_sum, loss_n, step = 0.0, 0, 0
+        aux_sum: dict[str, torch.Tensor] = {}  # this epoch's auxiliary losses, summed like loss_sum
+        window = _LogWindow()  # since the last train_log record
+        accum, batches = run.accum, run.batches_per_epoch
+        bar = tqdm(loader, total=min(batches, run.steps_per_epoch * accum), desc=f"epoch {epoch}",
+                   leave=False, disable=not run.show, dynamic_ncols=True)
+        optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(bar):
+            for cb in self.callbacks:
+                cb.on_step_start(self, state.step)
+            weight = sampler.weight(i)
+            boundary = (i + 1) % accum == 0 or i + 1 == batches
+            # The epoch's last window may hold fewer micro-batches: the step's gradient is their mean.
+            held = min(accum, batches - i // accum * accum)
+            batch = batch.to(rt.device, non_blocking=True)
+            # No gradient all-reduce on accumulation micro-batches: DDP syncs on the step's last one.
+            with (self.model.no_sync() if rt.distributed and not boundary else nullcontext()):
+                with rt.autocast():
+                    out = self.model(batch)
+                scaler.scale(out.loss * (weight / held)).backward()
+            loss = out.loss.item()
+            share = weight / rt.world_size  # this rank's share of the global batch's mean loss
+            loss_sum += loss * share
+            loss_n += 1
+            for name, value in out.aux.items():
+                aux_sum[name] = aux_sum.get(name, 0.0) + value.detach().float() * share
+            window.add(loss * share, {k: v.detach().float() * share for k, v in out.aux.items()},
+                       sampler.global_size(i))
+            if not boundary:
+                continue
+            if cfg.gradient_clip_norm > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.gradient_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state.step += 1
+            if state.step % cfg.log_every == 0:  # the same steps on every rank: the reduce is safe
+                stats = window.reduce(self._global_sums)
+                if run.recorder is not None:
+                    run.recorder.write({"kind": "step", "epoch": epoch, "step": state.step, **stats,
+                                        "lr": _group_lrs(optimizer),
+                                        "impressions_per_s": stats["samples_per_s"] * run.impressions_per_sample})
+                window = _LogWindow()
+            bar.set_postfix(loss=f"{loss:.4f}", mean=f"{loss_sum * rt.world_size / loss_n:.4f}",
+                            lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if step >= run.steps_per_epoch:
+                break
+        bar.close()
+        if step == 0:  # never an evaluation, a "best" epoch and a checkpoint of a model that did not train
+            raise ValueError(f"epoch {epoch}: the training data loader gave no batch ({len(run.data)} samples, "
+                             f"{batches} batches expected): nothing was trained, nothing saved")
+        names = sorted(aux_sum)
+        aux_means = dict(zip(names, self._global_sums([float(aux_sum[n]) for n in names]))) if names else {}
+        seconds = time.time() - t0
+        return {"loss": self._global_mean(loss_sum, loss_n),
+                "aux": {k: v / max(loss_n, 1) for k, v in aux_means.items()},
+                "seconds": seconds,
+                "samples": sum(sampler.global_size(j) for j in range(min(loss_n, batches)))}
+
+    def _evaluate_epoch(self, run: "_Run", epoch: int):
+        """The dev evaluation after an epoch (every rank takes part; metrics on rank 0)."""
+        return evaluate(self.raw, run.dev_beh, self.config, self.runtime, desc="dev", tie_rank=run.tie_rank)
+
+    def _decide(self, run: "_Run", result) -> dict[str, Any]:
+        """Best epoch and early stopping. Decisions are rank 0's, broadcast: no rank ever acts on its own view."""
+        cfg, rt, state = self.config, self.runtime, run.state
+        decision = None
+        if rt.is_main:
+            value = scorer.criterion_value(result.metrics, cfg.dev_criterion)
+            improved = value > state.best
+            bad = 0 if improved else state.bad_epochs + 1
+            decision = {"improved": improved, "value": value, "bad_epochs": bad,
+                        "stop": bad >= cfg.early_stopping_epoch}
+        return util.broadcast_object(decision, group=rt.wait_group)
+
+    def _save_epoch(self, run: "_Run", epoch: int, stats: dict[str, Any], result, decision: dict[str, Any]) -> None:
+        """Record the epoch, write the best checkpoint when dev improved and last.pt always (rank 0), then wait:
+        checkpoints are written before any rank goes on."""
+        cfg, rt, state = self.config, self.runtime, run.state
+        record = {"epoch": epoch, "train_loss": stats["loss"], "train_seconds": round(stats["seconds"], 2),
+                  "dev_seconds": round(result.seconds, 2), **result.metrics,
+                  **{k: result.ties[k] for k in ("tie_break", "tied_impressions", "nonfinite_scores")}}
+        state.history.append(record)
+        state.epoch, state.bad_epochs, state.stopped_early = epoch, decision["bad_epochs"], decision["stop"]
+        if decision["improved"]:
+            state.best, state.best_epoch, state.best_metrics = decision["value"], epoch, result.metrics
+        # Taken after evaluation, the last use of the generators in this epoch, on every rank.
+        rng = util.all_gather_object(util.get_rng_state(), group=rt.wait_group)
+        if rt.is_main:
+            rate = stats["samples"] / stats["seconds"]
+            util.write_lines_atomic(run.run_dir / "dev_log.jsonl", [json.dumps(r) for r in state.history])
+            run.recorder.write({"kind": "epoch", "epoch": epoch, "step": state.step, "train_loss": stats["loss"],
+                                "aux": stats["aux"], "lr": _group_lrs(run.optimizer),
+                                "train_seconds": round(stats["seconds"], 2), "samples_per_s": rate,
+                                "impressions_per_s": rate * run.impressions_per_sample,
                                 "dev_seconds": round(result.seconds, 2), "criterion": decision["value"],
                                 **{k: result.metrics[k] for k in scorer.METRIC_KEYS if k in result.metrics}})
-                if cfg.plot:
-                    self._plot(run_dir)
-                if decision["improved"]:
-                    save_checkpoint(checkpoint, self.raw, cfg, self.corpus.meta,
-                                    {"epoch": epoch, "dev_metrics": result.metrics})
-                    write_records(run_dir / "dev", result.per_impression, None, dev_beh,
-                                  {**record_meta, "model": cfg.model_name, "run": run_dir.name, "seed": cfg.seed,
-                                   "epoch": epoch, "checkpoint": str(checkpoint), "written_by": "training"})
-                self._save_last(last, optimizer, scheduler, scaler, state, rng)
-                say(f"epoch {epoch}: loss {train_loss:.4f} ({train_seconds:.1f}s) | dev "
+            if cfg.plot:
+                self._plot(run.run_dir)
+            if decision["improved"]:
+                save_checkpoint(run.checkpoint, self.raw, cfg, self.corpus.meta,
+                                {"epoch": epoch, "dev_metrics": result.metrics})
+                write_records(run.run_dir / "dev", result.per_impression, None, run.dev_beh,
+                              {**run.record_meta, "model": cfg.model_name, "run": run.run_dir.name, "seed": cfg.seed,
+                               "epoch": epoch, "checkpoint": str(run.checkpoint), "written_by": "training"})
+            self._save_last(run.last, run.optimizer, run.scheduler, run.scaler, state, rng)
+            run.say(f"epoch {epoch}: loss {stats['loss']:.4f} ({stats['seconds']:.1f}s) | dev "
                     f"{format_metrics(result.metrics)}{'  *best*' if decision['improved'] else ''}")
-                if format_ties(result.ties, "dev"):
-                    say(format_ties(result.ties, "dev"))
-            util.barrier(rt.wait_group)  # checkpoints written before anyone goes on
-            epoch_bar.set_postfix(best=f"{state.best:.4f}", best_epoch=state.best_epoch)
-            if state.stopped_early:
-                say(f"early stopping: no dev improvement ({cfg.dev_criterion}) for {state.bad_epochs} epochs")
-        epoch_bar.close()
-        if recorder is not None:
-            recorder.close()
-            self.log(f"run records: {run_dir / run_records.TRAIN_LOG}, {run_dir / run_records.ENVIRONMENT}"
-                     + (f", {run_dir / run_records.CURVES}" if cfg.plot else "")
-                     + (f", {run_dir / 'tensorboard'}" if recorder.writer is not None else ""))
-        self.log(f"best epoch {state.best_epoch}: dev {format_metrics(state.best_metrics)}\ncheckpoint: {checkpoint}"
-                 f"\ntraining state: {last}")
-        return TrainResult(run_dir, checkpoint, state.best_epoch, state.best_metrics, state.history)
+            if format_ties(result.ties, "dev"):
+                run.say(format_ties(result.ties, "dev"))
+        util.barrier(rt.wait_group)  # checkpoints written before anyone goes on
+        run.epoch_bar.set_postfix(best=f"{state.best:.4f}", best_epoch=state.best_epoch)
+        if state.stopped_early:
+            run.say(f"early stopping: no dev improvement ({cfg.dev_criterion}) for {state.bad_epochs} epochs")
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, epoch, record)
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Explain mode: what a trained model attends to in one impression (issue 7)
-# ----------------------------------------------------------------------------------------------------------
-
+    def _finish(self, run: "_Run") -> TrainResult:
+        cfg, state = self.config, run.state
+        run.epoch_bar.close()
+        if run.recorder is not None:
+            run.recorder.close()
+            self.log(f"run records: {run.run_dir / run_records.TRAIN_LOG}, {run.run_dir / run_records.ENVIRONMENT}"
+                     + (f", {run.run_dir / run_records.CURVES}" if cfg.plot else "")
+                     + (f", {run.run_dir / 'tensorboard'}" if run.recorder.writer is not None else ""))
+        self.log(f"best epoch {state.best_epoch}: dev {format_metrics(state.best_metrics)}\ncheckpoint: "
+                 f"{run.checkpoint}\ntraining state: {run.last}")
+        return TrainResult(run.run_dir, run.checkpoint, state.best_epoch, state.best_metrics, state.history)

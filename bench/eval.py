@@ -106,7 +106,7 @@ def padding_report(model: Model, needed: np.ndarray) -> str:
     text = (f"{what} computed for the dev's {len(needed):,} news (chunks of {chunk}): {now:,} in index order (today), "
             f"{ordered:,} if sorted by length before chunking (x{now / ordered:.2f} fewer; real tokens "
             f"{int(lengths[needed].sum()):,})")
-    if getattr(model, "news_plm_hidden", None) is not None:
+    if getattr(model.news_encoder, "has_frozen_cache", False):
         build_now, build_sorted = padded_tokens(lengths, 256), padded_tokens(np.sort(lengths), 256)
         text += (f"; frozen-layer cache build over all {len(lengths):,} news (chunks of 256): {build_now:,} vs "
                  f"{build_sorted:,} sorted (x{build_now / build_sorted:.2f} fewer)")
@@ -154,7 +154,7 @@ def bench_model(name: str, args) -> dict:
     if getattr(model.news_encoder, "cache_frozen", False):
         sync()
         t0 = time.perf_counter()
-        model.build_frozen_cache()
+        model.prepare()
         sync()
         cache_s = time.perf_counter() - t0
 

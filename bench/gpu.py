@@ -435,9 +435,9 @@ def train_speed(ctx: Context, flags: list[str], compiled: bool = False) -> dict[
     model = Model(cfg, corpus.meta, corpus.news).to(rt.device)
     ctx.sync()
     t0 = time.perf_counter()
-    model.build_frozen_cache(log=quiet)
+    model.prepare(log=quiet)
     ctx.sync()
-    cache_s = time.perf_counter() - t0 if model.has_frozen_cache else None
+    cache_s = time.perf_counter() - t0 if model.news_encoder.has_frozen_cache else None
     model.train()
     stepper = Stepper(model, cfg, rt)
     data = TrainDataset(corpus.behaviors("train"), cfg.negative_sample_num, seed=cfg.seed)
@@ -568,7 +568,7 @@ def row_speed_dev(ctx: Context, row: Row, which: str) -> None:
         torch.manual_seed(0)
         kept = {"cfg": cfg, "rt": rt, "corpus": corpus, "model": Model(cfg, corpus.meta, corpus.news).to(rt.device)}
     cfg, rt, model, corpus = kept["cfg"], kept["rt"], kept["model"], kept["corpus"]
-    model.build_frozen_cache(log=quiet)
+    model.prepare(log=quiet)
     dev = corpus.behaviors("dev")
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats(rt.device)
@@ -623,7 +623,7 @@ def row_amp(ctx: Context, row: Row, name: str, amp: str) -> None:
     corpus = ctx.corpus(cfg)
     torch.manual_seed(0)
     model = Model(cfg, corpus.meta, corpus.news).to(rt.device)
-    model.build_frozen_cache(log=quiet)
+    model.prepare(log=quiet)
     # -- training on 4 fixed batches, constant learning rate --
     model.train()
     stepper = Stepper(model, cfg, rt)
@@ -724,13 +724,13 @@ def row_cache_host(ctx: Context, row: Row) -> None:
     for host in (False, True):
         torch.manual_seed(0)
         m = Model(cfg, corpus.meta, corpus.news).to(rt.device)
-        m.build_frozen_cache(log=quiet, host=host)
+        m.prepare(log=quiet, host=host)
         models.append(m)
     on_device, on_host = models
     problems = []
-    if on_device.news_plm_hidden is None or on_device.news_plm_hidden.device.type != rt.device.type:
+    if on_device.news_encoder.frozen_table is None or on_device.news_encoder.frozen_table.device.type != rt.device.type:
         problems.append("the device table is not on the device")
-    table = on_host.news_plm_hidden_host
+    table = on_host.news_encoder.frozen_table_host
     if table is None or table.device.type != "cpu":
         problems.append("the host table is not in host memory")
     elif ctx.cuda and not table.is_pinned():

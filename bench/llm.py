@@ -102,7 +102,7 @@ def bench_precompute(steps: int) -> dict:
         torch.manual_seed(0)
         model = Model(cfg, corpus.meta, corpus.news).train()
         t0 = time.perf_counter()
-        model.build_frozen_cache(log=lambda *a: None)
+        model.prepare(log=lambda *a: None)
         build_s = time.perf_counter() - t0
         opt = build_optimizer(model, cfg)
         beh = corpus.behaviors("train")

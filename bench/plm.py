@@ -83,7 +83,7 @@ class FullPaddingModel(Model):
         length = self.news_plm_ids.shape[1]
         return {k: pad_columns(t, length) if k.startswith("plm") else t for k, t in out.items()}
 
-    def build_frozen_cache(self, *args, **kwargs) -> None:
+    def prepare(self, *args, **kwargs) -> None:
         enc = self.news_encoder
         trimmed = enc.frozen_bottom
         length = self.news_plm_ids.shape[1]
@@ -93,7 +93,7 @@ class FullPaddingModel(Model):
 
         enc.frozen_bottom = full_length
         try:
-            super().build_frozen_cache(*args, **kwargs)
+            super().prepare(*args, **kwargs)
         finally:
             del enc.frozen_bottom
 
@@ -157,10 +157,10 @@ def bench_model(name: str, args) -> dict:
             m.news_encoder.length_buckets = 1
         sync()
         t0 = time.perf_counter()
-        m.build_frozen_cache(log=lambda *a: None)
+        m.prepare(log=lambda *a: None)
         sync()
         if cache:
-            assert m.news_plm_hidden is not None, f"{label}: the frozen-layer cache was not built"
+            assert m.news_encoder.frozen_table is not None, f"{label}: the frozen-layer cache was not built"
             cache_seconds[label] = time.perf_counter() - t0
         m.train()
         models[label], steppers[label] = m, Stepper(m, cfg, rt)

@@ -216,7 +216,7 @@ def main(argv=None):
     corpus = load_corpus(cfg)
     torch.manual_seed(0)
     model = Model(cfg, corpus.meta, corpus.news).to(rt.device)
-    model.build_frozen_cache()
+    model.prepare()
     model.train()
     sync = synchronizer(rt.device)
     stepper = Stepper(model, cfg, rt)

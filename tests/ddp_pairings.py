@@ -64,7 +64,7 @@ def main() -> None:
                                    f"--plm_model_name={plm}", *[f for f in extra.split(",") if f]])
         torch.manual_seed(0)
         model = Model(config, META, news_table)
-        model.build_frozen_cache(log=lambda *a: None)
+        model.prepare(log=lambda *a: None)
         ddp = DDP(model, broadcast_buffers=False, find_unused_parameters=False)
         optimizer = build_optimizer(model, config)
         ddp.train()

@@ -35,10 +35,11 @@ TRAIN = ["--mode=train", "--dataset=demo", "--epoch=1", "--batch_size=100", "--g
          "--dropout_rate=0", "--lr=1e-3", "--log_every=2", *TINY_DEMO, *SMALL_MODEL]
 
 
-def torchrun(args: list[str], timeout: float = 150, nproc: int = 2, env: dict | None = None):
+def torchrun(args: list[str], timeout: float = 150, nproc: int = 2, env: dict | None = None,
+             script: list[str] = ("main.py",)):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", "main.py", *args]
-    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", devices.CRASH_ENV)}
+           "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", *script, *args]
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     full_env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                      "MASTER_ADDR": "127.0.0.1", **(env or {})})
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -129,7 +130,7 @@ def test_sharded_test_prediction_is_identical_to_one_process(runs, tmp_path):
 def test_a_dead_rank_ends_the_job_with_an_error(tmp_path, runs):
     _, data, _, _, _ = runs
     proc = torchrun([*TRAIN, "--epoch=2", *data, f"--output_dir={tmp_path / 'crash'}"],
-                    env={devices.CRASH_ENV: "1:1"}, timeout=90)
+                    script=["tests/crash_main.py", "1:1"], timeout=90)
     assert proc.returncode != 0
     assert "dying at step 1" in proc.stderr
     assert not list((tmp_path / "crash").rglob(checkpoints.LAST_CHECKPOINT))  # it died in epoch 1

@@ -250,8 +250,8 @@ def test_frozen_cache_with_lora_equals_the_uncached_forward(backbones, kind):
             if "lora_B" in n:
                 p.normal_(0, 0.3)
     uncached = model(batch(False)).logits
-    model.build_frozen_cache(log=lambda *a: None)
-    assert model.has_frozen_cache
+    model.prepare(log=lambda *a: None)
+    assert model.news_encoder.has_frozen_cache
     cached = model(batch(False)).logits
     # fp16 cache: equal to ~1e-4 of the logits' scale (a wrong split, e.g. a final norm run twice, is off by O(1))
     assert (cached - uncached).abs().max() <= 1e-3 * uncached.abs().max() + 1e-3, (cached - uncached).abs().max()
@@ -271,7 +271,7 @@ def test_precomputed_vectors_give_the_in_loop_frozen_logits(backbones, kind, tmp
     assert model.news_encoder.precompute and model.news_encoder.resolved_settings()["plm_frozen_layers"] == 3
     assert torch.allclose(model(batch(False)).logits, expected, atol=1e-5)  # no store yet: computed per call
     logs = []
-    model.build_frozen_cache(log=logs.append)
+    model.prepare(log=logs.append)
     assert "built" in logs[0] and len(list(tmp_path.glob("plm-embeddings-*.npy"))) == 1
     calls = []
     handle = model.news_encoder.plm.register_forward_pre_hook(lambda *a: calls.append(1))
@@ -280,7 +280,7 @@ def test_precomputed_vectors_give_the_in_loop_frozen_logits(backbones, kind, tmp
     assert not calls  # the stored vectors are read, the PLM does not run
     assert torch.allclose(stored, expected, atol=2e-3, rtol=1e-2), (stored - expected).abs().max()
     again = build(backbones[kind], tmp_path, plm_embeddings="precompute", plm_frozen_layers=3, plm_pooling=pooling)
-    again.build_frozen_cache(log=logs.append)
+    again.prepare(log=logs.append)
     assert "loaded" in logs[1]
     assert not any("plm." in k for k in model.state_dict())  # the frozen backbone is not in the checkpoint
 

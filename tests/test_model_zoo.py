@@ -138,7 +138,7 @@ def train_step_and_evaluate(zoo, news: str, user: str, *extra: str, fused: bool 
     """One training step moves both encoders (and the fusion embeddings when `fused`), the cached evaluation
     path equals the full forward, and `evaluation.evaluate` ranks every dev impression."""
     config, corpus, model = build(zoo, news, user, *extra)
-    model.build_frozen_cache(log=lambda *a: None)
+    model.prepare(log=lambda *a: None)
 
     # -- one training step on a real batch --
     train = TrainDataset(corpus.behaviors("train"), config.negative_sample_num, seed=0)

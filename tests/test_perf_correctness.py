@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import plm_backbones
+
 from dataset import Batch
 from model import Model
 from newsEncoders import OFFLINE_MINILM, resolve_plm_path
@@ -110,9 +112,9 @@ def test_frozen_layer_cache_gives_the_uncached_outputs(news_encoder, user_encode
     uncached = build(news_encoder, user_encoder, plm_cache=False)
     for a, b in zip(cached.state_dict().values(), uncached.state_dict().values()):
         assert torch.equal(a, b)
-    cached.build_frozen_cache(log=lambda *a: None)
-    uncached.build_frozen_cache(log=lambda *a: None)
-    assert cached.news_plm_hidden is not None and uncached.news_plm_hidden is None
+    cached.prepare(log=lambda *a: None)
+    uncached.prepare(log=lambda *a: None)
+    assert cached.news_encoder.frozen_table is not None and uncached.news_encoder.frozen_table is None
 
     enc = cached.news_encoder
     calls = []
@@ -140,8 +142,8 @@ def test_dynamic_padding_trims_to_the_longest_title_and_changes_no_output(news_e
     frozen-layer cache, which is built chunk by chunk at each chunk's longest title."""
     trimmed = build(news_encoder, user_encoder, plm_cache=cache)
     padded = build(news_encoder, user_encoder, cls=FullPaddingModel, plm_cache=cache)
-    trimmed.build_frozen_cache(log=lambda *a: None)
-    padded.build_frozen_cache(chunk=2, log=lambda *a: None)  # other chunks, other trim widths: the same cache
+    trimmed.prepare(log=lambda *a: None)
+    padded.prepare(chunk=2, log=lambda *a: None)  # other chunks, other trim widths: the same cache
 
     lengths = trimmed.news_plm_mask.ne(0).sum(1)
     some = torch.tensor([1, 3, 5, 6], device=DEVICE)
@@ -154,7 +156,7 @@ def test_dynamic_padding_trims_to_the_longest_title_and_changes_no_output(news_e
         enc = trimmed.news_encoder
         full = enc.frozen_bottom(trimmed.news_plm_ids.long(), trimmed.news_plm_mask.long())  # [N, 32, Hp], untrimmed
         for built in (trimmed, padded):
-            torch.testing.assert_close(built.news_plm_hidden[real].float(), full[real], rtol=1e-2, atol=1e-2)
+            torch.testing.assert_close(built.news_encoder.frozen_table[real].float(), full[real], rtol=1e-2, atol=1e-2)
 
     # fp32 without the cache: padding is masked exactly up to float rounding; with the cache both read fp16 states.
     rtol = 1e-2 if cache else 1e-4
@@ -203,21 +205,24 @@ def test_length_buckets_change_no_output_and_cut_each_chunk_to_its_own_longest_t
 
 def test_frozen_layer_cache_in_host_memory_gives_the_same_outputs():
     """A table too large for the GPU stays in host memory (rows copied per batch): same features and outputs as the
-    on-device table. Forced with host=True here (in pinned memory when the model is on a GPU); `Model.cache_device`
+    on-device table. Forced with host=True here (in pinned memory when the model is on a GPU); `plm_backbones.cache_device`
     decides otherwise."""
     on_device = build("PLMNRMS", "MHSA")
     on_host = build("PLMNRMS", "MHSA")
-    on_device.build_frozen_cache(log=lambda *a: None)
-    on_host.build_frozen_cache(log=lambda *a: None, host=True)
-    assert on_device.news_plm_hidden is not None and on_device.news_plm_hidden_host is None
-    assert on_host.news_plm_hidden is None and on_host.news_plm_hidden_host is not None and on_host.has_frozen_cache
-    assert "news_plm_hidden_host" not in dict(on_host.named_buffers())  # .to(device) leaves it where it is
-    assert on_device.news_plm_hidden.device == on_device.news_plm_ids.device
-    assert on_host.news_plm_hidden_host.device.type == "cpu"
+    on_device.prepare(log=lambda *a: None)
+    on_host.prepare(log=lambda *a: None, host=True)
+    assert on_device.news_encoder.frozen_table is not None and on_device.news_encoder.frozen_table_host is None
+    assert on_host.news_encoder.frozen_table is None and on_host.news_encoder.frozen_table_host is not None
+    assert on_host.news_encoder.has_frozen_cache
+    buffers = dict(on_host.named_buffers())
+    assert "news_encoder.frozen_table_host" not in buffers  # .to(device) leaves it where it is
+    assert "news_encoder.frozen_table" not in on_host.state_dict()  # rebuilt from the corpus, never saved
+    assert on_device.news_encoder.frozen_table.device == on_device.news_plm_ids.device
+    assert on_host.news_encoder.frozen_table_host.device.type == "cpu"
     if DEVICE.type == "cuda":  # asynchronous per-batch copies need page-locked memory
-        assert on_host.news_plm_hidden_host.is_pinned()
+        assert on_host.news_encoder.frozen_table_host.is_pinned()
     some = torch.tensor([5, 1, 3], device=DEVICE)
     assert torch.equal(on_host.news_features(some)["plm_hidden"], on_device.news_features(some)["plm_hidden"])
     for a, b in zip(eval_outputs(on_host), eval_outputs(on_device)):
         assert_close(a, b, 1e-6, "host vs device cache")
-    assert on_device.cache_device((10, 4, 8), torch.device("cpu")) == torch.device("cpu")
+    assert plm_backbones.cache_device((10, 4, 8), torch.device("cpu")) == torch.device("cpu")

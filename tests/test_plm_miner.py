@@ -316,9 +316,9 @@ def test_frozen_layer_cache_reproduces_the_full_forward(tiny_bert):
     model.eval()
     index = torch.arange(9)
     full = model.encode_news(index)
-    model.build_frozen_cache(log=lambda *a: None)
-    assert model.news_plm_hidden is not None and model.news_plm_hidden.dtype == torch.float16
-    assert model.news_plm_hidden.shape[:2] == (9, 12)
+    model.prepare(log=lambda *a: None)
+    assert model.news_encoder.frozen_table is not None and model.news_encoder.frozen_table.dtype == torch.float16
+    assert model.news_encoder.frozen_table.shape[:2] == (9, 12)
     cached = model.encode_news(index)
     assert torch.allclose(cached, full, atol=2e-3, rtol=1e-2)
     # the PLM is whole again after the split runs (no layer left out of the module tree)
@@ -330,9 +330,9 @@ def test_training_on_the_cache_moves_only_the_top_layers(tiny_bert):
 
     model, cfg = _plm_model(tiny_bert, dropout_rate=0.0)
     uncached, _ = _plm_model(tiny_bert, dropout_rate=0.0, plm_cache=False)
-    model.build_frozen_cache(log=lambda *a: None)
-    uncached.build_frozen_cache(log=lambda *a: None)
-    assert uncached.news_plm_hidden is None  # --no-plm_cache
+    model.prepare(log=lambda *a: None)
+    uncached.prepare(log=lambda *a: None)
+    assert uncached.news_encoder.frozen_table is None  # --no-plm_cache
     batch = Batch(user=torch.tensor([1, 2]), history=torch.tensor([[1, 2, 0], [3, 4, 5]]),
                   history_mask=torch.tensor([[True, True, False], [True, True, True]]),
                   candidates=torch.tensor([[6, 7], [8, 1]]), candidate_mask=torch.ones(2, 2, dtype=torch.bool),
@@ -387,9 +387,9 @@ def test_frozen_layers_run_in_eval_mode_so_cache_and_no_cache_train_alike(tiny_b
 
     cached, _ = _plm_model(tiny_bert, dropout_rate=0.2)
     uncached, _ = _plm_model(tiny_bert, dropout_rate=0.2, plm_cache=False)
-    cached.build_frozen_cache(log=lambda *a: None)
-    uncached.build_frozen_cache(log=lambda *a: None)
-    assert cached.news_plm_hidden is not None and uncached.news_plm_hidden is None
+    cached.prepare(log=lambda *a: None)
+    uncached.prepare(log=lambda *a: None)
+    assert cached.news_encoder.frozen_table is not None and uncached.news_encoder.frozen_table is None
     for model in (cached, uncached):
         model.train()
         enc = model.news_encoder

@@ -212,3 +212,47 @@ def test_a_new_encoder_is_one_class_with_its_settings(tmp_path, bag_registered):
     assert ckpt["model"]["news_encoder.project.weight"].shape == (24, 50)
     report = main(["--mode=dev", f"--dev_model_path={result['checkpoint']}", *common])
     assert 0 < report["metrics"]["auc"] < 1
+
+
+class LengthBagNewsEncoder(BagNewsEncoder):
+    """Bag plus work done once per corpus: `prepare` counts every news' title tokens, `cached_features` hands
+    them to `forward`, which checks them (a wrong row or a missing merge fails the run)."""
+
+    seen_batches = 0
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        self.register_buffer("title_lengths", None, persistent=False)
+        self.prepared = 0
+
+    def prepare(self, news, log=print, **options):
+        self.prepared += 1
+        if self.title_lengths is None:
+            self.title_lengths = news.column("title").ne(0).sum(1).float()  # [N]
+
+    def cached_features(self, index):
+        return {} if self.title_lengths is None else {"title_length": self.title_lengths[index]}
+
+    def forward(self, news, user_id=None):
+        assert torch.equal(news["title_length"], news["title"].ne(0).sum(1).float())
+        type(self).seen_batches += 1
+        return super().forward(news, user_id)
+
+
+def test_work_done_once_per_corpus_goes_through_the_encoder_hooks(tmp_path):
+    """The model calls the encoder's `prepare` before training and evaluation and merges `cached_features` into
+    its input, without knowing what is cached; the table is never saved."""
+    NEWS_ENCODERS.register("LengthBag")(LengthBagNewsEncoder)
+    try:
+        common = [f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'out'}", *TINY_DEMO]
+        result = main(["--mode=train", "--news_encoder=LengthBag", "--user_encoder=ATT", "--epoch=1",
+                       "--max_steps_per_epoch=2", "--no-plot", "--no-tensorboard", "--word_embedding_dim=50",
+                       "--no-progress", *common])
+        assert LengthBagNewsEncoder.seen_batches > 2  # training steps and the dev evaluation read the cached rows
+        ckpt = torch.load(result["checkpoint"], weights_only=True)
+        assert not any("title_lengths" in k for k in ckpt["model"])
+        before = LengthBagNewsEncoder.seen_batches
+        main(["--mode=dev", f"--dev_model_path={result['checkpoint']}", *common])
+        assert LengthBagNewsEncoder.seen_batches > before
+    finally:
+        del NEWS_ENCODERS["LengthBag"]
