@@ -32,6 +32,7 @@ subcategories / entities.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -41,9 +42,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+import util
+from checkpoints import save_checkpoint
 from layers import Registry
 from model import Model, ModelOutput
 from settings import Settings, at_least, setting
+from trainer import GlobalBatchSampler, Trainer
 from userEncoders import UserInputs
 
 if TYPE_CHECKING:
@@ -783,6 +787,106 @@ class PretrainModel(Model):
 
     def model_settings(self) -> dict[str, Any]:
         return {**super().model_settings(), "pretrain_tasks": self.task_names}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The run: the training loop with pretraining's data, evaluation and saving
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class HeldOutResult:
+    """The per-epoch evaluation of a pretraining run: the held-out sequences' loss."""
+
+    metrics: dict[str, Any]  # heldout_loss, heldout (each task's weighted loss), heldout_sequences
+    seconds: float
+    ties: dict[str, Any] = field(default_factory=dict)  # none: nothing is ranked
+    per_impression: Any = None
+
+
+class PretrainTrainer(Trainer):
+    """`Trainer`'s loop on click sequences: the training data is `PretrainDataset`, the evaluation after each epoch
+    is the loss on the held-out users' sequences (fixed views, eval mode; no dev label is read), the best epoch the
+    one with the lowest held-out loss, saved as `<news>-<user>` in a `pretrain#<n>` run folder with
+    `pretrain_log.jsonl`."""
+
+    run_prefix = PRETRAIN_RUN_PREFIX
+    epoch_log = "pretrain_log.jsonl"
+
+    def _sequences(self) -> tuple[Sequences, np.ndarray, np.ndarray]:
+        if not hasattr(self, "_seqs"):
+            cfg = self.config
+            others = [(s, self.corpus.behaviors(s)) for s in ("dev", "test")
+                      if cfg.pretrain_eval_histories and s in self.corpus.splits]
+            seqs = build_sequences(self.corpus.behaviors("train"), others, cfg.max_history_num)
+            rows, held = holdout_split(seqs, cfg.pretrain_holdout, cfg.seed)
+            self.log(f"pretraining sequences: {len(rows)} for training, {len(held)} held out (the users of "
+                     f"--pretrain_holdout {cfg.pretrain_holdout}); from "
+                     + ", ".join(f"{k} {v}" for k, v in seqs.counts.items()))
+            self._seqs = (seqs, rows, held)
+        return self._seqs
+
+    def _training_data(self) -> PretrainDataset:
+        seqs, rows, _ = self._sequences()
+        if len(rows) == 0:
+            raise ValueError(f"{self.corpus.root / 'train' / 'behaviors.tsv'}: no click sequence to pretrain on (every "
+                             f"history is empty and no impression has a click)")
+        return PretrainDataset(seqs, rows, self.raw.view_kinds(), self.config, self.config.seed)
+
+    def _evaluation_data(self) -> tuple[Any, Any, Any]:
+        seqs, _, held = self._sequences()
+        return PretrainDataset(seqs, held, self.raw.view_kinds(), self.config, self.config.seed), None, None
+
+    @torch.no_grad()
+    def _evaluate_epoch(self, run, epoch: int) -> HeldOutResult:
+        """Mean loss over the held-out sequences, in global batches of --batch_size (in-batch negatives as in
+        training), each weighted by its size; every rank takes part (its share of each batch)."""
+        cfg, rt, data = self.config, self.runtime, run.dev_beh
+        t0 = time.time()
+        if len(data) == 0:
+            return HeldOutResult({}, 0.0)
+        was = self.raw.training
+        self.raw.eval()
+        sampler = GlobalBatchSampler(len(data), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
+        names = list(self.raw.task_names)
+        sums = [0.0] * (1 + len(names))
+        for i, idx in enumerate(sampler):
+            batch = data[idx].to(rt.device)
+            with rt.autocast():
+                out = self.raw(batch)
+            share = sampler.weight(i) / rt.world_size * sampler.global_size(i) / len(data)
+            for j, value in enumerate([out.loss, *[out.aux[n] for n in names]]):
+                sums[j] += float(value) * share
+        self.raw.train(was)
+        sums = self._global_sums(sums)
+        metrics = {"heldout_loss": sums[0], "heldout": dict(zip(names, sums[1:])), "heldout_sequences": len(data)}
+        return HeldOutResult(metrics, time.time() - t0)
+
+    def _decide(self, run, result: HeldOutResult) -> dict[str, Any]:
+        """Lower held-out loss is better (the same global sums on every rank); without held-out users every epoch
+        is the best so far (the last one is kept)."""
+        cfg, state = self.config, run.state
+        loss = result.metrics.get("heldout_loss")
+        value = -loss if loss is not None else float(state.epoch + 1)
+        improved = value > state.best
+        bad = 0 if improved else state.bad_epochs + 1
+        decision = {"improved": improved, "value": value, "bad_epochs": bad, "stop": bad >= cfg.early_stopping_epoch,
+                    "criterion": "held-out loss improvement"}
+        return util.broadcast_object(decision, group=self.runtime.wait_group)
+
+    def _epoch_record(self, epoch: int, stats: dict[str, Any], result: HeldOutResult) -> dict[str, Any]:
+        return {"epoch": epoch, "train_loss": stats["loss"], "train": stats["aux"],
+                "train_seconds": round(stats["seconds"], 2), "heldout_seconds": round(result.seconds, 2),
+                **result.metrics}
+
+    def _metrics_text(self, metrics: dict[str, Any]) -> str:
+        if "heldout_loss" not in metrics:
+            return "no held-out users (--pretrain_holdout 0): the last epoch is kept"
+        return (f"held-out loss {metrics['heldout_loss']:.4f} ("
+                + ", ".join(f"{k} {v:.4f}" for k, v in metrics["heldout"].items()) + ")")
+
+    def _save_best(self, run, epoch: int, result: HeldOutResult) -> None:
+        save_checkpoint(run.checkpoint, self.raw, self.config, self.corpus.meta,
+                        {"epoch": epoch, "pretrain_metrics": result.metrics})
 
 
 # ------------------------------------------------------------------------------------------------------------

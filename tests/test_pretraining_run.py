@@ -130,18 +130,40 @@ def _shuffle_dev_labels(data: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _zero_gradient(name: str) -> bool:
+    """Attention key biases get a mathematically zero gradient (softmax ignores a shift shared by all keys): Adam turns
+    the float noise left there into steps of random sign (see test_ddp.py). Every other weight must match."""
+    return name.endswith("mhsa.k.bias")
+
+
 def test_dev_labels_do_not_change_the_pretraining_checkpoint(pretrained, tmp_path):
+    from config import Config
+    from main import load_corpus
+    from pretraining import build_sequences
+
     tmp, common, result = pretrained
     shutil.copytree(tmp / "data" / "MIND-demo", tmp_path / "data" / "MIND-demo")
     before = (tmp_path / "data" / "MIND-demo" / "dev" / "behaviors.tsv").read_text()
     _shuffle_dev_labels(tmp_path / "data")
     assert (tmp_path / "data" / "MIND-demo" / "dev" / "behaviors.tsv").read_text() != before
+    # the sequences pretraining reads are exactly the same...
+    seqs = []
+    for data in (tmp / "data", tmp_path / "data"):
+        cfg = Config.from_args([*PRETRAIN, f"--data_dir={data}"])
+        corpus = load_corpus(cfg, log=lambda *a, **k: None)
+        assert corpus.behaviors("dev")["labels"].sum() > 0
+        seqs.append(build_sequences(corpus.behaviors("train"), [(s, corpus.behaviors(s)) for s in ("dev", "test")],
+                                    cfg.max_history_num))
+    assert np.array_equal(seqs[0].news, seqs[1].news) and np.array_equal(seqs[0].user, seqs[1].user)
+    # ...and so is the checkpoint, up to float rounding (multi-threaded sums on a loaded CPU)
     other = main([*PRETRAIN, f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'best_model'}"])
-    a = torch.load(result["checkpoint"], weights_only=True)["model"]
-    b = torch.load(other["checkpoint"], weights_only=True)["model"]
-    assert list(a) == list(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    a = torch.load(result["checkpoint"], weights_only=True)
+    b = torch.load(other["checkpoint"], weights_only=True)
+    assert list(a["model"]) == list(b["model"]) and a["epoch"] == b["epoch"]
+    assert a["pretrain_metrics"]["heldout_loss"] == pytest.approx(b["pretrain_metrics"]["heldout_loss"], rel=1e-6)
+    for k in a["model"]:
+        if not _zero_gradient(k):
+            torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_two_processes_pretrain_like_one_with_the_global_batch(pretrained, tmp_path):
@@ -159,11 +181,9 @@ def test_two_processes_pretrain_like_one_with_the_global_batch(pretrained, tmp_p
     assert b["world_size"] == 2 and a["step"] == b["step"] > 1
     assert b["history"][0]["train_loss"] == pytest.approx(a["history"][0]["train_loss"], rel=1e-5)
     assert b["history"][0]["heldout_loss"] == pytest.approx(a["history"][0]["heldout_loss"], rel=1e-5)
-    moments = a["optimizer"]["state"]
     compared = 0
-    for i, name in enumerate(a["model"]):
-        if i in moments and moments[i]["exp_avg"].abs().max() < 1e-8:
-            continue  # a parameter with a mathematically zero gradient (see test_ddp.py)
-        torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-4, atol=1e-5, msg=name)
-        compared += 1
+    for name in a["model"]:
+        if not _zero_gradient(name):
+            torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-4, atol=1e-5, msg=name)
+            compared += 1
     assert compared > 10
