@@ -221,3 +221,26 @@ def test_train_fraction_keeps_a_seeded_share_of_the_impressions():
     assert set(part.sample_impression) <= set(full.sample_impression)
     assert np.array_equal(part.sample_impression, again.sample_impression)
     assert not np.array_equal(part.sample_impression, other.sample_impression)
+
+
+def test_pretraining_flags_are_checked_and_belong_to_their_tasks():
+    from config import Config
+
+    cfg = Config.from_args(["--mode=pretrain", "--pretrain_tasks=sp,mip", "--sp_weight=2", "--pretrain_mask_ratio=0.5"])
+    assert cfg.sp_weight == 2 and cfg.pretrain_mask_ratio == 0.5
+    cases = [
+        (["--mode=pretrain", "--pretrain_tasks=contrastive", "--sp_weight=2"], r"--sp_weight is a setting of "
+         r"--mode=pretrain with --pretrain_tasks including sp; drop it"),
+        (["--mode=train", "--contrastive_temperature=0.5"], r"--contrastive_temperature is a setting of"),
+        (["--mode=train", "--pretrain_tasks=mip"], r"--pretrain_tasks is a setting of --mode=pretrain"),
+        (["--mode=pretrain", "--pretrain_tasks=mip,cloze"], r"unknown --pretrain_tasks 'cloze'; choose from"),
+        (["--mode=pretrain", "--pretrain_tasks=contrastive", "--contrastive_temperature=0"],
+         r"--contrastive_temperature must be > 0"),
+        (["--mode=pretrain", "--pretrain_tasks=contrastive", "--contrastive_views=crop,rotate"],
+         r"--contrastive_views must be a comma-separated list of crop, mask, reorder"),
+        (["--mode=pretrain", "--init_from=x"], r"--init_from .* use it with --mode=train"),
+        (["--mode=train", "--train_fraction=1.5"], r"--train_fraction must be in \(0, 1\], got 1.5"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(ValueError, match=message):
+            Config.from_args(argv)

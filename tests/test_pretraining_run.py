@@ -187,3 +187,9 @@ def test_two_processes_pretrain_like_one_with_the_global_batch(pretrained, tmp_p
             torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-4, atol=1e-5, msg=name)
             compared += 1
     assert compared > 10
+
+
+def test_a_user_encoder_without_user_vectors_is_refused(pretrained):
+    tmp, common, result = pretrained
+    with pytest.raises(ValueError, match=r"--user_encoder MINER scores candidates itself .* returns no user vector"):
+        main([*PRETRAIN, "--user_encoder=MINER", "--miner_aggregation=max", *common])
