@@ -48,7 +48,7 @@ from layers import Registry
 from model import Model, ModelOutput
 from settings import Settings, at_least, setting
 from trainer import GlobalBatchSampler, Trainer
-from userEncoders import UserInputs
+from userEncoders import UserEncoder, UserInputs
 
 if TYPE_CHECKING:
     from MIND_corpus import CorpusMeta
@@ -331,7 +331,7 @@ def build_sequences(train: dict[str, Any], history_only: list[tuple[str, dict[st
 def holdout_split(seqs: Sequences, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows of the training and held-out sequences: the held-out ones are all sequences of a seeded `fraction` of
     the users (so no user is on both sides). fraction 0: nothing held out."""
-    users = np.unique(seqs.user)
+    users = np.unique(seqs.user[seqs.user > 0])  # user 0 (unknown in train) is no one user: never held out
     if fraction <= 0 or len(users) < 2:
         return np.arange(len(seqs.user)), np.zeros(0, dtype=np.int64)
     n = min(len(users) - 1, max(1, int(round(fraction * len(users)))))
@@ -375,8 +375,8 @@ def make_view(items: np.ndarray, kind: str, rng: np.random.Generator, s: Any, h:
 #   masked:  masked [H] bool                      (mip, map; positions of the sequence masked; none when L < 2)
 #   segment: context [H], segment [H]             (sp; the sequence without a segment, the segment; L >= 2)
 def sequence_views(items: np.ndarray, kinds: set[str], rng: np.random.Generator, s: Any, h: int) -> dict[str, np.ndarray]:
-    """The views `kinds` of one sequence `items` [L], drawn from `rng` in a fixed order (kinds not asked for draw
-    nothing, so adding a task never changes another task's views... within the same kinds)."""
+    """The views `kinds` of one sequence `items` [L], drawn from `rng` in a fixed order of kinds (pair, prefix,
+    masked, segment); kinds not asked for draw nothing."""
     n = len(items)
     out: dict[str, np.ndarray] = {}
     if "pair" in kinds:
@@ -484,7 +484,7 @@ class Context:
     def __init__(self, model: "PretrainModel", batch: PretrainBatch, unique: torch.Tensor, vectors: torch.Tensor):
         self.model, self.batch = model, batch
         self.unique, self.vectors = unique, vectors  # [U] sorted news indices, [U, D]
-        self._users: dict[str, torch.Tensor] = {}
+        self.cache: dict[str, Any] = {}  # user vectors by view, the masked queries: computed once per batch
 
     def news(self, ids: torch.Tensor) -> torch.Tensor:
         pos = torch.searchsorted(self.unique, ids.reshape(-1)).clamp(max=len(self.unique) - 1)
@@ -495,11 +495,11 @@ class Context:
 
     def user(self, name: str, mask: torch.Tensor | None = None) -> torch.Tensor:
         key = name if mask is None else f"{name}/masked"
-        if key not in self._users:
+        if key not in self.cache:
             ids = self.view(name)
-            self._users[key] = self.model.user_vectors(self.news(ids), ids > 0 if mask is None else mask, self.batch.user,
+            self.cache[key] = self.model.user_vectors(self.news(ids), ids > 0 if mask is None else mask, self.batch.user,
                                                       ids)
-        return self._users[key]
+        return self.cache[key]
 
 
 class PretrainTask(nn.Module):
@@ -562,30 +562,25 @@ class NextClickTask(PretrainTask):
         return loss * (nxt > 0)
 
 
-class MaskedQueries:
+def masked_queries(ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The masked positions of a batch and the vectors that predict them: contextual outputs at those positions
     (masked news replaced by a learned mask vector) or, for an encoder without contextual outputs, the user vector
-    of the visible history repeated per masked position. Cached on the context: mip and map share them."""
+    of the visible history repeated per masked position. Computed once per batch: mip and map share them.
 
-    @staticmethod
-    def of(ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> queries [M, D], row of each [M] long, masked news [M] long"""
-        if "masked_queries" in ctx._users:
-            return ctx._users["masked_queries"], ctx._users["masked_rows"], ctx._users["masked_news"]
+    Returns: queries [M, D], the sequence (row) of each [M] long, the masked news [M] long."""
+    if "masked" not in ctx.cache:
         model, batch = ctx.model, ctx.batch
         masked = batch.views["masked"] & batch.history_mask  # [B, H]
         rows, cols = masked.nonzero(as_tuple=True)
-        vectors = ctx.news(batch.history)  # [B, H, D]
         if model.contextual:
+            vectors = ctx.news(batch.history)  # [B, H, D]
             filled = torch.where(masked.unsqueeze(-1), model.mask_vector.to(vectors.dtype), vectors)
             inp = model.user_inputs(filled, batch.history_mask, batch.user, batch.history)
-            out = model.user_encoder.contextual(inp)  # [B, H, D]
-            queries = out[rows, cols]
+            queries = model.user_encoder.contextual(inp)[rows, cols]  # [M, D]
         else:
-            user = ctx.user("history", mask=batch.history_mask & ~masked)  # [B, D]
-            queries = user[rows]
-        ctx._users.update(masked_queries=queries, masked_rows=rows, masked_news=batch.history[rows, cols])
-        return queries, rows, batch.history[rows, cols]
+            queries = ctx.user("history", mask=batch.history_mask & ~masked)[rows]  # [M, D]
+        ctx.cache["masked"] = (queries, rows, batch.history[rows, cols])
+    return ctx.cache["masked"]
 
 
 @register_task("mip")
@@ -599,7 +594,7 @@ class MIPTask(PretrainTask):
 
     def forward(self, ctx):
         """views masked [B, H] -> [B] (mean over each sequence's masked positions; 0 without any)"""
-        queries, rows, news = MaskedQueries.of(ctx)
+        queries, rows, news = masked_queries(ctx)
         keys, offset = gather_rows(ctx.news(news))  # [Mg, D]
         ids, _ = gather_rows(news)
         target = offset + torch.arange(len(news), device=news.device)
@@ -638,7 +633,7 @@ def _with_entities(config, meta) -> bool:
 @register_task("map")
 class MAPTask(PretrainTask):
     """Masked attribute prediction: the category, subcategory (and entities) of each masked news, from the same
-    queries as mip (`MaskedQueries`)."""
+    queries as mip (`masked_queries`)."""
 
     settings = (MAPSettings, MaskSettings, AttributeSettings)
     views = ("masked",)
@@ -650,7 +645,7 @@ class MAPTask(PretrainTask):
 
     def forward(self, ctx):
         """views masked [B, H] -> [B]"""
-        queries, rows, news = MaskedQueries.of(ctx)
+        queries, rows, news = masked_queries(ctx)
         return per_sample_mean(self.heads(queries, news, ctx.model), rows, len(ctx.batch))
 
 
@@ -704,6 +699,9 @@ class PretrainModel(Model):
 
     def __init__(self, config, meta: "CorpusMeta", news_table: dict[str, np.ndarray]):
         super().__init__(config, meta, news_table)
+        if self.news_encoder.personalized:
+            raise ValueError(f"--mode=pretrain: --news_encoder {config.news_encoder} is personalized (its news vectors "
+                             f"depend on the user); pretraining encodes each news once per batch: choose another")
         user_cls = type(self.user_encoder)
         if not user_cls.returns_user_vectors(config):
             raise ValueError(f"--mode=pretrain: --user_encoder {config.user_encoder} scores candidates itself with "
@@ -717,7 +715,9 @@ class PretrainModel(Model):
         # find_unused_parameters for an mlp predictor.
         for p in self.click_predictor.parameters():
             p.requires_grad_(False)
-        self.contextual = any(t.uses_contextual for t in self.tasks.values()) and self._has_contextual()
+        # An encoder with contextual outputs overrides UserEncoder.contextual (which returns None).
+        self.contextual = (any(t.uses_contextual for t in self.tasks.values())
+                           and type(self.user_encoder).contextual is not UserEncoder.contextual)
         if self.contextual:
             self.mask_vector = nn.Parameter(torch.randn(dim) * 0.02)  # stands in for a masked news (mip / map)
         if any(isinstance(t, (MAPTask, AAPTask)) for t in self.tasks.values()):
@@ -731,18 +731,6 @@ class PretrainModel(Model):
                 ent = ent[:, :used[-1] + 1] if len(used) else ent[:, :1]
                 self.register_buffer("attr_entities", torch.from_numpy(ent.astype(np.int64)), persistent=False)
         self.category_lookup = self.user_encoder.needs_category
-
-    def _has_contextual(self) -> bool:
-        probe = torch.zeros(1, 1, self.user_encoder.news_dim)
-        with torch.no_grad():
-            was = self.user_encoder.training
-            self.user_encoder.eval()
-            try:
-                out = self.user_encoder.contextual(UserInputs(history=probe, history_mask=torch.ones(1, 1, dtype=torch.bool),
-                                                              user_id=torch.zeros(1, dtype=torch.long)))
-            finally:
-                self.user_encoder.train(was)
-        return out is not None
 
     def view_kinds(self) -> set[str]:
         return {k for t in self.tasks.values() for k in t.views}
@@ -767,11 +755,7 @@ class PretrainModel(Model):
         return out.user.reshape(len(ids), -1)
 
     def encode_batch(self, batch: PretrainBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Each unique news of the batch once -> sorted news indices [U], vectors [U, D], the news encoder's aux.
-        Personalized news encoders (vectors depend on the user) are not supported here."""
-        if self.news_encoder.personalized:
-            raise ValueError(f"--mode=pretrain: --news_encoder {self.config.news_encoder} is personalized (its news "
-                             f"vectors depend on the user); pretraining encodes each news once per batch")
+        """Each unique news of the batch once -> sorted news indices [U], vectors [U, D], the news encoder's aux."""
         unique = torch.unique(batch.history)  # every view's news is a news of the sequence
         vectors, aux = self.news_encoder.encode(self.news_features(unique))
         return unique, vectors, aux

@@ -21,7 +21,7 @@ class ToyContext(P.Context):
 
     def __init__(self, model, batch, table: torch.Tensor, users: dict[str, torch.Tensor]):
         super().__init__(model, batch, torch.arange(len(table)), table)
-        self._users.update(users)
+        self.cache.update(users)
 
 
 def toy_batch(history, user, **views):
@@ -244,3 +244,42 @@ def test_pretraining_flags_are_checked_and_belong_to_their_tasks():
     for argv, message in cases:
         with pytest.raises(ValueError, match=message):
             Config.from_args(argv)
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    from common import TINY_DEMO
+    from config import Config
+    from main import load_corpus
+
+    data = tmp_path_factory.mktemp("pretrain_zoo") / "data"
+    cfg = Config.from_args(["--mode=pretrain", "--dataset=demo", f"--data_dir={data}", *TINY_DEMO])
+    return data, load_corpus(cfg, log=lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("user_encoder", sorted(__import__("userEncoders").USER_ENCODERS))
+def test_every_user_encoder_with_user_vectors_pretrains_with_every_task(user_encoder, tiny_corpus):
+    """One step of all tasks together: a finite loss, and a gradient for every trainable weight of the encoders and
+    the heads; an encoder that returns no user vector (FIM) is refused at construction."""
+    from common import SMALL_MODEL, TINY_DEMO
+    from config import Config
+    from model import get_user_encoder
+
+    data, corpus = tiny_corpus
+    news = "HDC" if user_encoder == "FIM" else "MHSA"
+    cfg = Config.from_args(["--mode=pretrain", "--dataset=demo", f"--data_dir={data}", f"--news_encoder={news}",
+                            f"--user_encoder={user_encoder}", "--pretrain_tasks=contrastive,next_click,mip,map,aap,sp",
+                            *TINY_DEMO, *SMALL_MODEL])
+    if not get_user_encoder(user_encoder).returns_user_vectors(cfg):
+        with pytest.raises(ValueError, match="returns no user vector"):
+            P.PretrainModel(cfg, corpus.meta, corpus.news)
+        return
+    torch.manual_seed(0)
+    model = P.PretrainModel(cfg, corpus.meta, corpus.news)
+    seqs = P.build_sequences(corpus.behaviors("train"), [], cfg.max_history_num)
+    data_set = P.PretrainDataset(seqs, np.arange(len(seqs.user)), model.view_kinds(), cfg, seed=0)
+    out = model(data_set[np.arange(24)])
+    assert torch.isfinite(out.loss) and set(out.aux) >= {"contrastive", "next_click", "mip", "map", "aap", "sp"}
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
