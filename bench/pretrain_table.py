@@ -2,7 +2,7 @@
 --mode=aggregate reads them) from scratch and from pretraining, mean ± sample std over seeds, and the paired
 difference pretrained − scratch by seed (mean ± std, and the paired t-test's p over the seeds).
 
-    python bench/pretrain_table.py bench/pretrain_out
+    python bench/pretrain_table.py <OUT of bench/pretrain_demo.sh>
 """
 from __future__ import annotations
 
@@ -54,4 +54,6 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "bench/pretrain_out")
+    if len(sys.argv) != 2:
+        sys.exit("usage: python bench/pretrain_table.py <OUT folder of bench/pretrain_demo.sh>")
+    main(sys.argv[1])
