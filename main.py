@@ -250,7 +250,7 @@ def init_from_pretraining(config: Config, corpus: Corpus, model: Model) -> None:
                 + "; the click predictor starts afresh")
 
 
-def pretrain(config: Config) -> dict[str, Any]:
+def pretrain(config: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """--mode=pretrain: the encoders trained on click sequences (pretraining.py), saved in a pretrain#<n> run."""
     from pretraining import PretrainModel, PretrainTrainer
 
@@ -264,7 +264,7 @@ def pretrain(config: Config) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rank0_print(f"pretraining {config.model_name} ({config.pretrain_tasks}): {n_params:,} trainable parameters")
     try:
-        result = PretrainTrainer(config, corpus, model, runtime).train()
+        result = PretrainTrainer(config, corpus, model, runtime, callbacks=callbacks).train()
     except TrainingInterrupted as e:
         e.command = None  # a pretraining run is not resumed: start it again
         raise
@@ -476,7 +476,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) 
         stray = config.stray_flags(config.typed)
         if stray:
             raise ValueError("; ".join(stray))
-        return pretrain(config)
+        return pretrain(config, callbacks)
     if config.mode == "train":  # dev/test take their settings from the checkpoint: suggestions do not apply
         # Pairing rules before any data is read: a wrong pairing fails in a second, not after the corpus loads.
         check_pairing(config.news_encoder, config.user_encoder, config.click_predictor, config)
