@@ -226,16 +226,18 @@ class _Run:
 
 
 class Trainer:
-    """The loop of a run; a subclass changes what it trains on and how an epoch is judged and saved by overriding
+    """The loop of a run. A subclass changes what it trains on and how an epoch is judged and saved by overriding
     `_training_data`, `_evaluation_data`, `_evaluate_epoch`, `_decide`, `_epoch_record`, `_metrics_text` and
-    `_save_best`
-    (pretraining.PretrainTrainer), never the step loop.
+    `_save_best` (as pretraining.PretrainTrainer does), never the step loop.
 
     Args:
         resume: a loaded last.pt (`load_training_state`) to continue, with `resume_path` its file; the run goes on
             in that run folder.
         callbacks: `Callback`s called at the start of training, of each epoch and step, and at each epoch's end.
     """
+
+    run_prefix = "#"  # run folders <output_dir>/<dataset>/<model>/<run_prefix><n>
+    epoch_log = "dev_log.jsonl"  # one line per epoch (`_epoch_record`), in the run folder
 
     def __init__(self, config, corpus, model: nn.Module, runtime: Runtime, log: Callable = print,
                  resume: dict[str, Any] | None = None, resume_path: str | Path | None = None,
@@ -267,9 +269,6 @@ class Trainer:
             # Training steps only (evaluation runs the bare model): batches vary in shape (unique news, dynamic
             # padding), so dynamic shapes avoid a recompilation per batch. bench/train.py measures the effect.
             self.model = torch.compile(self.model, dynamic=True)
-
-    run_prefix = "#"  # run folders <output_dir>/<dataset>/<model>/<run_prefix><n>
-    epoch_log = "dev_log.jsonl"  # one line per epoch (`_epoch_record`), in the run folder
 
     # -- pieces ---------------------------------------------------------------------------------------------
     def _run_dir(self) -> Path:
