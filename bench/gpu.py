@@ -437,7 +437,7 @@ def train_speed(ctx: Context, flags: list[str], compiled: bool = False) -> dict[
     t0 = time.perf_counter()
     model.prepare(log=quiet)
     ctx.sync()
-    cache_s = time.perf_counter() - t0 if model.news_encoder.has_frozen_cache else None
+    cache_s = time.perf_counter() - t0 if getattr(model.news_encoder, "has_frozen_cache", False) else None
     model.train()
     stepper = Stepper(model, cfg, rt)
     data = TrainDataset(corpus.behaviors("train"), cfg.negative_sample_num, seed=cfg.seed)
