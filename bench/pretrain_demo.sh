@@ -13,7 +13,8 @@ MODELS=${MODELS:-"MHSA MINER"}                      # user encoders, each with -
 DIMS=${DIMS:-"--head_num=10 --head_dim=10"}         # news dim 100 (NRMS: 20 x 20 = 400): 4x less work on the CPU
 LR=${LR:-5e-4}
 TASKS=${TASKS:-contrastive,next_click,mip}
-PRETRAIN_STEPS=${PRETRAIN_STEPS:-120}               # one epoch capped at this many steps of batch 64
+PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-1}
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-100}               # steps of batch 64 per pretraining epoch, at most
 FULL_STEPS=${FULL_STEPS:-40}                        # fine-tuning on all impressions: 1 epoch capped at this
 FRACTION_EPOCHS=${FRACTION_EPOCHS:-2}               # fine-tuning on 10%: this many full epochs (21 steps each)
 COMMON="--dataset=demo --data_dir=$DATA --news_encoder=MHSA $DIMS --lr=$LR --no-progress --no-plot --no-tensorboard"
@@ -23,7 +24,7 @@ for ue in $MODELS; do
   pre="$OUT/pretrain/demo/$model/pretrain#1/$model"
   if [ ! -f "$pre" ]; then
     python main.py --mode=pretrain $COMMON --user_encoder=$ue --output_dir=$OUT/pretrain --seed=0 \
-      --pretrain_tasks=$TASKS --epoch=1 --max_steps_per_epoch=$PRETRAIN_STEPS
+      --pretrain_tasks=$TASKS --epoch=$PRETRAIN_EPOCHS --max_steps_per_epoch=$PRETRAIN_STEPS
   fi
   for frac in full 10pct; do
     if [ $frac = full ]; then budget="--epoch=1 --max_steps_per_epoch=$FULL_STEPS"
