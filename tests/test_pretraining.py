@@ -116,7 +116,7 @@ def test_attribute_prediction_is_the_cross_entropy_of_category_and_subcategory()
         x = table[n]
         lc = F.log_softmax(aap.heads.category.weight @ x, 0)[cat[n]]
         ls = F.log_softmax(aap.heads.subcategory.weight @ x, 0)[sub[n]]
-        return float(-(lc + ls))
+        return float(-(lc + ls).detach())
 
     torch.testing.assert_close(got, torch.tensor([(loss(1) + loss(2)) / 2, loss(3)]), atol=1e-6, rtol=1e-6)
     # map: the same heads read the masked positions' queries (here the user vector of the visible history)
