@@ -96,7 +96,7 @@ def load_corpus(config, log=print) -> Corpus:
     """The corpus plus what the chosen encoders read: GloVe (training word encoders), PLM tokens, category GloVe."""
     prepare_data(config)
     news_cls = get_news_encoder(config.news_encoder)
-    needs_glove = news_cls.needs_glove and config.mode == "train"
+    needs_glove = news_cls.needs_glove and config.mode in ("train", "pretrain")  # a pretraining starts from GloVe too
     corpus = Corpus(config, need_glove=needs_glove, log=log)
     if news_cls.uses_plm:
         corpus.add_plm_tokens(resolve_plm_path(config.plm_model_name), config.plm_max_length,

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import pretraining as P
+from common import needs_glove50
 from dataset import TrainDataset
 
 
@@ -283,3 +284,20 @@ def test_every_user_encoder_with_user_vectors_pretrains_with_every_task(user_enc
     out.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
+
+
+@needs_glove50
+def test_pretraining_starts_from_the_same_glove_words_as_training(tiny_corpus):
+    """A word-based news encoder is pretrained from GloVe, as it is trained: --init_from must not hand fine-tuning
+    word vectors that started random (they did: --mode=pretrain loaded no GloVe)."""
+    from common import SMALL_MODEL, TINY_DEMO
+    from config import Config
+    from main import load_corpus
+
+    data, _ = tiny_corpus
+    tables = []
+    for mode in ("train", "pretrain"):
+        cfg = Config.from_args([f"--mode={mode}", "--dataset=demo", f"--data_dir={data}", *TINY_DEMO, *SMALL_MODEL])
+        tables.append(load_corpus(cfg, log=lambda *a, **k: None).meta.word_embeddings)
+    assert tables[0] is not None and tables[1] is not None
+    np.testing.assert_array_equal(tables[0], tables[1])
