@@ -45,6 +45,7 @@ import util
 
 # Cache format version: bump when the meaning of any cached array changes.
 CACHE_VERSION = 2  # 2: duplicate rows within a news.tsv counted, or an error if they differ
+DATASETS = ("demo", "small", "200k", "large")  # --dataset: the generated demo and the MIND protocols (docs/MIND.md §2)
 SPLITS = ("train", "dev", "test")
 PAD, UNK = "<PAD>", "<UNK>"
 

@@ -11,16 +11,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from MIND_corpus import DATASETS
 from model import CLICK_PREDICTORS, all_components, flag_owners
 from newsEncoders import NEWS_ENCODERS, OFFLINE_MINILM
+from scorer import CRITERIA
 from settings import Settings, SharedDims, component_settings, int_list
 from userEncoders import USER_ENCODERS
 
-DATASETS = ("demo", "small", "200k", "large")
 # Keys of a saved config.json that --config_file does not take: re-running a run starts a new one.
 FILE_IGNORED = ("config_file", "resume", "seeds")
 MODES = ("train", "dev", "test", "aggregate", "explain", "compare")
-CRITERIA = ("auc", "mrr", "ndcg5", "ndcg10", "avg")
 TIE_BREAKS = ("popularity", "position")
 
 # Suggested values per dataset, applied only to flags the user did not type (NNR's per-dataset defaults, which

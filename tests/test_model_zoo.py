@@ -29,7 +29,7 @@ from evaluation import evaluate
 from MIND_corpus import Corpus
 from model import Model, check_pairing
 from newsEncoders import NEWS_ENCODERS
-from prepare_MIND_dataset import ensure_demo
+from demo_corpus import ensure_demo
 from trainer import build_optimizer
 from userEncoders import USER_ENCODERS
 
