@@ -236,3 +236,12 @@ def test_run_level_flags_keep_name_default_type_choices_help_and_group():
     for old, new in zip(before, now):
         assert new == old, f"--{old['dest']} changed"
 
+
+
+def test_run_level_flags_come_from_settings_classes():
+    """Every run-level flag is a field of one of config.RUN_SETTINGS (one home: the parser is generated)."""
+    from config import RUN_SETTINGS
+
+    fields_of = [name for cls in RUN_SETTINGS for name in cls.names()]
+    assert len(fields_of) == len(set(fields_of)), "a flag declared twice"
+    assert sorted(fields_of) == sorted(r["dest"] for r in _run_level_flags())
