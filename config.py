@@ -3,6 +3,11 @@
 `Config.from_args(argv)` returns the config; `config.explicit` is the set of flags the user typed, which is
 what lets per-dataset suggestions fill only untyped flags (printed by main, never silent) and lets dev/test
 modes detect a flag that contradicts the checkpoint's saved config.
+
+Every flag is a field of a settings class: the run-level ones below, the components' beside the encoders. That is
+why this module imports the encoder modules, and torch with them: the parser, the checks and "which flags shape the
+model" are built from the registered components' classes, so parsing needs them loaded (a lazy import would only
+move torch's import to the first parse).
 """
 from __future__ import annotations
 
