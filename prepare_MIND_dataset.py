@@ -66,6 +66,7 @@ ZIPS = {
 }
 SPLIT_FILES = ("news.tsv", "behaviors.tsv", "entity_embedding.vec", "relation_embedding.vec")
 PROTOCOL_VERSION = 2
+USERS_200K = 200_000  # users the 200k protocol samples (the CLI's --num_users; tests use a handful)
 DOWNLOAD_TIMEOUT_S = 10.0
 
 
@@ -297,7 +298,7 @@ def small_dev_ids(impression_ids, dev_fraction: float = 0.05, seed: int = 0) -> 
     return np.sort(ids[perm[: int(round(len(ids) * dev_fraction))]])
 
 
-def sample_users(user_ids, num_users: int = 200_000, seed: int = 0) -> np.ndarray:
+def sample_users(user_ids, num_users: int = USERS_200K, seed: int = 0) -> np.ndarray:
     """The `200k` protocol's users: `default_rng(seed).choice` without replacement over the sorted unique ids."""
     users = np.unique(np.asarray(user_ids, dtype=str))
     if num_users > len(users):
@@ -323,7 +324,7 @@ def _news_files(src: Path, dst: Path) -> None:
             (dst / name).write_text("")
 
 
-def prepare(dataset: str, data_dir="data", *, download: bool = True, num_users: int = 200_000, seed: int = 0,
+def prepare(dataset: str, data_dir="data", *, download: bool = True, num_users: int = USERS_200K, seed: int = 0,
             base_url: str | None = None) -> Path:
     """Build `<data_dir>/MIND-<dataset>/{train,dev,test}` for a protocol (see the module docstring).
 
@@ -420,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_dir", default="data", help="where the zips are / go, and where MIND-<dataset>/ is built")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download missing zips (--no-download: only use zips already in --data_dir)")
-    g.add_argument("--num_users", type=int, default=200_000, help="200k protocol: number of users sampled")
+    g.add_argument("--num_users", type=int, default=USERS_200K, help="200k protocol: number of users sampled")
     d = p.add_argument_group("demo")
     d.add_argument("--demo_news", type=int, default=DEMO_SIZES["num_news"], help="demo: number of news")
     d.add_argument("--demo_users", type=int, default=DEMO_SIZES["num_users"], help="demo: number of users")
