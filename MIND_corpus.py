@@ -45,6 +45,7 @@ import util
 
 # Cache format version: bump when the meaning of any cached array changes.
 CACHE_VERSION = 2  # 2: duplicate rows within a news.tsv counted, or an error if they differ
+DATASETS = ("demo", "small", "200k", "large")  # --dataset: the generated demo and the MIND protocols (docs/MIND.md §2)
 SPLITS = ("train", "dev", "test")
 PAD, UNK = "<PAD>", "<UNK>"
 
@@ -1015,14 +1016,26 @@ class Corpus:
         if "subcategory" in fields:
             names = self.news_meta["subcategories"]
             columns["subcategory"] = ["" if i == 0 else names[i] for i in np.asarray(self.news["subcategory"])]
-        if "abstract" in fields:  # abstracts are not kept as text in the news cache: read them from news.tsv
-            abstract: dict[str, str] = {}
-            for path in self._news_files.values():
-                f = read_tsv(path, NEWS_COLUMNS)
-                for nid, text in zip(f["NewsID"].tolist(), f["Abstract"].tolist()):
-                    abstract.setdefault(nid, text)
-            columns["abstract"] = [""] + [abstract.get(nid, "") for nid in self.news_meta["news_ids"][1:]]
+        if "abstract" in fields:
+            columns["abstract"] = self.news_texts("abstract")
         return [template.format(**{k: v[i] for k, v in columns.items()}) for i in range(len(titles))]
+
+    def news_texts(self, column: str) -> list[str]:
+        """Every news' text of `column` ("title" or "abstract"), by news index; row 0, the padding news, is "".
+
+        Titles are kept with the corpus (news_meta); abstracts are not (the arrays hold their tokens), so they are
+        read from the splits' news.tsv, the first row of a news id winning (train first), as when the corpus was
+        built."""
+        if column == "title":
+            return list(self.news_meta["titles"])
+        if column != "abstract":
+            raise ValueError(f"news_texts: column must be 'title' or 'abstract', got {column!r}")
+        abstract: dict[str, str] = {}
+        for path in self._news_files.values():
+            f = read_tsv(path, NEWS_COLUMNS)
+            for nid, text in zip(f["NewsID"].tolist(), f["Abstract"].tolist()):
+                abstract.setdefault(nid, text)
+        return [""] + [abstract.get(nid, "") for nid in self.news_meta["news_ids"][1:]]
 
     def add_category_glove(self) -> None:
         """GloVe vectors of the category names (compound names split into words) for --use_category_glove.

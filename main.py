@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+import demo_corpus
 import run_records
 import scorer
 import significance
@@ -56,12 +57,6 @@ def rank0_print(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
-# main.py's demo flags and the generator's names for them.
-DEMO_FLAGS = (("demo_news", "num_news"), ("demo_users", "num_users"), ("demo_train_impressions", "num_train_impressions"),
-              ("demo_dev_impressions", "num_dev_impressions"), ("demo_test_impressions", "num_test_impressions"),
-              ("demo_seed", "seed"))
-
-
 def prepare_data(config) -> None:
     """The demo corpus is generated on first use; real MIND must be prepared by prepare_MIND_dataset.py.
 
@@ -70,18 +65,17 @@ def prepare_data(config) -> None:
     it is), and the config records them, so config.json names the corpus the run used. Evaluating a checkpoint
     or resuming a run asks for the saved settings: they name the corpus the model was trained on."""
     if config.dataset == "demo":
-        from prepare_MIND_dataset import demo_settings, ensure_demo
-
         strict = config.mode != "train" or bool(config.resume)
-        asked = {name: config.values[flag] for flag, name in DEMO_FLAGS if strict or flag in config.explicit}
+        flags = demo_corpus.DEMO_FLAG_NAMES  # generator argument -> main.py flag
+        asked = {name: config.values[flag] for name, flag in flags.items() if strict or flag in config.explicit}
         util.check_folder(config.data_dir, "--data_dir")
         with util.writing_into(config.data_dir, "--data_dir", "the demo corpus"):
-            root = ensure_demo(config.data_dir, seed=asked.pop("seed", None), **asked)
-        saved = demo_settings(root) or {}
+            root = demo_corpus.ensure_demo(config.data_dir, seed=asked.pop("seed", None), **asked)
+        saved = demo_corpus.demo_settings(root) or {}
         have = {**saved.get("sizes", {}), "seed": saved.get("seed")}
-        adopted = [f"--{flag}={have[name]}" for flag, name in DEMO_FLAGS
+        adopted = [f"--{flag}={have[name]}" for name, flag in flags.items()
                    if have.get(name) is not None and config.values[flag] != have[name]]
-        for flag, name in DEMO_FLAGS:
+        for name, flag in flags.items():
             if have.get(name) is not None:
                 config.values[flag] = have[name]
         if adopted:

@@ -275,15 +275,23 @@ class Model(nn.Module):
         """index [N] long (news indices) -> [N, D] news vectors."""
         return self.news_encoder.encode(self.news_features(index), user_id=user_id)[0]
 
+    def batch_news(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The news a batch reads, history then candidates: ids [B*H + B*C] and, for a personalized news encoder,
+        the user of each ([B*H + B*C]; else None)."""
+        h, c = batch.history.shape[1], batch.candidates.shape[1]
+        ids = torch.cat([batch.history.reshape(-1), batch.candidates.reshape(-1)])  # [B*H + B*C]
+        if not self.news_encoder.personalized:
+            return ids, None
+        return ids, torch.cat([batch.user.repeat_interleave(h), batch.user.repeat_interleave(c)])
+
     def _gather_news(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Encode the batch's news: each unique news once (personalized encoders: once per user and news).
 
         Returns history [B, H, D], candidates [B, C, D] and the news encoder's auxiliary losses (training)."""
         b, h = batch.history.shape
         c = batch.candidates.shape[1]
-        ids = torch.cat([batch.history.reshape(-1), batch.candidates.reshape(-1)])  # [B*H + B*C]
+        ids, users = self.batch_news(batch)
         if self.news_encoder.personalized:
-            users = torch.cat([batch.user.repeat_interleave(h), batch.user.repeat_interleave(c)])
             vectors, aux = self.news_encoder.encode(self.news_features(ids), user_id=users)
         elif self.news_encoder.length_buckets > 1:
             unique, inverse = torch.unique(ids, return_inverse=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from util import _atomic_write, _write_text_atomic
+from util import atomic_write, write_lines_atomic
 
 METRIC_KEYS = ("auc", "mrr", "ndcg5", "ndcg10")
 
@@ -213,14 +213,14 @@ def write_prediction(path_txt, impression_ids: Sequence, ranks_list: Sequence[Se
             raise ValueError(f"impression {key}: ranks {r[:10]}{'...' if n > 10 else ''} "
                              f"are not a permutation of 1..{n}")
         lines.append(format_prediction_line(key, r))
-    _write_text_atomic(Path(path_txt), lines)
+    write_lines_atomic(path_txt, lines)
     if zip_path is not None:
         text = "".join(line + "\n" for line in lines).encode("utf-8")
 
         def write_zip(tmp):
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
                 z.writestr("prediction.txt", text)
-        _atomic_write(Path(zip_path), write_zip)
+        atomic_write(zip_path, write_zip)
 
 
 def _open_lines(path: Path) -> Iterator[str]:
@@ -282,7 +282,7 @@ def write_truth(path, impression_ids: Sequence, labels_list: Sequence[Sequence[i
         if any(v not in (0, 1) for v in lab):
             raise ValueError(f"impression {key}: labels must be 0 or 1, got {lab[:10]}")
         lines.append(format_prediction_line(key, lab))
-    _write_text_atomic(Path(path), lines)
+    write_lines_atomic(path, lines)
 
 
 def read_truth(path) -> tuple[list, list[list[int]]]:

@@ -22,13 +22,18 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping
 Check = Callable[[Any], "str | None"]  # value -> what is wrong with it (None: fine)
 
 
-def setting(default: Any, help: str, *, check: Check | None = None, choices: Iterable[Any] | None = None,
-            architecture: bool = True):
-    """A settings field: `default`, `help` for --help, `check` (value -> error text or None), `choices`, and
+def setting(default: Any, help: str, *, check: Check | None = None,
+            choices: Iterable[Any] | Callable[[], Iterable[Any]] | None = None, architecture: bool = True,
+            nargs: str | None = None, metavar: str | None = None):
+    """A settings field: `default`, `help` for --help, `check` (value -> error text or None), `choices` (or a
+    function returning them when the parser is built, e.g. a registry's names, which grow as encoders register),
     `architecture`: whether the value shapes the weights (a checkpoint's value then wins over a typed one in
-    dev/test mode, and a different typed value is an error) rather than only how they are trained."""
-    meta = {"help": help, "check": check, "choices": tuple(choices) if choices is not None else None,
-            "architecture": architecture}
+    dev/test mode, and a different typed value is an error) rather than only how they are trained, and argparse's
+    `nargs` / `metavar` where a flag takes several values."""
+    if choices is not None and not callable(choices):
+        choices = tuple(choices)
+    meta = {"help": help, "check": check, "choices": choices, "architecture": architecture, "nargs": nargs,
+            "metavar": metavar}
     if isinstance(default, list):
         return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -64,8 +69,11 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "list[int]": int_list,
-                                           "int|None": int}  # None: a default resolved later (documented in help)
+# A field's annotation -> argparse's type (None: the typed string as it is). `X|None`: a default resolved later
+# (documented in help) or "not given". bool fields are --flag / --no-flag switches.
+_TYPES: dict[str, Callable[[str], Any] | None] = {
+    "int": int, "int|None": int, "float": float, "str": None, "str|None": None, "list[int]": int_list,
+    "list[int]|None": int_list, "list[str]|None": None}
 
 
 @dataclass
@@ -73,6 +81,7 @@ class Settings:
     """Base of every settings dataclass. `title` heads the flag group in --help."""
 
     title: ClassVar[str] = ""
+    description: ClassVar[str | None] = None  # shown under the title in --help
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -89,17 +98,22 @@ class Settings:
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser, owners: str = "") -> None:
         """One argparse group: this class's flags, their defaults, help and choices."""
-        group = parser.add_argument_group(cls.title + (f" — read by {owners}" if owners else ""))
+        group = parser.add_argument_group(cls.title + (f" — read by {owners}" if owners else ""), cls.description)
         for f in fields(cls):
             default = f.default if f.default is not MISSING else f.default_factory()
-            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            kind = (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))).replace(" ", "")
             kw: dict[str, Any] = {"default": default, "help": f.metadata.get("help", "")}
-            if kind == "bool":
+            if kind in ("bool", "bool|None"):
                 kw["action"] = argparse.BooleanOptionalAction
             else:
-                kw["type"] = _TYPES[kind.replace(" ", "")]
-                if f.metadata.get("choices"):
-                    kw["choices"] = list(f.metadata["choices"])
+                if _TYPES[kind] is not None:
+                    kw["type"] = _TYPES[kind]
+                choices = f.metadata.get("choices")
+                if choices:
+                    kw["choices"] = list(choices() if callable(choices) else choices)
+                for key in ("nargs", "metavar"):
+                    if f.metadata.get(key) is not None:
+                        kw[key] = f.metadata[key]
             if kind == "list[int]":
                 kw["default"] = ",".join(str(v) for v in default)  # shown as typed; argparse converts it
             group.add_argument(f"--{f.name}", **kw)

@@ -84,7 +84,7 @@ def write_per_impression(path, per: Mapping, impression_ids: np.ndarray, offsets
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
             np.savez(f, **arrays)
-    util._atomic_write(Path(path), write)
+    util.atomic_write(path, write)
     return Path(path)
 
 

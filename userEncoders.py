@@ -31,6 +31,12 @@ if TYPE_CHECKING:
 USER_ENCODERS: Registry = Registry("user encoder", "--user_encoder")  # name -> UserEncoder subclass
 register_user_encoder = USER_ENCODERS.register
 
+# The largest tensor a user encoder builds per chunk of candidates (encoders that attend per candidate, [B, H, C, ...]):
+# 2^24 elements is 64 MiB in fp32, so the few such tensors autograd keeps stay within a few hundred MiB however many
+# candidates an impression shows (MIND-large evaluation: hundreds), while a training batch (B 64, H 50, C 5) is one
+# chunk and pays no loop. Tests lower an encoder's `max_elements` to check that chunking changes no result.
+CHUNK_ELEMENTS = 1 << 24
+
 
 def get_user_encoder(name: str) -> type["UserEncoder"]:
     return USER_ENCODERS.lookup(name)
@@ -289,7 +295,7 @@ class MINERUserEncoder(UserEncoder):
             self.score_project = nn.Linear(d, d)  # W_e
         self.beta = config.disagreement_beta
         # Bound the [B, H, C, K] attention tensor when impressions have hundreds of candidates.
-        self.max_elements = 1 << 24
+        self.max_elements = CHUNK_ELEMENTS
 
     def interests(self, inp: UserInputs, candidates: torch.Tensor, candidate_category: torch.Tensor,
                   keep: list | None = None) -> torch.Tensor:
@@ -389,7 +395,7 @@ class CATTUserEncoder(UserEncoder):
         self.candidate_proj = nn.Linear(d, a)
         self.history_proj = nn.Linear(d, a, bias=False)
         self.score = nn.Linear(a, 1, bias=False)
-        self.max_elements = 1 << 24
+        self.max_elements = CHUNK_ELEMENTS
 
     def forward(self, inp):
         """history [B, H, D], history_mask [B, H], candidates [B, C, D] -> user [B, C, D], attention [B, C, H].
@@ -637,7 +643,7 @@ class SUEUserEncoder(UserEncoder):
             self.cluster_affine = nn.Linear(d, d)
             self.inter_key = nn.Linear(d, a, bias=False)
             self.inter_query = nn.Linear(d, a)
-            self.max_elements = 1 << 24
+            self.max_elements = CHUNK_ELEMENTS
         else:
             self.attention = AdditiveAttention(d, config.attention_dim)
 
@@ -788,7 +794,7 @@ class FIMUserEncoder(UserEncoder):
         self.conv_second = nn.Conv3d(config.conv3D_filter_num_first, config.conv3D_filter_num_second, k2)
         self.pool = nn.MaxPool3d(pool, stride)
         self.out = nn.Linear(config.conv3D_filter_num_second * depth * side * side, 1)
-        self.max_elements = 1 << 24
+        self.max_elements = CHUNK_ELEMENTS
 
     def split_levels(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """[..., D] -> d0 [..., Lh, E] (None without an embedding level), dL [..., levels, Lh, F]."""

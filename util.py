@@ -8,9 +8,10 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -94,9 +95,13 @@ def umask_permissions(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~_UMASK)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, then os.replace it: a crash never leaves half a
-    file under the final name."""
+def atomic_write(path: str | Path, write: Callable[[str], None], *, durable: bool = False) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then os.replace it: a crash, a full disk or a kill
+    never leaves half a file under the final name (the previous file, if any, stays). The one atomic-write
+    primitive: text files, zips, npz records and checkpoints (checkpoints.atomic_torch_save) all go through it.
+
+    `durable`: fsync the file before the rename, so that after a machine crash the name holds the new bytes,
+    not an empty file (for checkpoints, which a resumed run relies on)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -104,6 +109,9 @@ def _atomic_write(path: Path, write) -> None:
     try:
         umask_permissions(tmp)
         write(tmp)
+        if durable:
+            with open(tmp, "rb") as f:  # fsync flushes the file's data whichever descriptor asks
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -111,18 +119,45 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _write_text_atomic(path: Path, lines: Iterable[str]) -> None:
+def write_lines_atomic(path, lines: Iterable[str]) -> None:
+    """Write `lines` (each followed by a newline) to `path` through atomic_write."""
     def write(tmp):
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             for line in lines:
                 f.write(line)
                 f.write("\n")
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
-def write_lines_atomic(path, lines: Iterable[str]) -> None:
-    """Write `lines` (newline-terminated) to `path` through a temporary file and os.replace."""
-    _write_text_atomic(Path(path), lines)
+def replace_dir_atomically(target: Path, build: Callable[[Path], None],
+                           keep_existing: Callable[[Path], bool] | None = None) -> None:
+    """Run `build(tmp)` in a temp folder beside `target`, then rename it to `target`: a killed run leaves at
+    most a hidden temp folder, never a half-written `target`.
+
+    `keep_existing(target)`: asked once the build is done; True means that what is at `target` now is already
+    what was built (another process sharing the filesystem got there first), so it stays and the build is
+    dropped. Without it, `target` is replaced."""
+    target = Path(target)
+    tmp = sibling_dir(target, "tmp")
+    try:
+        build(tmp)
+        if keep_existing is not None and keep_existing(target):
+            return
+        if target.exists():
+            old = sibling_dir(target, "old")
+            try:
+                os.replace(target, old / "x")
+            except FileNotFoundError:  # another process moved it first
+                pass
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # a non-empty folder appeared there meanwhile: another process's rename won
+            if keep_existing is None or not keep_existing(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left once renamed
+
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ hardware's limit and the project's goals), printed as one table row by row and w
 Nothing is downloaded: the PLM is a random-weight BERT-base-sized model (BertConfig defaults: 12 layers, 768-d,
 vocabulary padded to 30,522) saved with save_pretrained beside a WordPiece vocabulary written from the generated
 corpus' words, and word embeddings start random (no GloVe), so speed is measured on the real shapes; corpora are
-generated with the demo generator (prepare_MIND_dataset.generate_demo) in --data_dir.
+generated with the demo generator (demo_corpus.generate_demo) in --data_dir.
 
 Rows (keys for --rows):
 - setup-*     generate the corpora, write the random BERT folder (their seconds count against the budget);

@@ -90,7 +90,7 @@ def demo_flags(args) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 
 def stage_generate(args) -> None:
-    from prepare_MIND_dataset import ensure_demo
+    from demo_corpus import ensure_demo
 
     t0 = time.perf_counter()
     root = ensure_demo(args.data_dir, seed=0, **_sizes(args))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import glove_vectors
+import demo_corpus
 import prepare_MIND_dataset as pm
 import util
 from config import Config, build_parser
@@ -193,7 +194,7 @@ def test_main_uses_an_existing_demo_as_it_is_and_records_its_settings(tiny_demo,
 def test_typed_demo_flags_contradicting_the_corpus_are_an_error_naming_both(tiny_demo):
     before = mtimes(tiny_demo / "MIND-demo")
     cfg = Config.from_args(["--dataset=demo", f"--data_dir={tiny_demo}", "--demo_news=3000"])
-    with pytest.raises(pm.DemoMismatchError) as e:
+    with pytest.raises(demo_corpus.DemoMismatchError) as e:
         prepare_data(cfg)
     msg = str(e.value)
     assert "made with --demo_news=200" in msg and "asks for --demo_news=3000" in msg
@@ -203,7 +204,7 @@ def test_typed_demo_flags_contradicting_the_corpus_are_an_error_naming_both(tiny
 
 def test_prepare_cli_with_other_demo_settings_is_an_error_and_keeps_the_corpus(tiny_demo):
     before = mtimes(tiny_demo / "MIND-demo")
-    with pytest.raises(pm.DemoMismatchError, match=r"--demo_seed=3.*--demo_seed=0 .*different: .*--demo_news"):
+    with pytest.raises(demo_corpus.DemoMismatchError, match=r"--demo_seed=3.*--demo_seed=0 .*different: .*--demo_news"):
         pm.main(["--dataset=demo", f"--data_dir={tiny_demo}"])  # the defaults: 3000 news, seed 0
     assert mtimes(tiny_demo / "MIND-demo") == before
 
@@ -212,30 +213,30 @@ def test_evaluation_asks_for_the_checkpoint_demo_settings(tiny_demo):
     """dev/test take every --demo_* value from the checkpoint's config: a corpus made otherwise is refused."""
     cfg = Config.from_args(["--dataset=demo", f"--data_dir={tiny_demo}"])
     cfg.mode = "dev"  # as config_for_checkpoint leaves it: the saved values, nothing typed
-    with pytest.raises(pm.DemoMismatchError, match="different: --demo_news, --demo_users"):
+    with pytest.raises(demo_corpus.DemoMismatchError, match="different: --demo_news, --demo_users"):
         prepare_data(cfg)
 
 
 def test_a_demo_folder_holding_other_files_is_not_replaced(tmp_path):
     (tmp_path / "MIND-demo" / "train").mkdir(parents=True)
     (tmp_path / "MIND-demo" / "train" / "behaviors.tsv").write_text("mine\n")
-    with pytest.raises(pm.DemoMismatchError, match="holds files but no demo corpus .*left as it is"):
-        pm.ensure_demo(tmp_path, **TINY)
+    with pytest.raises(demo_corpus.DemoMismatchError, match="holds files but no demo corpus .*left as it is"):
+        demo_corpus.ensure_demo(tmp_path, **TINY)
     assert (tmp_path / "MIND-demo" / "train" / "behaviors.tsv").read_text() == "mine\n"
 
 
 def test_a_corpus_of_an_older_generator_is_moved_aside_not_deleted(tmp_path, capsys):
-    root = pm.ensure_demo(tmp_path, **TINY)
+    root = demo_corpus.ensure_demo(tmp_path, **TINY)
     oracle = json.loads((root / "oracle.json").read_text())
-    oracle["generator_version"] = pm.GENERATOR_VERSION - 1
+    oracle["generator_version"] = demo_corpus.GENERATOR_VERSION - 1
     (root / "oracle.json").write_text(json.dumps(oracle))
     old_behaviors = (root / "train" / "behaviors.tsv").read_bytes()
     capsys.readouterr()
-    pm.ensure_demo(tmp_path, **TINY)
-    aside = tmp_path / f"MIND-demo.generator-v{pm.GENERATOR_VERSION - 1}"
+    demo_corpus.ensure_demo(tmp_path, **TINY)
+    aside = tmp_path / f"MIND-demo.generator-v{demo_corpus.GENERATOR_VERSION - 1}"
     assert f"moved it to {aside}" in capsys.readouterr().out
     assert (aside / "train" / "behaviors.tsv").read_bytes() == old_behaviors
-    assert json.loads((root / "oracle.json").read_text())["generator_version"] == pm.GENERATOR_VERSION
+    assert json.loads((root / "oracle.json").read_text())["generator_version"] == demo_corpus.GENERATOR_VERSION
 
 
 def test_interrupted_demo_generation_leaves_nothing_half_written(tmp_path, monkeypatch):
@@ -248,10 +249,10 @@ def test_interrupted_demo_generation_leaves_nothing_half_written(tmp_path, monke
 
     monkeypatch.setattr(Path, "write_text", crash)
     with pytest.raises(KeyboardInterrupt):
-        pm.ensure_demo(tmp_path, **TINY)
+        demo_corpus.ensure_demo(tmp_path, **TINY)
     assert list(tmp_path.iterdir()) == []  # neither MIND-demo nor a hidden temporary folder
     monkeypatch.setattr(Path, "write_text", real_write)
-    assert pm._demo_matches(pm.ensure_demo(tmp_path, **TINY), {**pm.DEMO_SIZES, **TINY}, 0)
+    assert demo_corpus._demo_matches(demo_corpus.ensure_demo(tmp_path, **TINY), {**demo_corpus.DEMO_SIZES, **TINY}, 0)
 
 
 # ==========================================================================================================

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import MIND_corpus as mc
-import prepare_MIND_dataset as pm
+import demo_corpus
 import scorer
 from config import Config
 from dataset import EvalDataset, TrainDataset, sample_negatives
@@ -369,7 +369,7 @@ def test_chunked_behaviors_equal_reference_parser(tmp_path, long_id):
 
 
 def test_chunked_behaviors_equal_reference_on_generated_corpus(tmp_path):
-    root = pm.generate_demo(tmp_path / "MIND-demo", num_news=200, num_users=60, num_train_impressions=150,
+    root = demo_corpus.generate_demo(tmp_path / "MIND-demo", num_news=200, num_users=60, num_train_impressions=150,
                             num_dev_impressions=40, num_test_impressions=30, test_labels=False)
     all_news = list(dict.fromkeys(line.split("\t")[0] for s in ("train", "dev", "test")
                                   for line in (root / s / "news.tsv").read_text().splitlines()))
@@ -511,7 +511,7 @@ def reference_news(files: dict[str, Path], threshold: int, max_title: int, max_a
 
 
 def test_vectorised_news_table_equals_reference(tmp_path):
-    root = pm.generate_demo(tmp_path / "MIND-demo", num_news=150, num_users=40, num_train_impressions=60,
+    root = demo_corpus.generate_demo(tmp_path / "MIND-demo", num_news=150, num_users=40, num_train_impressions=60,
                             num_dev_impressions=20, num_test_impressions=20)
     odd = [  # overlapping occurrences (the later wins), offsets past the text or negative, forms missing,
              # no WikidataId, no occurrences (still numbered), tokens past the title length, Unicode texts

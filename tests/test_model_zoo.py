@@ -29,7 +29,7 @@ from evaluation import evaluate
 from MIND_corpus import Corpus
 from model import Model, check_pairing
 from newsEncoders import NEWS_ENCODERS
-from prepare_MIND_dataset import ensure_demo
+from demo_corpus import ensure_demo
 from trainer import build_optimizer
 from userEncoders import USER_ENCODERS
 
@@ -251,3 +251,35 @@ def test_explain_runs_for_every_encoder(zoo, news, user, tmp_path):
         assert all(shape[i] == sized[a] for i, a in enumerate(m["axes"]) if a in sized), (name, shape)
     png = run_records.plot_explanation(data, tmp_path / "x.png")
     assert png.stat().st_size > 1000
+
+
+def test_explain_takes_the_texts_from_the_corpus_and_encodes_by_the_models_path(zoo, monkeypatch):
+    """Explain mode shows the corpus's own titles (Corpus.news_texts), without reading news.tsv again, and encodes
+    the impression's news by the model's own path (Model.batch_news, Model.encode_news)."""
+    import builtins
+
+    from explain_mode import explain_impression
+
+    config, corpus, model = build(zoo, "MHSA", "ATT")
+    data_dir = zoo[0]
+    titles = {}
+    for split in ("train", "dev"):
+        for line in (data_dir / "MIND-demo" / split / "news.tsv").read_text(encoding="utf-8").splitlines():
+            parts = line.split("\t")
+            titles.setdefault(parts[0], parts[3])
+    dev = corpus.behaviors("dev")
+    impression = str(np.asarray(dev["impression_ids"])[0])
+    real_open, encoded = builtins.open, []
+
+    def no_news_tsv(file, *args, **kwargs):
+        assert not str(file).endswith("news.tsv"), f"explain mode read {file} again"
+        return real_open(file, *args, **kwargs)
+
+    real_encode = model.encode_news
+    monkeypatch.setattr(builtins, "open", no_news_tsv)
+    monkeypatch.setattr(model, "encode_news", lambda *a, **k: encoded.append(1) or real_encode(*a, **k))
+    data = explain_impression(model, corpus, impression)
+    monkeypatch.undo()
+    assert encoded == [1]
+    shown = data["history"] + data["candidates"]
+    assert shown and all(item["title"] == titles[item["news_id"]] for item in shown)

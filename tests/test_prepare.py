@@ -1,7 +1,8 @@
-"""prepare_MIND_dataset.py: the demo generator (format, determinism, oracle) and the MIND protocols, which are
+"""demo_corpus.py, the demo generator (format, determinism, oracle), and prepare_MIND_dataset.py, the MIND protocols, which are
 built here from tiny fake MIND zips (MIND rows may not be redistributed), plus the offline and download paths."""
 from __future__ import annotations
 
+import hashlib
 import http.server
 import io
 import json
@@ -16,8 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import demo_corpus
 import prepare_MIND_dataset as pm
 import scorer
+from MIND_corpus import SPLITS
+import util
 
 TINY = dict(num_news=300, num_users=150, num_train_impressions=400, num_dev_impressions=120,
             num_test_impressions=120)
@@ -67,12 +71,12 @@ def flat_split(root: Path, split: str):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    return pm.generate_demo(tmp_path_factory.mktemp("demo") / "MIND-demo")  # default size (< 1 s)
+    return demo_corpus.generate_demo(tmp_path_factory.mktemp("demo") / "MIND-demo")  # default size (< 1 s)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return pm.generate_demo(tmp_path_factory.mktemp("tiny") / "MIND-demo", **TINY)
+    return demo_corpus.generate_demo(tmp_path_factory.mktemp("tiny") / "MIND-demo", **TINY)
 
 
 def files_of(root: Path) -> dict[str, bytes]:
@@ -83,10 +87,44 @@ def files_of(root: Path) -> dict[str, bytes]:
 # Demo generator
 # ----------------------------------------------------------------------------------------------------------
 
+# sha256 (first 16 hex digits) of every file the generator wrote, with numpy 2.4.6, before it moved out of
+# prepare_MIND_dataset.py into demo_corpus.py (and took scorer.py's AUC for oracle.json): the same bytes since.
+DEMO_BYTES = {
+    "default": {"dev/behaviors.tsv": "06312d649e4bcf70", "dev/click_probabilities.tsv": "1f8a85d23e9dd923",
+                "dev/entity_embedding.vec": "b1f88f3903a53ff1", "dev/news.tsv": "a02627a708327f88",
+                "dev/relation_embedding.vec": "f1ddd98a0780a9a6", "oracle.json": "5b893ac80d65f023",
+                "test/behaviors.tsv": "1e4f803526f5ffe8", "test/click_probabilities.tsv": "f120b4cd2569e845",
+                "test/entity_embedding.vec": "b1f88f3903a53ff1", "test/labels_hidden.tsv": "002bdea458013529",
+                "test/news.tsv": "c45c0bb640ff6515", "test/relation_embedding.vec": "f1ddd98a0780a9a6",
+                "train/behaviors.tsv": "51099bb4c774bcc9", "train/click_probabilities.tsv": "240d0f403f809aef",
+                "train/entity_embedding.vec": "b1f88f3903a53ff1", "train/news.tsv": "f67548ea618d4f00",
+                "train/relation_embedding.vec": "f1ddd98a0780a9a6"},
+    # num_news=300, num_users=120, 300/80/80 impressions, seed 3, test_labels=False
+    "tiny": {"dev/behaviors.tsv": "a47161ecb51ba6b0", "dev/click_probabilities.tsv": "0a7c4d8606fe6cb9",
+             "dev/entity_embedding.vec": "3481203e90e54e58", "dev/news.tsv": "8c9878d26a179cb8",
+             "dev/relation_embedding.vec": "52d571b1e057012d", "oracle.json": "2cbcc119ebbefbc9",
+             "test/behaviors.tsv": "6fcb459440f2f430", "test/click_probabilities.tsv": "c2954a4fb3d45b0d",
+             "test/entity_embedding.vec": "3481203e90e54e58", "test/labels_hidden.tsv": "feef2b74a1c2f11b",
+             "test/news.tsv": "36947e6d7537d6ad", "test/relation_embedding.vec": "52d571b1e057012d",
+             "train/behaviors.tsv": "697a332e96e5f5cd", "train/click_probabilities.tsv": "6e326ddbed42023a",
+             "train/entity_embedding.vec": "2e580ff5f0d3853c", "train/news.tsv": "5d5431e5c2184c6e",
+             "train/relation_embedding.vec": "52d571b1e057012d"},
+}
+
+
+def test_demo_bytes_are_those_of_the_generator_before_it_moved(demo, tmp_path):
+    tiny = demo_corpus.generate_demo(tmp_path / "tiny", num_news=300, num_users=120, num_train_impressions=300,
+                                     num_dev_impressions=80, num_test_impressions=80, seed=3, test_labels=False)
+    for name, root in (("default", demo), ("tiny", tiny)):
+        got = {k: hashlib.sha256(v).hexdigest()[:16] for k, v in files_of(root).items()}
+        assert got == DEMO_BYTES[name], f"{name} demo: other bytes than before (numpy {np.__version__})"
+    assert json.loads((demo / "oracle.json").read_text())["dev_auc"] == 0.815069
+
+
 def test_demo_is_deterministic(tmp_path, tiny):
-    again = pm.generate_demo(tmp_path / "again", **TINY)
+    again = demo_corpus.generate_demo(tmp_path / "again", **TINY)
     assert files_of(again) == files_of(tiny)
-    other = pm.generate_demo(tmp_path / "other", **TINY, seed=1)
+    other = demo_corpus.generate_demo(tmp_path / "other", **TINY, seed=1)
     assert files_of(other)["train/behaviors.tsv"] != files_of(tiny)["train/behaviors.tsv"]
     assert not list(tmp_path.glob(".*tmp*")), "temp folders are renamed or removed"
 
@@ -95,16 +133,16 @@ def test_demo_is_deterministic(tmp_path, tiny):
 def test_demo_written_in_chunks_is_byte_identical(tmp_path, monkeypatch, test_labels):
     """The generator writes its text WRITE_CHUNK impressions at a time and does its elementwise maths in
     slices (so a MIND-large-sized corpus fits in memory); neither may change a byte of the output."""
-    whole = pm.generate_demo(tmp_path / "whole", **TINY, test_labels=test_labels)  # one chunk at this size
-    slices = pm._chunks
-    monkeypatch.setattr(pm, "_chunks", lambda n, size=1 << 22: slices(n, min(size, 97)))
-    monkeypatch.setattr(pm, "WRITE_CHUNK", 7)
-    chunked = pm.generate_demo(tmp_path / "chunked", **TINY, test_labels=test_labels)
+    whole = demo_corpus.generate_demo(tmp_path / "whole", **TINY, test_labels=test_labels)  # one chunk at this size
+    slices = demo_corpus._chunks
+    monkeypatch.setattr(demo_corpus, "_chunks", lambda n, size=1 << 22: slices(n, min(size, 97)))
+    monkeypatch.setattr(demo_corpus, "WRITE_CHUNK", 7)
+    chunked = demo_corpus.generate_demo(tmp_path / "chunked", **TINY, test_labels=test_labels)
     assert files_of(chunked) == files_of(whole)
 
 
 def test_demo_layout_and_news_format(demo):
-    for split in pm.SPLITS:
+    for split in SPLITS:
         for name in pm.SPLIT_FILES + ("click_probabilities.tsv",):
             assert (demo / split / name).is_file(), (split, name)
     assert (demo / "test" / "labels_hidden.tsv").is_file()
@@ -117,7 +155,7 @@ def test_demo_layout_and_news_format(demo):
         assert abstract == "" or 15 <= len(abstract.split()) <= 40
         json.loads(title_ent), json.loads(abstract_ent)
         words.update(re.findall(r"[a-z]+", (title + " " + abstract).lower()))
-    assert categories == set(pm.CATEGORIES) and len(categories) == 17
+    assert categories == set(demo_corpus.CATEGORIES) and len(categories) == 17
     text = (demo / "train" / "news.tsv").read_text()
     assert all(ch in text for ch in ",.!?:"), "punctuation for the tokenizer"
     assert "\t\thttps://" in text, "some abstracts are empty"
@@ -127,7 +165,7 @@ def test_demo_layout_and_news_format(demo):
 
 def test_entity_offsets_point_at_the_label(demo):
     checked = 0
-    for split in pm.SPLITS:
+    for split in SPLITS:
         for row in read_rows(demo / split / "news.tsv", 8):
             for text, column in ((row[3], row[6]), (row[4], row[7])):
                 for ent in json.loads(column):
@@ -159,7 +197,7 @@ def test_entity_and_relation_vectors(demo):
 def test_behaviors_format(demo):
     train_news = {r[0] for r in read_rows(demo / "train" / "news.tsv", 8)}
     last_time = None
-    for split in pm.SPLITS:
+    for split in SPLITS:
         news_ids = {r[0] for r in read_rows(demo / split / "news.tsv", 8)}
         rows = read_rows(demo / split / "behaviors.tsv", 5)
         referenced, history_lengths = set(), []
@@ -186,7 +224,7 @@ def test_behaviors_format(demo):
 
 
 def test_unlabelled_test_split_changes_nothing_else(tmp_path, tiny):
-    hidden = pm.generate_demo(tmp_path / "hidden", **TINY, test_labels=False)
+    hidden = demo_corpus.generate_demo(tmp_path / "hidden", **TINY, test_labels=False)
     a, b = files_of(tiny), files_of(hidden)
     assert {k for k in a if a[k] != b[k]} == {"test/behaviors.tsv", "oracle.json"}
     labelled = read_rows(tiny / "test" / "behaviors.tsv", 5)
@@ -204,14 +242,13 @@ def test_unlabelled_test_split_changes_nothing_else(tmp_path, tiny):
 
 def test_oracle_matches_click_probabilities(demo):
     oracle = json.loads((demo / "oracle.json").read_text())
-    assert oracle["seed"] == 0 and oracle["sizes"] == pm.DEMO_SIZES
-    for split in pm.SPLITS:
+    assert oracle["seed"] == 0 and oracle["sizes"] == demo_corpus.DEMO_SIZES
+    for split in SPLITS:
         p, y, offsets, _, _ = flat_split(demo, split)
         assert ((p > 0) & (p < 1)).all()
         recomputed = scorer.compute_metrics_flat(p, y, offsets)  # the project's official-metric implementation
         assert recomputed["skipped_single_class"] == 0
         assert recomputed["auc"] == pytest.approx(oracle[f"{split}_auc"], abs=2e-6)
-        assert np.nanmean(pm.impression_aucs(p, y, offsets)) == pytest.approx(recomputed["auc"], abs=1e-12)
         assert 0.75 <= oracle[f"{split}_auc"] <= 0.85
         assert 0.5 < oracle[f"{split}_popularity_auc"] < oracle[f"{split}_affinity_auc"] < oracle[f"{split}_auc"]
         # The probabilities are calibrated: the click rate follows them (labels were forced in a few impressions).
@@ -233,46 +270,30 @@ def test_popularity_scorer_beats_chance_but_not_the_oracle(demo):
         assert 0.53 < auc < oracle[f"{split}_auc"] - 0.1, (split, auc)
 
 
-def test_impression_aucs_match_sklearn_with_ties():
-    sklearn_metrics = pytest.importorskip("sklearn.metrics")
-    rng = np.random.default_rng(3)
-    sizes = rng.integers(1, 9, 300)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    scores = rng.integers(0, 3, offsets[-1]).astype(float)
-    labels = (rng.random(offsets[-1]) < 0.4).astype(int)
-    aucs = pm.impression_aucs(scores, labels, offsets)
-    for i in range(300):
-        y, s = labels[offsets[i]:offsets[i + 1]], scores[offsets[i]:offsets[i + 1]]
-        if 0 < y.sum() < len(y):
-            assert aucs[i] == pytest.approx(sklearn_metrics.roc_auc_score(y, s), abs=1e-12)
-        else:
-            assert np.isnan(aucs[i])
-
-
 def test_ensure_demo_reuses_and_never_replaces(tmp_path, capsys):
-    root = pm.ensure_demo(tmp_path, **TINY)
+    root = demo_corpus.ensure_demo(tmp_path, **TINY)
     assert root == tmp_path / "MIND-demo" and "generated" in capsys.readouterr().out
     stamp = (root / "train" / "behaviors.tsv").stat().st_mtime_ns
-    assert pm.ensure_demo(tmp_path, **TINY) == root
+    assert demo_corpus.ensure_demo(tmp_path, **TINY) == root
     assert capsys.readouterr().out == "" and (root / "train" / "behaviors.tsv").stat().st_mtime_ns == stamp
     # other settings: an error, and the corpus stays (it used to be replaced: data loss)
-    with pytest.raises(pm.DemoMismatchError, match="--demo_train_impressions"):
-        pm.ensure_demo(tmp_path, **{**TINY, "num_train_impressions": 200})
-    with pytest.raises(pm.DemoMismatchError, match="--demo_seed"):
-        pm.ensure_demo(tmp_path, **TINY, seed=2)
+    with pytest.raises(demo_corpus.DemoMismatchError, match="--demo_train_impressions"):
+        demo_corpus.ensure_demo(tmp_path, **{**TINY, "num_train_impressions": 200})
+    with pytest.raises(demo_corpus.DemoMismatchError, match="--demo_seed"):
+        demo_corpus.ensure_demo(tmp_path, **TINY, seed=2)
     assert (root / "train" / "behaviors.tsv").stat().st_mtime_ns == stamp
     assert len(read_rows(root / "train" / "behaviors.tsv", 5)) == TINY["num_train_impressions"]
     # settings left out (seed=None) take the corpus as it is
-    assert pm.ensure_demo(tmp_path, seed=None, num_news=TINY["num_news"]) == root
+    assert demo_corpus.ensure_demo(tmp_path, seed=None, num_news=TINY["num_news"]) == root
     assert (root / "train" / "behaviors.tsv").stat().st_mtime_ns == stamp
     with pytest.raises(TypeError, match="unknown size"):
-        pm.ensure_demo(tmp_path, news=3)
+        demo_corpus.ensure_demo(tmp_path, news=3)
 
 
 def test_ensure_demo_writes_beside_and_renames_so_racing_processes_keep_one_corpus(tmp_path, monkeypatch):
     """Two nodes of a multi-node run may generate the demo at once on a shared filesystem: the first rename wins,
     the other keeps that corpus and drops its (identical) copy, and no hidden temporary folder is left behind."""
-    real = pm._replace_dir_atomically
+    real = util.replace_dir_atomically
     builds, first = [], {}
 
     def racing(target, build, keep_existing=None):
@@ -281,18 +302,18 @@ def test_ensure_demo_writes_beside_and_renames_so_racing_processes_keep_one_corp
             build(tmp)
             if len(builds) == 1:
                 assert not (tmp_path / "MIND-demo").exists()  # we are writing beside, not into, MIND-demo
-                pm.ensure_demo(tmp_path, **TINY)  # the other process generates and renames into place first
+                demo_corpus.ensure_demo(tmp_path, **TINY)  # the other process generates and renames into place first
                 first["inode"] = (tmp_path / "MIND-demo" / "train" / "behaviors.tsv").stat().st_ino
 
         real(target, build_while_another_process_finishes, keep_existing)
 
-    monkeypatch.setattr(pm, "_replace_dir_atomically", racing)
-    root = pm.ensure_demo(tmp_path, **TINY)
+    monkeypatch.setattr(demo_corpus, "replace_dir_atomically", racing)
+    root = demo_corpus.ensure_demo(tmp_path, **TINY)
     assert len(builds) == 2 and all(p.parent == tmp_path and p.name.startswith(".MIND-demo.tmp-") for p in builds)
     assert (root / "train" / "behaviors.tsv").stat().st_ino == first["inode"]  # the first corpus stayed
     assert [p.name for p in tmp_path.iterdir()] == ["MIND-demo"]  # both temporary folders are gone
-    assert pm._demo_matches(root, {**pm.DEMO_SIZES, **TINY}, 0)
-    reference = pm.generate_demo(tmp_path / "ref", **TINY)
+    assert demo_corpus._demo_matches(root, {**demo_corpus.DEMO_SIZES, **TINY}, 0)
+    reference = demo_corpus.generate_demo(tmp_path / "ref", **TINY)
     for name in ("train/behaviors.tsv", "dev/news.tsv", "test/behaviors.tsv"):
         assert (root / name).read_bytes() == (reference / name).read_bytes()
     # a folder made by ensure_demo has the usual permissions (mkdtemp would have made it 0700)
@@ -324,7 +345,7 @@ def make_zip(path: Path, split_dir: Path, prefix: str = "") -> Path:
 @pytest.fixture(scope="module")
 def fake_large(tmp_path_factory) -> Path:
     """A demo with an unlabelled test split, standing in for MIND-large."""
-    return pm.generate_demo(tmp_path_factory.mktemp("large") / "src", **TINY, test_labels=False)
+    return demo_corpus.generate_demo(tmp_path_factory.mktemp("large") / "src", **TINY, test_labels=False)
 
 
 def lines(path: Path) -> list[str]:
@@ -395,10 +416,10 @@ def test_prepare_200k_samples_users_and_alternates(tmp_path, fake_large):
 def test_prepare_large_copies_official_splits(tmp_path, fake_large):
     data = tmp_path / "data"
     data.mkdir()
-    for split in pm.SPLITS:
+    for split in SPLITS:
         make_zip(data / f"MINDlarge_{split}.zip", fake_large / split)
     out = pm.main(["--dataset", "large", "--data_dir", str(data), "--no-download"])
-    for split in pm.SPLITS:
+    for split in SPLITS:
         for name in pm.SPLIT_FILES:
             assert (out / split / name).read_bytes() == (fake_large / split / name).read_bytes()
     assert "-" not in lines(out / "test" / "behaviors.tsv")[0].split("\t")[4]

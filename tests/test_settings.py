@@ -17,7 +17,7 @@ from config import Config, architecture_flags, build_parser
 from main import main
 from model import all_components, flag_owners, model_settings
 from newsEncoders import NEWS_ENCODERS, NewsEncoder, word_embedding
-from settings import ComponentView, Settings, at_least, component_settings, setting
+from settings import ComponentView, Settings, SharedDims, at_least, component_settings, setting
 from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
@@ -256,3 +256,42 @@ def test_work_done_once_per_corpus_goes_through_the_encoder_hooks(tmp_path):
         assert LengthBagNewsEncoder.seen_batches > before
     finally:
         del NEWS_ENCODERS["LengthBag"]
+
+
+# -- run-level flags: generated from settings classes, the command line unchanged ---------------------------------
+def _run_level_flags() -> list[dict]:
+    """Every run-level flag (not a component's, not a shared dimension) as --help and argparse see it, in order."""
+    parser = build_parser()
+    owned = set(flag_owners()) | set(SharedDims.names())
+    group_of = {id(a): g for g in parser._action_groups for a in g._group_actions}
+    return [{"options": a.option_strings, "dest": a.dest, "default": repr(a.default),
+             "type": getattr(a.type, "__name__", repr(a.type)), "choices": None if a.choices is None else list(a.choices),
+             "help": a.help, "nargs": a.nargs, "metavar": a.metavar, "action": type(a).__name__,
+             "group": group_of[id(a)].title, "group_description": group_of[id(a)].description}
+            for a in parser._actions if a.dest not in owned and a.dest != "help"]
+
+
+def test_run_level_flags_keep_name_default_type_choices_help_and_group():
+    """tests/data/run_flags_before_settings.json: the run-level flags as they were written by hand in config.py,
+    before they became settings classes; each keeps its name, default, type, choices, help, group and order."""
+    before = json.loads((DATA / "run_flags_before_settings.json").read_text())
+    now = _run_level_flags()
+    # Added since, after every earlier flag: --mode=pretrain's flags (issue 17; tests/test_pretraining.py), and
+    # --mode's choices and help name the new mode (updated in the file).
+    from config import PretrainRunSettings
+    from pretraining import task_settings_classes
+
+    added = [*PretrainRunSettings.names(), *(n for cls in task_settings_classes() for n in cls.names())]
+    assert [r["dest"] for r in now] == [r["dest"] for r in before] + added
+    for old, new in zip(before, now):
+        assert new == old, f"--{old['dest']} changed"
+
+
+
+def test_run_level_flags_come_from_settings_classes():
+    """Every run-level flag is a field of one of config.RUN_SETTINGS (one home: the parser is generated)."""
+    from config import RUN_SETTINGS
+
+    fields_of = [name for cls in RUN_SETTINGS for name in cls.names()]
+    assert len(fields_of) == len(set(fields_of)), "a flag declared twice"
+    assert sorted(fields_of) == sorted(r["dest"] for r in _run_level_flags())
