@@ -65,7 +65,7 @@ def prepare_data(config) -> None:
     it is), and the config records them, so config.json names the corpus the run used. Evaluating a checkpoint
     or resuming a run asks for the saved settings: they name the corpus the model was trained on."""
     if config.dataset == "demo":
-        strict = config.mode != "train" or bool(config.resume)
+        strict = config.mode not in ("train", "pretrain") or bool(config.resume)  # new runs adopt the corpus
         flags = demo_corpus.DEMO_FLAG_NAMES  # generator argument -> main.py flag
         asked = {name: config.values[flag] for name, flag in flags.items() if strict or flag in config.explicit}
         util.check_folder(config.data_dir, "--data_dir")

@@ -193,3 +193,14 @@ def test_a_user_encoder_without_user_vectors_is_refused(pretrained):
     tmp, common, result = pretrained
     with pytest.raises(ValueError, match=r"--user_encoder MINER scores candidates itself .* returns no user vector"):
         main([*PRETRAIN, "--user_encoder=MINER", "--miner_aggregation=max", *common])
+
+
+def test_pretraining_uses_an_existing_demo_as_training_does(pretrained, tmp_path):
+    """Like --mode=train, a new pretraining run takes the demo corpus in --data_dir as it is (untyped --demo_* flags
+    adopt its sizes) instead of asking it to have the default sizes."""
+    tmp, common, result = pretrained
+    flags = [f for f in PRETRAIN if not f.startswith("--demo_")]
+    out = main([*flags, "--epoch=1", "--max_steps_per_epoch=1", "--pretrain_tasks=contrastive", f"--data_dir={tmp / 'data'}",
+                f"--output_dir={tmp_path / 'out'}"])
+    saved = json.loads((Path(out["run_dir"]) / "config.json").read_text())
+    assert saved["demo_news"] == 300 and saved["demo_users"] == 120
