@@ -155,7 +155,8 @@ def test_dev_labels_do_not_change_the_pretraining_checkpoint(pretrained, tmp_pat
         seqs.append(build_sequences(corpus.behaviors("train"), [(s, corpus.behaviors(s)) for s in ("dev", "test")],
                                     cfg.max_history_num))
     assert np.array_equal(seqs[0].news, seqs[1].news) and np.array_equal(seqs[0].user, seqs[1].user)
-    # ...and so is the checkpoint, up to float rounding (multi-threaded sums on a loaded CPU)
+    # ...and so is the checkpoint, up to float rounding (measured differences up to 1e-5 after the 16 steps: sums in
+    # another order; a run on other data moves weights by ~1e-3 per step at --lr=1e-3)
     other = main([*PRETRAIN, f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'best_model'}"])
     a = torch.load(result["checkpoint"], weights_only=True)
     b = torch.load(other["checkpoint"], weights_only=True)
@@ -163,7 +164,7 @@ def test_dev_labels_do_not_change_the_pretraining_checkpoint(pretrained, tmp_pat
     assert a["pretrain_metrics"]["heldout_loss"] == pytest.approx(b["pretrain_metrics"]["heldout_loss"], rel=1e-6)
     for k in a["model"]:
         if not _zero_gradient(k):
-            torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-5, atol=1e-6, msg=k)
+            torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-3, atol=1e-4, msg=k)
 
 
 def test_two_processes_pretrain_like_one_with_the_global_batch(pretrained, tmp_path):
