@@ -45,12 +45,14 @@ def runs_base_dir(output_dir: str, dataset: str, model_name: str, keep: bool = T
     return base
 
 
-def new_run_dir(output_dir: str, dataset: str, model_name: str) -> Path:
-    """`<output_dir>/<dataset>/<model>/#<n>/` with n one above every existing run (never reused)."""
+def new_run_dir(output_dir: str, dataset: str, model_name: str, prefix: str = "#") -> Path:
+    """`<output_dir>/<dataset>/<model>/<prefix><n>/` with n one above every existing run of that prefix (never
+    reused); `#` for training runs, `pretrain#` for pretraining runs (pretraining.py)."""
     base = runs_base_dir(output_dir, dataset, model_name)
+    cut = len(prefix)
     while True:
-        taken = [int(p.name[1:]) for p in base.iterdir() if p.name.startswith("#") and p.name[1:].isdigit()]
-        run = Path(base) / f"#{max(taken, default=0) + 1}"
+        taken = [int(p.name[cut:]) for p in base.iterdir() if p.name.startswith(prefix) and p.name[cut:].isdigit()]
+        run = Path(base) / f"{prefix}{max(taken, default=0) + 1}"
         try:
             run.mkdir()  # atomic: two runs started together cannot get the same index
             return run

@@ -20,13 +20,14 @@ from demo_corpus import DEMO_SEED, DEMO_SIZES, MIN_DEMO_NEWS
 from MIND_corpus import DATASETS
 from model import CLICK_PREDICTORS, all_components, flag_owners
 from newsEncoders import NEWS_ENCODERS, OFFLINE_MINILM
+from pretraining import PRETRAIN_TASKS, parse_tasks, task_flag_owners, task_settings_classes
 from scorer import CRITERIA
 from settings import Settings, SharedDims, at_least, component_settings, setting, unit_interval
 from userEncoders import USER_ENCODERS
 
 # Keys of a saved config.json that --config_file does not take: re-running a run starts a new one.
 FILE_IGNORED = ("config_file", "resume", "seeds")
-MODES = ("train", "dev", "test", "aggregate", "explain", "compare")
+MODES = ("train", "dev", "test", "aggregate", "explain", "compare", "pretrain")
 TIE_BREAKS = ("popularity", "position")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 
@@ -74,7 +75,9 @@ class RunSettings(Settings):
     title: ClassVar[str] = "run"
     mode: str = setting("train", "train a model, evaluate a checkpoint on dev/test, aggregate: mean ± std of every "
                         "model's runs under --output_dir, explain: a picture of what a checkpoint attends to in one "
-                        "dev impression, or compare: paired significance tests between runs (--runs)", choices=MODES)
+                        "dev impression, compare: paired significance tests between runs (--runs), or pretrain: "
+                        "self-supervised pretraining of the encoders on click sequences (docs/pretraining.md)",
+                        choices=MODES)
     config_file: str | None = setting(None, "a saved run's config.json: its values replace the defaults, flags typed "
                                       "on the command line override them (printed); re-runs a run exactly")
     dev_model_path: str | None = setting(None, "checkpoint to evaluate with --mode=dev (or to explain)")
@@ -204,8 +207,40 @@ class DistSettings(Settings):
                                            "if DDP reports unused ones)")
 
 
-# Every run-level flag, by group, in --help order (the component flags come from the registered components).
-RUN_SETTINGS = (RunSettings, CompareSettings, DataSettings, ComponentChoice, TrainingSettings, DistSettings)
+def _fraction(v: float) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+def _holdout(v: float) -> str | None:
+    return None if 0 <= v <= 0.5 else "must be in [0, 0.5]"
+
+
+@dataclass
+class PretrainRunSettings(Settings):
+    """--mode=pretrain and fine-tuning from it (pretraining.py); each task's own flags are in its settings class."""
+
+    title: ClassVar[str] = "pretrain"
+    description: ClassVar[str] = ("--mode=pretrain: self-supervised pretraining of the encoders on click sequences (no "
+                                  "impression labels; docs/pretraining.md), and fine-tuning from it")
+    pretrain_tasks: str = setting("contrastive,mip", "comma-separated objectives, each weighted by its own "
+                                  "--<task>_weight flag: " + ", ".join(sorted(PRETRAIN_TASKS)), architecture=False)
+    pretrain_holdout: float = setting(0.05, "share of users whose sequences are held out of pretraining; their loss "
+                                      "after each epoch picks the best epoch (0: none held out, the last epoch is "
+                                      "kept)", check=_holdout, architecture=False)
+    pretrain_eval_histories: bool = setting(True, "also pretrain on the history column of the dev/test behaviours "
+                                            "(known at prediction time; their candidates and labels are never read)",
+                                            architecture=False)
+    init_from: str | None = setting(None, "--mode=train: start from the news and user encoder weights of a "
+                                    "--mode=pretrain checkpoint (best_model/<dataset>/<news>-<user>/pretrain#<n>/"
+                                    "<news>-<user>); other weights start afresh", architecture=False)
+    train_fraction: float = setting(1.0, "train on a share of the train impressions, chosen by --seed (e.g. 0.1: "
+                                    "fine-tuning with 10%% of the labels)", check=_fraction, architecture=False)
+
+
+# Every run-level flag, by group, in --help order (the component flags come from the registered components; the
+# pretraining tasks' flags from their settings classes in pretraining.py).
+RUN_SETTINGS = (RunSettings, CompareSettings, DataSettings, ComponentChoice, TrainingSettings, DistSettings,
+                PretrainRunSettings, *task_settings_classes())
 
 
 def component_settings_owners() -> dict[type[Settings], str]:
@@ -247,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     SharedDims.add_arguments(p)
     for settings_cls, owners in component_settings_owners().items():
         settings_cls.add_arguments(p, owners=owners)
-    for settings_cls in (TrainingSettings, DistSettings):
+    for settings_cls in (TrainingSettings, DistSettings, PretrainRunSettings, *task_settings_classes()):
         settings_cls.add_arguments(p)
     return p
 
@@ -366,8 +401,29 @@ class Config:
                           "per_impression.npz files; popularity:PATH for the popularity baseline)")
         if self.runs and self.mode != "compare":
             errors.append("--runs lists the runs of --mode=compare: use it with --mode=compare")
+        errors += self._pretrain_errors()
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+
+    def _pretrain_errors(self) -> list[str]:
+        """--mode=pretrain's task list; task flags typed for tasks not chosen; --init_from's mode (each flag's own
+        range is checked by its settings class)."""
+        errors = []
+        if self.init_from and self.mode != "train":
+            errors.append("--init_from starts fine-tuning from a pretraining checkpoint: use it with --mode=train")
+        if self.init_from and self.resume:
+            errors.append("--init_from starts a new run; --resume continues one from its own weights: give one")
+        try:
+            tasks = parse_tasks(self.pretrain_tasks) if self.mode == "pretrain" else []
+        except ValueError as e:
+            return errors + [str(e)]
+        chosen = {flag for name in tasks for s in PRETRAIN_TASKS[name].settings for flag in s.names()}
+        for flag in sorted(self.typed):  # typed only: a config file holds every flag
+            owners = task_flag_owners().get(flag)
+            if (owners and flag not in chosen) or (flag == "pretrain_tasks" and self.mode != "pretrain"):
+                errors.append(f"--{flag} is a setting of --mode=pretrain" + (f" with --pretrain_tasks including "
+                              f"{' or '.join(owners)}" if owners else "") + "; drop it")
+        return errors
 
     def _data_errors(self) -> list[str]:
         """Empty folder and file flags (what the files say is checked where they are read)."""

@@ -86,9 +86,11 @@ class TrainDataset(Dataset):
 
     `set_epoch(e)` redraws negatives with a generator seeded by (seed, e), so every DDP rank draws the same
     samples and a distributed sampler can split them. Impressions without negatives are skipped and counted.
+    `fraction` < 1 keeps that share of the impressions (rounded, at least one), chosen by `seed`
+    (`--train_fraction`: fine-tuning with fewer labels); `kept_impressions` says how many.
     """
 
-    def __init__(self, beh: dict[str, Any], negative_sample_num: int, seed: int = 0):
+    def __init__(self, beh: dict[str, Any], negative_sample_num: int, seed: int = 0, fraction: float = 1.0):
         self.beh = beh
         self.k = negative_sample_num
         self.seed = seed
@@ -104,6 +106,12 @@ class TrainDataset(Dataset):
         self.skipped_no_negative = int(((clicks > 0) & (negatives == 0)).sum())
         self.skipped_no_click = int((clicks == 0).sum())
         positive_flat = np.flatnonzero(labels == 1)
+        self.kept_impressions = len(sizes)
+        if fraction < 1:
+            self.kept_impressions = max(1, int(round(fraction * len(sizes))))
+            chosen = np.zeros(len(sizes), dtype=bool)
+            chosen[np.random.default_rng([seed, 23]).permutation(len(sizes))[:self.kept_impressions]] = True
+            positive_flat = positive_flat[chosen[impression_of[positive_flat]]]
         keep = negatives[impression_of[positive_flat]] > 0
         self.positive_flat = positive_flat[keep]  # [S] flat index of each sample's clicked candidate
         self.sample_impression = impression_of[self.positive_flat]  # [S]

@@ -1,4 +1,4 @@
-"""Entry point: `python main.py --mode={train,dev,test,aggregate,explain,compare} ...` (see README). `main(argv)` is
+"""Entry point: `python main.py --mode={train,dev,test,aggregate,explain,compare,pretrain} ...` (see README). `main(argv)` is
 what tests call."""
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def prepare_data(config) -> None:
     it is), and the config records them, so config.json names the corpus the run used. Evaluating a checkpoint
     or resuming a run asks for the saved settings: they name the corpus the model was trained on."""
     if config.dataset == "demo":
-        strict = config.mode != "train" or bool(config.resume)
+        strict = config.mode not in ("train", "pretrain") or bool(config.resume)  # new runs adopt the corpus
         flags = demo_corpus.DEMO_FLAG_NAMES  # generator argument -> main.py flag
         asked = {name: config.values[flag] for name, flag in flags.items() if strict or flag in config.explicit}
         util.check_folder(config.data_dir, "--data_dir")
@@ -83,14 +83,14 @@ def prepare_data(config) -> None:
                         f"to ask for other settings)")
 
 
-MODE_SPLITS = {"train": ("train", "dev"), "dev": ("dev",), "test": ("test",), "explain": ("dev",)}
+MODE_SPLITS = {"train": ("train", "dev"), "dev": ("dev",), "test": ("test",), "explain": ("dev",), "pretrain": ("train",)}
 
 
 def load_corpus(config, log=print) -> Corpus:
     """The corpus plus what the chosen encoders read: GloVe (training word encoders), PLM tokens, category GloVe."""
     prepare_data(config)
     news_cls = get_news_encoder(config.news_encoder)
-    needs_glove = news_cls.needs_glove and config.mode == "train"
+    needs_glove = news_cls.needs_glove and config.mode in ("train", "pretrain")  # a pretraining starts from GloVe too
     corpus = Corpus(config, need_glove=needs_glove, log=log)
     if news_cls.uses_plm:
         corpus.add_plm_tokens(resolve_plm_path(config.plm_model_name), config.plm_max_length,
@@ -215,6 +215,8 @@ def train(config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     model = Model(config, corpus.meta, corpus.news)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rank0_print(f"model {config.model_name}: {n_params:,} trainable parameters")
+    if config.init_from and ckpt is None:
+        init_from_pretraining(config, corpus, model)
     try:
         result = Trainer(config, corpus, model, runtime, resume=ckpt, resume_path=resume_path,
                          callbacks=callbacks).train()
@@ -225,6 +227,44 @@ def train(config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     shutdown_runtime(runtime)
     return {"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
             "dev_metrics": result.best_metrics, "history": result.history}
+
+
+def init_from_pretraining(config: Config, corpus: Corpus, model: Model) -> None:
+    """--init_from: the news and user encoder weights of a --mode=pretrain checkpoint (same corpus, same encoder
+    architecture, else an error naming what differs)."""
+    from pretraining import load_pretrained_encoders
+
+    path = resolve_checkpoint_path(config.init_from, "--init_from", log=rank0_print)
+    init = load_checkpoint(path)
+    check_corpus(init, corpus, path)
+    n = load_pretrained_encoders(model, init, path, architecture_flags(config.values))
+    tasks = init.get("model_settings", {}).get("pretrain_tasks")
+    rank0_print(f"--init_from {path}: {n} news/user encoder tensors loaded"
+                + (f" (pretrained with {','.join(tasks)}, epoch {init.get('epoch')})" if tasks else "")
+                + "; the click predictor starts afresh")
+
+
+def pretrain(config: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """--mode=pretrain: the encoders trained on click sequences (pretraining.py), saved in a pretrain#<n> run."""
+    from pretraining import PretrainModel, PretrainTrainer
+
+    runs_base_dir(config.output_dir, config.dataset, config.model_name, keep=False)  # unwritable: fail first
+    print_notes(config)
+    runtime = setup_runtime(config)
+    util.set_seed(config.seed)
+    follow_progress_flag(config)
+    corpus = load_corpus_distributed(config, runtime)
+    model = PretrainModel(config, corpus.meta, corpus.news)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rank0_print(f"pretraining {config.model_name} ({config.pretrain_tasks}): {n_params:,} trainable parameters")
+    try:
+        result = PretrainTrainer(config, corpus, model, runtime, callbacks=callbacks).train()
+    except TrainingInterrupted as e:
+        e.command = None  # a pretraining run is not resumed: start it again
+        raise
+    shutdown_runtime(runtime)
+    return {"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
+            "metrics": result.best_metrics, "history": result.history}
 
 
 def config_for_checkpoint(config: Config, ckpt: dict[str, Any], path: str) -> Config:
@@ -425,6 +465,12 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) 
         return aggregate(config)
     if config.mode == "compare":
         return compare(config)
+    if config.mode == "pretrain":
+        check_pairing(config.news_encoder, config.user_encoder, config.click_predictor, config)
+        stray = config.stray_flags(config.typed)
+        if stray:
+            raise ValueError("; ".join(stray))
+        return pretrain(config, callbacks)
     if config.mode == "train":  # dev/test take their settings from the checkpoint: suggestions do not apply
         # Pairing rules before any data is read: a wrong pairing fails in a second, not after the corpus loads.
         check_pairing(config.news_encoder, config.user_encoder, config.click_predictor, config)

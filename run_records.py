@@ -274,7 +274,8 @@ def plot_curves(run_dir, out=None) -> Path:
     ax_dev.set_title("dev metrics")
     if epochs:
         ax_dev.set_xticks([r["epoch"] for r in epochs])
-    ax_dev.legend(fontsize=7)
+    if ax_dev.lines:  # a pretraining run has no dev metrics
+        ax_dev.legend(fontsize=7)
     ax_dev.grid(alpha=0.3)
     fig.suptitle(run_dir.parent.name + " " + run_dir.name, fontsize=9)
     fig.tight_layout()

@@ -216,7 +216,7 @@ class _Run:
     last: Path  # last.pt, the resumable state
     state: TrainState
     recorder: Any  # run_records.RunRecorder on rank 0, None elsewhere
-    dev_beh: Any
+    dev_beh: Any  # what `_evaluate_epoch` reads: the dev split (a subclass may evaluate on other data)
     tie_rank: Any
     record_meta: dict[str, Any]
     impressions_per_sample: float
@@ -226,11 +226,18 @@ class _Run:
 
 
 class Trainer:
-    """Args:
+    """The loop of a run. A subclass changes what it trains on and how an epoch is judged and saved by overriding
+    `_training_data`, `_evaluation_data`, `_evaluate_epoch`, `_decide`, `_epoch_record`, `_metrics_text` and
+    `_save_best` (as pretraining.PretrainTrainer does), never the step loop.
+
+    Args:
         resume: a loaded last.pt (`load_training_state`) to continue, with `resume_path` its file; the run goes on
             in that run folder.
         callbacks: `Callback`s called at the start of training, of each epoch and step, and at each epoch's end.
     """
+
+    run_prefix = "#"  # run folders <output_dir>/<dataset>/<model>/<run_prefix><n>
+    epoch_log = "dev_log.jsonl"  # one line per epoch (`_epoch_record`), in the run folder
 
     def __init__(self, config, corpus, model: nn.Module, runtime: Runtime, log: Callable = print,
                  resume: dict[str, Any] | None = None, resume_path: str | Path | None = None,
@@ -268,7 +275,7 @@ class Trainer:
         cfg, rt = self.config, self.runtime
         if self.resume is not None:
             return Path(self.resume_path).parent
-        run_dir = new_run_dir(cfg.output_dir, cfg.dataset, cfg.model_name) if rt.is_main else None
+        run_dir = new_run_dir(cfg.output_dir, cfg.dataset, cfg.model_name, self.run_prefix) if rt.is_main else None
         return Path(util.broadcast_object(str(run_dir) if run_dir else None, group=rt.wait_group))
 
     def _restore(self, optimizer, scheduler, scaler) -> TrainState:
@@ -401,7 +408,10 @@ class Trainer:
         """The samples of one epoch (a dataset whose `__getitem__(indices)` gives a Batch, `set_epoch(e)`)."""
         cfg = self.config
         train_beh = self.corpus.behaviors("train")
-        data = TrainDataset(train_beh, cfg.negative_sample_num, seed=cfg.seed)
+        data = TrainDataset(train_beh, cfg.negative_sample_num, seed=cfg.seed, fraction=cfg.train_fraction)
+        if cfg.train_fraction < 1:
+            self.log(f"train: --train_fraction {cfg.train_fraction}: {data.kept_impressions} of "
+                     f"{len(train_beh['offsets']) - 1} impressions (chosen by --seed {cfg.seed})")
         if data.skipped_no_negative or data.skipped_no_click:
             self.log(f"train: {len(data)} samples; skipped {data.skipped_no_negative} impressions without "
                      f"negatives and {data.skipped_no_click} without clicks")
@@ -412,17 +422,24 @@ class Trainer:
                              f"with '<NewsID>-1' and '<NewsID>-0' candidates")
         return data
 
+    def _evaluation_data(self) -> tuple[Any, Any, Any]:
+        """What the per-epoch evaluation reads: the dev split, its tie rule, and (rank 0) the popularity baseline's
+        per-impression records (None elsewhere: then none are written)."""
+        cfg = self.config
+        dev_beh = self.corpus.behaviors("dev")
+        tie_rank = tie_rank_for(cfg, self.corpus.behaviors("train"), self.raw.news_num)
+        pop = None
+        if self.runtime.is_main:
+            pop = popularity_per_impression(self.corpus.behaviors("train"), dev_beh, self.raw.news_num)
+            self.log(f"popularity baseline, dev: {format_metrics(scorer.mean_metrics(pop))}")
+        return dev_beh, tie_rank, pop
+
     def _start(self) -> "_Run":
         """Everything a run needs before its first epoch: data and sampler, optimizer and schedule, the run folder
         (new or resumed) with its config and records, and the dev split with its popularity baseline."""
         cfg, rt = self.config, self.runtime
         data = self._training_data()
-        dev_beh = self.corpus.behaviors("dev")
-        tie_rank = tie_rank_for(cfg, self.corpus.behaviors("train"), self.raw.news_num)
-        pop = None
-        if rt.is_main:
-            pop = popularity_per_impression(self.corpus.behaviors("train"), dev_beh, self.raw.news_num)
-            self.log(f"popularity baseline, dev: {format_metrics(scorer.mean_metrics(pop))}")
+        dev_beh, tie_rank, pop = self._evaluation_data()
 
         sampler = GlobalBatchSampler(len(data), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
         batches_per_epoch = len(sampler)
@@ -448,7 +465,8 @@ class Trainer:
         record_meta = {"split": "dev", "dataset": cfg.dataset, "corpus": str(self.corpus.root)}
         if rt.is_main:
             (run_dir / "config.json").write_text(cfg.to_json())
-            write_records(run_dir / "dev", None, pop, dev_beh, record_meta)
+            if pop is not None:
+                write_records(run_dir / "dev", None, pop, dev_beh, record_meta)
             recorder = run_records.RunRecorder(run_dir, cfg.tensorboard, log=self.log,
                                                resumed_step=state.step if self.resume is not None else None)
             recorder.write_environment(run_records.environment_info(rt.device, rt.world_size, rt.amp))
@@ -468,7 +486,8 @@ class Trainer:
             recorder=recorder, dev_beh=dev_beh, tie_rank=tie_rank, record_meta=record_meta,
             # A training "impression" rate for the logs: samples/s times impressions per sample (an impression
             # with several clicks gives several samples).
-            impressions_per_sample=len(np.unique(data.sample_impression)) / max(1, len(data)),
+            impressions_per_sample=(len(np.unique(data.sample_impression)) / max(1, len(data))
+                                    if hasattr(data, "sample_impression") else 1.0),
             show=show,
             # While the epoch bar is drawn, lines go above it (tqdm.write), never glued to the end of the bar.
             say=(lambda text: tqdm.write(str(text))) if show else self.log,
@@ -568,13 +587,29 @@ class Trainer:
                         "stop": bad >= cfg.early_stopping_epoch}
         return util.broadcast_object(decision, group=rt.wait_group)
 
+    def _epoch_record(self, epoch: int, stats: dict[str, Any], result) -> dict[str, Any]:
+        """The epoch's line of `epoch_log` (and of the run's history)."""
+        return {"epoch": epoch, "train_loss": stats["loss"], "train_seconds": round(stats["seconds"], 2),
+                "dev_seconds": round(result.seconds, 2), **result.metrics,
+                **{k: result.ties[k] for k in ("tie_break", "tied_impressions", "nonfinite_scores")}}
+
+    def _metrics_text(self, metrics: dict[str, Any]) -> str:
+        """What the printed lines say about an evaluation's metrics."""
+        return f"dev {format_metrics(metrics)}"
+
+    def _save_best(self, run: "_Run", epoch: int, result) -> None:
+        """Rank 0, at a new best epoch: its checkpoint and the dev per-impression records."""
+        cfg = self.config
+        save_checkpoint(run.checkpoint, self.raw, cfg, self.corpus.meta, {"epoch": epoch, "dev_metrics": result.metrics})
+        write_records(run.run_dir / "dev", result.per_impression, None, run.dev_beh,
+                      {**run.record_meta, "model": cfg.model_name, "run": run.run_dir.name, "seed": cfg.seed,
+                       "epoch": epoch, "checkpoint": str(run.checkpoint), "written_by": "training"})
+
     def _save_epoch(self, run: "_Run", epoch: int, stats: dict[str, Any], result, decision: dict[str, Any]) -> None:
         """Record the epoch, write the best checkpoint when dev improved and last.pt always (rank 0), then wait:
         checkpoints are written before any rank goes on."""
         cfg, rt, state = self.config, self.runtime, run.state
-        record = {"epoch": epoch, "train_loss": stats["loss"], "train_seconds": round(stats["seconds"], 2),
-                  "dev_seconds": round(result.seconds, 2), **result.metrics,
-                  **{k: result.ties[k] for k in ("tie_break", "tied_impressions", "nonfinite_scores")}}
+        record = self._epoch_record(epoch, stats, result)
         state.history.append(record)
         state.epoch, state.bad_epochs, state.stopped_early = epoch, decision["bad_epochs"], decision["stop"]
         if decision["improved"]:
@@ -583,7 +618,7 @@ class Trainer:
         rng = util.all_gather_object(util.get_rng_state(), group=rt.wait_group)
         if rt.is_main:
             rate = stats["samples"] / stats["seconds"]
-            util.write_lines_atomic(run.run_dir / "dev_log.jsonl", [json.dumps(r) for r in state.history])
+            util.write_lines_atomic(run.run_dir / self.epoch_log, [json.dumps(r) for r in state.history])
             run.recorder.write({"kind": "epoch", "epoch": epoch, "step": state.step, "train_loss": stats["loss"],
                                 "aux": stats["aux"], "lr": _group_lrs(run.optimizer),
                                 "train_seconds": round(stats["seconds"], 2), "samples_per_s": rate,
@@ -593,20 +628,17 @@ class Trainer:
             if cfg.plot:
                 self._plot(run.run_dir)
             if decision["improved"]:
-                save_checkpoint(run.checkpoint, self.raw, cfg, self.corpus.meta,
-                                {"epoch": epoch, "dev_metrics": result.metrics})
-                write_records(run.run_dir / "dev", result.per_impression, None, run.dev_beh,
-                              {**run.record_meta, "model": cfg.model_name, "run": run.run_dir.name, "seed": cfg.seed,
-                               "epoch": epoch, "checkpoint": str(run.checkpoint), "written_by": "training"})
+                self._save_best(run, epoch, result)
             self._save_last(run.last, run.optimizer, run.scheduler, run.scaler, state, rng)
-            run.say(f"epoch {epoch}: loss {stats['loss']:.4f} ({stats['seconds']:.1f}s) | dev "
-                    f"{format_metrics(result.metrics)}{'  *best*' if decision['improved'] else ''}")
-            if format_ties(result.ties, "dev"):
+            run.say(f"epoch {epoch}: loss {stats['loss']:.4f} ({stats['seconds']:.1f}s) | "
+                    f"{self._metrics_text(result.metrics)}{'  *best*' if decision['improved'] else ''}")
+            if result.ties and format_ties(result.ties, "dev"):
                 run.say(format_ties(result.ties, "dev"))
         util.barrier(rt.wait_group)  # checkpoints written before anyone goes on
         run.epoch_bar.set_postfix(best=f"{state.best:.4f}", best_epoch=state.best_epoch)
         if state.stopped_early:
-            run.say(f"early stopping: no dev improvement ({cfg.dev_criterion}) for {state.bad_epochs} epochs")
+            what = decision.get("criterion", f"dev improvement ({cfg.dev_criterion})")
+            run.say(f"early stopping: no {what} for {state.bad_epochs} epochs")
         for cb in self.callbacks:
             cb.on_epoch_end(self, epoch, record)
 
@@ -618,6 +650,6 @@ class Trainer:
             self.log(f"run records: {run.run_dir / run_records.TRAIN_LOG}, {run.run_dir / run_records.ENVIRONMENT}"
                      + (f", {run.run_dir / run_records.CURVES}" if cfg.plot else "")
                      + (f", {run.run_dir / 'tensorboard'}" if run.recorder.writer is not None else ""))
-        self.log(f"best epoch {state.best_epoch}: dev {format_metrics(state.best_metrics)}\ncheckpoint: "
+        self.log(f"best epoch {state.best_epoch}: {self._metrics_text(state.best_metrics)}\ncheckpoint: "
                  f"{run.checkpoint}\ntraining state: {run.last}")
         return TrainResult(run.run_dir, run.checkpoint, state.best_epoch, state.best_metrics, state.history)

@@ -92,8 +92,19 @@ class UserEncoder(nn.Module):
         """The click predictors this encoder accepts under `config` (None: any that scores user vectors)."""
         return cls.compatible_click_predictors
 
+    @classmethod
+    def returns_user_vectors(cls, config: "Config | None") -> bool:
+        """Whether the encoder returns user vectors under `config` (False: it scores candidates itself, as FIM
+        and MINER's max / mean aggregation do). Self-supervised pretraining (pretraining.py) needs vectors."""
+        return cls.compatible_click_predictors is None  # an encoder bound to its own predictor scores itself
+
     def forward(self, inp: UserInputs) -> UserOutput:
         raise NotImplementedError
+
+    def contextual(self, inp: UserInputs) -> torch.Tensor | None:
+        """history [B, H, D] -> [B, H, D]: one output per history position, each seeing the others (what
+        masked-item pretraining predicts from); None for an encoder that has no such outputs (the default)."""
+        return None
 
     def param_groups(self) -> list[dict]:
         """Optimizer groups with their own learning rate; none by default."""
@@ -122,9 +133,13 @@ class MHSAUserEncoder(UserEncoder):
         self.attention = AdditiveAttention(d, config.attention_dim)
         self.dropout = nn.Dropout(config.dropout_rate)
 
+    def contextual(self, inp):
+        """history [B, H, D], history_mask [B, H] -> [B, H, D]: the self-attention outputs before pooling."""
+        return self.project(self.dropout(self.mhsa(inp.history, inp.history_mask)))
+
     def forward(self, inp):
         """history [B, H, D], history_mask [B, H] -> user [B, D]"""
-        x = self.project(self.dropout(self.mhsa(inp.history, inp.history_mask)))  # [B, H, D]
+        x = self.contextual(inp)  # [B, H, D]
         user, weights = self.attention(x, inp.history_mask, return_weights=True)
         return UserOutput(user=user, attention={"history": weights})
 
@@ -208,6 +223,10 @@ class GRUUserEncoder(UserEncoder):
         out, _ = self.gru(inp.history)  # [B, H, D]; histories are left-aligned, so padding comes after
         return UserOutput(user=last_valid(out, inp.history_mask))
 
+    def contextual(self, inp):
+        """history [B, H, D] -> [B, H, D]: the GRU state at each position (it sees the positions before it)."""
+        return self.gru(inp.history)[0]
+
 
 @dataclass
 class MINERSettings(Settings):
@@ -251,6 +270,10 @@ class MINERUserEncoder(UserEncoder):
         if config is not None and config.miner_aggregation != "weighted":
             return ("dot_product",)
         return None
+
+    @classmethod
+    def returns_user_vectors(cls, config):
+        return config is None or config.miner_aggregation == "weighted"  # max / mean return logits
 
     def __init__(self, config, meta, news_encoder):
         super().__init__(config, meta, news_encoder)
