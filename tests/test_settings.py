@@ -223,10 +223,8 @@ class LengthBagNewsEncoder(BagNewsEncoder):
     def __init__(self, config, meta):
         super().__init__(config, meta)
         self.register_buffer("title_lengths", None, persistent=False)
-        self.prepared = 0
 
     def prepare(self, news, log=print, **options):
-        self.prepared += 1
         if self.title_lengths is None:
             self.title_lengths = news.column("title").ne(0).sum(1).float()  # [N]
 
