@@ -159,12 +159,101 @@ def _column_strings(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.
     return np.array(out[:-1].tobytes().decode("utf-8").split("\n"), dtype=object)
 
 
+def _blank_line_error(path: Path, line: int) -> CorpusError:
+    """The one rule for blank lines in every MIND file (news.tsv, behaviors.tsv, entity_embedding.vec): blank lines
+    (nothing but whitespace) at the end of a file are skipped; one with data after it is an error."""
+    return CorpusError(f"{path}:{line}: a blank line inside the file (blank lines are skipped only at its end); "
+                       f"delete it")
+
+
+def _rest_is_blank(lines: Iterator[bytes]) -> bool:
+    """Whether every line left in `lines` is blank (stops at the first that is not)."""
+    return all(not line.strip() for line in lines)
+
+
+def _decode_chunk(path: Path, raw: bytes, first_line: int, start_offset: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        raise CorpusError(
+            f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {start_offset + e.start}); MIND files are "
+            f"UTF-8 — re-download or re-encode the file"
+        ) from None
+
+
+def _line_delimiters(data: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Byte positions of the tabs and line ends ([R*C] when well-formed), of the line ends ([R]), and the number of
+    fields found on each of the `n` lines ([R])."""
+    delimiters = np.flatnonzero((data == _TAB) | (data == _NEWLINE))
+    line_end = np.flatnonzero(data == _NEWLINE)
+    if len(line_end) < n:  # the file's last line has no "\n": it ends where the data ends
+        delimiters = np.append(delimiters, len(data))
+        line_end = np.append(line_end, len(data))
+    found = np.diff(np.searchsorted(delimiters, line_end, side="right"), prepend=0)  # tabs + 1 per row
+    return delimiters, line_end, found
+
+
+def _trailing_blank_start(path: Path, raw: bytes, line_end: np.ndarray, found: np.ndarray, columns: tuple[str, ...],
+                          first_line: int, rest: Iterator[bytes]) -> int | None:
+    """Check the column count of every line of a chunk. Returns None when all lines are well-formed, or the byte
+    position where the file's trailing blank lines start (the chunk ends there). Raises for a malformed line, naming
+    it and the count of bad lines, or for a blank line with data after it."""
+    n_cols = len(columns)
+    bad = np.flatnonzero(found != n_cols)
+    if not len(bad):
+        return None
+    i = int(bad[0])
+    row_start = int(line_end[i - 1]) + 1 if i else 0
+    row = raw[row_start:int(line_end[i])]
+    if not row.strip():
+        if not raw[row_start:].strip() and _rest_is_blank(rest):
+            return row_start
+        raise _blank_line_error(path, first_line + i)
+    total = len(bad) + _count_bad_rows(rest, n_cols - 1)
+    raise CorpusError(
+        f"{path}:{first_line + i}: expected {n_cols} tab-separated columns ({', '.join(columns)}), "
+        f"found {int(found[i])}" + (f"; {total} bad lines in total" if total > 1 else "")
+    )
+
+
+def _chunk_fields(data: np.ndarray, text: str, delimiters: np.ndarray, n: int, n_cols: int,
+                  usecols: tuple[int, ...] | None) -> np.ndarray:
+    """[R, C] object: the fields of a well-formed chunk as str (a trailing "\r" of each line removed); the columns
+    not in `usecols` None."""
+    ends = delimiters.reshape(n, n_cols)  # [R, C] byte position after each field
+    starts = np.concatenate([np.zeros((n, 1), dtype=np.int64), ends[:, :-1] + 1], axis=1)
+    starts[1:, 0] = ends[:-1, -1] + 1
+    # One trailing "\r" per line is part of the line end (Windows files), as in the reference readers.
+    # Gathering bytes costs more per byte than one str.split of the whole chunk: gather only narrow
+    # columns (behaviors' ids, the users), split everything when the wanted ones hold more of the bytes.
+    if usecols is None or (ends - starts)[:, list(usecols)].sum() > len(data) * _GATHER_FRACTION:
+        if text.endswith("\n"):
+            text = text[:-1]
+        if "\r" in text:
+            text = text.replace("\r\n", "\n")
+            if text.endswith("\r"):
+                text = text[:-1]
+        fields = np.array(text.replace("\n", "\t").split("\t"), dtype=object).reshape(n, n_cols)
+        if usecols is not None:  # only the wanted columns are handed on
+            fields[:, [c for c in range(n_cols) if c not in usecols]] = None
+        return fields
+    ends = ends.copy()
+    last = ends[:, -1]
+    last -= (last > starts[:, -1]) & (data[np.maximum(last - 1, 0)] == ord("\r"))
+    fields = np.empty((n, n_cols), dtype=object)
+    for c in usecols:
+        fields[:, c] = _column_strings(data, starts[:, c], ends[:, c])
+    return fields
+
+
 def iter_tsv(path: Path, columns: tuple[str, ...], chunk_lines: int = CHUNK_LINES,
              usecols: tuple[int, ...] | None = None) -> Iterator[TsvChunk]:
     """Read a MIND tsv (no header, no quoting) strictly, `chunk_lines` lines at a time: UTF-8 and the exact
     column count, errors naming the file and line. Only one chunk is in memory at a time. `usecols`: the
     column indices made into strings (default all; the others stay None, e.g. behaviors' long Impressions
-    column, which is parsed from the bytes instead).
+    column, which is parsed from the bytes instead). Blank lines at the end of the file are skipped; a blank
+    line with data after it is an error (`_blank_line_error`).
 
     pandas alone would pad short rows with NaN and quote-parse titles containing `"`, so lines are split here;
     the per-line work is vectorised (numpy over the bytes, one str.split per chunk).
@@ -185,58 +274,24 @@ def iter_tsv(path: Path, columns: tuple[str, ...], chunk_lines: int = CHUNK_LINE
             if first_line == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
                 start_offset += 3
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                line = first_line + raw.count(b"\n", 0, e.start)
-                raise CorpusError(
-                    f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {start_offset + e.start}); MIND files are "
-                    f"UTF-8 — re-download or re-encode the file"
-                ) from None
+            text = _decode_chunk(path, raw, first_line, start_offset)
             data = np.frombuffer(raw, dtype=np.uint8)
-            delimiters = np.flatnonzero((data == _TAB) | (data == _NEWLINE))
-            line_end = np.flatnonzero(data == _NEWLINE)
-            if len(line_end) < n:  # the file's last line has no "\n": it ends where the data ends
-                delimiters = np.append(delimiters, len(data))
-                line_end = np.append(line_end, len(data))
-            found = np.diff(np.searchsorted(delimiters, line_end, side="right"), prepend=0)  # tabs + 1 per row
-            bad = np.flatnonzero(found != n_cols)
-            if len(bad):
-                i = int(bad[0])
-                row_start = int(line_end[i - 1]) + 1 if i else 0
-                row = raw[row_start:int(line_end[i])]
-                total = len(bad) + _count_bad_rows(f, n_cols - 1)
-                raise CorpusError(
-                    f"{path}:{first_line + i}: expected {n_cols} tab-separated columns ({', '.join(columns)}), "
-                    f"found {int(found[i])}" + (" (empty line)" if row in (b"", b"\r") else "")
-                    + (f"; {total} bad lines in total" if total > 1 else "")
-                )
-            ends = delimiters.reshape(n, n_cols)  # [R, C] byte position after each field
-            starts = np.concatenate([np.zeros((n, 1), dtype=np.int64), ends[:, :-1] + 1], axis=1)
-            starts[1:, 0] = ends[:-1, -1] + 1
-            # One trailing "\r" per line is part of the line end (Windows files), as in the reference readers.
-            # Gathering bytes costs more per byte than one str.split of the whole chunk: gather only narrow
-            # columns (behaviors' ids, the users), split everything when the wanted ones hold more of the bytes.
-            if usecols is None or (ends - starts)[:, list(usecols)].sum() > len(data) * _GATHER_FRACTION:
-                if text.endswith("\n"):
-                    text = text[:-1]
-                if "\r" in text:
-                    text = text.replace("\r\n", "\n")
-                    if text.endswith("\r"):
-                        text = text[:-1]
-                fields = np.array(text.replace("\n", "\t").split("\t"), dtype=object).reshape(n, n_cols)
-                if usecols is not None:  # only the wanted columns are handed on
-                    fields[:, [c for c in range(n_cols) if c not in usecols]] = None
-            else:
-                ends = ends.copy()
-                last = ends[:, -1]
-                last -= (last > starts[:, -1]) & (data[np.maximum(last - 1, 0)] == ord("\r"))
-                fields = np.empty((n, n_cols), dtype=object)
-                for c in usecols:
-                    fields[:, c] = _column_strings(data, starts[:, c], ends[:, c])
-            del ends, starts, text
+            delimiters, line_end, found = _line_delimiters(data, n)
+            blank_from = _trailing_blank_start(path, raw, line_end, found, columns, first_line, f)
+            if blank_from is not None:  # the file ends with blank lines: the chunk (and the file) ends before them
+                n = int(np.searchsorted(line_end, blank_from))
+                if n == 0:
+                    return
+                raw = raw[:blank_from]
+                text = raw.decode("utf-8")
+                data = np.frombuffer(raw, dtype=np.uint8)
+                delimiters, line_end, found = _line_delimiters(data, n)
+            fields = _chunk_fields(data, text, delimiters, n, n_cols, usecols)
+            del text
             yield TsvChunk(path, first_line, data, delimiters, fields)
             del raw, data, delimiters, line_end, fields  # before the next chunk is read: one chunk at a time
+            if blank_from is not None:
+                return
             first_line += n
 
 
@@ -764,40 +819,53 @@ def build_behaviors(path: Path, split: str, news_index: pd.Index, user_index: pd
 # Embedding matrices
 # ----------------------------------------------------------------------------------------------------------
 
+def _entity_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, tab-separated fields) of each row of an entity_embedding.vec, a trailing tab (common in MIND)
+    and a BOM removed; blank lines at the end skipped, a blank line with rows after it an error (as in the tsv
+    files)."""
+    blank = None  # line number of the first blank line not yet followed by a row
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
+                blank = blank or line_no
+                continue
+            if blank:
+                raise _blank_line_error(path, blank)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"{path}:{line_no}: not valid UTF-8 ({e.reason}); MIND files are UTF-8 — "
+                                  f"re-download or re-encode the file") from None
+            yield line_no, line.rstrip("\r\n").rstrip("\t").split("\t")
+
+
 def read_entity_vectors(paths: list[Path], entities: list[str]) -> tuple[np.ndarray, int, int]:
     """Entity matrix [E, dim] in `entities` order; entities with no vector stay zero (counted)."""
     index = {e: i for i, e in enumerate(entities)}
     matrix, dim = None, None
     found = np.zeros(len(entities), dtype=bool)
     for path in paths:
-        with open(path, "rb") as f:
-            for line_no, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise CorpusError(f"{path}:{line_no}: not valid UTF-8 ({e.reason}); MIND files are UTF-8 — "
-                                      f"re-download or re-encode the file") from None
-                parts = line.rstrip("\r\n").rstrip("\t").split("\t")
-                if parts == [""]:
-                    continue  # a blank line
-                if len(parts) < 2:
-                    raise CorpusError(f"{path}:{line_no}: expected '<WikidataId>\\t<float>\\t...', found no values")
-                i = index.get(parts[0])
-                if i is None or found[i]:
-                    continue
-                try:
-                    vec = np.asarray(parts[1:], dtype=np.float32)
-                except ValueError:
-                    raise CorpusError(f"{path}:{line_no}: expected '<WikidataId>\\t<float>\\t...'") from None
-                if not np.isfinite(vec).all():
-                    raise CorpusError(f"{path}:{line_no}: a NaN or infinite value in the vector of {parts[0]}")
-                if matrix is None:
-                    dim = len(vec)
-                    matrix = np.zeros((len(entities), dim), dtype=np.float32)
-                if len(vec) != dim:
-                    raise CorpusError(f"{path}:{line_no}: {len(vec)} values, expected {dim} like the first vector")
-                matrix[i] = vec
-                found[i] = True
+        for line_no, parts in _entity_rows(path):
+            if len(parts) < 2:
+                raise CorpusError(f"{path}:{line_no}: expected '<WikidataId>\\t<float>\\t...', found no values")
+            i = index.get(parts[0])
+            if i is None or found[i]:
+                continue
+            try:
+                vec = np.asarray(parts[1:], dtype=np.float32)
+            except ValueError:
+                raise CorpusError(f"{path}:{line_no}: expected '<WikidataId>\\t<float>\\t...'") from None
+            if not np.isfinite(vec).all():
+                raise CorpusError(f"{path}:{line_no}: a NaN or infinite value in the vector of {parts[0]}")
+            if matrix is None:
+                dim = len(vec)
+                matrix = np.zeros((len(entities), dim), dtype=np.float32)
+            if len(vec) != dim:
+                raise CorpusError(f"{path}:{line_no}: {len(vec)} values, expected {dim} like the first vector")
+            matrix[i] = vec
+            found[i] = True
     if matrix is None:
         matrix = np.zeros((len(entities), 100), dtype=np.float32)
     found[0] = False
