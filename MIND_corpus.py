@@ -686,49 +686,66 @@ def build_behaviors(path: Path, split: str, news_index: pd.Index, user_index: pd
     file by their text (MIND repeats a user's history for each of their impressions). Errors name the file and
     the line, as found while streaming (the first malformed line of the first chunk that has one).
     """
-    path = Path(path)
-    news = _IdTable(news_index)
-    seen_histories: dict[str, int] = {}  # history text -> row of the history table
-    impr_ids, users, history_rows, cands, labels, sizes = [], [], [], [], [], []
-    history_parts, known_parts, length_parts = [], [], []
-    stats = dict(impressions=0, candidates=0, unknown_history_news=0, unknown_candidate_news=0, no_click=0,
-                 no_negative=0)
-    labelled: bool | None = None  # decided by the file's first candidate tokens: "N1-1" labelled, "N1" not
-    first_token = ("", 0)  # (text, line) of the file's first candidate: the first bad one if labels appear later
+    builder = _BehaviorsBuilder(Path(path), split, _IdTable(news_index), user_index, max_history)
     for chunk in iter_tsv(path, BEHAVIOR_COLUMNS, chunk_lines, usecols=(0, 1, 3)):
-        n, line0, data = len(chunk), chunk.first_line, chunk.data
+        builder.add(chunk)
+        del chunk
+    return builder.result()
+
+
+class _BehaviorsBuilder:
+    """The state of `build_behaviors` between chunks: the int arrays of the chunks read so far, the counts, whether
+    the file is labelled, and the histories seen (text -> row of the history table)."""
+
+    def __init__(self, path: Path, split: str, news: _IdTable, user_index: pd.Index, max_history: int):
+        self.path, self.split, self.news, self.user_index, self.max_history = path, split, news, user_index, max_history
+        self.seen_histories: dict[str, int] = {}  # history text -> row of the history table
+        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in (
+            "impression_ids", "user", "history_row", "candidates", "labels", "sizes", "histories", "known", "length")}
+        self.stats = dict(impressions=0, candidates=0, unknown_history_news=0, unknown_candidate_news=0, no_click=0,
+                          no_negative=0)
+        self.labelled: bool | None = None  # decided by the file's first candidate tokens: "N1-1" labelled, "N1" not
+        self.first_token = ("", 0)  # (text, line) of the file's first candidate: the first bad one if labels come later
+
+    def add(self, chunk: TsvChunk) -> None:
+        self.parts["impression_ids"].append(self._impression_ids(chunk))
+        empty_user = np.flatnonzero(chunk.fields[:, 1] == "")
+        if len(empty_user):
+            raise CorpusError(f"{self.path}:{chunk.first_line + int(empty_user[0])}: empty UserID; every impression "
+                              f"names its user")
+        self.parts["user"].append((self.user_index.get_indexer(chunk.fields[:, 1]) + 1).astype(np.int32))  # -1 -> 0
+        start, end, row, column = chunk.tokens((3, 4))
+        imp = column == 4
+        self._candidates(chunk, start[imp], end[imp], row[imp])
+        self._histories(chunk, start, end, row, column)
+        self.stats["impressions"] += len(chunk)
+
+    def _impression_ids(self, chunk: TsvChunk) -> np.ndarray:
+        """[R] int64, checked: integers of at most 2^53 (a float no longer holds every integer beyond: ids could
+        collide), no header row."""
         id_text = chunk.fields[:, 0]
         ids = pd.to_numeric(pd.Series(id_text, dtype=object), errors="coerce")
         as_float = ids.to_numpy(np.float64)
-        # "x5", "", "1.5"; beyond 2^53 a float no longer holds every integer (ids could collide)
         bad = np.flatnonzero(np.isnan(as_float) | (as_float != np.floor(as_float)) | (np.abs(as_float) > 2.0 ** 53))
         if len(bad):
             i = int(bad[0])
             header = " (a header row? MIND files have none: delete it)" if id_text[i] == "ImpressionID" else ""
-            raise CorpusError(f"{path}:{line0 + i}: ImpressionID {id_text[i]!r} is not an integer"
+            raise CorpusError(f"{self.path}:{chunk.first_line + i}: ImpressionID {id_text[i]!r} is not an integer"
                               + (" of at most 2^53" if not header and not np.isnan(as_float[i])
                                  and as_float[i] == np.floor(as_float[i]) else "") + header)
-        empty_user = np.flatnonzero(chunk.fields[:, 1] == "")
-        if len(empty_user):
-            raise CorpusError(f"{path}:{line0 + int(empty_user[0])}: empty UserID; every impression names its user")
-        impr_ids.append(ids.to_numpy(np.int64))
-        users.append((user_index.get_indexer(chunk.fields[:, 1]) + 1).astype(np.int32))  # -1 (unknown) -> 0
+        return ids.to_numpy(np.int64)
 
-        start, end, row, column = chunk.tokens((3, 4))
-        # Impressions: "N1-1 N2-0 ..." (labelled) or "N1 N2 ..." (unlabelled test).
-        imp = column == 4
-        c_start, c_end, c_row = start[imp], end[imp], row[imp]
-        count = np.bincount(c_row, minlength=n)
-        if (count == 0).any():
-            i = int(np.flatnonzero(count == 0)[0])
-            raise CorpusError(f"{path}:{line0 + i}: empty Impressions column; expected 'N1-1 N2-0 ...'")
-        if not labelled:  # (still) unlabelled: does a candidate of this chunk contain a "-"?
+    def _labels(self, chunk: TsvChunk, c_start: np.ndarray, c_end: np.ndarray, c_row: np.ndarray):
+        """(label [T] int8, -1 when unlabelled; end of each candidate's news id [T]). The file's first candidates
+        decide whether it is labelled ("N1-1 N2-0 ..." or "N1 N2 ..."); a candidate of the other kind is an error."""
+        data, line0 = chunk.data, chunk.first_line
+        if not self.labelled:  # (still) unlabelled: does a candidate of this chunk contain a "-"?
             dashes = np.flatnonzero(data == _DASH)
             has_dash = np.searchsorted(dashes, c_end) > np.searchsorted(dashes, c_start)
-        if labelled is None:
-            labelled = bool(has_dash.any())
-            first_token = (chunk.text(int(c_start[0]), int(c_end[0])), line0 + int(c_row[0]))
-        if labelled:
+        if self.labelled is None:
+            self.labelled = bool(has_dash.any())
+            self.first_token = (chunk.text(int(c_start[0]), int(c_end[0])), line0 + int(c_row[0]))
+        if self.labelled:
             # A label is "-0" or "-1" after the last "-": the last two bytes of the token.
             last = data[c_end - 1]
             well_formed = ((c_end - c_start >= 2) & (data[np.maximum(c_end - 2, c_start)] == _DASH)
@@ -736,83 +753,122 @@ def build_behaviors(path: Path, split: str, news_index: pd.Index, user_index: pd
             bad = np.flatnonzero(~well_formed)
             bad_token = (chunk.text(int(c_start[bad[0]]), int(c_end[bad[0]])), line0 + int(c_row[bad[0]])) \
                 if len(bad) else None
-            label = (last == _ONE).astype(np.int8)
-            id_end = c_end - 2
+            label, id_end = (last == _ONE).astype(np.int8), c_end - 2
         else:
-            bad_token = first_token if has_dash.any() else None  # a labelled token after unlabelled ones
-            label = np.full(len(c_start), -1, dtype=np.int8)
-            id_end = c_end
+            bad_token = self.first_token if has_dash.any() else None  # a labelled token after unlabelled ones
+            label, id_end = np.full(len(c_start), -1, dtype=np.int8), c_end
         if bad_token:
             raise CorpusError(
-                f"{path}:{bad_token[1]}: candidate {bad_token[0]!r}: expected '<NewsID>-0' or '<NewsID>-1' "
+                f"{self.path}:{bad_token[1]}: candidate {bad_token[0]!r}: expected '<NewsID>-0' or '<NewsID>-1' "
                 f"(label suffix 0 = not clicked, 1 = clicked), and every candidate of a labelled file labelled"
             )
-        cand = news.lookup(data, c_start, id_end)
+        return label, id_end
+
+    def _candidates(self, chunk: TsvChunk, c_start: np.ndarray, c_end: np.ndarray, c_row: np.ndarray) -> None:
+        """Impressions: "N1-1 N2-0 ..." (labelled) or "N1 N2 ..." (unlabelled test)."""
+        n, stats = len(chunk), self.stats
+        count = np.bincount(c_row, minlength=n)
+        if (count == 0).any():
+            i = int(np.flatnonzero(count == 0)[0])
+            raise CorpusError(f"{self.path}:{chunk.first_line + i}: empty Impressions column; expected 'N1-1 N2-0 ...'")
+        label, id_end = self._labels(chunk, c_start, c_end, c_row)
+        cand = self.news.lookup(chunk.data, c_start, id_end)
+        if self.labelled:
+            _check_no_contradictory_labels(chunk, c_start, id_end, c_row, cand, label)
         unknown = cand == 0
         stats["candidates"] += len(cand)
         stats["unknown_candidate_news"] += int(unknown.sum())
-        if split == "train":  # a candidate missing from news.tsv cannot be encoded: dropped from training, counted
+        if self.split == "train":  # a candidate missing from news.tsv cannot be encoded: dropped from training, counted
             cand, label, c_row = cand[~unknown], label[~unknown], c_row[~unknown]
         size = np.bincount(c_row, minlength=n)
-        if labelled:
+        if self.labelled:
             clicks = np.bincount(c_row, weights=label, minlength=n)
             stats["no_click"] += int((clicks == 0).sum())
             stats["no_negative"] += int((clicks == size).sum())
-        cands.append(cand)
-        labels.append(label)
-        sizes.append(size)
+        self.parts["candidates"].append(cand)
+        self.parts["labels"].append(label)
+        self.parts["sizes"].append(size)
 
-        # Histories: parse each history text the first time the file shows it.
+    def _histories(self, chunk: TsvChunk, start: np.ndarray, end: np.ndarray, row: np.ndarray,
+                   column: np.ndarray) -> None:
+        """Parse each history text the first time the file shows it; every impression gets its history's row."""
         code, distinct = pd.factorize(pd.Series(chunk.fields[:, 3], dtype=object).str.strip().to_numpy())
         # A dict, not a growing pd.Index: an Index would rebuild its hash table of all histories every chunk.
-        row_of = np.fromiter(map(seen_histories.get, distinct, itertools.repeat(-1)), dtype=np.int64,
+        row_of = np.fromiter(map(self.seen_histories.get, distinct, itertools.repeat(-1)), dtype=np.int64,
                              count=len(distinct))
         new = np.flatnonzero(row_of < 0)
-        row_of[new] = len(seen_histories) + np.arange(len(new))
-        seen_histories.update(zip(distinct[new].tolist(), row_of[new].tolist()))
-        history_rows.append(row_of[code].astype(np.int32))
+        row_of[new] = len(self.seen_histories) + np.arange(len(new))
+        self.seen_histories.update(zip(distinct[new].tolist(), row_of[new].tolist()))
+        self.parts["history_row"].append(row_of[code].astype(np.int32))
         first_row = np.unique(code, return_index=True)[1][new]  # a line showing each new history
         h = np.flatnonzero(column == 3)
         h_first = np.searchsorted(row[h], first_row, side="left")
         h_count = np.searchsorted(row[h], first_row, side="right") - h_first
         take = h[_ranges(h_first, h_count)]
-        hist_ids = news.lookup(data, start[take], end[take])
-        stats["unknown_history_news"] += int((hist_ids == 0).sum())
-        table, known, length = _histories(hist_ids, h_count, max_history)
-        history_parts.append(table)
-        known_parts.append(known)
-        length_parts.append(length)
-        stats["impressions"] += n
-        del chunk, data, start, end, row, column
+        hist_ids = self.news.lookup(chunk.data, start[take], end[take])
+        self.stats["unknown_history_news"] += int((hist_ids == 0).sum())
+        table, known, length = _histories(hist_ids, h_count, self.max_history)
+        self.parts["histories"].append(table)
+        self.parts["known"].append(known)
+        self.parts["length"].append(length)
 
-    cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype))
-    impr_ids = cat(impr_ids, np.int64)
-    n = len(impr_ids)
-    vals, first = np.unique(impr_ids, return_index=True)
-    if len(vals) != n:
-        i = int(np.setdiff1d(np.arange(n), first)[0])  # the first line repeating an earlier id
-        raise CorpusError(f"{path}:{i + 1}: ImpressionID {impr_ids[i]} appears twice; ids must be unique")
-    del vals, first
-    user = cat(users, np.int32)
-    history_row = cat(history_rows, np.int32)
-    histories = np.concatenate(history_parts) if history_parts else np.zeros((0, max_history), dtype=np.int32)
-    known = cat(known_parts, np.int64)
-    history_length = cat(length_parts, np.int16)
-    offsets = np.concatenate([[0], np.cumsum(cat(sizes, np.int64))]).astype(np.int64)
-    out_stats: dict[str, Any] = dict(
-        impressions=n, candidates=stats["candidates"], labelled=bool(labelled),
-        unknown_history_news=stats["unknown_history_news"], unknown_candidate_news=stats["unknown_candidate_news"],
-        unknown_users=int((user == 0).sum()),
-        empty_histories=int((history_length[history_row] == 0).sum()),
-        truncated_histories=int((known[history_row] > max_history).sum()),
-    )
-    if labelled:
-        out_stats["no_click_impressions"] = stats["no_click"]
-        out_stats["no_negative_impressions"] = stats["no_negative"]
-    arrays = dict(impression_ids=impr_ids, user=user, history_row=history_row, histories=histories,
-                  history_length=history_length, candidates=cat(cands, np.int32), labels=cat(labels, np.int8),
-                  offsets=offsets)
-    return arrays, out_stats
+    def result(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        parts, stats, max_history = self.parts, self.stats, self.max_history
+        cat = (lambda name, dtype: np.concatenate(parts[name]).astype(dtype, copy=False) if parts[name]
+               else np.zeros(0, dtype))
+        impr_ids = cat("impression_ids", np.int64)
+        n = len(impr_ids)
+        vals, first = np.unique(impr_ids, return_index=True)
+        if len(vals) != n:
+            i = int(np.setdiff1d(np.arange(n), first)[0])  # the first line repeating an earlier id
+            raise CorpusError(f"{self.path}:{i + 1}: ImpressionID {impr_ids[i]} appears twice; ids must be unique")
+        del vals, first
+        user = cat("user", np.int32)
+        history_row = cat("history_row", np.int32)
+        histories = np.concatenate(parts["histories"]) if parts["histories"] else np.zeros((0, max_history),
+                                                                                          dtype=np.int32)
+        known = cat("known", np.int64)
+        history_length = cat("length", np.int16)
+        offsets = np.concatenate([[0], np.cumsum(cat("sizes", np.int64))]).astype(np.int64)
+        out_stats: dict[str, Any] = dict(
+            impressions=n, candidates=stats["candidates"], labelled=bool(self.labelled),
+            unknown_history_news=stats["unknown_history_news"],
+            unknown_candidate_news=stats["unknown_candidate_news"], unknown_users=int((user == 0).sum()),
+            empty_histories=int((history_length[history_row] == 0).sum()),
+            truncated_histories=int((known[history_row] > max_history).sum()),
+        )
+        if self.labelled:
+            out_stats["no_click_impressions"] = stats["no_click"]
+            out_stats["no_negative_impressions"] = stats["no_negative"]
+        arrays = dict(impression_ids=impr_ids, user=user, history_row=history_row, histories=histories,
+                      history_length=history_length, candidates=cat("candidates", np.int32),
+                      labels=cat("labels", np.int8), offsets=offsets)
+        return arrays, out_stats
+
+
+def _check_no_contradictory_labels(chunk: TsvChunk, c_start: np.ndarray, id_end: np.ndarray, c_row: np.ndarray,
+                                   cand: np.ndarray, label: np.ndarray) -> None:
+    """A news listed twice in one impression with both labels ("N1-1 ... N1-0") is an error naming the line. The
+    official scorer ranks positions, not news: a model scores the same news the same at both positions, so the
+    pair is a tie whatever it learnt (AUC 1/2 for the pair, MRR and nDCG decided by the order of the list), and
+    training would ask for the news to be clicked and not clicked. (Twice with the same label is harmless.)"""
+    key = cand.astype(np.int64)
+    unknown = np.flatnonzero(cand == 0)  # news missing from news.tsv all look up as 0: tell them apart by their id
+    if len(unknown):
+        texts = [chunk.text(int(a), int(b)) for a, b in zip(c_start[unknown], id_end[unknown])]
+        key[unknown] = -1 - pd.factorize(pd.Series(texts, dtype=object))[0]
+    key = c_row.astype(np.int64) * (int(key.max()) - int(key.min()) + 1) + (key - int(key.min()))
+    order = np.argsort(key, kind="stable")
+    k, y = key[order], label[order]
+    clash = np.flatnonzero((k[1:] == k[:-1]) & (y[1:] != y[:-1]))
+    if not len(clash):
+        return
+    j = int(order[clash[np.argmin(c_row[order[clash]])]])  # the first such impression of the chunk
+    nid = chunk.text(int(c_start[j]), int(id_end[j]))
+    raise CorpusError(
+        f"{chunk.path}:{chunk.first_line + int(c_row[j])}: candidate {nid} is listed twice with both labels "
+        f"({nid}-1 and {nid}-0); the official scorer ranks positions, so the pair would be a tie whatever the model "
+        f"scores, and training would ask for the news to be clicked and not clicked: keep one of the two")
 
 
 # ----------------------------------------------------------------------------------------------------------
