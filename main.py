@@ -91,7 +91,8 @@ def load_corpus(config, log=print) -> Corpus:
     prepare_data(config)
     news_cls = get_news_encoder(config.news_encoder)
     needs_glove = news_cls.needs_glove and config.mode in ("train", "pretrain")  # a pretraining starts from GloVe too
-    corpus = Corpus(config, need_glove=needs_glove, log=log)
+    needs_entities = bool({"title_entity", "abstract_entity"} & set(news_cls.features))  # KCNN: a warning without vectors
+    corpus = Corpus(config, need_glove=needs_glove, log=log, need_entities=needs_entities)
     if news_cls.uses_plm:
         corpus.add_plm_tokens(resolve_plm_path(config.plm_model_name), config.plm_max_length,
                               config.plm_text_template)

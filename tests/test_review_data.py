@@ -150,7 +150,7 @@ def test_main_asks_the_corpus_for_entities_for_kcnn(tmp_path):
         (tmp_path / "MIND-small" / split / "entity_embedding.vec").unlink()
     lines = []
     cfg = Config.from_args(flags(tmp_path, news_encoder="KCNN", user_encoder="ATT", word_embedding_dim=100,
-                                 mode="dev"))
+                                 mode="train"))
     load_corpus(cfg, log=lines.append)
     assert any(line.startswith("WARNING: no entity_embedding.vec") for line in lines)
 
@@ -208,7 +208,7 @@ def test_the_glove_log_line_names_the_file_not_a_cache_key(tmp_path):
         lines = []
         Corpus(_config(tmp_path, glove_path=path, word_embedding_dim=4), log=lines.append)
         glove = next(line for line in lines if line.startswith("GloVe"))
-        assert f"in {path} ({path.stat().st_size} bytes, 5 rows: 5 of 4 values)" in glove, attempt
+        assert f"in {path} ({path.stat().st_size} bytes, 5 rows: 5 of 4 values" in glove, attempt
         assert "[" not in glove and not re.search(r"\b\d{12,}\b", glove), glove  # no file signature, no mtime
         assert glove.endswith("from the cache)") == (attempt == "cache")
 
@@ -225,7 +225,7 @@ def test_a_split_file_that_is_a_folder_is_one_line(tmp_path, split, name):
     path.unlink()
     path.mkdir()
     with pytest.raises(CorpusError, match=rf"^{re.escape(str(path))} is a folder, not a file; MIND's {split}/{name} "
-                                          rf"is a file"):
+                                          rf"is a [^:]*: move the folder away and put the file there$"):
         c = corpus(tmp_path)
         c.behaviors(split)
 
