@@ -469,166 +469,12 @@ def generate_demo(root, *, num_news: int = DEMO_SIZES["num_news"], num_users: in
     if num_news < MIN_DEMO_NEWS:
         raise ValueError(f"generate_demo: num_news must be >= {MIN_DEMO_NEWS} (every split shows up to "
                          f"{MIN_DEMO_NEWS} news), got {num_news}")
-    rng = np.random.default_rng(seed)
-    vocab = _Vocabulary()
-    cats = list(CATEGORIES)
-    n_cat = len(cats)
-    shares = CATEGORY_WEIGHTS / CATEGORY_WEIGHTS.sum()
-
-    # -- news --------------------------------------------------------------------------------------------
-    category = rng.choice(n_cat, size=num_news, p=shares)
-    n_sub = np.array([len(CATEGORIES[c]["sub"]) for c in cats])
-    subcategory = (rng.random(num_news) * n_sub[category]).astype(np.int64)
-    popularity = rng.normal(0.0, 1.0, num_news)
-    topical_share = rng.uniform(0.45, 0.7, num_news)
-    entity_share = np.where(rng.random(num_news) < 0.2, 0.0, rng.uniform(0.03, 0.12, num_news))
-    title_len = rng.integers(6, 15, num_news)
-    abstract_len = np.where(rng.random(num_news) < 0.08, 0, rng.integers(15, 41, num_news))
-    titles, title_entities = _make_texts(rng, vocab, category, title_len, topical_share, entity_share, True)
-    abstracts, abstract_entities = _make_texts(rng, vocab, category, abstract_len, topical_share, entity_share,
-                                               False)
-    news_number = rng.choice(9 * num_news, num_news, replace=False)  # ids unrelated to publication order
-    news_id = np.array([f"N{10000 + k}" for k in news_number.tolist()], dtype=object)
-    sub_names = [CATEGORIES[c]["sub"] for c in cats]
-    news_lines = np.array([
-        f"{nid}\t{cats[c]}\t{sub_names[c][s]}\t{t}\t{a}\thttps://assets.msn.com/labs/mind/{nid}.html\t{te}\t{ae}"
-        for nid, c, s, t, a, te, ae in zip(news_id.tolist(), category.tolist(), subcategory.tolist(), titles,
-                                           abstracts, title_entities, abstract_entities)], dtype=object)
-
-    # -- users -------------------------------------------------------------------------------------------
-    prefs = rng.dirichlet(PREFERENCE_CONCENTRATION * shares, size=num_users)  # [U, K]
-    lift = np.log((prefs + 0.01) / (shares + 0.01))  # [U, K] what a content model can learn from histories
-    user_number = rng.choice(9 * num_users, num_users, replace=False)
-    user_id = np.array([f"U{10000 + k}" for k in user_number.tolist()], dtype=object)
-    activity = rng.lognormal(0.0, 0.8, num_users)
-    hist_len = np.clip(np.rint(rng.lognormal(np.log(18.0), 0.9, num_users)), 1, 80).astype(np.int64)
-    hist_len[rng.random(num_users) < 0.07] = 0
-    # History clicks ~ exposure x click probability: category ~ preference lift x news mass in the window,
-    # news within the category ~ exp((exposure + popularity weight) * popularity).
-    hist_sampler = _WindowSampler(category, np.exp((EXPOSURE_WEIGHT + POPULARITY_WEIGHT) * popularity), n_cat)
-    show_sampler = _WindowSampler(np.zeros(num_news, dtype=np.int64), np.exp(EXPOSURE_WEIGHT * popularity), 1)
-    user_category_weight = np.exp(AFFINITY_WEIGHT * lift)
-
-    def window(frac: tuple[float, float]) -> tuple[int, int]:
-        lo, hi = int(frac[0] * num_news), int(frac[1] * num_news)
-        return lo, max(hi, lo + 1)
-
-    def histories(lengths: np.ndarray, frac: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-        """Distinct clicked news per user from a window: (flat news, offsets [U+1])."""
-        lo, hi = window(frac)
-        mass = hist_sampler.mass(lo, hi)
-        probs = user_category_weight * mass
-        probs = np.where(probs.sum(1, keepdims=True) > 0, probs, 1.0) * (mass > 0)
-        rows = np.repeat(np.arange(num_users), lengths)
-        cat_of = _categorical_rows(rng, probs / probs.sum(1, keepdims=True), rows)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        news, keep = _draw_distinct(rng, offsets, lambda slots: hist_sampler.draw(rng, cat_of[slots], lo, hi))
-        news, rows = news[keep], rows[keep]
-        return news, np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=num_users))])
-
-    base_news, base_off = histories(hist_len, BASE_HISTORY_WINDOW)
-    base_strings = np.array(_segment_join(news_id[base_news], base_off), dtype=object)
-
-    # -- behaviors ---------------------------------------------------------------------------------------
-    prob_text = np.array([f"{i / 1e5:.5f}" for i in range(100001)], dtype=object)
-    label_suffix = np.array(["-0", "-1"], dtype=object)
-    digits = np.array(["0", "1"], dtype=object)
-    activity_cdf = np.cumsum(activity) / activity.sum()
-
-    def make_split(name: str, n_impr: int, labelled: bool, folder: Path) -> dict:
-        """Draw one split and write its behaviors.tsv and click_probabilities.tsv (and, for test,
-        labels_hidden.tsv) into `folder`. Every random draw is made for the whole split, in a fixed order;
-        only the text is made and written `WRITE_CHUNK` impressions at a time (a MIND-large-sized split's
-        strings would take several GB at once)."""
-        n_extra, extra_window = EXTRA_HISTORY[name]
-        hist_strings, parts = base_strings, [(base_news, base_off)]
-        if n_extra:
-            extra_len = np.where(hist_len > 0, rng.integers(0, n_extra + 1, num_users), 0)
-            extra_news, extra_off = histories(extra_len, extra_window)
-            extra_strings = np.array(_segment_join(news_id[extra_news], extra_off), dtype=object)
-            both = (base_strings != "") & (extra_strings != "")
-            hist_strings = base_strings + np.where(both, " ", "") + extra_strings
-            del extra_strings, both
-            parts.append((extra_news, extra_off))
-        lo, hi = window(SHOWN_WINDOW[name])
-        users = np.minimum(np.searchsorted(activity_cdf, rng.random(n_impr), side="right"), num_users - 1)
-        counts = np.minimum(rng.integers(SHOWN_PER_IMPRESSION[0], SHOWN_PER_IMPRESSION[1] + 1, n_impr), hi - lo)
-        rows = np.repeat(np.arange(n_impr, dtype=np.int32), counts)  # [candidates] impression of each
-        cand, keep = _draw_distinct(rng, np.concatenate([[0], np.cumsum(counts)]), lambda slots: show_sampler.draw(
-            rng, np.zeros(len(slots), dtype=np.int8), lo, hi))
-        cand, rows = cand[keep], rows[keep]
-        del keep
-        counts = np.bincount(rows, minlength=n_impr)
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        n_cand = len(cand)
-        affinity = np.empty(n_cand)
-        for a, b in _chunks(n_cand):
-            affinity[a:b] = lift[users[rows[a:b]], category[cand[a:b]]]
-        noise = rng.normal(0.0, NOISE_SD, n_cand)
-        prob_code = np.empty(n_cand, dtype=np.int32)  # click probability x 1e5, in 1..99999
-        for a, b in _chunks(n_cand):  # elementwise, in the reference order of operations
-            logit = (CLICK_BIAS + AFFINITY_WEIGHT * affinity[a:b] + POPULARITY_WEIGHT * popularity[cand[a:b]]
-                     + noise[a:b])
-            prob_code[a:b] = np.clip(np.rint(1e5 / (1 + np.exp(-logit))), 1, 99999)
-        del noise
-        prob = prob_code / 1e5
-        label = (rng.random(n_cand) < prob).astype(np.int8)
-        # Both classes in every impression: a click drawn ~ prob where none, a non-click ~ (1 - prob) where all.
-        clicks = np.bincount(rows[label == 1], minlength=n_impr)
-        no_click = np.flatnonzero(clicks == 0)
-        label[_segment_pick(rng, prob, offsets, no_click)] = 1
-        clicks = np.bincount(rows[label == 1], minlength=n_impr)
-        all_click = np.flatnonzero(clicks == counts)
-        label[_segment_pick(rng, 1 - prob, offsets, all_click)] = 0
-        del rows, clicks
-
-        start, days = SPLIT_START[name]
-        seconds = np.sort(rng.integers(0, 86400 * days, n_impr))
-        files = {"behaviors": folder / "behaviors.tsv", "probs": folder / "click_probabilities.tsv"}
-        if name == "test":
-            files["labels"] = folder / "labels_hidden.tsv"
-        handles = {k: open(p, "w", encoding="utf-8", newline="\n") for k, p in files.items()}
-        try:
-            for a, b in _chunks(n_impr, WRITE_CHUNK):
-                lo_c, hi_c = int(offsets[a]), int(offsets[b])
-                off = offsets[a:b + 1] - lo_c
-                c = cand[lo_c:hi_c]
-                cells = news_id[c] + label_suffix[label[lo_c:hi_c]] if labelled else news_id[c]
-                ids = range(a + 1, b + 1)
-                times = _mind_times(start, seconds[a:b])
-                handles["behaviors"].write("".join(
-                    f"{i}\t{u}\t{t}\t{h}\t{x}\n" for i, u, t, h, x in
-                    zip(ids, user_id[users[a:b]].tolist(), times, hist_strings[users[a:b]].tolist(),
-                        _segment_join(cells, off))))
-                handles["probs"].write("".join(
-                    f"{i}\t{p}\n" for i, p in zip(ids, _segment_join(prob_text[prob_code[lo_c:hi_c]], off))))
-                if "labels" in handles:
-                    handles["labels"].write("".join(
-                        f"{i}\t{p}\n" for i, p in zip(ids, _segment_join(digits[label[lo_c:hi_c]], off))))
-        finally:
-            for f in handles.values():
-                f.close()
-        # News the split references: candidates and the history news of the users it shows.
-        shown_users = np.zeros(num_users, dtype=bool)
-        shown_users[users] = True
-        referenced = np.zeros(num_news, dtype=bool)
-        referenced[cand] = True
-        for flat, off in parts:
-            per_user = np.repeat(np.arange(num_users), np.diff(off))
-            referenced[flat[shown_users[per_user]]] = True
-        metrics = {f"{name}_auc": _mean_auc(prob, label, offsets),
-                   f"{name}_affinity_auc": _mean_auc(affinity, label, offsets),
-                   f"{name}_popularity_auc": _mean_auc(popularity[cand], label, offsets),
-                   f"{name}_impressions": int(n_impr), f"{name}_candidates": int(n_cand),
-                   f"{name}_clicks": int(label.sum())}
-        return dict(news=np.flatnonzero(referenced), metrics=metrics)
-
-    def vec_lines(names: list[str], vectors: np.ndarray) -> str:
-        return "".join(name + "\t" + "\t".join(f"{x:.6f}" for x in v) + "\t\n" for name, v in zip(names, vectors))
-
-    def write(path: Path, lines: list[str]) -> None:
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            f.write("".join(line + "\n" for line in lines))
+    world = _DemoWorld(np.random.default_rng(seed), num_news, num_users)
+    sizes = dict(num_news=num_news, num_users=num_users, num_train_impressions=num_train_impressions,
+                 num_dev_impressions=num_dev_impressions, num_test_impressions=num_test_impressions)
+    oracle = {"seed": seed, "sizes": sizes, "test_labels": test_labels, "generator_version": GENERATOR_VERSION,
+              "click_model": dict(bias=CLICK_BIAS, affinity_weight=AFFINITY_WEIGHT,
+                                  popularity_weight=POPULARITY_WEIGHT, noise_sd=NOISE_SD)}
 
     def build(tmp: Path) -> None:
         # The splits are drawn (and their behaviors written) in this order, then the entity vectors: the order
@@ -638,41 +484,258 @@ def generate_demo(root, *, num_news: int = DEMO_SIZES["num_news"], num_users: in
                                        ("dev", num_dev_impressions, True),
                                        ("test", num_test_impressions, test_labels)):
             (tmp / name).mkdir()
-            splits[name] = make_split(name, n_impr, labelled, tmp / name)
-
-        # -- entity / relation vectors (TransE-like, 100-d): an entity lies near its categories' centre -------
-        centres = rng.normal(0.0, 0.3, (n_cat, 100))
-        noise = rng.normal(0.0, 0.1, (len(vocab.entity_label), 100))
-        entity_vectors = np.stack([centres[c].mean(0) for c in vocab.entity_categories]) + noise
-        relation_vectors = rng.normal(0.0, 0.3, (len(RELATIONS), 100))
-        relation_text = vec_lines(list(RELATIONS), relation_vectors)
-        wikidata = np.array(vocab.wikidata, dtype=object)
-        entity_pattern = {e: f'"WikidataId": "{q}"' for e, q in enumerate(vocab.wikidata)}
-
-        oracle = {"seed": seed, "sizes": dict(num_news=num_news, num_users=num_users,
-                                              num_train_impressions=num_train_impressions,
-                                              num_dev_impressions=num_dev_impressions,
-                                              num_test_impressions=num_test_impressions),
-                  "test_labels": test_labels, "generator_version": GENERATOR_VERSION,
-                  "click_model": dict(bias=CLICK_BIAS, affinity_weight=AFFINITY_WEIGHT,
-                                      popularity_weight=POPULARITY_WEIGHT, noise_sd=NOISE_SD)}
-        for name, s in splits.items():
+            splits[name] = world.make_split(name, n_impr, labelled, tmp / name)
+        world.write_news_and_vectors(tmp, splits)
+        for s in splits.values():
             oracle.update(s["metrics"])
-            d = tmp / name
-            news_rows = news_lines[s["news"]].tolist()
-            write(d / "news.tsv", news_rows)
-            # The entities the split's news mention (as in MIND, each split has its own file).
-            blob = "\n".join(news_rows)
-            used = [e for e in range(len(wikidata)) if entity_pattern[e] in blob]
-            del blob
-            with open(d / "entity_embedding.vec", "w", encoding="utf-8", newline="\n") as f:
-                f.write(vec_lines(wikidata[used].tolist(), entity_vectors[used]))
-            with open(d / "relation_embedding.vec", "w", encoding="utf-8", newline="\n") as f:
-                f.write(relation_text)
         (tmp / "oracle.json").write_text(json.dumps(oracle, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     replace_dir_atomically(root, build, keep_existing)
     return root
+
+
+def _vec_lines(names: list[str], vectors: np.ndarray) -> str:
+    """entity_embedding.vec / relation_embedding.vec rows as MIND writes them (a tab after the last value)."""
+    return "".join(name + "\t" + "\t".join(f"{x:.6f}" for x in v) + "\t\n" for name, v in zip(names, vectors))
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+# Number formats of the behaviors' extra files: click probabilities x 1e5 as text, labels as suffixes and digits.
+_PROB_TEXT = np.array([f"{i / 1e5:.5f}" for i in range(100001)], dtype=object)
+_LABEL_SUFFIX = np.array(["-0", "-1"], dtype=object)
+_DIGITS = np.array(["0", "1"], dtype=object)
+
+
+class _DemoWorld:
+    """The demo's world (`generate_demo`'s docstring): news, users and their base histories, drawn at construction;
+    then each split's impressions (`make_split`) and the entity vectors (`write_news_and_vectors`). Every draw
+    comes from one seeded Generator, in the reference generator's order, so the bytes depend only on the seed,
+    the sizes and numpy's version (tests/test_prepare.py records them)."""
+
+    def __init__(self, rng: np.random.Generator, num_news: int, num_users: int):
+        self.rng, self.num_news, self.num_users = rng, num_news, num_users
+        self.vocab = _Vocabulary()
+        self.cats = list(CATEGORIES)
+        self.n_cat = len(self.cats)
+        self.shares = CATEGORY_WEIGHTS / CATEGORY_WEIGHTS.sum()
+        self._draw_news()
+        self._draw_users()
+        self.base_news, self.base_off = self.histories(self.hist_len, BASE_HISTORY_WINDOW)
+        self.base_strings = np.array(_segment_join(self.news_id[self.base_news], self.base_off), dtype=object)
+        self.activity_cdf = np.cumsum(self.activity) / self.activity.sum()
+
+    def _draw_news(self) -> None:
+        """Category, subcategory, latent popularity, texts with entities and ids of every news; its news.tsv row."""
+        rng, num_news, vocab, cats = self.rng, self.num_news, self.vocab, self.cats
+        category = rng.choice(self.n_cat, size=num_news, p=self.shares)
+        n_sub = np.array([len(CATEGORIES[c]["sub"]) for c in cats])
+        subcategory = (rng.random(num_news) * n_sub[category]).astype(np.int64)
+        popularity = rng.normal(0.0, 1.0, num_news)
+        topical_share = rng.uniform(0.45, 0.7, num_news)
+        entity_share = np.where(rng.random(num_news) < 0.2, 0.0, rng.uniform(0.03, 0.12, num_news))
+        title_len = rng.integers(6, 15, num_news)
+        abstract_len = np.where(rng.random(num_news) < 0.08, 0, rng.integers(15, 41, num_news))
+        titles, title_entities = _make_texts(rng, vocab, category, title_len, topical_share, entity_share, True)
+        abstracts, abstract_entities = _make_texts(rng, vocab, category, abstract_len, topical_share, entity_share,
+                                                   False)
+        news_number = rng.choice(9 * num_news, num_news, replace=False)  # ids unrelated to publication order
+        news_id = np.array([f"N{10000 + k}" for k in news_number.tolist()], dtype=object)
+        sub_names = [CATEGORIES[c]["sub"] for c in cats]
+        self.news_lines = np.array([
+            f"{nid}\t{cats[c]}\t{sub_names[c][s]}\t{t}\t{a}\thttps://assets.msn.com/labs/mind/{nid}.html\t{te}\t{ae}"
+            for nid, c, s, t, a, te, ae in zip(news_id.tolist(), category.tolist(), subcategory.tolist(), titles,
+                                               abstracts, title_entities, abstract_entities)], dtype=object)
+        self.category, self.popularity, self.news_id = category, popularity, news_id
+
+    def _draw_users(self) -> None:
+        """Preferences over categories, ids, activity and history lengths of every user; the history samplers."""
+        rng, num_users = self.rng, self.num_users
+        prefs = rng.dirichlet(PREFERENCE_CONCENTRATION * self.shares, size=num_users)  # [U, K]
+        self.lift = np.log((prefs + 0.01) / (self.shares + 0.01))  # [U, K] what a content model can learn from histories
+        user_number = rng.choice(9 * num_users, num_users, replace=False)
+        self.user_id = np.array([f"U{10000 + k}" for k in user_number.tolist()], dtype=object)
+        self.activity = rng.lognormal(0.0, 0.8, num_users)
+        hist_len = np.clip(np.rint(rng.lognormal(np.log(18.0), 0.9, num_users)), 1, 80).astype(np.int64)
+        hist_len[rng.random(num_users) < 0.07] = 0
+        self.hist_len = hist_len
+        # History clicks ~ exposure x click probability: category ~ preference lift x news mass in the window,
+        # news within the category ~ exp((exposure + popularity weight) * popularity).
+        popularity = self.popularity
+        self.hist_sampler = _WindowSampler(self.category, np.exp((EXPOSURE_WEIGHT + POPULARITY_WEIGHT) * popularity),
+                                           self.n_cat)
+        self.show_sampler = _WindowSampler(np.zeros(self.num_news, dtype=np.int64),
+                                           np.exp(EXPOSURE_WEIGHT * popularity), 1)
+        self.user_category_weight = np.exp(AFFINITY_WEIGHT * self.lift)
+
+    def window(self, frac: tuple[float, float]) -> tuple[int, int]:
+        lo, hi = int(frac[0] * self.num_news), int(frac[1] * self.num_news)
+        return lo, max(hi, lo + 1)
+
+    def histories(self, lengths: np.ndarray, frac: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct clicked news per user from a window: (flat news, offsets [U+1])."""
+        rng, num_users = self.rng, self.num_users
+        lo, hi = self.window(frac)
+        mass = self.hist_sampler.mass(lo, hi)
+        probs = self.user_category_weight * mass
+        probs = np.where(probs.sum(1, keepdims=True) > 0, probs, 1.0) * (mass > 0)
+        rows = np.repeat(np.arange(num_users), lengths)
+        cat_of = _categorical_rows(rng, probs / probs.sum(1, keepdims=True), rows)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        news, keep = _draw_distinct(rng, offsets, lambda slots: self.hist_sampler.draw(rng, cat_of[slots], lo, hi))
+        news, rows = news[keep], rows[keep]
+        return news, np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=num_users))])
+
+    def make_split(self, name: str, n_impr: int, labelled: bool, folder: Path) -> dict:
+        """Draw one split and write its behaviors.tsv and click_probabilities.tsv (and, for test,
+        labels_hidden.tsv) into `folder`. Every random draw is made for the whole split, in a fixed order;
+        only the text is made and written `WRITE_CHUNK` impressions at a time (a MIND-large-sized split's
+        strings would take several GB at once). Returns the news the split references and its oracle metrics."""
+        hist_strings, parts = self._split_histories(name)
+        s = self._draw_impressions(name, n_impr)
+        self._write_behaviors(name, s, hist_strings, labelled, folder)
+        return self._summary(name, s, parts)
+
+    def _split_histories(self, name: str) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        """Each user's history text in this split (dev and test add a few recent clicks) and its parts
+        ((flat news, offsets) of the base and of the added clicks)."""
+        n_extra, extra_window = EXTRA_HISTORY[name]
+        hist_strings, parts = self.base_strings, [(self.base_news, self.base_off)]
+        if n_extra:
+            extra_len = np.where(self.hist_len > 0, self.rng.integers(0, n_extra + 1, self.num_users), 0)
+            extra_news, extra_off = self.histories(extra_len, extra_window)
+            extra_strings = np.array(_segment_join(self.news_id[extra_news], extra_off), dtype=object)
+            both = (self.base_strings != "") & (extra_strings != "")
+            hist_strings = self.base_strings + np.where(both, " ", "") + extra_strings
+            parts.append((extra_news, extra_off))
+        return hist_strings, parts
+
+    def _draw_impressions(self, name: str, n_impr: int) -> dict:
+        """Users, candidates, click probabilities and labels of the split's impressions (numbers only), and their
+        times. Every impression gets both classes: a click drawn ~ prob where none, a non-click ~ (1 - prob) where
+        all."""
+        rng, num_users = self.rng, self.num_users
+        lo, hi = self.window(SHOWN_WINDOW[name])
+        users = np.minimum(np.searchsorted(self.activity_cdf, rng.random(n_impr), side="right"), num_users - 1)
+        counts = np.minimum(rng.integers(SHOWN_PER_IMPRESSION[0], SHOWN_PER_IMPRESSION[1] + 1, n_impr), hi - lo)
+        rows = np.repeat(np.arange(n_impr, dtype=np.int32), counts)  # [candidates] impression of each
+        cand, keep = _draw_distinct(rng, np.concatenate([[0], np.cumsum(counts)]), lambda slots: self.show_sampler.draw(
+            rng, np.zeros(len(slots), dtype=np.int8), lo, hi))
+        cand, rows = cand[keep], rows[keep]
+        del keep
+        counts = np.bincount(rows, minlength=n_impr)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        n_cand = len(cand)
+        affinity = np.empty(n_cand)
+        for a, b in _chunks(n_cand):
+            affinity[a:b] = self.lift[users[rows[a:b]], self.category[cand[a:b]]]
+        noise = rng.normal(0.0, NOISE_SD, n_cand)
+        prob_code = np.empty(n_cand, dtype=np.int32)  # click probability x 1e5, in 1..99999
+        for a, b in _chunks(n_cand):  # elementwise, in the reference order of operations
+            logit = (CLICK_BIAS + AFFINITY_WEIGHT * affinity[a:b] + POPULARITY_WEIGHT * self.popularity[cand[a:b]]
+                     + noise[a:b])
+            prob_code[a:b] = np.clip(np.rint(1e5 / (1 + np.exp(-logit))), 1, 99999)
+        del noise
+        prob = prob_code / 1e5
+        label = (rng.random(n_cand) < prob).astype(np.int8)
+        clicks = np.bincount(rows[label == 1], minlength=n_impr)
+        no_click = np.flatnonzero(clicks == 0)
+        label[_segment_pick(rng, prob, offsets, no_click)] = 1
+        clicks = np.bincount(rows[label == 1], minlength=n_impr)
+        all_click = np.flatnonzero(clicks == counts)
+        label[_segment_pick(rng, 1 - prob, offsets, all_click)] = 0
+        del rows, clicks
+        start, days = SPLIT_START[name]
+        seconds = np.sort(rng.integers(0, 86400 * days, n_impr))
+        return dict(n_impr=n_impr, users=users, cand=cand, offsets=offsets, affinity=affinity, prob_code=prob_code,
+                    prob=prob, label=label, times_from=start, seconds=seconds)
+
+    def _write_behaviors(self, name: str, s: dict, hist_strings: np.ndarray, labelled: bool, folder: Path) -> None:
+        """behaviors.tsv, click_probabilities.tsv (and labels_hidden.tsv for test), `WRITE_CHUNK` impressions at
+        a time."""
+        files = {"behaviors": folder / "behaviors.tsv", "probs": folder / "click_probabilities.tsv"}
+        if name == "test":
+            files["labels"] = folder / "labels_hidden.tsv"
+        offsets, users, label = s["offsets"], s["users"], s["label"]
+        handles = {k: open(p, "w", encoding="utf-8", newline="\n") for k, p in files.items()}
+        try:
+            for a, b in _chunks(s["n_impr"], WRITE_CHUNK):
+                lo_c, hi_c = int(offsets[a]), int(offsets[b])
+                off = offsets[a:b + 1] - lo_c
+                c = s["cand"][lo_c:hi_c]
+                cells = self.news_id[c] + _LABEL_SUFFIX[label[lo_c:hi_c]] if labelled else self.news_id[c]
+                ids = range(a + 1, b + 1)
+                times = _mind_times(s["times_from"], s["seconds"][a:b])
+                handles["behaviors"].write("".join(
+                    f"{i}\t{u}\t{t}\t{h}\t{x}\n" for i, u, t, h, x in
+                    zip(ids, self.user_id[users[a:b]].tolist(), times, hist_strings[users[a:b]].tolist(),
+                        _segment_join(cells, off))))
+                handles["probs"].write("".join(
+                    f"{i}\t{p}\n" for i, p in zip(ids, _segment_join(_PROB_TEXT[s["prob_code"][lo_c:hi_c]], off))))
+                if "labels" in handles:
+                    handles["labels"].write("".join(
+                        f"{i}\t{p}\n" for i, p in zip(ids, _segment_join(_DIGITS[label[lo_c:hi_c]], off))))
+        finally:
+            for f in handles.values():
+                f.close()
+
+    def _summary(self, name: str, s: dict, parts: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+        """The news the split references (its candidates and the history news of the users it shows: only these
+        go into its news.tsv) and its oracle metrics."""
+        num_users, cand, label, offsets = self.num_users, s["cand"], s["label"], s["offsets"]
+        shown_users = np.zeros(num_users, dtype=bool)
+        shown_users[s["users"]] = True
+        referenced = np.zeros(self.num_news, dtype=bool)
+        referenced[cand] = True
+        for flat, off in parts:
+            per_user = np.repeat(np.arange(num_users), np.diff(off))
+            referenced[flat[shown_users[per_user]]] = True
+        metrics = {f"{name}_auc": _mean_auc(s["prob"], label, offsets),
+                   f"{name}_affinity_auc": _mean_auc(s["affinity"], label, offsets),
+                   f"{name}_popularity_auc": _mean_auc(self.popularity[cand], label, offsets),
+                   f"{name}_impressions": int(s["n_impr"]), f"{name}_candidates": int(len(cand)),
+                   f"{name}_clicks": int(label.sum())}
+        return dict(news=np.flatnonzero(referenced), metrics=metrics)
+
+    def write_news_and_vectors(self, tmp: Path, splits: dict[str, dict]) -> None:
+        """Each split's news.tsv (the news it references), entity_embedding.vec (the entities they mention, as in
+        MIND each split has its own file) and relation_embedding.vec. Entity and relation vectors are TransE-like,
+        100-d: an entity lies near its categories' centre."""
+        rng, vocab = self.rng, self.vocab
+        centres = rng.normal(0.0, 0.3, (self.n_cat, 100))
+        noise = rng.normal(0.0, 0.1, (len(vocab.entity_label), 100))
+        entity_vectors = np.stack([centres[c].mean(0) for c in vocab.entity_categories]) + noise
+        relation_vectors = rng.normal(0.0, 0.3, (len(RELATIONS), 100))
+        relation_text = _vec_lines(list(RELATIONS), relation_vectors)
+        wikidata = np.array(vocab.wikidata, dtype=object)
+        entity_pattern = {e: f'"WikidataId": "{q}"' for e, q in enumerate(vocab.wikidata)}
+        for name, s in splits.items():
+            d = tmp / name
+            news_rows = self.news_lines[s["news"]].tolist()
+            _write_lines(d / "news.tsv", news_rows)
+            blob = "\n".join(news_rows)
+            used = [e for e in range(len(wikidata)) if entity_pattern[e] in blob]
+            del blob
+            with open(d / "entity_embedding.vec", "w", encoding="utf-8", newline="\n") as f:
+                f.write(_vec_lines(wikidata[used].tolist(), entity_vectors[used]))
+            with open(d / "relation_embedding.vec", "w", encoding="utf-8", newline="\n") as f:
+                f.write(relation_text)
+
+
+def news_in_splits(root) -> set[str]:
+    """The NewsIDs of a corpus' train/dev/test news.tsv together: the news a reader of the corpus loads. A demo
+    split's news.tsv lists only the news it shows or that the users it shows clicked, so news drawn but used by no
+    split are in none (the default demo: 2993 of its 3000)."""
+    ids: set[str] = set()
+    for split in ("train", "dev", "test"):
+        path = Path(root) / split / "news.tsv"
+        if path.is_file():
+            with open(path, encoding="utf-8") as f:
+                ids.update(line.split("\t", 1)[0] for line in f if line.strip())
+    return ids
 
 
 def _demo_matches(root: Path, wanted: dict, seed: int) -> bool:
@@ -787,7 +850,10 @@ def ensure_demo(data_dir="data", *, seed: int | None = DEMO_SEED, **sizes) -> Pa
         return False
 
     generate_demo(root, seed=seed, keep_existing=keep_existing, **wanted)
-    print(f"generated the demo corpus {root} ({wanted['num_news']} news, {wanted['num_users']} users, "
+    written = len(news_in_splits(root))
+    print(f"generated the demo corpus {root} ({wanted['num_news']} news drawn, {written} of them in the splits' "
+          f"news.tsv: the other {wanted['num_news'] - written} are neither shown nor in the history of a user shown in "
+          f"any split; {wanted['num_users']} users, "
           f"{wanted['num_train_impressions']}/{wanted['num_dev_impressions']}/{wanted['num_test_impressions']} "
           f"train/dev/test impressions, seed {seed}) in {time.time() - t0:.1f}s")
     return root
