@@ -45,6 +45,9 @@ import util
 
 # Cache format version: bump when the meaning of any cached array changes.
 CACHE_VERSION = 2  # 2: duplicate rows within a news.tsv counted, or an error if they differ
+# Versions of one component's reader, in that component's cache key only (the others stay valid):
+ENTITY_READER_VERSION = 2  # 2: a BOM on entity_embedding.vec no longer hides its first entity (zero vector)
+BEHAVIORS_READER_VERSION = 2  # 2: a candidate listed twice with both labels is an error
 DATASETS = ("demo", "small", "200k", "large")  # --dataset: the generated demo and the MIND protocols (docs/MIND.md §2)
 SPLITS = ("train", "dev", "test")
 PAD, UNK = "<PAD>", "<UNK>"
@@ -1048,7 +1051,7 @@ class Corpus:
             built += ["glove"] if glove_built else []
         self.entity_files = [self.root / s / "entity_embedding.vec" for s in self.splits
                              if (self.root / s / "entity_embedding.vec").exists()]
-        e = cached(self.cache_dir, "entity", dict(news=self.news_key,
+        e = cached(self.cache_dir, "entity", dict(news=self.news_key, reader=ENTITY_READER_VERSION,
                                                   files=[file_signature(p) for p in self.entity_files]),
                    lambda: self._build_entities(self.entity_files))
         built += ["entity"] if e.built else []
@@ -1267,7 +1270,7 @@ class Corpus:
         if split not in self._behaviors:
             path = self.root / split / "behaviors.tsv"
             spec = dict(file=file_signature(path), news=self._news_sig, users=self.user_ids_key(),
-                        max_history_num=self.config.max_history_num, split=split)
+                        max_history_num=self.config.max_history_num, split=split, reader=BEHAVIORS_READER_VERSION)
             b = cached(self.cache_dir, f"behaviors-{split}", spec, lambda: build_behaviors(
                 path, split, self.news_index, self.user_index, self.config.max_history_num))
             self.log(self.describe(split, b.meta))

@@ -266,3 +266,19 @@ def test_the_corpus_line_says_where_its_news_count_comes_from(tmp_path):
     corpus(tmp_path, log=lines.append)
     assert re.search(r": 5 news \(distinct NewsIDs of 3 news.tsv files of 6/6/6 rows \(train/dev/test\): a news in "
                      r"several files is read once\)", lines[-1]), lines[-1]
+
+
+def test_caches_of_the_older_readers_are_not_reused(tmp_path, monkeypatch):
+    """An entity matrix cached by the reader that let a BOM zero the first entity (or behaviors cached before
+    contradictory labels were checked) is rebuilt, not loaded."""
+    import MIND_corpus as mc
+
+    write_corpus(tmp_path, news=NEWS_WITH_ENTITY)
+    monkeypatch.setattr(mc, "ENTITY_READER_VERSION", 1)
+    monkeypatch.setattr(mc, "BEHAVIORS_READER_VERSION", 1)
+    corpus(tmp_path).behaviors("train")
+    before = {p.name for p in (tmp_path / "cache").iterdir()}
+    monkeypatch.undo()
+    corpus(tmp_path).behaviors("train")
+    rebuilt = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir() if p.name not in before)
+    assert rebuilt == ["behaviors-train", "entity"], rebuilt
