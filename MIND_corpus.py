@@ -873,7 +873,7 @@ def _check_no_contradictory_labels(chunk: TsvChunk, c_start: np.ndarray, id_end:
         texts = [chunk.text(int(a), int(b)) for a, b in zip(c_start[unknown], id_end[unknown])]
         key[unknown] = -1 - pd.factorize(pd.Series(texts, dtype=object))[0]
     key = c_row.astype(np.int64) * (int(key.max()) - int(key.min()) + 1) + (key - int(key.min()))
-    order = np.argsort(key, kind="stable")
+    order = np.argsort(key)  # (any order within a group: a group with both labels has two neighbours that differ)
     k, y = key[order], label[order]
     clash = np.flatnonzero((k[1:] == k[:-1]) & (y[1:] != y[:-1]))
     if not len(clash):
