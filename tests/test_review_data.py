@@ -282,3 +282,10 @@ def test_caches_of_the_older_readers_are_not_reused(tmp_path, monkeypatch):
     corpus(tmp_path).behaviors("train")
     rebuilt = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir() if p.name not in before)
     assert rebuilt == ["behaviors-train", "entity"], rebuilt
+
+
+def test_glove_blank_lines_inside_are_counted_and_at_the_end_skipped(tmp_path):
+    path = _glove(tmp_path, GOOD[:2] + [""] + GOOD[2:] + ["", ""])
+    report = {}
+    _, found = glove_vectors.load_glove(["<PAD>", "<UNK>", "the", "fans"], 4, str(path), report=report)
+    assert found == 2 and report == dict(rows=5, kept=5, other_width=0, other_width_example=None, blank=1)
