@@ -22,7 +22,8 @@ re.split per batch of texts. `tokenize_with_spans` and the per-line reference pa
 are the definitions these vectorised paths must reproduce exactly.
 Bad input: errors name the file, the line and what was expected; news referenced by behaviors but missing from
 news.tsv are counted and reported (dropped from histories and train candidates, scored as unknown news in
-dev/test so every impression keeps all its candidates for the official scorer).
+dev/test so every impression keeps all its candidates for the official scorer). Blank lines at the end of a file
+are skipped, one inside it is an error (every MIND file alike); the full list is docs/data.md's "Bad input".
 """
 from __future__ import annotations
 
