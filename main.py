@@ -96,6 +96,9 @@ def load_corpus(config, log=print) -> Corpus:
     news_cls = get_news_encoder(config.news_encoder)
     needs_glove = news_cls.needs_glove and config.mode in ("train", "pretrain")  # a pretraining starts from GloVe too
     corpus = Corpus(config, root=news_data.corpus_root(config), need_glove=needs_glove, log=log)
+    note = news_data.get_dataset(config.dataset).word_vector_note(config.news_language)
+    if note and news_cls.needs_glove:
+        log(f"note: {note}")
     if news_cls.uses_plm:
         corpus.add_plm_tokens(resolve_plm_path(config.plm_model_name), config.plm_max_length,
                               config.plm_text_template)

@@ -463,6 +463,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
                                num_dev_impressions=args.demo_dev_impressions,
                                num_test_impressions=args.demo_test_impressions)
     if not is_mind(args.dataset):  # the other formats: their registry entry downloads and converts
+        base = getattr(get_dataset(args.dataset), "requires", None)  # xMIND: MIND's impressions first
+        if base and base != "demo":
+            prepare(base, args.data_dir, download=args.download, num_users=args.num_users)
         with writing_into(args.data_dir, "--data_dir", "the converted corpus"):
             return get_dataset(args.dataset).prepare(args.data_dir, download=args.download,
                                                      language=args.news_language)

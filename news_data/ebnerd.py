@@ -327,6 +327,11 @@ class EbnerdDataset(NewsDataset):
         super().__init__(name, description)
         self.bundle, self.test_bundle = bundle, test_bundle
 
+    def word_vector_note(self, language):
+        return ("EB-NeRD's articles are in Danish: GloVe's English vectors fit few of its words; give Danish vectors "
+                "as --glove_path (a text file: a word and its values per line, e.g. fastText's cc.da.300.vec without "
+                "its first line), or use a PLM news encoder with a multilingual or Danish backbone")
+
     def raw_files(self, data_dir: Path, download: bool, log: Callable) -> dict[str, Path]:
         base = fetch_bundle(Path(data_dir), self.bundle, download, log)
         files = {"articles": base / "articles.parquet"}

@@ -53,6 +53,10 @@ class NewsDataset:
                              f"(ISO 639-3 codes); got {language!r}")
         return language
 
+    def word_vector_note(self, language: str | None) -> str | None:
+        """What word vectors a GloVe-based news encoder needs for this dataset's language (None: English)."""
+        return None
+
     # -- how -----------------------------------------------------------------------------------------------
     def prepare(self, data_dir: str | Path, *, download: bool = True, language: str | None = None,
                 log: Callable = print) -> Path:
