@@ -161,7 +161,7 @@ def convert_articles(path: Path, out: Path, batch_rows: int = BATCH_ROWS) -> np.
 
 @dataclass
 class Histories:
-    """Every user's most recent clicks: users [U] int64 sorted, offsets [U+1], values [sum] int64 (oldest first)."""
+    """Every user's most recent clicks: users [U] int64 sorted, offsets [U+1], values [sum] int32 (oldest first)."""
 
     users: np.ndarray
     offsets: np.ndarray
@@ -189,10 +189,10 @@ def read_histories(path: Path, kept: int = HISTORY_KEPT, batch_rows: int = BATCH
         ends = np.cumsum(n)
         idx = np.repeat(ends - keep, keep) + (np.arange(int(keep.sum())) - np.repeat(np.cumsum(keep) - keep, keep))
         lengths.append(keep)
-        values.append(flat[idx])
+        values.append(flat[idx].astype(np.int32))  # article ids are int32: half the memory of the largest array
     users_a = np.concatenate(users) if users else np.zeros(0, np.int64)
     lengths_a = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-    values_a = np.concatenate(values) if values else np.zeros(0, np.int64)
+    values_a = np.concatenate(values) if values else np.zeros(0, np.int32)
     order = np.argsort(users_a, kind="stable")
     dup = np.flatnonzero(users_a[order][1:] == users_a[order][:-1])
     if len(dup):
