@@ -198,7 +198,8 @@ class AdressaDataset(NewsDataset):
             imp = build_impressions(ev, self.period_days, skips)
             rng = np.random.default_rng(ADRESSA_PROTOCOL["seed"])
             is_dev = np.zeros(len(imp["eval"]), bool)
-            is_dev[rng.permutation(len(imp["eval"]))[:int(round(ADRESSA_PROTOCOL["dev_share"] * len(imp["eval"])))]] = True
+            n_dev = int(round(ADRESSA_PROTOCOL["dev_share"] * len(imp["eval"])))
+            is_dev[rng.permutation(len(imp["eval"]))[:n_dev]] = True
             splits = {"train": imp["train"], "dev": [r for r, d in zip(imp["eval"], is_dev) if d],
                       "test": [r for r, d in zip(imp["eval"], is_dev) if not d]}
             for split in SPLITS:

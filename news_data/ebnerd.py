@@ -26,7 +26,8 @@ from MIND_corpus import SPLITS, CorpusError, file_signature
 from news_data.registry import MARKER, NewsDataset, SkipCounts, check_replaceable, clean_text, read_marker, register
 from util import atomic_write, replace_dir_atomically
 
-URL = "https://ebnerd-dataset.s3.eu-west-1.amazonaws.com/{bundle}.zip"  # the organisers' links (after registering at recsys.eb.dk)
+# The organisers' links (given after registering at recsys.eb.dk).
+URL = "https://ebnerd-dataset.s3.eu-west-1.amazonaws.com/{bundle}.zip"
 BATCH_ROWS = 65_536
 HISTORY_KEPT = 100  # most recent history clicks written per impression (--max_history_num keeps up to this many)
 DEV_SECONDS = 24 * 3600  # dev = the train week's last day (as the organisers' NRMS example holds out)
@@ -266,7 +267,8 @@ def convert_behaviors(path: Path, histories: Histories, articles: np.ndarray, wr
                           f"train/ and validation/ folders of an EB-NeRD bundle have it (only the test set has not)")
     has_labels = LABEL_COLUMN[0] in names
     has_ba = "is_beyond_accuracy" in names
-    columns = [*BEHAVIOR_COLUMNS, *([LABEL_COLUMN[0]] if has_labels else []), *(["is_beyond_accuracy"] if has_ba else [])]
+    columns = [*BEHAVIOR_COLUMNS, *([LABEL_COLUMN[0]] if has_labels else []),
+               *(["is_beyond_accuracy"] if has_ba else [])]
     outs = list(writers.values())
     for row0, b in iter_batches(pf, columns, batch_rows):
         ids, users = _ints(b, "impression_id", path, row0), _ints(b, "user_id", path, row0)
@@ -344,9 +346,9 @@ class EbnerdDataset(NewsDataset):
                          test_history=test / "test" / "history.parquet")
         for key, p in files.items():
             if not p.is_file():
-                raise FileNotFoundError(f"{p} not found (EB-NeRD {self.bundle if 'test_' not in key else self.test_bundle}"
-                                        f" bundle): unzip the bundle into {p.parent.parent if '/' in key else p.parent}"
-                                        f" or download it again")
+                bundle = self.test_bundle if key.startswith("test_") else self.bundle
+                raise FileNotFoundError(f"{p} not found (EB-NeRD's {bundle} bundle is incomplete): unzip "
+                                        f"{bundle}.zip into {Path(data_dir) / bundle} again, or download it again")
         return files
 
     def prepare(self, data_dir, *, download=True, language=None, log=print) -> Path:

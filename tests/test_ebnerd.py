@@ -60,7 +60,8 @@ def test_conversion_keeps_multi_clicks_order_and_ids(bundle, trained):
         assert (r["impression_id"] in dev_ids) == ((latest - r["impression_time"]).total_seconds() <= 24 * 3600)
     by_id = {r["impression_id"]: r for r in beh}
     lines = (prepared / "train" / "behaviors.tsv").read_text().splitlines()
-    history = {r["user_id"]: r["article_id_fixed"] for r in _read(bundle / "ebnerd_demo" / "train" / "history.parquet").to_pylist()}
+    history = {r["user_id"]: r["article_id_fixed"]
+               for r in _read(bundle / "ebnerd_demo" / "train" / "history.parquet").to_pylist()}
     multi = 0
     for line, orig in zip(lines, np.load(prepared / "train" / ebnerd.IMPRESSION_IDS).tolist()):
         row, user, _, hist, cands = line.split("\t")

@@ -35,8 +35,10 @@ def test_train_dev_test_on_a_language(data, capsys):
     assert "note: the news are in swh (xMIND)" in out and "--glove_path" in out  # GloVe says what it needs
     root = data / "MIND-xmind_demo-swh"
     for split in ("train", "dev", "test"):
-        assert (root / split / "behaviors.tsv").read_bytes() == (data / "MIND-demo" / split / "behaviors.tsv").read_bytes()
-    english = {l.split("\t")[0]: l.split("\t") for l in (data / "MIND-demo" / "train" / "news.tsv").read_text().splitlines()}
+        mind = data / "MIND-demo" / split / "behaviors.tsv"
+        assert (root / split / "behaviors.tsv").read_bytes() == mind.read_bytes()
+    english = {line.split("\t")[0]: line.split("\t")
+               for line in (data / "MIND-demo" / "train" / "news.tsv").read_text().splitlines()}
     translated = {}
     for split in ("train", "dev", "test"):
         for _, nid, t, a in xmind.read_translations(xmind.language_file(data, "swh", "demo", split)):
