@@ -263,8 +263,9 @@ def convert_behaviors(path: Path, histories: Histories, articles: np.ndarray, wr
                       "behaviors", optional=(LABEL_COLUMN[0], "is_beyond_accuracy"))
     names = pf.schema_arrow.names
     if labelled and LABEL_COLUMN[0] not in names:
-        raise CorpusError(f"{path}: no {LABEL_COLUMN[0]!r} column, so no labels; training and dev need them: the "
-                          f"train/ and validation/ folders of an EB-NeRD bundle have it (only the test set has not)")
+        raise CorpusError(f"{path}: no {LABEL_COLUMN[0]!r} column, so no labels; the train and validation weeks "
+                          f"must have them (train, dev and the labelled test are made from them; only the official "
+                          f"test set has none): download the bundle again")
     has_labels = LABEL_COLUMN[0] in names
     has_ba = "is_beyond_accuracy" in names
     columns = [*BEHAVIOR_COLUMNS, *([LABEL_COLUMN[0]] if has_labels else []),

@@ -157,9 +157,10 @@ def test_wrong_type_names_column_and_expected_kind(tmp_path):
     assert str(path) in msg and "'article_id' is string, expected int" in msg
 
 
-def test_train_split_without_labels_is_an_error_naming_the_column(tmp_path):
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_a_labelled_split_without_labels_is_an_error_naming_the_column(tmp_path, split):
     data = _bundle(tmp_path)
-    path = data / "ebnerd_demo" / "train" / "behaviors.parquet"
+    path = data / "ebnerd_demo" / split / "behaviors.parquet"
     _rewrite(path, lambda t: t.drop_columns(["article_ids_clicked"]))
     msg = _one_line_error(data)
     assert str(path) in msg and "'article_ids_clicked'" in msg and "no labels" in msg
@@ -224,3 +225,13 @@ def test_converted_folder_is_reused_and_a_users_folder_never_replaced(tmp_path):
     (target / ".prepared").unlink()
     with pytest.raises(FileExistsError, match="was not made by prepare_MIND_dataset.py"):
         ds.prepare(data, download=False)
+
+
+def test_pretraining_and_fine_tuning_on_ebnerd(bundle, trained):
+    """The other modes are dataset-blind too: --mode=pretrain on the converted corpus, then --init_from."""
+    _, common, _ = trained
+    pre = main(["--mode=pretrain", "--dataset=ebnerd_demo", "--pretrain_tasks=contrastive,next_click", *TINY,
+                *common])
+    assert Path(pre["run_dir"]).name == "pretrain#1"
+    tuned = main(["--mode=train", "--dataset=ebnerd_demo", f"--init_from={pre['run_dir']}", *TINY, *common])
+    assert 0 <= tuned["dev_metrics"]["auc"] <= 1
