@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 from demo_corpus import DEMO_SEED, DEMO_SIZES, MIN_DEMO_NEWS
-from MIND_corpus import DATASETS
+from news_data import dataset_names, get_dataset
 from model import CLICK_PREDICTORS, all_components, flag_owners
 from newsEncoders import NEWS_ENCODERS, OFFLINE_MINILM
 from pretraining import PRETRAIN_TASKS, parse_tasks, task_flag_owners, task_settings_classes
@@ -43,7 +43,8 @@ DATASET_SUGGESTIONS: dict[str, dict[str, Any]] = {
 
 # Run-level flags that shape the arrays a model was trained on (the corpus side of "which flags shape the model";
 # the component side comes from the settings classes, see architecture_flags).
-CORPUS_SHAPE_FLAGS = ("dataset", "word_threshold", "max_title_length", "max_abstract_length", "max_history_num")
+CORPUS_SHAPE_FLAGS = ("dataset", "news_language", "word_threshold", "max_title_length", "max_abstract_length",
+                      "max_history_num")
 
 
 # ==========================================================================================================
@@ -115,7 +116,10 @@ class DataSettings(Settings):
     """The corpus: which one, where, how it is processed into arrays, and the demo generator's sizes."""
 
     title: ClassVar[str] = "data"
-    dataset: str = setting("demo", "MIND protocol (docs/MIND.md §2) or the generated demo", choices=DATASETS)
+    dataset: str = setting("demo", "MIND protocol (docs/MIND.md §2) or the generated demo; EB-NeRD, xMIND, Adressa "
+                           "(docs/data.md; prepare_MIND_dataset.py --dataset=... gets them)", choices=dataset_names)
+    news_language: str | None = setting(None, "xMIND: the news language, an ISO 639-3 code (e.g. swh, fin, jpn); "
+                                        "other datasets have one language")
     data_dir: str = setting("data", "folder holding MIND-<dataset>/ and cache/")
     cache_dir: str | None = setting(None, "where the processed corpus arrays are cached (default <data_dir>/cache); for "
                                     "a read-only --data_dir")
@@ -431,6 +435,10 @@ class Config:
         for flag, settings_cls in (("data_dir", DataSettings), ("output_dir", RunSettings)):
             if not str(self.values[flag]).strip():
                 errors.append(f"--{flag} is empty; give a folder (default: {settings_cls.defaults()[flag]})")
+        try:  # the dataset's own rule (xMIND needs a language, the others none)
+            get_dataset(self.dataset).check_language(self.news_language)
+        except ValueError as e:
+            errors.append(str(e))
         if self.glove_path is not None and not str(self.glove_path).strip():
             errors.append("--glove_path is empty; give a GloVe .txt or .zip file, or leave the flag out")
         return errors

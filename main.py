@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import demo_corpus
+import news_data
 import run_records
 import scorer
 import significance
@@ -81,6 +82,9 @@ def prepare_data(config) -> None:
         if adopted:
             rank0_print(f"note: using the demo corpus in {root} as it is ({' '.join(adopted)}; type --demo_* flags "
                         f"to ask for other settings)")
+    elif not news_data.is_mind(config.dataset):  # EB-NeRD, xMIND, Adressa: converted once from the raw files
+        with util.writing_into(config.data_dir, "--data_dir", "the converted corpus"):
+            news_data.get_dataset(config.dataset).ensure(config.data_dir, config.news_language, log=rank0_print)
 
 
 MODE_SPLITS = {"train": ("train", "dev"), "dev": ("dev",), "test": ("test",), "explain": ("dev",), "pretrain": ("train",)}
@@ -92,7 +96,11 @@ def load_corpus(config, log=print) -> Corpus:
     news_cls = get_news_encoder(config.news_encoder)
     needs_glove = news_cls.needs_glove and config.mode in ("train", "pretrain")  # a pretraining starts from GloVe too
     needs_entities = bool({"title_entity", "abstract_entity"} & set(news_cls.features))  # KCNN: a warning without vectors
-    corpus = Corpus(config, need_glove=needs_glove, log=log, need_entities=needs_entities)
+    corpus = Corpus(config, root=news_data.corpus_root(config), need_glove=needs_glove, log=log,
+                    need_entities=needs_entities)
+    note = news_data.get_dataset(config.dataset).word_vector_note(config.news_language)
+    if note and news_cls.needs_glove:
+        log(f"note: {note}")
     if news_cls.uses_plm:
         corpus.add_plm_tokens(resolve_plm_path(config.plm_model_name), config.plm_max_length,
                               config.plm_text_template)
@@ -308,6 +316,8 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
             scorer.write_prediction(out_dir / "prediction.txt", result.impression_ids.tolist(),
                                   [r.tolist() for r in ranks_list], zip_path=out_dir / "prediction.zip")
             report["prediction"] = str(out_dir / "prediction.zip")
+            report.update(news_data.get_dataset(cfg.dataset).write_submission(  # a leaderboard's own file
+                corpus.root, out_dir, result.impression_ids.tolist(), ranks_list))
         else:
             scorer.write_prediction(out_dir / "ranking.txt", result.impression_ids.tolist(),
                                   [r.tolist() for r in ranks_list])
@@ -336,7 +346,10 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
             print(f"note: the {split} split has no labels: no per-impression metrics written (--mode=compare needs "
                   f"labelled impressions)")
         if "prediction" in report:
-            print(f"wrote {out_dir / 'prediction.txt'} and {report['prediction']} (the file to upload)")
+            print(f"wrote {out_dir / 'prediction.txt'} and {report['prediction']} "
+                  + ("(the file to upload)" if "submission" not in report else "(MIND's format, the corpus's ids)"))
+        if "submission" in report:
+            print(f"wrote {report['submission']} (the file to upload to {cfg.dataset}'s leaderboard)")
         for key in ("ranking", "truth", "per_impression", "per_impression_popularity"):
             if key in report:
                 print(f"wrote {report[key]}")

@@ -1,6 +1,11 @@
-"""Get MIND into `data/MIND-<dataset>/{train,dev,test}`, or generate the demo corpus.
+"""Get MIND into `data/MIND-<dataset>/{train,dev,test}`, or generate the demo corpus; the one set-up script for
+every dataset: EB-NeRD, xMIND and Adressa are got and converted into the same MIND-format folders by their entries
+in the dataset registry (news_data/, docs/data.md).
 
     python prepare_MIND_dataset.py --dataset {small,200k,large,demo} [--data_dir data] [--no-download]
+    python prepare_MIND_dataset.py --dataset {ebnerd_demo,ebnerd_small,ebnerd_large,ebnerd_testset}
+    python prepare_MIND_dataset.py --dataset {xmind_small,xmind_large} --news_language=swh
+    python prepare_MIND_dataset.py --dataset {adressa_1w,adressa_10w}
 
 Every protocol folder holds `train/`, `dev/` and `test/`, each with `news.tsv`, `behaviors.tsv`,
 `entity_embedding.vec` and `relation_embedding.vec` in the MIND format (docs/MIND.md §1). The protocols (label
@@ -55,6 +60,7 @@ import pandas as pd
 
 from demo_corpus import DEMO_SEED, DEMO_SIZES, MIN_DEMO_NEWS, ensure_demo
 from MIND_corpus import BEHAVIOR_COLUMNS, DATASETS, SPLITS
+from news_data import dataset_names, get_dataset, is_mind
 from util import check_folder, replace_dir_atomically, writing_into
 
 MIND_URL = "https://recodatasets.z20.web.core.windows.net/newsrec/"
@@ -417,7 +423,9 @@ def prepare(dataset: str, data_dir="data", *, download: bool = True, num_users: 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True, choices=list(DATASETS), help="protocol to build (see above)")
+    g.add_argument("--dataset", required=True, choices=dataset_names(),
+                   help="protocol to build (see above); EB-NeRD, xMIND and Adressa: docs/data.md")
+    g.add_argument("--news_language", default=None, help="xMIND: the news language (ISO 639-3 code, e.g. swh)")
     g.add_argument("--data_dir", default="data", help="where the zips are / go, and where MIND-<dataset>/ is built")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download missing zips (--no-download: only use zips already in --data_dir)")
@@ -454,6 +462,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
                                num_train_impressions=args.demo_train_impressions,
                                num_dev_impressions=args.demo_dev_impressions,
                                num_test_impressions=args.demo_test_impressions)
+    if not is_mind(args.dataset):  # the other formats: their registry entry downloads and converts
+        base = getattr(get_dataset(args.dataset), "requires", None)  # xMIND: MIND's impressions first
+        if base and base != "demo":
+            prepare(base, args.data_dir, download=args.download, num_users=args.num_users)
+        with writing_into(args.data_dir, "--data_dir", "the converted corpus"):
+            return get_dataset(args.dataset).prepare(args.data_dir, download=args.download,
+                                                     language=args.news_language)
     return prepare(args.dataset, args.data_dir, download=args.download, num_users=args.num_users)
 
 
