@@ -2,11 +2,13 @@
 checkpoint or a run folder, and `--resume`."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,14 +73,23 @@ class RunLocked(ValueError):
 
 
 class RunLock:
-    """`<run>/.train.lock`, created with O_EXCL and holding the owner's pid and host, for the length of a training:
-    a second training of the same run folder (two `--resume=auto` at once) stops with a message instead of both
-    writing last.pt. A lock whose process is dead (same host) is stale and taken over, with a note."""
+    """`<run>/.train.lock`, holding the owner's pid, host and a token, for the length of a training: a second
+    training of the same run folder (two `--resume=auto` at once) stops with a message instead of both writing
+    last.pt.
+
+    The owner keeps the file open under an exclusive `flock` (released by the kernel when the process ends, however
+    it ends), and every decision about the file (free, stale, taken over) is made while holding that flock: two
+    processes taking over the same stale lock cannot both proceed. A file whose flock is free but which names a
+    live process on this host, or a process on another host, is still held (a lock written by an older version,
+    or a file system without flock); one naming a dead pid on this host is stale and taken over, with a note.
+    `release` removes the file only while it is still this lock's own (same file, same token)."""
 
     def __init__(self, run_dir: Path, log: Callable = print):
         self.path = Path(run_dir) / LOCK_FILE
         self.log = log
         self.held = False
+        self.token = uuid.uuid4().hex
+        self._fd: int | None = None
 
     def owner(self) -> dict[str, Any] | None:
         try:
@@ -103,44 +114,98 @@ class RunLock:
             return True
         return True
 
+    def _locked_message(self, owner: dict[str, Any] | None) -> str:
+        owner = owner or {}
+        return (f"{self.path.parent} is being trained by another process (pid {owner.get('pid', '?')} on "
+                f"{owner.get('host', '?')}, lock {self.path}); wait for it to end, or stop it first. If no such "
+                f"process runs any more, delete {self.path}")
+
     def check(self) -> None:
         """Raise RunLocked if a live process holds the lock (without taking it)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            if not _try_flock(fd, shared=True):
+                raise RunLocked(self._locked_message(self.owner()))
+        finally:
+            os.close(fd)  # also drops the shared flock
         owner = self.owner()
         if owner is not None and self.alive(owner):
-            raise RunLocked(f"{self.path.parent} is being trained by another process (pid {owner.get('pid', '?')} on "
-                            f"{owner.get('host', '?')}, lock {self.path}); wait for it to end, or stop it first. If "
-                            f"no such process runs any more, delete {self.path}")
+            raise RunLocked(self._locked_message(owner))
 
     def acquire(self) -> None:
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self.owner()
-                if owner is None:
-                    continue  # released meanwhile: try again
-                self.check()
-                self.log(f"note: {self.path} was left by pid {owner.get('pid')}, which has ended; taking it over")
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _try_flock(fd):
+                current = self._is_current(fd)
+                os.close(fd)
+                if current:
+                    raise RunLocked(self._locked_message(self.owner()))
+                continue  # its owner is releasing it (the file is gone or new): try again
+            if not self._is_current(fd):  # removed by its releasing owner between our open and flock
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
-            self.held = True
+            owner = self.owner()
+            if owner and owner.get("token") != self.token:
+                if self.alive(owner):
+                    os.close(fd)
+                    raise RunLocked(self._locked_message(owner))
+                self.log(f"note: {self.path} was left by pid {owner.get('pid')}, which has ended; taking it over")
+            self._write_owner(fd)
+            self._fd, self.held = fd, True
             return
-        self.check()
-        raise RunLocked(f"could not take {self.path}: other processes keep creating it")
+        raise RunLocked(f"could not take {self.path}: other processes keep creating and removing it")
+
+    def _is_current(self, fd: int) -> bool:
+        """Whether `fd` is still the file at `self.path` (not one unlinked, or replaced, since it was opened)."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def _write_owner(self, fd: int) -> None:
+        data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": self.token,
+                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
 
     def release(self) -> None:
-        if self.held:
-            self.held = False
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        """Remove the lock file if it is still this lock's (same file and token); another owner's is left alone."""
+        if not self.held:
+            return
+        self.held = False
+        fd, self._fd = self._fd, None
+        try:
+            if fd is not None and self._is_current(fd) and (self.owner() or {}).get("token") == self.token:
+                os.unlink(self.path)  # while the flock is still held: nobody decides about the file meanwhile
+        except FileNotFoundError:
+            pass
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+
+def _try_flock(fd: int, shared: bool = False) -> bool:
+    """Take a non-blocking flock on `fd`: False when another open file holds a conflicting one. Where flock is not
+    available (no fcntl, or a file system that refuses it) the pid/host protocol alone decides (True)."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return True
+        raise
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
