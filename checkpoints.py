@@ -265,14 +265,50 @@ def resolve_checkpoint_path(value: str | Path, flag: str = "checkpoint", log: Ca
     raise FileNotFoundError(f"{flag} {value} is a folder that {what}; pass the checkpoint file itself ({example})")
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = resolve_checkpoint_path(path)
+def _torch_load(path: Path, what: str, **kwargs) -> Any:
+    """torch.load(weights_only=True) with one line of ours for a file torch cannot read (random bytes, a truncated
+    file, a pickle of other objects): torch's own text asks the user to file a torch issue, which is not the fix."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
-        raise ValueError(f"{path} is not a checkpoint written by this framework ({type(e).__name__}: {e})") from None
+        text = str(e)
+        if "WeightsUnpickler error:" in text:  # the weights-only lecture around the one line that matters
+            text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        reason = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)[:120]
+        raise ValueError(f"{path} is not {what} written by this framework (torch cannot read it: {reason}); pass "
+                         f"a run's <news>-<user> file, or its {LAST_CHECKPOINT} for --resume") from None
+
+
+def is_pretraining(ckpt: dict[str, Any]) -> bool:
+    """A checkpoint (or last.pt) of a --mode=pretrain run."""
+    return (ckpt.get("config", {}).get("mode") == "pretrain" or "pretrain_metrics" in ckpt
+            or "pretrain_tasks" in (ckpt.get("model_settings") or {}))
+
+
+def refuse_pretraining(ckpt: dict[str, Any], path: Path, flag: str) -> None:
+    """A pretraining checkpoint given where a fine-tuned model is needed (dev, test, explain, --resume): one line
+    naming it and the way on (--init_from), instead of a state-dict mismatch, or an evaluation of encoders whose
+    click predictor was never trained."""
+    if not is_pretraining(ckpt):
+        return
+    path = Path(path)
+    best = _run_checkpoints(path.parent) if path.name == LAST_CHECKPOINT else [path]
+    tasks = (ckpt.get("model_settings") or {}).get("pretrain_tasks") or ckpt["config"].get("pretrain_tasks")
+    tasks = ",".join(tasks) if isinstance(tasks, list) else tasks
+    raise ValueError(f"{flag} {path} is a pretraining checkpoint (--mode=pretrain"
+                     + (f", --pretrain_tasks={tasks}" if tasks else "") + f"), not a trained recommender: fine-tune "
+                     f"it with --mode=train --init_from={best[0] if best else path}, then use that run's checkpoint")
+
+
+def load_checkpoint(path: str | Path, fine_tuned_for: str | None = None) -> dict[str, Any]:
+    """A model checkpoint (weights_only). `fine_tuned_for`: the flag that asks for a trained recommender
+    (`--dev_model_path`, ...): a pretraining checkpoint is then an error naming it."""
+    path = resolve_checkpoint_path(path)
+    ckpt = _torch_load(path, "a checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint written by this framework (no model/config entries)")
+    if fine_tuned_for:
+        refuse_pretraining(ckpt, path, fine_tuned_for)
     return ckpt
 
 
@@ -296,11 +332,10 @@ def resolve_resume(value: str | None, output_dir: str, dataset: str, model_name:
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
     """A run's last.pt (weights_only; memory-mapped, so ranks loading it together share the pages)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
-        raise ValueError(f"{path} is not a training-state checkpoint of this framework "
-                         f"({type(e).__name__}: {e})") from None
+    path = Path(path)
+    ckpt = _torch_load(path, "a training-state checkpoint", mmap=True)
+    if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:
+        refuse_pretraining(ckpt, path, "--resume")
     needed = {"model", "config", "optimizer", "scheduler", "epoch", "step", "rng"}
     if not isinstance(ckpt, dict) or not needed <= set(ckpt):
         raise ValueError(f"{path} is not a training-state checkpoint of this framework (needs {sorted(needed)}; "
@@ -308,16 +343,46 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def settings_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Settings that differ between two `model_settings` dicts (a checkpoint's and the model built now):
+    ['--head_num: checkpoint 4, now 20', ...]."""
+    out = [f"--{key}: checkpoint {saved.get(key)}, now {now.get(key)}"
+           for key in ("news_encoder", "user_encoder", "click_predictor") if saved.get(key) != now.get(key)]
+    for group in ("shared", "news", "user", "click"):
+        a, b = saved.get(group) or {}, now.get(group) or {}
+        for flag in sorted(set(a) | set(b)):
+            if a.get(flag) != b.get(flag):
+                out.append(f"--{flag}: checkpoint {a.get(flag)!r}, now {b.get(flag)!r}")
+    return sorted(set(out), key=out.index)  # a flag shared by the news and user encoders once
+
+
 def load_state(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
-    """Load weights with an error that says which architecture the checkpoint belongs to."""
+    """Load weights; weights of another architecture are one error naming the settings that differ between the
+    checkpoint and the model built (else the tensors that do not fit)."""
     raw = model.module if hasattr(model, "module") else model
-    result = raw.load_state_dict(ckpt["model"], strict=False)
     problems = []
-    if result.missing_keys:
-        problems.append(f"missing {result.missing_keys[:5]}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected {result.unexpected_keys[:5]}")
-    if problems:
-        saved = ckpt["config"]
-        raise ValueError(f"{path}: checkpoint of {saved.get('news_encoder')}-{saved.get('user_encoder')} does not "
-                         f"fit the model built ({'; '.join(problems)})")
+    try:
+        result = raw.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as e:  # tensors of another shape
+        sizes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        problems.append(f"{len(sizes)} tensors of another shape ({sizes[0] if sizes else str(e).splitlines()[0]})")
+    else:
+        if result.missing_keys:
+            problems.append(f"missing {result.missing_keys[:5]}")
+        if result.unexpected_keys:
+            problems.append(f"unexpected {result.unexpected_keys[:5]}")
+    if not problems:
+        return
+    from config import architecture_flags  # config imports pretraining, which imports this module
+
+    saved = ckpt["config"]
+    differing = settings_differences(ckpt.get("model_settings") or {}, raw.model_settings()) \
+        if ckpt.get("model_settings") and hasattr(raw, "model_settings") else []
+    unrecorded = sorted(f"--{f}" for f in architecture_flags(raw.config.values) if f not in saved) \
+        if hasattr(raw, "config") else []
+    what = (f"settings differ: {'; '.join(differing)}" if differing else "; ".join(problems))
+    raise ValueError(f"{path}: checkpoint of {saved.get('news_encoder')}-{saved.get('user_encoder')} does not fit the "
+                     f"model built from its config ({what})"
+                     + (f"; its config lacks {', '.join(unrecorded)} (the defaults were used)" if unrecorded else "")
+                     + ". It was written by another version of the framework or edited: train it again, or "
+                     "evaluate it with the version that wrote it")

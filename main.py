@@ -285,7 +285,7 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
     flag = f"--{split}_model_path"
     path = resolve_checkpoint_path(config.dev_model_path if split == "dev" else config.test_model_path, flag,
                                    log=rank0_print)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, fine_tuned_for=flag)
     cfg = config_for_checkpoint(config, ckpt, path)
     runtime = setup_runtime(cfg)
     follow_progress_flag(cfg)
@@ -415,7 +415,7 @@ def explain(config: Config) -> dict[str, Any]:
     from explain_mode import explain_impression
 
     path = resolve_checkpoint_path(config.dev_model_path, "--dev_model_path")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, fine_tuned_for="--dev_model_path")
     cfg = config_for_checkpoint(config, ckpt, path)
     cfg.device = "cpu" if "device" not in config.explicit else cfg.device  # one impression: no GPU needed
     runtime = setup_runtime(cfg)
