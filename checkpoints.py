@@ -208,13 +208,22 @@ def _try_flock(fd: int, shared: bool = False) -> bool:
         raise
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, path: Path, flag: str = "--output_dir") -> None:
     """torch.save through util.atomic_write (fsynced): an interrupted write (crash, full disk, kill) leaves the
-    previous file under `path` intact, never half a checkpoint."""
+    previous file under `path` intact, never half a checkpoint. A write that fails (disk full, quota, read-only file
+    system) is one UnusableFolder line naming the folder and `flag`, the flag that chose it."""
+    path = Path(path)
+
     def write(tmp):
         with open(tmp, "wb") as f:
             torch.save(obj, f)
-    util.atomic_write(path, write, durable=True)
+    with util.writing_into(path.parent, flag, f"{path.name} (the previous {path.name}, if any, is kept)"):
+        try:
+            util.atomic_write(path, write, durable=True)
+        except RuntimeError as e:  # torch's zip writer may report the failed write itself
+            if "write" not in str(e).lower():
+                raise
+            raise OSError(str(e).splitlines()[0]) from e
 
 
 def save_checkpoint(path: Path, model: nn.Module, config, corpus_meta, extra: dict[str, Any]) -> None:
