@@ -48,8 +48,9 @@ def runs_base_dir(output_dir: str, dataset: str, model_name: str, keep: bool = T
 
 
 def new_run_dir(output_dir: str, dataset: str, model_name: str, prefix: str = "#") -> Path:
-    """`<output_dir>/<dataset>/<model>/<prefix><n>/` with n one above every existing run of that prefix (never
-    reused); `#` for training runs, `pretrain#` for pretraining runs (pretraining.py)."""
+    """`<output_dir>/<dataset>/<model>/<prefix><n>/` with n one above every existing run of that prefix (never the
+    index of a folder that exists; a run that failed before its first step and was removed frees its index, as
+    docs/training.md says); `#` for training runs, `pretrain#` for pretraining runs (pretraining.py)."""
     base = runs_base_dir(output_dir, dataset, model_name)
     cut = len(prefix)
     while True:
@@ -239,7 +240,7 @@ def save_checkpoint(path: Path, model: nn.Module, config, corpus_meta, extra: di
     }, path)
 
 
-def _run_checkpoints(run_dir: Path) -> list[Path]:
+def run_checkpoints(run_dir: Path) -> list[Path]:
     """Best-model files in a run folder: `<news>-<user>` (named by its config.json when there is one)."""
     try:
         saved = json.loads((run_dir / "config.json").read_text())
@@ -261,12 +262,12 @@ def resolve_checkpoint_path(value: str | Path, flag: str = "checkpoint", log: Ca
         raise FileNotFoundError(f"checkpoint {path} not found ({flag}; expected {example})")
     if not path.is_dir():
         return path
-    found = _run_checkpoints(path)
+    found = run_checkpoints(path)
     if len(found) == 1:
         log(f"note: {flag} {value} is a run folder: using its checkpoint {found[0]}")
         return found[0]
     runs = sorted((p for p in path.glob("#*") if p.is_dir() and p.name[1:].isdigit()), key=lambda p: int(p.name[1:]))
-    inside = [c for r in runs for c in _run_checkpoints(r)]
+    inside = [c for r in runs for c in run_checkpoints(r)]
     if inside:
         raise FileNotFoundError(f"{flag} {value} is a folder of runs ({', '.join(r.name for r in runs)}); pass one "
                                 f"run's checkpoint, e.g. {inside[-1]}")
@@ -301,7 +302,7 @@ def refuse_pretraining(ckpt: dict[str, Any], path: Path, flag: str) -> None:
     if not is_pretraining(ckpt):
         return
     path = Path(path)
-    best = _run_checkpoints(path.parent) if path.name == LAST_CHECKPOINT else [path]
+    best = run_checkpoints(path.parent) if path.name == LAST_CHECKPOINT else [path]
     tasks = (ckpt.get("model_settings") or {}).get("pretrain_tasks") or ckpt["config"].get("pretrain_tasks")
     tasks = ",".join(tasks) if isinstance(tasks, list) else tasks
     raise ValueError(f"{flag} {path} is a pretraining checkpoint (--mode=pretrain"

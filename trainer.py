@@ -462,7 +462,8 @@ class Trainer:
         self._state, self._first_step = state, state.step
         recorder = None
         # Per-impression records for --mode=compare, where --mode=dev writes them too: <run>/dev/.
-        record_meta = {"split": "dev", "dataset": cfg.dataset, "corpus": str(self.corpus.root)}
+        record_meta = {"split": "dev", "dataset": cfg.dataset, "corpus": str(self.corpus.root),
+                       "tie_break": cfg.tie_break}
         if rt.is_main:
             (run_dir / "config.json").write_text(cfg.to_json())
             if pop is not None:
