@@ -240,6 +240,8 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_files(train
     assert torch.load(run / checkpoints.LAST_CHECKPOINT, weights_only=True)["epoch"] == 1
     assert torch.load(run / "MHSA-MHSA", weights_only=True)["epoch"] == 1
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    resumed = main([*TRAIN, data, f"--output_dir={out_dir}", f"--resume={run}"])  # once there is room again
+    assert resumed["history"][-1]["epoch"] == 2
 
 
 # ----------------------------------------------------------------------------------------------------------
