@@ -127,6 +127,11 @@ class RunLock:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return
+        except OSError:  # unreadable: only its owner, if readable, can say
+            owner = self.owner()
+            if owner is not None and self.alive(owner):
+                raise RunLocked(self._locked_message(owner)) from None
+            return
         try:
             if not _try_flock(fd, shared=True):
                 raise RunLocked(self._locked_message(self.owner()))
