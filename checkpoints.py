@@ -177,7 +177,8 @@ class RunLock:
         data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": self.token,
                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
         os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, data)
         os.fsync(fd)
 
     def release(self) -> None:

@@ -29,10 +29,10 @@ from config import Config, architecture_flags
 from devices import setup_runtime, shutdown_runtime
 from evaluation import (
     evaluate,
+    evaluation_provenance,
     format_metrics,
     format_ties,
     popularity_per_impression,
-    evaluation_provenance,
     records_folder,
     tie_rank_for,
     write_evaluation,
