@@ -258,6 +258,19 @@ def run_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.iterdir() if p.is_file() and "-" in p.name and p.suffix == "")
 
 
+def is_best_model_file(path: Path) -> bool:
+    """Whether `path` is its run's best-model file (`<news>-<user>`), not last.pt or another checkpoint."""
+    path = Path(path)
+    return path.name != LAST_CHECKPOINT and run_checkpoints(path.parent) == [path]
+
+
+def records_name(path: Path, split: str) -> str:
+    """The records folder of an evaluation of checkpoint `path` (beside it): `<split>` for the run's best-model
+    file, `<split>-<stem>` for any other (`dev-last` for last.pt); evaluation.records_folder numbers it `-2`, `-3`,
+    ... beside another evaluation's records."""
+    return split if is_best_model_file(path) else f"{split}-{Path(path).stem}"
+
+
 def resolve_checkpoint_path(value: str | Path, flag: str = "checkpoint", log: Callable = print) -> Path:
     """`--dev_model_path` / `--test_model_path` -> the checkpoint file. A run folder (`.../<news>-<user>/#1`) stands
     for the one checkpoint inside it (said in a note); a folder of runs, a folder without a checkpoint or a missing

@@ -285,14 +285,15 @@ def _holds_only(folder: Path, provenance: dict[str, Any], trained_tie_break: str
     return True
 
 
-def records_folder(path: Path, best: bool, provenance: dict[str, Any], trained_tie_break: str) -> Path:
+def records_folder(path: Path, provenance: dict[str, Any], trained_tie_break: str) -> Path:
     """Where --mode=dev/test of checkpoint `path` writes: `<split>/` beside the run's best-model file,
     `<split>-<stem>/` beside any other checkpoint (`dev-last/` for last.pt), so an evaluation of another checkpoint
     never writes over the best epoch's records. A folder is reused only when all the records in it come from the
     same provenance (`evaluation_provenance`: refreshed with the same numbers); otherwise the first `<name>-2`,
     `<name>-3`, ... that is free or holds this provenance."""
-    split = provenance["split"]
-    base = split if best else f"{split}-{Path(path).stem}"
+    from checkpoints import records_name  # checkpoints imports torch and the run records; only needed here
+
+    base = records_name(path, provenance["split"])
     n = 1
     while True:
         folder = Path(path).parent / (base if n == 1 else f"{base}-{n}")

@@ -21,8 +21,9 @@ from checkpoints import (
     load_state,
     load_training_state,
     resolve_checkpoint_path,
+    is_best_model_file,
+    records_name,
     resolve_resume,
-    run_checkpoints,
     runs_base_dir,
 )
 from config import Config, architecture_flags
@@ -309,7 +310,7 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
 
 def checkpoint_role(path: Path, ckpt: dict[str, Any]) -> tuple[bool, str]:
     """(whether `path` is its run's best-model file, the words that say which checkpoint it is)."""
-    best = path.name != LAST_CHECKPOINT and run_checkpoints(path.parent) == [path]
+    best = is_best_model_file(path)
     epoch = ckpt.get("epoch")
     what = ("the run's best epoch" if best else "the training state of the last finished epoch"
             if path.name == LAST_CHECKPOINT else "not the run's best-model file")
@@ -323,8 +324,8 @@ def write_evaluation_report(cfg: Config, corpus: Corpus, path: Path, ckpt: dict[
     split = report["split"]
     best, which = checkpoint_role(path, ckpt)
     provenance = evaluation_provenance(path, ckpt, split, cfg.tie_break)
-    out_dir = records_folder(path, best, provenance, ckpt["config"].get("tie_break", "popularity"))
-    default = path.parent / (split if best else f"{split}-{path.stem}")
+    out_dir = records_folder(path, provenance, ckpt["config"].get("tie_break", "popularity"))
+    default = path.parent / records_name(path, split)
     report.update({"folder": str(out_dir), "provenance": provenance})
     pop = None
     if result.per_impression is not None:

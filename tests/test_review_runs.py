@@ -149,6 +149,21 @@ def test_dev_of_last_pt_writes_its_own_folder_and_keeps_the_best_records(trained
     assert meta["epoch"] == last_epoch and meta["checkpoint"].endswith(checkpoints.LAST_CHECKPOINT)
 
 
+def test_compare_of_last_pt_reads_its_own_records_not_the_best(trained):
+    tmp, data, result, run = trained
+    last = run / checkpoints.LAST_CHECKPOINT
+    main(["--mode=dev", f"--dev_model_path={last}", data])
+    assert significance.resolve_run(str(last), "dev") == run / "dev-last" / significance.PER_IMPRESSION
+    assert significance.resolve_run(str(result["checkpoint"]), "dev") == run / "dev" / significance.PER_IMPRESSION
+    (run / "dev-last-2").mkdir()
+    (run / "dev-last" / significance.PER_IMPRESSION).rename(run / "dev-last-2" / significance.PER_IMPRESSION)
+    (run / "dev-last" / "per_impression_popularity.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="dev-last-2"):  # the records moved: named, never the best's read
+        significance.resolve_run(str(last), "dev")
+    (run / "dev-last-2" / significance.PER_IMPRESSION).rename(run / "dev-last" / significance.PER_IMPRESSION)
+    (run / "dev-last-2").rmdir()
+
+
 def test_dev_lists_metrics_json_and_reruns_refresh_only_their_own_records(trained, capsys):
     tmp, data, result, run = trained
     main(["--mode=dev", f"--dev_model_path={result['checkpoint']}", data])
