@@ -95,20 +95,32 @@ def test_two_takeovers_of_a_stale_lock_let_exactly_one_proceed(tmp_path, monkeyp
 
 
 def test_two_processes_taking_over_a_stale_lock_one_proceeds(tmp_path):
-    _stale_lock(tmp_path)
-    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); import checkpoints\n"
-              "start = float(sys.argv[3])\n"
-              "while time.time() < start: pass\n"
-              "lock = checkpoints.RunLock(sys.argv[2], log=lambda *a: None)\n"
-              "try:\n    lock.acquire()\nexcept checkpoints.RunLocked:\n    print('refused'); sys.exit(0)\n"
-              "print('held', flush=True); time.sleep(3); lock.release()\n")
+    """Each process reports whether it got the lock; a holder keeps it until both have reported (however slowly
+    they start under load), so the two attempts always overlap."""
     import time
-    start = str(time.time() + 2)
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(ROOT), str(tmp_path), start], stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
-    outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
-    assert outs == ["held", "refused"]
-    assert not (tmp_path / checkpoints.LOCK_FILE).exists()
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _stale_lock(run)
+    script = ("import sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import checkpoints\n"
+              "run, me = Path(sys.argv[2]), Path(sys.argv[3])\n"
+              "lock = checkpoints.RunLock(run, log=lambda *a: None)\n"
+              "try:\n    lock.acquire()\nexcept checkpoints.RunLocked:\n    me.write_text('refused'); sys.exit(0)\n"
+              "me.write_text('held')\n"
+              "deadline = time.time() + 120\n"
+              "while not (run.parent / 'release').exists() and time.time() < deadline: time.sleep(0.05)\n"
+              "lock.release()\n")
+    outs = [tmp_path / f"out{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(ROOT), str(run), str(out)],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for out in outs]
+    deadline = time.time() + 120
+    while not all(o.exists() for o in outs) and time.time() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "release").touch()
+    for p in procs:
+        p.wait(60)
+    assert sorted(o.read_text() for o in outs) == ["held", "refused"]
+    assert not (run / checkpoints.LOCK_FILE).exists()
 
 
 def test_releasing_a_lock_owned_by_someone_else_keeps_it(tmp_path):
