@@ -87,8 +87,9 @@ class RunSettings(Settings):
     seeds: list[int] | None = setting(None, "train once per seed, e.g. 1,2,3 (one run folder each), then print mean ± "
                                       "std over these runs", check=_all_at_least_0)
     impression_id: str | None = setting(None, "--mode=explain: the dev impression (behaviors.tsv column 1)")
-    explain_output: str | None = setting(None, "--mode=explain: PNG path (default <checkpoint "
-                                         "folder>/explain/impression-<ID>.png)")
+    explain_output: str | None = setting(None, "--mode=explain: picture path, .png/.pdf/.svg (none: .png is "
+                                         "added), its numbers beside as .json; never replaces another file "
+                                         "(default <checkpoint folder>/explain/impression-<ID>.png)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     output_dir: str = setting("best_model", "root folder of runs: <output_dir>/<dataset>/<news>-<user>/#<run>/")
 

@@ -238,3 +238,96 @@ def format_metrics(m: dict[str, Any]) -> str:
             f"  ({m['impressions']} impressions"
             + (f", {m['skipped_single_class']} single-class skipped" if m.get("skipped_single_class") else "")
             + ")")
+
+
+# -- the records of --mode=dev / --mode=test --------------------------------------------------------------------
+
+EVALUATION_FILES = ("metrics.json", significance.PER_IMPRESSION, "ranking.txt", "truth.txt", "prediction.txt",
+                    "prediction.zip")
+
+
+def evaluation_provenance(path: Path, ckpt: dict[str, Any], split: str, tie_break: str) -> dict[str, Any]:
+    """What an evaluation's numbers come from: the checkpoint file (name, size, modification time), the epoch it
+    holds, the split and the tie rule. Two evaluations with equal provenance give equal records."""
+    st = Path(path).stat()
+    return {"checkpoint": str(path), "checkpoint_name": Path(path).name, "epoch": ckpt.get("epoch"), "split": split,
+            "tie_break": tie_break, "checkpoint_bytes": st.st_size, "checkpoint_mtime_ns": st.st_mtime_ns}
+
+
+def _holds_only(folder: Path, provenance: dict[str, Any], trained_tie_break: str) -> bool:
+    """Whether every evaluation record in `folder` comes from `provenance` (an absent or empty folder: True). A
+    record of unknown provenance (files of an older version without it) counts as another's."""
+    import json
+
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        return False
+    metrics, per = folder / "metrics.json", folder / significance.PER_IMPRESSION
+    if metrics.exists():
+        try:
+            saved = json.loads(metrics.read_text()).get("provenance") or {}
+        except (OSError, ValueError, AttributeError):
+            return False
+        if any(saved.get(k) != v for k, v in provenance.items() if k != "checkpoint"):
+            return False
+    if per.exists():  # training writes these at each new best epoch, without a metrics.json
+        try:
+            meta = significance.load_per_impression(per).meta
+        except ValueError:
+            return False
+        if (Path(str(meta.get("checkpoint"))).name != provenance["checkpoint_name"]
+                or meta.get("epoch") != provenance["epoch"] or meta.get("split") != provenance["split"]
+                or meta.get("tie_break", trained_tie_break) != provenance["tie_break"]):
+            return False
+    elif not metrics.exists() and any((folder / name).exists() for name in EVALUATION_FILES):
+        return False
+    return True
+
+
+def records_folder(path: Path, provenance: dict[str, Any], trained_tie_break: str) -> Path:
+    """Where --mode=dev/test of checkpoint `path` writes: `<split>/` beside the run's best-model file,
+    `<split>-<stem>/` beside any other checkpoint (`dev-last/` for last.pt), so an evaluation of another checkpoint
+    never writes over the best epoch's records. A folder is reused only when all the records in it come from the
+    same provenance (`evaluation_provenance`: refreshed with the same numbers); otherwise the first `<name>-2`,
+    `<name>-3`, ... that is free or holds this provenance."""
+    from checkpoints import records_name  # checkpoints imports torch and the run records; only needed here
+
+    base = records_name(path, provenance["split"])
+    n = 1
+    while True:
+        folder = Path(path).parent / (base if n == 1 else f"{base}-{n}")
+        if _holds_only(folder, provenance, trained_tie_break):
+            return folder
+        n += 1
+
+
+def write_evaluation(folder: Path, result: "EvalResult", beh: dict[str, Any], popularity: dict[str, Any] | None,
+                     report: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """Write an evaluation of --mode=dev/test into `folder`: test/prediction.txt + prediction.zip or
+    dev/ranking.txt, truth.txt (labelled splits), the per-impression records, and metrics.json (`report` with the
+    paths added). Returns the report keys of the files written, in the order to print them."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    split = report["split"]
+    ranks_list = np.split(result.ranks, result.offsets[1:-1])
+    ids = result.impression_ids.tolist()
+    if split == "test":
+        scorer.write_prediction(folder / "prediction.txt", ids, [r.tolist() for r in ranks_list],
+                                zip_path=folder / "prediction.zip")
+        report["prediction"] = str(folder / "prediction.zip")
+    else:
+        scorer.write_prediction(folder / "ranking.txt", ids, [r.tolist() for r in ranks_list])
+        report["ranking"] = str(folder / "ranking.txt")
+    if result.metrics.get("labelled"):
+        labels_list = np.split(result.labels, result.offsets[1:-1])
+        scorer.write_truth(folder / "truth.txt", ids, [lab.tolist() for lab in labels_list])
+        report["truth"] = str(folder / "truth.txt")
+    if result.per_impression is not None:  # per-impression records for --mode=compare
+        written = write_records(folder, result.per_impression, popularity, beh, meta)
+        report["per_impression"], report["per_impression_popularity"] = map(str, written)
+    report["metrics_json"] = str(folder / "metrics.json")
+    util.write_lines_atomic(folder / "metrics.json", json.dumps(report, indent=2, default=str).splitlines())
+    return [k for k in ("ranking", "truth", "per_impression", "per_impression_popularity", "metrics_json")
+            if k in report]

@@ -2,13 +2,68 @@
 user encoder's declared attention maps), as data for records.plot_explanation."""
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from dataset import EvalDataset
+
+PICTURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # what matplotlib's savefig writes by the name
+WRITTEN_BY = "--mode=explain"
+
+
+def _own_picture(json_path: Path, provenance: dict[str, Any]) -> bool:
+    """Whether `json_path` is the numbers of an explain picture of the same checkpoint and impression."""
+    try:
+        data = json.loads(json_path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict) or data.get("written_by") != WRITTEN_BY:
+        return False
+    saved = data.get("provenance") or {}
+    return all(saved.get(k) == v for k, v in provenance.items() if k != "checkpoint")  # a path may be spelt otherwise
+
+
+def explain_paths(requested: str | None, checkpoint: Path, best: bool, provenance: dict[str, Any],
+                  log: Callable = print) -> tuple[Path, Path]:
+    """(picture, numbers) paths of --mode=explain. Default: `explain/impression-<id>.png` beside the run's
+    best-model file (`explain-<stem>/` beside another checkpoint), numbered `-2`, `-3`, ... when a picture of
+    another checkpoint is there. `--explain_output`: a folder takes `impression-<id>.png`; a name without an
+    extension gets `.png` (said in a note); another extension than a picture's is an error. A picture or its `.json`
+    that would replace any file but an explain picture of the same checkpoint and impression is an error: a run's
+    records (metrics.json, config.json, curves.png, ...) are never written over."""
+    name = f"impression-{provenance['impression_id']}"
+    if requested is None:
+        folder = checkpoint.parent / ("explain" if best else f"explain-{checkpoint.stem}")
+        n = 1
+        while True:
+            out = folder / (f"{name}.png" if n == 1 else f"{name}-{n}.png")
+            if not (out.exists() or out.with_suffix(".json").exists()) or _own_picture(out.with_suffix(".json"),
+                                                                                        provenance):
+                return out, out.with_suffix(".json")
+            n += 1
+    out = Path(requested)
+    if out.is_dir():
+        out = out / f"{name}.png"
+    elif out.suffix == "":
+        out = out.with_name(out.name + ".png")
+        log(f"note: --explain_output {requested} has no extension: writing the picture as {out}")
+    elif out.suffix.lower() not in PICTURE_SUFFIXES:
+        raise ValueError(f"--explain_output {requested}: {out.suffix} is not a picture format; end the name with "
+                         f"{', '.join(PICTURE_SUFFIXES[:3])} (.png for example), or drop the extension")
+    numbers = out.with_suffix(".json")
+    if not _own_picture(numbers, provenance):
+        for taken in (out, numbers):
+            if taken.exists():
+                raise FileExistsError(f"--explain_output {requested}: {taken} exists and is not an explain picture "
+                                      f"of this checkpoint and impression (the picture goes to {out.name} and its "
+                                      f"numbers to {numbers.name}); it is never replaced: choose another name")
+    return out, numbers
+
 
 def find_impression(beh: dict[str, Any], impression_id: str) -> int:
     """Row of `impression_id` in a split's behaviors arrays; a clear error with examples when absent."""

@@ -18,11 +18,14 @@ import scorer
 import significance
 import util
 from checkpoints import (
+    LAST_CHECKPOINT,
     RunLock,
     load_checkpoint,
     load_state,
     load_training_state,
     resolve_checkpoint_path,
+    is_best_model_file,
+    records_name,
     resolve_resume,
     runs_base_dir,
 )
@@ -30,11 +33,13 @@ from config import Config, architecture_flags
 from devices import setup_runtime, shutdown_runtime
 from evaluation import (
     evaluate,
+    evaluation_provenance,
     format_metrics,
     format_ties,
     popularity_per_impression,
+    records_folder,
     tie_rank_for,
-    write_records,
+    write_evaluation,
 )
 from MIND_corpus import Corpus, CorpusError
 from model import Model, check_pairing
@@ -294,7 +299,7 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
     flag = f"--{split}_model_path"
     path = resolve_checkpoint_path(config.dev_model_path if split == "dev" else config.test_model_path, flag,
                                    log=rank0_print)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, fine_tuned_for=flag)
     cfg = config_for_checkpoint(config, ckpt, path)
     runtime = setup_runtime(cfg)
     follow_progress_flag(cfg)
@@ -306,55 +311,66 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
     beh = corpus.behaviors(split)
     result = evaluate(model, beh, cfg, runtime, desc=split,
                       tie_rank=tie_rank_for(cfg, corpus.behaviors("train"), model.news_num))
-    out_dir = path.parent / split  # the run's own folder, beside its checkpoint
     report: dict[str, Any] = {"split": split, "checkpoint": str(path), "metrics": result.metrics,
                               "ties": result.ties, "stats": beh["stats"], "seconds": round(result.seconds, 2)}
     if runtime.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ranks_list = np.split(result.ranks, result.offsets[1:-1])
-        if split == "test":
-            scorer.write_prediction(out_dir / "prediction.txt", result.impression_ids.tolist(),
-                                  [r.tolist() for r in ranks_list], zip_path=out_dir / "prediction.zip")
-            report["prediction"] = str(out_dir / "prediction.zip")
-            report.update(news_data.get_dataset(cfg.dataset).write_submission(  # a leaderboard's own file
-                corpus.root, out_dir, result.impression_ids.tolist(), ranks_list))
-        else:
-            scorer.write_prediction(out_dir / "ranking.txt", result.impression_ids.tolist(),
-                                  [r.tolist() for r in ranks_list])
-            report["ranking"] = str(out_dir / "ranking.txt")
-        if result.metrics.get("labelled"):
-            labels_list = np.split(result.labels, result.offsets[1:-1])
-            scorer.write_truth(out_dir / "truth.txt", result.impression_ids.tolist(),
-                             [lab.tolist() for lab in labels_list])
-            report["truth"] = str(out_dir / "truth.txt")
-        pop = None
-        if result.per_impression is not None:  # per-impression records for --mode=compare
-            pop = popularity_per_impression(corpus.behaviors("train"), beh, model.news_num)
-            report["popularity_metrics"] = scorer.mean_metrics(pop)
-            meta = {"split": split, "dataset": cfg.dataset, "corpus": str(corpus.root), "model": cfg.model_name,
-                    "run": Path(path).parent.name, "seed": cfg.seed, "epoch": ckpt.get("epoch"),
-                    "checkpoint": str(path), "written_by": f"--mode={split}"}
-            written = write_records(out_dir, result.per_impression, pop, beh, meta)
-            report["per_impression"], report["per_impression_popularity"] = map(str, written)
-        (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
-        print(f"{split} ({cfg.model_name}, {corpus.root / split}): {format_metrics(result.metrics)}")
-        if format_ties(result.ties, split):
-            print(format_ties(result.ties, split))
-        if pop is not None:
-            print(f"popularity baseline, {split}: {format_metrics(report['popularity_metrics'])}")
-        else:
-            print(f"note: the {split} split has no labels: no per-impression metrics written (--mode=compare needs "
-                  f"labelled impressions)")
-        if "prediction" in report:
-            print(f"wrote {out_dir / 'prediction.txt'} and {report['prediction']} "
-                  + ("(the file to upload)" if "submission" not in report else "(MIND's format, the corpus's ids)"))
-        if "submission" in report:
-            print(f"wrote {report['submission']} (the file to upload to {cfg.dataset}'s leaderboard)")
-        for key in ("ranking", "truth", "per_impression", "per_impression_popularity"):
-            if key in report:
-                print(f"wrote {report[key]}")
+        write_evaluation_report(cfg, corpus, path, ckpt, result, beh, report, flag, model.news_num)
     shutdown_runtime(runtime)  # its barrier keeps the other ranks until the files are written
     return report
+
+
+def checkpoint_role(path: Path, ckpt: dict[str, Any]) -> tuple[bool, str]:
+    """(whether `path` is its run's best-model file, the words that say which checkpoint it is)."""
+    best = is_best_model_file(path)
+    epoch = ckpt.get("epoch")
+    what = ("the run's best epoch" if best else "the training state of the last finished epoch"
+            if path.name == LAST_CHECKPOINT else "not the run's best-model file")
+    return best, f"{path} (epoch {epoch}, {what})"
+
+
+def write_evaluation_report(cfg: Config, corpus: Corpus, path: Path, ckpt: dict[str, Any], result, beh,
+                            report: dict[str, Any], flag: str, news_num: int) -> None:
+    """Rank 0 of --mode=dev/test: the records in the checkpoint's own records folder (`evaluation.records_folder`:
+    never over another checkpoint's or another evaluation's records), and what was evaluated and written."""
+    split = report["split"]
+    best, which = checkpoint_role(path, ckpt)
+    provenance = evaluation_provenance(path, ckpt, split, cfg.tie_break)
+    out_dir = records_folder(path, provenance, ckpt["config"].get("tie_break", "popularity"))
+    default = path.parent / records_name(path, split)
+    report.update({"folder": str(out_dir), "provenance": provenance})
+    pop = None
+    if result.per_impression is not None:
+        pop = popularity_per_impression(corpus.behaviors("train"), beh, news_num)
+        report["popularity_metrics"] = scorer.mean_metrics(pop)
+    meta = {"split": split, "dataset": cfg.dataset, "corpus": str(corpus.root), "model": cfg.model_name,
+            "run": Path(path).parent.name, "seed": cfg.seed, "epoch": ckpt.get("epoch"), "checkpoint": str(path),
+            "tie_break": cfg.tie_break, "written_by": f"--mode={split}"}
+    with util.writing_into(out_dir, flag, f"the {split} records"):
+        if split == "test":  # a leaderboard's own file, where the dataset has one (EB-NeRD's predictions.zip)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            ranks_list = np.split(result.ranks, result.offsets[1:-1])
+            report.update(news_data.get_dataset(cfg.dataset).write_submission(
+                corpus.root, out_dir, result.impression_ids.tolist(), ranks_list))
+        written = write_evaluation(out_dir, result, beh, pop, report, meta)
+    print(f"evaluated {which}")
+    if out_dir != default:
+        print(f"note: {default} holds the records of another evaluation (another checkpoint, epoch or "
+              f"--tie_break): they are kept, and this one goes to {out_dir}")
+    print(f"{split} ({cfg.model_name}, {corpus.root / split}): {format_metrics(result.metrics)}")
+    if format_ties(result.ties, split):
+        print(format_ties(result.ties, split))
+    if pop is not None:
+        print(f"popularity baseline, {split}: {format_metrics(report['popularity_metrics'])}")
+    else:
+        print(f"note: the {split} split has no labels: no per-impression metrics written (--mode=compare needs "
+              f"labelled impressions)")
+    if "prediction" in report:
+        print(f"wrote {out_dir / 'prediction.txt'} and {report['prediction']} "
+              + ("(the file to upload)" if "submission" not in report else "(MIND's format, the corpus's ids)"))
+    if "submission" in report:
+        print(f"wrote {report['submission']} (the file to upload to {cfg.dataset}'s leaderboard)")
+    for key in written:
+        print(f"wrote {report[key]}")
 
 
 def aggregate(config: Config) -> dict[str, Any]:
@@ -426,12 +442,15 @@ def train_seeds(config: Config, callbacks: Sequence[Callback] = ()) -> dict[str,
 
 def explain(config: Config) -> dict[str, Any]:
     """`--mode=explain`: a PNG (and its numbers as JSON) of what a checkpoint attends to in one dev impression."""
-    from explain_mode import explain_impression
+    from explain_mode import WRITTEN_BY, explain_impression, explain_paths
 
     path = resolve_checkpoint_path(config.dev_model_path, "--dev_model_path")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, fine_tuned_for="--dev_model_path")
     cfg = config_for_checkpoint(config, ckpt, path)
     cfg.device = "cpu" if "device" not in config.explicit else cfg.device  # one impression: no GPU needed
+    best, which = checkpoint_role(path, ckpt)
+    provenance = {**evaluation_provenance(path, ckpt, "dev", cfg.tie_break), "impression_id": str(cfg.impression_id)}
+    out, numbers = explain_paths(cfg.explain_output, path, best, provenance)  # refused before any work
     runtime = setup_runtime(cfg)
     follow_progress_flag(cfg)
     corpus = load_corpus(cfg)
@@ -440,13 +459,13 @@ def explain(config: Config) -> dict[str, Any]:
     load_state(model, ckpt, path)
     model.to(runtime.device)
     data = explain_impression(model, corpus, cfg.impression_id)
-    out = Path(cfg.explain_output) if cfg.explain_output else (
-        path.parent / "explain" / f"impression-{cfg.impression_id}.png")
-    run_records.plot_explanation(data, out)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+    with util.writing_into(out.parent, "--explain_output", "the explain picture"):
+        run_records.plot_explanation(data, out)
+        util.write_lines_atomic(numbers, [json.dumps({**data, "written_by": WRITTEN_BY, "provenance": provenance},
+                                                     indent=1)])
+    print(f"explained {which}\nwrote {out} and {numbers}")
     shutdown_runtime(runtime)
-    return {**data, "png": str(out), "json": str(out.with_suffix(".json"))}
+    return {**data, "png": str(out), "json": str(numbers)}
 
 
 def read_config_file(argv: Sequence[str] | None) -> tuple[dict[str, Any] | None, str]:

@@ -294,6 +294,9 @@ def _word_panel(ax, items: list[dict], title: str) -> None:
     """Rows = news, cells = their tokens coloured by attention weight (the words written in the cells)."""
     import matplotlib.pyplot as plt
 
+    if not items:  # an impression with an empty history: nothing to draw (an empty image warns in matplotlib)
+        _empty_panel(ax, title)
+        return
     width = max((len(it.get("tokens", [])) for it in items), default=1) or 1
     grid = np.full((len(items), width), np.nan)
     for r, it in enumerate(items):
@@ -306,6 +309,13 @@ def _word_panel(ax, items: list[dict], title: str) -> None:
     ax.set_yticks(range(len(items)))
     ax.set_yticklabels([it.get("row_label", "") for it in items], fontsize=7)
     ax.set_xticks([])
+    ax.set_title(title, fontsize=9, loc="left")
+
+
+def _empty_panel(ax, title: str) -> None:
+    ax.text(0.5, 0.5, "empty history: this impression's user has no clicked news to show", ha="center",
+            va="center", fontsize=8, transform=ax.transAxes)
+    ax.set_axis_off()
     ax.set_title(title, fontsize=9, loc="left")
 
 
@@ -351,6 +361,9 @@ def plot_explanation(data: Mapping, out, max_history: int = 12, max_candidates: 
     for name, m in maps.items():
         ax = axes.pop(0)
         w, ax_names = np.asarray(m["weights"], dtype=float), list(m["axes"])
+        if w.size == 0:  # attention over an empty history
+            _empty_panel(ax, f"user encoder: {name} ({' x '.join(m['axes'])})")
+            continue
         note = ""
         if w.ndim > 2 and "candidate" in ax_names:
             # One candidate's view: the clicked candidate the model scores highest (else the top-scored one).

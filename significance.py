@@ -116,8 +116,8 @@ def resolve_run(spec: str, split: str) -> Path:
     name = POPULARITY if popular else PER_IMPRESSION
     if path.is_file() and path.suffix == ".npz":
         return path
-    if path.is_file():  # a checkpoint: its records lie in <run>/<split>/
-        folder = path.parent / split
+    if path.is_file():  # a checkpoint: its records lie in <run>/<split>/, or <run>/<split>-<stem>/ (not the best)
+        folder = _checkpoint_records(spec, path, split, name)
     elif path.is_dir():
         folder = path / split if (path / split).is_dir() and not (path / name).exists() else path
     else:
@@ -128,6 +128,25 @@ def resolve_run(spec: str, split: str) -> Path:
         raise FileNotFoundError(f"--runs {spec}: no {found}; write it with `python main.py --mode={split} "
                                 f"--{split}_model_path=<checkpoint of that run>`")
     return found
+
+
+def _checkpoint_records(spec: str, path: Path, split: str, name: str) -> Path:
+    """The records folder of checkpoint `path` (`checkpoints.records_name`). An evaluation of a checkpoint other
+    than the run's best-model file may lie in numbered folders (`dev-last-2/`, written beside another evaluation's
+    records): unless the plain folder is the only one with records, the choice is the user's, never a guess."""
+    from checkpoints import records_name
+
+    base = records_name(path, split)
+    if base == split:
+        return path.parent / base
+    found = sorted((f for f in path.parent.glob(f"{base}*") if (f / name).is_file()
+                    and (f.name == base or f.name[len(base) + 1:].isdigit() and f.name[len(base)] == "-")),
+                   key=lambda f: f.name)
+    if found and [f.name for f in found] != [base]:
+        raise FileNotFoundError(f"--runs {spec}: evaluations of {path.name} lie in "
+                                f"{', '.join(f.name + '/' for f in found)} of {path.parent}; pass the one to compare "
+                                f"(its folder or its {name})")
+    return path.parent / base
 
 
 def load_runs(specs: Sequence[str], split: str) -> list[PerImpression]:

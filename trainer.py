@@ -462,7 +462,8 @@ class Trainer:
         self._state, self._first_step = state, state.step
         recorder = None
         # Per-impression records for --mode=compare, where --mode=dev writes them too: <run>/dev/.
-        record_meta = {"split": "dev", "dataset": cfg.dataset, "corpus": str(self.corpus.root)}
+        record_meta = {"split": "dev", "dataset": cfg.dataset, "corpus": str(self.corpus.root),
+                       "tie_break": cfg.tie_break}
         if rt.is_main:
             (run_dir / "config.json").write_text(cfg.to_json())
             if pop is not None:
@@ -617,23 +618,25 @@ class Trainer:
         # Taken after evaluation, the last use of the generators in this epoch, on every rank.
         rng = util.all_gather_object(util.get_rng_state(), group=rt.wait_group)
         if rt.is_main:
-            rate = stats["samples"] / stats["seconds"]
-            util.write_lines_atomic(run.run_dir / self.epoch_log, [json.dumps(r) for r in state.history])
-            run.recorder.write({"kind": "epoch", "epoch": epoch, "step": state.step, "train_loss": stats["loss"],
-                                "aux": stats["aux"], "lr": _group_lrs(run.optimizer),
-                                "train_seconds": round(stats["seconds"], 2), "samples_per_s": rate,
-                                "impressions_per_s": rate * run.impressions_per_sample,
-                                "dev_seconds": round(result.seconds, 2), "criterion": decision["value"],
-                                **{k: result.metrics[k] for k in scorer.METRIC_KEYS if k in result.metrics}})
-            if cfg.plot:
-                self._plot(run.run_dir)
-            if decision["improved"]:
-                self._save_best(run, epoch, result)
-            self._save_last(run.last, run.optimizer, run.scheduler, run.scaler, state, rng)
-            run.say(f"epoch {epoch}: loss {stats['loss']:.4f} ({stats['seconds']:.1f}s) | "
-                    f"{self._metrics_text(result.metrics)}{'  *best*' if decision['improved'] else ''}")
-            if result.ties and format_ties(result.ties, "dev"):
-                run.say(format_ties(result.ties, "dev"))
+            # A full disk or a read-only folder: one line naming the run folder; atomic writes keep the last files.
+            with util.writing_into(run.run_dir, "--output_dir", "the run's records"):
+                rate = stats["samples"] / stats["seconds"]
+                util.write_lines_atomic(run.run_dir / self.epoch_log, [json.dumps(r) for r in state.history])
+                run.recorder.write({"kind": "epoch", "epoch": epoch, "step": state.step, "train_loss": stats["loss"],
+                                    "aux": stats["aux"], "lr": _group_lrs(run.optimizer),
+                                    "train_seconds": round(stats["seconds"], 2), "samples_per_s": rate,
+                                    "impressions_per_s": rate * run.impressions_per_sample,
+                                    "dev_seconds": round(result.seconds, 2), "criterion": decision["value"],
+                                    **{k: result.metrics[k] for k in scorer.METRIC_KEYS if k in result.metrics}})
+                if cfg.plot:
+                    self._plot(run.run_dir)
+                if decision["improved"]:
+                    self._save_best(run, epoch, result)
+                self._save_last(run.last, run.optimizer, run.scheduler, run.scaler, state, rng)
+                run.say(f"epoch {epoch}: loss {stats['loss']:.4f} ({stats['seconds']:.1f}s) | "
+                        f"{self._metrics_text(result.metrics)}{'  *best*' if decision['improved'] else ''}")
+                if result.ties and format_ties(result.ties, "dev"):
+                    run.say(format_ties(result.ties, "dev"))
         util.barrier(rt.wait_group)  # checkpoints written before anyone goes on
         run.epoch_bar.set_postfix(best=f"{state.best:.4f}", best_epoch=state.best_epoch)
         if state.stopped_early:

@@ -274,9 +274,9 @@ def test_run_level_flags_keep_name_default_type_choices_help_and_group():
     before they became settings classes; each keeps its name, default, type, choices, help, group and order."""
     before = json.loads((DATA / "run_flags_before_settings.json").read_text())
     now = _run_level_flags()
-    # Added since, after every earlier flag: --mode=pretrain's flags (issue 17; tests/test_pretraining.py). The one
-    # changed flag is --mode, which gains the choice "pretrain" and its sentence in the help; the file stays as it
-    # was recorded.
+    # Added since, after every earlier flag: --mode=pretrain's flags (issue 17; tests/test_pretraining.py). The
+    # changed flags: --mode, which gains the choice "pretrain" and its sentence in the help, and --explain_output's
+    # help (issue 22); the file stays as it was recorded.
     for record in before:
         if record["dest"] == "mode":
             record["choices"] = [*record["choices"], "pretrain"]
@@ -293,6 +293,10 @@ def test_run_level_flags_keep_name_default_type_choices_help_and_group():
             assert record["choices"][:4] == ["demo", "small", "200k", "large"]
             record["help"] += ("; EB-NeRD, xMIND, Adressa (docs/data.md; prepare_MIND_dataset.py --dataset=... gets "
                                "them)")
+        if record["dest"] == "explain_output":  # issue 22: the formats, the added .png, and never replacing a file
+            record["help"] = ("--mode=explain: picture path, .png/.pdf/.svg (none: .png is added), its numbers beside "
+                              "as .json; never replaces another file (default <checkpoint "
+                              "folder>/explain/impression-<ID>.png)")
     from config import PretrainRunSettings
     from pretraining import task_settings_classes
 
