@@ -12,7 +12,9 @@ move torch's import to the first parse).
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
@@ -55,13 +57,22 @@ def _positive(v: float) -> str | None:
     return None if v > 0 else "must be > 0"  # `v > 0` is False for NaN too
 
 
-def _all_at_least_0(v: list[int] | None) -> str | None:
-    return None if v is None or all(s >= 0 for s in v) else "must all be >= 0"
-
-
 def _demo_news(v: int) -> str | None:
     return None if v >= MIN_DEMO_NEWS else (f"must be >= {MIN_DEMO_NEWS} (every demo impression shows up to "
                                             f"{MIN_DEMO_NEWS} news)")
+
+
+SEED_LIMIT = 2 ** 32  # NumPy's seeds are 32-bit
+
+
+def _seed(v: int) -> str | None:
+    if v < 0:
+        return "must be >= 0"
+    return None if v < SEED_LIMIT else "must be <= 2**32 - 1 (NumPy's seed range)"
+
+
+def _seeds(v: list[int] | None) -> str | None:
+    return None if v is None or all(_seed(s) is None for s in v) else "must all be in [0, 2**32 - 1] (NumPy's seed range)"
 
 
 def _seconds(v: int) -> str | None:
@@ -82,9 +93,9 @@ class RunSettings(Settings):
                                       "on the command line override them (printed); re-runs a run exactly")
     dev_model_path: str | None = setting(None, "checkpoint to evaluate with --mode=dev (or to explain)")
     test_model_path: str | None = setting(None, "checkpoint to predict with --mode=test (writes prediction.zip)")
-    seed: int = setting(0, "random seed (recorded with the run)", check=at_least(0))
+    seed: int = setting(0, "random seed (recorded with the run)", check=_seed)
     seeds: list[int] | None = setting(None, "train once per seed, e.g. 1,2,3 (one run folder each), then print mean ± "
-                                      "std over these runs", check=_all_at_least_0)
+                                      "std over these runs", check=_seeds)
     impression_id: str | None = setting(None, "--mode=explain: the dev impression (behaviors.tsv column 1)")
     explain_output: str | None = setting(None, "--mode=explain: PNG path (default <checkpoint "
                                          "folder>/explain/impression-<ID>.png)")
@@ -137,7 +148,7 @@ class DataSettings(Settings):
                                          check=at_least(1))
     demo_seed: int = setting(DEMO_SEED, "demo corpus: generator seed. An existing data/MIND-demo is used as it is "
                              "unless a typed --demo_* flag contradicts it (an error: it is never replaced)",
-                             check=at_least(0))
+                             check=_seed)
 
 
 @dataclass
@@ -318,12 +329,8 @@ class Config:
         typed = _typed_flags(parser, argv)
         overrides: list[str] = []
         if file_values is not None:
-            file_values = {k: v for k, v in file_values.items() if k not in FILE_IGNORED}
-            known = {a.dest for a in parser._actions}
-            unknown = sorted(set(file_values) - known)
-            if unknown:
-                raise ValueError(f"{file_name}: unknown settings {unknown} (not flags of this version of main.py); "
-                                 f"remove them from the file")
+            file_values = checked_file_values(parser, {k: v for k, v in file_values.items() if k not in FILE_IGNORED},
+                                              file_name)
             parser.set_defaults(**file_values)
         ns = parser.parse_args(argv)
         if file_values is not None:
@@ -462,6 +469,78 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.values, indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --config_file: a JSON object typed and checked like the command line
+# ----------------------------------------------------------------------------------------------------------
+
+def _json(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else repr(value)
+
+
+def _file_value(action: argparse.Action, value: Any) -> tuple[Any, str | None]:
+    """A config file's `value` for `action`'s flag -> (the value as the command line would give it, what is wrong
+    with it or None). JSON types stand for the typed text: a switch takes true / false only (the string "false" is
+    truthy), an int flag an integer (true is an int in Python), a float flag a number; null only where the flag's
+    default is unset."""
+    flag = f"--{action.dest}"
+    if value is None:
+        wanted = {"int": "an integer", "float": "a number", "int_list": "a list of integers"}.get(
+            getattr(action.type, "__name__", None), "true or false" if action.nargs == 0 else "a string")
+        return None, None if action.default is None else f"{flag} takes {wanted}, got null"
+    if action.choices is not None and value not in action.choices:
+        return value, f"{flag} must be one of {sorted(action.choices)}, got {_json(value)}"
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            return value, f"{flag} is a switch: give true or false (a JSON boolean), got {_json(value)}"
+        return value, None
+    if action.nargs == "+":
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            return value, f"{flag} takes a list of one or more strings, got {_json(value)}"
+        return value, None
+    kind = getattr(action.type, "__name__", None)
+    if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        return value, f"{flag} takes an integer, got {_json(value)}"
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, f"{flag} takes a number, got {_json(value)}"
+        value = float(value)
+    if kind == "int_list":
+        if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            return value, f"{flag} takes a list of integers, e.g. [3, 5], got {_json(value)}"
+    if kind is None and not isinstance(value, str):
+        return value, f"{flag} takes a string, got {_json(value)}"
+    return value, None
+
+
+def checked_file_values(parser: argparse.ArgumentParser, values: dict[str, Any], file_name: str) -> dict[str, Any]:
+    """`values` of a config file typed like the command line (`_file_value`) and range-checked by their settings
+    classes. Every problem is one line naming the file and the key (an unknown key: the closest flag)."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    problems, typed = [], {}
+    for key, value in values.items():
+        action = actions.get(key)
+        if action is None:
+            close = difflib.get_close_matches(key, list(actions), n=1, cutoff=0.6)
+            problems.append((key, "not a flag of this version of main.py" + (f" (the closest is --{close[0]})"
+                                                                              if close else "") + "; remove it"))
+            continue
+        typed[key], problem = _file_value(action, value)
+        if problem:
+            problems.append((key, problem))
+    bad = {key for key, _ in problems}
+    ok = {k: v for k, v in typed.items() if k not in bad}
+    for settings_cls in (*RUN_SETTINGS, SharedDims, *component_settings_owners()):
+        mine = {k: v for k, v in ok.items() if k in settings_cls.names()}
+        if mine:
+            for error in settings_cls.from_values(mine).errors():
+                key = error.split()[0][2:]
+                if key in mine:
+                    problems.append((key, error))
+    if problems:
+        raise ValueError("\n".join(f'--config_file {file_name}: "{key}": {what}' for key, what in problems))
+    return typed
 
 
 def _typed_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:

@@ -16,6 +16,7 @@ This module imports nothing of torch, so it can be read (and tested) without bui
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
@@ -131,10 +132,21 @@ class Settings:
         out = []
         for f in fields(self):
             check = f.metadata.get("check")
-            message = check(getattr(self, f.name)) if check is not None else None
+            value = getattr(self, f.name)
+            if _is_float_field(f) and isinstance(value, float) and not math.isfinite(value):
+                # argparse's float() takes "inf" and "nan", and a `v >= 0` check passes inf: no float flag means
+                # anything infinite (a learning rate of inf trains NaN weights)
+                out.append(f"--{f.name} must be a finite number, got {value!r}")
+                continue
+            message = check(value) if check is not None else None
             if message:
                 out.append(f"--{f.name} {message}, got {getattr(self, f.name)!r}")
         return out
+
+
+def _is_float_field(f) -> bool:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return kind.replace(" ", "") in ("float", "float|None")
 
 
 @dataclass

@@ -1,0 +1,115 @@
+"""Issue 22, section 2 (config, training loop, compare, aggregate): a config file is typed and checked like the
+command line; a run never ends with a NaN or a "best" epoch that was never saved; compare and aggregate read and
+name the right files and never pool different configurations."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
+
+from config import Config, build_parser
+from main import cli, main
+
+TRAIN = ["--mode=train", "--dataset=demo", "--epoch=1", "--batch_size=64", "--max_steps_per_epoch=3", *TINY_DEMO,
+         *SMALL_MODEL]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: "), err
+    return err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --config_file: typed and checked exactly like the command line
+# ----------------------------------------------------------------------------------------------------------
+
+def _config_file(tmp_path: Path, **values) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    return path
+
+
+def _cli_with_file(tmp_path, capsys, **values) -> tuple[int, str]:
+    path = _config_file(tmp_path, **values)
+    code = cli([f"--config_file={path}", "--mode=aggregate", f"--output_dir={tmp_path / 'none'}"])
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("category_fusion", "false", "true or false"),  # a string is truthy: it turned fusion on
+    ("progress", 0, "true or false"),
+    ("batch_size", True, "an integer"),  # bool is an int in Python: it trained with batch 1
+    ("epoch", 16.9, "an integer"),  # a traceback before
+    ("epoch", "16", "an integer"),
+    ("lr", "fast", "a number"),  # argparse's usage text before, without the file
+    ("lr", True, "a number"),
+    ("news_encoder", "NoSuchEncoder", "one of"),
+    ("dev_criterion", 3, "one of"),
+    ("epoch", None, "an integer"),
+    ("KCNN_window_sizes", "1,2", "a list of integers"),
+    ("runs", "a.npz", "a list of"),
+])
+def test_config_file_values_of_the_wrong_type_are_one_line_errors_naming_file_and_key(tmp_path, capsys, key, value,
+                                                                                       says):
+    code, err = _cli_with_file(tmp_path, capsys, **{key: value})
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert str(tmp_path / "config.json") in err and f'"{key}"' in err and says in err, err
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("batch_size", 0, "--batch_size must be >= 1"),
+    ("lr", float("inf"), "finite"),  # JSON Infinity: Python's json reads it
+    ("lr", float("nan"), "finite"),
+    ("seed", -3, "--seed must be"),
+])
+def test_config_file_values_out_of_range_name_file_and_key(tmp_path, capsys, key, value, says):
+    code, err = _cli_with_file(tmp_path, capsys, **{key: value})
+    assert code == 2 and "\n" not in err, err
+    assert str(tmp_path / "config.json") in err and f'"{key}"' in err and says in err, err
+
+
+def test_config_file_unknown_key_names_it_and_the_closest_flag(tmp_path, capsys):
+    code, err = _cli_with_file(tmp_path, capsys, batchsize=32)
+    assert code == 2 and "\n" not in err, err
+    assert '"batchsize"' in err and "--batch_size" in err and str(tmp_path / "config.json") in err
+
+
+def test_config_file_values_of_the_right_type_are_taken_as_typed(tmp_path):
+    path = _config_file(tmp_path, category_fusion=False, batch_size=32, lr=1, tensorboard=None, glove_path=None,
+                        KCNN_window_sizes=[1, 3], dev_criterion="auc")
+    cfg = Config.from_args([f"--config_file={path}"], file_values=json.loads(path.read_text()), file_name=str(path))
+    assert cfg.category_fusion is False and cfg.batch_size == 32 and cfg.dev_criterion == "auc"
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.KCNN_window_sizes == [1, 3] and cfg.tensorboard is None
+
+
+def test_a_saved_config_json_is_accepted_as_it_is(tmp_path):
+    """Every value a run writes into config.json (the parser's defaults with their types) passes the checks."""
+    values = json.loads(Config.from_args([]).to_json())
+    cfg = Config.from_args([], file_values=values, file_name="saved.json")
+    assert {k: v for k, v in cfg.values.items() if k not in ("config_file", "resume", "seeds")} == \
+        {k: v for k, v in values.items() if k not in ("config_file", "resume", "seeds")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command-line values: non-finite floats and seeds out of range are refused at parse time, naming the flag
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["--lr=inf", "--lr=nan", "--weight_decay=inf", "--gradient_clip_norm=inf",
+                                  "--plm_lr=inf", "--dropout_rate=nan", "--train_fraction=nan"])
+def test_non_finite_float_flags_are_refused_naming_the_flag(flag):
+    with pytest.raises(ValueError, match=f"{flag.split('=')[0]} must be a finite number"):
+        Config.from_args(["--mode=train", "--news_encoder=PLMNRMS", flag])
+
+
+@pytest.mark.parametrize("argv, flag", [(["--seed=4294967296"], "--seed"), (["--seeds=1,4294967296"], "--seeds"),
+                                        (["--demo_seed=4294967296"], "--demo_seed")])
+def test_seed_out_of_range_is_an_error_naming_the_flag(argv, flag):
+    with pytest.raises(ValueError, match=f"{flag} must"):
+        Config.from_args(["--mode=train", *argv])
