@@ -113,3 +113,115 @@ def test_non_finite_float_flags_are_refused_naming_the_flag(flag):
 def test_seed_out_of_range_is_an_error_naming_the_flag(argv, flag):
     with pytest.raises(ValueError, match=f"{flag} must"):
         Config.from_args(["--mode=train", *argv])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: never a NaN or a never-saved "best" epoch
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    """The tiny demo corpus (generated once by a 1-step run)."""
+    tmp = tmp_path_factory.mktemp("review22")
+    main([*TRAIN, f"--data_dir={tmp / 'data'}", f"--output_dir={tmp / 'warmup'}", "--max_steps_per_epoch=1"])
+    return tmp / "data"
+
+
+def _runs(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "runs").rglob("#*"))
+
+
+def test_dev_split_without_clicks_is_an_error_before_any_run_folder(demo_data, tmp_path, monkeypatch, capsys):
+    import MIND_corpus
+
+    behaviors = MIND_corpus.Corpus.behaviors
+
+    def no_dev_clicks(self, split):
+        beh = behaviors(self, split)
+        if split != "dev":
+            return beh
+        return {**beh, "labels": np.where(np.asarray(beh["labels"]) == 1, 0, beh["labels"]).astype(np.int8)}
+
+    monkeypatch.setattr(MIND_corpus.Corpus, "behaviors", no_dev_clicks)
+    code = cli([*TRAIN, f"--data_dir={demo_data}", f"--output_dir={tmp_path / 'runs'}"])
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert "dev" in captured.err and "no epoch could be chosen as the best" in captured.err
+    assert "\n" not in captured.err.strip()
+    assert "best epoch" not in captured.out and "checkpoint:" not in captured.out
+    assert _runs(tmp_path) == []
+
+
+def _nan_loss_at(monkeypatch, call: int) -> None:
+    from model import Model
+
+    forward, calls = Model.forward, [0]
+
+    def nan_at(self, batch):
+        out = forward(self, batch)
+        calls[0] += 1
+        if calls[0] == call and self.training:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Model, "forward", nan_at)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_flags(demo_data, tmp_path, monkeypatch, capsys):
+    """Epoch 1 (3 steps) trains; the loss of step 5 (epoch 2) is NaN: the run stops there, epoch 2 is never
+    evaluated or "best", and last.pt still holds epoch 1."""
+    _nan_loss_at(monkeypatch, 5)
+    code = cli([*TRAIN, "--epoch=3", f"--data_dir={demo_data}", f"--output_dir={tmp_path / 'runs'}"])
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    err = captured.err.strip()
+    assert "\n" not in err and "epoch 2, optimizer step 5" in err and "nan" in err and "--lr=" in err, err
+    assert "epoch 2:" not in captured.out and captured.out.count("*best*") == 1
+    (run,) = _runs(tmp_path)
+    log = [json.loads(line) for line in (run / "dev_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1]
+    import torch
+
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_huge_learning_rate_never_gives_a_best_epoch(demo_data, tmp_path, capsys):
+    code = cli([*TRAIN, "--lr=1e30", "--epoch=2", f"--data_dir={demo_data}", f"--output_dir={tmp_path / 'runs'}"])
+    captured = capsys.readouterr()
+    assert code == 2, captured.out
+    assert "*best*" not in captured.out and "--lr=1e+30" in captured.err, captured.err
+
+
+def test_a_nan_dev_criterion_is_never_best(demo_data, tmp_path, monkeypatch, capsys):
+    import scorer
+
+    monkeypatch.setattr(scorer, "criterion_value", lambda metrics, name: float("nan"))
+    code = cli([*TRAIN, f"--data_dir={demo_data}", f"--output_dir={tmp_path / 'runs'}"])
+    captured = capsys.readouterr()
+    assert code == 2 and "epoch 1: dev avg is nan" in captured.err, captured.err
+    assert "*best*" not in captured.out and "checkpoint:" not in captured.out
+
+
+def test_non_finite_dev_scores_are_never_best(demo_data, tmp_path, monkeypatch, capsys):
+    """NaN scores are ranked last by the tie rule: the metrics would measure popularity, not the model."""
+    import torch
+    from model import Model
+
+    score = Model.score_cached
+    monkeypatch.setattr(Model, "score_cached", lambda self, batch, vectors: score(self, batch, vectors) * torch.nan)
+    code = cli([*TRAIN, f"--data_dir={demo_data}", f"--output_dir={tmp_path / 'runs'}"])
+    captured = capsys.readouterr()
+    assert code == 2 and "non-finite dev scores" in captured.err, captured.err
+    assert "*best*" not in captured.out
+
+
+def test_a_run_without_a_best_epoch_fails_and_prints_no_checkpoint(demo_data, tmp_path, monkeypatch, capsys):
+    import trainer
+
+    decide = trainer.Trainer._decide
+    monkeypatch.setattr(trainer.Trainer, "_decide", lambda self, run, result: {**decide(self, run, result),
+                                                                               "improved": False})
+    code = cli([*TRAIN, f"--data_dir={demo_data}", f"--output_dir={tmp_path / 'runs'}"])
+    captured = capsys.readouterr()
+    assert code == 2 and "no epoch of 1 was chosen as the best" in captured.err, captured.err
+    assert "checkpoint:" not in captured.out
