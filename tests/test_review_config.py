@@ -225,3 +225,61 @@ def test_a_run_without_a_best_epoch_fails_and_prints_no_checkpoint(demo_data, tm
     captured = capsys.readouterr()
     assert code == 2 and "no epoch of 1 was chosen as the best" in captured.err, captured.err
     assert "checkpoint:" not in captured.out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --mode=compare: damaged records, an output that is a file, the file a missing split names
+# ----------------------------------------------------------------------------------------------------------
+
+def _fake_records(run: Path, split: str = "dev", seed: int = 0) -> Path:
+    import significance
+
+    offsets = np.array([0, 2, 4, 6])
+    labels = np.array([1, 0, 0, 1, 1, 0])
+    per = {"index": np.arange(3), "auc": np.array([1.0, 0.0, 1.0]), "mrr": np.array([1.0, .5, 1.0]),
+           "ndcg5": np.array([1.0, .6, 1.0]), "ndcg10": np.array([1.0, .6, 1.0]), "skipped_single_class": 0,
+           "skipped_empty": 0}
+    (run / split).mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text("{}")
+    return significance.write_per_impression(run / split / "per_impression.npz", per, np.array([1, 2, 3]), offsets,
+                                             labels, {"split": split, "dataset": "demo", "model": "M", "run": run.name,
+                                                      "seed": seed})
+
+
+def test_compare_a_truncated_records_file_is_one_line_naming_it(tmp_path, capsys):
+    a = _fake_records(tmp_path / "#1")
+    b = _fake_records(tmp_path / "#2", seed=1)
+    b.write_bytes(b.read_bytes()[: len(b.read_bytes()) // 2])
+    code = cli(["--mode=compare", "--runs", str(tmp_path / "#1"), str(tmp_path / "#2"),
+                f"--output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and str(b) in err and "damaged" in err, err
+    assert a.exists()
+
+
+def test_compare_output_naming_an_existing_file_is_an_error(tmp_path, capsys):
+    _fake_records(tmp_path / "#1")
+    _fake_records(tmp_path / "#2", seed=1)
+    taken = tmp_path / "results.md"
+    taken.write_text("mine\n")
+    code = cli(["--mode=compare", "--runs", str(tmp_path / "#1"), str(tmp_path / "#2"), f"--compare_output={taken}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and str(taken) in err and "not a folder" in err, err
+    assert taken.read_text() == "mine\n"
+
+
+def test_compare_split_test_names_the_test_records_it_looked_for(tmp_path, capsys):
+    _fake_records(tmp_path / "#1")  # dev records only
+    _fake_records(tmp_path / "#2", seed=1)
+    code = cli(["--mode=compare", "--split=test", "--runs", str(tmp_path / "#1"), str(tmp_path / "#2")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert str(tmp_path / "#1" / "test" / "per_impression.npz") in err and "--mode=test" in err, err
+
+
+def test_compare_a_split_folder_of_the_other_split_is_refused(tmp_path, capsys):
+    _fake_records(tmp_path / "#1")
+    _fake_records(tmp_path / "#2", seed=1)
+    code = cli(["--mode=compare", "--split=test", "--runs", str(tmp_path / "#1" / "dev"), str(tmp_path / "#2" / "dev")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "dev" in err and "--split=test" in err, err
