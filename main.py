@@ -365,6 +365,14 @@ def aggregate(config: Config) -> dict[str, Any]:
         util.write_lines_atomic(out / "aggregate_paired.tsv", paired_tsv.splitlines())
         written.append(out / "aggregate_paired.tsv")
     print(markdown)
+    differing = run_records.label_configurations(runs)
+    print("\nruns are grouped by configuration: one row per dataset, model and configuration (every setting of a "
+          "run's config.json except the seed, file locations and how it ran, e.g. --device; docs/training.md lists "
+          "them); runs of different configurations are never pooled")
+    for (ds, model), keys in sorted(differing.items()):
+        count = len({r["group"] for r in runs if (r["dataset"], r["model"]) == (ds, model)})
+        print(f"note: {ds}/{model}: {count} configurations, told apart by "
+              f"{', '.join('--' + k for k in keys)} (a row each)")
     for note in notes:
         print(f"note: {note}")
     incomplete = [r["incomplete"] for r in records if "incomplete" in r]

@@ -402,9 +402,10 @@ def seed_differences(records: Sequence[Mapping]) -> tuple[str, str, list[str]]:
     for r in records:
         if "incomplete" in r or r.get("seed") is None:
             continue
-        seeds = by.setdefault((r["dataset"], r["model"]), {})
+        group = r.get("group", r["model"])  # a model's configurations are compared like two models
+        seeds = by.setdefault((r["dataset"], group), {})
         if r["seed"] in seeds:
-            notes.append(f"{r['dataset']}/{r['model']}: runs {seeds[r['seed']]['run']} and {r['run']} share seed "
+            notes.append(f"{r['dataset']}/{group}: runs {seeds[r['seed']]['run']} and {r['run']} share seed "
                          f"{r['seed']}; the paired-by-seed table uses {r['run']}")
         seeds[r["seed"]] = r  # collect_runs lists runs in ascending order: the latest wins
     md = ["| dataset | A | B | seeds | metric | B − A (mean ± std) | 95% CI | p (paired t over seeds) |",

@@ -283,3 +283,42 @@ def test_compare_a_split_folder_of_the_other_split_is_refused(tmp_path, capsys):
     code = cli(["--mode=compare", "--split=test", "--runs", str(tmp_path / "#1" / "dev"), str(tmp_path / "#2" / "dev")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "dev" in err and "--split=test" in err, err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --mode=aggregate: one row per configuration, never a pool of different ones; one run has no spread
+# ----------------------------------------------------------------------------------------------------------
+
+def _agg_run(root: Path, model: str, n: int, seed: int, auc: float, **config) -> None:
+    run = root / "demo" / model / f"#{n}"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"seed": seed, "dev_criterion": "avg", "lr": 1e-4, "head_num": 4,
+                                                 "output_dir": f"/somewhere/{n}", "device": "cpu", **config}))
+    (run / "dev_log.jsonl").write_text(json.dumps({"epoch": 1, "auc": auc, "mrr": .3, "ndcg5": .3, "ndcg10": .4})
+                                       + "\n")
+
+
+def test_aggregate_groups_runs_by_configuration_not_by_model_name(tmp_path, capsys):
+    _agg_run(tmp_path, "MHSA-MHSA", 1, 0, .60)
+    _agg_run(tmp_path, "MHSA-MHSA", 2, 1, .62, output_dir="/elsewhere", device="cuda")  # same configuration
+    _agg_run(tmp_path, "MHSA-MHSA", 3, 0, .70, lr=1e-3)  # another learning rate: not pooled
+    _agg_run(tmp_path, "MHSA-MHSA", 4, 1, .72, lr=1e-3)
+    result = main(["--mode=aggregate", f"--output_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    rows = [line for line in result["markdown"].splitlines()
+            if line.startswith("| demo") and line.split("|")[3].strip().isdigit()]  # the table, not the paired one
+    assert len(rows) == 2, rows
+    assert any("lr=0.0001" in r and "| 2 | 0,1 | 61.00 ± 1.41" in r for r in rows), rows
+    assert any("lr=0.001" in r and "| 2 | 0,1 | 71.00 ± 1.41" in r for r in rows), rows
+    assert "grouped by configuration" in out and "--lr" in out
+    # paired by seed within a model name: the two configurations are the two "models" compared
+    assert "aggregate_paired.tsv" in out
+
+
+def test_aggregate_of_one_run_prints_n_1_and_no_spread(tmp_path):
+    _agg_run(tmp_path, "NAML-ATT", 1, 0, .70)
+    result = main(["--mode=aggregate", f"--output_dir={tmp_path}"])
+    assert "± 0.00" not in result["markdown"] and "70.00 (n=1)" in result["markdown"]
+    header, row = result["tsv"].splitlines()
+    values = dict(zip(header.split("\t"), row.split("\t")))
+    assert values["dev_auc_mean"] == "70.000000" and values["dev_auc_std"] == ""
