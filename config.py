@@ -295,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
         settings_cls.add_arguments(p, owners=owners)
     for settings_cls in (TrainingSettings, DistSettings, PretrainRunSettings, *task_settings_classes()):
         settings_cls.add_arguments(p)
+    # A flag's --help names the per-dataset values that replace its default where it is not typed (the demo's 4
+    # frozen PLM layers, say), so the default shown is never the whole story.
+    for action in p._actions:
+        suggested = [f"{ds} {values[action.dest]}" for ds, values in DATASET_SUGGESTIONS.items()
+                     if action.dest in values]
+        if suggested:
+            action.help = f"{action.help} (set per --dataset where not typed: {', '.join(suggested)})"
     return p
 
 

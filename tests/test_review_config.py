@@ -322,3 +322,21 @@ def test_aggregate_of_one_run_prints_n_1_and_no_spread(tmp_path):
     header, row = result["tsv"].splitlines()
     values = dict(zip(header.split("\t"), row.split("\t")))
     assert values["dev_auc_mean"] == "70.000000" and values["dev_auc_std"] == ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --help names what the program does: per-dataset values of a flag's default
+# ----------------------------------------------------------------------------------------------------------
+
+def test_help_names_the_per_dataset_values_that_replace_a_default():
+    """--plm_frozen_layers' help said 10/12 of the layers (5 of MiniLM's 6) while the demo uses 4: every flag a
+    dataset sets where it is not typed names those values in its help, and they are the values the config takes."""
+    from config import DATASET_SUGGESTIONS
+
+    helps = {a.dest: a.help for a in build_parser()._actions}
+    assert "demo 4" in helps["plm_frozen_layers"]
+    for ds, values in DATASET_SUGGESTIONS.items():
+        for flag, value in values.items():
+            assert f"{ds} {value}" in helps[flag], flag
+    cfg = Config.from_args(["--dataset=demo", "--news_encoder=PLMNRMS"])
+    assert cfg.plm_frozen_layers == 4

@@ -274,9 +274,10 @@ def test_run_level_flags_keep_name_default_type_choices_help_and_group():
     before they became settings classes; each keeps its name, default, type, choices, help, group and order."""
     before = json.loads((DATA / "run_flags_before_settings.json").read_text())
     now = _run_level_flags()
-    # Added since, after every earlier flag: --mode=pretrain's flags (issue 17; tests/test_pretraining.py). The one
-    # changed flag is --mode, which gains the choice "pretrain" and its sentence in the help; the file stays as it
-    # was recorded.
+    # Added since, after every earlier flag: --mode=pretrain's flags (issue 17; tests/test_pretraining.py). The
+    # changed flags: --mode, which gains the choice "pretrain" and its sentence in the help; --epoch, whose help names
+    # the per-dataset values that replace its default where it is not typed (issue 22: every flag in
+    # config.DATASET_SUGGESTIONS says so, e.g. the demo's 4 frozen PLM layers). The file stays as it was recorded.
     for record in before:
         if record["dest"] == "mode":
             record["choices"] = [*record["choices"], "pretrain"]
@@ -284,6 +285,8 @@ def test_run_level_flags_keep_name_default_type_choices_help_and_group():
                 ", or compare: paired significance tests between runs (--runs)",
                 ", compare: paired significance tests between runs (--runs), or pretrain: self-supervised pretraining "
                 "of the encoders on click sequences (docs/pretraining.md)")
+        if record["dest"] == "epoch":
+            record["help"] += " (set per --dataset where not typed: demo 4, large 8)"
     from config import PretrainRunSettings
     from pretraining import task_settings_classes
 
