@@ -469,6 +469,8 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) 
     """Run one command line. `callbacks` (trainer.Callback) hook into training, e.g. from a test's launcher."""
     file_values, file_name = read_config_file(argv)
     config = Config.from_args(argv, file_values=file_values, file_name=file_name or "the config file")
+    for note in config.unread_flags():  # typed flags this mode does not read: they would do nothing, unsaid
+        rank0_print(f"note: {note}")
     if config.mode == "aggregate":
         return aggregate(config)
     if config.mode == "compare":

@@ -612,7 +612,8 @@ class Trainer:
                 "samples": sum(sampler.global_size(j) for j in range(min(loss_n, batches)))}
 
     def _hints(self) -> str:
-        return divergence_hints(self.config, self.runtime.amp, getattr(getattr(self.raw, "news_encoder", None), "uses_plm", False))
+        plm = getattr(getattr(self.raw, "news_encoder", None), "uses_plm", False)
+        return divergence_hints(self.config, self.runtime.amp, plm)
 
     def _check_finite(self, loss: float | None, epoch: int, state: TrainState) -> None:
         """Stop at the first optimizer step whose loss is not finite on any rank (`loss`: this rank's, None when

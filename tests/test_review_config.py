@@ -340,3 +340,43 @@ def test_help_names_the_per_dataset_values_that_replace_a_default():
             assert f"{ds} {value}" in helps[flag], flag
     cfg = Config.from_args(["--dataset=demo", "--news_encoder=PLMNRMS"])
     assert cfg.plm_frozen_layers == 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flags that do nothing in the mode used: a printed note naming them, from which modes read each flag
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, unread", [
+    (["--mode=train", "--dev_model_path=x.pt", "--test_model_path=y.pt", "--impression_id=3"],
+     ["dev_model_path", "impression_id", "test_model_path"]),
+    (["--mode=dev", "--dev_model_path=x.pt", "--test_model_path=y.pt", "--lr=0.1", "--epoch=3", "--head_num=4"],
+     ["epoch", "head_num", "lr", "test_model_path"]),
+    (["--mode=test", "--test_model_path=y.pt", "--dev_model_path=x.pt", "--batch_size=8", "--dev_criterion=auc"],
+     ["batch_size", "dev_criterion", "dev_model_path"]),
+    (["--mode=pretrain", "--train_fraction=0.5", "--tie_break=position", "--dev_criterion=auc"],
+     ["dev_criterion", "tie_break"]),  # --train_fraction is read by pretraining: no note
+    (["--mode=aggregate", "--lr=0.1", "--dataset=small", "--output_dir=x"], ["lr"]),
+    (["--mode=compare", "--runs", "a", "b", "--split=test", "--seed=3", "--device=cpu"], ["device"]),
+    (["--mode=train", "--lr=0.1", "--seed=3", "--device=cpu", "--no-progress"], []),
+])
+def test_flags_a_mode_does_not_read_are_named_in_a_note(argv, unread):
+    notes = Config.from_args(argv).unread_flags()
+    assert [n.split()[0] for n in notes] == [f"--{f}" for f in unread], notes
+    mode = argv[0].split("=")[1]
+    assert all(f"does nothing in --mode={mode}" in n for n in notes)
+
+
+def test_the_flags_evaluation_reads_are_those_it_takes_from_the_command_line():
+    """main.EVAL_OVERRIDABLE (the flags dev/test/explain take over a checkpoint's config) and the modes declared
+    beside each flag say the same thing, so the notes never call a flag they use unread (or the reverse)."""
+    from config import flag_modes
+    from main import EVAL_OVERRIDABLE
+
+    read = {flag for flag, modes in flag_modes().items() if set(modes) & {"dev", "test", "explain"}}
+    assert read - {"config_file"} == set(EVAL_OVERRIDABLE)
+
+
+def test_main_prints_the_note_for_an_unread_flag(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError):
+        main(["--mode=aggregate", f"--output_dir={tmp_path}", "--dev_model_path=x.pt"])
+    assert "note: --dev_model_path does nothing in --mode=aggregate" in capsys.readouterr().out
