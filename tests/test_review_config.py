@@ -260,7 +260,7 @@ def test_compare_a_truncated_records_file_is_one_line_naming_it(tmp_path, capsys
 def test_compare_output_naming_an_existing_file_is_an_error(tmp_path, capsys):
     _fake_records(tmp_path / "#1")
     _fake_records(tmp_path / "#2", seed=1)
-    taken = tmp_path / "results.md"
+    taken = tmp_path / "results.txt"
     taken.write_text("mine\n")
     code = cli(["--mode=compare", "--runs", str(tmp_path / "#1"), str(tmp_path / "#2"), f"--compare_output={taken}"])
     err = capsys.readouterr().err.strip()
