@@ -289,6 +289,8 @@ def flag_modes() -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     for settings_cls in (*RUN_SETTINGS, SharedDims, *component_settings_owners()):
         out.update(settings_cls.flag_modes())
+    for settings_cls in task_settings_classes():  # a pretraining task's flags: only pretraining reads them
+        out.update({name: ("pretrain",) for name in settings_cls.names()})
     return out
 
 
@@ -374,7 +376,15 @@ class Config:
         cfg = cls(values=vars(ns), explicit=typed, notes=overrides, typed=_typed_flags(parser, argv))
         cfg.apply_dataset_suggestions()
         cfg.apply_click_predictor_rule()
-        cfg.validate()
+        try:
+            cfg.validate()
+        except ValueError as e:
+            # Cross-flag rules name flags; say which of them came from the file, not from the command line.
+            from_file = sorted(k for k in (file_values or {}) if k not in cfg.typed and f"--{k}" in str(e))
+            if not from_file:
+                raise
+            raise ValueError(f"{e}\n  (from --config_file {file_name}: "
+                             + ", ".join(f'"{k}"' for k in from_file) + ")") from None
         return cfg
 
     @classmethod

@@ -380,3 +380,10 @@ def test_main_prints_the_note_for_an_unread_flag(tmp_path, capsys):
     with pytest.raises(FileNotFoundError):
         main(["--mode=aggregate", f"--output_dir={tmp_path}", "--dev_model_path=x.pt"])
     assert "note: --dev_model_path does nothing in --mode=aggregate" in capsys.readouterr().out
+
+
+def test_a_cross_flag_rule_broken_by_a_config_file_value_names_the_file(tmp_path):
+    path = _config_file(tmp_path, news_encoder="NAML", category_fusion=True)  # NAML reads the categories itself
+    with pytest.raises(ValueError, match=r'--category_fusion.*\n  \(from --config_file .*config.json: '
+                                         r'"category_fusion", "news_encoder"\)'):
+        Config.from_args([f"--config_file={path}"], file_values=json.loads(path.read_text()), file_name=str(path))
