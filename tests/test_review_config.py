@@ -387,3 +387,24 @@ def test_a_cross_flag_rule_broken_by_a_config_file_value_names_the_file(tmp_path
     with pytest.raises(ValueError, match=r'--category_fusion.*\n  \(from --config_file .*config.json: '
                                          r'"category_fusion", "news_encoder"\)'):
         Config.from_args([f"--config_file={path}"], file_values=json.loads(path.read_text()), file_name=str(path))
+
+
+def test_under_ddp_every_rank_stops_when_one_ranks_loss_is_not_finite():
+    """The stop is agreed through an all-reduce of a flag (no rank raises alone and leaves the others waiting): a
+    rank whose own loss is finite stops too when the sum says another rank's was not."""
+    from types import SimpleNamespace
+
+    import trainer
+
+    sent = []
+    fake = SimpleNamespace(runtime=SimpleNamespace(distributed=True, amp="off"),
+                           config=SimpleNamespace(lr=1e-4, gradient_clip_norm=4.0), raw=SimpleNamespace())
+    fake._hints = lambda: trainer.divergence_hints(fake.config, "off")
+    fake._global_sums = lambda values: (sent.append(values), [values[0] + 1.0])[1]  # the other rank: not finite
+    state = trainer.TrainState(epoch=1, step=7)
+    with pytest.raises(trainer.TrainingDiverged, match="epoch 2, optimizer step 8: the training loss is not finite "
+                                                       "on another process"):
+        trainer.Trainer._check_finite(fake, None, 2, state)
+    assert sent == [[0.0]]
+    fake._global_sums = lambda values: [values[0]]  # every rank finite: goes on
+    trainer.Trainer._check_finite(fake, None, 2, state)
