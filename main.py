@@ -395,6 +395,14 @@ def aggregate(config: Config) -> dict[str, Any]:
         util.write_lines_atomic(out / "aggregate_paired.tsv", paired_tsv.splitlines())
         written.append(out / "aggregate_paired.tsv")
     print(markdown)
+    differing = run_records.label_configurations(runs)
+    print("\nruns are grouped by configuration: one row per dataset, model and configuration (every setting of a "
+          "run's config.json except the seed, file locations and how it ran, e.g. --device; docs/training.md lists "
+          "them); runs of different configurations are never pooled")
+    for (ds, model), keys in sorted(differing.items()):
+        count = len({r["group"] for r in runs if (r["dataset"], r["model"]) == (ds, model)})
+        print(f"note: {ds}/{model}: {count} configurations, told apart by "
+              f"{', '.join('--' + k for k in keys)} (a row each)")
     for note in notes:
         print(f"note: {note}")
     incomplete = [r["incomplete"] for r in records if "incomplete" in r]
@@ -494,6 +502,8 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) 
     """Run one command line. `callbacks` (trainer.Callback) hook into training, e.g. from a test's launcher."""
     file_values, file_name = read_config_file(argv)
     config = Config.from_args(argv, file_values=file_values, file_name=file_name or "the config file")
+    for note in config.unread_flags():  # typed flags this mode does not read: they would do nothing, unsaid
+        rank0_print(f"note: {note}")
     if config.mode == "aggregate":
         return aggregate(config)
     if config.mode == "compare":

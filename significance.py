@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,12 +95,16 @@ def load_per_impression(path, label: str | None = None) -> PerImpression:
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a per-impression metrics file ({type(e).__name__}: {e})") from None
-    need = {"impression_id", "candidates", "clicks", "meta", *METRIC_KEYS}
-    if not need <= set(data):
-        raise ValueError(f"{path}: not a per-impression metrics file (missing {sorted(need - set(data))})")
-    meta = json.loads(str(data["meta"]))
+        need = {"impression_id", "candidates", "clicks", "meta", *METRIC_KEYS}
+        if not need <= set(data):
+            raise ValueError(f"missing {sorted(need - set(data))}")
+        meta = json.loads(str(data["meta"]))
+    except Exception as e:  # noqa: BLE001 - a cut zip raises BadZipFile, EOFError, zlib.error, ...: all mean damaged
+        if isinstance(e, IsADirectoryError):
+            raise ValueError(f"{path}: a folder, not a per-impression metrics file") from None
+        raise ValueError(f"{path}: not a per-impression metrics file, or a damaged one ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no details'}); write it again with --mode=dev or "
+                         f"--mode=test on that run's checkpoint") from None
     if label is None:
         label = meta.get("model", path.stem) + (f" {meta['run']}" if meta.get("run") else "")
     return PerImpression(path, label, data["impression_id"].astype(np.int64),
@@ -118,8 +123,8 @@ def resolve_run(spec: str, split: str) -> Path:
         return path
     if path.is_file():  # a checkpoint: its records lie in <run>/<split>/, or <run>/<split>-<stem>/ (not the best)
         folder = _checkpoint_records(spec, path, split, name)
-    elif path.is_dir():
-        folder = path / split if (path / split).is_dir() and not (path / name).exists() else path
+    elif path.is_dir():  # a folder holding the records (a split folder), else a run folder: its <split>/
+        folder = path if (path / name).exists() else path / split
     else:
         raise FileNotFoundError(f"--runs {spec}: no such file or folder (give a run folder, a checkpoint or a "
                                 f"{PER_IMPRESSION} file)")
@@ -151,7 +156,15 @@ def _checkpoint_records(spec: str, path: Path, split: str, name: str) -> Path:
 
 def load_runs(specs: Sequence[str], split: str) -> list[PerImpression]:
     """Load every `--runs` entry; labels that would repeat get the entry's position appended."""
-    runs = [load_per_impression(resolve_run(s, split)) for s in specs]
+    runs = []
+    for spec in specs:
+        run = load_per_impression(resolve_run(spec, split))
+        given = Path(spec[len(POPULARITY_PREFIX):] if spec.startswith(POPULARITY_PREFIX) else spec)
+        if not given.suffix == ".npz" and run.meta.get("split") not in (None, split):
+            # a folder or checkpoint stands for the split --split names; a file given by name holds what it holds
+            raise ValueError(f"--runs {spec}: {run.path} holds {run.meta.get('split')} records, but --split={split}; "
+                             f"give the run folder (its {split}/ records are read) or --split={run.meta.get('split')}")
+        runs.append(run)
     counts: dict[str, int] = {}
     for r in runs:
         counts[r.label] = counts.get(r.label, 0) + 1
@@ -366,11 +379,18 @@ def output_folder(requested: str | None, output_dir, dataset: str, stamp: str) -
     `<output_dir>/<dataset>/compare/<stamp>[-n]/`, never an existing folder."""
     if requested:
         folder = Path(requested)
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"--compare_output {folder} is a file, not a folder; give a folder (compare writes "
+                                  f"compare.md and compare.tsv into it and never overwrites a file)")
         taken = [name for name in ("compare.md", "compare.tsv") if (folder / name).exists()]
         if taken:
             raise FileExistsError(f"--compare_output {folder} already holds {', '.join(taken)}; choose another "
                                   f"folder (compare never overwrites a file)")
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file where a parent folder should be, no permission, ...
+            raise FileExistsError(f"--compare_output {folder}: cannot make the folder ({e.strerror}: "
+                                  f"{e.filename}); give another folder") from None
         return folder
     base = Path(output_dir) / dataset / "compare"
     base.mkdir(parents=True, exist_ok=True)
@@ -402,9 +422,10 @@ def seed_differences(records: Sequence[Mapping]) -> tuple[str, str, list[str]]:
     for r in records:
         if "incomplete" in r or r.get("seed") is None:
             continue
-        seeds = by.setdefault((r["dataset"], r["model"]), {})
+        group = r.get("group", r["model"])  # a model's configurations are compared like two models
+        seeds = by.setdefault((r["dataset"], group), {})
         if r["seed"] in seeds:
-            notes.append(f"{r['dataset']}/{r['model']}: runs {seeds[r['seed']]['run']} and {r['run']} share seed "
+            notes.append(f"{r['dataset']}/{group}: runs {seeds[r['seed']]['run']} and {r['run']} share seed "
                          f"{r['seed']}; the paired-by-seed table uses {r['run']}")
         seeds[r["seed"]] = r  # collect_runs lists runs in ascending order: the latest wins
     md = ["| dataset | A | B | seeds | metric | B − A (mean ± std) | 95% CI | p (paired t over seeds) |",
@@ -425,7 +446,9 @@ def seed_differences(records: Sequence[Mapping]) -> tuple[str, str, list[str]]:
                 vb = np.array([r[col] for r in rb]) * 100
                 d = vb - va
                 low, high = run_records.t_interval(d)
-                with np.errstate(divide="ignore", invalid="ignore"):
+                with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+                    # equal differences over every seed: scipy warns of precision loss; t is ±inf, p 0
+                    warnings.simplefilter("ignore", RuntimeWarning)
                     t = stats.ttest_rel(vb, va)
                 t_stat, p = (0.0, 1.0) if (d == 0).all() else (float(t.statistic), float(t.pvalue))
                 seeds = ",".join(str(s) for s in shared)

@@ -62,6 +62,36 @@ class TrainingInterrupted(Exception):
         return self.text + (f"; resume with: {self.command}" if self.command and self.epoch > 0 else "")
 
 
+class TrainingDiverged(ValueError):
+    """The training loss (or the dev evaluation it leads to) is not finite: the run stops, naming the step and the
+    flags that usually cause it; no such epoch is ever recorded as the best (a ValueError: main prints one line)."""
+
+
+def divergence_hints(config, amp: str, plm: bool = False) -> str:
+    """The flags that usually make a loss overflow, with their values in this run (`plm`: a PLM is trained)."""
+    hints = [f"--lr={config.lr} (try a smaller one)"]
+    if plm:
+        hints.append(f"--plm_lr={config.plm_lr}")
+    if amp in ("fp16", "bf16"):
+        hints.append(f"--amp {amp} (try --amp=off)")
+    if config.gradient_clip_norm == 0:
+        hints.append("--gradient_clip_norm=0 (clipping is off)")
+    return "; ".join(hints)
+
+
+def usable_impressions(beh: dict[str, Any]) -> tuple[int, int, int]:
+    """(impressions with a clicked and a non-clicked candidate, without any click, with unlabelled candidates):
+    only the first kind gets an AUC, so a split without any cannot pick a best epoch."""
+    labels, offsets = np.asarray(beh["labels"]), np.asarray(beh["offsets"])
+
+    def per_impression(mask: np.ndarray) -> np.ndarray:
+        csum = np.concatenate([[0], np.cumsum(mask)])
+        return csum[offsets[1:]] - csum[offsets[:-1]]
+
+    clicks, others, unlabelled = per_impression(labels == 1), per_impression(labels == 0), per_impression(labels < 0)
+    return int(((clicks > 0) & (others > 0)).sum()), int((clicks == 0).sum()), int((unlabelled > 0).sum())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
@@ -427,6 +457,12 @@ class Trainer:
         per-impression records (None elsewhere: then none are written)."""
         cfg = self.config
         dev_beh = self.corpus.behaviors("dev")
+        usable, no_click, unlabelled = usable_impressions(dev_beh)
+        if usable == 0:  # every epoch's dev metrics would be NaN: none could be the best, nothing would be saved
+            raise ValueError(f"{dev_beh['path']}: none of its {len(dev_beh['offsets']) - 1} impressions has both a "
+                             f"clicked ('<NewsID>-1') and a non-clicked ('<NewsID>-0') candidate ({no_click} without "
+                             f"clicks, {unlabelled} unlabelled): dev AUC/MRR/nDCG cannot be computed, so no epoch "
+                             f"could be chosen as the best; training needs a labelled dev split")
         tie_rank = tie_rank_for(cfg, self.corpus.behaviors("train"), self.raw.news_num)
         pop = None
         if self.runtime.is_main:
@@ -517,6 +553,7 @@ class Trainer:
         bar = tqdm(loader, total=min(batches, run.steps_per_epoch * accum), desc=f"epoch {epoch}",
                    leave=False, disable=not run.show, dynamic_ncols=True)
         optimizer.zero_grad(set_to_none=True)
+        nonfinite = None  # this rank's first non-finite loss of the current optimizer step
         for i, batch in enumerate(bar):
             for cb in self.callbacks:
                 cb.on_step_start(self, state.step)
@@ -531,6 +568,8 @@ class Trainer:
                     out = self.model(batch)
                 scaler.scale(out.loss * (weight / held)).backward()
             loss = out.loss.item()
+            if not math.isfinite(loss) and nonfinite is None:
+                nonfinite = loss
             share = weight / rt.world_size  # this rank's share of the global batch's mean loss
             loss_sum += loss * share
             loss_n += 1
@@ -540,6 +579,7 @@ class Trainer:
                        sampler.global_size(i))
             if not boundary:
                 continue
+            self._check_finite(nonfinite, epoch, state)  # before the step: NaN gradients never reach the weights
             if cfg.gradient_clip_norm > 0:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
                 nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.gradient_clip_norm)
@@ -572,6 +612,24 @@ class Trainer:
                 "seconds": seconds,
                 "samples": sum(sampler.global_size(j) for j in range(min(loss_n, batches)))}
 
+    def _hints(self) -> str:
+        plm = getattr(getattr(self.raw, "news_encoder", None), "uses_plm", False)
+        return divergence_hints(self.config, self.runtime.amp, plm)
+
+    def _check_finite(self, loss: float | None, epoch: int, state: TrainState) -> None:
+        """Stop at the first optimizer step whose loss is not finite on any rank (`loss`: this rank's, None when
+        finite). Under DDP the ranks agree through one all-reduce of a flag per step, so all of them stop together."""
+        if self.runtime.distributed:
+            if self._global_sums([0.0 if loss is None else 1.0])[0] == 0:
+                return
+        elif loss is None:
+            return
+        kept = (f"{LAST_CHECKPOINT} holds epoch {state.epoch}" if state.epoch else "no epoch was finished")
+        raise TrainingDiverged(f"epoch {epoch}, optimizer step {state.step + 1}: the training loss is "
+                               f"{'not finite on another process' if loss is None else loss} (the model diverged); "
+                               f"the run stops and this epoch is not saved ({kept}). Likely causes: "
+                               f"{self._hints()}")
+
     def _evaluate_epoch(self, run: "_Run", epoch: int):
         """The dev evaluation after an epoch (every rank takes part; metrics on rank 0)."""
         return evaluate(self.raw, run.dev_beh, self.config, self.runtime, desc="dev", tie_rank=run.tie_rank)
@@ -585,8 +643,26 @@ class Trainer:
             improved = value > state.best
             bad = 0 if improved else state.bad_epochs + 1
             decision = {"improved": improved, "value": value, "bad_epochs": bad,
-                        "stop": bad >= cfg.early_stopping_epoch}
-        return util.broadcast_object(decision, group=rt.wait_group)
+                        "stop": bad >= cfg.early_stopping_epoch, "error": self._dev_problem(state.epoch + 1, value,
+                                                                                            result.ties)}
+        decision = util.broadcast_object(decision, group=rt.wait_group)
+        if decision["error"]:  # raised on every rank, after the broadcast: no rank waits for another
+            raise TrainingDiverged(decision["error"])
+        return decision
+
+    def _dev_problem(self, epoch: int, value: float, ties: dict[str, Any]) -> str | None:
+        """Why an epoch's dev evaluation cannot be judged (None: it can): a non-finite criterion, or non-finite
+        scores, which are ranked last by the tie rule, so the metrics would measure the rule, not the model."""
+        cfg = self.config
+        if not math.isfinite(value):
+            return (f"epoch {epoch}: dev {cfg.dev_criterion} is {value}, so the epoch cannot be compared; the run "
+                    f"stops (likely causes: {self._hints()})")
+        if ties and ties.get("nonfinite_scores"):
+            return (f"epoch {epoch}: the model gave {ties['nonfinite_scores']} non-finite dev scores (e.g. impressions "
+                    f"{', '.join(ties['nonfinite_impressions'])}): it diverged, and its metrics would rank those "
+                    f"candidates by the tie rule, not by the model; the run stops (likely causes: "
+                    f"{self._hints()})")
+        return None
 
     def _epoch_record(self, epoch: int, stats: dict[str, Any], result) -> dict[str, Any]:
         """The epoch's line of `epoch_log` (and of the run's history)."""
@@ -648,6 +724,9 @@ class Trainer:
     def _finish(self, run: "_Run") -> TrainResult:
         cfg, state = self.config, run.state
         run.epoch_bar.close()
+        if state.best_epoch == 0:  # never print a checkpoint path that was not written
+            raise ValueError(f"{run.run_dir}: no epoch of {state.epoch} was chosen as the best (the criterion never "
+                             f"improved on {state.best}), so no checkpoint {run.checkpoint.name} was written")
         if run.recorder is not None:
             run.recorder.close()
             self.log(f"run records: {run.run_dir / run_records.TRAIN_LOG}, {run.run_dir / run_records.ENVIRONMENT}"

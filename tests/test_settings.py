@@ -275,8 +275,10 @@ def test_run_level_flags_keep_name_default_type_choices_help_and_group():
     before = json.loads((DATA / "run_flags_before_settings.json").read_text())
     now = _run_level_flags()
     # Added since, after every earlier flag: --mode=pretrain's flags (issue 17; tests/test_pretraining.py). The
-    # changed flags: --mode, which gains the choice "pretrain" and its sentence in the help, and --explain_output's
-    # help (issue 22); the file stays as it was recorded.
+    # changed flags: --mode, which gains the choice "pretrain" and its sentence in the help; --explain_output's
+    # help (issue 22); --epoch, whose help names the per-dataset values that replace its default where it is not
+    # typed (issue 22: every flag in config.DATASET_SUGGESTIONS says so, e.g. the demo's 4 frozen PLM layers). The
+    # file stays as it was recorded.
     for record in before:
         if record["dest"] == "mode":
             record["choices"] = [*record["choices"], "pretrain"]
@@ -297,6 +299,8 @@ def test_run_level_flags_keep_name_default_type_choices_help_and_group():
             record["help"] = ("--mode=explain: picture path, .png/.pdf/.svg (none: .png is added), its numbers beside "
                               "as .json; never replaces another file (default <checkpoint "
                               "folder>/explain/impression-<ID>.png)")
+        if record["dest"] == "epoch":
+            record["help"] += " (set per --dataset where not typed: demo 4, large 8)"
     from config import PretrainRunSettings
     from pretraining import task_settings_classes
 

@@ -209,7 +209,9 @@ def test_config_file_errors_name_the_file(nrms, tmp_path):
     _, _, _, run = nrms
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**json.loads((run / "config.json").read_text()), "news_encodr": "MHSA"}))
-    with pytest.raises(ValueError, match=r"bad.json: unknown settings \['news_encodr'\]"):
+    # issue 22: one line per key, naming the closest flag (was "unknown settings ['news_encodr']")
+    with pytest.raises(ValueError, match=r'bad.json: "news_encodr": not a flag of this version of main.py \(the '
+                                         r'closest is --news_encoder\)'):
         main([f"--config_file={bad}"])
     bad.write_text("{not json")
     with pytest.raises(ValueError, match=r"bad.json: not valid JSON \(line 1"):
