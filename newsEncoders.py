@@ -603,17 +603,12 @@ class PLMNewsEncoder(NewsEncoder):
         """Run the PLM with only `layers` in its stack and, optionally, `bottom` [N, L, Hp] as the hidden states the
         first of them receives: the model's own forward still builds the attention masks and positions (rotary
         included), so this works across families and versions."""
-        setattr(self._layers_parent, self._layers_attr, layers)
         handle = None
         if bottom is not None and len(layers):
-            def feed(module, args, kwargs):
-                if args:
-                    return (bottom, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": bottom}
-
-            handle = layers[0].register_forward_pre_hook(feed, with_kwargs=True)
+            layers = nn.ModuleList([backbones.FedBlock(layers[0], bottom), *layers[1:]])
         elif bottom is not None:
             handle = self.plm.embeddings.register_forward_hook(lambda module, args, output: bottom)
+        setattr(self._layers_parent, self._layers_attr, layers)
         try:
             yield
         finally:

@@ -74,6 +74,32 @@ def layer_stack(plm: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+class FedBlock(nn.Module):
+    """A transformer block that receives `bottom` [N, L, Hp] in place of the hidden states the model passes it: how
+    the frozen-layer cache enters the first trainable block.
+
+    A wrapper, not a forward pre-hook: under gradient checkpointing, transformers < 5 checkpoints the block's whole
+    __call__ (hooks included) and replays it in the backward pass, after the hook is gone, on the raw embeddings
+    (wrong gradients). Here the block is called with `bottom` as its argument, so the checkpoint saves and replays
+    that. Attributes the model's loop reads from its blocks (e.g. `attention_type`) come from the wrapped block."""
+
+    def __init__(self, block: nn.Module, bottom: torch.Tensor):
+        super().__init__()
+        self.block = block
+        self.bottom = bottom
+
+    def forward(self, *args, **kwargs):
+        if args:  # the models pass hidden_states first and positionally (gradient checkpointing needs it so)
+            return self.block(self.bottom, *args[1:], **kwargs)
+        return self.block(**{**kwargs, "hidden_states": self.bottom})
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+
 def is_decoder(plm: nn.Module) -> bool:
     fam = family(plm)
     return fam.decoder if fam is not None else bool(getattr(plm.config, "is_decoder", False))
