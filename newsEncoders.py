@@ -335,8 +335,8 @@ class PLMSettings(Settings):
     plm_max_length: int = setting(32, "PLM title tokens (special tokens included)",
                                   check=lambda v: None if v >= 3 else "must be >= 3 (room for special tokens)")
     plm_cache: bool = setting(True, "run the frozen bottom (embeddings + --plm_frozen_layers, eval mode: no dropout) "
-                              "once per corpus and train the top layers on its cached fp16 hidden states",
-                              architecture=False)
+                              "once per corpus and train the top layers on its cached hidden states (fp16; bf16 "
+                              "for a bf16 backbone; fp32 beyond fp16's range)", architecture=False)
     plm_text_template: str = setting(
         "{title}", "the text the PLM reads per news, fields {title} {abstract} {category} {subcategory}, e.g. "
         "'News: {title} Category: {category}' (prompting an LLM)", check=template_error)
@@ -357,8 +357,9 @@ class PLMSettings(Settings):
                                            architecture=False)
     plm_embeddings: str = setting(
         "finetune", "finetune: the PLM runs in every step (top layers / LoRA trained); precompute: a frozen backbone "
-        "encodes every news once (pooled with last/average/cls, fp16 memory map under the cache folder, keyed by model, "
-        "template and length) and the model trains on the stored vectors", choices=("finetune", "precompute"))
+        "encodes every news once (pooled with last/average/cls; an fp16 memory map, fp32 beyond fp16's range, under "
+        "the cache folder, keyed by the weights, template and length) and the model trains on the stored vectors",
+        choices=("finetune", "precompute"))
 
 
 @dataclass
@@ -552,10 +553,11 @@ class PLMNewsEncoder(NewsEncoder):
         # output is the last block's (no final norm), stand the cached states in for their embeddings' output.
         self.cache_frozen = bool(config.plm_cache) and not self.precompute and 0 < frozen \
             and (frozen < len(layers) or hasattr(self.plm, "embeddings"))
-        # Built by `prepare`, not saved (rebuilt from the corpus): the frozen-layer cache [N, L, Hp] fp16 on the
+        # Built by `prepare`, not saved (rebuilt from the corpus): the frozen-layer cache [N, L, Hp] (fp16/bf16/fp32,
+        # backbones.table_dtype) on the
         # model's device, or in host memory when it would take more than backbones.CACHE_DEVICE_FRACTION of the free
         # GPU memory (a plain attribute: .to(device) must not move it; rows are copied to the device per batch);
-        # under --plm_embeddings=precompute, every news' pooled vector [N, Hp] fp16 from the on-disk store.
+        # under --plm_embeddings=precompute, every news' pooled vector [N, Hp] fp16 (or fp32) from the on-disk store.
         self.register_buffer("frozen_table", None, persistent=False)
         self.frozen_table_host: torch.Tensor | None = None
         self.register_buffer("stored_vectors", None, persistent=False)
@@ -672,7 +674,8 @@ class PLMNewsEncoder(NewsEncoder):
         return self.frozen_table is not None or self.frozen_table_host is not None
 
     def cached_features(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """index [N] -> pooled_plm [N, Hp] (stored vectors) or plm_hidden [N, L, Hp] (frozen-layer cache), fp16."""
+        """index [N] -> pooled_plm [N, Hp] (stored vectors) or plm_hidden [N, L, Hp] (frozen-layer cache), in the
+        table's dtype."""
         if self.stored_vectors is not None:
             return {"pooled_plm": self.stored_vectors[index]}
         if self.frozen_table is not None:
@@ -691,51 +694,85 @@ class PLMNewsEncoder(NewsEncoder):
 
     @torch.no_grad()
     def _build_frozen_cache(self, news, log, chunk: int, host: bool | None) -> None:
-        """Run the PLM's frozen bottom once over every news (issue 6): [N, L, Hp] fp16 on the model's device.
+        """Run the PLM's frozen bottom once over every news (issue 6): [N, L, Hp] on the model's device.
 
-        The frozen layers run in eval mode (no dropout). The table stays on the model's device when it takes at most
-        CACHE_DEVICE_FRACTION of the free GPU memory, else in (pinned) host memory. Checked once against the full
-        forward (eval mode); a model whose layers cannot be split this way (e.g. a final norm after the stack) falls
-        back to the uncached path with a warning."""
-        ids_all, mask_all = news.column("plm_ids"), news.column("plm_mask")
-        n, length = ids_all.shape
-        table = None
-        order = news.length_order()  # chunks of similar length: less padding
-        for start in range(0, n, chunk):
-            rows = order[start:start + chunk]
-            ids, mask = ids_all[rows].long(), mask_all[rows].long()
-            used = max(1, int(mask.sum(1).max()))
-            hidden = self.frozen_bottom(ids[:, :used], mask[:, :used])
-            if table is None:
-                shape = (n, length, hidden.shape[-1])
-                where = torch.device("cpu") if host else backbones.cache_device(shape, hidden.device)
-                table = torch.zeros(shape, dtype=torch.float16, device=where)
-                if table.device != hidden.device and torch.cuda.is_available():
-                    table = table.pin_memory()  # asynchronous per-batch copies to the GPU
-            table[rows.to(table.device), :used] = hidden.to(table.device, torch.float16)
+        The frozen layers run in eval mode (no dropout). The table is fp16, bf16 for a bf16 backbone, fp32 where an
+        fp32 backbone's states exceed fp16's range (backbones.table_dtype); it stays on the model's device when it
+        takes at most CACHE_DEVICE_FRACTION of the free GPU memory, else in (pinned) host memory. A table that is not
+        finite everywhere is an error. Checked once against the full forward (eval mode); a model whose layers cannot
+        be split this way (e.g. a final norm after the stack) falls back to the uncached path with a warning."""
+        ids_all = news.column("plm_ids")
+        table = self._fill_frozen_table(news, chunk, host)
+        self._check_finite(table)
         was_training = self.training
         self.eval()
-        probe = torch.arange(1, min(n, 17), device=ids_all.device)
+        probe = torch.arange(1, min(table.shape[0], 17), device=ids_all.device)
         full = news.encode(probe)
         on_device = table.device == ids_all.device and not host
         self.frozen_table, self.frozen_table_host = (table, None) if on_device else (None, table)
         cached = news.encode(probe)
         self.train(was_training)
+        if not torch.isfinite(full).all():
+            self.frozen_table = self.frozen_table_host = None
+            raise ValueError(f"--plm_model_name={self._store_settings[0]}: the full forward of "
+                             f"{type(self.plm).__name__} gives non-finite news vectors (its top layers overflow or "
+                             f"hold NaN/inf weights); every score would be NaN: check the model's files, or try "
+                             f"--plm_dtype=fp32 if it is bf16")
         diff = float((full - cached).abs().max() / full.abs().max().clamp(min=1e-6))
-        if diff > 2e-2:
+        if not diff <= 2e-2:  # written so that a NaN difference fails the check too
             self.frozen_table = self.frozen_table_host = None
             log(f"WARNING: the frozen-layer cache does not reproduce {type(self.plm).__name__}'s output "
                 f"(relative difference {diff:.1e}); training without it")
             return
-        mb = table.numel() * 2 / 2**20
-        log(f"frozen-layer cache: {n} news x {length} tokens x {table.shape[-1]} (fp16, {mb:,.0f} MiB"
+        n, length, hp = table.shape
+        mb = table.numel() * table.element_size() / 2**20
+        log(f"frozen-layer cache: {n} news x {length} tokens x {hp} ({backbones.dtype_name(table.dtype)}, {mb:,.0f} MiB"
             + ("" if on_device else f", in host memory: more than {backbones.CACHE_DEVICE_FRACTION:.0%} of the free "
                f"GPU memory") + f") for the embeddings + {self.frozen_layers} frozen layers; relative check "
             f"difference {diff:.1e}")
 
+    def _fill_frozen_table(self, news, chunk: int, host: bool | None) -> torch.Tensor:
+        """[N, L, Hp]: the frozen bottom's hidden states of every news, in length-sorted chunks (less padding). The
+        table starts in backbones.table_dtype of the backbone and moves to fp32 when a chunk exceeds fp16's range."""
+        ids_all, mask_all = news.column("plm_ids"), news.column("plm_mask")
+        n, length = ids_all.shape
+        table = None
+        order = news.length_order()
+        for start in range(0, n, chunk):
+            rows = order[start:start + chunk]
+            ids, mask = ids_all[rows].long(), mask_all[rows].long()
+            used = max(1, int(mask.sum(1).max()))
+            hidden = self.frozen_bottom(ids[:, :used], mask[:, :used])
+            dtype = backbones.table_dtype(hidden.dtype, hidden)
+            if table is None or (dtype == torch.float32 and table.dtype != dtype):
+                old, shape = table, (n, length, hidden.shape[-1])
+                where = torch.device("cpu") if host else backbones.cache_device(
+                    shape, hidden.device, torch.empty((), dtype=dtype).element_size())
+                table = torch.zeros(shape, dtype=dtype, device=where)
+                if table.device != hidden.device and torch.cuda.is_available():
+                    table = table.pin_memory()  # asynchronous per-batch copies to the GPU
+                if old is not None:
+                    table.copy_(old)
+                    del old
+            table[rows.to(table.device), :used] = hidden.to(table.device, table.dtype)
+        return table
+
+    def _check_finite(self, table: torch.Tensor) -> None:
+        """Every value of the frozen-layer table finite, else a one-line error: NaN states give NaN scores."""
+        bad = ~torch.isfinite(table).flatten(1).all(1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            model, _, dtype = self._store_settings
+            raise ValueError(f"the frozen-layer cache: the embeddings + --plm_frozen_layers={self.frozen_layers} of "
+                             f"--plm_model_name={model} give non-finite hidden states for {len(rows)} of {len(bad)} "
+                             f"news (first: news index {rows[0]}); every score of those would be NaN. " + (
+                                 "The bf16 backbone overflows: try --plm_dtype=fp32" if dtype == "bf16" else
+                                 "Its weights hold NaN/inf or overflow fp32: check the model's files"))
+
     @torch.no_grad()
     def _load_store(self, news, log) -> None:
-        """--plm_embeddings=precompute: every news' pooled vector from the frozen backbone, [N, Hp] fp16, read from
+        """--plm_embeddings=precompute: every news' pooled vector from the frozen backbone, [N, Hp] fp16 (fp32 beyond
+        fp16's range), read from
         `<cache folder>/plm-embeddings-<key>.npy` (a memory map keyed by the backbone's files, the token table, which
         holds --plm_text_template and --plm_max_length, the pooling and the dtype), built there on first use in
         length-sorted chunks. Training then gathers stored vectors: no PLM runs per step."""
@@ -757,9 +794,10 @@ class PLMNewsEncoder(NewsEncoder):
         t0 = time.time()
         table, built = backbones.build_store(path, news.num, encode, news.length_order())
         self.stored_vectors = torch.from_numpy(np.array(table)).to(ids_all.device)
-        log(f"precomputed PLM vectors: {news.num} news x {table.shape[1]} (fp16, "
-            f"{table.nbytes / 2**20:,.1f} MiB) {'built in %.1f s' % (time.time() - t0) if built else 'loaded'} "
-            f"from {path}")
+        kind = "fp16" if table.dtype == np.float16 else "fp32"
+        how = f"built in {time.time() - t0:.1f} s" if built else "loaded"
+        log(f"precomputed PLM vectors: {news.num} news x {table.shape[1]} ({kind}, {table.nbytes / 2**20:,.1f} MiB) "
+            f"{how} from {path}")
 
     @torch.no_grad()
     def frozen_pooled(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

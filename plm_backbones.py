@@ -228,14 +228,32 @@ def exclude_frozen_base(owner: nn.Module, plm_attr: str = "plm") -> None:
 CACHE_DEVICE_FRACTION = 0.5
 
 
-def cache_device(shape: tuple[int, ...], device: torch.device) -> torch.device:
-    """Where a fp16 frozen-layer table of `shape` goes: `device`, unless it is a GPU where the table would take more
-    than CACHE_DEVICE_FRACTION of the free memory (then the host)."""
+def cache_device(shape: tuple[int, ...], device: torch.device, itemsize: int = 2) -> torch.device:
+    """Where a frozen-layer table of `shape` (`itemsize` bytes a value) goes: `device`, unless it is a GPU where the
+    table would take more than CACHE_DEVICE_FRACTION of the free memory (then the host)."""
     if device.type != "cuda":
         return device
     free, _ = torch.cuda.mem_get_info(device)
-    nbytes = 2 * math.prod(shape)
+    nbytes = itemsize * math.prod(shape)
     return device if nbytes <= CACHE_DEVICE_FRACTION * free else torch.device("cpu")
+
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def table_dtype(backbone: torch.dtype, values: torch.Tensor | None = None) -> torch.dtype:
+    """The dtype of a table of the backbone's hidden states or vectors: a bf16 backbone's in bf16 (its own values,
+    exactly); an fp32 backbone's in fp16 (half the memory, ~1e-3 relative rounding) while `values` fit fp16's range,
+    else fp32 (LLM hidden states can exceed 65504: fp16 would hold inf, and every score would become NaN)."""
+    if backbone == torch.bfloat16:
+        return torch.bfloat16
+    if values is not None and values.numel() and float(values.detach().abs().float().nan_to_num(0.0).max()) > FP16_MAX:
+        return torch.float32
+    return torch.float16
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
 def backbone_signature(path: str) -> list:
@@ -260,12 +278,13 @@ def store_key(backbone: list, ids: np.ndarray, mask: np.ndarray, pooling: str, d
 
 def build_store(path: Path, n: int, encode: Callable[[torch.Tensor], torch.Tensor], order: torch.Tensor,
                 chunk: int = 256) -> tuple[np.ndarray, bool]:
-    """The [n, Hp] fp16 news-vector table at `path` (a .npy memory map): loaded when there, else built by
+    """The [n, Hp] news-vector table at `path` (a .npy memory map): loaded when there, else built by
     `encode(rows) -> [len(rows), Hp]` over `order` (length-sorted rows, so chunks carry little padding) and
     written atomically (temp file + rename; a concurrent build of the same key keeps one of two equal files).
-    Returns (table, built)."""
+    fp16, or fp32 when a vector exceeds fp16's range (fp16 would hold inf). A table with a non-finite value is an
+    error, written or found. Returns (table, built)."""
     if path.exists():
-        return np.load(path, mmap_mode="r"), False
+        return _finite_store(np.load(path, mmap_mode="r"), f"{path} holds", "delete the file to rebuild it"), False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
     table = None
@@ -273,9 +292,15 @@ def build_store(path: Path, n: int, encode: Callable[[torch.Tensor], torch.Tenso
         for start in range(0, n, chunk):
             rows = order[start:start + chunk]
             vectors = encode(rows).float().cpu().numpy()
-            if table is None:
-                table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, vectors.shape[-1]))
-            table[rows.cpu().numpy()] = vectors.astype(np.float16)
+            _finite_store(vectors, "the frozen backbone gives", "check the model's files, or try --plm_dtype=fp32 "
+                                                                "if it is bf16")
+            wide = np.abs(vectors).max(initial=0.0) > FP16_MAX
+            if table is None or (wide and table.dtype != np.float32):
+                old = table
+                table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32 if wide else np.float16,
+                                                  shape=(n, vectors.shape[-1])) if old is None else \
+                    _widen(old, tmp)
+            table[rows.cpu().numpy()] = vectors.astype(table.dtype)
         table.flush()
         del table
         os.replace(tmp, path)
@@ -283,3 +308,20 @@ def build_store(path: Path, n: int, encode: Callable[[torch.Tensor], torch.Tenso
         tmp.unlink(missing_ok=True)
         raise
     return np.load(path, mmap_mode="r"), True
+
+
+def _widen(table: np.ndarray, tmp: Path) -> np.ndarray:
+    """The fp16 memory map at `tmp` rewritten as fp32, values kept."""
+    values = np.array(table, dtype=np.float32)
+    del table
+    wide = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=values.shape)
+    wide[:] = values
+    return wide
+
+
+def _finite_store(table: np.ndarray, what: str, fix: str) -> np.ndarray:
+    bad = ~np.isfinite(np.asarray(table, dtype=np.float32)).all(axis=-1)
+    if bad.any():
+        raise ValueError(f"--plm_embeddings=precompute: {what} {int(bad.sum())} news vectors with NaN or inf (every "
+                         f"score of those news would be NaN): {fix}")
+    return table

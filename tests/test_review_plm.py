@@ -74,3 +74,78 @@ def test_cached_states_survive_the_checkpoint_recompute(tiny, kind, lora):
         # fp16 cache: ~1e-3 of the gradient's scale; the raw embeddings in the recompute are off by O(1).
         err = float((got[name] - g).norm()) / max(float(g.norm()), floor)
         assert err < 2e-2, f"{kind} {name}: relative gradient error {err:.2e}"
+
+
+# ----------------------------------------------------------------------- frozen-layer cache: range and finiteness
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def _loud_embeddings(model, scale: float) -> None:
+    """Llama's residual stream is not normalised between blocks: embeddings scaled up keep the frozen block's output
+    that large, while the final norm keeps the model's output finite."""
+    with torch.no_grad():
+        model.news_encoder.plm.get_input_embeddings().weight.mul_(scale)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_frozen_cache_holds_states_beyond_the_fp16_range(tiny, dtype):
+    model = build(tiny["llama"], plm_frozen_layers=1, plm_pooling="average", plm_dtype=dtype).eval()
+    _loud_embeddings(model, 1e6)
+    enc = model.news_encoder
+    with torch.no_grad():
+        bottom = enc.frozen_bottom(model.news_plm_ids[:4].long(), model.news_plm_mask[:4].long())
+    assert bottom.abs().max() > FP16_MAX and torch.isfinite(bottom).all()  # the case this test is about
+    uncached = model(batch(False)).logits
+    logs = []
+    model.prepare(log=logs.append)
+    assert enc.has_frozen_cache, logs
+    cached = model(batch(False)).logits
+    assert torch.isfinite(cached).all()  # an fp16 table overflows to inf: every score NaN
+    assert torch.allclose(cached, uncached, atol=1e-3 * float(uncached.detach().abs().max()) + 1e-3), (cached, uncached)
+    table = enc.frozen_table if enc.frozen_table is not None else enc.frozen_table_host
+    assert table.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    assert ("fp32" if dtype == "fp32" else "bf16") in logs[-1]
+
+
+def test_frozen_cache_stays_fp16_where_the_states_fit(tiny):
+    model = build(tiny["llama"], plm_frozen_layers=1, plm_pooling="average")
+    model.prepare(log=lambda *a: None)
+    assert model.news_encoder.frozen_table.dtype == torch.float16
+
+
+def test_a_non_finite_frozen_cache_is_an_error(tiny):
+    model = build(tiny["llama"], plm_frozen_layers=1, plm_pooling="average")
+    word = int(model.news_plm_ids[3, 0])
+    with torch.no_grad():
+        model.news_encoder.plm.get_input_embeddings().weight[word] = float("nan")
+    with pytest.raises(ValueError, match=r"--plm_frozen_layers=1 .*non-finite .*news index 3"):
+        model.prepare(log=lambda *a: None)
+
+
+def _precompute(folder, cache, **flags):
+    return build(folder, cache, plm_embeddings="precompute", plm_frozen_layers=3, plm_pooling="cls", **flags).eval()
+
+
+def test_precomputed_store_holds_vectors_beyond_the_fp16_range(tiny, tmp_path):
+    model = _precompute(tiny["bert"], tmp_path)
+    with torch.no_grad():  # BERT's output is its last LayerNorm's: scaled, the news vectors exceed fp16's range
+        model.news_encoder.plm.encoder.layer[-1].output.LayerNorm.weight.mul_(1e6)
+    expected = model(batch(False)).logits.detach()  # no store yet: computed per call
+    logs = []
+    model.prepare(log=logs.append)
+    stored = model.news_encoder.stored_vectors
+    assert stored.abs().max() > FP16_MAX and stored.dtype == torch.float32 and "fp32" in logs[-1]
+    got = model(batch(False)).logits
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_a_non_finite_store_is_an_error_and_is_not_written(tiny, tmp_path):
+    model = _precompute(tiny["bert"], tmp_path)
+    word = int(model.news_plm_ids[3, 1])
+    with torch.no_grad():
+        model.news_encoder.plm.get_input_embeddings().weight[word] = float("nan")
+    with pytest.raises(ValueError, match=r"--plm_embeddings=precompute: .* news vectors with NaN or inf"):
+        model.prepare(log=lambda *a: None)
+    assert not list(tmp_path.glob("plm-embeddings-*"))  # nothing half-written left for the next run to load
