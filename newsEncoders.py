@@ -347,8 +347,9 @@ class PLMSettings(Settings):
     plm_lora_dropout: float = setting(0.05, "dropout on the LoRA adapters' input", check=unit_interval,
                                       architecture=False)
     plm_lora_target_modules: str = setting(
-        "", "comma-separated module names inside each block that get adapters; empty: the family's default "
-        "(Llama/Qwen2/Mistral/Gemma q_proj,k_proj,v_proj,o_proj; GPT-2 c_attn; BERT/RoBERTa query,value)")
+        "", "comma-separated module names inside each block that get adapters, each must exist there; empty: the "
+        "family's default (Llama/Qwen2/Qwen3/Mistral/Gemma q_proj,k_proj,v_proj,o_proj; Phi-3 qkv_proj,o_proj; GPT-2 "
+        "c_attn; BERT/RoBERTa query,value; DeBERTa in_proj; DeBERTa-v2 query_proj,value_proj; DistilBERT q_lin,v_lin)")
     plm_dtype: str = setting("fp32", "dtype the backbone is loaded in: bf16 halves its memory (meant for GPUs; "
                                      "allowed on the CPU, but slow there)", choices=("fp32", "bf16"),
                              architecture=False)

@@ -34,7 +34,8 @@ class Family:
 _LLAMA_LIKE = Family("layers", True, True, ("q_proj", "k_proj", "v_proj", "o_proj"))
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("h", True, True, ("c_attn",)),  # c_attn: the fused q/k/v projection
-    **{t: _LLAMA_LIKE for t in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3")},
+    **{t: _LLAMA_LIKE for t in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text")},
+    "phi3": Family("layers", True, True, ("qkv_proj", "o_proj")),  # Phi-3 fuses q/k/v into qkv_proj
     "bert": Family("encoder.layer", False, True, ("query", "value")),
     # RoBERTa counts positions from its padding id itself; DeBERTa's are relative: no position_ids for them.
     "roberta": Family("encoder.layer", False, False, ("query", "value")),
@@ -161,18 +162,31 @@ def first_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 # -- LoRA -------------------------------------------------------------------------------------------------------
 
+def _adaptable(module: nn.Module) -> bool:
+    """A leaf with a 2-D weight (Linear, GPT-2's Conv1D, Embedding): what a LoRA adapter can wrap."""
+    weight = getattr(module, "weight", None)
+    return not list(module.children()) and isinstance(weight, torch.Tensor) and weight.dim() == 2
+
+
 def lora_modules(plm: nn.Module, stack_name: str, layers: nn.ModuleList, first: int, targets: list[str]) -> list[str]:
     """Full names of the modules LoRA adapts: those named in `targets` inside blocks first.. of the stack (the
-    blocks below `first` are frozen and may be cached, so they get no adapter)."""
-    names = []
+    blocks below `first` are frozen and may be cached, so they get no adapter). Every name in `targets` must match a
+    module there: one that matches nothing would silently leave that projection without an adapter (Phi-3 fuses
+    q/k/v into qkv_proj: the Llama names reached o_proj only), so it is an error naming the ones the blocks have."""
+    names, matched = [], set()
     for i in range(first, len(layers)):
         for sub, module in layers[i].named_modules():
-            if sub and sub.split(".")[-1] in targets and not list(module.children()):
+            leaf = sub.split(".")[-1]
+            if sub and leaf in targets and _adaptable(module):
                 names.append(f"{stack_name}.{i}.{sub}")
-    if not names and first < len(layers):
-        found = sorted({n.split(".")[-1] for n, m in layers[0].named_modules() if n and not list(m.children())})
-        raise ValueError(f"--plm_lora_target_modules={','.join(targets)}: no such module in "
-                         f"{type(plm).__name__}'s blocks; it has {found}")
+                matched.add(leaf)
+    missing = [t for t in targets if t not in matched]
+    if missing and first < len(layers):
+        found = sorted({n.split(".")[-1] for n, m in layers[first].named_modules() if n and _adaptable(m)})
+        raise ValueError(f"--plm_lora_target_modules={','.join(targets)}: {missing} match no linear module in the "
+                         f"blocks of {type(plm).__name__} (model_type {getattr(plm.config, 'model_type', '?')!r}) "
+                         f"above --plm_frozen_layers; its blocks have {found}: name those with "
+                         f"--plm_lora_target_modules=a,b")
     return names
 
 

@@ -149,3 +149,58 @@ def test_a_non_finite_store_is_an_error_and_is_not_written(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"--plm_embeddings=precompute: .* news vectors with NaN or inf"):
         model.prepare(log=lambda *a: None)
     assert not list(tmp_path.glob("plm-embeddings-*"))  # nothing half-written left for the next run to load
+
+
+# ------------------------------------------------------------------------------------- LoRA targets per family
+
+_DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, vocab_size=100, max_position_embeddings=64,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
+                max_position_embeddings=64, pad_token_id=0)
+TINY_CONFIGS = {  # one tiny model per family plm_backbones.FAMILIES knows
+    **{t: _DECODER for t in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3")},
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, bos_token_id=1, eos_token_id=2),
+    **{t: _ENCODER for t in ("bert", "roberta", "xlm-roberta", "deberta", "deberta-v2")},
+    "distilbert": dict(dim=32, hidden_dim=64, n_layers=2, n_heads=2, vocab_size=100, max_position_embeddings=64,
+                       pad_token_id=0),
+}
+# What the default adapters must reach in every block: the attention's query and value projections (fused or not).
+QUERY_VALUE = {"gpt2": ("c_attn",), "phi3": ("qkv_proj",), "bert": ("query", "value"), "roberta": ("query", "value"),
+               "xlm-roberta": ("query", "value"), "deberta": ("in_proj",), "deberta-v2": ("query_proj", "value_proj"),
+               "distilbert": ("q_lin", "v_lin")}
+
+
+def tiny_family_model(model_type: str):
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(0)
+    return AutoModel.from_config(AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type]))
+
+
+def test_every_family_has_a_tiny_model_here():
+    assert set(TINY_CONFIGS) == set(plm_backbones.FAMILIES)
+
+
+@pytest.mark.parametrize("model_type", sorted(plm_backbones.FAMILIES))
+def test_default_lora_targets_exist_in_every_block_of_the_family(model_type):
+    plm = tiny_family_model(model_type)
+    fam = plm_backbones.FAMILIES[model_type]
+    stack_name, layers = plm_backbones.layer_stack(plm)
+    assert stack_name == fam.stack and len(layers) == 2
+    names = plm_backbones.lora_modules(plm, stack_name, layers, 0, list(fam.lora_targets))
+    for i in range(len(layers)):
+        adapted = {n.rsplit(".", 1)[-1] for n in names if n.startswith(f"{stack_name}.{i}.")}
+        assert adapted == set(fam.lora_targets), (model_type, i, adapted)
+        assert set(QUERY_VALUE.get(model_type, ("q_proj", "v_proj"))) <= adapted
+    plm_backbones.add_lora(plm, names, rank=2, alpha=4.0, dropout=0.0)
+    trainable = {n for n, p in plm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".lora_")[0] for n in trainable} == set(names)  # every named module got its adapter
+
+
+@pytest.mark.parametrize("targets, missing", [("nothing_here", "nothing_here"), ("q_proj,qkv,v_proj", "qkv"),
+                                              ("self_attn", "self_attn")])
+def test_lora_targets_that_match_nothing_or_part_are_an_error(tiny, targets, missing):
+    with pytest.raises(ValueError, match=rf"--plm_lora_target_modules={targets}: \['{missing}'\] .*q_proj"):
+        build(tiny["llama"], plm_lora_rank=2, plm_lora_target_modules=targets, plm_pooling="last")
