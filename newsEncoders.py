@@ -466,6 +466,7 @@ class PLMNewsEncoder(NewsEncoder):
             print("note: --plm_dtype=bf16 without CUDA: the CPU runs bf16 matmuls far slower than fp32; it saves "
                   "memory only")
         self.plm = AutoModel.from_pretrained(path, dtype=dtype)
+        self.weights_signature = backbones.weights_signature(self.plm)  # before LoRA: the base weights only
         self.hidden_dim = self.plm.config.hidden_size
         stack_name, layers = backbones.layer_stack(self.plm)
         self.decoder = backbones.is_decoder(self.plm)
@@ -539,7 +540,7 @@ class PLMNewsEncoder(NewsEncoder):
                                config.plm_lora_dropout)
         if config.plm_lora_rank or self.precompute:
             # The base weights are all frozen and come from --plm_model_name: the checkpoint keeps the rest only.
-            backbones.exclude_frozen_base(self)
+            backbones.exclude_frozen_base(self, signature=self.weights_signature, model_name=config.plm_model_name)
         if config.gradient_checkpointing and not self.precompute:
             enable = getattr(self.plm, "activation_checkpointing_enable", None)  # transformers 5's name
             if enable is not None:
@@ -783,8 +784,9 @@ class PLMNewsEncoder(NewsEncoder):
 
         model_name, pooling, dtype = self._store_settings
         ids_all, mask_all = news.column("plm_ids"), news.column("plm_mask")
-        key = backbones.store_key(backbones.backbone_signature(resolve_plm_path(model_name)), ids_all.cpu().numpy(),
-                                  mask_all.cpu().numpy(), pooling, dtype, {"model": model_name})
+        # Keyed by the weights, not the name: a newer revision behind the same hub name or folder gets new vectors.
+        backbone = {"weights": self.weights_signature, "config": backbones.config_signature(self.plm)}
+        key = backbones.store_key(backbone, ids_all.cpu().numpy(), mask_all.cpu().numpy(), pooling, dtype, {})
         path = news.cache_dir / f"plm-embeddings-{key}.npy"
 
         def encode(rows: torch.Tensor) -> torch.Tensor:

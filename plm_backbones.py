@@ -209,16 +209,38 @@ def add_lora(plm: nn.Module, modules: list[str], rank: int, alpha: float, dropou
             p.data = p.data.float()
 
 
-def exclude_frozen_base(owner: nn.Module, plm_attr: str = "plm") -> None:
+SIGNATURE_KEY = "plm_weights_signature"
+
+
+def exclude_frozen_base(owner: nn.Module, plm_attr: str = "plm", signature: str | None = None,
+                        model_name: str = "") -> None:
     """Leave the PLM's frozen base weights out of `owner`'s state dict (they come from --plm_model_name when the
     model is rebuilt), and accept their absence when loading: a LoRA or precompute checkpoint then holds the
-    adapters and the heads only, megabytes instead of the backbone's gigabytes."""
+    adapters and the heads only, megabytes instead of the backbone's gigabytes.
+
+    In their place the state dict holds `signature` (weights_signature of the base weights) under SIGNATURE_KEY, and
+    loading compares it with the backbone built now: adapters and heads trained on other base weights (a newer
+    revision behind the same name) would give other numbers, so that is an error. A checkpoint without one (written
+    before signatures) loads unchecked."""
     plm = getattr(owner, plm_attr)
     base = {n for n, p in plm.named_parameters() if not p.requires_grad} | {n for n, _ in plm.named_buffers()}
 
     def drop(module, state_dict, prefix, local_metadata):
         for name in base:
             state_dict.pop(f"{prefix}{plm_attr}.{name}", None)
+        if signature is not None:
+            state_dict[prefix + SIGNATURE_KEY] = torch.tensor(list(signature.encode()), dtype=torch.uint8)
+
+    def check_signature(module, state_dict, prefix, *args):
+        saved = state_dict.pop(prefix + SIGNATURE_KEY, None)
+        if saved is None or signature is None:
+            return
+        saved = bytes(saved.tolist()).decode(errors="replace")
+        if saved != signature:
+            raise ValueError(f"the checkpoint's PLM adapters/heads were trained on other base weights of "
+                             f"--plm_model_name={model_name} than the ones loaded now (signature {saved}, now "
+                             f"{signature}; e.g. a newer revision behind the same name or folder): its numbers would "
+                             f"not be the trained model's. Load the backbone it was trained with")
 
     def allow_missing(module, incompatible):
         keep = [k for k in incompatible.missing_keys if not _is_base(k)]
@@ -233,6 +255,7 @@ def exclude_frozen_base(owner: nn.Module, plm_attr: str = "plm") -> None:
         return False
 
     owner.register_state_dict_post_hook(drop)
+    owner.register_load_state_dict_pre_hook(check_signature)
     owner.register_load_state_dict_post_hook(allow_missing)
 
 
@@ -270,19 +293,38 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
-def backbone_signature(path: str) -> list:
-    """What identifies the backbone's weights: the folder's config and weight files (name, size, mtime), or the
-    hub name."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return [path]
-    files = sorted(p for p in folder.iterdir() if p.is_file() and (
-        p.suffix in (".safetensors", ".bin", ".json") or p.name.endswith(".index.json")))
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+SIGNATURE_SAMPLE = 65536  # values read per weight tensor by `weights_signature`
 
 
-def store_key(backbone: list, ids: np.ndarray, mask: np.ndarray, pooling: str, dtype: str, extra: dict) -> str:
-    """The store's name: backbone + the token table (which holds template and length) + pooling and dtype."""
+def weights_signature(plm: nn.Module) -> str:
+    """What identifies a backbone's weights, whatever its name or files: a hash over every base tensor's name and
+    shape and up to SIGNATURE_SAMPLE of its values, evenly spaced (a new revision changes them all; hashing every
+    byte of an LLM would take seconds). Values are rounded to bf16 first, so the same weights loaded with
+    --plm_dtype=fp32 or bf16 sign alike. LoRA adapters are not part of it (`.base_layer` is read as the module)."""
+    h = hashlib.sha1()
+    for name, p in sorted(plm.state_dict().items()):
+        if "lora_" in name or not isinstance(p, torch.Tensor):
+            continue
+        flat = p.detach().reshape(-1)
+        step = max(1, -(-flat.numel() // SIGNATURE_SAMPLE))
+        sample = flat[::step].cpu()
+        sample = sample.to(torch.bfloat16).view(torch.int16) if sample.is_floating_point() else sample
+        h.update(f"{name.replace('.base_layer', '')}{tuple(p.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def config_signature(plm: nn.Module) -> dict:
+    """The backbone's config without where it was loaded from (a copy of the same model keeps its store)."""
+    cfg = plm.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def store_key(backbone, ids: np.ndarray, mask: np.ndarray, pooling: str, dtype: str, extra: dict) -> str:
+    """The store's name: the backbone (its weights' and config's signatures) + the token table (which holds
+    template and length) + pooling and dtype."""
     h = hashlib.sha1(json.dumps({"backbone": backbone, "pooling": pooling, "dtype": dtype, **extra},
                                 sort_keys=True, default=str).encode())
     h.update(np.ascontiguousarray(ids).tobytes())

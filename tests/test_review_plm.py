@@ -204,3 +204,100 @@ def test_default_lora_targets_exist_in_every_block_of_the_family(model_type):
 def test_lora_targets_that_match_nothing_or_part_are_an_error(tiny, targets, missing):
     with pytest.raises(ValueError, match=rf"--plm_lora_target_modules={targets}: \['{missing}'\] .*q_proj"):
         build(tiny["llama"], plm_lora_rank=2, plm_lora_target_modules=targets, plm_pooling="last")
+
+
+# ------------------------------------------------------------------------------ the store follows the weights
+
+def test_precomputed_store_follows_the_weights_not_the_name(tmp_path):
+    """A newer revision behind the same name (a hub name's cache, or a folder rewritten with the same file sizes and
+    times) must give new vectors, never the stale store."""
+    import os
+    import shutil
+
+    (tmp_path / "plm").mkdir()
+    (tmp_path / "other").mkdir()
+    folder = make_backbone("bert", tmp_path / "plm")
+    model = _precompute(folder, tmp_path / "cache")
+    model.prepare(log=lambda *a: None)
+    before = model.news_encoder.stored_vectors.clone()
+    # Other weights in the same files: same names, sizes and modification times.
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    other = make_backbone("bert", tmp_path / "other")
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v + 0.5 if v.dtype.is_floating_point else v for k, v in load_file(other / "model.safetensors").items()}
+    save_file(state, str(weights), metadata={"format": "pt"})
+    assert weights.stat().st_size == stat.st_size
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    shutil.rmtree(other)
+    logs = []
+    again = _precompute(folder, tmp_path / "cache")
+    again.prepare(log=logs.append)
+    assert "built" in logs[-1], logs
+    expected = again.news_encoder.frozen_pooled(again.news_plm_ids[1:].long(), again.news_plm_mask[1:].long())
+    assert not torch.allclose(again.news_encoder.stored_vectors, before, atol=1e-2)
+    assert torch.allclose(again.news_encoder.stored_vectors[1:].float(), expected, atol=2e-3, rtol=1e-2)
+    assert len(list((tmp_path / "cache").glob("plm-embeddings-*.npy"))) == 2
+    # The same weights again (another copy, other file times): the store is found, not rebuilt.
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    third = _precompute(copy, tmp_path / "cache")
+    third.prepare(log=logs.append)
+    assert "loaded" in logs[-1], logs[-1]
+
+
+def test_weights_signature_reads_the_weights():
+    plm = tiny_family_model("llama")
+    sig = plm_backbones.weights_signature(plm)
+    assert sig == plm_backbones.weights_signature(tiny_family_model("llama"))  # same weights, same signature
+    with torch.no_grad():
+        plm.layers[1].mlp.down_proj.weight.mul_(1.01)  # one tensor of the model, changed by 1%
+    changed = plm_backbones.weights_signature(plm)
+    assert changed != sig
+    assert plm_backbones.weights_signature(plm.to(torch.bfloat16)) == changed  # --plm_dtype=bf16: the same weights
+
+
+@pytest.mark.parametrize("flags", [dict(plm_lora_rank=2, plm_pooling="last"),
+                                   dict(plm_embeddings="precompute", plm_frozen_layers=3, plm_pooling="last")])
+def test_a_checkpoint_without_its_backbone_notices_other_base_weights(tmp_path, flags):
+    from checkpoints import load_state
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first = make_backbone("llama", tmp_path / "a")
+    state = build(first, **flags).state_dict()
+    assert "news_encoder.plm_weights_signature" in state and not any(".base_layer." in k for k in state)
+    load_state(build(first, **flags), {"model": state, "config": {}}, "ckpt")  # the same backbone: loads
+    # Another model behind the same name (here: other weights in a folder of the same path).
+    other = make_backbone("llama", tmp_path / "b")
+    from transformers import AutoModel
+
+    plm = AutoModel.from_pretrained(other)
+    with torch.no_grad():
+        for p in plm.parameters():
+            p.add_(0.01)
+    plm.save_pretrained(first)
+    with pytest.raises(ValueError, match=r"other base weights of --plm_model_name="):
+        load_state(build(first, **flags), {"model": state, "config": {}}, "ckpt")
+    # A checkpoint written before signatures existed loads as before (nothing to compare).
+    old = {k: v for k, v in state.items() if not k.endswith("plm_weights_signature")}
+    load_state(build(first, **flags), {"model": old, "config": {}}, "ckpt")
+
+
+def test_init_from_checks_the_signature_and_takes_a_checkpoint_without_one(tmp_path):
+    from pretraining import load_pretrained_encoders
+
+    flags = dict(plm_lora_rank=2, plm_pooling="last")
+    (tmp_path / "a").mkdir()
+    folder = make_backbone("llama", tmp_path / "a")
+    model = build(folder, **flags)
+    state = model.state_dict()
+    old = {k: v for k, v in state.items() if not k.endswith("plm_weights_signature")}
+    for saved in (state, old):
+        load_pretrained_encoders(build(folder, **flags), {"model_settings": model.model_settings(), "model": saved},
+                                 "pre")
+    wrong = {**state, "news_encoder.plm_weights_signature": torch.tensor(list(b"0" * 20), dtype=torch.uint8)}
+    with pytest.raises(ValueError, match="other base weights"):
+        load_pretrained_encoders(build(folder, **flags), {"model_settings": model.model_settings(), "model": wrong},
+                                 "pre")
