@@ -437,6 +437,18 @@ def _drop_stack_copies(module, state_dict, prefix, *args) -> None:
         del state_dict[key]
 
 
+def _load_plm(config, main_rank: bool) -> nn.Module:
+    """The backbone of --plm_model_name in --plm_dtype (a note where bf16 runs on the CPU)."""
+    from transformers import AutoModel
+
+    path = resolve_plm_path(config.plm_model_name)
+    dtype = torch.bfloat16 if config.plm_dtype == "bf16" else torch.float32
+    if dtype == torch.bfloat16 and not torch.cuda.is_available() and main_rank:
+        print("note: --plm_dtype=bf16 without CUDA: the CPU runs bf16 matmuls far slower than fp32; it saves "
+              "memory only")
+    return AutoModel.from_pretrained(path, dtype=dtype)
+
+
 class PLMNewsEncoder(NewsEncoder):
     """Base: PLM over token ids [N, L] -> hidden [N, L, Hp] -> pooling -> dropout -> [N, Hp].
 
@@ -455,28 +467,65 @@ class PLMNewsEncoder(NewsEncoder):
 
     def __init__(self, config, meta):
         super().__init__(config, meta)
-        from transformers import AutoModel
-
         from util import dist_env
 
         main_rank = dist_env()[0] == 0
-        path = resolve_plm_path(config.plm_model_name)
-        dtype = torch.bfloat16 if config.plm_dtype == "bf16" else torch.float32
-        if dtype == torch.bfloat16 and not torch.cuda.is_available() and main_rank:
-            print("note: --plm_dtype=bf16 without CUDA: the CPU runs bf16 matmuls far slower than fp32; it saves "
-                  "memory only")
-        self.plm = AutoModel.from_pretrained(path, dtype=dtype)
+        self.plm = _load_plm(config, main_rank)
         self.weights_signature = backbones.weights_signature(self.plm)  # before LoRA: the base weights only
         self.hidden_dim = self.plm.config.hidden_size
         stack_name, layers = backbones.layer_stack(self.plm)
         self.decoder = backbones.is_decoder(self.plm)
         self.precompute = config.plm_embeddings == "precompute"
         self.pooling = config.plm_pooling
-        kind = type(self.plm).__name__
         if self.decoder and self.pooling == "cls" and self.uses_pool:
-            raise ValueError(f"--plm_pooling=cls: {config.plm_model_name} ({kind}) is decoder-only, it has no [CLS] "
-                             f"token and its first token has read nothing else; use --plm_pooling=last (the last real "
-                             f"token has read the whole text), average or attention")
+            raise ValueError(f"--plm_pooling=cls: {config.plm_model_name} ({type(self.plm).__name__}) is decoder-only, "
+                             f"it has no [CLS] token and its first token has read nothing else; use --plm_pooling=last "
+                             f"(the last real token has read the whole text), average or attention")
+        frozen = self._resolve_frozen(config, len(layers), main_rank)
+        self._freeze_bottom(layers, frozen)
+        self.lora_modules: list[str] = []
+        if config.plm_lora_rank:
+            self._add_lora(config, stack_name, layers, frozen)
+        if config.plm_lora_rank or self.precompute:
+            # The base weights are all frozen and come from --plm_model_name: the checkpoint keeps the rest only.
+            backbones.exclude_frozen_base(self, signature=self.weights_signature, model_name=config.plm_model_name)
+        if config.gradient_checkpointing and not self.precompute:
+            enable = getattr(self.plm, "activation_checkpointing_enable", None)  # transformers 5's name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.plm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.frozen_layers = frozen
+        self.plm_lr = config.plm_lr
+        # Frozen-layer cache (issue 6): the frozen bottom is a fixed function of the title, so the model runs it
+        # once per corpus (eval mode: no dropout there) and trains only the top layers on its hidden states. With
+        # every layer frozen the top pass has no block to receive the cached states: only BERT-like models, whose
+        # output is the last block's (no final norm), stand the cached states in for their embeddings' output.
+        self.cache_frozen = bool(config.plm_cache) and not self.precompute and 0 < frozen \
+            and (frozen < len(layers) or hasattr(self.plm, "embeddings"))
+        # Built by `prepare`, not saved (rebuilt from the corpus): the frozen-layer cache [N, L, Hp] (fp16, bf16 or
+        # fp32: backbones.table_dtype) on the model's device, or in host memory when it would take more than
+        # backbones.CACHE_DEVICE_FRACTION of the free GPU memory (a plain attribute: .to(device) must not move it; rows are copied to the device per batch);
+        # under --plm_embeddings=precompute, every news' pooled vector [N, Hp] fp16 (or fp32) from the on-disk store.
+        self.register_buffer("frozen_table", None, persistent=False)
+        self.frozen_table_host: torch.Tensor | None = None
+        self.register_buffer("stored_vectors", None, persistent=False)
+        self._store_settings = (config.plm_model_name, config.plm_pooling, config.plm_dtype)
+        parent_name, _, self._layers_attr = stack_name.rpartition(".")
+        # Plain attributes, not submodules: registered, they put the layer stack into the state dict a second time
+        # (checkpoints before this change hold those copies: `_drop_stack_copies` skips them on load).
+        object.__setattr__(self, "_layers_parent", self.plm.get_submodule(parent_name) if parent_name else self.plm)
+        object.__setattr__(self, "_all_layers", layers)
+        self.register_load_state_dict_pre_hook(_drop_stack_copies)
+        if self.pooling == "attention" and self.uses_pool:
+            self.pool_attention = AdditiveAttention(self.hidden_dim, config.attention_dim)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.output_dim = self.hidden_dim
+        self.train(self.training)  # the frozen bottom in eval mode from the start
+
+    def _resolve_frozen(self, config, depth: int, main_rank: bool) -> int:
+        """--plm_frozen_layers as it applies to a PLM of `depth` layers: all of them under precompute (whose other
+        flags are checked here), the default share when not given; above `depth` is an error."""
         frozen = config.plm_frozen_layers
         if self.precompute:
             if not self.uses_pool:
@@ -489,24 +538,29 @@ class PLMNewsEncoder(NewsEncoder):
             if config.plm_lora_rank:
                 raise ValueError("--plm_embeddings=precompute runs a frozen backbone once; it cannot train LoRA "
                                  "adapters: drop --plm_lora_rank or use --plm_embeddings=finetune")
-            if frozen is not None and frozen != len(layers) and main_rank:
+            if frozen is not None and frozen != depth and main_rank:
                 # A note, not an error: per-dataset suggestions (the demo's 4) set the flag without the user.
-                print(f"note: --plm_embeddings=precompute freezes all {len(layers)} layers of "
+                print(f"note: --plm_embeddings=precompute freezes all {depth} layers of "
                       f"{config.plm_model_name} (--plm_frozen_layers={frozen} does not apply)")
-            frozen = len(layers)
+            frozen = depth
             self.length_buckets = 1  # no PLM runs per batch: nothing to save by length
         if frozen is None:
             # Not given: the same share as PLM-NR's 10 of 12 for any depth. Resolved here, where the model's depth is
             # known (Config does no I/O); `resolved_settings` hands it back so config.json and the checkpoint record it.
-            frozen = len(layers) * FROZEN_SHARE[0] // FROZEN_SHARE[1]
+            frozen = depth * FROZEN_SHARE[0] // FROZEN_SHARE[1]
             if main_rank:
-                print(f"note: --plm_frozen_layers={frozen}: {frozen} of {config.plm_model_name}'s {len(layers)} layers "
+                print(f"note: --plm_frozen_layers={frozen}: {frozen} of {config.plm_model_name}'s {depth} layers "
                       f"frozen (the default, {FROZEN_SHARE[0]}/{FROZEN_SHARE[1]} of the layers, rounded down; type the "
                       f"flag to choose)")
-        if frozen > len(layers):
+        if frozen > depth:
             raise ValueError(f"--plm_frozen_layers={frozen} but {config.plm_model_name} has "
-                             f"{len(layers)} layers; pass --plm_frozen_layers between 0 and {len(layers)}, or leave "
-                             f"it out to freeze {len(layers) * FROZEN_SHARE[0] // FROZEN_SHARE[1]}")
+                             f"{depth} layers; pass --plm_frozen_layers between 0 and {depth}, or leave "
+                             f"it out to freeze {depth * FROZEN_SHARE[0] // FROZEN_SHARE[1]}")
+        return frozen
+
+    def _freeze_bottom(self, layers: nn.ModuleList, frozen: int) -> None:
+        """No gradient for the embeddings and the lowest `frozen` layers (all of the PLM when every layer is), nor
+        for a pooler no encoder reads."""
         if frozen > 0:
             # Embeddings + the lowest N layers stay pretrained (PLM-NR: tuning the top layers loses almost nothing).
             for p in self.plm.get_input_embeddings().parameters():
@@ -526,55 +580,20 @@ class PLMNewsEncoder(NewsEncoder):
         if isinstance(pooler, nn.Module):
             for p in pooler.parameters():
                 p.requires_grad = False
-        self.lora_modules: list[str] = []
-        if config.plm_lora_rank:
-            fam = backbones.family(self.plm)
-            targets = [t.strip() for t in config.plm_lora_target_modules.split(",") if t.strip()] \
-                or (list(fam.lora_targets) if fam else [])
-            if not targets:
-                raise ValueError(f"--plm_lora_rank: no default LoRA modules for {kind} (model_type "
-                                 f"{self.plm.config.model_type!r}); name them with --plm_lora_target_modules=a,b")
-            # Adapters only above the frozen layers: those below stay a fixed function, so their cache stays valid.
-            self.lora_modules = backbones.lora_modules(self.plm, stack_name, layers, frozen, targets)
-            backbones.add_lora(self.plm, self.lora_modules, config.plm_lora_rank, config.plm_lora_alpha,
-                               config.plm_lora_dropout)
-        if config.plm_lora_rank or self.precompute:
-            # The base weights are all frozen and come from --plm_model_name: the checkpoint keeps the rest only.
-            backbones.exclude_frozen_base(self, signature=self.weights_signature, model_name=config.plm_model_name)
-        if config.gradient_checkpointing and not self.precompute:
-            enable = getattr(self.plm, "activation_checkpointing_enable", None)  # transformers 5's name
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.plm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.frozen_layers = frozen
-        self.plm_lr = config.plm_lr
-        # Frozen-layer cache (issue 6): the frozen bottom is a fixed function of the title, so the model runs it
-        # once per corpus (eval mode: no dropout there) and trains only the top layers on its hidden states. With
-        # every layer frozen the top pass has no block to receive the cached states: only BERT-like models, whose
-        # output is the last block's (no final norm), stand the cached states in for their embeddings' output.
-        self.cache_frozen = bool(config.plm_cache) and not self.precompute and 0 < frozen \
-            and (frozen < len(layers) or hasattr(self.plm, "embeddings"))
-        # Built by `prepare`, not saved (rebuilt from the corpus): the frozen-layer cache [N, L, Hp] (fp16/bf16/fp32,
-        # backbones.table_dtype) on the
-        # model's device, or in host memory when it would take more than backbones.CACHE_DEVICE_FRACTION of the free
-        # GPU memory (a plain attribute: .to(device) must not move it; rows are copied to the device per batch);
-        # under --plm_embeddings=precompute, every news' pooled vector [N, Hp] fp16 (or fp32) from the on-disk store.
-        self.register_buffer("frozen_table", None, persistent=False)
-        self.frozen_table_host: torch.Tensor | None = None
-        self.register_buffer("stored_vectors", None, persistent=False)
-        self._store_settings = (config.plm_model_name, config.plm_pooling, config.plm_dtype)
-        parent_name, _, self._layers_attr = stack_name.rpartition(".")
-        # Plain attributes, not submodules: registered, they put the layer stack into the state dict a second time
-        # (checkpoints before this change hold those copies: `_drop_stack_copies` skips them on load).
-        object.__setattr__(self, "_layers_parent", self.plm.get_submodule(parent_name) if parent_name else self.plm)
-        object.__setattr__(self, "_all_layers", layers)
-        self.register_load_state_dict_pre_hook(_drop_stack_copies)
-        if self.pooling == "attention" and self.uses_pool:
-            self.pool_attention = AdditiveAttention(self.hidden_dim, config.attention_dim)
-        self.dropout = nn.Dropout(config.dropout_rate)
-        self.output_dim = self.hidden_dim
-        self.train(self.training)  # the frozen bottom in eval mode from the start
+
+    def _add_lora(self, config, stack_name: str, layers: nn.ModuleList, frozen: int) -> None:
+        """LoRA adapters (--plm_lora_rank) in the --plm_lora_target_modules (or the family's default) of the blocks
+        above the frozen ones; the whole base frozen."""
+        fam = backbones.family(self.plm)
+        targets = [t.strip() for t in config.plm_lora_target_modules.split(",") if t.strip()] \
+            or (list(fam.lora_targets) if fam else [])
+        if not targets:
+            raise ValueError(f"--plm_lora_rank: no default LoRA modules for {type(self.plm).__name__} (model_type "
+                             f"{self.plm.config.model_type!r}); name them with --plm_lora_target_modules=a,b")
+        # Adapters only above the frozen layers: those below stay a fixed function, so their cache stays valid.
+        self.lora_modules = backbones.lora_modules(self.plm, stack_name, layers, frozen, targets)
+        backbones.add_lora(self.plm, self.lora_modules, config.plm_lora_rank, config.plm_lora_alpha,
+                           config.plm_lora_dropout)
 
     def frozen_modules(self) -> list[nn.Module]:
         """The PLM's frozen bottom: its embeddings and the lowest --plm_frozen_layers layers (none when 0)."""
