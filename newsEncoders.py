@@ -335,8 +335,8 @@ class PLMSettings(Settings):
     plm_max_length: int = setting(32, "PLM title tokens (special tokens included)",
                                   check=lambda v: None if v >= 3 else "must be >= 3 (room for special tokens)")
     plm_cache: bool = setting(True, "run the frozen bottom (embeddings + --plm_frozen_layers, eval mode: no dropout) "
-                              "once per corpus and train the top layers on its cached fp16 hidden states",
-                              architecture=False)
+                              "once per corpus and train the top layers on its cached hidden states (fp16; bf16 "
+                              "for a bf16 backbone; fp32 beyond fp16's range)", architecture=False)
     plm_text_template: str = setting(
         "{title}", "the text the PLM reads per news, fields {title} {abstract} {category} {subcategory}, e.g. "
         "'News: {title} Category: {category}' (prompting an LLM)", check=template_error)
@@ -347,8 +347,9 @@ class PLMSettings(Settings):
     plm_lora_dropout: float = setting(0.05, "dropout on the LoRA adapters' input", check=unit_interval,
                                       architecture=False)
     plm_lora_target_modules: str = setting(
-        "", "comma-separated module names inside each block that get adapters; empty: the family's default "
-        "(Llama/Qwen2/Mistral/Gemma q_proj,k_proj,v_proj,o_proj; GPT-2 c_attn; BERT/RoBERTa query,value)")
+        "", "comma-separated module names inside each block that get adapters, each must exist there; empty: the "
+        "family's default (Llama/Qwen2/Qwen3/Mistral/Gemma q_proj,k_proj,v_proj,o_proj; Phi-3 qkv_proj,o_proj; GPT-2 "
+        "c_attn; BERT/RoBERTa query,value; DeBERTa in_proj; DeBERTa-v2 query_proj,value_proj; DistilBERT q_lin,v_lin)")
     plm_dtype: str = setting("fp32", "dtype the backbone is loaded in: bf16 halves its memory (meant for GPUs; "
                                      "allowed on the CPU, but slow there)", choices=("fp32", "bf16"),
                              architecture=False)
@@ -357,8 +358,9 @@ class PLMSettings(Settings):
                                            architecture=False)
     plm_embeddings: str = setting(
         "finetune", "finetune: the PLM runs in every step (top layers / LoRA trained); precompute: a frozen backbone "
-        "encodes every news once (pooled with last/average/cls, fp16 memory map under the cache folder, keyed by model, "
-        "template and length) and the model trains on the stored vectors", choices=("finetune", "precompute"))
+        "encodes every news once (pooled with last/average/cls; an fp16 memory map, fp32 beyond fp16's range, under "
+        "the cache folder, keyed by the weights, template and length) and the model trains on the stored vectors",
+        choices=("finetune", "precompute"))
 
 
 @dataclass
@@ -435,6 +437,18 @@ def _drop_stack_copies(module, state_dict, prefix, *args) -> None:
         del state_dict[key]
 
 
+def _load_plm(config, main_rank: bool) -> nn.Module:
+    """The backbone of --plm_model_name in --plm_dtype (a note where bf16 runs on the CPU)."""
+    from transformers import AutoModel
+
+    path = resolve_plm_path(config.plm_model_name)
+    dtype = torch.bfloat16 if config.plm_dtype == "bf16" else torch.float32
+    if dtype == torch.bfloat16 and not torch.cuda.is_available() and main_rank:
+        print("note: --plm_dtype=bf16 without CUDA: the CPU runs bf16 matmuls far slower than fp32; it saves "
+              "memory only")
+    return AutoModel.from_pretrained(path, dtype=dtype)
+
+
 class PLMNewsEncoder(NewsEncoder):
     """Base: PLM over token ids [N, L] -> hidden [N, L, Hp] -> pooling -> dropout -> [N, Hp].
 
@@ -453,27 +467,65 @@ class PLMNewsEncoder(NewsEncoder):
 
     def __init__(self, config, meta):
         super().__init__(config, meta)
-        from transformers import AutoModel
-
         from util import dist_env
 
         main_rank = dist_env()[0] == 0
-        path = resolve_plm_path(config.plm_model_name)
-        dtype = torch.bfloat16 if config.plm_dtype == "bf16" else torch.float32
-        if dtype == torch.bfloat16 and not torch.cuda.is_available() and main_rank:
-            print("note: --plm_dtype=bf16 without CUDA: the CPU runs bf16 matmuls far slower than fp32; it saves "
-                  "memory only")
-        self.plm = AutoModel.from_pretrained(path, dtype=dtype)
+        self.plm = _load_plm(config, main_rank)
+        self.weights_signature = backbones.weights_signature(self.plm)  # before LoRA: the base weights only
         self.hidden_dim = self.plm.config.hidden_size
         stack_name, layers = backbones.layer_stack(self.plm)
         self.decoder = backbones.is_decoder(self.plm)
         self.precompute = config.plm_embeddings == "precompute"
         self.pooling = config.plm_pooling
-        kind = type(self.plm).__name__
         if self.decoder and self.pooling == "cls" and self.uses_pool:
-            raise ValueError(f"--plm_pooling=cls: {config.plm_model_name} ({kind}) is decoder-only, it has no [CLS] "
-                             f"token and its first token has read nothing else; use --plm_pooling=last (the last real "
-                             f"token has read the whole text), average or attention")
+            raise ValueError(f"--plm_pooling=cls: {config.plm_model_name} ({type(self.plm).__name__}) is decoder-only, "
+                             f"it has no [CLS] token and its first token has read nothing else; use --plm_pooling=last "
+                             f"(the last real token has read the whole text), average or attention")
+        frozen = self._resolve_frozen(config, len(layers), main_rank)
+        self._freeze_bottom(layers, frozen)
+        self.lora_modules: list[str] = []
+        if config.plm_lora_rank:
+            self._add_lora(config, stack_name, layers, frozen)
+        if config.plm_lora_rank or self.precompute:
+            # The base weights are all frozen and come from --plm_model_name: the checkpoint keeps the rest only.
+            backbones.exclude_frozen_base(self, signature=self.weights_signature, model_name=config.plm_model_name)
+        if config.gradient_checkpointing and not self.precompute:
+            enable = getattr(self.plm, "activation_checkpointing_enable", None)  # transformers 5's name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.plm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.frozen_layers = frozen
+        self.plm_lr = config.plm_lr
+        # Frozen-layer cache (issue 6): the frozen bottom is a fixed function of the title, so the model runs it
+        # once per corpus (eval mode: no dropout there) and trains only the top layers on its hidden states. With
+        # every layer frozen the top pass has no block to receive the cached states: only BERT-like models, whose
+        # output is the last block's (no final norm), stand the cached states in for their embeddings' output.
+        self.cache_frozen = bool(config.plm_cache) and not self.precompute and 0 < frozen \
+            and (frozen < len(layers) or hasattr(self.plm, "embeddings"))
+        # Built by `prepare`, not saved (rebuilt from the corpus): the frozen-layer cache [N, L, Hp] (fp16, bf16 or
+        # fp32: backbones.table_dtype) on the model's device, or in host memory when it would take more than
+        # backbones.CACHE_DEVICE_FRACTION of the free GPU memory (a plain attribute: .to(device) must not move it; rows are copied to the device per batch);
+        # under --plm_embeddings=precompute, every news' pooled vector [N, Hp] fp16 (or fp32) from the on-disk store.
+        self.register_buffer("frozen_table", None, persistent=False)
+        self.frozen_table_host: torch.Tensor | None = None
+        self.register_buffer("stored_vectors", None, persistent=False)
+        self._store_settings = (config.plm_model_name, config.plm_pooling, config.plm_dtype)
+        parent_name, _, self._layers_attr = stack_name.rpartition(".")
+        # Plain attributes, not submodules: registered, they put the layer stack into the state dict a second time
+        # (checkpoints before this change hold those copies: `_drop_stack_copies` skips them on load).
+        object.__setattr__(self, "_layers_parent", self.plm.get_submodule(parent_name) if parent_name else self.plm)
+        object.__setattr__(self, "_all_layers", layers)
+        self.register_load_state_dict_pre_hook(_drop_stack_copies)
+        if self.pooling == "attention" and self.uses_pool:
+            self.pool_attention = AdditiveAttention(self.hidden_dim, config.attention_dim)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.output_dim = self.hidden_dim
+        self.train(self.training)  # the frozen bottom in eval mode from the start
+
+    def _resolve_frozen(self, config, depth: int, main_rank: bool) -> int:
+        """--plm_frozen_layers as it applies to a PLM of `depth` layers: all of them under precompute (whose other
+        flags are checked here), the default share when not given; above `depth` is an error."""
         frozen = config.plm_frozen_layers
         if self.precompute:
             if not self.uses_pool:
@@ -486,24 +538,29 @@ class PLMNewsEncoder(NewsEncoder):
             if config.plm_lora_rank:
                 raise ValueError("--plm_embeddings=precompute runs a frozen backbone once; it cannot train LoRA "
                                  "adapters: drop --plm_lora_rank or use --plm_embeddings=finetune")
-            if frozen is not None and frozen != len(layers) and main_rank:
+            if frozen is not None and frozen != depth and main_rank:
                 # A note, not an error: per-dataset suggestions (the demo's 4) set the flag without the user.
-                print(f"note: --plm_embeddings=precompute freezes all {len(layers)} layers of "
+                print(f"note: --plm_embeddings=precompute freezes all {depth} layers of "
                       f"{config.plm_model_name} (--plm_frozen_layers={frozen} does not apply)")
-            frozen = len(layers)
+            frozen = depth
             self.length_buckets = 1  # no PLM runs per batch: nothing to save by length
         if frozen is None:
             # Not given: the same share as PLM-NR's 10 of 12 for any depth. Resolved here, where the model's depth is
             # known (Config does no I/O); `resolved_settings` hands it back so config.json and the checkpoint record it.
-            frozen = len(layers) * FROZEN_SHARE[0] // FROZEN_SHARE[1]
+            frozen = depth * FROZEN_SHARE[0] // FROZEN_SHARE[1]
             if main_rank:
-                print(f"note: --plm_frozen_layers={frozen}: {frozen} of {config.plm_model_name}'s {len(layers)} layers "
+                print(f"note: --plm_frozen_layers={frozen}: {frozen} of {config.plm_model_name}'s {depth} layers "
                       f"frozen (the default, {FROZEN_SHARE[0]}/{FROZEN_SHARE[1]} of the layers, rounded down; type the "
                       f"flag to choose)")
-        if frozen > len(layers):
+        if frozen > depth:
             raise ValueError(f"--plm_frozen_layers={frozen} but {config.plm_model_name} has "
-                             f"{len(layers)} layers; pass --plm_frozen_layers between 0 and {len(layers)}, or leave "
-                             f"it out to freeze {len(layers) * FROZEN_SHARE[0] // FROZEN_SHARE[1]}")
+                             f"{depth} layers; pass --plm_frozen_layers between 0 and {depth}, or leave "
+                             f"it out to freeze {depth * FROZEN_SHARE[0] // FROZEN_SHARE[1]}")
+        return frozen
+
+    def _freeze_bottom(self, layers: nn.ModuleList, frozen: int) -> None:
+        """No gradient for the embeddings and the lowest `frozen` layers (all of the PLM when every layer is), nor
+        for a pooler no encoder reads."""
         if frozen > 0:
             # Embeddings + the lowest N layers stay pretrained (PLM-NR: tuning the top layers loses almost nothing).
             for p in self.plm.get_input_embeddings().parameters():
@@ -523,54 +580,20 @@ class PLMNewsEncoder(NewsEncoder):
         if isinstance(pooler, nn.Module):
             for p in pooler.parameters():
                 p.requires_grad = False
-        self.lora_modules: list[str] = []
-        if config.plm_lora_rank:
-            fam = backbones.family(self.plm)
-            targets = [t.strip() for t in config.plm_lora_target_modules.split(",") if t.strip()] \
-                or (list(fam.lora_targets) if fam else [])
-            if not targets:
-                raise ValueError(f"--plm_lora_rank: no default LoRA modules for {kind} (model_type "
-                                 f"{self.plm.config.model_type!r}); name them with --plm_lora_target_modules=a,b")
-            # Adapters only above the frozen layers: those below stay a fixed function, so their cache stays valid.
-            self.lora_modules = backbones.lora_modules(self.plm, stack_name, layers, frozen, targets)
-            backbones.add_lora(self.plm, self.lora_modules, config.plm_lora_rank, config.plm_lora_alpha,
-                               config.plm_lora_dropout)
-        if config.plm_lora_rank or self.precompute:
-            # The base weights are all frozen and come from --plm_model_name: the checkpoint keeps the rest only.
-            backbones.exclude_frozen_base(self)
-        if config.gradient_checkpointing and not self.precompute:
-            enable = getattr(self.plm, "activation_checkpointing_enable", None)  # transformers 5's name
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.plm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.frozen_layers = frozen
-        self.plm_lr = config.plm_lr
-        # Frozen-layer cache (issue 6): the frozen bottom is a fixed function of the title, so the model runs it
-        # once per corpus (eval mode: no dropout there) and trains only the top layers on its hidden states. With
-        # every layer frozen the top pass has no block to receive the cached states: only BERT-like models, whose
-        # output is the last block's (no final norm), stand the cached states in for their embeddings' output.
-        self.cache_frozen = bool(config.plm_cache) and not self.precompute and 0 < frozen \
-            and (frozen < len(layers) or hasattr(self.plm, "embeddings"))
-        # Built by `prepare`, not saved (rebuilt from the corpus): the frozen-layer cache [N, L, Hp] fp16 on the
-        # model's device, or in host memory when it would take more than backbones.CACHE_DEVICE_FRACTION of the free
-        # GPU memory (a plain attribute: .to(device) must not move it; rows are copied to the device per batch);
-        # under --plm_embeddings=precompute, every news' pooled vector [N, Hp] fp16 from the on-disk store.
-        self.register_buffer("frozen_table", None, persistent=False)
-        self.frozen_table_host: torch.Tensor | None = None
-        self.register_buffer("stored_vectors", None, persistent=False)
-        self._store_settings = (config.plm_model_name, config.plm_pooling, config.plm_dtype)
-        parent_name, _, self._layers_attr = stack_name.rpartition(".")
-        # Plain attributes, not submodules: registered, they put the layer stack into the state dict a second time
-        # (checkpoints before this change hold those copies: `_drop_stack_copies` skips them on load).
-        object.__setattr__(self, "_layers_parent", self.plm.get_submodule(parent_name) if parent_name else self.plm)
-        object.__setattr__(self, "_all_layers", layers)
-        self.register_load_state_dict_pre_hook(_drop_stack_copies)
-        if self.pooling == "attention" and self.uses_pool:
-            self.pool_attention = AdditiveAttention(self.hidden_dim, config.attention_dim)
-        self.dropout = nn.Dropout(config.dropout_rate)
-        self.output_dim = self.hidden_dim
-        self.train(self.training)  # the frozen bottom in eval mode from the start
+
+    def _add_lora(self, config, stack_name: str, layers: nn.ModuleList, frozen: int) -> None:
+        """LoRA adapters (--plm_lora_rank) in the --plm_lora_target_modules (or the family's default) of the blocks
+        above the frozen ones; the whole base frozen."""
+        fam = backbones.family(self.plm)
+        targets = [t.strip() for t in config.plm_lora_target_modules.split(",") if t.strip()] \
+            or (list(fam.lora_targets) if fam else [])
+        if not targets:
+            raise ValueError(f"--plm_lora_rank: no default LoRA modules for {type(self.plm).__name__} (model_type "
+                             f"{self.plm.config.model_type!r}); name them with --plm_lora_target_modules=a,b")
+        # Adapters only above the frozen layers: those below stay a fixed function, so their cache stays valid.
+        self.lora_modules = backbones.lora_modules(self.plm, stack_name, layers, frozen, targets)
+        backbones.add_lora(self.plm, self.lora_modules, config.plm_lora_rank, config.plm_lora_alpha,
+                           config.plm_lora_dropout)
 
     def frozen_modules(self) -> list[nn.Module]:
         """The PLM's frozen bottom: its embeddings and the lowest --plm_frozen_layers layers (none when 0)."""
@@ -603,17 +626,12 @@ class PLMNewsEncoder(NewsEncoder):
         """Run the PLM with only `layers` in its stack and, optionally, `bottom` [N, L, Hp] as the hidden states the
         first of them receives: the model's own forward still builds the attention masks and positions (rotary
         included), so this works across families and versions."""
-        setattr(self._layers_parent, self._layers_attr, layers)
         handle = None
         if bottom is not None and len(layers):
-            def feed(module, args, kwargs):
-                if args:
-                    return (bottom, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": bottom}
-
-            handle = layers[0].register_forward_pre_hook(feed, with_kwargs=True)
+            layers = nn.ModuleList([backbones.FedBlock(layers[0], bottom), *layers[1:]])
         elif bottom is not None:
             handle = self.plm.embeddings.register_forward_hook(lambda module, args, output: bottom)
+        setattr(self._layers_parent, self._layers_attr, layers)
         try:
             yield
         finally:
@@ -677,7 +695,8 @@ class PLMNewsEncoder(NewsEncoder):
         return self.frozen_table is not None or self.frozen_table_host is not None
 
     def cached_features(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """index [N] -> pooled_plm [N, Hp] (stored vectors) or plm_hidden [N, L, Hp] (frozen-layer cache), fp16."""
+        """index [N] -> pooled_plm [N, Hp] (stored vectors) or plm_hidden [N, L, Hp] (frozen-layer cache), in the
+        table's dtype."""
         if self.stored_vectors is not None:
             return {"pooled_plm": self.stored_vectors[index]}
         if self.frozen_table is not None:
@@ -696,51 +715,85 @@ class PLMNewsEncoder(NewsEncoder):
 
     @torch.no_grad()
     def _build_frozen_cache(self, news, log, chunk: int, host: bool | None) -> None:
-        """Run the PLM's frozen bottom once over every news (issue 6): [N, L, Hp] fp16 on the model's device.
+        """Run the PLM's frozen bottom once over every news (issue 6): [N, L, Hp] on the model's device.
 
-        The frozen layers run in eval mode (no dropout). The table stays on the model's device when it takes at most
-        CACHE_DEVICE_FRACTION of the free GPU memory, else in (pinned) host memory. Checked once against the full
-        forward (eval mode); a model whose layers cannot be split this way (e.g. a final norm after the stack) falls
-        back to the uncached path with a warning."""
-        ids_all, mask_all = news.column("plm_ids"), news.column("plm_mask")
-        n, length = ids_all.shape
-        table = None
-        order = news.length_order()  # chunks of similar length: less padding
-        for start in range(0, n, chunk):
-            rows = order[start:start + chunk]
-            ids, mask = ids_all[rows].long(), mask_all[rows].long()
-            used = max(1, int(mask.sum(1).max()))
-            hidden = self.frozen_bottom(ids[:, :used], mask[:, :used])
-            if table is None:
-                shape = (n, length, hidden.shape[-1])
-                where = torch.device("cpu") if host else backbones.cache_device(shape, hidden.device)
-                table = torch.zeros(shape, dtype=torch.float16, device=where)
-                if table.device != hidden.device and torch.cuda.is_available():
-                    table = table.pin_memory()  # asynchronous per-batch copies to the GPU
-            table[rows.to(table.device), :used] = hidden.to(table.device, torch.float16)
+        The frozen layers run in eval mode (no dropout). The table is fp16, bf16 for a bf16 backbone, fp32 where an
+        fp32 backbone's states exceed fp16's range (backbones.table_dtype); it stays on the model's device when it
+        takes at most CACHE_DEVICE_FRACTION of the free GPU memory, else in (pinned) host memory. A table that is not
+        finite everywhere is an error. Checked once against the full forward (eval mode); a model whose layers cannot
+        be split this way (e.g. a final norm after the stack) falls back to the uncached path with a warning."""
+        ids_all = news.column("plm_ids")
+        table = self._fill_frozen_table(news, chunk, host)
+        self._check_finite(table)
         was_training = self.training
         self.eval()
-        probe = torch.arange(1, min(n, 17), device=ids_all.device)
+        probe = torch.arange(1, min(table.shape[0], 17), device=ids_all.device)
         full = news.encode(probe)
         on_device = table.device == ids_all.device and not host
         self.frozen_table, self.frozen_table_host = (table, None) if on_device else (None, table)
         cached = news.encode(probe)
         self.train(was_training)
+        if not torch.isfinite(full).all():
+            self.frozen_table = self.frozen_table_host = None
+            raise ValueError(f"--plm_model_name={self._store_settings[0]}: the full forward of "
+                             f"{type(self.plm).__name__} gives non-finite news vectors (its top layers overflow or "
+                             f"hold NaN/inf weights); every score would be NaN: check the model's files, or try "
+                             f"--plm_dtype=fp32 if it is bf16")
         diff = float((full - cached).abs().max() / full.abs().max().clamp(min=1e-6))
-        if diff > 2e-2:
+        if not diff <= 2e-2:  # written so that a NaN difference fails the check too
             self.frozen_table = self.frozen_table_host = None
             log(f"WARNING: the frozen-layer cache does not reproduce {type(self.plm).__name__}'s output "
                 f"(relative difference {diff:.1e}); training without it")
             return
-        mb = table.numel() * 2 / 2**20
-        log(f"frozen-layer cache: {n} news x {length} tokens x {table.shape[-1]} (fp16, {mb:,.0f} MiB"
+        n, length, hp = table.shape
+        mb = table.numel() * table.element_size() / 2**20
+        log(f"frozen-layer cache: {n} news x {length} tokens x {hp} ({backbones.dtype_name(table.dtype)}, {mb:,.0f} MiB"
             + ("" if on_device else f", in host memory: more than {backbones.CACHE_DEVICE_FRACTION:.0%} of the free "
                f"GPU memory") + f") for the embeddings + {self.frozen_layers} frozen layers; relative check "
             f"difference {diff:.1e}")
 
+    def _fill_frozen_table(self, news, chunk: int, host: bool | None) -> torch.Tensor:
+        """[N, L, Hp]: the frozen bottom's hidden states of every news, in length-sorted chunks (less padding). The
+        table starts in backbones.table_dtype of the backbone and moves to fp32 when a chunk exceeds fp16's range."""
+        ids_all, mask_all = news.column("plm_ids"), news.column("plm_mask")
+        n, length = ids_all.shape
+        table = None
+        order = news.length_order()
+        for start in range(0, n, chunk):
+            rows = order[start:start + chunk]
+            ids, mask = ids_all[rows].long(), mask_all[rows].long()
+            used = max(1, int(mask.sum(1).max()))
+            hidden = self.frozen_bottom(ids[:, :used], mask[:, :used])
+            dtype = backbones.table_dtype(hidden.dtype, hidden)
+            if table is None or (dtype == torch.float32 and table.dtype != dtype):
+                old, shape = table, (n, length, hidden.shape[-1])
+                where = torch.device("cpu") if host else backbones.cache_device(
+                    shape, hidden.device, torch.empty((), dtype=dtype).element_size())
+                table = torch.zeros(shape, dtype=dtype, device=where)
+                if table.device != hidden.device and torch.cuda.is_available():
+                    table = table.pin_memory()  # asynchronous per-batch copies to the GPU
+                if old is not None:
+                    table.copy_(old)
+                    del old
+            table[rows.to(table.device), :used] = hidden.to(table.device, table.dtype)
+        return table
+
+    def _check_finite(self, table: torch.Tensor) -> None:
+        """Every value of the frozen-layer table finite, else a one-line error: NaN states give NaN scores."""
+        bad = ~torch.isfinite(table).flatten(1).all(1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            model, _, dtype = self._store_settings
+            raise ValueError(f"the frozen-layer cache: the embeddings + --plm_frozen_layers={self.frozen_layers} of "
+                             f"--plm_model_name={model} give non-finite hidden states for {len(rows)} of {len(bad)} "
+                             f"news (first: news index {rows[0]}); every score of those would be NaN. " + (
+                                 "The bf16 backbone overflows: try --plm_dtype=fp32" if dtype == "bf16" else
+                                 "Its weights hold NaN/inf or overflow fp32: check the model's files"))
+
     @torch.no_grad()
     def _load_store(self, news, log) -> None:
-        """--plm_embeddings=precompute: every news' pooled vector from the frozen backbone, [N, Hp] fp16, read from
+        """--plm_embeddings=precompute: every news' pooled vector from the frozen backbone, [N, Hp] fp16 (fp32 beyond
+        fp16's range), read from
         `<cache folder>/plm-embeddings-<key>.npy` (a memory map keyed by the backbone's files, the token table, which
         holds --plm_text_template and --plm_max_length, the pooling and the dtype), built there on first use in
         length-sorted chunks. Training then gathers stored vectors: no PLM runs per step."""
@@ -750,8 +803,9 @@ class PLMNewsEncoder(NewsEncoder):
 
         model_name, pooling, dtype = self._store_settings
         ids_all, mask_all = news.column("plm_ids"), news.column("plm_mask")
-        key = backbones.store_key(backbones.backbone_signature(resolve_plm_path(model_name)), ids_all.cpu().numpy(),
-                                  mask_all.cpu().numpy(), pooling, dtype, {"model": model_name})
+        # Keyed by the weights, not the name: a newer revision behind the same hub name or folder gets new vectors.
+        backbone = {"weights": self.weights_signature, "config": backbones.config_signature(self.plm)}
+        key = backbones.store_key(backbone, ids_all.cpu().numpy(), mask_all.cpu().numpy(), pooling, dtype, {})
         path = news.cache_dir / f"plm-embeddings-{key}.npy"
 
         def encode(rows: torch.Tensor) -> torch.Tensor:
@@ -762,9 +816,10 @@ class PLMNewsEncoder(NewsEncoder):
         t0 = time.time()
         table, built = backbones.build_store(path, news.num, encode, news.length_order())
         self.stored_vectors = torch.from_numpy(np.array(table)).to(ids_all.device)
-        log(f"precomputed PLM vectors: {news.num} news x {table.shape[1]} (fp16, "
-            f"{table.nbytes / 2**20:,.1f} MiB) {'built in %.1f s' % (time.time() - t0) if built else 'loaded'} "
-            f"from {path}")
+        kind = "fp16" if table.dtype == np.float16 else "fp32"
+        how = f"built in {time.time() - t0:.1f} s" if built else "loaded"
+        log(f"precomputed PLM vectors: {news.num} news x {table.shape[1]} ({kind}, {table.nbytes / 2**20:,.1f} MiB) "
+            f"{how} from {path}")
 
     @torch.no_grad()
     def frozen_pooled(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -912,7 +912,9 @@ def load_pretrained_encoders(model: nn.Module, ckpt: dict[str, Any], path, archi
                          f"with the pretraining's settings (its config.json) or pretrain with these")
     state = {k: v for k, v in ckpt["model"].items() if k.startswith(ENCODER_PREFIXES)}
     own = {k: v for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
-    missing = sorted(set(own) - set(state))
+    # A PLM encoder's base-weights signature (plm_backbones.SIGNATURE_KEY) is checked when loading, if there: a
+    # checkpoint written before signatures has none.
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith(".plm_weights_signature"))
     shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     if missing or shapes:
         raise ValueError(f"--init_from {path}: the encoder weights do not fit the model built (missing "
