@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
+from beyond_accuracy import BeyondSettings
 from demo_corpus import DEMO_SEED, DEMO_SIZES, MIN_DEMO_NEWS
 from MIND_corpus import DATASETS
 from model import CLICK_PREDICTORS, all_components, flag_owners
@@ -240,7 +241,7 @@ class PretrainRunSettings(Settings):
 # Every run-level flag, by group, in --help order (the component flags come from the registered components; the
 # pretraining tasks' flags from their settings classes in pretraining.py).
 RUN_SETTINGS = (RunSettings, CompareSettings, DataSettings, ComponentChoice, TrainingSettings, DistSettings,
-                PretrainRunSettings, *task_settings_classes())
+                PretrainRunSettings, *task_settings_classes(), BeyondSettings)
 
 
 def component_settings_owners() -> dict[type[Settings], str]:
@@ -282,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     SharedDims.add_arguments(p)
     for settings_cls, owners in component_settings_owners().items():
         settings_cls.add_arguments(p, owners=owners)
-    for settings_cls in (TrainingSettings, DistSettings, PretrainRunSettings, *task_settings_classes()):
+    for settings_cls in (TrainingSettings, DistSettings, PretrainRunSettings, *task_settings_classes(), BeyondSettings):
         settings_cls.add_arguments(p)
     return p
 
@@ -402,6 +403,9 @@ class Config:
         if self.runs and self.mode != "compare":
             errors.append("--runs lists the runs of --mode=compare: use it with --mode=compare")
         errors += self._pretrain_errors()
+        errors += [f"--{flag} applies to --mode=dev and --mode=test (the beyond-accuracy metrics and re-ranking of a "
+                   f"checkpoint's rankings); drop it" for flag in sorted(self.typed & set(BeyondSettings.names()))
+                   if self.mode not in ("dev", "test")]
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 

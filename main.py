@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+import beyond_accuracy
 import demo_corpus
 import run_records
 import scorer
@@ -32,6 +33,7 @@ from evaluation import (
     format_metrics,
     format_ties,
     popularity_per_impression,
+    rerank_and_measure,
     tie_rank_for,
     write_records,
 )
@@ -43,7 +45,8 @@ from trainer import Callback, Trainer, TrainingInterrupted
 # Flags a user may change when evaluating a checkpoint (they do not change the model or the corpus arrays).
 EVAL_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_workers", "progress", "seed", "mode",
                     "dev_model_path", "test_model_path", "output_dir", "amp", "dist_timeout", "impression_id",
-                    "explain_output", "tie_break")
+                    "explain_output", "tie_break", "beyond_metrics", "beyond_k", "beyond_embedding", "rerank",
+                    "rerank_lambda")
 # Flags a user may change when resuming a run (`--resume`): where and how fast it runs, and how long it goes on.
 # Everything else comes from the run's saved config, so the resumed epochs continue the same training.
 RESUME_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_workers", "progress", "amp", "dist_timeout",
@@ -296,11 +299,17 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
     model.to(runtime.device)
     beh = corpus.behaviors(split)
     result = evaluate(model, beh, cfg, runtime, desc=split,
-                      tie_rank=tie_rank_for(cfg, corpus.behaviors("train"), model.news_num))
-    out_dir = path.parent / split  # the run's own folder, beside its checkpoint
+                      tie_rank=tie_rank_for(cfg, corpus.behaviors("train"), model.news_num),
+                      keep_scores=cfg.rerank != "none" or cfg.beyond_embedding == "model")
+    # The run's own folder, beside its checkpoint; a re-ranked evaluation its own folder beside it (the model's
+    # records stay as they are).
+    reranked = f"+{cfg.rerank}{cfg.rerank_lambda:g}" if cfg.rerank != "none" else ""
+    out_dir = path.parent / (split + reranked.replace("+", "-"))
     report: dict[str, Any] = {"split": split, "checkpoint": str(path), "metrics": result.metrics,
                               "ties": result.ties, "stats": beh["stats"], "seconds": round(result.seconds, 2)}
     if runtime.is_main:
+        beyond = rerank_and_measure(cfg, corpus, beh, result, corpus.behaviors("train"))  # re-ranks result
+        report["metrics"] = result.metrics
         out_dir.mkdir(parents=True, exist_ok=True)
         ranks_list = np.split(result.ranks, result.offsets[1:-1])
         if split == "test":
@@ -320,15 +329,27 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
         if result.per_impression is not None:  # per-impression records for --mode=compare
             pop = popularity_per_impression(corpus.behaviors("train"), beh, model.news_num)
             report["popularity_metrics"] = scorer.mean_metrics(pop)
-            meta = {"split": split, "dataset": cfg.dataset, "corpus": str(corpus.root), "model": cfg.model_name,
-                    "run": Path(path).parent.name, "seed": cfg.seed, "epoch": ckpt.get("epoch"),
-                    "checkpoint": str(path), "written_by": f"--mode={split}"}
+            meta = {"split": split, "dataset": cfg.dataset, "corpus": str(corpus.root),
+                    "model": cfg.model_name + reranked, "run": Path(path).parent.name, "seed": cfg.seed,
+                    "epoch": ckpt.get("epoch"), "checkpoint": str(path), "written_by": f"--mode={split}"}
             written = write_records(out_dir, result.per_impression, pop, beh, meta)
             report["per_impression"], report["per_impression_popularity"] = map(str, written)
+        if beyond is not None:
+            report["beyond"] = beyond.summary()
+            report["per_impression_beyond"] = str(beyond_accuracy.write_records(
+                out_dir, beyond, beh, {"split": split, "dataset": cfg.dataset, "model": cfg.model_name + reranked,
+                                       "run": Path(path).parent.name, "seed": cfg.seed, "checkpoint": str(path)}))
         (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
         print(f"{split} ({cfg.model_name}, {corpus.root / split}): {format_metrics(result.metrics)}")
+        if result.metrics.get("rerank"):
+            print(f"{split}: ranks re-ranked by --rerank={cfg.rerank} --rerank_lambda={cfg.rerank_lambda} (the metrics "
+                  f"above and the files are of the re-ranked lists; {result.metrics['kept_model_order']} impressions "
+                  f"kept the model's order: nothing to calibrate to)")
         if format_ties(result.ties, split):
             print(format_ties(result.ties, split))
+        if beyond is not None:
+            print(f"beyond accuracy, {split} (top-k of each ranking; docs/beyond-accuracy.md):\n"
+                  f"{beyond_accuracy.format_table(beyond)}")
         if pop is not None:
             print(f"popularity baseline, {split}: {format_metrics(report['popularity_metrics'])}")
         else:
@@ -336,7 +357,7 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
                   f"labelled impressions)")
         if "prediction" in report:
             print(f"wrote {out_dir / 'prediction.txt'} and {report['prediction']} (the file to upload)")
-        for key in ("ranking", "truth", "per_impression", "per_impression_popularity"):
+        for key in ("ranking", "truth", "per_impression", "per_impression_popularity", "per_impression_beyond"):
             if key in report:
                 print(f"wrote {report[key]}")
     shutdown_runtime(runtime)  # its barrier keeps the other ranks until the files are written
@@ -357,10 +378,17 @@ def aggregate(config: Config) -> dict[str, Any]:
     if paired_md:
         markdown += "\n\nPaired by seed (B − A over the seeds both models were trained with, in percentage points):\n\n" \
             + paired_md
+    beyond_md, beyond_tsv = beyond_accuracy.aggregate_table(records, config.output_dir)
+    if beyond_md:
+        markdown += "\n\nBeyond accuracy (from --mode=dev / --mode=test of each run; not in %):\n\n" + beyond_md
     out = Path(config.output_dir) / (dataset or "")
+    if beyond_tsv:
+        util.write_lines_atomic(out / "aggregate_beyond.tsv", beyond_tsv.splitlines())
     util.write_lines_atomic(out / "aggregate.md", markdown.splitlines())
     util.write_lines_atomic(out / "aggregate.tsv", tsv.splitlines())
     written = [out / "aggregate.md", out / "aggregate.tsv"]
+    if beyond_tsv:
+        written.append(out / "aggregate_beyond.tsv")
     if paired_tsv:
         util.write_lines_atomic(out / "aggregate_paired.tsv", paired_tsv.splitlines())
         written.append(out / "aggregate_paired.tsv")
@@ -386,11 +414,21 @@ def compare(config: Config) -> dict[str, Any]:
     markdown, tsv = significance.compare_tables(runs, rows, config.resamples, config.seed)
     out = significance.output_folder(config.compare_output, config.output_dir, runs[0].meta.get("dataset", "unknown"),
                                      time.strftime("%Y%m%d-%H%M%S"))
+    beyond_md, beyond_tsv, notes = beyond_accuracy.compare_records(runs, config.all_pairs, config.resamples,
+                                                                   config.seed)
+    if beyond_md:
+        markdown += ("\n\nBeyond accuracy (per_impression_beyond.npz; each metric over the impressions where both "
+                     "runs have a value, Holm over the pairs of each metric):\n\n" + beyond_md)
+        util.write_lines_atomic(out / "compare_beyond.tsv", beyond_tsv.splitlines())
     util.write_lines_atomic(out / "compare.md", markdown.splitlines())
     util.write_lines_atomic(out / "compare.tsv", tsv.splitlines())
     print(markdown)
-    print(f"\nwrote {out / 'compare.md'} and {out / 'compare.tsv'}")
-    return {"runs": runs, "rows": rows, "markdown": markdown, "tsv": tsv, "folder": str(out)}
+    for note in notes:
+        print(f"note: {note}")
+    print(f"\nwrote {out / 'compare.md'} and {out / 'compare.tsv'}" + (f" and {out / 'compare_beyond.tsv'}"
+                                                                       if beyond_md else ""))
+    return {"runs": runs, "rows": rows, "markdown": markdown, "tsv": tsv, "folder": str(out),
+            "beyond_tsv": beyond_tsv}
 
 
 def train_seeds(config: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
