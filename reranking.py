@@ -154,3 +154,70 @@ def rerank(method: str, lam: float, scores: np.ndarray, ranks: np.ndarray, beh: 
             np.put_along_axis(new_rank, order, np.arange(1, n + 1)[None].repeat(len(rows), 0), 1)
             out[pos] = new_rank
     return out.astype(ranks.dtype), {"kept_model_order": kept}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The accuracy-diversity trade-off of one checkpoint (bench/tradeoff.py)
+# ----------------------------------------------------------------------------------------------------------
+
+TRADEOFF_DIVERSITY = ("ild_category", "ild_embedding", "calibration_kl")
+
+
+def sweep(methods: Sequence[str], lambdas: Sequence[float], scores: np.ndarray, ranks: np.ndarray,
+          beh: Mapping[str, Any], features: NewsFeatures, k: int = 10) -> list[dict[str, Any]]:
+    """One row per (method, lam): the official accuracy metrics of the re-ranked lists (score = 1 / rank, as a
+    submission is scored) and their ILD (category, embedding) and calibration KL at k."""
+    import beyond_accuracy as ba
+    import scorer
+
+    labels = np.asarray(beh["labels"]).astype(np.int64)
+    rows = []
+    for method in methods:
+        for lam in lambdas:
+            new, counts = rerank(method, lam, scores, ranks, beh, features)
+            acc = scorer.mean_metrics(scorer.per_impression_metrics(1.0 / new, labels, beh["offsets"]))
+            div = ba.compute(new, beh, features, [k], list(TRADEOFF_DIVERSITY)).means
+            rows.append({"method": method, "lambda": float(lam), **{m: acc[m] for m in scorer.METRIC_KEYS},
+                         **{f"{m}@{k}": div[f"{m}@{k}"] for m in TRADEOFF_DIVERSITY},
+                         "impressions": acc["impressions"], **counts})
+    return rows
+
+
+def tradeoff_tsv(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    keys = list(rows[0])
+    return ["\t".join(keys)] + ["\t".join(repr(r[k]) if isinstance(r[k], float) else str(r[k]) for k in keys)
+                                for r in rows]
+
+
+def plot_tradeoff(rows: Sequence[Mapping[str, Any]], out, k: int = 10, title: str = "") -> None:
+    """A 2 x 2 PNG: AUC and nDCG@10 (rows) against ILD by embedding and calibration KL at k (columns), one curve
+    per method, each point labelled with its lambda (0 = the model's ranking)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import util
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8))
+    for i, (acc, acc_name) in enumerate((("auc", "AUC"), ("ndcg10", "nDCG@10"))):
+        for j, (div, div_name) in enumerate(((f"ild_embedding@{k}", f"ILD (embedding) @{k}, higher = more diverse"),
+                                             (f"calibration_kl@{k}", f"calibration KL @{k}, lower = better "
+                                              f"calibrated"))):
+            ax = axes[i, j]
+            for method, marker in zip(METHODS, "os"):
+                pts = [r for r in rows if r["method"] == method]
+                if not pts:
+                    continue
+                ax.plot([r[div] for r in pts], [r[acc] for r in pts], marker=marker, label=method)
+                for r in pts:
+                    ax.annotate(f"{r['lambda']:g}", (r[div], r[acc]), fontsize=7, textcoords="offset points",
+                                xytext=(3, 3))
+            ax.set_xlabel(div_name)
+            ax.set_ylabel(acc_name)
+            ax.grid(alpha=0.3)
+            ax.legend(title="--rerank (points: lambda)", fontsize=8)
+    fig.suptitle(title or "accuracy vs diversity / calibration")
+    fig.tight_layout()
+    util.atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)

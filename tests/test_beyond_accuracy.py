@@ -288,3 +288,27 @@ def test_unlabelled_test_split_gets_every_metric_that_needs_no_label(two_runs, t
     assert report["beyond"]["not_computed"] == {"serendipity": "needs labels"}
     assert set(report["beyond"]["means"]) == {"novelty@5", "novelty@10", "coverage@5", "coverage@10"}
     assert Path(report["per_impression_beyond"]).is_file()
+
+
+@needs_glove50
+def test_tradeoff_sweep_writes_points_and_picture(two_runs):
+    import importlib.util
+
+    tmp, common, ckpts = two_runs
+    spec = importlib.util.spec_from_file_location("tradeoff", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "tradeoff.py")
+    tradeoff = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tradeoff)
+    data = next(a for a in common if a.startswith("--data_dir"))
+    out = tmp / "tradeoff"
+    result = tradeoff.main(["--checkpoint", str(ckpts[1]), "--lambdas", "0,1", f"--output={out}", f"--extra={data}"])
+    rows = (out / "tradeoff.tsv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and rows[0].startswith("method\tlambda\tauc")
+    assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    plain = main(["--mode=dev", f"--dev_model_path={ckpts[1]}", "--beyond_metrics=ild_embedding",
+                  "--beyond_k=10", *common])
+    first = result["rows"][0]  # mmr at lambda 0: the model's own ranking
+    assert first["auc"] == pytest.approx(plain["metrics"]["auc"], abs=1e-12)
+    assert first["ild_embedding@10"] == pytest.approx(plain["beyond"]["means"]["ild_embedding@10"], abs=1e-12)
+    with pytest.raises(SystemExit, match="already holds a trade-off"):
+        tradeoff.main(["--checkpoint", str(ckpts[1]), "--lambdas", "0", f"--output={out}", f"--extra={data}"])
