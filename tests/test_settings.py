@@ -274,7 +274,8 @@ def test_run_level_flags_keep_name_default_type_choices_help_and_group():
     before they became settings classes; each keeps its name, default, type, choices, help, group and order."""
     before = json.loads((DATA / "run_flags_before_settings.json").read_text())
     now = _run_level_flags()
-    # Added since, after every earlier flag: --mode=pretrain's flags (issue 17; tests/test_pretraining.py). The one
+    # Added since, after every earlier flag: --mode=pretrain's flags (issue 17; tests/test_pretraining.py), then
+    # the beyond-accuracy flags (issue 23, below). The one
     # changed flag is --mode, which gains the choice "pretrain" and its sentence in the help; the file stays as it
     # was recorded.
     for record in before:
@@ -287,7 +288,11 @@ def test_run_level_flags_keep_name_default_type_choices_help_and_group():
     from config import PretrainRunSettings
     from pretraining import task_settings_classes
 
-    added = [*PretrainRunSettings.names(), *(n for cls in task_settings_classes() for n in cls.names())]
+    # ... and the beyond-accuracy metrics' and re-ranking's flags (issue 23; tests/test_beyond_accuracy.py).
+    from beyond_accuracy import BeyondSettings
+
+    added = [*PretrainRunSettings.names(), *(n for cls in task_settings_classes() for n in cls.names()),
+             *BeyondSettings.names()]
     assert [r["dest"] for r in now] == [r["dest"] for r in before] + added
     for old, new in zip(before, now):
         assert new == old, f"--{old['dest']} changed"
