@@ -312,3 +312,54 @@ def test_tradeoff_sweep_writes_points_and_picture(two_runs):
     assert first["ild_embedding@10"] == pytest.approx(plain["beyond"]["means"]["ild_embedding@10"], abs=1e-12)
     with pytest.raises(SystemExit, match="already holds a trade-off"):
         tradeoff.main(["--checkpoint", str(ckpts[1]), "--lambdas", "0", f"--output={out}", f"--extra={data}"])
+
+
+class _Corpus:
+    """What news_features reads of a corpus."""
+
+    def __init__(self, sentiment=None):
+        self.news = {"category": np.array([0, 1, 2, 1]), "subcategory": np.array([0, 1, 1, 2]),
+                     "title": np.zeros((4, 2), dtype=np.int64)}
+        if sentiment is not None:
+            self.news["sentiment"] = np.asarray(sentiment)
+
+        class Meta:
+            category_names = ["<PAD>", "news", ""]  # category 2 has an empty name: no category
+            subcategory_names = ["<PAD>", "a", "b"]
+            vocab = ["<PAD>", "<UNK>"]
+        self.meta = Meta()
+
+    def news_texts(self, column):
+        return ["", "a wonderful day", "", "an awful crash"]
+
+
+def test_news_features_sources_and_errors():
+    corpus = _Corpus()
+    f = ba.news_features(corpus, np.zeros(4), ["ild_category", "ild_embedding", "sentiment"], embedding="model",
+                         model_vectors=np.arange(8.0).reshape(4, 2))
+    np.testing.assert_array_equal(f.category, [0, 1, 0, 1])  # the empty category name counts as none
+    assert not f.embedding[0].any() and np.linalg.norm(f.embedding[1]) == pytest.approx(1)  # row 0: no news
+    assert np.isnan(f.sentiment[[0, 2]]).all() and f.sentiment[1] > 0 > f.sentiment[3]
+    assert f.sentiment_source.startswith("VADER") and f.embedding_source == "the model's news vectors"
+    with pytest.raises(ValueError, match="--beyond_embedding=model: this model has no table of news vectors"):
+        ba.news_features(corpus, np.zeros(4), ["ild_embedding"], embedding="model", model_vectors=np.zeros((0, 2)))
+    own = ba.news_features(_Corpus(sentiment=[0, 0.5, -0.5, 0.25]), np.zeros(4), ["sentiment"])
+    assert own.sentiment_source == "the dataset's sentiment column" and own.sentiment[1] == 0.5
+
+
+def test_missing_vader_is_an_error_naming_the_fix(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vaderSentiment", None)
+    monkeypatch.setitem(sys.modules, "vaderSentiment.vaderSentiment", None)
+    with pytest.raises(ImportError, match="pip install -r requirements.txt"):
+        ba.vader_sentiment(["x"], np.array([0]))
+
+
+@needs_glove50
+def test_model_embedding_option_end_to_end(two_runs):
+    tmp, common, ckpts = two_runs
+    report = main(["--mode=dev", f"--dev_model_path={ckpts[0]}", "--beyond_embedding=model",
+                   "--beyond_metrics=ild_embedding", *common])
+    assert report["beyond"]["embedding"] == "the model's news vectors"
+    assert 0 <= report["beyond"]["means"]["ild_embedding@5"] <= 2
