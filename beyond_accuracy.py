@@ -149,12 +149,14 @@ def glove_title_vectors(title_tokens: np.ndarray, vocab: Sequence[str]) -> np.nd
     (words outside the vocabulary, <UNK>, carry no vector); a title with none found gets a zero row."""
     from glove_vectors import lookup_found
 
+    from scipy import sparse
+
     table, found = lookup_found(vocab, 50)  # [V, 50], [V] bool
     ids = np.asarray(title_tokens)
-    hit = found[ids]  # [N, L]
-    total = np.einsum("nl,nld->nd", hit.astype(np.float32), table[ids], optimize=True) if ids.size else \
-        np.zeros((len(ids), 50), np.float32)
-    return unit_rows(total / np.maximum(hit.sum(1, keepdims=True), 1))
+    rows, cols = np.nonzero(found[ids])
+    words = sparse.csr_matrix((np.ones(len(rows)), (rows, ids[rows, cols])), shape=(len(ids), len(vocab)))
+    total = words @ table.astype(np.float64)  # [N, 50] sum of the found words' vectors
+    return unit_rows(total / np.maximum(np.asarray(words.sum(1)), 1))
 
 
 def vader_sentiment(texts: Sequence[str], which: np.ndarray) -> np.ndarray:
@@ -250,7 +252,7 @@ def ild_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def ild_vectors(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[R, k, D] unit vectors (zero = none) -> (mean pairwise cosine distance [R], known [R, k])."""
     known = np.abs(vectors).sum(-1) > 0
-    sim = np.einsum("rkd,rld->rkl", vectors, vectors, optimize=True)
+    sim = np.matmul(vectors, vectors.transpose(0, 2, 1))  # [R, k, k]
     return _pair_mean(1.0 - sim, known)[0], known
 
 
@@ -291,11 +293,13 @@ def gini(exposure: np.ndarray) -> float:
     return float(((2 * np.arange(1, n + 1) - n - 1) * e).sum() / (n * total))
 
 
-def coverage(top: np.ndarray, candidates: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+def coverage(top: np.ndarray, candidates: np.ndarray | None = None, catalogue: np.ndarray | None = None
+             ) -> tuple[float, np.ndarray, np.ndarray]:
     """(distinct top-k news / distinct candidate news, the catalogue [M], each one's top-k slots [M]); the unknown
-    news (index 0) is no item of the catalogue."""
-    catalogue = np.unique(np.asarray(candidates))
-    catalogue = catalogue[catalogue > 0]
+    news (index 0) is no item of the catalogue. `catalogue` (sorted distinct candidates > 0) saves the np.unique."""
+    if catalogue is None:
+        catalogue = np.unique(np.asarray(candidates))
+        catalogue = catalogue[catalogue > 0]
     shown = top[top > 0]
     exposure = np.bincount(np.searchsorted(catalogue, shown), minlength=len(catalogue))
     return (float((exposure > 0).sum() / len(catalogue)) if len(catalogue) else float("nan")), catalogue, exposure
@@ -347,59 +351,93 @@ class BeyondResult:
         return {"means": self.means, "counts": self.counts, **self.info}
 
 
-def _block(top: np.ndarray, hist: np.ndarray, clicked: np.ndarray | None, f: NewsFeatures, names: set[str],
-           groups: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Per-impression metrics of a block of R impressions: top [R, k] news (-1 empty), hist [R, H] news (0 none),
-    clicked [R, k] 0/1 (-1 empty) or None -> ({name: [R]}, {name: top-k news without the feature read})."""
+@dataclass
+class HistorySummary:
+    """What the metrics read of each row of the de-duplicated history table [U] (computed once per row, not per
+    impression: MIND repeats a user's history in each of their impressions)."""
+
+    length: np.ndarray  # [U] news in the history
+    novelty: np.ndarray  # [U] mean -log2 p of its news
+    p: np.ndarray | None = None  # [U, G] category distribution; zero rows: no news with a category
+    p_n: np.ndarray | None = None  # [U] news with a category
+    mean_vec: np.ndarray | None = None  # [U, D] mean of its news' unit vectors
+    n_vec: np.ndarray | None = None  # [U] news with a vector
+
+
+def summarize_histories(histories: np.ndarray, f: NewsFeatures, groups: int, need: set[str]) -> HistorySummary:
+    """histories [U, H] news indices (0 = none) -> HistorySummary. The sums over each history's news are one sparse
+    [U, N] x [N, ...] product (no [U, H, D] array)."""
+    from scipy import sparse
+
+    h = np.asarray(histories)
+    rows, cols = np.nonzero(h > 0)
+    news = h[rows, cols].astype(np.int64)
+    counts = sparse.csr_matrix((np.ones(len(news)), (rows, news)), shape=(len(h), len(f.category)))
+    n = np.asarray(counts.sum(1)).ravel()
+    out = HistorySummary(n, (counts @ f.novelty_bits()) / np.maximum(n, 1))
+    if "category" in need:
+        cat = sparse.csr_matrix((np.ones(len(f.category)), (np.arange(len(f.category)), f.category)),
+                                shape=(len(f.category), groups))
+        per = np.asarray((counts @ cat).todense())  # [U, G], column 0: news without a category
+        per[:, 0] = 0
+        out.p_n = per.sum(1)
+        out.p = per / np.maximum(out.p_n, 1)[:, None]
+    if "embedding" in need and f.embedding is not None:
+        has = (np.abs(f.embedding).sum(1) > 0).astype(np.float64)
+        out.n_vec = counts @ has
+        out.mean_vec = (counts @ f.embedding.astype(np.float64)) / np.maximum(out.n_vec, 1)[:, None]
+    return out
+
+
+def _block(top: np.ndarray, h: HistorySummary, clicked: np.ndarray | None, f: NewsFeatures, names: set[str]
+           ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Per-impression metrics of a block of R impressions: top [R, k] news (-1 empty), h the summaries of their
+    histories ([R] rows), clicked [R, k] 0/1 (-1 empty) or None -> ({name: [R]}, {name: top-k news without the
+    feature read})."""
     out: dict[str, np.ndarray] = {}
     missing: dict[str, int] = {}
     slot = top >= 0
     t = np.where(slot, top, 0)
-    has_hist = (hist > 0).any(1)
     nan = np.full(len(top), np.nan)
     for name, table in (("ild_category", f.category), ("ild_subcategory", f.subcategory)):
         if name in names:
             labels = np.where(slot, table[t], -1)
             out[name], known = ild_labels(labels)
             missing[name] = int((slot & ~known).sum())
-    nov = f.novelty_bits()
-    top_nov = np.where(slot, nov[t], 0).sum(1) / np.maximum(slot.sum(1), 1)
+    top_nov = np.where(slot, f.novelty_bits()[t], 0).sum(1) / np.maximum(slot.sum(1), 1)
     if "novelty" in names:
         out["novelty"] = np.where(slot.any(1), top_nov, np.nan)
     if "popularity_bias" in names:
-        hist_nov = np.where(hist > 0, nov[hist], 0).sum(1) / np.maximum((hist > 0).sum(1), 1)
-        out["popularity_bias"] = np.where(has_hist & slot.any(1), hist_nov - top_nov, np.nan)
+        out["popularity_bias"] = np.where((h.length > 0) & slot.any(1), h.novelty - top_nov, np.nan)
     calib = names & {"category_bias", "calibration_kl", "calibration_js"}
     if calib:
-        p, p_n = distributions(f.category[hist], groups)
-        q, q_n = distributions(np.where(slot, f.category[t], 0), groups)
-        ok = (p_n > 0) & (q_n > 0)
-        main = p.argmax(1)
-        rows = np.arange(len(p))
-        values = {"category_bias": q[rows, main] - p[rows, main], "calibration_kl": kl_calibration(p, q),
-                  "calibration_js": js_divergence(p, q)}
+        q, q_n = distributions(np.where(slot, f.category[t], 0), h.p.shape[1])
+        ok = (h.p_n > 0) & (q_n > 0)
+        main = h.p.argmax(1)
+        rows = np.arange(len(q))
+        values = {"category_bias": q[rows, main] - h.p[rows, main], "calibration_kl": kl_calibration(h.p, q),
+                  "calibration_js": js_divergence(h.p, q)}
         for name in calib:
             out[name] = np.where(ok, values[name], np.nan)
             missing[name] = int((slot & (f.category[t] == 0)).sum())
     if f.embedding is not None and names & {"ild_embedding", "unexpectedness", "serendipity"}:
         vec = f.embedding[t] * slot[:, :, None]  # [R, k, D]
-        if "ild_embedding" in names:
-            out["ild_embedding"], known = ild_vectors(vec)
-            missing["ild_embedding"] = int((slot & ~known).sum())
-        hv = f.embedding[hist]  # [R, H, D], row 0 is zero
-        h_known = np.abs(hv).sum(-1) > 0
-        h_mean = hv.sum(1) / np.maximum(h_known.sum(1), 1)[:, None]  # [R, D]
         known = np.abs(vec).sum(-1) > 0  # [R, k]
-        dist = np.where(known, 1.0 - np.einsum("rkd,rd->rk", vec, h_mean), 0.0)  # mean distance to the history
-        ok = h_known.any(1) & known.any(1)
-        n_known = np.maximum(known.sum(1), 1)
-        if "unexpectedness" in names:
-            out["unexpectedness"] = np.where(ok, dist.sum(1) / n_known, np.nan)
-            missing["unexpectedness"] = int((slot & ~known).sum())
-        if "serendipity" in names:
-            value = (dist * (clicked == 1)).sum(1) / n_known if clicked is not None else nan
-            out["serendipity"] = np.where(ok, value, np.nan)
-            missing["serendipity"] = int((slot & ~known).sum())
+        if "ild_embedding" in names:
+            out["ild_embedding"] = ild_vectors(vec)[0]
+            missing["ild_embedding"] = int((slot & ~known).sum())
+        if names & {"unexpectedness", "serendipity"}:
+            # mean over the history of 1 - cos = 1 - v_j . (mean of the history's unit vectors)
+            dist = np.where(known, 1.0 - np.einsum("rkd,rd->rk", vec, h.mean_vec), 0.0)  # [R, k]
+            ok = (h.n_vec > 0) & known.any(1)
+            n_known = np.maximum(known.sum(1), 1)
+            if "unexpectedness" in names:
+                out["unexpectedness"] = np.where(ok, dist.sum(1) / n_known, np.nan)
+                missing["unexpectedness"] = int((slot & ~known).sum())
+            if "serendipity" in names:
+                value = (dist * (clicked == 1)).sum(1) / n_known if clicked is not None else nan
+                out["serendipity"] = np.where(ok, value, np.nan)
+                missing["serendipity"] = int((slot & ~known).sum())
     if f.sentiment is not None and names & {"sentiment", "sentiment_spread"}:
         s = np.where(slot, f.sentiment[t], np.nan)
         known = ~np.isnan(s)
@@ -430,6 +468,10 @@ def compute(ranks: np.ndarray, beh: Mapping[str, Any], features: NewsFeatures, k
                              "embedding": features.embedding_source, "sentiment_source": features.sentiment_source,
                              "not_computed": {m: "needs labels" for m in names if m not in chosen}})
     nonempty = np.diff(offsets) > 0
+    need = {r for m in local for r in METRICS[m].reads}
+    summary = summarize_histories(histories, features, groups, need)
+    catalogue = np.unique(cands)
+    catalogue = catalogue[catalogue > 0]
     for k in ks:
         top = top_k(ranks, cands, offsets, k)
         clicked = top_k(ranks, labels, offsets, k) if labelled else None
@@ -438,9 +480,9 @@ def compute(ranks: np.ndarray, beh: Mapping[str, Any], features: NewsFeatures, k
         missing: dict[str, int] = {}
         for start in range(0, len(top), ROW_CHUNK):
             rows = slice(start, start + ROW_CHUNK)
-            hist = histories[hist_rows[rows]]
-            out, miss = _block(top[rows], hist, clicked[rows] if clicked is not None else None, features, local,
-                               groups)
+            h = HistorySummary(**{k: (v[hist_rows[rows]] if v is not None else None)
+                                  for k, v in vars(summary).items()})
+            out, miss = _block(top[rows], h, clicked[rows] if clicked is not None else None, features, local)
             for name, v in out.items():
                 parts.setdefault(name, []).append(v)
             for name, m in miss.items():
@@ -453,14 +495,14 @@ def compute(ranks: np.ndarray, beh: Mapping[str, Any], features: NewsFeatures, k
             res.means[key] = float(np.nanmean(v)) if scored else float("nan")
             res.counts[key] = {"scored": scored, "skipped": int(nonempty.sum()) - scored,
                                "missing_news": missing.get(name, 0)}
-        _global_metrics(res, top, cands, beh.get("user"), chosen, k)
+        _global_metrics(res, top, catalogue, beh.get("user"), chosen, k)
     return res
 
 
-def _global_metrics(res: BeyondResult, top: np.ndarray, cands: np.ndarray, users, chosen: Sequence[str],
+def _global_metrics(res: BeyondResult, top: np.ndarray, catalogue: np.ndarray, users, chosen: Sequence[str],
                     k: int) -> None:
     if "coverage" in chosen or "gini" in chosen:
-        cov, _, exposure = coverage(top, cands)
+        cov, _, exposure = coverage(top, catalogue=catalogue)
         if "coverage" in chosen:
             res.means[f"coverage@{k}"] = cov
         if "gini" in chosen:
