@@ -194,8 +194,13 @@ def news_features(corpus, clicks: np.ndarray, names: Sequence[str], embedding: s
                                  "news encoder encodes news per user); use --beyond_embedding=glove")
             emb, emb_source = unit_rows(model_vectors), "the model's news vectors"
         else:
-            emb = glove_title_vectors(corpus.news["title"], corpus.meta.vocab)
-            emb_source = "mean GloVe 6B 50-d vector of the title words"
+            from glove_vectors import GloveUnavailable
+
+            try:
+                emb = glove_title_vectors(corpus.news["title"], corpus.meta.vocab)
+                emb_source = "mean GloVe 6B 50-d vector of the title words"
+            except GloveUnavailable as e:  # the package is optional: the other metrics go on, this one is reported
+                emb_source = f"none ({e})"
     if "sentiment" in reads:
         own = corpus.news.get("sentiment") if hasattr(corpus.news, "get") else None
         if own is not None:
@@ -461,12 +466,17 @@ def compute(ranks: np.ndarray, beh: Mapping[str, Any], features: NewsFeatures, k
     hist_rows = np.asarray(beh["history_row"])
     histories = np.asarray(beh["histories"])
     labelled = bool(len(labels)) and bool((labels >= 0).all())
-    chosen = [m for m in names if labelled or "labels" not in METRICS[m].reads]
+    why = {"labels": None if labelled else "needs labels",
+           "embedding": None if features.embedding is not None else f"no news vectors: {features.embedding_source}",
+           "sentiment": None if features.sentiment is not None else "no sentiment of the news"}
+    not_computed = {m: next(why[r] for r in METRICS[m].reads if why.get(r)) for m in names
+                    if any(why.get(r) for r in METRICS[m].reads)}
+    chosen = [m for m in names if m not in not_computed]
     local = {m for m in chosen if METRICS[m].scope == "impression"}
     groups = int(max(features.category.max(), 0)) + 1
     res = BeyondResult(info={"k": list(ks), "metrics": chosen, "impressions": len(offsets) - 1,
                              "embedding": features.embedding_source, "sentiment_source": features.sentiment_source,
-                             "not_computed": {m: "needs labels" for m in names if m not in chosen}})
+                             "not_computed": not_computed})
     nonempty = np.diff(offsets) > 0
     need = {r for m in local for r in METRICS[m].reads}
     summary = summarize_histories(histories, features, groups, need)

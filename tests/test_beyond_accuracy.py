@@ -363,3 +363,19 @@ def test_model_embedding_option_end_to_end(two_runs):
                    "--beyond_metrics=ild_embedding", *common])
     assert report["beyond"]["embedding"] == "the model's news vectors"
     assert 0 <= report["beyond"]["means"]["ild_embedding@5"] <= 2
+
+
+def test_metrics_without_their_features_are_reported_not_computed(monkeypatch):
+    import glove_vectors
+
+    def unavailable(*a, **k):
+        raise glove_vectors.GloveUnavailable("no GloVe vectors for dimension 50 (not installed)")
+    monkeypatch.setattr(glove_vectors, "lookup_found", unavailable)
+    f = ba.news_features(_Corpus(), np.zeros(4), ["ild_embedding", "novelty"])
+    assert f.embedding is None and "not installed" in f.embedding_source
+    beh = split([[1, 2, 3]], [[1]])
+    res = run(beh, f, [2], ["ild_embedding", "novelty", "sentiment"])
+    assert set(res.means) == {"novelty@2"}
+    assert res.info["not_computed"]["ild_embedding"].startswith("no news vectors: none (no GloVe vectors")
+    assert res.info["not_computed"]["sentiment"] == "no sentiment of the news"
+    assert "not computed: ild_embedding (no news vectors" in ba.format_table(res)
