@@ -12,7 +12,6 @@ H history length, D embedding dim, G categories.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar

@@ -76,7 +76,8 @@ def main(argv=None) -> dict:
     rows = reranking.sweep(methods, lambdas, result.scores, result.ranks, beh, features, args.k)
     util.write_lines_atomic(out / "tradeoff.tsv", reranking.tradeoff_tsv(rows))
     reranking.plot_tradeoff(rows, out / "tradeoff.png", args.k,
-                            f"{cfg.model_name} ({path.parent.name}), {args.split}: re-ranked, {features.embedding_source}")
+                            f"{cfg.model_name} ({path.parent.name}), {args.split}: re-ranked, "
+                            f"{features.embedding_source}")
     print("| method | lambda | AUC | nDCG@10 | " + " | ".join(f"{m}@{args.k}" for m in reranking.TRADEOFF_DIVERSITY)
           + " |")
     print("|---" * (4 + len(reranking.TRADEOFF_DIVERSITY)) + "|")

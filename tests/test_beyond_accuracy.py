@@ -144,7 +144,8 @@ def test_coverage_is_ebrecs_and_gini_of_exposure():
     res = run(beh, features(), [2], ["coverage", "gini"])
     assert res.means["coverage@2"] == pytest.approx(0.6)  # ebrec: [[1,2],[2,3]] of C = {1..5} -> 3/5
     assert res.means["gini@2"] == pytest.approx(ba.gini([1, 2, 1, 0, 0]))
-    assert ba.gini([0, 0, 1, 3]) == pytest.approx(0.625)  # by hand: (2*3 - 4 - 1) * 1 + (2*4 - 4 - 1) * 3 = 10 over 4 * 4 (no n/(n-1) correction)
+    # by hand: ((2*3 - 4 - 1) * 1 + (2*4 - 4 - 1) * 3) / (4 * 4) = 10 / 16 (no n/(n-1) correction)
+    assert ba.gini([0, 0, 1, 3]) == pytest.approx(0.625)
     assert ba.gini([2, 2, 2]) == 0 and np.isnan(ba.gini([0, 0]))
 
 
