@@ -155,6 +155,9 @@ def test_personalization_over_pairs_of_different_users():
     # pairs (0,1) and (1,2) overlap 1 of 2; (0,2) is one user's two impressions: left out
     assert res.means["personalization@2"] == pytest.approx(0.5)
     assert res.counts["personalization@2"]["scored"] == 2
+    short = split([[1, 2], [2]], [[1], [1]], users=[7, 8])  # lists of 2 and 1 news: cosine 1 / sqrt(2 * 1)
+    assert run(short, features(), [2], ["personalization"]).means["personalization@2"] == pytest.approx(
+        1 - 1 / math.sqrt(2))
     value, pairs = ba.personalization(np.arange(1, 301).reshape(100, 3), None, pairs=50)  # sampled, seeded
     assert value == 1.0 and pairs == 50
 
