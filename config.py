@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
+from beyond_accuracy import BeyondSettings
 from demo_corpus import DEMO_SEED, DEMO_SIZES, MIN_DEMO_NEWS
 from news_data import dataset_names, get_dataset
 from model import CLICK_PREDICTORS, all_components, flag_owners
@@ -276,7 +277,7 @@ class PretrainRunSettings(Settings):
 # Every run-level flag, by group, in --help order (the component flags come from the registered components; the
 # pretraining tasks' flags from their settings classes in pretraining.py).
 RUN_SETTINGS = (RunSettings, CompareSettings, DataSettings, ComponentChoice, TrainingSettings, DistSettings,
-                PretrainRunSettings, *task_settings_classes())
+                PretrainRunSettings, *task_settings_classes(), BeyondSettings)
 
 
 def component_settings_owners() -> dict[type[Settings], str]:
@@ -328,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     SharedDims.add_arguments(p)
     for settings_cls, owners in component_settings_owners().items():
         settings_cls.add_arguments(p, owners=owners)
-    for settings_cls in (TrainingSettings, DistSettings, PretrainRunSettings, *task_settings_classes()):
+    for settings_cls in (TrainingSettings, DistSettings, PretrainRunSettings, *task_settings_classes(), BeyondSettings):
         settings_cls.add_arguments(p)
     # A flag's --help names the per-dataset values that replace its default where it is not typed (the demo's 4
     # frozen PLM layers, say), so the default shown is never the whole story.
@@ -459,6 +460,9 @@ class Config:
         if self.runs and self.mode != "compare":
             errors.append("--runs lists the runs of --mode=compare: use it with --mode=compare")
         errors += self._pretrain_errors()
+        errors += [f"--{flag} applies to --mode=dev and --mode=test (the beyond-accuracy metrics and re-ranking of a "
+                   f"checkpoint's rankings); drop it" for flag in sorted(self.typed & set(BeyondSettings.names()))
+                   if self.mode not in ("dev", "test")]
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 

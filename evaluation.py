@@ -72,6 +72,10 @@ class EvalResult:
     ties: dict[str, Any] = field(default_factory=dict)
     # scorer.per_impression_metrics of the scored impressions (rank 0 of a labelled split; None otherwise)
     per_impression: dict[str, Any] | None = None
+    # with keep_scores (rank 0): flat float32 scores [sum of candidates] and the news vectors [N, D] (None for a
+    # personalized news encoder), for --rerank and --beyond_embedding=model
+    scores: np.ndarray | None = None
+    news_vectors: np.ndarray | None = None
 
 
 def encode_needed_news(raw: nn.Module, needed: np.ndarray, rt: Runtime) -> torch.Tensor:
@@ -96,7 +100,7 @@ def encode_needed_news(raw: nn.Module, needed: np.ndarray, rt: Runtime) -> torch
 
 @torch.no_grad()
 def evaluate(model: nn.Module, beh: dict[str, Any], config, runtime: Runtime, desc: str = "eval",
-             tie_rank: np.ndarray | None = None) -> EvalResult:
+             tie_rank: np.ndarray | None = None, keep_scores: bool = False) -> EvalResult:
     """Score every impression of a split: encode each needed news once, then users, then candidates.
 
     `tie_rank` [N] long orders candidates with equal scores (`popularity_rank`; None: the official scorer's order,
@@ -120,6 +124,7 @@ def evaluate(model: nn.Module, beh: dict[str, Any], config, runtime: Runtime, de
     # ranks [sum of candidates], then per impression: tied scores (0/1), non-finite scores (count); one reduce.
     counts = np.zeros(len(cands) + 2 * n_imp, dtype=np.int32)
     ranks, tied, nonfinite = counts[:len(cands)], counts[len(cands):len(cands) + n_imp], counts[len(cands) + n_imp:]
+    scores = np.zeros(len(cands) if keep_scores else 0, dtype=np.float32)  # --rerank needs them after ranking
     tie_table = torch.from_numpy(np.asarray(tie_rank, dtype=np.int64)).to(device) if tie_rank is not None else None
     with rt.autocast():
         news_vectors = encode_needed_news(raw, needed, rt)
@@ -139,12 +144,18 @@ def evaluate(model: nn.Module, beh: dict[str, Any], config, runtime: Runtime, de
             starts = offsets[imp]
             cols = np.nonzero(mask)
             ranks[starts[cols[0]] + cols[1]] = r[cols]
+            if keep_scores:
+                scores[starts[cols[0]] + cols[1]] = logits.float().cpu().numpy()[cols]
             tied[imp] = row_tied.cpu().numpy()
             nonfinite[imp] = row_nonfinite.cpu().numpy()
     raw.train(was_training)
     # Every candidate and impression belongs to exactly one rank's batches: the sum puts each rank's part in place.
     counts = _sum_over_ranks(torch.from_numpy(counts), rt, to_main_only=True).cpu().numpy()
     ranks, tied, nonfinite = counts[:len(cands)], counts[len(cands):len(cands) + n_imp], counts[len(cands) + n_imp:]
+    kept_vectors = None
+    if keep_scores:
+        scores = _sum_over_ranks(torch.from_numpy(scores), rt, to_main_only=True).cpu().numpy()
+        kept_vectors = news_vectors.float().cpu().numpy() if news_vectors.numel() else None
     labels = np.asarray(beh["labels"])
     ties, per = None, None
     if rt.is_main:
@@ -156,7 +167,7 @@ def evaluate(model: nn.Module, beh: dict[str, Any], config, runtime: Runtime, de
     metrics = metrics_of(per) if rt.is_main else None
     metrics, ties = util.broadcast_object((metrics, ties), group=rt.wait_group)  # rank 0 may take a while
     return EvalResult(metrics, ranks if rt.is_main else None, offsets, labels, np.asarray(beh["impression_ids"]),
-                      time.time() - t0, ties, per)
+                      time.time() - t0, ties, per, scores if keep_scores and rt.is_main else None, kept_vectors)
 
 
 def format_ties(ties: dict[str, Any], split: str) -> str:
@@ -294,6 +305,8 @@ def records_folder(path: Path, provenance: dict[str, Any], trained_tie_break: st
     from checkpoints import records_name  # checkpoints imports torch and the run records; only needed here
 
     base = records_name(path, provenance["split"])
+    if provenance.get("rerank"):  # a re-ranked evaluation (--rerank) beside the model's own: dev-mmr0.5/
+        base += f"-{provenance['rerank']}"
     n = 1
     while True:
         folder = Path(path).parent / (base if n == 1 else f"{base}-{n}")
@@ -331,3 +344,36 @@ def write_evaluation(folder: Path, result: "EvalResult", beh: dict[str, Any], po
     util.write_lines_atomic(folder / "metrics.json", json.dumps(report, indent=2, default=str).splitlines())
     return [k for k in ("ranking", "truth", "per_impression", "per_impression_popularity", "metrics_json")
             if k in report]
+
+
+def rerank_and_measure(config, corpus, beh: dict[str, Any], result: EvalResult,
+                       train_beh: dict[str, Any]) -> Any:
+    """On rank 0 after `evaluate`: --rerank (the result's ranks, per-impression and mean metrics replaced by the
+    re-ranked ones, the tie counts kept) and the --beyond_metrics of the final ranks. Returns the
+    `beyond_accuracy.BeyondResult`, or None when no beyond-accuracy metric was asked for."""
+    import beyond_accuracy as ba
+    import reranking
+
+    names = ba.parse_metric_names(config.beyond_metrics)
+    if names:
+        ba.check_k(config.beyond_k, result.offsets)  # before any slow work
+    if config.rerank == "none" and not names:
+        return None
+    clicks, _ = train_popularity(train_beh, len(corpus.news["category"]))
+    needs = [m for m in names if "sentiment" not in ba.METRICS[m].reads]
+    if config.rerank == "mmr":
+        needs.append("ild_embedding")
+    features = ba.news_features(corpus, clicks, needs, config.beyond_embedding, result.news_vectors)
+    if config.rerank != "none":
+        result.ranks, counts = reranking.rerank(config.rerank, config.rerank_lambda, result.scores, result.ranks,
+                                                beh, features)
+        result.per_impression = per_impression_from_ranks(result.ranks, result.labels, result.offsets)
+        result.metrics = {**metrics_of(result.per_impression), "rerank": config.rerank,
+                          "rerank_lambda": config.rerank_lambda, **counts}
+    if not names:
+        return None
+    if any("sentiment" in ba.METRICS[m].reads for m in names):
+        full = ba.news_features(corpus, clicks, ["sentiment"],
+                                sentiment_news=ba.needed_news(result.ranks, beh, config.beyond_k))
+        features.sentiment, features.sentiment_source = full.sentiment, full.sentiment_source
+    return ba.compute(result.ranks, beh, features, config.beyond_k, names)

@@ -228,6 +228,21 @@ def _glove_lookup(keys: Iterable[str], dim: int, glove_path: str | None,
     return found
 
 
+def lookup_found(words: Sequence[str], dim: int = KUMO_DIM,
+                 glove_path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(matrix [len(words), dim] float32, found [len(words)] bool): the GloVe vector of each word found (as written,
+    then in lower case), zero rows elsewhere; rows 0 and 1 (<PAD>, <UNK>) are never looked up. Unlike `load_glove`,
+    nothing is invented for the words not found (beyond_accuracy.py averages the found ones)."""
+    matrix = np.zeros((len(words), dim), dtype=np.float32)
+    found = np.zeros(len(words), dtype=bool)
+    table = _glove_lookup(set(words[2:]) | {w.lower() for w in words[2:]}, dim, glove_path)
+    for i, w in enumerate(words[2:], 2):
+        hit = table.get(w) or table.get(w.lower())
+        if hit is not None:
+            matrix[i], found[i] = hit[0], True
+    return matrix, found
+
+
 def load_glove(words: Sequence[str], dim: int, glove_path: str | None = None, seed: int = 0,
                report: dict | None = None) -> tuple[np.ndarray, int]:
     """Embedding matrix for a vocabulary whose rows 0 and 1 are <PAD> and <UNK>.

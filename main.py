@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+import beyond_accuracy
 import demo_corpus
 import news_data
 import run_records
@@ -38,6 +39,7 @@ from evaluation import (
     format_ties,
     popularity_per_impression,
     records_folder,
+    rerank_and_measure,
     tie_rank_for,
     write_evaluation,
 )
@@ -49,7 +51,8 @@ from trainer import Callback, Trainer, TrainingInterrupted
 # Flags a user may change when evaluating a checkpoint (they do not change the model or the corpus arrays).
 EVAL_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_workers", "progress", "seed", "mode",
                     "dev_model_path", "test_model_path", "output_dir", "amp", "dist_timeout", "impression_id",
-                    "explain_output", "tie_break")
+                    "explain_output", "tie_break", "beyond_metrics", "beyond_k", "beyond_embedding", "rerank",
+                    "rerank_lambda")
 # Flags a user may change when resuming a run (`--resume`): where and how fast it runs, and how long it goes on.
 # Everything else comes from the run's saved config, so the resumed epochs continue the same training.
 RESUME_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_workers", "progress", "amp", "dist_timeout",
@@ -310,11 +313,14 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
     model.to(runtime.device)
     beh = corpus.behaviors(split)
     result = evaluate(model, beh, cfg, runtime, desc=split,
-                      tie_rank=tie_rank_for(cfg, corpus.behaviors("train"), model.news_num))
+                      tie_rank=tie_rank_for(cfg, corpus.behaviors("train"), model.news_num),
+                      keep_scores=cfg.rerank != "none" or cfg.beyond_embedding == "model")
     report: dict[str, Any] = {"split": split, "checkpoint": str(path), "metrics": result.metrics,
                               "ties": result.ties, "stats": beh["stats"], "seconds": round(result.seconds, 2)}
     if runtime.is_main:
-        write_evaluation_report(cfg, corpus, path, ckpt, result, beh, report, flag, model.news_num)
+        beyond = rerank_and_measure(cfg, corpus, beh, result, corpus.behaviors("train"))  # re-ranks result
+        report["metrics"] = result.metrics
+        write_evaluation_report(cfg, corpus, path, ckpt, result, beh, report, flag, model.news_num, beyond)
     shutdown_runtime(runtime)  # its barrier keeps the other ranks until the files are written
     return report
 
@@ -329,12 +335,15 @@ def checkpoint_role(path: Path, ckpt: dict[str, Any]) -> tuple[bool, str]:
 
 
 def write_evaluation_report(cfg: Config, corpus: Corpus, path: Path, ckpt: dict[str, Any], result, beh,
-                            report: dict[str, Any], flag: str, news_num: int) -> None:
+                            report: dict[str, Any], flag: str, news_num: int, beyond=None) -> None:
     """Rank 0 of --mode=dev/test: the records in the checkpoint's own records folder (`evaluation.records_folder`:
     never over another checkpoint's or another evaluation's records), and what was evaluated and written."""
     split = report["split"]
     best, which = checkpoint_role(path, ckpt)
     provenance = evaluation_provenance(path, ckpt, split, cfg.tie_break)
+    reranked = f"{cfg.rerank}{cfg.rerank_lambda:g}" if cfg.rerank != "none" else ""
+    if reranked:  # the model's own records stay as they are: a re-ranked evaluation has a folder of its own
+        provenance["rerank"] = reranked
     out_dir = records_folder(path, provenance, ckpt["config"].get("tie_break", "popularity"))
     default = path.parent / records_name(path, split)
     report.update({"folder": str(out_dir), "provenance": provenance})
@@ -342,7 +351,8 @@ def write_evaluation_report(cfg: Config, corpus: Corpus, path: Path, ckpt: dict[
     if result.per_impression is not None:
         pop = popularity_per_impression(corpus.behaviors("train"), beh, news_num)
         report["popularity_metrics"] = scorer.mean_metrics(pop)
-    meta = {"split": split, "dataset": cfg.dataset, "corpus": str(corpus.root), "model": cfg.model_name,
+    model_name = cfg.model_name + (f"+{reranked}" if reranked else "")
+    meta = {"split": split, "dataset": cfg.dataset, "corpus": str(corpus.root), "model": model_name,
             "run": Path(path).parent.name, "seed": cfg.seed, "epoch": ckpt.get("epoch"), "checkpoint": str(path),
             "tie_break": cfg.tie_break, "written_by": f"--mode={split}"}
     with util.writing_into(out_dir, flag, f"the {split} records"):
@@ -351,14 +361,27 @@ def write_evaluation_report(cfg: Config, corpus: Corpus, path: Path, ckpt: dict[
             ranks_list = np.split(result.ranks, result.offsets[1:-1])
             report.update(news_data.get_dataset(cfg.dataset).write_submission(
                 corpus.root, out_dir, result.impression_ids.tolist(), ranks_list))
+        if beyond is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            report["beyond"] = beyond.summary()
+            report["per_impression_beyond"] = str(beyond_accuracy.write_records(
+                out_dir, beyond, beh, {"split": split, "dataset": cfg.dataset, "model": model_name,
+                                       "run": Path(path).parent.name, "seed": cfg.seed, "checkpoint": str(path)}))
         written = write_evaluation(out_dir, result, beh, pop, report, meta)
     print(f"evaluated {which}")
     if out_dir != default:
         print(f"note: {default} holds the records of another evaluation (another checkpoint, epoch or "
               f"--tie_break): they are kept, and this one goes to {out_dir}")
     print(f"{split} ({cfg.model_name}, {corpus.root / split}): {format_metrics(result.metrics)}")
+    if result.metrics.get("rerank"):
+        print(f"{split}: ranks re-ranked by --rerank={cfg.rerank} --rerank_lambda={cfg.rerank_lambda} (the metrics "
+              f"above and the files are of the re-ranked lists; {result.metrics['kept_model_order']} impressions "
+              f"kept the model's order: nothing to calibrate to)")
     if format_ties(result.ties, split):
         print(format_ties(result.ties, split))
+    if beyond is not None:
+        print(f"beyond accuracy, {split} (top-k of each ranking; docs/beyond-accuracy.md):\n"
+              f"{beyond_accuracy.format_table(beyond)}")
     if pop is not None:
         print(f"popularity baseline, {split}: {format_metrics(report['popularity_metrics'])}")
     else:
@@ -369,7 +392,7 @@ def write_evaluation_report(cfg: Config, corpus: Corpus, path: Path, ckpt: dict[
               + ("(the file to upload)" if "submission" not in report else "(MIND's format, the corpus's ids)"))
     if "submission" in report:
         print(f"wrote {report['submission']} (the file to upload to {cfg.dataset}'s leaderboard)")
-    for key in written:
+    for key in [*written, *(["per_impression_beyond"] if beyond is not None else [])]:
         print(f"wrote {report[key]}")
 
 
@@ -387,10 +410,17 @@ def aggregate(config: Config) -> dict[str, Any]:
     if paired_md:
         markdown += "\n\nPaired by seed (B − A over the seeds both models were trained with, in percentage points):\n\n" \
             + paired_md
+    beyond_md, beyond_tsv = beyond_accuracy.aggregate_table(records, config.output_dir)
+    if beyond_md:
+        markdown += "\n\nBeyond accuracy (from --mode=dev / --mode=test of each run; not in %):\n\n" + beyond_md
     out = Path(config.output_dir) / (dataset or "")
+    if beyond_tsv:
+        util.write_lines_atomic(out / "aggregate_beyond.tsv", beyond_tsv.splitlines())
     util.write_lines_atomic(out / "aggregate.md", markdown.splitlines())
     util.write_lines_atomic(out / "aggregate.tsv", tsv.splitlines())
     written = [out / "aggregate.md", out / "aggregate.tsv"]
+    if beyond_tsv:
+        written.append(out / "aggregate_beyond.tsv")
     if paired_tsv:
         util.write_lines_atomic(out / "aggregate_paired.tsv", paired_tsv.splitlines())
         written.append(out / "aggregate_paired.tsv")
@@ -424,11 +454,21 @@ def compare(config: Config) -> dict[str, Any]:
     markdown, tsv = significance.compare_tables(runs, rows, config.resamples, config.seed)
     out = significance.output_folder(config.compare_output, config.output_dir, runs[0].meta.get("dataset", "unknown"),
                                      time.strftime("%Y%m%d-%H%M%S"))
+    beyond_md, beyond_tsv, notes = beyond_accuracy.compare_records(runs, config.all_pairs, config.resamples,
+                                                                   config.seed)
+    if beyond_md:
+        markdown += ("\n\nBeyond accuracy (per_impression_beyond.npz; each metric over the impressions where both "
+                     "runs have a value, Holm over the pairs of each metric):\n\n" + beyond_md)
+        util.write_lines_atomic(out / "compare_beyond.tsv", beyond_tsv.splitlines())
     util.write_lines_atomic(out / "compare.md", markdown.splitlines())
     util.write_lines_atomic(out / "compare.tsv", tsv.splitlines())
     print(markdown)
-    print(f"\nwrote {out / 'compare.md'} and {out / 'compare.tsv'}")
-    return {"runs": runs, "rows": rows, "markdown": markdown, "tsv": tsv, "folder": str(out)}
+    for note in notes:
+        print(f"note: {note}")
+    print(f"\nwrote {out / 'compare.md'} and {out / 'compare.tsv'}" + (f" and {out / 'compare_beyond.tsv'}"
+                                                                       if beyond_md else ""))
+    return {"runs": runs, "rows": rows, "markdown": markdown, "tsv": tsv, "folder": str(out),
+            "beyond_tsv": beyond_tsv}
 
 
 def train_seeds(config: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:

@@ -125,11 +125,18 @@ def test_sharded_test_prediction_is_identical_to_one_process(runs, tmp_path):
     sharded = json.loads((out / "metrics.json").read_text())["metrics"]
     for key in ("auc", "mrr", "ndcg5", "ndcg10", "impressions", "skipped_single_class"):
         assert sharded[key] == single["metrics"][key], key
-    # prediction, truth and the model's and the popularity baseline's per-impression records, by rank 0 only
-    assert proc.stdout.count("wrote ") == 4
+    # prediction, truth, the model's and the popularity baseline's per-impression records and the beyond-accuracy
+    # records (issue 23), by rank 0 only
+    assert proc.stdout.count("wrote ") == 5
     for name in (significance.PER_IMPRESSION, significance.POPULARITY):
         np.testing.assert_array_equal(significance.load_per_impression(out / name).metrics,
                                       significance.load_per_impression(saved / name).metrics)
+    import beyond_accuracy
+
+    beyond, beyond_single = (beyond_accuracy.load_records(f / beyond_accuracy.RECORDS) for f in (out, saved))
+    assert beyond["metrics"].keys() == beyond_single["metrics"].keys()
+    for key, values in beyond["metrics"].items():
+        np.testing.assert_array_equal(values, beyond_single["metrics"][key])
 
 
 def test_a_dead_rank_ends_the_job_with_an_error(tmp_path, runs):

@@ -274,7 +274,8 @@ def test_run_level_flags_keep_name_default_type_choices_help_and_group():
     before they became settings classes; each keeps its name, default, type, choices, help, group and order."""
     before = json.loads((DATA / "run_flags_before_settings.json").read_text())
     now = _run_level_flags()
-    # Added since, after every earlier flag: --mode=pretrain's flags (issue 17; tests/test_pretraining.py). The
+    # Added since, after every earlier flag: --mode=pretrain's flags (issue 17; tests/test_pretraining.py), then the
+    # beyond-accuracy flags (issue 23, below). The
     # changed flags: --mode, which gains the choice "pretrain" and its sentence in the help; --explain_output's
     # help (issue 22); --epoch, whose help names the per-dataset values that replace its default where it is not
     # typed (issue 22: every flag in config.DATASET_SUGGESTIONS says so, e.g. the demo's 4 frozen PLM layers). The
@@ -304,7 +305,11 @@ def test_run_level_flags_keep_name_default_type_choices_help_and_group():
     from config import PretrainRunSettings
     from pretraining import task_settings_classes
 
-    added = [*PretrainRunSettings.names(), *(n for cls in task_settings_classes() for n in cls.names())]
+    # ... and the beyond-accuracy metrics' and re-ranking's flags (issue 23; tests/test_beyond_accuracy.py).
+    from beyond_accuracy import BeyondSettings
+
+    added = [*PretrainRunSettings.names(), *(n for cls in task_settings_classes() for n in cls.names()),
+             *BeyondSettings.names()]
     at = [r["dest"] for r in before].index("dataset") + 1
     assert now[at]["dest"] == "news_language" and now[at]["group"] == now[at - 1]["group"] and now[at]["default"] == "None"
     now = now[:at] + now[at + 1:]
