@@ -82,6 +82,7 @@ class BeyondSettings(Settings):
     """Beyond-accuracy metrics of --mode=dev/test and the re-ranking step between scores and ranks."""
 
     title: ClassVar[str] = "beyond accuracy"
+    modes: ClassVar[tuple[str, ...]] = ("dev", "test")
     description: ClassVar[str] = ("--mode=dev/test: diversity, novelty, calibration, serendipity, coverage and "
                                   "sentiment of each ranking's top-k (docs/beyond-accuracy.md), and re-ranking")
     beyond_metrics: str = setting("all", "comma-separated beyond-accuracy metrics, 'all' or 'none': "
