@@ -418,6 +418,8 @@ class PretrainBatch:
     sample:       [B] long, row of the sequence in its dataset
     views:        name -> [B, H] long news indices (view1, view2, prefix, context, segment), [B] long (next),
                   [B, H] bool (masked); only those the chosen tasks need
+    real:         [B] bool, False for the filler row of a rank whose share of the last global batch is empty (it
+                  only keeps the rank in the collectives): no loss, no negative of any other row. None: all real
     """
 
     user: torch.Tensor
@@ -425,18 +427,36 @@ class PretrainBatch:
     history_mask: torch.Tensor
     sample: torch.Tensor
     views: dict[str, torch.Tensor] = field(default_factory=dict)
+    real: torch.Tensor | None = None
+
+    def _map(self, fn) -> "PretrainBatch":
+        return PretrainBatch(**{f.name: fn(getattr(self, f.name)) for f in fields(self) if f.name not in ("views", "real")},
+                             views={k: fn(v) for k, v in self.views.items()},
+                             real=None if self.real is None else fn(self.real))
 
     def to(self, device, non_blocking: bool = False) -> "PretrainBatch":
-        move = (lambda t: t.to(device, non_blocking=non_blocking))
-        return PretrainBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "views"},
-                             views={k: move(v) for k, v in self.views.items()})
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "PretrainBatch":
-        return PretrainBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self) if f.name != "views"},
-                             views={k: v.pin_memory() for k, v in self.views.items()})
+        return self._map(lambda t: t.pin_memory())
+
+    def real_rows(self) -> torch.Tensor:
+        """[B] bool: the rows that are samples of the global batch."""
+        return self.real if self.real is not None else torch.ones(len(self), dtype=torch.bool, device=self.user.device)
 
     def __len__(self) -> int:
         return self.user.shape[0]
+
+
+class PretrainBatchSampler(GlobalBatchSampler):
+    """`GlobalBatchSampler` whose items say whether they are real: (rows, True), or (one row, False) for the filler
+    of a rank whose share of the last global batch is empty. The filler's loss has weight 0 already; marked, it is
+    also kept out of the other ranks' negatives (the gathered keys), so W processes compute what one does."""
+
+    def __iter__(self):
+        for i, rows in enumerate(super().__iter__()):
+            lo, hi = util.shard_bounds(self.global_size(i), self.world_size, self.rank)
+            yield rows, hi > lo
 
 
 class PretrainDataset(Dataset):
@@ -457,6 +477,10 @@ class PretrainDataset(Dataset):
         return len(self.user)
 
     def __getitem__(self, idx) -> PretrainBatch:
+        """idx: an index array, or (index array, real) from `PretrainBatchSampler` (real False: a filler row)."""
+        real = True
+        if isinstance(idx, tuple):
+            idx, real = idx
         idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
         news = self.news[idx]
         h = news.shape[1]
@@ -468,7 +492,8 @@ class PretrainDataset(Dataset):
         history = torch.from_numpy(news)
         return PretrainBatch(user=torch.from_numpy(self.user[idx]), history=history, history_mask=history > 0,
                              sample=torch.from_numpy(idx),
-                             views={k: torch.from_numpy(np.stack(v)) for k, v in views.items()})
+                             views={k: torch.from_numpy(np.stack(v)) for k, v in views.items()},
+                             real=torch.full((len(idx),), bool(real)))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -492,6 +517,13 @@ class Context:
 
     def view(self, name: str) -> torch.Tensor:
         return self.batch.history if name == "history" else self.batch.views[name]
+
+    def real(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> this rank's real rows [B] bool, the global batch's [G] bool (rank order, as `gather_rows`)."""
+        if "real" not in self.cache:
+            real = self.batch.real_rows()
+            self.cache["real"] = (real, gather_rows(real)[0])
+        return self.cache["real"]
 
     def user(self, name: str, mask: torch.Tensor | None = None) -> torch.Tensor:
         key = name if mask is None else f"{name}/masked"
@@ -536,9 +568,12 @@ class ContrastiveTask(PretrainTask):
         k1, offset = gather_rows(z1)  # [G, D]
         k2, _ = gather_rows(z2)
         users, _ = gather_rows(ctx.batch.user)  # [G]
+        real, greal = ctx.real()
         target = offset + torch.arange(len(z1), device=z1.device)
         same = (ctx.batch.user[:, None] == users[None, :]) & (ctx.batch.user[:, None] > 0)  # [B, G]
-        return 0.5 * (info_nce(z1, k2, target, same, self.scale) + info_nce(z2, k1, target, same, self.scale))
+        exclude = same | ~greal[None, :]  # a filler row is no negative
+        loss = 0.5 * (info_nce(z1, k2, target, exclude, self.scale) + info_nce(z2, k1, target, exclude, self.scale))
+        return loss * real
 
 
 @register_task("next_click")
@@ -556,10 +591,11 @@ class NextClickTask(PretrainTask):
         user = ctx.user("prefix")  # [B, D]
         keys, offset = gather_rows(ctx.news(nxt))  # [G, D]
         ids, _ = gather_rows(nxt)
+        real, greal = ctx.real()
         target = offset + torch.arange(len(nxt), device=nxt.device)
-        exclude = (nxt[:, None] == ids[None, :]) | (ids[None, :] == 0)  # [B, G]
+        exclude = (nxt[:, None] == ids[None, :]) | (ids[None, :] == 0) | ~greal[None, :]  # [B, G]
         loss = info_nce(user, keys, target, exclude)
-        return loss * (nxt > 0)
+        return loss * ((nxt > 0) & real)
 
 
 def masked_queries(ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -597,9 +633,11 @@ class MIPTask(PretrainTask):
         queries, rows, news = masked_queries(ctx)
         keys, offset = gather_rows(ctx.news(news))  # [Mg, D]
         ids, _ = gather_rows(news)
+        real, _ = ctx.real()
+        kreal, _ = gather_rows(real[rows])  # [Mg]: positions of filler rows are no negatives
         target = offset + torch.arange(len(news), device=news.device)
-        loss = info_nce(queries, keys, target, news[:, None] == ids[None, :])
-        return per_sample_mean(loss, rows, len(ctx.batch))
+        loss = info_nce(queries, keys, target, (news[:, None] == ids[None, :]) | ~kreal[None, :])
+        return per_sample_mean(loss, rows, len(ctx.batch)) * real
 
 
 class AttributeHeads(nn.Module):
@@ -646,7 +684,7 @@ class MAPTask(PretrainTask):
     def forward(self, ctx):
         """views masked [B, H] -> [B]"""
         queries, rows, news = masked_queries(ctx)
-        return per_sample_mean(self.heads(queries, news, ctx.model), rows, len(ctx.batch))
+        return per_sample_mean(self.heads(queries, news, ctx.model), rows, len(ctx.batch)) * ctx.batch.real_rows()
 
 
 @register_task("aap")
@@ -664,14 +702,16 @@ class AAPTask(PretrainTask):
         """history [B, H] -> [B]"""
         rows, cols = ctx.batch.history_mask.nonzero(as_tuple=True)
         news = ctx.batch.history[rows, cols]
-        return per_sample_mean(self.heads(ctx.news(news), news, ctx.model), rows, len(ctx.batch))
+        return per_sample_mean(self.heads(ctx.news(news), news, ctx.model), rows, len(ctx.batch)) * ctx.batch.real_rows()
 
 
 @register_task("sp")
 class SPTask(PretrainTask):
     """Segment prediction: u = user vector of the history without a contiguous segment, p = user vector of that
-    segment, n = that of the next sequence's segment in the global batch (cyclically); loss -log sigmoid(u.p) -
-    log sigmoid(-u.n). Sequences of one click have no segment: loss 0 (and are no negative)."""
+    segment, n = that of the next sequence's segment in the global batch (cyclically, filler rows skipped); loss
+    -log sigmoid(u.p) - log sigmoid(-u.n). Sequences of one click have no segment: loss 0 (and are no negative).
+    Without another sequence in the global batch (a batch of one) a sequence would be its own negative: its loss is
+    the positive term only, -log sigmoid(u.p); the next sequence without a segment likewise leaves no negative term."""
 
     settings = (SPSettings,)
     views = ("segment",)
@@ -679,12 +719,16 @@ class SPTask(PretrainTask):
     def forward(self, ctx):
         """views context / segment [B, H] -> [B]"""
         u, p = ctx.user("context").float(), ctx.user("segment").float()  # [B, D]
-        valid = ctx.batch.views["segment"][:, 0] > 0  # [B]
+        real, greal = ctx.real()
+        valid = (ctx.batch.views["segment"][:, 0] > 0) & real  # [B]
         keys, offset = gather_rows(p)  # [G, D]
         kvalid, _ = gather_rows(valid)
-        other = (offset + torch.arange(len(u), device=u.device) + 1) % len(keys)
-        n = keys[other]
-        loss = -F.logsigmoid((u * p).sum(-1)) - F.logsigmoid(-(u * n).sum(-1)) * kvalid[other]
+        me = offset + torch.arange(len(u), device=u.device)  # [B] rows in the global batch
+        order = greal.nonzero().squeeze(1)  # [Gr] the real rows
+        among = torch.cumsum(greal.long(), 0) - 1  # [G] each row's place among the real ones
+        other = order[(among[me] + 1) % max(1, len(order))] if len(order) else me
+        negative = kvalid[other] & (other != me)
+        loss = -F.logsigmoid((u * p).sum(-1)) - F.logsigmoid(-(u * keys[other]).sum(-1)) * negative
         return loss * valid
 
 
@@ -795,6 +839,7 @@ class PretrainTrainer(Trainer):
 
     run_prefix = PRETRAIN_RUN_PREFIX
     epoch_log = "pretrain_log.jsonl"
+    batch_sampler = PretrainBatchSampler
 
     def _sequences(self) -> tuple[Sequences, np.ndarray, np.ndarray]:
         if not hasattr(self, "_seqs"):
@@ -830,7 +875,7 @@ class PretrainTrainer(Trainer):
             return HeldOutResult({}, 0.0)
         was = self.raw.training
         self.raw.eval()
-        sampler = GlobalBatchSampler(len(data), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
+        sampler = PretrainBatchSampler(len(data), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
         names = list(self.raw.task_names)
         sums = [0.0] * (1 + len(names))
         for i, idx in enumerate(sampler):
