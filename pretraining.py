@@ -46,7 +46,7 @@ import util
 from checkpoints import save_checkpoint
 from layers import Registry
 from model import Model, ModelOutput
-from settings import Settings, at_least, setting
+from settings import Settings, setting
 from trainer import GlobalBatchSampler, Trainer
 from userEncoders import UserEncoder, UserInputs
 
@@ -67,6 +67,11 @@ def ratio(v: float) -> str | None:
     return None if 0 < v <= 1 else "must be in (0, 1]"
 
 
+def task_weight(v: float) -> str | None:
+    return None if v > 0 else ("must be > 0: a task of weight 0 trains nothing (its loss times 0); leave the task out "
+                               "of --pretrain_tasks instead")
+
+
 def view_list(v: str) -> str | None:
     names = [n for n in str(v).split(",") if n.strip()]
     bad = [n for n in names if n not in VIEWS]
@@ -82,7 +87,7 @@ def view_list(v: str) -> str | None:
 @dataclass
 class ContrastiveSettings(Settings):
     title: ClassVar[str] = "pretraining: contrastive (--pretrain_tasks contrastive)"
-    contrastive_weight: float = setting(1.0, "weight of the contrastive loss", check=at_least(0), architecture=False)
+    contrastive_weight: float = setting(1.0, "weight of the contrastive loss", check=task_weight, architecture=False)
     contrastive_temperature: float = setting(0.1, "InfoNCE temperature on cosine similarities", check=positive,
                                              architecture=False)
     contrastive_views: str = setting("crop,mask,reorder", "augmentations a view picks from at random: crop (a random "
@@ -97,7 +102,7 @@ class ContrastiveSettings(Settings):
 @dataclass
 class NextClickSettings(Settings):
     title: ClassVar[str] = "pretraining: next click (--pretrain_tasks next_click)"
-    next_click_weight: float = setting(1.0, "weight of the next-click InfoNCE loss", check=at_least(0),
+    next_click_weight: float = setting(1.0, "weight of the next-click InfoNCE loss", check=task_weight,
                                        architecture=False)
 
 
@@ -111,21 +116,21 @@ class MaskSettings(Settings):
 @dataclass
 class MIPSettings(Settings):
     title: ClassVar[str] = "pretraining: masked item prediction (--pretrain_tasks mip)"
-    mip_weight: float = setting(1.0, "weight of the masked item prediction loss", check=at_least(0),
+    mip_weight: float = setting(1.0, "weight of the masked item prediction loss", check=task_weight,
                                 architecture=False)
 
 
 @dataclass
 class MAPSettings(Settings):
     title: ClassVar[str] = "pretraining: masked attribute prediction (--pretrain_tasks map)"
-    map_weight: float = setting(1.0, "weight of the masked attribute prediction loss", check=at_least(0),
+    map_weight: float = setting(1.0, "weight of the masked attribute prediction loss", check=task_weight,
                                 architecture=False)
 
 
 @dataclass
 class AAPSettings(Settings):
     title: ClassVar[str] = "pretraining: associated attribute prediction (--pretrain_tasks aap)"
-    aap_weight: float = setting(1.0, "weight of the associated attribute prediction loss", check=at_least(0),
+    aap_weight: float = setting(1.0, "weight of the associated attribute prediction loss", check=task_weight,
                                 architecture=False)
 
 
@@ -139,7 +144,7 @@ class AttributeSettings(Settings):
 @dataclass
 class SPSettings(Settings):
     title: ClassVar[str] = "pretraining: segment prediction (--pretrain_tasks sp)"
-    sp_weight: float = setting(1.0, "weight of the segment prediction loss", check=at_least(0), architecture=False)
+    sp_weight: float = setting(1.0, "weight of the segment prediction loss", check=task_weight, architecture=False)
     sp_max_ratio: float = setting(0.5, "longest segment, as a share of the history", check=ratio, architecture=False)
 
 
@@ -541,6 +546,8 @@ class PretrainTask(nn.Module):
     settings: tuple[type[Settings], ...] = ()
     views: tuple[str, ...] = ()
     uses_contextual = False  # reads UserEncoder.contextual (mip / map: the mask vector)
+    min_clicks = 1  # a sequence with fewer clicks gives this task no sample (loss 0)
+    batch_negatives = False  # its only negatives are the other sequences of the batch
 
     def __init__(self, config, meta: "CorpusMeta", dim: int, news: dict[str, np.ndarray]):
         super().__init__()
@@ -556,6 +563,7 @@ class ContrastiveTask(PretrainTask):
 
     settings = (ContrastiveSettings,)
     views = ("pair",)
+    batch_negatives = True
 
     def __init__(self, config, meta, dim, news):
         super().__init__(config, meta, dim, news)
@@ -584,6 +592,8 @@ class NextClickTask(PretrainTask):
 
     settings = (NextClickSettings,)
     views = ("prefix",)
+    min_clicks = 2
+    batch_negatives = True
 
     def forward(self, ctx):
         """views prefix [B, H], next [B] -> [B]"""
@@ -627,6 +637,7 @@ class MIPTask(PretrainTask):
     settings = (MIPSettings, MaskSettings)
     views = ("masked",)
     uses_contextual = True
+    min_clicks = 2
 
     def forward(self, ctx):
         """views masked [B, H] -> [B] (mean over each sequence's masked positions; 0 without any)"""
@@ -676,6 +687,7 @@ class MAPTask(PretrainTask):
     settings = (MAPSettings, MaskSettings, AttributeSettings)
     views = ("masked",)
     uses_contextual = True
+    min_clicks = 2
 
     def __init__(self, config, meta, dim, news):
         super().__init__(config, meta, dim, news)
@@ -715,6 +727,7 @@ class SPTask(PretrainTask):
 
     settings = (SPSettings,)
     views = ("segment",)
+    min_clicks = 2
 
     def forward(self, ctx):
         """views context / segment [B, H] -> [B]"""
@@ -730,6 +743,23 @@ class SPTask(PretrainTask):
         negative = kvalid[other] & (other != me)
         loss = -F.logsigmoid((u * p).sum(-1)) - F.logsigmoid(-(u * keys[other]).sum(-1)) * negative
         return loss * valid
+
+
+def unusable_tasks(tasks: dict[str, PretrainTask], news: np.ndarray, batch_size: int) -> dict[str, str]:
+    """The tasks whose loss would be 0 on every batch of these sequences `news` [S, H], for want of a usable sample:
+    -> {task: why}. A task needs sequences of `min_clicks` clicks; one scored against the other sequences of its
+    batch needs two such sequences and --batch_size >= 2."""
+    lengths = (np.asarray(news) > 0).sum(1)
+    out = {}
+    for name, task in tasks.items():
+        n = int((lengths >= task.min_clicks).sum())
+        if n == 0:
+            out[name] = f"{name} needs sequences of at least {task.min_clicks} clicks: none of the {len(lengths)} has"
+        elif task.batch_negatives and (n < 2 or batch_size < 2):
+            out[name] = (f"{name} scores a sequence against the other sequences of its batch: "
+                         + ("--batch_size 1 leaves none" if batch_size < 2 else f"only 1 of the {len(lengths)} "
+                            f"sequences has {task.min_clicks} clicks"))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -859,10 +889,26 @@ class PretrainTrainer(Trainer):
         if len(rows) == 0:
             raise ValueError(f"{self.corpus.root / 'train' / 'behaviors.tsv'}: no click sequence to pretrain on (every "
                              f"history is empty and no impression has a click)")
+        bad = unusable_tasks(dict(self.raw.tasks), seqs.news[rows], self.config.batch_size)
+        if bad:
+            raise ValueError(f"--pretrain_tasks {self.config.pretrain_tasks}: a task would train on a loss of 0 for want "
+                             f"of a usable sample among the {len(rows)} training sequences ({'; '.join(bad.values())}); "
+                             f"leave out {','.join(bad)}")
         return PretrainDataset(seqs, rows, self.raw.view_kinds(), self.config, self.config.seed)
 
     def _evaluation_data(self) -> tuple[Any, Any, Any]:
+        """The held-out sequences. Where no task has a usable sample among them the held-out loss would be 0 for
+        want of samples, and every epoch its best: an error; a task without one is left out of it (a note)."""
         seqs, _, held = self._sequences()
+        bad = unusable_tasks(dict(self.raw.tasks), seqs.news[held], self.config.batch_size) if len(held) else {}
+        h = self.config.pretrain_holdout
+        if bad and len(bad) == len(self.raw.tasks):
+            raise ValueError(f"--pretrain_holdout {h}: the {len(held)} held-out sequences give no task a usable sample "
+                             f"({'; '.join(bad.values())}), so the held-out loss would be 0 and every epoch its best; "
+                             f"raise --pretrain_holdout, or pass --pretrain_holdout 0 (the last epoch is kept)")
+        if bad:
+            self.log(f"note: the held-out loss of {', '.join(bad)} is 0 for want of a usable held-out sample "
+                     f"({'; '.join(bad.values())}); the held-out loss measures the other tasks")
         return PretrainDataset(seqs, held, self.raw.view_kinds(), self.config, self.config.seed), None, None
 
     @torch.no_grad()
@@ -927,24 +973,60 @@ ENCODER_PREFIXES = ("news_encoder.", "user_encoder.")
 
 def settings_mismatch(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Encoder-shaping settings that differ between a checkpoint's `model_settings` and the model built now (the
-    click predictor is not compared: it is not loaded). -> ['--head_num: checkpoint 4, now 8', ...]"""
-    out = []
-    for key in ("news_encoder", "user_encoder"):
+    click predictor is not compared: it is not loaded), one line per flag, sorted. -> ['--head_num: checkpoint 4,
+    now 2', ...]. An encoder of another class is reported by its name alone: its settings are another class's."""
+    out: dict[str, str] = {}
+    other = set()
+    for key, group in (("news_encoder", "news"), ("user_encoder", "user")):
         if saved.get(key) != now.get(key):
-            out.append(f"--{key}: checkpoint {saved.get(key)}, now {now.get(key)}")
+            out[key] = f"--{key}: checkpoint {saved.get(key)}, now {now.get(key)}"
+            other.add(group)
+    shown = (lambda d, f: repr(d[f]) if f in d else "not a setting")
     for group in ("shared", "news", "user"):
+        if group in other:
+            continue
         a, b = saved.get(group, {}), now.get(group, {})
         for flag in sorted(set(a) | set(b)):
-            if a.get(flag) != b.get(flag):
-                out.append(f"--{flag}: checkpoint {a.get(flag)!r}, now {b.get(flag)!r}")
-    return out
+            if flag not in out and (flag in a) == (flag in b) and a.get(flag) == b.get(flag):
+                continue
+            out.setdefault(flag, f"--{flag}: checkpoint {shown(a, flag)}, now {shown(b, flag)}")
+    return [out[k] for k in sorted(out)]
 
 
-def load_pretrained_encoders(model: nn.Module, ckpt: dict[str, Any], path, architecture: set[str] | None = None) -> int:
+@dataclass
+class InitFromResult:
+    """What `load_pretrained_encoders` did: the tensors loaded, and those of the checkpoint dropped (only with
+    --init_from_partial)."""
+
+    loaded: list[str]
+    dropped: list[str]
+
+    def describe(self) -> str:
+        return (f"{len(self.loaded)} news/user encoder tensors loaded ({_by_module(self.loaded)})"
+                + (f"; {len(self.dropped)} checkpoint tensors dropped (--init_from_partial): {_names(self.dropped)}"
+                   if self.dropped else ""))
+
+
+def _by_module(names: list[str]) -> str:
+    """['news_encoder.mhsa.q.weight', ...] -> 'news_encoder.mhsa 8, ...': tensors per module (two name levels)."""
+    counts: dict[str, int] = {}
+    for n in names:
+        key = ".".join(n.split(".")[:2])
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
+def _names(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def load_pretrained_encoders(model: nn.Module, ckpt: dict[str, Any], path, architecture: set[str] | None = None,
+                             partial: bool = False) -> InitFromResult:
     """Copy the news_encoder.* and user_encoder.* weights of a pretraining checkpoint into `model`; the click
     predictor and the pretraining heads are not loaded. A checkpoint of another architecture is an error naming
     the settings that differ (`architecture`: the flags that shape weights; others, such as dropout, may differ).
-    Returns the number of tensors loaded."""
+    An encoder tensor of the checkpoint that the model lacks (e.g. the LoRA adapters of a layer now frozen) is an
+    error naming it, unless `partial` (--init_from_partial): then it is dropped and named in the result."""
     saved = ckpt.get("model_settings")
     if not isinstance(saved, dict):
         raise ValueError(f"--init_from {path}: the checkpoint records no model_settings; pass a checkpoint written by "
@@ -958,9 +1040,17 @@ def load_pretrained_encoders(model: nn.Module, ckpt: dict[str, Any], path, archi
     state = {k: v for k, v in ckpt["model"].items() if k.startswith(ENCODER_PREFIXES)}
     own = {k: v for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
     missing = sorted(set(own) - set(state))
-    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    shapes = [f"{k} (checkpoint {tuple(state[k].shape)}, now {tuple(own[k].shape)})" for k in own
+              if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     if missing or shapes:
-        raise ValueError(f"--init_from {path}: the encoder weights do not fit the model built (missing "
-                         f"{missing[:5]}, other shapes {shapes[:5]}); pretrain with the same encoders and settings")
-    model.load_state_dict(state, strict=False)
-    return len(state)
+        raise ValueError(f"--init_from {path}: the encoder weights do not fit the model built ("
+                         + "; ".join(([f"missing from the checkpoint: {_names(missing)}"] if missing else [])
+                                     + ([f"other shapes: {_names(shapes)}"] if shapes else []))
+                         + "); pretrain with the same encoders and settings")
+    dropped = sorted(set(state) - set(own))
+    if dropped and not partial:
+        raise ValueError(f"--init_from {path}: {len(dropped)} encoder tensors of the checkpoint have no place in the "
+                         f"model built and would be dropped: {_names(dropped)}. Fine-tune with the pretraining's "
+                         f"settings (its config.json), or pass --init_from_partial to load the others without them")
+    model.load_state_dict({k: state[k] for k in own}, strict=False)
+    return InitFromResult(loaded=sorted(own), dropped=dropped)

@@ -125,3 +125,87 @@ def test_segment_prediction_of_a_lone_sequence_has_no_self_negative():
     got = P.SPTask(None, None, 2, {})(ctx)
     want = -math.log(1 / (1 + math.exp(-2.0)))  # the positive term only: -log sigmoid(u.p)
     torch.testing.assert_close(got, torch.tensor([want]))
+
+
+# -- --init_from: what is loaded, what is dropped, and the mismatch messages --------------------------------------
+
+SAVED = {"news_encoder": "MHSA", "user_encoder": "MHSA", "shared": {"head_num": 4, "word_embedding_dim": 50},
+         "news": {"head_num": 4, "attention_dim": 16}, "user": {"head_num": 4, "attention_dim": 16}}
+
+
+class Encoders(nn.Module):
+    """A model with news / user encoder tensors; `adapter`: one more user encoder module (say, LoRA adapters of a
+    layer that the fine-tuning run now freezes)."""
+
+    def __init__(self, adapter: bool):
+        super().__init__()
+        self.news_encoder = nn.Linear(2, 2)
+        self.user_encoder = nn.Module()
+        self.user_encoder.proj = nn.Linear(2, 2)
+        if adapter:
+            self.user_encoder.adapter = nn.Linear(2, 2)
+        self.click_predictor = nn.Linear(2, 1)
+
+    def model_settings(self):
+        return SAVED
+
+
+def test_init_from_refuses_to_drop_checkpoint_tensors_unless_partial():
+    torch.manual_seed(0)
+    pre = Encoders(adapter=True)
+    ckpt = {"model_settings": SAVED, "model": {**pre.state_dict(), "tasks.mip.x": torch.zeros(1)}}
+    with pytest.raises(ValueError, match=r"--init_from ck.pt: 2 encoder tensors .* would be dropped: "
+                                         r"user_encoder\.adapter\.bias, user_encoder\.adapter\.weight.*--init_from_partial"):
+        P.load_pretrained_encoders(Encoders(adapter=False), ckpt, "ck.pt")
+    model = Encoders(adapter=False)
+    got = P.load_pretrained_encoders(model, ckpt, "ck.pt", partial=True)
+    assert got.dropped == ["user_encoder.adapter.bias", "user_encoder.adapter.weight"]
+    assert got.loaded == sorted(k for k in model.state_dict() if not k.startswith("click_predictor"))
+    for k in got.loaded:
+        assert torch.equal(model.state_dict()[k], pre.state_dict()[k]), k
+    text = got.describe()
+    assert text.startswith("4 news/user encoder tensors loaded (news_encoder.bias 1, news_encoder.weight 1, "
+                           "user_encoder.proj 2)") and "2 checkpoint tensors dropped (--init_from_partial)" in text
+    # the pretraining heads (tasks.*) and the click predictor are never encoder tensors: nothing to drop
+    assert P.load_pretrained_encoders(Encoders(adapter=True), ckpt, "ck.pt").dropped == []
+
+
+def test_init_from_partial_without_init_from_is_an_error():
+    from config import Config
+
+    with pytest.raises(ValueError, match=r"--init_from_partial says how --init_from loads .* give --init_from"):
+        Config.from_args(["--mode=train", "--init_from_partial"])
+
+
+def test_settings_mismatch_names_each_flag_once_and_never_now_none():
+    now = {"news_encoder": "MHSA", "user_encoder": "GRU", "shared": {"head_num": 2, "word_embedding_dim": 50},
+           "news": {"head_num": 2, "attention_dim": 16}, "user": {"gru_dim": 3}}
+    got = P.settings_mismatch(SAVED, now)
+    # head_num is shared and a news setting: one line; the user encoder is another class: its name alone
+    assert got == ["--head_num: checkpoint 4, now 2", "--user_encoder: checkpoint MHSA, now GRU"]
+    assert not any("None" in line for line in got)
+    lost = {**SAVED, "news": {"head_num": 4}}
+    assert P.settings_mismatch(SAVED, lost) == ["--attention_dim: checkpoint 16, now not a setting"]
+
+
+# -- a task that trains nothing ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [["--pretrain_tasks=contrastive,mip", "--mip_weight=0"],
+                                   ["--pretrain_tasks=sp", "--sp_weight=0"]])
+def test_a_task_of_weight_zero_is_an_error_naming_its_flag(flags):
+    from config import Config
+
+    flag = flags[1].split("=")[0]
+    with pytest.raises(ValueError, match=rf"{flag} must be > 0: a task of weight 0 trains nothing"):
+        Config.from_args(["--mode=pretrain", *flags])
+
+
+def test_tasks_without_a_usable_sample_are_named():
+    tasks = {n: P.PRETRAIN_TASKS[n] for n in ("contrastive", "next_click", "mip", "map", "aap", "sp")}
+    ones = np.array([[3, 0, 0], [4, 0, 0]])  # two sequences of one click
+    bad = P.unusable_tasks(tasks, ones, batch_size=8)
+    assert set(bad) == {"next_click", "mip", "map", "sp"} and "at least 2 clicks" in bad["sp"]
+    assert set(P.unusable_tasks(tasks, ones, batch_size=1)) == {"contrastive", "next_click", "mip", "map", "sp"}
+    lone = np.array([[3, 5, 0], [4, 0, 0]])  # one sequence of two clicks: no in-batch negative for next_click
+    assert set(P.unusable_tasks(tasks, lone, batch_size=8)) == {"next_click"}
+    assert P.unusable_tasks(tasks, np.array([[3, 5, 0], [4, 6, 0]]), batch_size=8) == {}
