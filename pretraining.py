@@ -24,7 +24,8 @@ The objectives are registered in `PRETRAIN_TASKS`, each with its own settings cl
 
 Every task returns a loss per sequence [B]; the model averages over this process's sequences, so the trainer's
 per-rank weights make the DDP loss the global batch's mean. In-batch negatives are gathered across ranks with
-gradients (`gather_rows`), so 2 processes compute what one process does with the same global batch.
+gradients (`gather_rows`), so 2 processes compute what one process does with the same global batch; the filler row
+of a rank with an empty share (`PretrainBatchSampler`, `PretrainBatch.real`) is no loss and no negative.
 
 Legend: B sequences on this rank, G sequences of the global batch, H history slots, D news dim, M masked positions
 on this rank, Mg masked positions of the global batch, U unique news of the batch, Cc / Cs / E categories /
