@@ -209,3 +209,16 @@ def test_tasks_without_a_usable_sample_are_named():
     lone = np.array([[3, 5, 0], [4, 0, 0]])  # one sequence of two clicks: no in-batch negative for next_click
     assert set(P.unusable_tasks(tasks, lone, batch_size=8)) == {"next_click"}
     assert P.unusable_tasks(tasks, np.array([[3, 5, 0], [4, 6, 0]]), batch_size=8) == {}
+
+
+def test_pretraining_that_would_train_on_a_zero_loss_stops_before_its_run_folder(tmp_path):
+    from common import SMALL_MODEL, TINY_DEMO
+    from main import main
+
+    out = tmp_path / "best_model"
+    with pytest.raises(ValueError, match=r"--pretrain_tasks contrastive,mip: a task would train on a loss of 0 .*"
+                                         r"contrastive scores a sequence against the other sequences of its batch: "
+                                         r"--batch_size 1 leaves none.*leave out contrastive"):
+        main(["--mode=pretrain", "--dataset=demo", "--epoch=1", "--batch_size=1", "--pretrain_tasks=contrastive,mip",
+              f"--data_dir={tmp_path / 'data'}", f"--output_dir={out}", *TINY_DEMO, *SMALL_MODEL])
+    assert not list(out.rglob("pretrain#*"))
