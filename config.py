@@ -269,6 +269,9 @@ class PretrainRunSettings(Settings):
     init_from: str | None = setting(None, "--mode=train: start from the news and user encoder weights of a "
                                     "--mode=pretrain checkpoint (best_model/<dataset>/<news>-<user>/pretrain#<n>/"
                                     "<news>-<user>); other weights start afresh", architecture=False, modes=("train",))
+    init_from_partial: bool = setting(False, "--init_from: load the encoder tensors the model built has and drop the "
+                                      "checkpoint's others (e.g. LoRA adapters of layers now frozen), naming them; "
+                                      "without it a tensor left over is an error", architecture=False, modes=("train",))
     train_fraction: float = setting(1.0, "train on a share of the train impressions, chosen by --seed (e.g. 0.1: "
                                     "fine-tuning with 10%% of the labels)", check=_fraction, architecture=False,
                                     modes=MODEL_MODES)
@@ -474,6 +477,8 @@ class Config:
             errors.append("--init_from starts fine-tuning from a pretraining checkpoint: use it with --mode=train")
         if self.init_from and self.resume:
             errors.append("--init_from starts a new run; --resume continues one from its own weights: give one")
+        if self.init_from_partial and not self.init_from:
+            errors.append("--init_from_partial says how --init_from loads a checkpoint: give --init_from or drop it")
         try:
             tasks = parse_tasks(self.pretrain_tasks) if self.mode == "pretrain" else []
         except ValueError as e:

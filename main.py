@@ -254,9 +254,9 @@ def init_from_pretraining(config: Config, corpus: Corpus, model: Model) -> None:
     path = resolve_checkpoint_path(config.init_from, "--init_from", log=rank0_print)
     init = load_checkpoint(path)
     check_corpus(init, corpus, path)
-    n = load_pretrained_encoders(model, init, path, architecture_flags(config.values))
+    loaded = load_pretrained_encoders(model, init, path, architecture_flags(config.values), config.init_from_partial)
     tasks = init.get("model_settings", {}).get("pretrain_tasks")
-    rank0_print(f"--init_from {path}: {n} news/user encoder tensors loaded"
+    rank0_print(f"--init_from {path}: {loaded.describe()}"
                 + (f" (pretrained with {','.join(tasks)}, epoch {init.get('epoch')})" if tasks else "")
                 + "; the click predictor starts afresh")
 

@@ -24,7 +24,8 @@ The objectives are registered in `PRETRAIN_TASKS`, each with its own settings cl
 
 Every task returns a loss per sequence [B]; the model averages over this process's sequences, so the trainer's
 per-rank weights make the DDP loss the global batch's mean. In-batch negatives are gathered across ranks with
-gradients (`gather_rows`), so 2 processes compute what one process does with the same global batch.
+gradients (`gather_rows`), so 2 processes compute what one process does with the same global batch; the filler row
+of a rank with an empty share (`PretrainBatchSampler`, `PretrainBatch.real`) is no loss and no negative.
 
 Legend: B sequences on this rank, G sequences of the global batch, H history slots, D news dim, M masked positions
 on this rank, Mg masked positions of the global batch, U unique news of the batch, Cc / Cs / E categories /
@@ -46,7 +47,7 @@ import util
 from checkpoints import save_checkpoint
 from layers import Registry
 from model import Model, ModelOutput
-from settings import Settings, at_least, setting
+from settings import Settings, setting
 from trainer import GlobalBatchSampler, Trainer
 from userEncoders import UserEncoder, UserInputs
 
@@ -67,6 +68,11 @@ def ratio(v: float) -> str | None:
     return None if 0 < v <= 1 else "must be in (0, 1]"
 
 
+def task_weight(v: float) -> str | None:
+    return None if v > 0 else ("must be > 0: a task of weight 0 trains nothing (its loss times 0); leave the task out "
+                               "of --pretrain_tasks instead")
+
+
 def view_list(v: str) -> str | None:
     names = [n for n in str(v).split(",") if n.strip()]
     bad = [n for n in names if n not in VIEWS]
@@ -82,7 +88,7 @@ def view_list(v: str) -> str | None:
 @dataclass
 class ContrastiveSettings(Settings):
     title: ClassVar[str] = "pretraining: contrastive (--pretrain_tasks contrastive)"
-    contrastive_weight: float = setting(1.0, "weight of the contrastive loss", check=at_least(0), architecture=False)
+    contrastive_weight: float = setting(1.0, "weight of the contrastive loss", check=task_weight, architecture=False)
     contrastive_temperature: float = setting(0.1, "InfoNCE temperature on cosine similarities", check=positive,
                                              architecture=False)
     contrastive_views: str = setting("crop,mask,reorder", "augmentations a view picks from at random: crop (a random "
@@ -97,7 +103,7 @@ class ContrastiveSettings(Settings):
 @dataclass
 class NextClickSettings(Settings):
     title: ClassVar[str] = "pretraining: next click (--pretrain_tasks next_click)"
-    next_click_weight: float = setting(1.0, "weight of the next-click InfoNCE loss", check=at_least(0),
+    next_click_weight: float = setting(1.0, "weight of the next-click InfoNCE loss", check=task_weight,
                                        architecture=False)
 
 
@@ -111,21 +117,21 @@ class MaskSettings(Settings):
 @dataclass
 class MIPSettings(Settings):
     title: ClassVar[str] = "pretraining: masked item prediction (--pretrain_tasks mip)"
-    mip_weight: float = setting(1.0, "weight of the masked item prediction loss", check=at_least(0),
+    mip_weight: float = setting(1.0, "weight of the masked item prediction loss", check=task_weight,
                                 architecture=False)
 
 
 @dataclass
 class MAPSettings(Settings):
     title: ClassVar[str] = "pretraining: masked attribute prediction (--pretrain_tasks map)"
-    map_weight: float = setting(1.0, "weight of the masked attribute prediction loss", check=at_least(0),
+    map_weight: float = setting(1.0, "weight of the masked attribute prediction loss", check=task_weight,
                                 architecture=False)
 
 
 @dataclass
 class AAPSettings(Settings):
     title: ClassVar[str] = "pretraining: associated attribute prediction (--pretrain_tasks aap)"
-    aap_weight: float = setting(1.0, "weight of the associated attribute prediction loss", check=at_least(0),
+    aap_weight: float = setting(1.0, "weight of the associated attribute prediction loss", check=task_weight,
                                 architecture=False)
 
 
@@ -139,7 +145,7 @@ class AttributeSettings(Settings):
 @dataclass
 class SPSettings(Settings):
     title: ClassVar[str] = "pretraining: segment prediction (--pretrain_tasks sp)"
-    sp_weight: float = setting(1.0, "weight of the segment prediction loss", check=at_least(0), architecture=False)
+    sp_weight: float = setting(1.0, "weight of the segment prediction loss", check=task_weight, architecture=False)
     sp_max_ratio: float = setting(0.5, "longest segment, as a share of the history", check=ratio, architecture=False)
 
 
@@ -418,6 +424,8 @@ class PretrainBatch:
     sample:       [B] long, row of the sequence in its dataset
     views:        name -> [B, H] long news indices (view1, view2, prefix, context, segment), [B] long (next),
                   [B, H] bool (masked); only those the chosen tasks need
+    real:         [B] bool, False for the filler row of a rank whose share of the last global batch is empty (it
+                  only keeps the rank in the collectives): no loss, no negative of any other row. None: all real
     """
 
     user: torch.Tensor
@@ -425,18 +433,36 @@ class PretrainBatch:
     history_mask: torch.Tensor
     sample: torch.Tensor
     views: dict[str, torch.Tensor] = field(default_factory=dict)
+    real: torch.Tensor | None = None
+
+    def _map(self, fn) -> "PretrainBatch":
+        return PretrainBatch(**{f.name: fn(getattr(self, f.name)) for f in fields(self) if f.name not in ("views", "real")},
+                             views={k: fn(v) for k, v in self.views.items()},
+                             real=None if self.real is None else fn(self.real))
 
     def to(self, device, non_blocking: bool = False) -> "PretrainBatch":
-        move = (lambda t: t.to(device, non_blocking=non_blocking))
-        return PretrainBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "views"},
-                             views={k: move(v) for k, v in self.views.items()})
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "PretrainBatch":
-        return PretrainBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self) if f.name != "views"},
-                             views={k: v.pin_memory() for k, v in self.views.items()})
+        return self._map(lambda t: t.pin_memory())
+
+    def real_rows(self) -> torch.Tensor:
+        """[B] bool: the rows that are samples of the global batch."""
+        return self.real if self.real is not None else torch.ones(len(self), dtype=torch.bool, device=self.user.device)
 
     def __len__(self) -> int:
         return self.user.shape[0]
+
+
+class PretrainBatchSampler(GlobalBatchSampler):
+    """`GlobalBatchSampler` whose items say whether they are real: (rows, True), or (one row, False) for the filler
+    of a rank whose share of the last global batch is empty. The filler's loss has weight 0 already; marked, it is
+    also kept out of the other ranks' negatives (the gathered keys), so W processes compute what one does."""
+
+    def __iter__(self):
+        for i, rows in enumerate(super().__iter__()):
+            lo, hi = util.shard_bounds(self.global_size(i), self.world_size, self.rank)
+            yield rows, hi > lo
 
 
 class PretrainDataset(Dataset):
@@ -457,6 +483,10 @@ class PretrainDataset(Dataset):
         return len(self.user)
 
     def __getitem__(self, idx) -> PretrainBatch:
+        """idx: an index array, or (index array, real) from `PretrainBatchSampler` (real False: a filler row)."""
+        real = True
+        if isinstance(idx, tuple):
+            idx, real = idx
         idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
         news = self.news[idx]
         h = news.shape[1]
@@ -468,7 +498,8 @@ class PretrainDataset(Dataset):
         history = torch.from_numpy(news)
         return PretrainBatch(user=torch.from_numpy(self.user[idx]), history=history, history_mask=history > 0,
                              sample=torch.from_numpy(idx),
-                             views={k: torch.from_numpy(np.stack(v)) for k, v in views.items()})
+                             views={k: torch.from_numpy(np.stack(v)) for k, v in views.items()},
+                             real=torch.full((len(idx),), bool(real)))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -493,6 +524,13 @@ class Context:
     def view(self, name: str) -> torch.Tensor:
         return self.batch.history if name == "history" else self.batch.views[name]
 
+    def real(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> this rank's real rows [B] bool, the global batch's [G] bool (rank order, as `gather_rows`)."""
+        if "real" not in self.cache:
+            real = self.batch.real_rows()
+            self.cache["real"] = (real, gather_rows(real)[0])
+        return self.cache["real"]
+
     def user(self, name: str, mask: torch.Tensor | None = None) -> torch.Tensor:
         key = name if mask is None else f"{name}/masked"
         if key not in self.cache:
@@ -509,6 +547,8 @@ class PretrainTask(nn.Module):
     settings: tuple[type[Settings], ...] = ()
     views: tuple[str, ...] = ()
     uses_contextual = False  # reads UserEncoder.contextual (mip / map: the mask vector)
+    min_clicks = 1  # a sequence with fewer clicks gives this task no sample (loss 0)
+    batch_negatives = False  # its only negatives are the other sequences of the batch
 
     def __init__(self, config, meta: "CorpusMeta", dim: int, news: dict[str, np.ndarray]):
         super().__init__()
@@ -524,6 +564,7 @@ class ContrastiveTask(PretrainTask):
 
     settings = (ContrastiveSettings,)
     views = ("pair",)
+    batch_negatives = True
 
     def __init__(self, config, meta, dim, news):
         super().__init__(config, meta, dim, news)
@@ -536,9 +577,12 @@ class ContrastiveTask(PretrainTask):
         k1, offset = gather_rows(z1)  # [G, D]
         k2, _ = gather_rows(z2)
         users, _ = gather_rows(ctx.batch.user)  # [G]
+        real, greal = ctx.real()
         target = offset + torch.arange(len(z1), device=z1.device)
         same = (ctx.batch.user[:, None] == users[None, :]) & (ctx.batch.user[:, None] > 0)  # [B, G]
-        return 0.5 * (info_nce(z1, k2, target, same, self.scale) + info_nce(z2, k1, target, same, self.scale))
+        exclude = same | ~greal[None, :]  # a filler row is no negative
+        loss = 0.5 * (info_nce(z1, k2, target, exclude, self.scale) + info_nce(z2, k1, target, exclude, self.scale))
+        return loss * real
 
 
 @register_task("next_click")
@@ -549,6 +593,8 @@ class NextClickTask(PretrainTask):
 
     settings = (NextClickSettings,)
     views = ("prefix",)
+    min_clicks = 2
+    batch_negatives = True
 
     def forward(self, ctx):
         """views prefix [B, H], next [B] -> [B]"""
@@ -556,10 +602,11 @@ class NextClickTask(PretrainTask):
         user = ctx.user("prefix")  # [B, D]
         keys, offset = gather_rows(ctx.news(nxt))  # [G, D]
         ids, _ = gather_rows(nxt)
+        real, greal = ctx.real()
         target = offset + torch.arange(len(nxt), device=nxt.device)
-        exclude = (nxt[:, None] == ids[None, :]) | (ids[None, :] == 0)  # [B, G]
+        exclude = (nxt[:, None] == ids[None, :]) | (ids[None, :] == 0) | ~greal[None, :]  # [B, G]
         loss = info_nce(user, keys, target, exclude)
-        return loss * (nxt > 0)
+        return loss * ((nxt > 0) & real)
 
 
 def masked_queries(ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -591,15 +638,18 @@ class MIPTask(PretrainTask):
     settings = (MIPSettings, MaskSettings)
     views = ("masked",)
     uses_contextual = True
+    min_clicks = 2
 
     def forward(self, ctx):
         """views masked [B, H] -> [B] (mean over each sequence's masked positions; 0 without any)"""
         queries, rows, news = masked_queries(ctx)
         keys, offset = gather_rows(ctx.news(news))  # [Mg, D]
         ids, _ = gather_rows(news)
+        real, _ = ctx.real()
+        kreal, _ = gather_rows(real[rows])  # [Mg]: positions of filler rows are no negatives
         target = offset + torch.arange(len(news), device=news.device)
-        loss = info_nce(queries, keys, target, news[:, None] == ids[None, :])
-        return per_sample_mean(loss, rows, len(ctx.batch))
+        loss = info_nce(queries, keys, target, (news[:, None] == ids[None, :]) | ~kreal[None, :])
+        return per_sample_mean(loss, rows, len(ctx.batch)) * real
 
 
 class AttributeHeads(nn.Module):
@@ -638,6 +688,7 @@ class MAPTask(PretrainTask):
     settings = (MAPSettings, MaskSettings, AttributeSettings)
     views = ("masked",)
     uses_contextual = True
+    min_clicks = 2
 
     def __init__(self, config, meta, dim, news):
         super().__init__(config, meta, dim, news)
@@ -646,7 +697,7 @@ class MAPTask(PretrainTask):
     def forward(self, ctx):
         """views masked [B, H] -> [B]"""
         queries, rows, news = masked_queries(ctx)
-        return per_sample_mean(self.heads(queries, news, ctx.model), rows, len(ctx.batch))
+        return per_sample_mean(self.heads(queries, news, ctx.model), rows, len(ctx.batch)) * ctx.batch.real_rows()
 
 
 @register_task("aap")
@@ -664,28 +715,52 @@ class AAPTask(PretrainTask):
         """history [B, H] -> [B]"""
         rows, cols = ctx.batch.history_mask.nonzero(as_tuple=True)
         news = ctx.batch.history[rows, cols]
-        return per_sample_mean(self.heads(ctx.news(news), news, ctx.model), rows, len(ctx.batch))
+        return per_sample_mean(self.heads(ctx.news(news), news, ctx.model), rows, len(ctx.batch)) * ctx.batch.real_rows()
 
 
 @register_task("sp")
 class SPTask(PretrainTask):
     """Segment prediction: u = user vector of the history without a contiguous segment, p = user vector of that
-    segment, n = that of the next sequence's segment in the global batch (cyclically); loss -log sigmoid(u.p) -
-    log sigmoid(-u.n). Sequences of one click have no segment: loss 0 (and are no negative)."""
+    segment, n = that of the next sequence's segment in the global batch (cyclically, filler rows skipped); loss
+    -log sigmoid(u.p) - log sigmoid(-u.n). Sequences of one click have no segment: loss 0 (and are no negative).
+    Without another sequence in the global batch (a batch of one) a sequence would be its own negative: its loss is
+    the positive term only, -log sigmoid(u.p); the next sequence without a segment likewise leaves no negative term."""
 
     settings = (SPSettings,)
     views = ("segment",)
+    min_clicks = 2
 
     def forward(self, ctx):
         """views context / segment [B, H] -> [B]"""
         u, p = ctx.user("context").float(), ctx.user("segment").float()  # [B, D]
-        valid = ctx.batch.views["segment"][:, 0] > 0  # [B]
+        real, greal = ctx.real()
+        valid = (ctx.batch.views["segment"][:, 0] > 0) & real  # [B]
         keys, offset = gather_rows(p)  # [G, D]
         kvalid, _ = gather_rows(valid)
-        other = (offset + torch.arange(len(u), device=u.device) + 1) % len(keys)
-        n = keys[other]
-        loss = -F.logsigmoid((u * p).sum(-1)) - F.logsigmoid(-(u * n).sum(-1)) * kvalid[other]
+        me = offset + torch.arange(len(u), device=u.device)  # [B] rows in the global batch
+        order = greal.nonzero().squeeze(1)  # [Gr] the real rows
+        among = torch.cumsum(greal.long(), 0) - 1  # [G] each row's place among the real ones
+        other = order[(among[me] + 1) % max(1, len(order))] if len(order) else me
+        negative = kvalid[other] & (other != me)
+        loss = -F.logsigmoid((u * p).sum(-1)) - F.logsigmoid(-(u * keys[other]).sum(-1)) * negative
         return loss * valid
+
+
+def unusable_tasks(tasks: dict[str, PretrainTask], news: np.ndarray, batch_size: int) -> dict[str, str]:
+    """The tasks whose loss would be 0 on every batch of these sequences `news` [S, H], for want of a usable sample:
+    -> {task: why}. A task needs sequences of `min_clicks` clicks; one scored against the other sequences of its
+    batch needs two such sequences and --batch_size >= 2."""
+    lengths = (np.asarray(news) > 0).sum(1)
+    out = {}
+    for name, task in tasks.items():
+        n = int((lengths >= task.min_clicks).sum())
+        if n == 0:
+            out[name] = f"{name} needs sequences of at least {task.min_clicks} clicks: none of the {len(lengths)} has"
+        elif task.batch_negatives and (n < 2 or batch_size < 2):
+            out[name] = (f"{name} scores a sequence against the other sequences of its batch: "
+                         + ("--batch_size 1 leaves none" if batch_size < 2 else f"only 1 of the {len(lengths)} "
+                            f"sequences has {task.min_clicks} clicks"))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -795,6 +870,7 @@ class PretrainTrainer(Trainer):
 
     run_prefix = PRETRAIN_RUN_PREFIX
     epoch_log = "pretrain_log.jsonl"
+    batch_sampler = PretrainBatchSampler
 
     def _sequences(self) -> tuple[Sequences, np.ndarray, np.ndarray]:
         if not hasattr(self, "_seqs"):
@@ -814,10 +890,26 @@ class PretrainTrainer(Trainer):
         if len(rows) == 0:
             raise ValueError(f"{self.corpus.root / 'train' / 'behaviors.tsv'}: no click sequence to pretrain on (every "
                              f"history is empty and no impression has a click)")
+        bad = unusable_tasks(dict(self.raw.tasks), seqs.news[rows], self.config.batch_size)
+        if bad:
+            raise ValueError(f"--pretrain_tasks {self.config.pretrain_tasks}: a task would train on a loss of 0 for want "
+                             f"of a usable sample among the {len(rows)} training sequences ({'; '.join(bad.values())}); "
+                             f"leave out {','.join(bad)}")
         return PretrainDataset(seqs, rows, self.raw.view_kinds(), self.config, self.config.seed)
 
     def _evaluation_data(self) -> tuple[Any, Any, Any]:
+        """The held-out sequences. Where no task has a usable sample among them the held-out loss would be 0 for
+        want of samples, and every epoch its best: an error; a task without one is left out of it (a note)."""
         seqs, _, held = self._sequences()
+        bad = unusable_tasks(dict(self.raw.tasks), seqs.news[held], self.config.batch_size) if len(held) else {}
+        h = self.config.pretrain_holdout
+        if bad and len(bad) == len(self.raw.tasks):
+            raise ValueError(f"--pretrain_holdout {h}: the {len(held)} held-out sequences give no task a usable sample "
+                             f"({'; '.join(bad.values())}), so the held-out loss would be 0 and every epoch its best; "
+                             f"raise --pretrain_holdout, or pass --pretrain_holdout 0 (the last epoch is kept)")
+        if bad:
+            self.log(f"note: the held-out loss of {', '.join(bad)} is 0 for want of a usable held-out sample "
+                     f"({'; '.join(bad.values())}); the held-out loss measures the other tasks")
         return PretrainDataset(seqs, held, self.raw.view_kinds(), self.config, self.config.seed), None, None
 
     @torch.no_grad()
@@ -830,7 +922,7 @@ class PretrainTrainer(Trainer):
             return HeldOutResult({}, 0.0)
         was = self.raw.training
         self.raw.eval()
-        sampler = GlobalBatchSampler(len(data), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
+        sampler = PretrainBatchSampler(len(data), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
         names = list(self.raw.task_names)
         sums = [0.0] * (1 + len(names))
         for i, idx in enumerate(sampler):
@@ -882,24 +974,60 @@ ENCODER_PREFIXES = ("news_encoder.", "user_encoder.")
 
 def settings_mismatch(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Encoder-shaping settings that differ between a checkpoint's `model_settings` and the model built now (the
-    click predictor is not compared: it is not loaded). -> ['--head_num: checkpoint 4, now 8', ...]"""
-    out = []
-    for key in ("news_encoder", "user_encoder"):
+    click predictor is not compared: it is not loaded), one line per flag, sorted. -> ['--head_num: checkpoint 4,
+    now 2', ...]. An encoder of another class is reported by its name alone: its settings are another class's."""
+    out: dict[str, str] = {}
+    other = set()
+    for key, group in (("news_encoder", "news"), ("user_encoder", "user")):
         if saved.get(key) != now.get(key):
-            out.append(f"--{key}: checkpoint {saved.get(key)}, now {now.get(key)}")
+            out[key] = f"--{key}: checkpoint {saved.get(key)}, now {now.get(key)}"
+            other.add(group)
+    shown = (lambda d, f: repr(d[f]) if f in d else "not a setting")
     for group in ("shared", "news", "user"):
+        if group in other:
+            continue
         a, b = saved.get(group, {}), now.get(group, {})
         for flag in sorted(set(a) | set(b)):
-            if a.get(flag) != b.get(flag):
-                out.append(f"--{flag}: checkpoint {a.get(flag)!r}, now {b.get(flag)!r}")
-    return out
+            if flag not in out and (flag in a) == (flag in b) and a.get(flag) == b.get(flag):
+                continue
+            out.setdefault(flag, f"--{flag}: checkpoint {shown(a, flag)}, now {shown(b, flag)}")
+    return [out[k] for k in sorted(out)]
 
 
-def load_pretrained_encoders(model: nn.Module, ckpt: dict[str, Any], path, architecture: set[str] | None = None) -> int:
+@dataclass
+class InitFromResult:
+    """What `load_pretrained_encoders` did: the tensors loaded, and those of the checkpoint dropped (only with
+    --init_from_partial)."""
+
+    loaded: list[str]
+    dropped: list[str]
+
+    def describe(self) -> str:
+        return (f"{len(self.loaded)} news/user encoder tensors loaded ({_by_module(self.loaded)})"
+                + (f"; {len(self.dropped)} checkpoint tensors dropped (--init_from_partial): {_names(self.dropped)}"
+                   if self.dropped else ""))
+
+
+def _by_module(names: list[str]) -> str:
+    """['news_encoder.mhsa.q.weight', ...] -> 'news_encoder.mhsa 8, ...': tensors per module (two name levels)."""
+    counts: dict[str, int] = {}
+    for n in names:
+        key = ".".join(n.split(".")[:2])
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
+def _names(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def load_pretrained_encoders(model: nn.Module, ckpt: dict[str, Any], path, architecture: set[str] | None = None,
+                             partial: bool = False) -> InitFromResult:
     """Copy the news_encoder.* and user_encoder.* weights of a pretraining checkpoint into `model`; the click
     predictor and the pretraining heads are not loaded. A checkpoint of another architecture is an error naming
     the settings that differ (`architecture`: the flags that shape weights; others, such as dropout, may differ).
-    Returns the number of tensors loaded."""
+    An encoder tensor of the checkpoint that the model lacks (e.g. the LoRA adapters of a layer now frozen) is an
+    error naming it, unless `partial` (--init_from_partial): then it is dropped and named in the result."""
     saved = ckpt.get("model_settings")
     if not isinstance(saved, dict):
         raise ValueError(f"--init_from {path}: the checkpoint records no model_settings; pass a checkpoint written by "
@@ -915,9 +1043,17 @@ def load_pretrained_encoders(model: nn.Module, ckpt: dict[str, Any], path, archi
     # A PLM encoder's base-weights signature (plm_backbones.SIGNATURE_KEY) is checked when loading, if there: a
     # checkpoint written before signatures has none.
     missing = sorted(k for k in set(own) - set(state) if not k.endswith(".plm_weights_signature"))
-    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    shapes = [f"{k} (checkpoint {tuple(state[k].shape)}, now {tuple(own[k].shape)})" for k in own
+              if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     if missing or shapes:
-        raise ValueError(f"--init_from {path}: the encoder weights do not fit the model built (missing "
-                         f"{missing[:5]}, other shapes {shapes[:5]}); pretrain with the same encoders and settings")
-    model.load_state_dict(state, strict=False)
-    return len(state)
+        raise ValueError(f"--init_from {path}: the encoder weights do not fit the model built ("
+                         + "; ".join(([f"missing from the checkpoint: {_names(missing)}"] if missing else [])
+                                     + ([f"other shapes: {_names(shapes)}"] if shapes else []))
+                         + "); pretrain with the same encoders and settings")
+    dropped = sorted(set(state) - set(own))
+    if dropped and not partial:
+        raise ValueError(f"--init_from {path}: {len(dropped)} encoder tensors of the checkpoint have no place in the "
+                         f"model built and would be dropped: {_names(dropped)}. Fine-tune with the pretraining's "
+                         f"settings (its config.json), or pass --init_from_partial to load the others without them")
+    model.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+    return InitFromResult(loaded=sorted(k for k in own if k in state), dropped=dropped)

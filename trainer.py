@@ -267,6 +267,7 @@ class Trainer:
     """
 
     run_prefix = "#"  # run folders <output_dir>/<dataset>/<model>/<run_prefix><n>
+    batch_sampler = GlobalBatchSampler  # a subclass may mark the filler of an empty shard (pretraining does)
     epoch_log = "dev_log.jsonl"  # one line per epoch (`_epoch_record`), in the run folder
 
     def __init__(self, config, corpus, model: nn.Module, runtime: Runtime, log: Callable = print,
@@ -477,7 +478,7 @@ class Trainer:
         data = self._training_data()
         dev_beh, tie_rank, pop = self._evaluation_data()
 
-        sampler = GlobalBatchSampler(len(data), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
+        sampler = self.batch_sampler(len(data), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
         batches_per_epoch = len(sampler)
         accum = cfg.grad_accum_steps
         steps_per_epoch = math.ceil(batches_per_epoch / accum)
