@@ -27,7 +27,7 @@ from userEncoders import USER_ENCODERS
 
 # Keys of a saved config.json that --config_file does not take: re-running a run starts a new one.
 FILE_IGNORED = ("config_file", "resume", "seeds")
-MODES = ("train", "dev", "test", "aggregate", "explain", "compare", "pretrain")
+MODES = ("train", "dev", "test", "aggregate", "explain", "compare", "pretrain", "tune")
 TIE_BREAKS = ("popularity", "position")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 
@@ -77,7 +77,8 @@ class RunSettings(Settings):
     mode: str = setting("train", "train a model, evaluate a checkpoint on dev/test, aggregate: mean ± std of every "
                         "model's runs under --output_dir, explain: a picture of what a checkpoint attends to in one "
                         "dev impression, compare: paired significance tests between runs (--runs), or pretrain: "
-                        "self-supervised pretraining of the encoders on click sequences (docs/pretraining.md)",
+                        "self-supervised pretraining of the encoders on click sequences (docs/pretraining.md), or "
+                        "tune: a hyper-parameter search over training runs (--tune_space; docs/training.md, Tuning)",
                         choices=MODES)
     config_file: str | None = setting(None, "a saved run's config.json: its values replace the defaults, flags typed "
                                       "on the command line override them (printed); re-runs a run exactly")
@@ -241,10 +242,38 @@ class PretrainRunSettings(Settings):
                                     "fine-tuning with 10%% of the labels)", check=_fraction, architecture=False)
 
 
+TUNE_SAMPLERS = ("tpe", "random", "grid")
+TUNE_PRUNERS = ("median", "hyperband", "none")
+
+
+@dataclass
+class TuneSettings(Settings):
+    """--mode=tune (tuning.py): the search space file, the study, its sampler, pruner and metric."""
+
+    title: ClassVar[str] = "tune"
+    description: ClassVar[str] = ("--mode=tune: an Optuna study whose trials are ordinary training runs (docs/training.md, "
+                                  "Tuning)")
+    tune_space: str | None = setting(None, "search space file (.json, .yaml or .yml): flag -> {low, high[, log][, step]} "
+                                     "or {choices: [...]}", architecture=False)
+    n_trials: int = setting(20, "trials of the study in all (a resumed study or a second worker runs only the missing "
+                            "ones)", check=at_least(1), architecture=False)
+    tune_sampler: str = setting("tpe", "how trials pick values: tpe (Bayesian), random, or grid (every flag with "
+                                "choices or a step)", choices=TUNE_SAMPLERS, architecture=False)
+    tune_pruner: str = setting("median", "stop unpromising trials after an epoch on the dev metric: median, hyperband "
+                               "or none", choices=TUNE_PRUNERS, architecture=False)
+    tune_metric: str | None = setting(None, "dev metric the study optimises (default: --dev_criterion); the direction "
+                                      "follows from the metric", architecture=False)
+    tune_storage: str | None = setting(None, "Optuna RDB storage URL shared by workers on several machines, e.g. "
+                                       "postgresql://user:pw@host/db (default: SQLite in the study folder)",
+                                       architecture=False)
+    tune_study: str | None = setting(None, "study name (default: the search space file's name); its trials go to "
+                                     "<output_dir>/tune/<study>/", architecture=False)
+
+
 # Every run-level flag, by group, in --help order (the component flags come from the registered components; the
 # pretraining tasks' flags from their settings classes in pretraining.py).
 RUN_SETTINGS = (RunSettings, CompareSettings, DataSettings, ComponentChoice, TrainingSettings, DistSettings,
-                PretrainRunSettings, *task_settings_classes())
+                PretrainRunSettings, *task_settings_classes(), TuneSettings)
 
 
 def component_settings_owners() -> dict[type[Settings], str]:
@@ -286,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     SharedDims.add_arguments(p)
     for settings_cls, owners in component_settings_owners().items():
         settings_cls.add_arguments(p, owners=owners)
-    for settings_cls in (TrainingSettings, DistSettings, PretrainRunSettings, *task_settings_classes()):
+    for settings_cls in (TrainingSettings, DistSettings, PretrainRunSettings, *task_settings_classes(), TuneSettings):
         settings_cls.add_arguments(p)
     return p
 
@@ -389,11 +418,16 @@ class Config:
                           f"itself; drop the flag (it is for encoders that do not)")
         if self.resume and self.mode != "train":
             errors.append("--resume continues training: use it with --mode=train")
+        if self.mode == "tune" and not self.tune_space:
+            errors.append("--mode=tune needs --tune_space=<file> (docs/training.md, Tuning)")
+        if self.tune_metric is not None and self.tune_metric not in CRITERIA:
+            errors.append(f"--tune_metric {self.tune_metric!r} is not a dev metric; choose from {', '.join(CRITERIA)}")
         if self.mode == "explain" and not (self.dev_model_path and self.impression_id):
             errors.append("--mode=explain needs --dev_model_path=<checkpoint> and --impression_id=<dev impression id>")
         if self.seeds is not None:
-            if self.mode != "train":
-                errors.append("--seeds runs training once per seed: use it with --mode=train")
+            if self.mode not in ("train", "tune"):
+                errors.append("--seeds runs training once per seed: use it with --mode=train (or --mode=tune: the "
+                              "best trial's settings once per seed)")
             if "seed" in self.explicit:
                 errors.append("give either --seed or --seeds, not both")
             if self.resume:

@@ -1,4 +1,4 @@
-"""Entry point: `python main.py --mode={train,dev,test,aggregate,explain,compare,pretrain} ...` (see README). `main(argv)` is
+"""Entry point: `python main.py --mode={train,dev,test,aggregate,explain,compare,pretrain,tune} ...` (see README). `main(argv)` is
 what tests call."""
 from __future__ import annotations
 
@@ -479,6 +479,10 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) 
         return aggregate(config)
     if config.mode == "compare":
         return compare(config)
+    if config.mode == "tune":  # each trial is main(--mode=train ...): its checks run there
+        from tuning import tune
+
+        return tune(config, callbacks)
     if config.mode == "pretrain":
         check_pairing(config.news_encoder, config.user_encoder, config.click_predictor, config)
         stray = config.stray_flags(config.typed)
