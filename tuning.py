@@ -91,7 +91,7 @@ def _number(value: Any, where: str) -> float:
 
 def _flag_kind(action) -> str:
     """categorical (choices, switches, text), int or float: what a search space may ask of the flag."""
-    if action.choices is not None or action.type is None or action.type is str:
+    if action.choices is not None or action.type not in (int, float) or action.nargs is not None:
         return "categorical"
     return "int" if action.type is int else "float"
 
@@ -125,7 +125,7 @@ def parse_space(data: dict[str, Any], file: str, parser) -> dict[str, dict[str, 
 
 
 def _choice(action, kind: str, value: Any, where: str) -> Any:
-    if action.type is None:  # a switch: --flag / --no-flag
+    if action.nargs == 0:  # a switch: --flag / --no-flag
         if not isinstance(value, bool):
             raise ValueError(f"{where}: --{action.dest} is a switch; its choices are true and false, not {value!r}")
         return value
@@ -164,12 +164,15 @@ def check_space_values(space: dict[str, dict[str, Any]], file: str, base_argv: l
     1.5 would fail only in the trial that drew it)."""
     from config import Config
 
+    Config.from_args(base_argv)  # the other flags' own errors, under their own names
     for flag, spec in space.items():
         for value in spec["choices"] if "choices" in spec else (spec["low"], spec["high"]):
             try:
                 Config.from_args([*base_argv, format_flag(flag, value)])
             except ValueError as e:
-                raise ValueError(f"--tune_space {file}: {flag}: the value {value!r} is refused: {e}") from None
+                lines = [x.strip() for x in str(e).splitlines() if x.strip() and not x.endswith("configuration:")]
+                raise ValueError(f"--tune_space {file}: {flag}: the value {value!r} is refused: "
+                                 f"{'; '.join(lines)}") from None
 
 
 def grid_of(space: dict[str, dict[str, Any]], file: str) -> dict[str, list]:
@@ -230,12 +233,24 @@ def open_storage(config, folder: Path, on_stale: Callable):
     optuna = _import_optuna()
     url = config.tune_storage or f"sqlite:///{(folder / 'study.db').resolve()}"
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # workers share one file
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
-                                          grace_period=4 * HEARTBEAT_SECONDS, heartbeat_stale_trial_callback=on_stale)
-    except Exception as e:  # sqlalchemy's errors, a missing database driver: the first line says which
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"--tune_storage {url}: cannot open the study storage ({type(e).__name__}: {first})") from None
+    import time
+    import warnings
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked "experimental" since Optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+                                                  grace_period=4 * HEARTBEAT_SECONDS,
+                                                  heartbeat_stale_trial_callback=on_stale)
+        except Exception as e:  # sqlalchemy's errors, a missing database driver: the first line says which
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            # Two workers creating a new database's tables together: the loser finds them made on its next try.
+            if attempt < 4 and ("alembic_version" in first or "already exists" in first):
+                time.sleep(1 + attempt)
+                continue
+            raise ValueError(f"--tune_storage {url}: cannot open the study storage ({type(e).__name__}: "
+                             f"{first})") from None
 
 
 def open_study(config, space: dict, sampler, pruner, storage, name: str, metric: str):

@@ -284,6 +284,11 @@ def test_run_level_flags_keep_name_default_type_choices_help_and_group():
                 ", or compare: paired significance tests between runs (--runs)",
                 ", compare: paired significance tests between runs (--runs), or pretrain: self-supervised pretraining "
                 "of the encoders on click sequences (docs/pretraining.md)")
+            # Issue 26 (tests/test_tune.py): --mode gains "tune" and its sentence; its flags are added at the end.
+            record["choices"] = [*record["choices"], "tune"]
+            record["help"] = record["help"].replace(
+                " (docs/pretraining.md)", " (docs/pretraining.md), or tune: a hyper-parameter search over training "
+                "runs (--tune_space; docs/training.md, Tuning)")
         # Issue 24 (datasets beyond MIND, tests/test_ebnerd.py): --dataset gains the registry's new names and a
         # sentence of help; --news_language (xMIND) is added right after it, in the data group.
         if record["dest"] == "dataset":
@@ -293,10 +298,11 @@ def test_run_level_flags_keep_name_default_type_choices_help_and_group():
             assert record["choices"][:4] == ["demo", "small", "200k", "large"]
             record["help"] += ("; EB-NeRD, xMIND, Adressa (docs/data.md; prepare_MIND_dataset.py --dataset=... gets "
                                "them)")
-    from config import PretrainRunSettings
+    from config import PretrainRunSettings, TuneSettings
     from pretraining import task_settings_classes
 
-    added = [*PretrainRunSettings.names(), *(n for cls in task_settings_classes() for n in cls.names())]
+    added = [*PretrainRunSettings.names(), *(n for cls in task_settings_classes() for n in cls.names()),
+             *TuneSettings.names()]
     at = [r["dest"] for r in before].index("dataset") + 1
     assert now[at]["dest"] == "news_language" and now[at]["group"] == now[at - 1]["group"] and now[at]["default"] == "None"
     now = now[:at] + now[at + 1:]
