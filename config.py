@@ -270,10 +270,30 @@ class TuneSettings(Settings):
                                      "<output_dir>/tune/<study>/", architecture=False)
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+def _trackers(v: str) -> str | None:
+    names = [n.strip() for n in v.split(",")]
+    bad = [n for n in names if n not in TRACKERS]
+    return None if names and not bad else f"has {', '.join(map(repr, bad)) or 'no name'}; choose from {', '.join(TRACKERS)}"
+
+
+@dataclass
+class TrackerSettings(Settings):
+    """Experiment trackers (trackers.py), beside the run folder's own records."""
+
+    title: ClassVar[str] = "track"
+    tracker: str = setting("tensorboard", "comma-separated experiment trackers: tensorboard (under <run>/tensorboard), "
+                           "mlflow (MLFLOW_TRACKING_URI, default SQLite <output_dir>/mlflow.db), wandb (offline in "
+                           "<run>/wandb without a login); docs/training.md, Trackers", check=_trackers,
+                           architecture=False)
+
+
 # Every run-level flag, by group, in --help order (the component flags come from the registered components; the
 # pretraining tasks' flags from their settings classes in pretraining.py).
 RUN_SETTINGS = (RunSettings, CompareSettings, DataSettings, ComponentChoice, TrainingSettings, DistSettings,
-                PretrainRunSettings, *task_settings_classes(), TuneSettings)
+                PretrainRunSettings, *task_settings_classes(), TuneSettings, TrackerSettings)
 
 
 def component_settings_owners() -> dict[type[Settings], str]:
@@ -315,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     SharedDims.add_arguments(p)
     for settings_cls, owners in component_settings_owners().items():
         settings_cls.add_arguments(p, owners=owners)
-    for settings_cls in (TrainingSettings, DistSettings, PretrainRunSettings, *task_settings_classes(), TuneSettings):
+    for settings_cls in (TrainingSettings, DistSettings, PretrainRunSettings, *task_settings_classes(), TuneSettings,
+                         TrackerSettings):
         settings_cls.add_arguments(p)
     return p
 
@@ -366,6 +387,7 @@ class Config:
         cfg = cls(values=vars(ns), explicit=typed, notes=overrides, typed=_typed_flags(parser, argv))
         cfg.apply_dataset_suggestions()
         cfg.apply_click_predictor_rule()
+        cfg.apply_tracker_rule()
         cfg.validate()
         return cfg
 
@@ -396,6 +418,15 @@ class Config:
             self.click_predictor = allowed[0]
             self.notes.append(f"--click_predictor={allowed[0]} (--user_encoder {self.user_encoder} works only with "
                               f"{sorted(allowed)}; type the flag to override)")
+
+    def apply_tracker_rule(self) -> None:
+        """TensorBoard writes only when --tracker names it; a typed --tensorboard without it is an error."""
+        if "tensorboard" in [n.strip() for n in str(self.tracker).split(",")]:
+            return
+        if self.tensorboard and "tensorboard" in self.explicit:
+            raise ValueError(f"--tensorboard with --tracker={self.tracker}: add tensorboard to --tracker, or drop "
+                             f"--tensorboard")
+        self.values["tensorboard"] = False
 
     def validate(self) -> None:
         errors = []

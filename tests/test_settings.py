@@ -298,11 +298,11 @@ def test_run_level_flags_keep_name_default_type_choices_help_and_group():
             assert record["choices"][:4] == ["demo", "small", "200k", "large"]
             record["help"] += ("; EB-NeRD, xMIND, Adressa (docs/data.md; prepare_MIND_dataset.py --dataset=... gets "
                                "them)")
-    from config import PretrainRunSettings, TuneSettings
+    from config import PretrainRunSettings, TrackerSettings, TuneSettings
     from pretraining import task_settings_classes
 
     added = [*PretrainRunSettings.names(), *(n for cls in task_settings_classes() for n in cls.names()),
-             *TuneSettings.names()]
+             *TuneSettings.names(), *TrackerSettings.names()]
     at = [r["dest"] for r in before].index("dataset") + 1
     assert now[at]["dest"] == "news_language" and now[at]["group"] == now[at - 1]["group"] and now[at]["default"] == "None"
     now = now[:at] + now[at + 1:]
