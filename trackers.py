@@ -36,7 +36,7 @@ def names(config) -> list[str]:
 def for_run(config) -> list[Callback]:
     """The callbacks of the trackers --tracker names (TensorBoard needs none: the run's recorder writes it)."""
     chosen = names(config)
-    return [cls() for name, cls in TRACKERS.items() if name in chosen]
+    return [cls() for name, cls in TRACKER_CALLBACKS.items() if name in chosen]
 
 
 def flat_metrics(record: dict[str, Any]) -> dict[str, float]:
@@ -206,4 +206,4 @@ class WandbTracker(Tracker):
         self.run.finish(exit_code=0 if status == "finished" else 1)
 
 
-TRACKERS: dict[str, type[Tracker]] = {"mlflow": MLflowTracker, "wandb": WandbTracker}
+TRACKER_CALLBACKS: dict[str, type[Tracker]] = {"mlflow": MLflowTracker, "wandb": WandbTracker}
