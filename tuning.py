@@ -340,8 +340,10 @@ def write_trial_file(run_dir: str | None, record: dict[str, Any]) -> None:
         util.write_lines_atomic(Path(run_dir) / TRIAL_FILE, [json.dumps(record, indent=1)])
 
 
-def run_trial(trial, config, space: dict, argv: list[str], metric: str, callbacks: Sequence[Callback]) -> float:
-    """One trial: `main(--mode=train ...)` with the values drawn (or, for a retry, `--resume` of its run folder)."""
+def run_trial(trial, config, space: dict, argv: list[str], metric: str, callbacks: Sequence[Callback],
+              send: Callable | None = None) -> float:
+    """One trial: `main(--mode=train ...)` with the values drawn (or, for a retry, `--resume` of its run folder);
+    under torchrun `send` hands the trial's flags to the other ranks first."""
     import optuna
     from main import main
 
@@ -352,6 +354,8 @@ def run_trial(trial, config, space: dict, argv: list[str], metric: str, callback
     print(f"=== trial {trial.number}: {' '.join(format_flag(f, v) for f, v in values.items())}"
           + (f" (retry of trial {trial.user_attrs['retry_of']}, resuming {resume})" if resume else "") + " ===")
     record = {"study": trial.study.study_name, "trial": trial.number, "values": values, "metric": metric}
+    if send is not None:
+        send(("trial", trial_argv))
     try:
         result = main(trial_argv, callbacks=[*callbacks, PruningCallback(trial, metric)])
     except optuna.TrialPruned:
@@ -381,9 +385,6 @@ def prepare(config) -> dict[str, Any]:
     """Everything checked before the first trial: the space file, its values, the metric, the storage, the study."""
     from config import build_parser
 
-    if util.dist_env()[2] > 1:
-        raise ValueError("--mode=tune under torchrun: run the study worker with python, one per machine or GPU set "
-                         "(docs/training.md, Tuning, explains how a trial runs as a DDP job)")
     metric = config.tune_metric or config.dev_criterion
     argv = base_argv(config)
     space = parse_space(read_space_file(config.tune_space), config.tune_space, build_parser())
@@ -404,16 +405,60 @@ def prepare(config) -> dict[str, Any]:
 
 
 def tune(config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Run trials until the study holds --n_trials (a retried trial counted once), then report the best."""
-    setup = prepare(config)
+    """Run trials until the study holds --n_trials (a retried trial counted once), then report the best. Under
+    torchrun the job is one study worker: rank 0 talks to the study and hands each trial's flags to the other ranks
+    over one process group kept for the whole study (`ddp_tune`)."""
+    if util.dist_env()[2] > 1:
+        return ddp_tune(config, callbacks)
+    return run_study(config, prepare(config), callbacks)
+
+
+def ddp_tune(config, callbacks: Sequence[Callback]) -> dict[str, Any]:
+    """torchrun: rank 0 runs the study and broadcasts ("trial", argv) before each trial, ("end", None) after the
+    last, ("error", text) when it cannot start; the other ranks train what they are sent. The pruning decision of
+    each epoch is rank 0's, broadcast by `PruningCallback`."""
+    import optuna
+
+    from devices import setup_runtime, shutdown_runtime
+    from main import main
+
+    runtime = setup_runtime(config)
+    send = lambda message: util.broadcast_object(message, group=runtime.wait_group)  # noqa: E731
+    if runtime.is_main:
+        try:
+            setup = prepare(config)
+        except Exception as e:
+            send(("error", str(e)))
+            raise
+        setup["send"] = send
+        out = run_study(config, setup, callbacks)  # on an error the process ends and torchrun stops the other ranks
+        send(("end", None))
+        shutdown_runtime(runtime)
+        return out
+    metric = config.tune_metric or config.dev_criterion
+    while True:
+        kind, payload = send(None)
+        if kind == "error":
+            raise ValueError(f"rank 0 could not start the study: {payload}")
+        if kind == "end":
+            break
+        try:
+            main(payload, callbacks=[*callbacks, PruningCallback(None, metric)])
+        except optuna.TrialPruned:
+            pass
+    shutdown_runtime(runtime)
+    return {}
+
+
+def run_study(config, setup: dict[str, Any], callbacks: Sequence[Callback]) -> dict[str, Any]:
     study, metric, n_trials = setup["study"], setup["metric"], setup["n_trials"]
     done = counted_trials(study)
     print(f"study {study.study_name!r} ({setup['folder']}): {done} of {n_trials} trials exist; optimising dev "
           f"{metric} ({study.direction.name.lower()}), sampler {config.tune_sampler}, pruner {config.tune_pruner}")
     try:
         while counted_trials(study) < n_trials:
-            study.optimize(lambda t: run_trial(t, config, setup["space"], setup["argv"], metric, callbacks),
-                           n_trials=1, catch=())
+            study.optimize(lambda t: run_trial(t, config, setup["space"], setup["argv"], metric, callbacks,
+                                               setup.get("send")), n_trials=1, catch=())
     except (TrainingInterrupted, KeyboardInterrupt):
         stop = TrainingInterrupted(setup["folder"], 1, f"study {study.study_name!r} interrupted: the trial that was "
                                    f"running is queued again (its run folder resumes where its last epoch ended)")
@@ -449,8 +494,11 @@ def report(config, setup: dict[str, Any], study, callbacks: Sequence[Callback]) 
 
         seeds = ",".join(map(str, config.seeds))
         print(f"\n=== the best values once per seed ({seeds}) ===")
-        out["seeds"] = main(["--mode=train", *setup["argv"], *(format_flag(f, v) for f, v in best.params.items()),
-                             f"--seeds={seeds}", f"--output_dir={setup['folder'] / 'best'}"], callbacks=callbacks)
+        argv = ["--mode=train", *setup["argv"], *(format_flag(f, v) for f, v in best.params.items()),
+                f"--seeds={seeds}", f"--output_dir={setup['folder'] / 'best'}"]
+        if setup.get("send"):
+            setup["send"](("trial", argv))
+        out["seeds"] = main(argv, callbacks=callbacks)
     return out
 
 

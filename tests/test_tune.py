@@ -237,3 +237,25 @@ def test_a_study_created_with_another_space_is_refused(tmp_path, data_dir, capsy
 def test_mode_tune_needs_a_space_file(tmp_path, capsys):
     assert cli(["--mode=tune", f"--output_dir={tmp_path}"]) == 2
     assert "--mode=tune needs --tune_space=<file>" in capsys.readouterr().err
+
+
+def test_a_trial_runs_as_a_torchrun_job_with_one_study_worker(tmp_path, data_dir):
+    """torchrun --nproc_per_node=2 main.py --mode=tune: rank 0 alone talks to the study; every trial trains on both
+    ranks (2 processes in its environment.json); the study holds each trial once."""
+    main(["--mode=train", f"--data_dir={data_dir}", f"--output_dir={tmp_path / 'warm'}", *FAST, "--epoch=1",
+          "--max_steps_per_epoch=1"])  # the corpus cache exists before the ranks start
+    argv = _setup(tmp_path, data_dir, extra=["--n_trials=2", "--tune_pruner=none"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", "main.py", *argv]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"})
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("=== trial") == 2  # printed by rank 0 only
+    study, folder = _study(tmp_path)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    runs = _run_folders(folder)
+    assert sorted(Path(t.user_attrs["run_dir"]) for t in trials) == runs
+    for run in runs:
+        assert json.loads((run / "environment.json").read_text())["world_size"] == 2
