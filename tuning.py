@@ -45,7 +45,7 @@ def _import_optuna():
         import optuna
     except ImportError:
         raise ImportError("--mode=tune needs Optuna: pip install optuna (it is in requirements.txt)") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial's error is printed by main.cli itself
     return optuna
 
 
