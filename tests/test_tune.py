@@ -259,3 +259,14 @@ def test_a_trial_runs_as_a_torchrun_job_with_one_study_worker(tmp_path, data_dir
     assert sorted(Path(t.user_attrs["run_dir"]) for t in trials) == runs
     for run in runs:
         assert json.loads((run / "environment.json").read_text())["world_size"] == 2
+
+
+def test_seeds_train_the_best_values_once_per_seed(tmp_path, data_dir):
+    out = main(_setup(tmp_path, data_dir, extra=["--n_trials=1", "--epoch=1", "--tune_pruner=none", "--seeds=1,2"]))
+    best = out["best"].params
+    runs = [Path(r["run_dir"]) for r in out["seeds"]["runs"]]
+    assert [p.parent.parent.parent for p in runs] == [Path(out["folder"]) / "best"] * 2
+    for seed, run in zip((1, 2), runs):
+        saved = json.loads((run / "config.json").read_text())
+        assert saved["seed"] == seed and saved["lr"] == pytest.approx(best["lr"])
+    assert len(out["seeds"]["records"]) == 2
