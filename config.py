@@ -449,6 +449,10 @@ class Config:
                           f"itself; drop the flag (it is for encoders that do not)")
         if self.resume and self.mode != "train":
             errors.append("--resume continues training: use it with --mode=train")
+        stray_tune = sorted(f for f in self.typed if f in TuneSettings.names() and self.values[f] is not None)
+        if self.mode != "tune" and stray_tune:
+            errors.append(f"{', '.join('--' + f for f in stray_tune)}: settings of --mode=tune; add --mode=tune or "
+                          f"drop them")
         if self.mode == "tune" and not self.tune_space:
             errors.append("--mode=tune needs --tune_space=<file> (docs/training.md, Tuning)")
         if self.tune_metric is not None and self.tune_metric not in CRITERIA:

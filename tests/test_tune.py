@@ -270,3 +270,18 @@ def test_seeds_train_the_best_values_once_per_seed(tmp_path, data_dir):
         saved = json.loads((run / "config.json").read_text())
         assert saved["seed"] == seed and saved["lr"] == pytest.approx(best["lr"])
     assert len(out["seeds"]["records"]) == 2
+
+
+def test_tuning_flags_without_mode_tune_are_an_error(tmp_path, capsys):
+    assert cli(["--mode=train", "--n_trials=5", "--tune_sampler=random", f"--output_dir={tmp_path}"]) == 2
+    assert "--n_trials, --tune_sampler: settings of --mode=tune; add --mode=tune or drop them" in capsys.readouterr().err
+
+
+def test_a_trials_config_json_reruns_with_config_file(tmp_path, data_dir):
+    """A trial's config.json holds the tuning flags' defaults: --config_file re-runs it as a plain training run."""
+    main(_setup(tmp_path, data_dir, extra=["--n_trials=1", "--epoch=1", "--tune_pruner=none"]))
+    study, folder = _study(tmp_path)
+    run = Path(study.best_trial.user_attrs["run_dir"])
+    again = main([f"--config_file={run / 'config.json'}", f"--output_dir={tmp_path / 'again'}"])
+    assert json.loads((Path(again["run_dir"]) / "config.json").read_text())["lr"] == pytest.approx(
+        study.best_trial.params["lr"])
