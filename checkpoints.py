@@ -66,7 +66,8 @@ def new_run_dir(output_dir: str, dataset: str, model_name: str, prefix: str = "#
 LOCK_FILE = ".train.lock"
 # What a run folder holds before its first optimizer step: a run that fails there leaves nothing worth keeping.
 # dev/ holds, by then, only the popularity baseline's per-impression records (written as training starts).
-START_FILES = {"config.json", run_records.TRAIN_LOG, run_records.ENVIRONMENT, "tensorboard", LOCK_FILE, "dev"}
+START_FILES = {"config.json", run_records.TRAIN_LOG, run_records.ENVIRONMENT, "tensorboard", LOCK_FILE, "dev",
+               "wandb"}  # wandb: --tracker=wandb's files (trackers.py)
 
 
 class RunLocked(ValueError):

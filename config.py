@@ -30,7 +30,7 @@ from userEncoders import USER_ENCODERS
 
 # Keys of a saved config.json that --config_file does not take: re-running a run starts a new one.
 FILE_IGNORED = ("config_file", "resume", "seeds")
-MODES = ("train", "dev", "test", "aggregate", "explain", "compare", "pretrain")
+MODES = ("train", "dev", "test", "aggregate", "explain", "compare", "pretrain", "tune")
 # The modes that read a flag (settings.setting's `modes`): what builds a model from flags, what evaluates a
 # checkpoint (its settings come from the checkpoint: only how and where it is evaluated is read from the flags).
 MODEL_MODES = ("train", "pretrain")
@@ -96,7 +96,8 @@ class RunSettings(Settings):
     mode: str = setting("train", "train a model, evaluate a checkpoint on dev/test, aggregate: mean ± std of every "
                         "model's runs under --output_dir, explain: a picture of what a checkpoint attends to in one "
                         "dev impression, compare: paired significance tests between runs (--runs), or pretrain: "
-                        "self-supervised pretraining of the encoders on click sequences (docs/pretraining.md)",
+                        "self-supervised pretraining of the encoders on click sequences (docs/pretraining.md), or "
+                        "tune: a hyper-parameter search over training runs (--tune_space; docs/training.md, Tuning)",
                         choices=MODES)
     config_file: str | None = setting(None, "a saved run's config.json: its values replace the defaults, flags typed "
                                       "on the command line override them (printed); re-runs a run exactly")
@@ -277,10 +278,60 @@ class PretrainRunSettings(Settings):
                                     modes=MODEL_MODES)
 
 
+TUNE_SAMPLERS = ("tpe", "random", "grid")
+TUNE_PRUNERS = ("median", "hyperband", "none")
+
+
+@dataclass
+class TuneSettings(Settings):
+    """--mode=tune (tuning.py): the search space file, the study, its sampler, pruner and metric."""
+
+    title: ClassVar[str] = "tune"
+    modes: ClassVar[tuple[str, ...]] = ("tune",)
+    description: ClassVar[str] = ("--mode=tune: an Optuna study whose trials are ordinary training runs (docs/training.md, "
+                                  "Tuning)")
+    tune_space: str | None = setting(None, "search space file (.json, .yaml or .yml): flag -> {low, high[, log][, step]} "
+                                     "or {choices: [...]}", architecture=False)
+    n_trials: int = setting(20, "trials of the study in all (a resumed study or a second worker runs only the missing "
+                            "ones)", check=at_least(1), architecture=False)
+    tune_sampler: str = setting("tpe", "how trials pick values: tpe (Bayesian), random, or grid (every flag with "
+                                "choices or a step)", choices=TUNE_SAMPLERS, architecture=False)
+    tune_pruner: str = setting("median", "stop unpromising trials after an epoch on the dev metric: median, hyperband "
+                               "or none", choices=TUNE_PRUNERS, architecture=False)
+    tune_metric: str | None = setting(None, "dev metric the study optimises (default: --dev_criterion); the direction "
+                                      "follows from the metric", architecture=False)
+    tune_storage: str | None = setting(None, "Optuna RDB storage URL shared by workers on several machines, e.g. "
+                                       "postgresql://user:pw@host/db (default: SQLite in the study folder)",
+                                       architecture=False)
+    tune_study: str | None = setting(None, "study name (default: the search space file's name); its trials go to "
+                                     "<output_dir>/tune/<study>/", architecture=False)
+
+
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+def _trackers(v: str) -> str | None:
+    names = [n.strip() for n in v.split(",")]
+    bad = [n for n in names if n not in TRACKERS]
+    return None if names and not bad else f"has {', '.join(map(repr, bad)) or 'no name'}; choose from {', '.join(TRACKERS)}"
+
+
+@dataclass
+class TrackerSettings(Settings):
+    """Experiment trackers (trackers.py), beside the run folder's own records."""
+
+    title: ClassVar[str] = "track"
+    modes: ClassVar[tuple[str, ...]] = ("train", "pretrain", "tune")
+    tracker: str = setting("tensorboard", "comma-separated experiment trackers: tensorboard (under <run>/tensorboard), "
+                           "mlflow (MLFLOW_TRACKING_URI, default SQLite <output_dir>/mlflow.db), wandb (offline in "
+                           "<run>/wandb without a login); docs/training.md, Trackers", check=_trackers,
+                           architecture=False)
+
+
 # Every run-level flag, by group, in --help order (the component flags come from the registered components; the
 # pretraining tasks' flags from their settings classes in pretraining.py).
 RUN_SETTINGS = (RunSettings, CompareSettings, DataSettings, ComponentChoice, TrainingSettings, DistSettings,
-                PretrainRunSettings, *task_settings_classes(), BeyondSettings)
+                PretrainRunSettings, *task_settings_classes(), BeyondSettings, TuneSettings, TrackerSettings)
 
 
 def component_settings_owners() -> dict[type[Settings], str]:
@@ -332,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     SharedDims.add_arguments(p)
     for settings_cls, owners in component_settings_owners().items():
         settings_cls.add_arguments(p, owners=owners)
-    for settings_cls in (TrainingSettings, DistSettings, PretrainRunSettings, *task_settings_classes(), BeyondSettings):
+    for settings_cls in (TrainingSettings, DistSettings, PretrainRunSettings, *task_settings_classes(), BeyondSettings,
+                         TuneSettings, TrackerSettings):
         settings_cls.add_arguments(p)
     # A flag's --help names the per-dataset values that replace its default where it is not typed (the demo's 4
     # frozen PLM layers, say), so the default shown is never the whole story.
@@ -386,6 +438,7 @@ class Config:
         cfg = cls(values=vars(ns), explicit=typed, notes=overrides, typed=_typed_flags(parser, argv))
         cfg.apply_dataset_suggestions()
         cfg.apply_click_predictor_rule()
+        cfg.apply_tracker_rule()
         try:
             cfg.validate()
         except ValueError as e:
@@ -425,6 +478,15 @@ class Config:
             self.notes.append(f"--click_predictor={allowed[0]} (--user_encoder {self.user_encoder} works only with "
                               f"{sorted(allowed)}; type the flag to override)")
 
+    def apply_tracker_rule(self) -> None:
+        """TensorBoard writes only when --tracker names it; a typed --tensorboard without it is an error."""
+        if "tensorboard" in [n.strip() for n in str(self.tracker).split(",")]:
+            return
+        if self.tensorboard and "tensorboard" in self.explicit:
+            raise ValueError(f"--tensorboard with --tracker={self.tracker}: add tensorboard to --tracker, or drop "
+                             f"--tensorboard")
+        self.values["tensorboard"] = False
+
     def validate(self) -> None:
         errors = []
         if self.mode == "dev" and not self.dev_model_path:
@@ -446,11 +508,20 @@ class Config:
                           f"itself; drop the flag (it is for encoders that do not)")
         if self.resume and self.mode != "train":
             errors.append("--resume continues training: use it with --mode=train")
+        stray_tune = sorted(f for f in self.typed if f in TuneSettings.names() and self.values[f] is not None)
+        if self.mode != "tune" and stray_tune:
+            errors.append(f"{', '.join('--' + f for f in stray_tune)}: settings of --mode=tune; add --mode=tune or "
+                          f"drop them")
+        if self.mode == "tune" and not self.tune_space:
+            errors.append("--mode=tune needs --tune_space=<file> (docs/training.md, Tuning)")
+        if self.tune_metric is not None and self.tune_metric not in CRITERIA:
+            errors.append(f"--tune_metric {self.tune_metric!r} is not a dev metric; choose from {', '.join(CRITERIA)}")
         if self.mode == "explain" and not (self.dev_model_path and self.impression_id):
             errors.append("--mode=explain needs --dev_model_path=<checkpoint> and --impression_id=<dev impression id>")
         if self.seeds is not None:
-            if self.mode != "train":
-                errors.append("--seeds runs training once per seed: use it with --mode=train")
+            if self.mode not in ("train", "tune"):
+                errors.append("--seeds runs training once per seed: use it with --mode=train (or --mode=tune: the "
+                              "best trial's settings once per seed)")
             if "seed" in self.explicit:
                 errors.append("give either --seed or --seeds, not both")
             if self.resume:
@@ -529,7 +600,7 @@ class Config:
         modes, notes = flag_modes(), []
         for flag in sorted(self.typed):
             readers = modes.get(flag, MODES)
-            if self.mode in readers:
+            if self.mode in readers or self.mode == "tune" and "train" in readers:  # a tune trial is a training
                 continue
             why = (f"; --mode={self.mode} takes the model and its settings from the checkpoint"
                    if self.mode in ("dev", "test", "explain") and "train" in readers else "")

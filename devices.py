@@ -28,6 +28,7 @@ class Runtime:
     local_rank: int = 0
     amp: str = "off"  # resolved --amp: off | bf16 | fp16
     wait_group: Any = None  # gloo group with RANK0_WORK_TIMEOUT (None in a single process)
+    owns_group: bool = True  # this runtime started the process group (--mode=tune keeps one across its trials)
 
     @property
     def is_main(self) -> bool:
@@ -116,10 +117,12 @@ def setup_runtime(config, log: Callable = print) -> Runtime:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=config.dist_timeout),
-                                device_id=device if device.type == "cuda" else None)
+        rt.owns_group = not dist.is_initialized()
+        if rt.owns_group:
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=config.dist_timeout),
+                                    device_id=device if device.type == "cuda" else None)
         rt.wait_group = dist.new_group(backend="gloo", timeout=RANK0_WORK_TIMEOUT)
-        if rank == 0:
+        if rank == 0 and rt.owns_group:
             log(f"distributed: {world_size} processes, backend {backend}, rank 0 on {device}")
     return rt
 
@@ -130,7 +133,8 @@ def shutdown_runtime(rt: Runtime) -> None:
         import torch.distributed as dist
 
         util.barrier(rt.wait_group)
-        dist.destroy_process_group()
+        if rt.owns_group:
+            dist.destroy_process_group()
 
 
 def _sum_over_ranks(t: torch.Tensor, rt: Runtime, to_main_only: bool = False) -> torch.Tensor:

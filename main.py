@@ -1,4 +1,4 @@
-"""Entry point: `python main.py --mode={train,dev,test,aggregate,explain,compare,pretrain} ...` (see README). `main(argv)` is
+"""Entry point: `python main.py --mode={train,dev,test,aggregate,explain,compare,pretrain,tune} ...` (see README). `main(argv)` is
 what tests call."""
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import news_data
 import run_records
 import scorer
 import significance
+import trackers
 import util
 from checkpoints import (
     LAST_CHECKPOINT,
@@ -57,7 +58,7 @@ EVAL_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_w
 # Everything else comes from the run's saved config, so the resumed epochs continue the same training.
 RESUME_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_workers", "progress", "amp", "dist_timeout",
                       "find_unused_parameters", "epoch", "early_stopping_epoch", "resume", "mode", "output_dir",
-                      "log_every", "tensorboard", "plot", "compile")
+                      "log_every", "tensorboard", "plot", "compile", "tracker")
 
 
 def rank0_print(*args, **kwargs) -> None:
@@ -236,7 +237,7 @@ def train(config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
         init_from_pretraining(config, corpus, model)
     try:
         result = Trainer(config, corpus, model, runtime, resume=ckpt, resume_path=resume_path,
-                         callbacks=callbacks).train()
+                         callbacks=[*callbacks, *trackers.for_run(config)]).train()
     except TrainingInterrupted as e:
         if e.run_dir is not None:
             e.command = resume_command(config, e.run_dir)
@@ -275,7 +276,8 @@ def pretrain(config: Config, callbacks: Sequence[Callback] = ()) -> dict[str, An
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rank0_print(f"pretraining {config.model_name} ({config.pretrain_tasks}): {n_params:,} trainable parameters")
     try:
-        result = PretrainTrainer(config, corpus, model, runtime, callbacks=callbacks).train()
+        result = PretrainTrainer(config, corpus, model, runtime,
+                                 callbacks=[*callbacks, *trackers.for_run(config)]).train()
     except TrainingInterrupted as e:
         e.command = None  # a pretraining run is not resumed: start it again
         raise
@@ -548,6 +550,10 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) 
         return aggregate(config)
     if config.mode == "compare":
         return compare(config)
+    if config.mode == "tune":  # each trial is main(--mode=train ...): its checks run there
+        from tuning import tune
+
+        return tune(config, callbacks)
     if config.mode == "pretrain":
         check_pairing(config.news_encoder, config.user_encoder, config.click_predictor, config)
         stray = config.stray_flags(config.typed)

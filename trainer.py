@@ -228,6 +228,12 @@ class Callback:
     def on_epoch_end(self, trainer: "Trainer", epoch: int, record: dict[str, Any]) -> None:
         pass
 
+    def on_record(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+        """Rank 0, after each record of train_log.jsonl ("kind": "step" every --log_every steps, "epoch")."""
+
+    def on_train_end(self, trainer: "Trainer", error: BaseException | None) -> None:
+        """Every rank, as training ends: `error` is None when it finished, else what ended it (Ctrl-C included)."""
+
 
 @dataclass
 class _Run:
@@ -341,6 +347,12 @@ class Trainer:
             **state.to_dict(),
         }, path)
 
+    def _record(self, run: "_Run", record: dict[str, Any]) -> None:
+        """Rank 0: a train_log.jsonl record (and TensorBoard), then the callbacks' `on_record` (trackers.py)."""
+        run.recorder.write(record)
+        for cb in self.callbacks:
+            cb.on_record(self, record)
+
     def _global_mean(self, total: float, count: int) -> float:
         return self._global_sums([total])[0] / max(count, 1)
 
@@ -368,16 +380,21 @@ class Trainer:
         self._opened: tuple[Path, bool, RunLock | None] | None = None  # run folder, new run?, its lock
         self._state: TrainState | None = None
         self._first_step: int | None = None
+        error: BaseException | None = None
         try:
             return self._train()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            error = e
             raise self._interrupted() from None
-        except BaseException:
+        except BaseException as e:
+            error = e
             self._remove_failed_start()
             raise
         finally:
             if self._opened is not None and self._opened[2] is not None:
                 self._opened[2].release()
+            for cb in self.callbacks:
+                cb.on_train_end(self, error)
 
     def _made_no_step(self) -> bool:
         return self._state is None or self._first_step is None or self._state.step == self._first_step
@@ -593,9 +610,9 @@ class Trainer:
             if state.step % cfg.log_every == 0:  # the same steps on every rank: the reduce is safe
                 stats = window.reduce(self._global_sums)
                 if run.recorder is not None:
-                    run.recorder.write({"kind": "step", "epoch": epoch, "step": state.step, **stats,
-                                        "lr": _group_lrs(optimizer),
-                                        "impressions_per_s": stats["samples_per_s"] * run.impressions_per_sample})
+                    self._record(run, {"kind": "step", "epoch": epoch, "step": state.step, **stats,
+                                       "lr": _group_lrs(optimizer),
+                                       "impressions_per_s": stats["samples_per_s"] * run.impressions_per_sample})
                 window = _LogWindow()
             bar.set_postfix(loss=f"{loss:.4f}", mean=f"{loss_sum * rt.world_size / loss_n:.4f}",
                             lr=f"{scheduler.get_last_lr()[0]:.2e}")
@@ -699,12 +716,12 @@ class Trainer:
             with util.writing_into(run.run_dir, "--output_dir", "the run's records"):
                 rate = stats["samples"] / stats["seconds"]
                 util.write_lines_atomic(run.run_dir / self.epoch_log, [json.dumps(r) for r in state.history])
-                run.recorder.write({"kind": "epoch", "epoch": epoch, "step": state.step, "train_loss": stats["loss"],
-                                    "aux": stats["aux"], "lr": _group_lrs(run.optimizer),
-                                    "train_seconds": round(stats["seconds"], 2), "samples_per_s": rate,
-                                    "impressions_per_s": rate * run.impressions_per_sample,
-                                    "dev_seconds": round(result.seconds, 2), "criterion": decision["value"],
-                                    **{k: result.metrics[k] for k in scorer.METRIC_KEYS if k in result.metrics}})
+                self._record(run, {"kind": "epoch", "epoch": epoch, "step": state.step, "train_loss": stats["loss"],
+                                   "aux": stats["aux"], "lr": _group_lrs(run.optimizer),
+                                   "train_seconds": round(stats["seconds"], 2), "samples_per_s": rate,
+                                   "impressions_per_s": rate * run.impressions_per_sample,
+                                   "dev_seconds": round(result.seconds, 2), "criterion": decision["value"],
+                                   **{k: result.metrics[k] for k in scorer.METRIC_KEYS if k in result.metrics}})
                 if cfg.plot:
                     self._plot(run.run_dir)
                 if decision["improved"]:

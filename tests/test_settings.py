@@ -287,6 +287,11 @@ def test_run_level_flags_keep_name_default_type_choices_help_and_group():
                 ", or compare: paired significance tests between runs (--runs)",
                 ", compare: paired significance tests between runs (--runs), or pretrain: self-supervised pretraining "
                 "of the encoders on click sequences (docs/pretraining.md)")
+            # Issue 26 (tests/test_tune.py): --mode gains "tune" and its sentence; its flags are added at the end.
+            record["choices"] = [*record["choices"], "tune"]
+            record["help"] = record["help"].replace(
+                " (docs/pretraining.md)", " (docs/pretraining.md), or tune: a hyper-parameter search over training "
+                "runs (--tune_space; docs/training.md, Tuning)")
         # Issue 24 (datasets beyond MIND, tests/test_ebnerd.py): --dataset gains the registry's new names and a
         # sentence of help; --news_language (xMIND) is added right after it, in the data group.
         if record["dest"] == "dataset":
@@ -302,14 +307,14 @@ def test_run_level_flags_keep_name_default_type_choices_help_and_group():
                               "folder>/explain/impression-<ID>.png)")
         if record["dest"] == "epoch":
             record["help"] += " (set per --dataset where not typed: demo 4, large 8)"
-    from config import PretrainRunSettings
+    from config import PretrainRunSettings, TrackerSettings, TuneSettings
     from pretraining import task_settings_classes
 
     # ... and the beyond-accuracy metrics' and re-ranking's flags (issue 23; tests/test_beyond_accuracy.py).
     from beyond_accuracy import BeyondSettings
 
     added = [*PretrainRunSettings.names(), *(n for cls in task_settings_classes() for n in cls.names()),
-             *BeyondSettings.names()]
+             *BeyondSettings.names(), *TuneSettings.names(), *TrackerSettings.names()]
     at = [r["dest"] for r in before].index("dataset") + 1
     assert now[at]["dest"] == "news_language" and now[at]["group"] == now[at - 1]["group"] and now[at]["default"] == "None"
     now = now[:at] + now[at + 1:]
