@@ -151,7 +151,8 @@ OUTPUT_FILES = {"aggregate.md", "compare.md", "gpu.md", "bench/gpu_out", "bench/
 
 
 def test_every_doc_path_cited_in_code_and_docs_exists():
-    files = [p for folder in (ROOT, ROOT / "docs", ROOT / "tests", ROOT / "bench") for p in sorted(folder.iterdir())
+    files = [p for folder in (ROOT, ROOT / "docs", ROOT / "tests", ROOT / "bench", ROOT / "news_data")
+             for p in sorted(folder.iterdir())
              if p.suffix in (".py", ".md")]
     assert len(files) > 20
     missing = []

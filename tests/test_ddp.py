@@ -125,9 +125,9 @@ def test_sharded_test_prediction_is_identical_to_one_process(runs, tmp_path):
     sharded = json.loads((out / "metrics.json").read_text())["metrics"]
     for key in ("auc", "mrr", "ndcg5", "ndcg10", "impressions", "skipped_single_class"):
         assert sharded[key] == single["metrics"][key], key
-    # prediction, truth, the model's and the popularity baseline's per-impression records and the beyond-accuracy
-    # records (issue 23), by rank 0 only
-    assert proc.stdout.count("wrote ") == 5
+    # prediction, truth, the model's and the popularity baseline's per-impression records, metrics.json (issue 22:
+    # dev/test list every file they write) and the beyond-accuracy records (issue 23), by rank 0 only
+    assert proc.stdout.count("wrote ") == 6
     for name in (significance.PER_IMPRESSION, significance.POPULARITY):
         np.testing.assert_array_equal(significance.load_per_impression(out / name).metrics,
                                       significance.load_per_impression(saved / name).metrics)

@@ -289,7 +289,7 @@ def test_a_failed_start_frees_its_number_as_the_docs_say(trained, tmp_path, monk
     base = tmp_path / "demo" / "MHSA-MHSA"
     assert not (base / "#1").exists()
     assert Path(main([*TRAIN, data, f"--output_dir={tmp_path}", "--epoch=1"])["run_dir"]) == base / "#1"
-    docs = (ROOT / "docs" / "training.md").read_text()
+    docs = (ROOT / "docs/training.md").read_text()
     assert "the run index is never reused)" not in docs
     assert "fails before its first optimizer step" in docs
 
