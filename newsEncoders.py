@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from layers import (AdditiveAttention, MHSASettings, MultiHeadSelfAttention, QueryAttention, Registry, masked_mean,
                     masked_softmax)
+from layers import Fastformer, FastformerSettings
 import plm_backbones as backbones
 from plm_backbones import template_error
 from settings import Settings, all_at_least_1, at_least, odd, setting, unit_interval
@@ -1411,3 +1412,57 @@ class CNEWithoutCrossAttentionNewsEncoder(CNENewsEncoder):
     Mao et al., EMNLP Findings 2021."""
 
     cross_attention = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The models since NNR (issue 25): Fastformer (word-level and on a PLM). docs/models.md lists how each
+# differs from its paper.
+# ----------------------------------------------------------------------------------------------------------
+
+@register_news_encoder("Fastformer")
+class FastformerNewsEncoder(NewsEncoder):
+    """Fastformer news encoder: word embeddings -> Fastformer layers -> additive attention pooling.
+
+    Wu et al., "Fastformer: Additive Attention Can Be All You Need", arXiv 2108.09084, 2021 (its news
+    recommendation setup: Fastformer over the title words, the same over the clicked news)."""
+
+    settings = (FastformerSettings,)
+
+    paper = "Fastformer (Wu et al., 2021)"
+    features = ("title",)
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        self.embedding = word_embedding(config, meta)
+        self.fastformer = Fastformer(config.word_embedding_dim, config, config.attention_dim)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.output_dim = self.fastformer.output_dim
+
+    def forward(self, news, user_id=None, return_weights: bool = False):
+        """news["title"] [N, L] int (0 = pad) -> [N, D], D = --fastformer_hidden_dim (and [N, L] word weights)."""
+        tokens = news["title"]
+        return self.fastformer(self.dropout(self.embedding(tokens)), tokens > 0, return_weights=return_weights)
+
+
+@register_news_encoder("PLMFastformer")
+class PLMFastformerNewsEncoder(PLMNewsEncoder):
+    """Fastformer layers on a PLM's token states, pooled by additive attention -> [N, --fastformer_hidden_dim].
+
+    The MIND leaderboard's Fastformer + PLM-NR setup (Wu et al., 2021; PLM-NR, Wu et al., SIGIR 2021). Pools with
+    its own attention, so --plm_pooling does not apply and --plm_embeddings=precompute is refused (it attends over
+    tokens)."""
+
+    settings = (FastformerSettings,)
+
+    uses_pool = False
+    paper = "Fastformer + PLM-NR (Wu et al., 2021)"
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        self.fastformer = Fastformer(self.hidden_dim, config, config.attention_dim)
+        self.output_dim = self.fastformer.output_dim
+
+    def forward(self, news, user_id=None):
+        """news: plm_ids, plm_mask [N, L] (+ the frozen-layer cache) -> [N, --fastformer_hidden_dim]"""
+        hidden, mask = self.hidden_states(news)  # [N, L, Hp]
+        return self.fastformer(self.dropout(hidden).float(), mask)

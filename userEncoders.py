@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from layers import AdditiveAttention, MHSASettings, MultiHeadSelfAttention, Registry, last_valid, masked_softmax, recording
+from layers import Fastformer, FastformerSettings
 from newsEncoders import CategoryGloveSettings, PersonalizedSettings, make_category_embedding
 from settings import Settings, at_least, setting, unit_interval
 
@@ -829,3 +830,36 @@ class FIMUserEncoder(UserEncoder):
             q = self.pool(F.elu(self.conv_second(q)))  # [B*c, F2, depth, side, side]
             logits.append(self.out(q.flatten(1)).view(b, n))
         return UserOutput(logits=torch.cat(logits, 1))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The models since NNR (issue 25): Fastformer, CAUM, MINS. docs/models.md lists how each differs from its paper.
+# ------------------------------------------------------------------------------------------------------------
+
+@register_user_encoder("Fastformer")
+class FastformerUserEncoder(UserEncoder):
+    """Fastformer over the clicked news, then additive attention pooling (Wu et al., 2021, arXiv 2108.09084).
+
+    The history is projected to --fastformer_hidden_dim when the news vectors have another size, and the user
+    vector back to the news size, so the dot-product click predictor can score it."""
+
+    settings = (FastformerSettings,)
+
+    paper = "Fastformer (Wu et al., 2021)"
+
+    def __init__(self, config, meta, news_encoder):
+        super().__init__(config, meta, news_encoder)
+        self.fastformer = Fastformer(self.news_dim, config, config.attention_dim)
+        hidden = self.fastformer.output_dim
+        self.out = nn.Linear(hidden, self.news_dim) if hidden != self.news_dim else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def contextual(self, inp):
+        """history [B, H, D] -> [B, H, D]: the last layer's states, before pooling."""
+        return self.out(self.fastformer.states(self.dropout(inp.history), inp.history_mask))
+
+    def forward(self, inp):
+        """history [B, H, D], history_mask [B, H] -> user [B, D]"""
+        states = self.fastformer.states(self.dropout(inp.history), inp.history_mask)  # [B, H, hidden]
+        user, weights = self.fastformer.pool(states, inp.history_mask, return_weights=True)
+        return UserOutput(user=self.out(user), attention={"history": weights})

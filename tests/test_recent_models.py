@@ -1,0 +1,162 @@
+"""The models since NNR (issue 25) beyond the generic registry checks of test_encoders.py / test_model_zoo.py /
+test_pretraining.py (which pick every registered encoder up): what each one must get right.
+
+Legend: N news, L tokens, B users, H history, C candidates, D news dim, Hd heads, Dh head dim, K channels.
+
+- Fastformer: the additive attention computes the paper's formula per head with the query reused as the value,
+  and padded tokens take no part in the global query or key;
+- TANR: the topic loss is weight x the category cross-entropy over the batch's real news, reaches ModelOutput
+  through Model.forward in training only, and weight 0 freezes the classifier;
+- CAUM: one user vector per candidate; chunking the candidates changes nothing; the outer neighbours are zeros;
+- MINS: K channels, each read by its own GRU; the user vector is their last real states;
+- the three with a parameter used only sometimes (TANR under --topic_loss_weight=0) or candidate-dependent
+  outputs train 2 steps under DDP.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from config import Config
+from dataset import Batch
+from layers import FastformerAttention
+from MIND_corpus import CorpusMeta
+from model import Model
+from newsEncoders import NEWS_ENCODERS
+from userEncoders import USER_ENCODERS, UserInputs
+
+ROOT = Path(__file__).resolve().parents[1]
+META = CorpusMeta(vocab_size=40, category_num=5, subcategory_num=7, user_num=9, entity_num=6, news_num=12)
+FLAGS = {"word_embedding_dim": 12, "attention_dim": 6, "cnn_kernel_num": 8, "dropout_rate": 0, "head_num": 2,
+         "head_dim": 4, "max_title_length": 10, "max_abstract_length": 14, "fastformer_hidden_dim": 8,
+         "fastformer_head_num": 2, "fastformer_ffn_dim": 8}
+D = 10
+
+
+def make_config(**flags) -> Config:
+    return Config.from_args([f"--{k}={v}" for k, v in {**FLAGS, **flags}.items()])
+
+
+def close(a, b, what: str) -> None:
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}\n{m}")
+
+
+def news_table(n: int = META.news_num) -> dict[str, np.ndarray]:
+    """Row 0 is the padding news (no tokens, category 0); rows 1.. have titles and categories."""
+    gen = torch.Generator().manual_seed(0)
+    title = torch.randint(1, META.vocab_size, (n, FLAGS["max_title_length"]), generator=gen)
+    title[:, 6:] = 0
+    title[0] = 0
+    category = torch.randint(1, META.category_num, (n,), generator=gen)
+    subcategory = torch.randint(1, META.subcategory_num, (n,), generator=gen)
+    category[0] = subcategory[0] = 0
+    table = dict(title=title, abstract=title.clone(), category=category, subcategory=subcategory)
+    return {k: v.numpy().astype(np.int32) for k, v in table.items()}
+
+
+def build_model(news: str, user: str = "ATT", **flags) -> Model:
+    torch.manual_seed(0)
+    return Model(make_config(news_encoder=news, user_encoder=user, **flags), META, news_table())
+
+
+def make_batch() -> Batch:
+    history = torch.tensor([[1, 2, 0], [4, 2, 5]])
+    candidates = torch.tensor([[6, 7], [8, 3]])
+    return Batch(user=torch.tensor([3, 7]), history=history, history_mask=history > 0, candidates=candidates,
+                 candidate_mask=candidates > 0, target=torch.zeros(2, dtype=torch.long))
+
+
+def user_inputs(lengths, h: int, c: int, dim: int = D) -> UserInputs:
+    """Left-aligned histories; padded slots hold large garbage, which must not matter."""
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.arange(h)[None, :] < torch.tensor(lengths)[:, None]
+    history = torch.where(mask[..., None], torch.randn(len(lengths), h, dim, generator=gen),
+                          100 * torch.randn(len(lengths), h, dim, generator=gen))
+    return UserInputs(history=history, history_mask=mask, user_id=torch.arange(1, len(lengths) + 1),
+                      candidates=torch.randn(len(lengths), c, dim, generator=gen),
+                      candidate_mask=torch.ones(len(lengths), c, dtype=torch.bool))
+
+
+def build_user(name: str, **flags):
+    torch.manual_seed(0)
+    stub = SimpleNamespace(output_dim=D, category_embedding=None, user_embedding=None)
+    return USER_ENCODERS[name](make_config(**flags), META, stub).eval()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fastformer
+# ------------------------------------------------------------------------------------------------------------
+
+def test_fastformer_attention_is_the_official_formula_with_the_query_as_value_and_padding_left_out():
+    """Per head h: alpha = softmax over real i of (w_q,h . q_i + b) / sqrt(Dh) (w_q,h reads all of q_i, as the
+    official code's Linear(dim, heads) does), g_h = sum alpha q_i[h]; p_i = k_i * g; beta likewise from p;
+    out_i = W_o(kbar * q_i) + q_i."""
+    torch.manual_seed(0)
+    heads, dim, length, real = 2, 6, 5, 3  # positions 3, 4 are padding
+    att = FastformerAttention(dim, heads)
+    assert not any("value" in name for name, _ in att.named_parameters()), "the query is the value (official code)"
+    x = torch.randn(1, length, dim)
+    mask = torch.arange(length)[None] < real
+    with torch.no_grad():
+        out = att(x, mask)[0]
+        q, k = att.query(x)[0], att.key(x)[0]  # [L, dim]
+        dh = dim // heads
+        g = torch.empty(dim)
+        for h in range(heads):
+            alpha = torch.softmax((q[:real] @ att.query_att.weight[h] + att.query_att.bias[h]) / math.sqrt(dh), 0)
+            g[h * dh:(h + 1) * dh] = (alpha[:, None] * q[:real, h * dh:(h + 1) * dh]).sum(0)
+        p = k * g  # [L, dim]
+        kbar = torch.empty(dim)
+        for h in range(heads):
+            beta = torch.softmax((p[:real] @ att.key_att.weight[h] + att.key_att.bias[h]) / math.sqrt(dh), 0)
+            kbar[h * dh:(h + 1) * dh] = (beta[:, None] * p[:real, h * dh:(h + 1) * dh]).sum(0)
+        expected = att.transform(kbar * q) + q
+    close(out, expected, "Fastformer attention vs the formula")
+    # Padded tokens changed (garbage) -> real outputs unchanged; a real token changed -> every output moves.
+    y = x.clone()
+    y[0, real:] = 1e3
+    with torch.no_grad():
+        close(att(y, mask)[0, :real], out[:real], "padding took part in the global vectors")
+        y[0, 0] += 1
+        assert not torch.allclose(att(y, mask)[0, 1], out[1]), "a real token must reach every position"
+
+
+def test_fastformer_refuses_a_hidden_size_the_heads_do_not_divide():
+    import pytest
+
+    with pytest.raises(ValueError, match="--fastformer_hidden_dim 10 is not a multiple of --fastformer_head_num 4"):
+        FastformerAttention(10, 4)
+
+
+def test_fastformer_news_encoder_has_no_position_embedding_or_layer_norm():
+    """The authors' advice for news recommendation: without LayerNorm and position embeddings."""
+    enc = NEWS_ENCODERS["Fastformer"](make_config(fastformer_layer_num=3), META)
+    kinds = {type(m).__name__ for m in enc.modules()}
+    assert "LayerNorm" not in kinds and len(enc.fastformer.layers) == 3 and enc.output_dim == 8
+    assert [n for n, _ in enc.named_parameters() if "position" in n] == []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DDP
+# ------------------------------------------------------------------------------------------------------------
+
+def test_new_models_train_two_steps_under_ddp(tmp_path):
+    """2 DDP steps (find_unused_parameters off) for TANR with and without its topic loss and the new user
+    encoders; DDP stops at step 2 on a trainable parameter that got no gradient."""
+    pairings = ["Fastformer-Fastformer"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", "tests/ddp_pairings.py", str(tmp_path),
+           *pairings]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1"})
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert [line[3:] for line in proc.stdout.splitlines() if line.startswith("ok ")] == pairings
