@@ -1415,7 +1415,7 @@ class CNEWithoutCrossAttentionNewsEncoder(CNENewsEncoder):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The models since NNR (issue 25): Fastformer (word-level and on a PLM). docs/models.md lists how each
+# The models since NNR (issue 25): Fastformer (word-level and on a PLM), TANR. docs/models.md lists how each
 # differs from its paper.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -1466,3 +1466,56 @@ class PLMFastformerNewsEncoder(PLMNewsEncoder):
         """news: plm_ids, plm_mask [N, L] (+ the frozen-layer cache) -> [N, --fastformer_hidden_dim]"""
         hidden, mask = self.hidden_states(news)  # [N, L, Hp]
         return self.fastformer(self.dropout(hidden).float(), mask)
+
+
+@dataclass
+class TANRSettings(Settings):
+    """TANR's topic-classification auxiliary task."""
+
+    title: ClassVar[str] = "TANR"
+    topic_loss_weight: float = setting(0.2, "TANR: weight of the topic-classification loss (0 = off)",
+                                       check=at_least(0), architecture=False)
+
+
+@register_news_encoder("TANR")
+class TANRNewsEncoder(NewsEncoder):
+    """TANR news encoder: title CNN + additive attention, plus a topic classifier on the news vector whose
+    cross-entropy against the news category is an auxiliary loss (x --topic_loss_weight).
+
+    Wu et al., "Neural News Recommendation with Topic-Aware News Representations", ACL 2019. The loss is the mean
+    over the batch's real news (each unique news once, history and candidates alike; the padding news, category
+    0, excluded), returned by `forward_with_aux` in training only, so Model.forward adds it to the click loss."""
+
+    settings = (CNNSettings, TANRSettings)
+
+    paper = "TANR (Wu et al., ACL 2019)"
+    features = ("title", "category")
+    aux_name = "tanr_topic"
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        self.title = CNNTextEncoder(word_embedding(config, meta), config.cnn_kernel_num, config.cnn_window_size,
+                                    config.attention_dim, config.dropout_rate)
+        self.topic = nn.Linear(config.cnn_kernel_num, meta.category_num)  # category ids 1..; 0 = padding, never a target
+        self.weight = float(config.topic_loss_weight)
+        self.output_dim = config.cnn_kernel_num
+        if self.weight == 0:
+            # No topic loss, so the classifier never gets a gradient (which DDP rejects at the second step).
+            # Frozen, not removed: the state dict keeps its keys.
+            self.topic.requires_grad_(False)
+
+    def forward(self, news, user_id=None, return_weights: bool = False):
+        """news["title"] [N, L] -> [N, F] (the category is read only by the auxiliary loss)"""
+        return self.title(news["title"], return_weights=return_weights)
+
+    def topic_loss(self, vectors: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
+        """vectors [N, F], category [N] long -> mean cross-entropy over the news whose category is real (> 0)."""
+        logits = self.topic(vectors).float()  # [N, categories]
+        return F.cross_entropy(logits, category, ignore_index=0) if bool((category > 0).any()) else logits.sum() * 0
+
+    def forward_with_aux(self, news, user_id=None):
+        """Returns [N, F] and, in training with a weight, {"tanr_topic": weight * topic cross-entropy}."""
+        vectors = self(news)
+        if not self.training or self.weight == 0:
+            return vectors, {}
+        return vectors, {self.aux_name: self.weight * self.topic_loss(vectors, news["category"].long())}

@@ -145,13 +145,50 @@ def test_fastformer_news_encoder_has_no_position_embedding_or_layer_norm():
 
 
 # ------------------------------------------------------------------------------------------------------------
+# TANR
+# ------------------------------------------------------------------------------------------------------------
+
+def test_tanr_topic_loss_is_weighted_cross_entropy_over_real_news_in_training_only():
+    model = build_model("TANR", topic_loss_weight=0.2).train()
+    enc = model.news_encoder
+    ids = torch.tensor([0, 1, 2, 4, 5])  # news 0: the padding news, category 0
+    features = model.news_features(ids)
+    vectors, aux = enc.forward_with_aux(features)
+    real = features["category"] > 0
+    expected = 0.2 * F.cross_entropy(enc.topic(vectors[real]), features["category"][real])
+    close(aux["tanr_topic"], expected, "weight x cross-entropy over the real news")
+    _, without_pad = enc.forward_with_aux(model.news_features(ids[1:]))
+    close(without_pad["tanr_topic"], aux["tanr_topic"], "the padding news changed the loss")
+    _, only_pad = enc.forward_with_aux(model.news_features(torch.tensor([0, 0])))
+    assert only_pad["tanr_topic"].item() == 0.0, "no real news: a zero loss, not NaN"
+    enc.eval()
+    assert enc.forward_with_aux(features)[1] == {}, "evaluation computes no topic loss"
+
+
+def test_tanr_topic_loss_reaches_model_output_and_trains_the_classifier():
+    outputs = {}
+    for weight in (0.2, 0.8):
+        outputs[weight] = build_model("TANR", topic_loss_weight=weight).train()(make_batch())
+    low, high = outputs[0.2], outputs[0.8]
+    assert set(low.aux) == {"tanr_topic"} and low.aux["tanr_topic"].item() > 0
+    close(high.aux["tanr_topic"], 4 * low.aux["tanr_topic"], "aux scales with --topic_loss_weight")
+    close(low.loss, F.cross_entropy(low.logits, make_batch().target) + low.aux["tanr_topic"], "loss = CE + topic")
+    model = build_model("TANR", topic_loss_weight=0.2).train()
+    model(make_batch()).loss.backward()
+    assert model.news_encoder.topic.weight.grad.abs().sum() > 0
+    off = build_model("TANR", topic_loss_weight=0).train()
+    out = off(make_batch())
+    assert out.aux == {} and not off.news_encoder.topic.weight.requires_grad, "weight 0: no loss, classifier frozen"
+
+
+# ------------------------------------------------------------------------------------------------------------
 # DDP
 # ------------------------------------------------------------------------------------------------------------
 
 def test_new_models_train_two_steps_under_ddp(tmp_path):
     """2 DDP steps (find_unused_parameters off) for TANR with and without its topic loss and the new user
     encoders; DDP stops at step 2 on a trainable parameter that got no gradient."""
-    pairings = ["Fastformer-Fastformer"]
+    pairings = ["TANR-ATT", "TANR-ATT:--topic_loss_weight=0", "Fastformer-Fastformer"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
            "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", "tests/ddp_pairings.py", str(tmp_path),
            *pairings]
