@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 META = CorpusMeta(vocab_size=40, category_num=5, subcategory_num=7, user_num=9, entity_num=6, news_num=12)
 FLAGS = {"word_embedding_dim": 12, "attention_dim": 6, "cnn_kernel_num": 8, "dropout_rate": 0, "head_num": 2,
          "head_dim": 4, "max_title_length": 10, "max_abstract_length": 14, "fastformer_hidden_dim": 8,
-         "fastformer_head_num": 2, "fastformer_ffn_dim": 8}
+         "fastformer_head_num": 2, "fastformer_ffn_dim": 8, "caum_dim": 6, "caum_attention_dim": 5}
 D = 10
 
 
@@ -182,13 +182,48 @@ def test_tanr_topic_loss_reaches_model_output_and_trains_the_classifier():
 
 
 # ------------------------------------------------------------------------------------------------------------
+# CAUM
+# ------------------------------------------------------------------------------------------------------------
+
+def test_caum_gives_one_user_vector_per_candidate_and_chunking_changes_nothing():
+    enc = build_user("CAUM")
+    inp = user_inputs([4, 2, 0], h=5, c=6)
+    calls = []
+    enc.mhsa.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        whole = enc(inp)
+        enc.max_elements = 1
+        chunked = enc(inp)
+    assert len(calls) == 1 + 6, "one candidate per chunk"
+    assert whole.user.shape == (3, 6, D) and whole.attention["history"].shape == (3, 6, 5)
+    close(chunked.user, whole.user, "chunked vs whole")
+    assert not torch.allclose(whole.user[0, 0], whole.user[0, 1]), "the user vector depends on the candidate"
+    assert torch.equal(whole.user[2], torch.zeros(6, D)), "an empty history gives zero user vectors"
+    close(whole.attention["history"][1, :, 2:], torch.zeros(6, 3), "padded history gets exactly zero weight")
+
+
+def test_caum_outer_neighbours_are_zeros_not_a_wrap_around():
+    """The first click's left neighbour is zero (the official code wraps to the last slot, i.e. padding)."""
+    enc = build_user("CAUM")
+    inp = user_inputs([3], h=3, c=1)
+    seen = {}
+    enc.cnn_history.register_forward_hook(lambda m, a, o: seen.update(x=a[0]))  # returns None: output kept
+    with torch.no_grad():
+        enc(inp)
+    x = seen["x"][0]  # [H, 3D]: [h_{i-1}; h_i; h_{i+1}]
+    assert torch.equal(x[0, :D], torch.zeros(D)) and torch.equal(x[2, 2 * D:], torch.zeros(D))
+    close(x[1, :D], inp.history[0, 0], "left neighbour")
+    close(x[1, 2 * D:], inp.history[0, 2], "right neighbour")
+
+
+# ------------------------------------------------------------------------------------------------------------
 # DDP
 # ------------------------------------------------------------------------------------------------------------
 
 def test_new_models_train_two_steps_under_ddp(tmp_path):
     """2 DDP steps (find_unused_parameters off) for TANR with and without its topic loss and the new user
     encoders; DDP stops at step 2 on a trainable parameter that got no gradient."""
-    pairings = ["TANR-ATT", "TANR-ATT:--topic_loss_weight=0", "Fastformer-Fastformer"]
+    pairings = ["TANR-ATT", "TANR-ATT:--topic_loss_weight=0", "Fastformer-Fastformer", "CNN-CAUM"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
            "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", "tests/ddp_pairings.py", str(tmp_path),
            *pairings]
