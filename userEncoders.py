@@ -943,3 +943,50 @@ class CAUMUserEncoder(UserEncoder):
             users.append(user)
             weights.append(alpha)
         return UserOutput(user=torch.cat(users, 1), attention={"history": torch.cat(weights, 1)})
+
+
+@dataclass
+class MINSSettings(Settings):
+    """MINS's interest channels."""
+
+    title: ClassVar[str] = "MINS"
+    mins_channel_num: int = setting(6, "MINS: interest channels (self-attention heads, one GRU each)",
+                                    check=at_least(1))
+    mins_channel_dim: int = setting(50, "MINS: size of each channel (head dim and GRU state)", check=at_least(1))
+
+
+@register_user_encoder("MINS")
+class MINSUserEncoder(UserEncoder):
+    """MINS: multi-head self-attention over the history whose K heads are K interest channels; a GRU per channel
+    reads its channel's sequence; the user vector is the channels' last real states, concatenated.
+
+    Wang et al., "News Recommendation via Multi-Interest News Sequence Modelling", ICASSP 2022. Projected to the
+    news size when K * channel dim differs from it (so the dot product can score it)."""
+
+    settings = (MINSSettings,)
+
+    paper = "MINS (Wang et al., ICASSP 2022)"
+
+    def __init__(self, config, meta, news_encoder):
+        super().__init__(config, meta, news_encoder)
+        k, dc = config.mins_channel_num, config.mins_channel_dim
+        self.k, self.dc = k, dc
+        self.mhsa = MultiHeadSelfAttention(self.news_dim, k, dc)
+        self.grus = nn.ModuleList(nn.GRU(dc, dc, batch_first=True) for _ in range(k))  # one per channel
+        self.out = nn.Linear(k * dc, self.news_dim) if k * dc != self.news_dim else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def contextual(self, inp):
+        """history [B, H, D] -> [B, H, D]: every channel's GRU state at each position, concatenated."""
+        return self.out(self.channel_states(inp))
+
+    def channel_states(self, inp: UserInputs) -> torch.Tensor:
+        """history [B, H, D] -> [B, H, K*Dc]: the GRU states (a GRU is causal and histories are left-aligned, so
+        padding after the last click never reaches a real state)."""
+        b, h, _ = inp.history.shape
+        x = self.dropout(self.mhsa(self.dropout(inp.history), inp.history_mask)).view(b, h, self.k, self.dc)
+        return torch.cat([gru(x[:, :, i])[0] for i, gru in enumerate(self.grus)], -1)  # [B, H, K*Dc]
+
+    def forward(self, inp):
+        """history [B, H, D], history_mask [B, H] -> user [B, D]; an empty history gives the projection of zeros."""
+        return UserOutput(user=self.out(last_valid(self.channel_states(inp), inp.history_mask)))

@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 META = CorpusMeta(vocab_size=40, category_num=5, subcategory_num=7, user_num=9, entity_num=6, news_num=12)
 FLAGS = {"word_embedding_dim": 12, "attention_dim": 6, "cnn_kernel_num": 8, "dropout_rate": 0, "head_num": 2,
          "head_dim": 4, "max_title_length": 10, "max_abstract_length": 14, "fastformer_hidden_dim": 8,
-         "fastformer_head_num": 2, "fastformer_ffn_dim": 8, "caum_dim": 6, "caum_attention_dim": 5}
+         "fastformer_head_num": 2, "fastformer_ffn_dim": 8, "caum_dim": 6, "caum_attention_dim": 5,
+         "mins_channel_num": 3, "mins_channel_dim": 4}
 D = 10
 
 
@@ -217,13 +218,31 @@ def test_caum_outer_neighbours_are_zeros_not_a_wrap_around():
 
 
 # ------------------------------------------------------------------------------------------------------------
+# MINS
+# ------------------------------------------------------------------------------------------------------------
+
+def test_mins_user_vector_is_each_channels_gru_last_real_state():
+    enc = build_user("MINS")
+    assert len(enc.grus) == 3 and enc.grus[0] is not enc.grus[1], "one GRU per channel (not one shared)"
+    inp = user_inputs([4, 2], h=5, c=2)
+    with torch.no_grad():
+        user = enc(inp).user
+        x = enc.mhsa(inp.history, inp.history_mask).view(2, 5, 3, 4)
+        expected = []
+        for b, length in enumerate((4, 2)):
+            states = [enc.grus[i](x[b:b + 1, :length, i])[0][0, -1] for i in range(3)]
+            expected.append(enc.out(torch.cat(states)))
+    close(user, torch.stack(expected), "concatenated last real GRU states, projected to D")
+
+
+# ------------------------------------------------------------------------------------------------------------
 # DDP
 # ------------------------------------------------------------------------------------------------------------
 
 def test_new_models_train_two_steps_under_ddp(tmp_path):
     """2 DDP steps (find_unused_parameters off) for TANR with and without its topic loss and the new user
     encoders; DDP stops at step 2 on a trainable parameter that got no gradient."""
-    pairings = ["TANR-ATT", "TANR-ATT:--topic_loss_weight=0", "Fastformer-Fastformer", "CNN-CAUM"]
+    pairings = ["TANR-ATT", "TANR-ATT:--topic_loss_weight=0", "Fastformer-Fastformer", "CNN-CAUM", "CNN-MINS"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
            "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", "tests/ddp_pairings.py", str(tmp_path),
            *pairings]
