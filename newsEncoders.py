@@ -1511,7 +1511,10 @@ class TANRNewsEncoder(NewsEncoder):
     def topic_loss(self, vectors: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
         """vectors [N, F], category [N] long -> mean cross-entropy over the news whose category is real (> 0)."""
         logits = self.topic(vectors).float()  # [N, categories]
-        return F.cross_entropy(logits, category, ignore_index=0) if bool((category > 0).any()) else logits.sum() * 0
+        # A sum over the real news divided by their count (at least 1), not the mean cross_entropy computes: with no
+        # real news that one is 0/0 = NaN, and testing for it first would wait for the GPU every step.
+        total = F.cross_entropy(logits, category, ignore_index=0, reduction="sum")
+        return total / (category > 0).sum().clamp(min=1)
 
     def forward_with_aux(self, news, user_id=None):
         """Returns [N, F] and, in training with a weight, {"tanr_topic": weight * topic cross-entropy}."""
