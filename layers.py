@@ -255,15 +255,24 @@ def last_valid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class FastformerSettings(Settings):
-    """Fastformer's size (Wu et al., 2021): the news encoder over words, the user encoder over the history and the
-    PLM variant share these (the official fastformer.json: hidden 256, 16 heads, 2 layers, FFN 256)."""
+    """Fastformer's layers (Wu et al., 2021): the news encoder over words, the user encoder over the history and the
+    PLM variant share these (the official fastformer.json: 16 heads, 2 layers, FFN 256)."""
 
     title: ClassVar[str] = "Fastformer"
-    fastformer_hidden_dim: int = setting(256, "Fastformer: hidden size (a multiple of --fastformer_head_num)",
-                                         check=at_least(1))
     fastformer_head_num: int = setting(16, "Fastformer: additive-attention heads", check=at_least(1))
     fastformer_layer_num: int = setting(2, "Fastformer: layers", check=at_least(1))
     fastformer_ffn_dim: int = setting(256, "Fastformer: feed-forward inner size", check=at_least(1))
+
+
+@dataclass
+class FastformerSizeSettings(Settings):
+    """Fastformer's hidden size where the encoder chooses it (over words, over the history); PLMFastformer runs at
+    the PLM's hidden size instead, as PLM-NRMS does."""
+
+    title: ClassVar[str] = "Fastformer size"
+    fastformer_hidden_dim: int = setting(256, "Fastformer: hidden size, a multiple of --fastformer_head_num (the "
+                                              "official 256); not PLMFastformer, which keeps the PLM's size",
+                                         check=at_least(1))
 
 
 class FastformerAttention(nn.Module):
@@ -276,10 +285,10 @@ class FastformerAttention(nn.Module):
     output (from the global vectors), which the caller's pooling masks.
     """
 
-    def __init__(self, dim: int, head_num: int):
+    def __init__(self, dim: int, head_num: int, dim_name: str = "--fastformer_hidden_dim"):
         super().__init__()
         if dim % head_num:
-            raise ValueError(f"--fastformer_hidden_dim {dim} is not a multiple of --fastformer_head_num {head_num}; "
+            raise ValueError(f"{dim_name} {dim} is not a multiple of --fastformer_head_num {head_num}; "
                              f"choose sizes that divide")
         self.head_num, self.head_dim = head_num, dim // head_num
         self.query = nn.Linear(dim, dim)
@@ -311,9 +320,9 @@ class FastformerLayer(nn.Module):
     No LayerNorm and no position embedding: the authors' README reports that news recommendation works better
     without them (the official BERT-style block has both; docs/models.md lists this difference)."""
 
-    def __init__(self, dim: int, head_num: int, ffn_dim: int, dropout: float):
+    def __init__(self, dim: int, head_num: int, ffn_dim: int, dropout: float, dim_name: str):
         super().__init__()
-        self.attention = FastformerAttention(dim, head_num)
+        self.attention = FastformerAttention(dim, head_num, dim_name)
         self.output = nn.Linear(dim, dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
         self.dropout = nn.Dropout(dropout)
@@ -326,14 +335,17 @@ class FastformerLayer(nn.Module):
 
 class Fastformer(nn.Module):
     """Input projection (when the input size differs from the hidden size), Fastformer layers, masked additive
-    attention pooling: [N, L, E] -> [N, hidden] (the official news and user encoders' shape)."""
+    attention pooling: [N, L, E] -> [N, hidden] (the official news and user encoders' shape). `hidden`: the
+    --fastformer_hidden_dim where the encoder reads it; the PLM's size for PLMFastformer (`hidden_name` says which
+    in errors)."""
 
-    def __init__(self, input_dim: int, config, attention_dim: int):
+    def __init__(self, input_dim: int, config, attention_dim: int, hidden: int, hidden_name: str):
         super().__init__()
-        dim = config.fastformer_hidden_dim
+        dim = hidden
         self.project = nn.Linear(input_dim, dim) if input_dim != dim else nn.Identity()
         self.layers = nn.ModuleList(
-            FastformerLayer(dim, config.fastformer_head_num, config.fastformer_ffn_dim, config.dropout_rate)
+            FastformerLayer(dim, config.fastformer_head_num, config.fastformer_ffn_dim, config.dropout_rate,
+                            hidden_name)
             for _ in range(config.fastformer_layer_num))
         self.pool = AdditiveAttention(dim, attention_dim)
         self.output_dim = dim

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from layers import (AdditiveAttention, MHSASettings, MultiHeadSelfAttention, QueryAttention, Registry, masked_mean,
                     masked_softmax)
-from layers import Fastformer, FastformerSettings
+from layers import Fastformer, FastformerSettings, FastformerSizeSettings
 import plm_backbones as backbones
 from plm_backbones import template_error
 from settings import Settings, all_at_least_1, at_least, odd, setting, unit_interval
@@ -1426,7 +1426,7 @@ class FastformerNewsEncoder(NewsEncoder):
     Wu et al., "Fastformer: Additive Attention Can Be All You Need", arXiv 2108.09084, 2021 (its news
     recommendation setup: Fastformer over the title words, the same over the clicked news)."""
 
-    settings = (FastformerSettings,)
+    settings = (FastformerSettings, FastformerSizeSettings)
 
     paper = "Fastformer (Wu et al., 2021)"
     features = ("title",)
@@ -1434,7 +1434,8 @@ class FastformerNewsEncoder(NewsEncoder):
     def __init__(self, config, meta):
         super().__init__(config, meta)
         self.embedding = word_embedding(config, meta)
-        self.fastformer = Fastformer(config.word_embedding_dim, config, config.attention_dim)
+        self.fastformer = Fastformer(config.word_embedding_dim, config, config.attention_dim,
+                                     config.fastformer_hidden_dim, "--fastformer_hidden_dim")
         self.dropout = nn.Dropout(config.dropout_rate)
         self.output_dim = self.fastformer.output_dim
 
@@ -1446,7 +1447,8 @@ class FastformerNewsEncoder(NewsEncoder):
 
 @register_news_encoder("PLMFastformer")
 class PLMFastformerNewsEncoder(PLMNewsEncoder):
-    """Fastformer layers on a PLM's token states, pooled by additive attention -> [N, --fastformer_hidden_dim].
+    """Fastformer layers on a PLM's token states, pooled by additive attention -> [N, Hp] (the PLM's hidden size, as
+    PLM-NRMS; --fastformer_head_num must divide it).
 
     The MIND leaderboard's Fastformer + PLM-NR setup (Wu et al., 2021; PLM-NR, Wu et al., SIGIR 2021). Pools with
     its own attention, so --plm_pooling does not apply and --plm_embeddings=precompute is refused (it attends over
@@ -1459,11 +1461,12 @@ class PLMFastformerNewsEncoder(PLMNewsEncoder):
 
     def __init__(self, config, meta):
         super().__init__(config, meta)
-        self.fastformer = Fastformer(self.hidden_dim, config, config.attention_dim)
+        self.fastformer = Fastformer(self.hidden_dim, config, config.attention_dim, self.hidden_dim,
+                                     f"the PLM's hidden size ({config.plm_model_name})")
         self.output_dim = self.fastformer.output_dim
 
     def forward(self, news, user_id=None):
-        """news: plm_ids, plm_mask [N, L] (+ the frozen-layer cache) -> [N, --fastformer_hidden_dim]"""
+        """news: plm_ids, plm_mask [N, L] (+ the frozen-layer cache) -> [N, Hp]"""
         hidden, mask = self.hidden_states(news)  # [N, L, Hp]
         return self.fastformer(self.dropout(hidden).float(), mask)
 

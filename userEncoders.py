@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from layers import AdditiveAttention, MHSASettings, MultiHeadSelfAttention, Registry, last_valid, masked_softmax, recording
-from layers import Fastformer, FastformerSettings
+from layers import Fastformer, FastformerSettings, FastformerSizeSettings
 from newsEncoders import CategoryGloveSettings, PersonalizedSettings, make_category_embedding
 from settings import Settings, at_least, setting, unit_interval
 
@@ -843,13 +843,14 @@ class FastformerUserEncoder(UserEncoder):
     The history is projected to --fastformer_hidden_dim when the news vectors have another size, and the user
     vector back to the news size, so the dot-product click predictor can score it."""
 
-    settings = (FastformerSettings,)
+    settings = (FastformerSettings, FastformerSizeSettings)
 
     paper = "Fastformer (Wu et al., 2021)"
 
     def __init__(self, config, meta, news_encoder):
         super().__init__(config, meta, news_encoder)
-        self.fastformer = Fastformer(self.news_dim, config, config.attention_dim)
+        self.fastformer = Fastformer(self.news_dim, config, config.attention_dim, config.fastformer_hidden_dim,
+                                     "--fastformer_hidden_dim")
         hidden = self.fastformer.output_dim
         self.out = nn.Linear(hidden, self.news_dim) if hidden != self.news_dim else nn.Identity()
         self.dropout = nn.Dropout(config.dropout_rate)
