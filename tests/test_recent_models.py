@@ -3,7 +3,7 @@ test_pretraining.py (which pick every registered encoder up): what each one must
 
 Legend: N news, L tokens, B users, H history, C candidates, D news dim, Hd heads, Dh head dim, K channels.
 
-- Fastformer: the additive attention computes the paper's formula per head with the query reused as the value,
+- Fastformer: the additive attention computes the official formula per head with the query reused as the value,
   and padded tokens take no part in the global query or key;
 - TANR: the topic loss is weight x the category cross-entropy over the batch's real news, reaches ModelOutput
   through Model.forward in training only, and weight 0 freezes the classifier;
@@ -135,6 +135,16 @@ def test_fastformer_refuses_a_hidden_size_the_heads_do_not_divide():
 
     with pytest.raises(ValueError, match="--fastformer_hidden_dim 10 is not a multiple of --fastformer_head_num 4"):
         FastformerAttention(10, 4)
+
+
+def test_plm_fastformer_keeps_the_plm_size_and_refuses_the_hidden_size_flag():
+    """PLMFastformer runs at the PLM's hidden size (as PLMNRMS), so --fastformer_hidden_dim is not its setting."""
+    plm = Config.from_args(["--news_encoder=PLMFastformer", "--user_encoder=ATT", "--fastformer_hidden_dim=128"])
+    assert plm.stray_flags(plm.typed) == [  # what main.py refuses the run with
+        "--fastformer_hidden_dim is a setting of news encoder Fastformer, user encoder Fastformer, not of "
+        "--news_encoder=PLMFastformer --user_encoder=ATT --click_predictor=dot_product; drop it"]
+    user = Config.from_args(["--news_encoder=PLMFastformer", "--user_encoder=Fastformer", "--fastformer_hidden_dim=128"])
+    assert user.stray_flags(user.typed) == []
 
 
 def test_fastformer_news_encoder_has_no_position_embedding_or_layer_norm():
