@@ -251,3 +251,116 @@ def last_valid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     idx = (lengths - 1).clamp(min=0)
     out = x[torch.arange(x.size(0), device=x.device), idx]
     return out * (lengths > 0).unsqueeze(-1).to(x.dtype)
+
+
+@dataclass
+class FastformerSettings(Settings):
+    """Fastformer's layers (Wu et al., 2021): the news encoder over words, the user encoder over the history and the
+    PLM variant share these (the official fastformer.json: 16 heads, 2 layers, FFN 256)."""
+
+    title: ClassVar[str] = "Fastformer"
+    fastformer_head_num: int = setting(16, "Fastformer: additive-attention heads", check=at_least(1))
+    fastformer_layer_num: int = setting(2, "Fastformer: layers", check=at_least(1))
+    fastformer_ffn_dim: int = setting(256, "Fastformer: feed-forward inner size", check=at_least(1))
+
+
+@dataclass
+class FastformerSizeSettings(Settings):
+    """Fastformer's hidden size where the encoder chooses it (over words, over the history); PLMFastformer runs at
+    the PLM's hidden size instead, as PLM-NRMS does."""
+
+    title: ClassVar[str] = "Fastformer size"
+    fastformer_hidden_dim: int = setting(256, "Fastformer: hidden size, a multiple of --fastformer_head_num (the "
+                                              "official 256); not PLMFastformer, which keeps the PLM's size",
+                                         check=at_least(1))
+
+
+class FastformerAttention(nn.Module):
+    """Fastformer's additive attention (Wu et al., "Fastformer: Additive Attention Can Be All You Need", 2021).
+
+    Per head: a global query g = sum_i softmax_i(w_q . q_i / sqrt(Dh)) q_i; p_i = g * k_i; a global key
+    k = sum_i softmax_i(w_k . p_i / sqrt(Dh)) p_i; output W_o(k * q_i) + q_i. The query is reused as the value, as
+    in the official code (the paper draws a separate value projection). Linear in L: no [L, L] matrix.
+    Both softmaxes mask padding with -inf, so padded tokens shape no global vector; padded positions still get an
+    output (from the global vectors), which the caller's pooling masks.
+    """
+
+    def __init__(self, dim: int, head_num: int, dim_name: str = "--fastformer_hidden_dim"):
+        super().__init__()
+        if dim % head_num:
+            raise ValueError(f"{dim_name} {dim} is not a multiple of --fastformer_head_num {head_num}; "
+                             f"choose sizes that divide")
+        self.head_num, self.head_dim = head_num, dim // head_num
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.query_att = nn.Linear(dim, head_num)  # w_q of every head at once
+        self.key_att = nn.Linear(dim, head_num)
+        self.transform = nn.Linear(dim, dim)  # W_o
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, L, E=dim], mask [N, L] bool (True = real) -> [N, L, dim]"""
+        n, l, dim = x.shape
+        heads = self.head_num
+        scale = 1.0 / math.sqrt(self.head_dim)
+        head_mask = None if mask is None else mask.unsqueeze(-1)  # [N, L, 1] broadcast over heads
+        q, k = self.query(x), self.key(x)  # [N, L, dim]
+        alpha = masked_softmax(self.query_att(q) * scale, head_mask, dim=1)  # [N, L, Hd]
+        record(self, "query", alpha.permute(0, 2, 1), ("item", "head", "position"))
+        q_heads = q.view(n, l, heads, self.head_dim)
+        global_query = torch.einsum("nlh,nlhd->nhd", alpha, q_heads).reshape(n, 1, dim)  # [N, 1, dim]
+        p = k * global_query  # [N, L, dim]
+        beta = masked_softmax(self.key_att(p) * scale, head_mask, dim=1)  # [N, L, Hd]
+        global_key = torch.einsum("nlh,nlhd->nhd", beta, p.view(n, l, heads, self.head_dim)).reshape(n, 1, dim)
+        return self.transform(global_key * q) + q  # [N, L, dim]
+
+
+class FastformerLayer(nn.Module):
+    """One Fastformer block: additive attention, then a GELU feed-forward, each with a residual connection.
+
+    No LayerNorm and no position embedding: the authors' README reports that news recommendation works better
+    without them (the official BERT-style block has both; docs/models.md lists this difference)."""
+
+    def __init__(self, dim: int, head_num: int, ffn_dim: int, dropout: float, dim_name: str):
+        super().__init__()
+        self.attention = FastformerAttention(dim, head_num, dim_name)
+        self.output = nn.Linear(dim, dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, L, dim], mask [N, L] -> [N, L, dim]"""
+        x = x + self.dropout(self.output(self.attention(x, mask)))
+        return x + self.dropout(self.ffn(x))
+
+
+class Fastformer(nn.Module):
+    """Input projection (when the input size differs from the hidden size), Fastformer layers, masked additive
+    attention pooling: [N, L, E] -> [N, hidden] (the official news and user encoders' shape). `hidden`: the
+    --fastformer_hidden_dim where the encoder reads it; the PLM's size for PLMFastformer (`hidden_name` says which
+    in errors)."""
+
+    def __init__(self, input_dim: int, config, attention_dim: int, hidden: int, hidden_name: str):
+        super().__init__()
+        dim = hidden
+        self.project = nn.Linear(input_dim, dim) if input_dim != dim else nn.Identity()
+        self.layers = nn.ModuleList(
+            FastformerLayer(dim, config.fastformer_head_num, config.fastformer_ffn_dim, config.dropout_rate,
+                            hidden_name)
+            for _ in range(config.fastformer_layer_num))
+        self.pool = AdditiveAttention(dim, attention_dim)
+        self.output_dim = dim
+        for module in self.layers.modules():  # the official initialisation (BERT's: normal(0, 0.02), zero bias)
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def states(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, L, E], mask [N, L] bool -> [N, L, hidden]: every position after the last layer."""
+        x = self.project(x)  # [N, L, hidden]
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, return_weights: bool = False):
+        """x [N, L, E], mask [N, L] bool -> [N, hidden] (and [N, L] pooling weights when asked)"""
+        return self.pool(self.states(x, mask), mask, return_weights=return_weights)

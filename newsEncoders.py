@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from layers import (AdditiveAttention, MHSASettings, MultiHeadSelfAttention, QueryAttention, Registry, masked_mean,
                     masked_softmax)
+from layers import Fastformer, FastformerSettings, FastformerSizeSettings
 import plm_backbones as backbones
 from plm_backbones import template_error
 from settings import Settings, all_at_least_1, at_least, odd, setting, unit_interval
@@ -1466,3 +1467,116 @@ class CNEWithoutCrossAttentionNewsEncoder(CNENewsEncoder):
     Mao et al., EMNLP Findings 2021."""
 
     cross_attention = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The models since NNR (issue 25): Fastformer (word-level and on a PLM), TANR. docs/models.md lists how each
+# differs from its paper.
+# ----------------------------------------------------------------------------------------------------------
+
+@register_news_encoder("Fastformer")
+class FastformerNewsEncoder(NewsEncoder):
+    """Fastformer news encoder: word embeddings -> Fastformer layers -> additive attention pooling.
+
+    Wu et al., "Fastformer: Additive Attention Can Be All You Need", arXiv 2108.09084, 2021 (its news
+    recommendation setup: Fastformer over the title words, the same over the clicked news)."""
+
+    settings = (FastformerSettings, FastformerSizeSettings)
+
+    paper = "Fastformer (Wu et al., 2021)"
+    features = ("title",)
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        self.embedding = word_embedding(config, meta)
+        self.fastformer = Fastformer(config.word_embedding_dim, config, config.attention_dim,
+                                     config.fastformer_hidden_dim, "--fastformer_hidden_dim")
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.output_dim = self.fastformer.output_dim
+
+    def forward(self, news, user_id=None, return_weights: bool = False):
+        """news["title"] [N, L] int (0 = pad) -> [N, D], D = --fastformer_hidden_dim (and [N, L] word weights)."""
+        tokens = news["title"]
+        return self.fastformer(self.dropout(self.embedding(tokens)), tokens > 0, return_weights=return_weights)
+
+
+@register_news_encoder("PLMFastformer")
+class PLMFastformerNewsEncoder(PLMNewsEncoder):
+    """Fastformer layers on a PLM's token states, pooled by additive attention -> [N, Hp] (the PLM's hidden size, as
+    PLM-NRMS; --fastformer_head_num must divide it).
+
+    The MIND leaderboard's Fastformer + PLM-NR setup (Wu et al., 2021; PLM-NR, Wu et al., SIGIR 2021). Pools with
+    its own attention, so --plm_pooling does not apply and --plm_embeddings=precompute is refused (it attends over
+    tokens)."""
+
+    settings = (FastformerSettings,)
+
+    uses_pool = False
+    paper = "Fastformer + PLM-NR (Wu et al., 2021)"
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        self.fastformer = Fastformer(self.hidden_dim, config, config.attention_dim, self.hidden_dim,
+                                     f"the PLM's hidden size ({config.plm_model_name})")
+        self.output_dim = self.fastformer.output_dim
+
+    def forward(self, news, user_id=None):
+        """news: plm_ids, plm_mask [N, L] (+ the frozen-layer cache) -> [N, Hp]"""
+        hidden, mask = self.hidden_states(news)  # [N, L, Hp]
+        return self.fastformer(self.dropout(hidden).float(), mask)
+
+
+@dataclass
+class TANRSettings(Settings):
+    """TANR's topic-classification auxiliary task."""
+
+    title: ClassVar[str] = "TANR"
+    topic_loss_weight: float = setting(0.2, "TANR: weight of the topic-classification loss (0 = off)",
+                                       check=at_least(0), architecture=False)
+
+
+@register_news_encoder("TANR")
+class TANRNewsEncoder(NewsEncoder):
+    """TANR news encoder: title CNN + additive attention, plus a topic classifier on the news vector whose
+    cross-entropy against the news category is an auxiliary loss (x --topic_loss_weight).
+
+    Wu et al., "Neural News Recommendation with Topic-Aware News Representations", ACL 2019. The loss is the mean
+    over the batch's real news (each unique news once, history and candidates alike; the padding news, category
+    0, excluded), returned by `forward_with_aux` in training only, so Model.forward adds it to the click loss."""
+
+    settings = (CNNSettings, TANRSettings)
+
+    paper = "TANR (Wu et al., ACL 2019)"
+    features = ("title", "category")
+    aux_name = "tanr_topic"
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        self.title = CNNTextEncoder(word_embedding(config, meta), config.cnn_kernel_num, config.cnn_window_size,
+                                    config.attention_dim, config.dropout_rate)
+        self.topic = nn.Linear(config.cnn_kernel_num, meta.category_num)  # category ids 1..; 0 = padding, never a target
+        self.weight = float(config.topic_loss_weight)
+        self.output_dim = config.cnn_kernel_num
+        if self.weight == 0:
+            # No topic loss, so the classifier never gets a gradient (which DDP rejects at the second step).
+            # Frozen, not removed: the state dict keeps its keys.
+            self.topic.requires_grad_(False)
+
+    def forward(self, news, user_id=None, return_weights: bool = False):
+        """news["title"] [N, L] -> [N, F] (the category is read only by the auxiliary loss)"""
+        return self.title(news["title"], return_weights=return_weights)
+
+    def topic_loss(self, vectors: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
+        """vectors [N, F], category [N] long -> mean cross-entropy over the news whose category is real (> 0)."""
+        logits = self.topic(vectors).float()  # [N, categories]
+        # A sum over the real news divided by their count (at least 1), not the mean cross_entropy computes: with no
+        # real news that one is 0/0 = NaN, and testing for it first would wait for the GPU every step.
+        total = F.cross_entropy(logits, category, ignore_index=0, reduction="sum")
+        return total / (category > 0).sum().clamp(min=1)
+
+    def forward_with_aux(self, news, user_id=None):
+        """Returns [N, F] and, in training with a weight, {"tanr_topic": weight * topic cross-entropy}."""
+        vectors = self(news)
+        if not self.training or self.weight == 0:
+            return vectors, {}
+        return vectors, {self.aux_name: self.weight * self.topic_loss(vectors, news["category"].long())}

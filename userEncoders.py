@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from layers import AdditiveAttention, MHSASettings, MultiHeadSelfAttention, Registry, last_valid, masked_softmax, recording
+from layers import Fastformer, FastformerSettings, FastformerSizeSettings
 from newsEncoders import CategoryGloveSettings, PersonalizedSettings, make_category_embedding
 from settings import Settings, at_least, setting, unit_interval
 
@@ -829,3 +830,164 @@ class FIMUserEncoder(UserEncoder):
             q = self.pool(F.elu(self.conv_second(q)))  # [B*c, F2, depth, side, side]
             logits.append(self.out(q.flatten(1)).view(b, n))
         return UserOutput(logits=torch.cat(logits, 1))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The models since NNR (issue 25): Fastformer, CAUM, MINS. docs/models.md lists how each differs from its paper.
+# ------------------------------------------------------------------------------------------------------------
+
+@register_user_encoder("Fastformer")
+class FastformerUserEncoder(UserEncoder):
+    """Fastformer over the clicked news, then additive attention pooling (Wu et al., 2021, arXiv 2108.09084).
+
+    The history is projected to --fastformer_hidden_dim when the news vectors have another size, and the user
+    vector back to the news size, so the dot-product click predictor can score it."""
+
+    settings = (FastformerSettings, FastformerSizeSettings)
+
+    paper = "Fastformer (Wu et al., 2021)"
+
+    def __init__(self, config, meta, news_encoder):
+        super().__init__(config, meta, news_encoder)
+        self.fastformer = Fastformer(self.news_dim, config, config.attention_dim, config.fastformer_hidden_dim,
+                                     "--fastformer_hidden_dim")
+        hidden = self.fastformer.output_dim
+        self.out = nn.Linear(hidden, self.news_dim) if hidden != self.news_dim else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def contextual(self, inp):
+        """history [B, H, D] -> [B, H, D]: the last layer's states, before pooling."""
+        return self.out(self.fastformer.states(self.dropout(inp.history), inp.history_mask))
+
+    def forward(self, inp):
+        """history [B, H, D], history_mask [B, H] -> user [B, D]"""
+        states = self.fastformer.states(self.dropout(inp.history), inp.history_mask)  # [B, H, hidden]
+        user, weights = self.fastformer.pool(states, inp.history_mask, return_weights=True)
+        return UserOutput(user=self.out(user), attention={"history": weights})
+
+
+@dataclass
+class CAUMSettings(Settings):
+    """CAUM's candidate-aware user model (the official Keras code: Dense 400 branches, attention MLP 400-256-1)."""
+
+    title: ClassVar[str] = "CAUM"
+    caum_dim: int = setting(400, "CAUM: width of the candidate-aware CNN and self-attention branches and of the "
+                                 "attention MLP's first layer", check=at_least(1))
+    caum_attention_dim: int = setting(256, "CAUM: second hidden layer of the candidate-aware attention MLP",
+                                      check=at_least(1))
+
+
+@register_user_encoder("CAUM")
+class CAUMUserEncoder(UserEncoder):
+    """CAUM: per candidate c, a candidate-aware CNN (Dense over [h_{i-1}; h_i; h_{i+1}; c]) and candidate-aware
+    self-attention (Dense over [c; h_i], then MHSA) over the history, merged into m_i; a_i = softmax_i MLP([m_i; c]);
+    user(c) = sum_i a_i m_i, one user vector per candidate.
+
+    Qi et al., "News Recommendation with Candidate-aware User Modeling", SIGIR 2022. Each Dense over a concatenation
+    is applied as its parts (the same function), so the history half is computed once for all candidates. The
+    first and last real clicks get zero outer neighbours (the official code wraps around, which would make a
+    click's neighbour depend on how much padding the batch carries)."""
+
+    settings = (CAUMSettings, MHSASettings)
+
+    candidate_aware = True
+    paper = "CAUM (Qi et al., SIGIR 2022)"
+    attention_axes = {"history": ("impression", "candidate", "history")}
+
+    def __init__(self, config, meta, news_encoder):
+        super().__init__(config, meta, news_encoder)
+        d, f, inner = self.news_dim, config.caum_dim, config.head_num * config.head_dim
+        self.cnn_history = nn.Linear(3 * d, f)  # [h_{i-1}; h_i; h_{i+1}] part of the CNN's Dense
+        self.cnn_candidate = nn.Linear(d, f, bias=False)  # its candidate part
+        self.sa_history = nn.Linear(d, f)
+        self.sa_candidate = nn.Linear(d, f, bias=False)
+        self.mhsa = MultiHeadSelfAttention(f, config.head_num, config.head_dim)
+        self.merge = nn.Linear(f + inner, d)
+        self.att_m = nn.Linear(d, f)  # the attention MLP's first layer over [m_i; c], as its two parts
+        self.att_c = nn.Linear(d, f, bias=False)
+        self.att_hidden = nn.Linear(f, config.caum_attention_dim)
+        self.att_out = nn.Linear(config.caum_attention_dim, 1, bias=False)  # softmax cancels a bias
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.max_elements = CHUNK_ELEMENTS
+
+    def user_vectors(self, history: torch.Tensor, mask: torch.Tensor, cnn_h: torch.Tensor, sa_h: torch.Tensor,
+                     candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of candidates [B, c, D] -> user [B, c, D], attention [B, c, H] (history parts precomputed)."""
+        b, h, _ = history.shape
+        c = candidates.shape[1]
+        cnn = cnn_h.unsqueeze(1) + self.cnn_candidate(candidates).unsqueeze(2)  # [B, c, H, F]
+        sa_in = (sa_h.unsqueeze(1) + self.sa_candidate(candidates).unsqueeze(2)).reshape(b * c, h, -1)
+        sa = self.mhsa(sa_in, mask.repeat_interleave(c, 0)).view(b, c, h, -1)  # [B, c, H, inner]
+        m = self.merge(self.dropout(torch.cat([cnn, sa], -1)))  # [B, c, H, D]
+        hidden = torch.tanh(self.att_m(m) + self.att_c(candidates).unsqueeze(2))  # [B, c, H, F]
+        logits = self.att_out(torch.tanh(self.att_hidden(hidden))).squeeze(-1)  # [B, c, H]
+        alpha = masked_softmax(logits, mask.unsqueeze(1), dim=-1)  # padded history -> exactly 0
+        return (alpha.unsqueeze(-1) * m).sum(2), alpha
+
+    def forward(self, inp):
+        """history [B, H, D], history_mask [B, H], candidates [B, C, D] -> user [B, C, D], attention [B, C, H].
+
+        An empty history gives zero user vectors."""
+        mask = inp.history_mask
+        history = self.dropout(inp.history) * mask.unsqueeze(-1).to(inp.history.dtype)  # padding -> 0 neighbours
+        zero = history.new_zeros(history[:, :1].shape)
+        left = torch.cat([zero, history[:, :-1]], 1)  # [B, H, D]: h_{i-1}
+        right = torch.cat([history[:, 1:], zero], 1)  # h_{i+1}
+        cnn_h = self.cnn_history(torch.cat([left, history, right], -1))  # [B, H, F]
+        sa_h = self.sa_history(history)  # [B, H, F]
+        b, h, _ = history.shape
+        candidates = self.dropout(inp.candidates)
+        step = candidate_chunk(b * h * 4 * cnn_h.shape[-1], self.max_elements)
+        users, weights = [], []
+        for start in range(0, candidates.shape[1], step):
+            user, alpha = self.user_vectors(history, mask, cnn_h, sa_h, candidates[:, start:start + step])
+            users.append(user)
+            weights.append(alpha)
+        return UserOutput(user=torch.cat(users, 1), attention={"history": torch.cat(weights, 1)})
+
+
+@dataclass
+class MINSSettings(Settings):
+    """MINS's interest channels."""
+
+    title: ClassVar[str] = "MINS"
+    mins_channel_num: int = setting(6, "MINS: interest channels (self-attention heads, one GRU each)",
+                                    check=at_least(1))
+    mins_channel_dim: int = setting(50, "MINS: size of each channel (head dim and GRU state)", check=at_least(1))
+
+
+@register_user_encoder("MINS")
+class MINSUserEncoder(UserEncoder):
+    """MINS: multi-head self-attention over the history whose K heads are K interest channels; a GRU per channel
+    reads its channel's sequence; the user vector is the channels' last real states, concatenated.
+
+    Wang et al., "News Recommendation via Multi-Interest News Sequence Modelling", ICASSP 2022. Projected to the
+    news size when K * channel dim differs from it (so the dot product can score it)."""
+
+    settings = (MINSSettings,)
+
+    paper = "MINS (Wang et al., ICASSP 2022)"
+
+    def __init__(self, config, meta, news_encoder):
+        super().__init__(config, meta, news_encoder)
+        k, dc = config.mins_channel_num, config.mins_channel_dim
+        self.k, self.dc = k, dc
+        self.mhsa = MultiHeadSelfAttention(self.news_dim, k, dc)
+        self.grus = nn.ModuleList(nn.GRU(dc, dc, batch_first=True) for _ in range(k))  # one per channel
+        self.out = nn.Linear(k * dc, self.news_dim) if k * dc != self.news_dim else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def contextual(self, inp):
+        """history [B, H, D] -> [B, H, D]: every channel's GRU state at each position, concatenated."""
+        return self.out(self.channel_states(inp))
+
+    def channel_states(self, inp: UserInputs) -> torch.Tensor:
+        """history [B, H, D] -> [B, H, K*Dc]: the GRU states (a GRU is causal and histories are left-aligned, so
+        padding after the last click never reaches a real state)."""
+        b, h, _ = inp.history.shape
+        x = self.dropout(self.mhsa(self.dropout(inp.history), inp.history_mask)).view(b, h, self.k, self.dc)
+        return torch.cat([gru(x[:, :, i])[0] for i, gru in enumerate(self.grus)], -1)  # [B, H, K*Dc]
+
+    def forward(self, inp):
+        """history [B, H, D], history_mask [B, H] -> user [B, D]; an empty history gives the projection of zeros."""
+        return UserOutput(user=self.out(last_valid(self.channel_states(inp), inp.history_mask)))
