@@ -8,6 +8,7 @@ Prints `ok NEWS-USER` (rank 0) for each pairing that stepped.
 """
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -74,6 +75,12 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
         if rank == 0:
             print(f"ok {pairing}", flush=True)
+        # Each DDP wrapper goes before the next is built, and every rank waits for the others: a wrapper (its
+        # reducer and the gloo work it holds) left for the interpreter's exit, after destroy_process_group, made
+        # torch 2.13 abort a rank now and then at exit ("terminate called without an active exception").
+        del ddp, optimizer, model
+        gc.collect()
+        dist.barrier()
     dist.destroy_process_group()
 
 
