@@ -31,7 +31,7 @@ from evaluation import (
     evaluate,
     format_metrics,
     format_ties,
-    popularity_per_impression,
+    popularity_for,
     tie_rank_for,
     write_records,
 )
@@ -318,7 +318,7 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
             report["truth"] = str(out_dir / "truth.txt")
         pop = None
         if result.per_impression is not None:  # per-impression records for --mode=compare
-            pop = popularity_per_impression(corpus.behaviors("train"), beh, model.news_num)
+            pop = popularity_for(cfg, corpus.behaviors("train"), beh, model.news_num)
             report["popularity_metrics"] = scorer.mean_metrics(pop)
             meta = {"split": split, "dataset": cfg.dataset, "corpus": str(corpus.root), "model": cfg.model_name,
                     "run": Path(path).parent.name, "seed": cfg.seed, "epoch": ckpt.get("epoch"),
