@@ -220,8 +220,10 @@ class PretrainRunSettings(Settings):
     """--mode=pretrain and fine-tuning from it (pretraining.py); each task's own flags are in its settings class."""
 
     title: ClassVar[str] = "pretrain"
-    description: ClassVar[str] = ("--mode=pretrain: self-supervised pretraining of the encoders on click sequences (no "
-                                  "impression labels; docs/pretraining.md), and fine-tuning from it")
+    description: ClassVar[str] = ("--mode=pretrain: self-supervised pretraining of the encoders on click sequences: "
+                                  "the train histories and the news clicked in the train impressions (train labels, "
+                                  "within --train_fraction's share), the dev/test history column, never a dev/test "
+                                  "candidate or label (docs/pretraining.md); and fine-tuning from it")
     pretrain_tasks: str = setting("contrastive,mip", "comma-separated objectives, each weighted by its own "
                                   "--<task>_weight flag: " + ", ".join(sorted(PRETRAIN_TASKS)), architecture=False)
     pretrain_holdout: float = setting(0.05, "share of users whose sequences are held out of pretraining; their loss "
@@ -234,7 +236,9 @@ class PretrainRunSettings(Settings):
                                     "--mode=pretrain checkpoint (best_model/<dataset>/<news>-<user>/pretrain#<n>/"
                                     "<news>-<user>); other weights start afresh", architecture=False)
     train_fraction: float = setting(1.0, "train on a share of the train impressions, chosen by --seed (e.g. 0.1: "
-                                    "fine-tuning with 10%% of the labels)", check=_fraction, architecture=False)
+                                    "fine-tuning with 10%% of the labels); --mode=pretrain reads the train clicks "
+                                    "of the same share, and the popularity tie-break and baseline count that share "
+                                    "only", check=_fraction, architecture=False)
 
 
 # Every run-level flag, by group, in --help order (the component flags come from the registered components; the

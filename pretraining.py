@@ -1,11 +1,13 @@
-"""Self-supervised pretraining of the news and user encoders on click sequences, without impression labels.
+"""Self-supervised pretraining of the news and user encoders on click sequences (train clicks included: below).
 
 `--mode=pretrain --pretrain_tasks=contrastive,mip,...` trains any news encoder x user encoder pairing on users'
 click sequences and saves the encoders in `<output_dir>/<dataset>/<news>-<user>/pretrain#<n>/`;
 `--mode=train --init_from=<that checkpoint>` starts fine-tuning from its encoder weights (`load_pretrained_encoders`).
 
-What it reads (nothing else): the train split's histories and clicked candidates, and the history column of
-dev/test behaviours (known when predicting). Never a dev/test candidate or label (`build_sequences`).
+What it reads (nothing else): the train split's histories and clicked candidates (train labels: the news clicked
+in each train impression, of --train_fraction's seeded share only, `dataset.train_share`), and the history column
+of dev/test behaviours (known when predicting). Never a dev/test candidate or label, and never a train non-click
+(`build_sequences`).
 
 The objectives are registered in `PRETRAIN_TASKS`, each with its own settings class (its flags, weight included):
     contrastive   two views of a user's history (crop / mask / reorder) -> user vectors; InfoNCE against the other
