@@ -5,7 +5,8 @@
 #   scratch      --mode=train from random weights, at most $EPOCHS_<share> epochs
 #   pretrained   --mode=train --init_from=<this seed's pretraining>, same budget
 #   equal        scratch given the pretraining's optimizer steps as extra training: $EXTRA_<share> more epochs, so
-#                at least $PRETRAIN_STEPS more steps ($EXTRA_FULL x 212 or $EXTRA_FEW x 21 on the demo)
+#                at least $PRETRAIN_STEPS more steps ($EXTRA_FULL x 212 or $EXTRA_FEW x 22 on the demo; a pretraining
+#                on the few-label share has fewer sequences: one epoch of them, 35 steps on the demo at 10%)
 # for all train impressions (full) and a seeded $FEW of them (few: --train_fraction=$FEW). Each seed has its own
 # pretraining, on the same --train_fraction share as its fine-tuning (same --seed), so a few-label arm's
 # pretraining saw no other train click. Every budget is a variable below. Results:
@@ -22,12 +23,12 @@ DIMS=${DIMS:-"--head_num=10 --head_dim=10"}         # news dim 100 (NRMS: 20 x 2
 LR=${LR:-5e-4}
 PATIENCE=${PATIENCE:-2}                             # --early_stopping_epoch, every arm
 EPOCHS_FULL=${EPOCHS_FULL:-6}                       # max epochs on all impressions (212 steps of batch 64 each)
-EPOCHS_FEW=${EPOCHS_FEW:-20}                        # max epochs on the few-label share (21 steps each at 10%)
+EPOCHS_FEW=${EPOCHS_FEW:-20}                        # max epochs on the few-label share (22 steps each at 10%)
 FEW=${FEW:-0.1}                                     # --train_fraction of the few-label share
 TASKS=${TASKS:-contrastive,next_click,mip}
-PRETRAIN_STEPS=${PRETRAIN_STEPS:-100}               # one pretraining epoch capped at this many steps of batch 64
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-100}               # one pretraining epoch, capped at this many steps of batch 64
 EXTRA_FULL=${EXTRA_FULL:-1}                         # equal arm, full: epochs added (212 steps >= PRETRAIN_STEPS)
-EXTRA_FEW=${EXTRA_FEW:-5}                           # equal arm, few: epochs added (5 x 21 = 105 >= PRETRAIN_STEPS)
+EXTRA_FEW=${EXTRA_FEW:-5}                           # equal arm, few: epochs added (5 x 22 = 110 >= PRETRAIN_STEPS)
 COMMON="--dataset=demo --data_dir=$DATA --news_encoder=MHSA --user_encoder=MHSA $DIMS --lr=$LR --no-progress --no-plot --no-tensorboard"
 mkdir -p "$OUT/done"
 
