@@ -257,8 +257,10 @@ class PretrainRunSettings(Settings):
 
     title: ClassVar[str] = "pretrain"
     modes: ClassVar[tuple[str, ...]] = ("pretrain",)
-    description: ClassVar[str] = ("--mode=pretrain: self-supervised pretraining of the encoders on click sequences (no "
-                                  "impression labels; docs/pretraining.md), and fine-tuning from it")
+    description: ClassVar[str] = ("--mode=pretrain: self-supervised pretraining of the encoders on click sequences: "
+                                  "the train histories and the news clicked in the train impressions (train labels, "
+                                  "within --train_fraction's share), the dev/test history column, never a dev/test "
+                                  "candidate or label (docs/pretraining.md); and fine-tuning from it")
     pretrain_tasks: str = setting("contrastive,mip", "comma-separated objectives, each weighted by its own "
                                   "--<task>_weight flag: " + ", ".join(sorted(PRETRAIN_TASKS)), architecture=False)
     pretrain_holdout: float = setting(0.05, "share of users whose sequences are held out of pretraining; their loss "
@@ -274,7 +276,9 @@ class PretrainRunSettings(Settings):
                                       "checkpoint's others (e.g. LoRA adapters of layers now frozen), naming them; "
                                       "without it a tensor left over is an error", architecture=False, modes=("train",))
     train_fraction: float = setting(1.0, "train on a share of the train impressions, chosen by --seed (e.g. 0.1: "
-                                    "fine-tuning with 10%% of the labels)", check=_fraction, architecture=False,
+                                    "fine-tuning with 10%% of the labels); --mode=pretrain reads the train clicks "
+                                    "of the same share, and the popularity tie-break and baseline count that share "
+                                    "only", check=_fraction, architecture=False,
                                     modes=MODEL_MODES)
 
 

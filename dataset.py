@@ -81,6 +81,25 @@ def sample_negatives(num_negatives: np.ndarray, k: int, rng: np.random.Generator
     return np.where(mask, chosen, 0), mask
 
 
+def train_share(impressions: int, fraction: float, seed: int) -> np.ndarray:
+    """[I] bool: the train impressions `--train_fraction` keeps: all for fraction >= 1, else a seeded choice of
+    round(fraction * I) of them (at least one). The one choice of the share: training (`TrainDataset`),
+    pretraining (`pretraining.pretraining_sequences`) and the popularity tie-break and baseline
+    (`evaluation.popularity_for`, `tie_rank_for`) read the train labels of these impressions only, so a
+    few-label run never sees a label outside its share."""
+    chosen = np.ones(impressions, dtype=bool)
+    if fraction < 1 and impressions:
+        chosen[:] = False
+        kept = max(1, int(round(fraction * impressions)))
+        chosen[np.random.default_rng([seed, 23]).permutation(impressions)[:kept]] = True
+    return chosen
+
+
+def train_share_of(config, train_beh: dict[str, Any]) -> np.ndarray:
+    """`train_share` for a run's config (--train_fraction, --seed) and its train behaviour arrays."""
+    return train_share(len(np.asarray(train_beh["offsets"])) - 1, config.train_fraction, config.seed)
+
+
 class TrainDataset(Dataset):
     """One sample per clicked candidate, with K negatives from the same impression re-drawn every epoch.
 
@@ -106,12 +125,9 @@ class TrainDataset(Dataset):
         self.skipped_no_negative = int(((clicks > 0) & (negatives == 0)).sum())
         self.skipped_no_click = int((clicks == 0).sum())
         positive_flat = np.flatnonzero(labels == 1)
-        self.kept_impressions = len(sizes)
-        if fraction < 1:
-            self.kept_impressions = max(1, int(round(fraction * len(sizes))))
-            chosen = np.zeros(len(sizes), dtype=bool)
-            chosen[np.random.default_rng([seed, 23]).permutation(len(sizes))[:self.kept_impressions]] = True
-            positive_flat = positive_flat[chosen[impression_of[positive_flat]]]
+        chosen = train_share(len(sizes), fraction, seed)
+        self.kept_impressions = int(chosen.sum())
+        positive_flat = positive_flat[chosen[impression_of[positive_flat]]]
         keep = negatives[impression_of[positive_flat]] > 0
         self.positive_flat = positive_flat[keep]  # [S] flat index of each sample's clicked candidate
         self.sample_impression = impression_of[self.positive_flat]  # [S]

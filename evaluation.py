@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 import scorer
 import significance
 import util
-from dataset import EvalDataset
+from dataset import EvalDataset, train_share_of
 from devices import Runtime, _sum_over_ranks
 
 
@@ -196,19 +196,32 @@ def metrics_of(per: dict[str, Any] | None) -> dict[str, Any]:
     return {"labelled": False} if per is None else {**scorer.mean_metrics(per), "labelled": True}
 
 
-def train_popularity(train_beh: dict[str, Any], news_num: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per news [N]: clicks and impressions (times shown) in the train split."""
+def train_popularity(train_beh: dict[str, Any], news_num: int,
+                     share: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per news [N]: clicks and impressions (times shown) in the train split; with `share` ([I] bool,
+    `dataset.train_share`) in those train impressions only."""
     cands, labels = np.asarray(train_beh["candidates"]), np.asarray(train_beh["labels"])
+    if share is not None and not share.all():
+        offsets = np.asarray(train_beh["offsets"])
+        keep = np.repeat(share, np.diff(offsets))  # [N candidates] bool
+        cands, labels = cands[keep], labels[keep]
     return np.bincount(cands, weights=labels == 1, minlength=news_num), np.bincount(cands, minlength=news_num)
 
 
-def popularity_per_impression(train_beh: dict[str, Any], beh: dict[str, Any], news_num: int) -> dict[str, Any]:
+def popularity_per_impression(train_beh: dict[str, Any], beh: dict[str, Any], news_num: int,
+                              share: np.ndarray | None = None) -> dict[str, Any]:
     """The popularity baseline per impression (`scorer.per_impression_metrics`): a candidate scores its click count
-    in train (impressions as tie-break)."""
-    clicks, shown = train_popularity(train_beh, news_num)
+    in train (impressions as tie-break), counted in the train impressions `share` (None: all)."""
+    clicks, shown = train_popularity(train_beh, news_num, share)
     score = clicks + shown * 1e-6
     flat = score[np.asarray(beh["candidates"])]
     return scorer.per_impression_metrics(flat, np.asarray(beh["labels"]).astype(np.int64), np.asarray(beh["offsets"]))
+
+
+def popularity_for(config, train_beh: dict[str, Any], beh: dict[str, Any], news_num: int) -> dict[str, Any]:
+    """The popularity baseline of a run: counted in the train impressions its --train_fraction / --seed share
+    reads, so a few-label run's baseline sees the labels the run saw, no more."""
+    return popularity_per_impression(train_beh, beh, news_num, train_share_of(config, train_beh))
 
 
 def write_records(folder: Path, per: dict[str, Any] | None, popularity: dict[str, Any] | None, beh: dict[str, Any],
@@ -226,11 +239,12 @@ def write_records(folder: Path, per: dict[str, Any] | None, popularity: dict[str
     return written
 
 
-def popularity_rank(train_beh: dict[str, Any], news_num: int) -> np.ndarray:
+def popularity_rank(train_beh: dict[str, Any], news_num: int, share: np.ndarray | None = None) -> np.ndarray:
     """[N] int64, 0 = most popular: news ordered by train clicks, then train impressions (both descending), then
-    news index. A total order of the news, so candidates with equal model scores are ordered by what they are,
-    never by where they stand in the impression (--tie_break=popularity)."""
-    clicks, shown = train_popularity(train_beh, news_num)
+    news index, counted in the train impressions `share` (None: all). A total order of the news, so candidates with
+    equal model scores are ordered by what they are, never by where they stand in the impression
+    (--tie_break=popularity)."""
+    clicks, shown = train_popularity(train_beh, news_num, share)
     order = np.lexsort((np.arange(news_num), -shown, -clicks))
     rank = np.empty(news_num, dtype=np.int64)
     rank[order] = np.arange(news_num)
@@ -238,8 +252,11 @@ def popularity_rank(train_beh: dict[str, Any], news_num: int) -> np.ndarray:
 
 
 def tie_rank_for(config, train_beh: dict[str, Any], news_num: int) -> np.ndarray | None:
-    """`--tie_break` -> the `tie_rank` argument of `evaluate`."""
-    return popularity_rank(train_beh, news_num) if config.tie_break == "popularity" else None
+    """`--tie_break` -> the `tie_rank` argument of `evaluate`: popularity counted in the run's --train_fraction
+    share of the train impressions (the labels the run trained on)."""
+    if config.tie_break != "popularity":
+        return None
+    return popularity_rank(train_beh, news_num, train_share_of(config, train_beh))
 
 
 def format_metrics(m: dict[str, Any]) -> str:
@@ -359,7 +376,8 @@ def rerank_and_measure(config, corpus, beh: dict[str, Any], result: EvalResult,
         ba.check_k(config.beyond_k, result.offsets)  # before any slow work
     if config.rerank == "none" and not names:
         return None
-    clicks, _ = train_popularity(train_beh, len(corpus.news["category"]))
+    # novelty and popularity bias count the clicks of the run's --train_fraction share, as the popularity baseline does
+    clicks, _ = train_popularity(train_beh, len(corpus.news["category"]), train_share_of(config, train_beh))
     needs = [m for m in names if "sentiment" not in ba.METRICS[m].reads]
     if config.rerank == "mmr":
         needs.append("ild_embedding")

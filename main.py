@@ -38,7 +38,7 @@ from evaluation import (
     evaluation_provenance,
     format_metrics,
     format_ties,
-    popularity_per_impression,
+    popularity_for,
     records_folder,
     rerank_and_measure,
     tie_rank_for,
@@ -351,7 +351,7 @@ def write_evaluation_report(cfg: Config, corpus: Corpus, path: Path, ckpt: dict[
     report.update({"folder": str(out_dir), "provenance": provenance})
     pop = None
     if result.per_impression is not None:
-        pop = popularity_per_impression(corpus.behaviors("train"), beh, news_num)
+        pop = popularity_for(cfg, corpus.behaviors("train"), beh, news_num)
         report["popularity_metrics"] = scorer.mean_metrics(pop)
     model_name = cfg.model_name + (f"+{reranked}" if reranked else "")
     meta = {"split": split, "dataset": cfg.dataset, "corpus": str(corpus.root), "model": model_name,

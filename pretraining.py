@@ -1,11 +1,13 @@
-"""Self-supervised pretraining of the news and user encoders on click sequences, without impression labels.
+"""Self-supervised pretraining of the news and user encoders on click sequences (train clicks included: below).
 
 `--mode=pretrain --pretrain_tasks=contrastive,mip,...` trains any news encoder x user encoder pairing on users'
 click sequences and saves the encoders in `<output_dir>/<dataset>/<news>-<user>/pretrain#<n>/`;
 `--mode=train --init_from=<that checkpoint>` starts fine-tuning from its encoder weights (`load_pretrained_encoders`).
 
-What it reads (nothing else): the train split's histories and clicked candidates, and the history column of
-dev/test behaviours (known when predicting). Never a dev/test candidate or label (`build_sequences`).
+What it reads (nothing else): the train split's histories and clicked candidates (train labels: the news clicked
+in each train impression, of --train_fraction's seeded share only, `dataset.train_share`), and the history column
+of dev/test behaviours (known when predicting). Never a dev/test candidate or label, and never a train non-click
+(`build_sequences`).
 
 The objectives are registered in `PRETRAIN_TASKS`, each with its own settings class (its flags, weight included):
     contrastive   two views of a user's history (crop / mask / reorder) -> user vectors; InfoNCE against the other
@@ -45,6 +47,7 @@ from torch.utils.data import Dataset
 
 import util
 from checkpoints import save_checkpoint
+from dataset import train_share_of
 from layers import Registry
 from model import Model, ModelOutput
 from settings import Settings, setting
@@ -287,30 +290,38 @@ class Sequences:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def build_sequences(train: dict[str, Any], history_only: list[tuple[str, dict[str, Any]]], max_history: int) -> Sequences:
+def build_sequences(train: dict[str, Any], history_only: list[tuple[str, dict[str, Any]]], max_history: int,
+                    share: np.ndarray | None = None) -> Sequences:
     """The sequences pretraining may read: each train impression's history followed by its clicked candidates
     (train labels), and every history of the other splits' behaviours (the history column only: their candidates
     and labels are never read). The most recent `max_history` clicks are kept; empty and repeated sequences are
     dropped (counted).
 
-    Args: train: the train split's behaviour arrays; history_only: (split name, arrays) of dev/test.
+    Args: train: the train split's behaviour arrays; history_only: (split name, arrays) of dev/test; share: [I]
+    bool, the train impressions to read (`dataset.train_share`, --train_fraction; None: all). The others are not
+    read at all, neither their clicks nor their history.
     """
     rows, users, counts = [], [], {}
     hist = np.asarray(train["histories"])[np.asarray(train["history_row"])]  # [I, H]
     labels, offsets = np.asarray(train["labels"]), np.asarray(train["offsets"])
     cands = np.asarray(train["candidates"])
     sizes = np.diff(offsets)
+    share = np.ones(len(sizes), dtype=bool) if share is None else share
     imp_of = np.repeat(np.arange(len(sizes)), sizes)
     clicked = np.flatnonzero((labels == 1) & (cands > 0))
     click_news, click_imp = cands[clicked], imp_of[clicked]
     per_imp = np.split(click_news, np.searchsorted(click_imp, np.arange(1, len(sizes))))
-    seq = np.zeros((len(sizes), max_history), dtype=np.int64)
-    for i, (h, c) in enumerate(zip(hist, per_imp)):
-        items = np.concatenate([h[h > 0], c])[-max_history:]
-        seq[i, :len(items)] = items
+    kept = np.flatnonzero(share)
+    seq = np.zeros((len(kept), max_history), dtype=np.int64)
+    for row, i in enumerate(kept):
+        h = hist[i]
+        items = np.concatenate([h[h > 0], per_imp[i]])[-max_history:]
+        seq[row, :len(items)] = items
     rows.append(seq)
-    users.append(np.asarray(train["user"], dtype=np.int64))
-    counts["train impressions"] = len(sizes)
+    users.append(np.asarray(train["user"], dtype=np.int64)[kept])
+    counts["train impressions"] = len(kept)
+    if len(kept) < len(sizes):
+        counts["train impressions outside --train_fraction (not read)"] = len(sizes) - len(kept)
     for split, beh in history_only:
         used, first = np.unique(np.asarray(beh["history_row"]), return_index=True)
         h = np.asarray(beh["histories"])[used].astype(np.int64)
@@ -332,6 +343,16 @@ def build_sequences(train: dict[str, Any], history_only: list[tuple[str, dict[st
     keep = np.sort(keep)
     counts["repeated (dropped)"] = len(news) - len(keep)
     return Sequences(news[keep], user[keep], counts)
+
+
+def pretraining_sequences(config, corpus) -> Sequences:
+    """The sequences of a pretraining run (`build_sequences`): the train impressions of the run's --train_fraction
+    share (`dataset.train_share`, the share training with the same --seed reads), and with
+    --pretrain_eval_histories the history column of dev/test."""
+    train = corpus.behaviors("train")
+    others = [(s, corpus.behaviors(s)) for s in ("dev", "test")
+              if config.pretrain_eval_histories and s in corpus.splits]
+    return build_sequences(train, others, config.max_history_num, train_share_of(config, train))
 
 
 def holdout_split(seqs: Sequences, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -875,9 +896,7 @@ class PretrainTrainer(Trainer):
     def _sequences(self) -> tuple[Sequences, np.ndarray, np.ndarray]:
         if not hasattr(self, "_seqs"):
             cfg = self.config
-            others = [(s, self.corpus.behaviors(s)) for s in ("dev", "test")
-                      if cfg.pretrain_eval_histories and s in self.corpus.splits]
-            seqs = build_sequences(self.corpus.behaviors("train"), others, cfg.max_history_num)
+            seqs = pretraining_sequences(cfg, self.corpus)
             rows, held = holdout_split(seqs, cfg.pretrain_holdout, cfg.seed)
             self.log(f"pretraining sequences: {len(rows)} for training, {len(held)} held out (the users of "
                      f"--pretrain_holdout {cfg.pretrain_holdout}); from "

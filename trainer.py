@@ -44,7 +44,7 @@ from evaluation import (
     evaluate,
     format_metrics,
     format_ties,
-    popularity_per_impression,
+    popularity_for,
     tie_rank_for,
     write_records,
 )
@@ -484,7 +484,7 @@ class Trainer:
         tie_rank = tie_rank_for(cfg, self.corpus.behaviors("train"), self.raw.news_num)
         pop = None
         if self.runtime.is_main:
-            pop = popularity_per_impression(self.corpus.behaviors("train"), dev_beh, self.raw.news_num)
+            pop = popularity_for(cfg, self.corpus.behaviors("train"), dev_beh, self.raw.news_num)
             self.log(f"popularity baseline, dev: {format_metrics(scorer.mean_metrics(pop))}")
         return dev_beh, tie_rank, pop
 
