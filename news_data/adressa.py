@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from MIND_corpus import SPLITS, CorpusError, file_signature
-from news_data.registry import MARKER, NewsDataset, SkipCounts, check_replaceable, clean_text, read_marker, register
+from news_data.registry import MARKER, NewsDataset, SkipCounts, clean_text, read_marker, register, up_to_date
 from util import atomic_write, replace_dir_atomically
 
 URL = "https://reclab.idi.ntnu.no/dataset/{name}.tar.gz"
@@ -186,10 +186,8 @@ class AdressaDataset(NewsDataset):
         target = self.corpus_folder(data_dir)
         source = {"files": [file_signature(p) for p in files], "protocol": ADRESSA_PROTOCOL,
                   "period_days": self.period_days}
-        marker = read_marker(target)
-        if marker is not None and marker.get("source") == source:
+        if up_to_date(target, self.name, source=source):
             return target
-        check_replaceable(target, self.name)
         t0 = time.time()
 
         def build(tmp: Path) -> None:

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from MIND_corpus import SPLITS, CorpusError, file_signature
-from news_data.registry import MARKER, NewsDataset, SkipCounts, check_replaceable, clean_text, read_marker, register
+from news_data.registry import MARKER, NewsDataset, SkipCounts, clean_text, read_marker, register, up_to_date
 from util import atomic_write, replace_dir_atomically
 
 # The organisers' links (given after registering at recsys.eb.dk).
@@ -371,10 +371,8 @@ class EbnerdDataset(NewsDataset):
     def _convert(self, data_dir: Path, raw: dict[str, Path], log: Callable) -> Path:
         target = self.corpus_folder(data_dir)
         source = {k: file_signature(p) for k, p in raw.items()}
-        marker = read_marker(target)
-        if marker is not None and marker.get("source") == source and marker.get("history_kept") == HISTORY_KEPT:
+        if up_to_date(target, self.name, source=source, history_kept=HISTORY_KEPT):
             return target
-        check_replaceable(target, self.name)
         t0 = time.time()
         log(f"converting EB-NeRD ({self.name}) into {target} ...")
         replace_dir_atomically(target, lambda tmp: build_corpus(tmp, raw, source, log))

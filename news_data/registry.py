@@ -137,6 +137,16 @@ def check_replaceable(folder: Path, dataset: str) -> None:
                               f"(no {MARKER} file): move it away, or use another --data_dir")
 
 
+def up_to_date(folder: Path, dataset: str, **expected: Any) -> bool:
+    """Whether `folder` holds a conversion whose marker records `expected` (its source files' signatures, the
+    protocol's version); if not, it must be ours to rebuild (`check_replaceable`) and False is returned."""
+    marker = read_marker(folder)
+    if marker is not None and all(marker.get(k) == v for k, v in expected.items()):
+        return True
+    check_replaceable(folder, dataset)
+    return False
+
+
 def clean_text(value) -> str:
     """A text field as one tsv cell: tabs and line breaks become spaces (MIND files have none); None is ''."""
     if value is None:

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from MIND_corpus import NEWS_COLUMNS, SPLITS, CorpusError, file_signature
-from news_data.registry import MARKER, NewsDataset, SkipCounts, check_replaceable, read_marker, register
+from news_data.registry import MARKER, NewsDataset, SkipCounts, read_marker, register, up_to_date
 from util import atomic_write, replace_dir_atomically
 
 URL = "https://github.com/andreeaiana/xMIND/raw/main/xMIND/{lang}/{name}"
@@ -149,10 +149,8 @@ class XmindDataset(NewsDataset):
     def _convert(self, data_dir: Path, language: str, raw: dict[str, Path], log: Callable) -> Path:
         target = self.corpus_folder(data_dir, language)
         source = {k: file_signature(p) for k, p in raw.items()}
-        marker = read_marker(target)
-        if marker is not None and marker.get("source") == source:
+        if up_to_date(target, self.name, source=source):
             return target
-        check_replaceable(target, self.name)
         t0 = time.time()
 
         def build(tmp: Path) -> None:
