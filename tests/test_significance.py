@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from common import SMALL_MODEL, TINY_DEMO
+from common import SMALL_MODEL, TINY_DEMO, copy_demo_without_test_labels
 from scipy import stats
 
 import run_records
@@ -373,15 +373,8 @@ def test_compare_flag_rules():
 
 
 def test_unlabelled_test_split_writes_no_records(two_runs, tmp_path, capsys):
-    import shutil
-
     tmp, common, ckpts = two_runs
-    data = tmp_path / "data"
-    shutil.copytree(tmp / "data" / "MIND-demo", data / "MIND-demo")
-    beh = data / "MIND-demo" / "test" / "behaviors.tsv"
-    rows = [line.split("\t") for line in beh.read_text().splitlines()]
-    beh.write_text("".join("\t".join(r[:4] + [" ".join(c.rsplit("-", 1)[0] for c in r[4].split())]) + "\n"
-                           for r in rows))
+    data = copy_demo_without_test_labels(tmp / "data", tmp_path / "data")
     report = main(["--mode=test", f"--test_model_path={ckpts[0]}", f"--data_dir={data}", "--no-progress"])
     assert "per_impression" not in report
     assert "the test split has no labels: no per-impression metrics written" in capsys.readouterr().out
