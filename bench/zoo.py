@@ -7,7 +7,10 @@
 
 Prints a markdown table (dev AUC / MRR / nDCG@5 / nDCG@10 of the best epoch, mean train seconds per epoch,
 trainable parameters; with `--seeds`, one run per seed and each metric as mean ± sample std over them) and the
-same rows as TSV; README.md quotes the table measured on this project's machine.
+same rows as TSV; README.md quotes the table measured on this project's machine. After training, each run's best
+checkpoint is scored by `main.py --mode=dev` (the same dev split), whose beyond-accuracy metrics
+(docs/beyond-accuracy.md, GloVe embedding, k = 5 and 10) fill a second table and TSV: `BEYOND_COLUMNS` at k = 10
+in the markdown, every metric at both k in the TSV (`--no_beyond` skips this step).
 Runs go to `--output_dir` (default `best_model/_bench/`, git-ignored), so they do not mix with your own runs.
 """
 from __future__ import annotations
@@ -47,6 +50,9 @@ PAPER_MODELS: dict[str, list[str]] = {
     "MINS": ["--news_encoder=MHSA", "--user_encoder=MINS"],
 }
 KEYS = ("auc", "mrr", "ndcg5", "ndcg10")
+# The beyond-accuracy columns of the README's table (k = 10); the TSV has every metric at k = 5 and 10.
+BEYOND_COLUMNS = ("ild_category", "novelty", "calibration_js", "unexpectedness", "sentiment", "coverage", "gini",
+                  "personalization")
 
 
 def run(name: str, flags: list[str], args) -> dict:
@@ -64,10 +70,23 @@ def run(name: str, flags: list[str], args) -> dict:
     history = [epoch for r in runs for epoch in r["history"]]
     per_epoch = sum(r["train_seconds"] for r in history) / max(1, len(history))
     values = {k: np.array([r["dev_metrics"][k] for r in runs]) for k in KEYS}
+    beyond = {} if args.no_beyond else beyond_of(runs, args)
     return {"model": name, "flags": " ".join(flags), **{k: float(v.mean()) for k, v in values.items()},
             **{f"{k}_std": float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()},
             "runs": len(runs), "best_epoch": [r["best_epoch"] for r in runs], "train_s_per_epoch": per_epoch,
-            "wall_s": wall, "params": params}
+            "wall_s": wall, "params": params, "beyond": beyond}
+
+
+def beyond_of(runs: list[dict], args) -> dict[str, float]:
+    """`--mode=dev` on each run's best checkpoint: the beyond-accuracy means (metric@k), averaged over the runs."""
+    means: dict[str, list[float]] = {}
+    for r in runs:
+        with contextlib.redirect_stdout(io.StringIO()):
+            report = main(["--mode=dev", f"--dev_model_path={r['checkpoint']}", "--no-progress",
+                           f"--data_dir={args.data_dir}"])
+        for key, value in report["beyond"]["means"].items():
+            means.setdefault(key, []).append(value)
+    return {key: float(np.mean(v)) for key, v in means.items()}
 
 
 def cell(row: dict, key: str) -> str:
@@ -85,6 +104,7 @@ def main_cli(argv=None) -> list[dict]:
     p.add_argument("--data_dir", default="data")
     p.add_argument("--output_dir", default="best_model/_bench")
     p.add_argument("--extra", action="append", default=[], help="a flag passed to every run (repeatable)")
+    p.add_argument("--no_beyond", action="store_true", help="skip the beyond-accuracy dev evaluation of each run")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in PAPER_MODELS]
@@ -105,7 +125,24 @@ def main_cli(argv=None) -> list[dict]:
     for r in rows:
         print(f"{r['model']}\t{r['runs']}\t" + "\t".join(f"{r[k]:.4f}\t{r[k + '_std']:.4f}" for k in KEYS)
               + f"\t{r['train_s_per_epoch']:.1f}")
+    print_beyond(rows)
     return rows
+
+
+def print_beyond(rows: list[dict]) -> None:
+    """The beyond-accuracy table (k = 10) and every metric at every k as TSV."""
+    rows = [r for r in rows if r["beyond"]]
+    if not rows:
+        return
+    print("\n| model | " + " | ".join(f"{c}@10" for c in BEYOND_COLUMNS) + " |")
+    print("|---|" + "---|" * len(BEYOND_COLUMNS))
+    for r in rows:
+        print(f"| {r['model']} | " + " | ".join(f"{r['beyond'].get(c + '@10', float('nan')):.4f}"
+                                             for c in BEYOND_COLUMNS) + " |")
+    keys = sorted({k for r in rows for k in r["beyond"]})
+    print("\nmodel\t" + "\t".join(keys))
+    for r in rows:
+        print(f"{r['model']}\t" + "\t".join(f"{r['beyond'].get(k, float('nan')):.4f}" for k in keys))
 
 
 if __name__ == "__main__":
