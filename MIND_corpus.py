@@ -535,7 +535,7 @@ def build_news(files: dict[str, Path], word_threshold: int, max_title: int, max_
     frames, duplicates, file_rows = [], {}, {}
     for split, path in files.items():
         f = read_tsv(path, NEWS_COLUMNS)
-        file_rows[str(path)] = len(f)
+        file_rows[split] = len(f)  # by split: the cache serves every spelling of the same data folder
         if not len(f):
             raise CorpusError(f"{path}: no news (the file is empty); every split's news.tsv lists the news its "
                               f"behaviors.tsv shows: rebuild the corpus (python prepare_MIND_dataset.py) or fix the file")
@@ -1102,10 +1102,11 @@ class Corpus:
         files, as MIND's dev news.tsv repeats train's, is one news), so N is below the files' total rows."""
         n = self.meta.news_num - 1
         rows = self.news_meta.get("news_rows")  # (absent from caches built before it was recorded)
-        if rows is None or len(self.splits) == 1:
+        if rows is None or len(self.splits) == 1 or any(s not in rows for s in self._news_files):
+            # (caches built before the counts were keyed by split keyed them by the path's first spelling)
             return f"{n} news"
         return (f"{n} news (distinct NewsIDs of {len(self.splits)} news.tsv files of "
-                f"{'/'.join(str(rows[str(p)]) for p in self._news_files.values())} rows ({'/'.join(self.splits)}): "
+                f"{'/'.join(str(rows[s]) for s in self._news_files)} rows ({'/'.join(self.splits)}): "
                 f"a news in several files is read once)")
 
     def _entity_count_text(self) -> str:

@@ -532,3 +532,16 @@ def test_vectorised_news_table_equals_reference(tmp_path):
         for name, value in want.items():
             assert np.array_equal(arrays[name], value), (name, threshold)
         assert (arrays["title_entity"] > 0).sum() > 50 and (arrays["abstract_entity"] > 0).sum() > 50
+
+
+def test_cache_built_with_relative_data_dir_reads_with_absolute_one(tmp_path, monkeypatch):
+    """The corpus cache is keyed by each file's resolved path, so one cache serves `--data_dir=data` and
+    `--data_dir=/abs/.../data`; the news row counts of its log line must be found under either spelling (they
+    were stored under the spelling of the first build: a KeyError on the second)."""
+    demo_corpus.generate_demo(tmp_path / "data" / "MIND-demo", num_news=120, num_users=30, num_train_impressions=40,
+                              num_dev_impressions=15, num_test_impressions=10)
+    monkeypatch.chdir(tmp_path)
+    for data_dir in ("data", str(tmp_path / "data")):
+        logs = []
+        Corpus(Config.from_args(["--dataset=demo", f"--data_dir={data_dir}"]), need_glove=False, log=logs.append)
+        assert any("news (distinct NewsIDs of 3 news.tsv files" in line for line in logs), (data_dir, logs)
