@@ -382,6 +382,9 @@ def output_folder(requested: str | None, output_dir, dataset: str, stamp: str) -
         if folder.exists() and not folder.is_dir():
             raise FileExistsError(f"--compare_output {folder} is a file, not a folder; give a folder (compare writes "
                                   f"compare.md and compare.tsv into it and never overwrites a file)")
+        if not folder.exists() and folder.suffix.lower() in (".md", ".tsv", ".txt", ".csv", ".json"):
+            raise FileExistsError(f"--compare_output {folder} looks like a file name; it is the folder compare writes "
+                                  f"compare.md and compare.tsv into: give a folder (e.g. {folder.with_suffix('')})")
         taken = [name for name in ("compare.md", "compare.tsv") if (folder / name).exists()]
         if taken:
             raise FileExistsError(f"--compare_output {folder} already holds {', '.join(taken)}; choose another "

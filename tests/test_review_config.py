@@ -268,6 +268,17 @@ def test_compare_output_naming_an_existing_file_is_an_error(tmp_path, capsys):
     assert taken.read_text() == "mine\n"
 
 
+def test_compare_output_spelled_as_a_new_file_is_an_error_not_a_folder_of_that_name(tmp_path, capsys):
+    """`--compare_output=results.md` (a path that does not exist yet) used to become a folder named results.md."""
+    _fake_records(tmp_path / "#1")
+    _fake_records(tmp_path / "#2", seed=1)
+    wanted = tmp_path / "results.md"
+    code = cli(["--mode=compare", "--runs", str(tmp_path / "#1"), str(tmp_path / "#2"), f"--compare_output={wanted}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and str(wanted) in err and "folder" in err, err
+    assert not wanted.exists()
+
+
 def test_compare_split_test_names_the_test_records_it_looked_for(tmp_path, capsys):
     _fake_records(tmp_path / "#1")  # dev records only
     _fake_records(tmp_path / "#2", seed=1)
