@@ -130,8 +130,14 @@ def setup_runtime(config, log: Callable = print) -> Runtime:
 def shutdown_runtime(rt: Runtime) -> None:
     """Leave the process group after a normal end (after an error the process just exits: torchrun stops the rest)."""
     if rt.distributed and util.dist_active():
+        import gc
+
         import torch.distributed as dist
 
+        # A DDP wrapper left in a reference cycle (the trainer and its callbacks) still holds the group's reducer;
+        # destroying the group under it made a test script abort at exit now and then ("terminate called without an
+        # active exception"). Collect it first, on every rank, then meet.
+        gc.collect()
         util.barrier(rt.wait_group)
         if rt.owns_group:
             dist.destroy_process_group()
