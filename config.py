@@ -508,8 +508,9 @@ class Config:
                 errors += settings_cls.from_values(self.values).errors()
         news_cls = NEWS_ENCODERS.get(self.news_encoder)
         if self.category_fusion and news_cls is not None and "category" in news_cls.features:
-            errors.append(f"--category_fusion: --news_encoder {self.news_encoder} reads the category and subcategory "
-                          f"itself; drop the flag (it is for encoders that do not)")
+            reads = " and ".join(c for c in ("category", "subcategory") if c in news_cls.features)
+            errors.append(f"--category_fusion: --news_encoder {self.news_encoder} reads the {reads} itself; drop the "
+                          f"flag (it is for encoders that do not)")
         if self.resume and self.mode != "train":
             errors.append("--resume continues training: use it with --mode=train")
         stray_tune = sorted(f for f in self.typed if f in TuneSettings.names() and self.values[f] is not None)

@@ -128,9 +128,11 @@ def test_category_fusion_appends_both_embeddings_trains_and_evaluates(zoo, news,
     torch.testing.assert_close(vectors[:, -8:], enc.fusion_subcategory(feats["subcategory"].long()))
 
 
-@pytest.mark.parametrize("news", ["NAML", "CNE", "HDC"])
-def test_category_fusion_is_refused_for_encoders_that_read_categories(zoo, news):
-    with pytest.raises(ValueError, match=f"--category_fusion: --news_encoder {news} reads the category"):
+@pytest.mark.parametrize("news, reads", [("NAML", "category and subcategory"), ("CNE", "category and subcategory"),
+                                         ("HDC", "category and subcategory"), ("TANR", "category itself")])
+def test_category_fusion_is_refused_for_encoders_that_read_categories(zoo, news, reads):
+    """The refusal names what the encoder reads (TANR reads only the category, for its topic loss)."""
+    with pytest.raises(ValueError, match=f"--category_fusion: --news_encoder {news} reads the {reads}"):
         make_config(zoo[0], news, "ATT" if news != "HDC" else "FIM", None, "--category_fusion")
 
 
