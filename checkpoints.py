@@ -373,17 +373,34 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def settings_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Settings that differ between two `model_settings` dicts (a checkpoint's and the model built now):
-    ['--head_num: checkpoint 4, now 20', ...]."""
-    out = [f"--{key}: checkpoint {saved.get(key)}, now {now.get(key)}"
-           for key in ("news_encoder", "user_encoder", "click_predictor") if saved.get(key) != now.get(key)]
-    for group in ("shared", "news", "user", "click"):
+def settings_differences(saved: dict[str, Any], now: dict[str, Any], *, with_click: bool = True,
+                         other_class_by_name: bool = False) -> list[str]:
+    """Settings that differ between two `model_settings` dicts (a checkpoint's and the model built now), one line per
+    flag (a flag shared by the news and user encoders once), the encoder classes first, then the flags sorted:
+    ['--head_num: checkpoint 4, now 20', ...]. A flag one side lacks shows as `not a setting`.
+
+    with_click: compare the click predictor and its settings too (False where it is not loaded: --init_from).
+    other_class_by_name: an encoder of another class is reported by its name alone (its settings are another
+    class's, so listing them says nothing more)."""
+    classes = ("news_encoder", "user_encoder") + (("click_predictor",) if with_click else ())
+    head: dict[str, str] = {}
+    skipped = set()
+    for key in classes:
+        if saved.get(key) != now.get(key):
+            head[key] = f"--{key}: checkpoint {saved.get(key)}, now {now.get(key)}"
+            if other_class_by_name:
+                skipped.add(key.split("_")[0])  # news / user / click
+    shown = (lambda d, f: repr(d[f]) if f in d else "not a setting")
+    flags: dict[str, str] = {}
+    for group in ("shared", "news", "user") + (("click",) if with_click else ()):
+        if group in skipped:
+            continue
         a, b = saved.get(group) or {}, now.get(group) or {}
         for flag in sorted(set(a) | set(b)):
-            if a.get(flag) != b.get(flag):
-                out.append(f"--{flag}: checkpoint {a.get(flag)!r}, now {b.get(flag)!r}")
-    return sorted(set(out), key=out.index)  # a flag shared by the news and user encoders once
+            if flag in flags or ((flag in a) == (flag in b) and a.get(flag) == b.get(flag)):
+                continue
+            flags[flag] = f"--{flag}: checkpoint {shown(a, flag)}, now {shown(b, flag)}"
+    return list(head.values()) + [flags[k] for k in sorted(flags)]
 
 
 def load_state(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:

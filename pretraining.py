@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import util
-from checkpoints import save_checkpoint
+from checkpoints import save_checkpoint, settings_differences
 from dataset import train_share_of
 from layers import Registry
 from model import Model, ModelOutput
@@ -991,28 +991,6 @@ class PretrainTrainer(Trainer):
 ENCODER_PREFIXES = ("news_encoder.", "user_encoder.")
 
 
-def settings_mismatch(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Encoder-shaping settings that differ between a checkpoint's `model_settings` and the model built now (the
-    click predictor is not compared: it is not loaded), one line per flag, sorted. -> ['--head_num: checkpoint 4,
-    now 2', ...]. An encoder of another class is reported by its name alone: its settings are another class's."""
-    out: dict[str, str] = {}
-    other = set()
-    for key, group in (("news_encoder", "news"), ("user_encoder", "user")):
-        if saved.get(key) != now.get(key):
-            out[key] = f"--{key}: checkpoint {saved.get(key)}, now {now.get(key)}"
-            other.add(group)
-    shown = (lambda d, f: repr(d[f]) if f in d else "not a setting")
-    for group in ("shared", "news", "user"):
-        if group in other:
-            continue
-        a, b = saved.get(group, {}), now.get(group, {})
-        for flag in sorted(set(a) | set(b)):
-            if flag not in out and (flag in a) == (flag in b) and a.get(flag) == b.get(flag):
-                continue
-            out.setdefault(flag, f"--{flag}: checkpoint {shown(a, flag)}, now {shown(b, flag)}")
-    return [out[k] for k in sorted(out)]
-
-
 @dataclass
 class InitFromResult:
     """What `load_pretrained_encoders` did: the tensors loaded, and those of the checkpoint dropped (only with
@@ -1051,7 +1029,7 @@ def load_pretrained_encoders(model: nn.Module, ckpt: dict[str, Any], path, archi
     if not isinstance(saved, dict):
         raise ValueError(f"--init_from {path}: the checkpoint records no model_settings; pass a checkpoint written by "
                          f"--mode=pretrain (best_model/<dataset>/<news>-<user>/pretrain#<n>/<news>-<user>)")
-    diff = settings_mismatch(saved, model.model_settings())
+    diff = settings_differences(saved, model.model_settings(), with_click=False, other_class_by_name=True)
     if architecture is not None:
         diff = [d for d in diff if d.split(":")[0][2:] in architecture]
     if diff:

@@ -177,15 +177,16 @@ def test_init_from_partial_without_init_from_is_an_error():
         Config.from_args(["--mode=train", "--init_from_partial"])
 
 
-def test_settings_mismatch_names_each_flag_once_and_never_now_none():
+def test_init_from_settings_differences_name_each_flag_once_and_never_now_none():
     now = {"news_encoder": "MHSA", "user_encoder": "GRU", "shared": {"head_num": 2, "word_embedding_dim": 50},
            "news": {"head_num": 2, "attention_dim": 16}, "user": {"gru_dim": 3}}
-    got = P.settings_mismatch(SAVED, now)
+    got = P.settings_differences(SAVED, now, with_click=False, other_class_by_name=True)
     # head_num is shared and a news setting: one line; the user encoder is another class: its name alone
-    assert got == ["--head_num: checkpoint 4, now 2", "--user_encoder: checkpoint MHSA, now GRU"]
+    assert got == ["--user_encoder: checkpoint MHSA, now GRU", "--head_num: checkpoint 4, now 2"]
     assert not any("None" in line for line in got)
     lost = {**SAVED, "news": {"head_num": 4}}
-    assert P.settings_mismatch(SAVED, lost) == ["--attention_dim: checkpoint 16, now not a setting"]
+    assert P.settings_differences(SAVED, lost, with_click=False, other_class_by_name=True) == [
+        "--attention_dim: checkpoint 16, now not a setting"]
 
 
 # -- a task that trains nothing ------------------------------------------------------------------------------------
