@@ -105,8 +105,9 @@ class RunSettings(Settings):
                                          modes=("dev", "explain"))
     test_model_path: str | None = setting(None, "checkpoint to predict with --mode=test (writes prediction.zip)",
                                           modes=("test",))
-    seed: int = setting(0, "random seed (recorded with the run)", check=_seed,
-                        modes=(*RUNNING_MODES, "compare"))
+    # Not read by dev/test/explain: the run's seed comes from the checkpoint (it picks the --train_fraction share
+    # that the popularity baseline, the tie rule and PP-Rec's counts read, and the records are paired by it).
+    seed: int = setting(0, "random seed (recorded with the run)", check=_seed, modes=("train", "pretrain", "compare"))
     seeds: list[int] | None = setting(None, "train once per seed, e.g. 1,2,3 (one run folder each), then print mean ± "
                                       "std over these runs", check=_seeds, modes=("train",))
     impression_id: str | None = setting(None, "--mode=explain: the dev impression (behaviors.tsv column 1)",

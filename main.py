@@ -50,7 +50,7 @@ from newsEncoders import get_news_encoder, resolve_plm_path
 from trainer import Callback, Trainer, TrainingInterrupted
 
 # Flags a user may change when evaluating a checkpoint (they do not change the model or the corpus arrays).
-EVAL_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_workers", "progress", "seed", "mode",
+EVAL_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_workers", "progress", "mode",
                     "dev_model_path", "test_model_path", "output_dir", "amp", "dist_timeout", "impression_id",
                     "explain_output", "tie_break", "beyond_metrics", "beyond_k", "beyond_embedding", "rerank",
                     "rerank_lambda")
@@ -354,10 +354,7 @@ def write_evaluation_report(cfg: Config, corpus: Corpus, path: Path, ckpt: dict[
         pop = popularity_for(cfg, corpus.behaviors("train"), beh, news_num)
         report["popularity_metrics"] = scorer.mean_metrics(pop)
     model_name = cfg.model_name + (f"+{reranked}" if reranked else "")
-    # The records' seed is the training run's (aggregate and compare group and pair runs by it); a --seed typed for
-    # this evaluation is kept beside it.
-    seeds = {"seed": ckpt["config"].get("seed", cfg.seed),
-             **({"eval_seed": cfg.seed} if cfg.seed != ckpt["config"].get("seed", cfg.seed) else {})}
+    seeds = {"seed": cfg.seed}  # the training run's (--seed is not an evaluation flag): records are paired by it
     meta = {"split": split, "dataset": cfg.dataset, "corpus": str(corpus.root), "model": model_name,
             "run": Path(path).parent.name, **seeds, "epoch": ckpt.get("epoch"), "checkpoint": str(path),
             "tie_break": cfg.tie_break, "written_by": f"--mode={split}"}

@@ -190,14 +190,16 @@ def test_dev_lists_metrics_json_and_reruns_refresh_only_their_own_records(traine
     assert json.loads((Path(other["folder"]) / "metrics.json").read_text())["provenance"]["tie_break"] == "position"
 
 
-def test_a_seed_typed_in_dev_mode_does_not_replace_the_runs_seed_in_the_records(trained):
-    """The records' `seed` is the training run's (aggregate and compare group and pair runs by it); a `--seed` typed
-    for the evaluation is kept beside it as `eval_seed`."""
+def test_a_seed_typed_in_dev_mode_is_not_read_and_the_records_keep_the_runs_seed(trained, capsys):
+    """--seed in dev/test replaced the run's seed: in the records (aggregate and compare pair runs by it) and in the
+    --train_fraction share the popularity baseline and tie rule read. Now it is an unread flag, said so."""
     tmp, data, result, run = trained
     trained_seed = json.loads((run / "config.json").read_text())["seed"]
+    capsys.readouterr()
     report = main(["--mode=dev", f"--dev_model_path={result['checkpoint']}", data, f"--seed={trained_seed + 7}"])
+    assert "--seed does nothing in --mode=dev" in capsys.readouterr().out
     meta = significance.load_per_impression(Path(report["folder"]) / "per_impression.npz").meta
-    assert meta["seed"] == trained_seed and meta["eval_seed"] == trained_seed + 7, meta
+    assert meta["seed"] == trained_seed, meta
 
 
 def test_explain_never_replaces_a_record(trained):
