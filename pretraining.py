@@ -795,9 +795,11 @@ class PretrainModel(Model):
 
     def __init__(self, config, meta: "CorpusMeta", news_table: dict[str, np.ndarray]):
         if get_user_encoder(config.user_encoder).needs_popularity:
-            raise ValueError(f"--mode=pretrain: --user_encoder {config.user_encoder} reads each clicked news' CTR at "
-                             f"the impression's time, and pretraining's click sequences carry no impression time; "
-                             f"pretrain another user encoder, or train {config.user_encoder} from scratch")
+            raise ValueError(f"--mode=pretrain: --user_encoder {config.user_encoder} scores candidates itself (the "
+                             f"user vector mixed with each candidate's time-aware popularity) and returns no user "
+                             f"vector, and that vector reads each clicked news' CTR at the impression's time, which "
+                             f"pretraining's click sequences do not carry: pretrain another user encoder, or train "
+                             f"{config.user_encoder} from scratch")
         super().__init__(config, meta, news_table)
         if self.news_encoder.personalized:
             raise ValueError(f"--mode=pretrain: --news_encoder {config.news_encoder} is personalized (its news vectors "
