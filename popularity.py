@@ -55,13 +55,13 @@ class PopularityTable:
     window: int
 
 
-def _checked_time(beh: dict[str, Any]) -> np.ndarray:
+def _checked_time(beh: dict[str, Any], reader: str) -> np.ndarray:
     """[I] int64 hours of a split's impressions; an unreadable Time is an error naming the file and its line."""
     stats = beh["stats"]
     if stats.get("bad_times"):
         line, text = stats["first_bad_time"]
         raise CorpusError(f"{beh['path']}:{line}: Time {text!r} is not 'M/D/YYYY h:mm:ss AM' (e.g. '11/15/2019 "
-                          f"8:55:22 AM'), and --user_encoder=PP-Rec reads the impression time "
+                          f"8:55:22 AM'), and {reader} reads the impression time "
                           f"({stats['bad_times']} lines of this file have such a Time): fix the file")
     return np.asarray(beh["time"], dtype=np.int64)
 
@@ -73,10 +73,11 @@ def _impression_of(beh: dict[str, Any]) -> np.ndarray:
 
 
 def build_popularity(train: dict[str, Any], splits: list[dict[str, Any]], news_num: int, share: np.ndarray,
-                     window: int) -> PopularityTable:
+                     window: int, reader: str = "a time-aware model") -> PopularityTable:
     """The table from the train split's impressions in `share` [I] bool (their labels) and the impression lists of
-    every split in `splits` (train included; no labels read), for a corpus of `news_num` news."""
-    time = _checked_time(train)
+    every split in `splits` (train included; no labels read), for a corpus of `news_num` news. `reader` names the
+    model in the error on an unreadable Time."""
+    time = _checked_time(train, reader)
     impression = _impression_of(train)
     news = np.asarray(train["candidates"], dtype=np.int64)
     labels = np.asarray(train["labels"])
@@ -89,7 +90,7 @@ def build_popularity(train: dict[str, Any], splits: list[dict[str, Any]], news_n
     clicked = np.bincount(inverse, weights=labels[keep] == 1, minlength=len(keys)).astype(np.int64)
     first_seen = np.full(news_num, NEVER_SHOWN, dtype=np.int64)
     for beh in splits:
-        split_time = _checked_time(beh)
+        split_time = _checked_time(beh, reader)
         cand = np.asarray(beh["candidates"], dtype=np.int64)
         np.minimum.at(first_seen, cand, split_time[_impression_of(beh)])
     first_seen[0] = NEVER_SHOWN
@@ -105,8 +106,8 @@ def time_popularity_for(config: "Config", corpus: "Corpus") -> PopularityTable |
         return None
     train = corpus.behaviors("train")
     splits = [corpus.behaviors(s) for s in corpus.splits]
-    return build_popularity(train, splits, len(corpus.news["category"]), train_share_of(config, train),
-                            config.pprec_ctr_window)
+    return build_popularity(train, splits, len(next(iter(corpus.news.values()))), train_share_of(config, train),
+                            config.pprec_ctr_window, f"--user_encoder={config.user_encoder}")
 
 
 class PopularityLookup(nn.Module):

@@ -502,7 +502,8 @@ def test_malformed_behaviors_rows(tmp_path, bad_line, message):
 
 
 def test_time_column_is_not_read_so_any_text_is_accepted(tmp_path):
-    """The models do not read Time; a bad timestamp is neither an error nor a change (documented in docs/MIND.md)."""
+    """Models that do not read Time build the same arrays from a bad timestamp: it is counted, not an error (docs/data.md;
+    PP-Rec, which reads it, refuses the split: tests/test_pprec.py)."""
     write_corpus(tmp_path / "a")
     write_corpus(tmp_path / "b", train=[r.replace("11/11/2019 9:05:58 AM", "yesterday") for r in TRAIN])
     a, b = corpus(tmp_path / "a").behaviors("train"), corpus(tmp_path / "b").behaviors("train")
