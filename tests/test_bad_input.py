@@ -525,7 +525,7 @@ def test_unknown_news_in_history_and_candidates_are_counted_by_policy(tmp_path):
 
 
 def test_unknown_dev_users_and_one_class_impressions_are_counted_in_the_log(tmp_path):
-    write_corpus(tmp_path, dev=DEV + ["13\tU1\tt\tN1\tN2-0 N3-0"])
+    write_corpus(tmp_path, dev=DEV + ["13\tU1\t11/12/2019 9:05:58 AM\tN1\tN2-0 N3-0"])  # a readable Time: not counted
     lines = []
     c = corpus(tmp_path, log=lines.append)
     stats = c.behaviors("dev")["stats"]

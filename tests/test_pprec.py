@@ -115,6 +115,19 @@ def test_batches_carry_the_impression_hour(tmp_path):
     assert torch.equal(evaluation.time, torch.from_numpy(dev["time"][evaluation.impression_index.numpy()]).long())
 
 
+def test_behaviors_cached_before_the_time_column_are_rebuilt(tmp_path, monkeypatch):
+    """A behaviors cache of reader version 2 has no `time`: version 3 builds anew instead of loading it."""
+    write_corpus(tmp_path)
+    monkeypatch.setattr(mc, "BEHAVIORS_READER_VERSION", 2)
+    toy_corpus(tmp_path)[1].behaviors("train")
+    before = {p.name for p in (tmp_path / "cache").iterdir()}
+    monkeypatch.undo()
+    train = toy_corpus(tmp_path)[1].behaviors("train")
+    assert [p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir() if p.name not in before] == [
+        "behaviors-train"]
+    assert "time" in train
+
+
 def test_an_unreadable_time_is_counted_and_pprec_refuses_the_split_naming_its_line(tmp_path, capsys):
     bad = [TRAIN[0], TRAIN[1].replace("11/11/2019 9:40:00 AM", "yesterday"), *TRAIN[2:]]
     write_corpus(tmp_path, train=bad)
