@@ -9,9 +9,9 @@ Which signal may be computed from which split (docs/models.md, "PP-Rec: which po
   `dataset.train_share` chooses it), per news and hour. At an impression of hour t it reads only the hours before t
   (`--pprec_ctr_window` of them, 0 = all): never the impression's own hour, so a training sample never sees its own
   label or a later click. Dev and test read the same train counts; their own labels are never read (test has none).
-- The news' first exposure (MIND has no publication time; the age is its proxy) is the earliest impression time at
-  which the news is shown, over the impression lists of every split: what the system has shown is known at serving
-  time, and no label is read. A candidate is shown at its own impression, so its first exposure is never later than
+- The news' first exposure (the corpus format has no publication time: it is the proxy) is the earliest impression
+  time at which the news is shown, over the impression lists of every split: what the system has shown is known at
+  serving time, and no label is read. A candidate is shown at its own impression, so its first exposure is never later than
   the impression: the age reads nothing of the future.
 
 The table is built once per run from the corpus (`time_popularity_for`) and held by the model as non-persistent
