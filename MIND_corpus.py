@@ -11,8 +11,9 @@ mtime) and every setting that changes the arrays, so a changed setting rebuilds 
 - `glove`     the word-embedding matrix for that vocabulary (float32).
 - `entity`    the entity-embedding matrix from the splits' `entity_embedding.vec` (float32, missing rows zero).
 - `users`     user ids of the train split (unknown users map to 0).
-- `behaviors-<split>`  impressions: user, a row into a de-duplicated history table (most recent
-              `--max_history_num` clicks, oldest first, left-aligned), flat candidates + labels + offsets.
+- `behaviors-<split>`  impressions: user, time (hours since 1970-01-01, int32), a row into a de-duplicated history
+              table (most recent `--max_history_num` clicks, oldest first, left-aligned), flat candidates + labels
+              + offsets.
 
 Arrays are saved as .npy and loaded with `mmap_mode="r"`, so DataLoader workers share the pages.
 Memory: behaviors.tsv is read `CHUNK_LINES` lines at a time and parsed from the bytes with numpy (candidate and
@@ -48,7 +49,10 @@ import util
 CACHE_VERSION = 2  # 2: duplicate rows within a news.tsv counted, or an error if they differ
 # Versions of one component's reader, in that component's cache key only (the others stay valid):
 ENTITY_READER_VERSION = 2  # 2: a BOM on entity_embedding.vec no longer hides its first entity (zero vector)
-BEHAVIORS_READER_VERSION = 2  # 2: a candidate listed twice with both labels is an error
+BEHAVIORS_READER_VERSION = 3  # 2: a candidate listed twice with both labels is an error; 3: the Time column kept
+# The Time column's format (MIND's, and what the EB-NeRD / Adressa converters write), e.g. "11/15/2019 8:55:22 AM".
+TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
+BAD_TIME = np.iinfo(np.int32).min  # `time` of an impression whose Time could not be read (counted in the stats)
 DATASETS = ("demo", "small", "200k", "large")  # --dataset: the generated demo and the MIND protocols (docs/MIND.md §2)
 SPLITS = ("train", "dev", "test")
 PAD, UNK = "<PAD>", "<UNK>"
@@ -703,7 +707,7 @@ def build_behaviors(path: Path, split: str, news_index: pd.Index, user_index: pd
     the line, as found while streaming (the first malformed line of the first chunk that has one).
     """
     builder = _BehaviorsBuilder(Path(path), split, _IdTable(news_index), user_index, max_history)
-    for chunk in iter_tsv(path, BEHAVIOR_COLUMNS, chunk_lines, usecols=(0, 1, 3)):
+    for chunk in iter_tsv(path, BEHAVIOR_COLUMNS, chunk_lines, usecols=(0, 1, 2, 3)):
         builder.add(chunk)
         del chunk
     return builder.result()
@@ -717,9 +721,11 @@ class _BehaviorsBuilder:
         self.path, self.split, self.news, self.user_index, self.max_history = path, split, news, user_index, max_history
         self.seen_histories: dict[str, int] = {}  # history text -> row of the history table
         self.parts: dict[str, list[np.ndarray]] = {k: [] for k in (
-            "impression_ids", "user", "history_row", "candidates", "labels", "sizes", "histories", "known", "length")}
+            "impression_ids", "user", "time", "history_row", "candidates", "labels", "sizes", "histories", "known",
+            "length")}
         self.stats = dict(impressions=0, candidates=0, unknown_history_news=0, unknown_candidate_news=0, no_click=0,
-                          no_negative=0)
+                          no_negative=0, bad_times=0)
+        self.first_bad_time: list | None = None  # [line, text] of the first Time that could not be read
         self.labelled: bool | None = None  # decided by the file's first candidate tokens: "N1-1" labelled, "N1" not
         self.first_token = ("", 0)  # (text, line) of the file's first candidate: the first bad one if labels come later
 
@@ -730,6 +736,7 @@ class _BehaviorsBuilder:
             raise CorpusError(f"{self.path}:{chunk.first_line + int(empty_user[0])}: empty UserID; every impression "
                               f"names its user")
         self.parts["user"].append((self.user_index.get_indexer(chunk.fields[:, 1]) + 1).astype(np.int32))  # -1 -> 0
+        self._times(chunk)
         start, end, row, column = chunk.tokens((3, 4))
         imp = column == 4
         self._candidates(chunk, start[imp], end[imp], row[imp])
@@ -750,6 +757,16 @@ class _BehaviorsBuilder:
                               + (" of at most 2^53" if not header and not np.isnan(as_float[i])
                                  and as_float[i] == np.floor(as_float[i]) else "") + header)
         return ids.to_numpy(np.int64)
+
+    def _times(self, chunk: TsvChunk) -> None:
+        """The Time column as hours since 1970-01-01 (int32). Only models that read the time (PP-Rec) need it, so an
+        unreadable Time is kept as BAD_TIME and counted; such a model refuses the split, naming the first line."""
+        hours, bad = parse_times(chunk.fields[:, 2])
+        self.parts["time"].append(hours)
+        if len(bad):
+            self.stats["bad_times"] += len(bad)
+            if self.first_bad_time is None:
+                self.first_bad_time = [chunk.first_line + int(bad[0]), str(chunk.fields[bad[0], 2])]
 
     def _labels(self, chunk: TsvChunk, c_start: np.ndarray, c_end: np.ndarray, c_row: np.ndarray):
         """(label [T] int8, -1 when unlabelled; end of each candidate's news id [T]). The file's first candidates
@@ -856,10 +873,27 @@ class _BehaviorsBuilder:
         if self.labelled:
             out_stats["no_click_impressions"] = stats["no_click"]
             out_stats["no_negative_impressions"] = stats["no_negative"]
-        arrays = dict(impression_ids=impr_ids, user=user, history_row=history_row, histories=histories,
+        if stats["bad_times"]:
+            out_stats["bad_times"] = stats["bad_times"]
+            out_stats["first_bad_time"] = self.first_bad_time
+        arrays = dict(impression_ids=impr_ids, user=user, time=cat("time", np.int32), history_row=history_row,
+                      histories=histories,
                       history_length=history_length, candidates=cat("candidates", np.int32),
                       labels=cat("labels", np.int8), offsets=offsets)
         return arrays, out_stats
+
+
+def parse_times(text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Time strings [R] ("11/15/2019 8:55:22 AM", TIME_FORMAT) -> (hours since 1970-01-01 [R] int32, floored; the
+    rows that do not parse [k] int64, whose hours are BAD_TIME). Vectorised (pandas' strptime over the column);
+    `datetime.strptime(text, TIME_FORMAT)` per line is the definition (tests/test_pprec.py)."""
+    parsed = pd.to_datetime(pd.Series(text, dtype=object), format=TIME_FORMAT, errors="coerce")
+    bad = np.flatnonzero(parsed.isna().to_numpy())
+    hours = parsed.to_numpy(dtype="datetime64[ns]")
+    out = np.full(len(text), BAD_TIME, dtype=np.int32)
+    good = ~np.isnat(hours)
+    out[good] = hours[good].astype("datetime64[h]").astype(np.int64)
+    return out, bad
 
 
 def _check_no_contradictory_labels(chunk: TsvChunk, c_start: np.ndarray, id_end: np.ndarray, c_row: np.ndarray,
@@ -1315,7 +1349,9 @@ class Corpus:
                            + ("dropped" if split == "train" else "scored as unknown news") + ")"),
                           ("empty_histories", "impressions with empty history"),
                           ("no_click_impressions", "impressions without clicks"),
-                          ("no_negative_impressions", "impressions without negatives")):
+                          ("no_negative_impressions", "impressions without negatives"),
+                          ("bad_times", "impressions whose Time is not 'M/D/YYYY h:mm:ss AM' (models that read the "
+                           "time refuse the split)")):
             if stats.get(key) and text:
                 parts.append(f"{stats[key]} {text}")
         return "; ".join(parts)

@@ -30,6 +30,8 @@ class Batch:
     target:           [B] long, position of the clicked candidate (training only; else None)
     labels:           [B, C] int8, 1/0 click labels, -1 = pad or unlabelled (evaluation only; else None)
     impression_index: [B] long, row of the impression in its split's behaviors arrays
+    time:             [B] long, the impression's hour (hours since 1970-01-01; MIND_corpus.BAD_TIME where its Time
+                      could not be read); None for arrays without a time column. Read by time-aware models (PP-Rec)
     """
 
     user: torch.Tensor
@@ -40,6 +42,7 @@ class Batch:
     target: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     impression_index: torch.Tensor | None = None
+    time: torch.Tensor | None = None
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return Batch(**{f.name: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
@@ -57,6 +60,12 @@ def _history(beh: dict[str, Any], rows: np.ndarray) -> tuple[torch.Tensor, torch
     hist = np.asarray(beh["histories"][beh["history_row"][rows]], dtype=np.int64)  # [B, H]
     history = torch.from_numpy(hist)
     return history, history != 0
+
+
+def _time(beh: dict[str, Any], rows: np.ndarray) -> torch.Tensor | None:
+    if "time" not in beh:
+        return None
+    return torch.from_numpy(np.asarray(beh["time"][rows], dtype=np.int64))
 
 
 def sample_negatives(num_negatives: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +174,7 @@ class TrainDataset(Dataset):
             candidates=torch.from_numpy(self.candidates[idx]),
             candidate_mask=torch.from_numpy(self.candidate_mask[idx]),
             target=torch.from_numpy(self.target[idx]),
-            impression_index=torch.from_numpy(imp),
+            impression_index=torch.from_numpy(imp), time=_time(self.beh, imp),
         )
 
 
@@ -203,4 +212,5 @@ class EvalDataset(Dataset):
             history=history, history_mask=history_mask,
             candidates=torch.from_numpy(cand), candidate_mask=torch.from_numpy(mask),
             labels=torch.from_numpy(labels), impression_index=torch.from_numpy(imp.astype(np.int64)),
+            time=_time(self.beh, imp),
         )

@@ -47,6 +47,7 @@ from evaluation import (
 from MIND_corpus import Corpus, CorpusError
 from model import Model, check_pairing
 from newsEncoders import get_news_encoder, resolve_plm_path
+from popularity import time_popularity_for
 from trainer import Callback, Trainer, TrainingInterrupted
 
 # Flags a user may change when evaluating a checkpoint (they do not change the model or the corpus arrays).
@@ -230,7 +231,7 @@ def train(config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     corpus = load_corpus_distributed(config, runtime)
     if ckpt is not None:
         check_corpus(ckpt, corpus, resume_path)
-    model = Model(config, corpus.meta, corpus.news)
+    model = Model(config, corpus.meta, corpus.news, time_popularity_for(config, corpus))
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rank0_print(f"model {config.model_name}: {n_params:,} trainable parameters")
     if config.init_from and ckpt is None:
@@ -310,7 +311,7 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
     follow_progress_flag(cfg)
     corpus = load_corpus_distributed(cfg, runtime)
     check_corpus(ckpt, corpus, path)
-    model = Model(cfg, corpus.meta, corpus.news)
+    model = Model(cfg, corpus.meta, corpus.news, time_popularity_for(cfg, corpus))
     load_state(model, ckpt, path)
     model.to(runtime.device)
     beh = corpus.behaviors(split)
@@ -506,7 +507,7 @@ def explain(config: Config) -> dict[str, Any]:
     follow_progress_flag(cfg)
     corpus = load_corpus(cfg)
     check_corpus(ckpt, corpus, path)
-    model = Model(cfg, corpus.meta, corpus.news)
+    model = Model(cfg, corpus.meta, corpus.news, time_popularity_for(cfg, corpus))
     load_state(model, ckpt, path)
     model.to(runtime.device)
     data = explain_impression(model, corpus, cfg.impression_id)

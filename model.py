@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from dataset import Batch
 from layers import Registry
 from newsEncoders import NEWS_ENCODERS, get_news_encoder
+from popularity import PopularityLookup, PopularityTable
 from settings import ComponentView, SharedDims, component_settings
 from userEncoders import USER_ENCODERS, UserInputs, UserOutput, get_user_encoder
 
@@ -197,9 +198,12 @@ class Model(nn.Module):
         meta: CorpusMeta (vocabulary / category / user sizes and pretrained matrices).
         news_table: dict of numpy arrays [N, ...] (the corpus news arrays); only the columns the news encoder
             declares in `features` (plus category when the user encoder needs it) are copied to the device.
+        popularity: the train CTR table and first exposures (`popularity.time_popularity_for(config, corpus)`),
+            for a user encoder that `needs_popularity` (PP-Rec); held as non-persistent buffers, never saved.
     """
 
-    def __init__(self, config: "Config", meta: "CorpusMeta", news_table: dict[str, np.ndarray]):
+    def __init__(self, config: "Config", meta: "CorpusMeta", news_table: dict[str, np.ndarray],
+                 popularity: PopularityTable | None = None):
         super().__init__()
         check_pairing(config.news_encoder, config.user_encoder, config.click_predictor, config)
         self.config = config
@@ -228,6 +232,11 @@ class Model(nn.Module):
             tensor = torch.from_numpy(np.array(news_table[name]))  # a copy: the cache arrays are read-only mmaps
             self.register_buffer(f"news_{name}", tensor, persistent=False)  # rebuilt from the corpus, not saved
         self.news_num = int(next(iter(news_table.values())).shape[0])
+        if self.user_encoder.needs_popularity:
+            if popularity is None:
+                raise ValueError(f"--user_encoder {config.user_encoder} reads time-aware news popularity: build the "
+                                 f"model with popularity=popularity.time_popularity_for(config, corpus)")
+            self.popularity = PopularityLookup(popularity)
 
     def model_settings(self) -> dict[str, Any]:
         """What the checkpoint stores as the model's settings (see `model_settings`)."""
@@ -320,6 +329,13 @@ class Model(nn.Module):
         if self.user_encoder.needs_category:
             inputs.history_category = self.news_category[batch.history].long()
             inputs.candidate_category = self.news_category[batch.candidates].long()
+        if self.user_encoder.needs_popularity:
+            if batch.time is None:
+                raise ValueError(f"--user_encoder {self.config.user_encoder} reads the impression time, and this "
+                                 f"batch carries none (Batch.time)")
+            inputs.history_ctr = self.popularity.ctr(batch.history, batch.time)
+            inputs.candidate_ctr = self.popularity.ctr(batch.candidates, batch.time)
+            inputs.candidate_age = self.popularity.age(batch.candidates, batch.time)
         out = self.user_encoder(inputs)
         # An encoder that scores candidates itself (FIM, MINER max/mean) returns logits; check_pairing made sure
         # the click predictor agrees.

@@ -52,7 +52,7 @@ from layers import Registry
 from model import Model, ModelOutput
 from settings import Settings, setting
 from trainer import GlobalBatchSampler, Trainer
-from userEncoders import UserEncoder, UserInputs
+from userEncoders import UserEncoder, UserInputs, get_user_encoder
 
 if TYPE_CHECKING:
     from MIND_corpus import CorpusMeta
@@ -794,6 +794,12 @@ class PretrainModel(Model):
     with each task's weighted loss in aux."""
 
     def __init__(self, config, meta: "CorpusMeta", news_table: dict[str, np.ndarray]):
+        if get_user_encoder(config.user_encoder).needs_popularity:
+            raise ValueError(f"--mode=pretrain: --user_encoder {config.user_encoder} scores candidates itself (the "
+                             f"user vector mixed with each candidate's time-aware popularity) and returns no user "
+                             f"vector, and that vector reads each clicked news' CTR at the impression's time, which "
+                             f"pretraining's click sequences do not carry: pretrain another user encoder, or train "
+                             f"{config.user_encoder} from scratch")
         super().__init__(config, meta, news_table)
         if self.news_encoder.personalized:
             raise ValueError(f"--mode=pretrain: --news_encoder {config.news_encoder} is personalized (its news vectors "

@@ -54,6 +54,10 @@ class UserInputs:
     candidates: torch.Tensor | None = None  # [B, C, D] encoded candidates (candidate-aware encoders)
     candidate_mask: torch.Tensor | None = None  # [B, C]
     candidate_category: torch.Tensor | None = None  # [B, C] long
+    # Time-aware popularity at the impression's hour (popularity.PopularityLookup; encoders with needs_popularity):
+    history_ctr: torch.Tensor | None = None  # [B, H] float, train CTR of each clicked news before the impression
+    candidate_ctr: torch.Tensor | None = None  # [B, C] float, the same for each candidate
+    candidate_age: torch.Tensor | None = None  # [B, C] long, hours since the candidate's first exposure
 
 
 @dataclass
@@ -73,6 +77,7 @@ class UserEncoder(nn.Module):
     candidate_aware = False  # True: output depends on the candidates
     needs_category = False  # True: UserInputs carry history/candidate category ids (MINER)
     reads_category_embedding = False  # True: reads the news encoder's `category_embedding` (MINER)
+    needs_popularity = False  # True: UserInputs carry history/candidate CTR and candidate age (PP-Rec)
     compatible_news_encoders: tuple[str, ...] | None = None  # None = any news encoder
     uses_gcn = False  # True: --gcn_* flags (and their per-dataset suggestions) matter
     settings: tuple[type[Settings], ...] = ()  # settings classes whose flags the encoder reads (settings.py)
@@ -991,3 +996,100 @@ class MINSUserEncoder(UserEncoder):
     def forward(self, inp):
         """history [B, H, D], history_mask [B, H] -> user [B, D]; an empty history gives the projection of zeros."""
         return UserOutput(user=self.out(last_valid(self.channel_states(inp), inp.history_mask)))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# PP-Rec (issue 25): popularity-aware scoring from the impression time (popularity.py computes the inputs).
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PPRecSettings(Settings):
+    """PP-Rec's popularity inputs and heads (the official Keras code's sizes)."""
+
+    title: ClassVar[str] = "PP-Rec"
+    pprec_ctr_window: int = setting(
+        0, "PP-Rec: hours of train clicks and impressions before the impression's hour that its CTRs count (1 = the "
+           "paper's last hour; 0 = every train hour before it, which dev/test impressions after the train period need)",
+        check=at_least(0))
+    pprec_ctr_weight: float = setting(19.0, "PP-Rec: initial value of the learnable CTR weight w (score w * CTR)",
+                                      architecture=False)
+    pprec_ctr_buckets: int = setting(200, "PP-Rec: a clicked news' CTR is embedded as bucket min(CTR * buckets, "
+                                          "buckets - 1) in the popularity-aware user attention", check=at_least(1))
+    pprec_ctr_dim: int = setting(400, "PP-Rec: size of the CTR-bucket embedding", check=at_least(1))
+    pprec_age_buckets: int = setting(1500, "PP-Rec: recency embedding rows; a candidate's age in hours since its "
+                                           "first exposure is capped at buckets - 1", check=at_least(1))
+    pprec_age_dim: int = setting(100, "PP-Rec: size of the recency (age) embedding", check=at_least(1))
+
+
+def mlp(sizes: tuple[int, ...], last_bias: bool = True) -> nn.Sequential:
+    """Dense layers of `sizes` with tanh between them (none after the last), as PP-Rec's Keras heads."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        last = i == len(sizes) - 2
+        layers.append(nn.Linear(a, b, bias=last_bias or not last))
+        if not last:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+@register_user_encoder("PPRec")
+class PPRecUserEncoder(UserEncoder):
+    """PP-Rec: score = 2η·(u·n) + 2(1−η)·(s_content + w·CTR), with the activity gate η = sigmoid(MLP(u)), a
+    recency-gated content popularity s_content of each candidate and its time-aware train CTR.
+
+    Qi et al., "PP-Rec: News Recommendation with Personalized User Interest and Time-aware News Popularity", ACL 2021.
+    u: self-attention over the clicked news, pooled by an attention whose scores read [h_i; embedding of the clicked
+    news' CTR bucket] (popularity-aware user modelling). Returns logits (the dot product is part of the score), so
+    it pairs only with --click_predictor=dot_product. docs/models.md lists how it differs from the paper."""
+
+    settings = (PPRecSettings, MHSASettings)
+
+    candidate_aware = True  # the score reads each candidate's popularity
+    needs_popularity = True
+    compatible_click_predictors = ("dot_product",)
+    paper = "PP-Rec (Qi et al., ACL 2021)"
+
+    def __init__(self, config, meta, news_encoder):
+        super().__init__(config, meta, news_encoder)
+        d = self.news_dim
+        self.mhsa = MultiHeadSelfAttention(d, config.head_num, config.head_dim)
+        inner = config.head_num * config.head_dim
+        self.project = nn.Linear(inner, d) if inner != d else nn.Identity()
+        self.ctr_buckets, self.age_buckets = config.pprec_ctr_buckets, config.pprec_age_buckets
+        self.ctr_embedding = nn.Embedding(config.pprec_ctr_buckets, config.pprec_ctr_dim)
+        # Over [h_i; CTR embedding]; no last bias: the softmax cancels it.
+        self.attention = mlp((d + config.pprec_ctr_dim, config.attention_dim, 1), last_bias=False)
+        self.activity_gate = mlp((d, 64, 1))
+        # 256-256-128-1 with no tanh after the 128 layer, as the official code.
+        self.content_popularity = nn.Sequential(mlp((d, 256, 256, 128)), nn.Linear(128, 1, bias=False))
+        self.age_embedding = nn.Embedding(config.pprec_age_buckets, config.pprec_age_dim)
+        self.recency_popularity = mlp((config.pprec_age_dim, 64, 64, 1), last_bias=False)
+        self.recency_gate = mlp((d + config.pprec_age_dim, 128, 64, 1))
+        self.ctr_weight = nn.Parameter(torch.tensor(float(config.pprec_ctr_weight)))
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def user_vector(self, inp: UserInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """history [B, H, D], history_ctr [B, H] -> user [B, D], attention [B, H] (zeros for an empty history)."""
+        h = self.project(self.dropout(self.mhsa(inp.history, inp.history_mask)))  # [B, H, D]
+        bucket = (inp.history_ctr * self.ctr_buckets).long().clamp(0, self.ctr_buckets - 1)
+        query = self.dropout(torch.cat([h, self.ctr_embedding(bucket)], -1))  # [B, H, D + Ec]
+        alpha = masked_softmax(self.attention(query).squeeze(-1), inp.history_mask, dim=-1)  # padding -> exactly 0
+        return (alpha.unsqueeze(-1) * h).sum(1), alpha
+
+    def popularity(self, candidates: torch.Tensor, ctr: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+        """candidates [B, C, D], ctr [B, C], age [B, C] hours -> [B, C]: s_content + w·CTR."""
+        age_vec = self.age_embedding(age.clamp(0, self.age_buckets - 1))  # [B, C, Ea]
+        content = self.content_popularity(candidates).squeeze(-1)
+        recency = self.recency_popularity(age_vec).squeeze(-1)
+        gate = torch.sigmoid(self.recency_gate(torch.cat([candidates, age_vec], -1))).squeeze(-1)
+        return (1 - gate) * content + gate * recency + self.ctr_weight * ctr
+
+    def forward(self, inp):
+        """history [B, H, D], history_mask [B, H], history_ctr [B, H], candidates [B, C, D], candidate_ctr [B, C],
+        candidate_age [B, C] -> logits [B, C]."""
+        user, alpha = self.user_vector(inp)
+        eta = torch.sigmoid(self.activity_gate(user))  # [B, 1]: how much the user's own interest decides
+        personal = (inp.candidates * user.unsqueeze(1)).sum(-1)  # [B, C]
+        popular = self.popularity(inp.candidates, inp.candidate_ctr, inp.candidate_age)
+        logits = 2 * eta * personal + 2 * (1 - eta) * popular
+        return UserOutput(logits=logits, attention={"history": alpha})

@@ -41,13 +41,15 @@ PAPER_MODELS: dict[str, list[str]] = {
     "Hi-Fi Ark": ["--news_encoder=CNN", "--user_encoder=OMAP"],
     "CNE-SUE": ["--news_encoder=CNE", "--user_encoder=SUE"],
     "Inception-CATT": ["--news_encoder=Inception", "--user_encoder=CATT"],
-    # The models since NNR (issue 25; docs/models.md). CAUM and MINS with NRMS's news encoder, as their papers' are
-    # NRMS-like title encoders (their entity and abstract views are not built here).
+    # The models since NNR (issue 25; docs/models.md). CAUM, MINS and PP-Rec with NRMS's news encoder, as their
+    # papers' are NRMS-like title encoders (their entity and abstract views are not built here).
     "Fastformer": ["--news_encoder=Fastformer", "--user_encoder=Fastformer"],
     "Fastformer+PLM-NR": ["--news_encoder=PLMFastformer", "--user_encoder=Fastformer"],
     "TANR": ["--news_encoder=TANR", "--user_encoder=ATT"],
     "CAUM": ["--news_encoder=MHSA", "--user_encoder=CAUM"],
     "MINS": ["--news_encoder=MHSA", "--user_encoder=MINS"],
+    # PP-Rec reads the impression time and the train split's CTRs (docs/models.md: which split each signal comes from).
+    "PP-Rec": ["--news_encoder=MHSA", "--user_encoder=PPRec"],
 }
 KEYS = ("auc", "mrr", "ndcg5", "ndcg10")
 # The beyond-accuracy columns of the README's table (k = 10); the TSV has every metric at k = 5 and 10.

@@ -30,9 +30,10 @@ from dataset import TrainDataset  # noqa: E402
 from devices import setup_runtime  # noqa: E402
 from main import load_corpus  # noqa: E402
 from model import Model  # noqa: E402
+from popularity import time_popularity_for  # noqa: E402
 from trainer import GlobalBatchSampler  # noqa: E402
 
-NEW_MODELS = ["Fastformer", "TANR", "CAUM", "MINS"]
+NEW_MODELS = ["Fastformer", "TANR", "CAUM", "MINS", "PP-Rec"]
 
 
 def build(name: str, args):
@@ -42,7 +43,7 @@ def build(name: str, args):
     rt = setup_runtime(cfg)
     corpus = load_corpus(cfg)
     torch.manual_seed(0)
-    model = Model(cfg, corpus.meta, corpus.news).to(rt.device)
+    model = Model(cfg, corpus.meta, corpus.news, time_popularity_for(cfg, corpus)).to(rt.device)
     model.prepare(log=lambda *a: None)
     model.train()
     data = TrainDataset(corpus.behaviors("train"), cfg.negative_sample_num, seed=cfg.seed)

@@ -23,6 +23,7 @@ from config import Config  # noqa: E402
 from dataset import Batch  # noqa: E402
 from MIND_corpus import CorpusMeta  # noqa: E402
 from model import Model  # noqa: E402
+from popularity import build_popularity  # noqa: E402
 from trainer import build_optimizer  # noqa: E402
 
 N, L = 12, 6  # news, tokens per text
@@ -44,13 +45,22 @@ def table() -> dict[str, np.ndarray]:
             "subcategory": rng.integers(1, 6, N), "plm_ids": tokens, "plm_mask": mask}
 
 
+def popularity():
+    """A toy train log for the time-aware user encoders (PP-Rec): 3 impressions at hours 10-12 showing every news,
+    news 1-3 clicked once each."""
+    shown = np.tile(np.arange(1, N), 3)
+    beh = {"time": np.array([10, 11, 12]), "candidates": shown, "labels": (shown % 4 == 1).astype(np.int8),
+           "offsets": np.arange(4) * (N - 1), "stats": {}, "path": "toy"}
+    return build_popularity(beh, [beh], N, np.ones(3, dtype=bool), 0)
+
+
 def batch(rank: int) -> Batch:
     g = torch.Generator().manual_seed(rank)
     history = torch.randint(1, N, (2, 4), generator=g)
     history[0, 2:] = 0
     return Batch(user=torch.tensor([1, 2]), history=history, history_mask=history > 0,
                  candidates=torch.randint(1, N, (2, 3), generator=g), candidate_mask=torch.ones(2, 3, dtype=torch.bool),
-                 target=torch.tensor([0, 2]))
+                 target=torch.tensor([0, 2]), time=torch.tensor([12, 13]))
 
 
 def main() -> None:
@@ -64,7 +74,7 @@ def main() -> None:
         config = Config.from_args([*FLAGS, f"--news_encoder={news}", f"--user_encoder={user}",
                                    f"--plm_model_name={plm}", *[f for f in extra.split(",") if f]])
         torch.manual_seed(0)
-        model = Model(config, META, news_table)
+        model = Model(config, META, news_table, popularity())
         model.prepare(log=lambda *a: None)
         ddp = DDP(model, broadcast_buffers=False, find_unused_parameters=False)
         optimizer = build_optimizer(model, config)

@@ -502,7 +502,8 @@ def test_malformed_behaviors_rows(tmp_path, bad_line, message):
 
 
 def test_time_column_is_not_read_so_any_text_is_accepted(tmp_path):
-    """The models do not read Time; a bad timestamp is neither an error nor a change (documented in docs/MIND.md)."""
+    """Models that do not read Time build the same arrays from a bad timestamp: it is counted, not an error (docs/data.md;
+    PP-Rec, which reads it, refuses the split: tests/test_pprec.py)."""
     write_corpus(tmp_path / "a")
     write_corpus(tmp_path / "b", train=[r.replace("11/11/2019 9:05:58 AM", "yesterday") for r in TRAIN])
     a, b = corpus(tmp_path / "a").behaviors("train"), corpus(tmp_path / "b").behaviors("train")
@@ -524,7 +525,7 @@ def test_unknown_news_in_history_and_candidates_are_counted_by_policy(tmp_path):
 
 
 def test_unknown_dev_users_and_one_class_impressions_are_counted_in_the_log(tmp_path):
-    write_corpus(tmp_path, dev=DEV + ["13\tU1\tt\tN1\tN2-0 N3-0"])
+    write_corpus(tmp_path, dev=DEV + ["13\tU1\t11/12/2019 9:05:58 AM\tN1\tN2-0 N3-0"])  # a readable Time: not counted
     lines = []
     c = corpus(tmp_path, log=lines.append)
     stats = c.behaviors("dev")["stats"]

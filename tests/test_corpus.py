@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -285,11 +286,17 @@ def reference_behaviors(path: Path, split: str, news_ids: list[str], users: list
     labelled = any("-" in token for row in rows for token in row[4].split())
     history_of: dict[str, int] = {}
     histories, known_lengths = [], []
-    out = {k: [] for k in ("impression_ids", "user", "history_row", "candidates", "labels", "sizes")}
+    out = {k: [] for k in ("impression_ids", "user", "time", "history_row", "candidates", "labels", "sizes")}
     stats = Counter()
-    for impression, user, _, history, impressions in rows:
+    for impression, user, stamp, history, impressions in rows:
         out["impression_ids"].append(int(impression))
         out["user"].append(user_id.get(user, 0))
+        try:  # hours since 1970-01-01, floored (the time PP-Rec reads)
+            out["time"].append(int((datetime.strptime(stamp, mc.TIME_FORMAT) - datetime(1970, 1, 1)).total_seconds())
+                               // 3600)
+        except ValueError:
+            out["time"].append(mc.BAD_TIME)
+            stats["bad_times"] += 1
         key = history.strip()
         if key not in history_of:
             history_of[key] = len(histories)
@@ -313,7 +320,7 @@ def reference_behaviors(path: Path, split: str, news_ids: list[str], users: list
     for i, h in enumerate(histories):
         table[i, :len(h)] = h
     arrays = dict(impression_ids=np.array(out["impression_ids"], dtype=np.int64),
-                  user=np.array(out["user"], dtype=np.int32),
+                  user=np.array(out["user"], dtype=np.int32), time=np.array(out["time"], dtype=np.int32),
                   history_row=np.array(out["history_row"], dtype=np.int32), histories=table,
                   history_length=np.array([len(h) for h in histories], dtype=np.int16),
                   candidates=np.array(out["candidates"], dtype=np.int32),

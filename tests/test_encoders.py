@@ -162,9 +162,20 @@ def user_inputs(lengths: list[int], h: int, c_lengths: list[int], c: int, seed: 
 
     history, history_mask, history_category = items("h", lengths, h)
     candidates, candidate_mask, candidate_category = items("c", c_lengths, c)
+    # Time-aware popularity (PP-Rec's inputs), drawn from their own generator so the draws above stay as they were;
+    # ages beyond PP-Rec's 1,500 age buckets too. Padded slots: 0, or garbage.
+    pop = torch.Generator().manual_seed(seed + 2)
+    ctr = {key: torch.rand(b, MAX_ITEMS, generator=pop) for key in ("h", "c")}
+    age = torch.randint(0, 3000, (b, MAX_ITEMS), generator=pop)
+
+    def padded(values, mask, width):
+        junk = (torch.rand(values[:, :width].shape, generator=noise) * garbage).to(values.dtype)
+        return torch.where(mask, values[:, :width], junk)
+
     inputs = dict(history=history, history_mask=history_mask, user_id=torch.arange(1, b + 1) % META.user_num,
                   history_category=history_category, candidates=candidates, candidate_mask=candidate_mask,
-                  candidate_category=candidate_category)
+                  candidate_category=candidate_category, history_ctr=padded(ctr["h"], history_mask, h),
+                  candidate_ctr=padded(ctr["c"], candidate_mask, c), candidate_age=padded(age, candidate_mask, c))
     return UserInputs(**{k: v.to(DEVICE) for k, v in inputs.items()})
 
 

@@ -29,6 +29,7 @@ from evaluation import evaluate
 from MIND_corpus import Corpus
 from model import Model, check_pairing
 from newsEncoders import NEWS_ENCODERS
+from popularity import time_popularity_for
 from demo_corpus import ensure_demo
 from trainer import build_optimizer
 from userEncoders import USER_ENCODERS
@@ -99,7 +100,7 @@ def build(zoo, news: str, user: str, *extra: str) -> tuple[Config, Corpus, Model
     config = make_config(data_dir, news, user, folder if _uses_plm(news) else None, *extra)
     corpus = corpora[_uses_plm(news)]
     torch.manual_seed(0)
-    return config, corpus, Model(config, corpus.meta, corpus.news).to(DEVICE)
+    return config, corpus, Model(config, corpus.meta, corpus.news, time_popularity_for(config, corpus)).to(DEVICE)
 
 
 @pytest.mark.parametrize("news,user", PAIRS, ids=[f"{n}-{u}" for n, u in PAIRS])
