@@ -994,6 +994,7 @@ class CorpusMeta:
     vocab: list[str] = field(default_factory=list)
     news_key: str = ""  # cache folder of the news table
     category_glove: np.ndarray | None = None  # [categories, glove dim] (--use_category_glove)
+    news_ids: list[str] = field(default_factory=list)  # NewsID of each news index ([0] = "", padding)
 
     def signature(self) -> dict[str, Any]:
         """Saved with every checkpoint: dev/test refuse a corpus whose vocabulary or id spaces differ."""
@@ -1063,7 +1064,7 @@ class Corpus:
             entity_num=len(c.meta["entities"]), news_num=len(c.meta["news_ids"]),
             word_embeddings=word_embeddings, entity_embeddings=e.arrays["entity_embeddings"],
             category_names=c.meta["categories"], subcategory_names=c.meta["subcategories"],
-            vocab=c.meta["vocab"], news_key=self.news_key,
+            vocab=c.meta["vocab"], news_key=self.news_key, news_ids=list(c.meta["news_ids"]),
         )
         self.glove_found = glove_found
         self._behaviors: dict[str, Cached] = {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +22,23 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from MIND_corpus import SPLITS, CorpusError, file_signature
+from news_data.download import download
 from news_data.registry import MARKER, NewsDataset, SkipCounts, clean_text, read_marker, register, up_to_date
 from util import atomic_write, replace_dir_atomically
 
 # The organisers' links (given after registering at recsys.eb.dk).
 URL = "https://ebnerd-dataset.s3.eu-west-1.amazonaws.com/{bundle}.zip"
+ARTIFACT_URL = "https://ebnerd-dataset.s3.eu-west-1.amazonaws.com/artifacts/{folder}.zip"
+ARTIFACTS_DIR = "ebnerd_artifacts"  # <data_dir>/ebnerd_artifacts/<folder>/ holds each unzipped artifact
+# The organisers' precomputed article vectors: folder -> (parquet stem, vector column, width). Each parquet holds
+# `article_id` and that one list<float32> column (the image embeddings' layout is not documented: not listed).
+ARTIFACTS = {
+    "Ekstra_Bladet_contrastive_vector": ("contrastive_vector", "contrastive_vector", 768),
+    "Ekstra_Bladet_word2vec": ("document_vector", "document_vector", 300),
+    "google_bert_base_multilingual_cased": ("bert_base_multilingual_cased", "google-bert/bert-base-multilingual-cased",
+                                            768),
+    "FacebookAI_xlm_roberta_base": ("xlm_roberta_base", "FacebookAI/xlm-roberta-base", 768),
+}
 BATCH_ROWS = 65_536
 HISTORY_KEPT = 100  # most recent history clicks written per impression (--max_history_num keeps up to this many)
 DEV_SECONDS = 24 * 3600  # dev = the train week's last day (as the organisers' NRMS example holds out)
@@ -433,11 +444,51 @@ def fetch_bundle(data_dir: Path, bundle: str, download: bool, log: Callable) -> 
                                     f"{bundle}.zip (recsys.eb.dk) in {data_dir}")
         url = URL.format(bundle=bundle)
         log(f"downloading {url} ...")
-        atomic_write(zip_path, lambda tmp: urllib.request.urlretrieve(url, tmp))
+        download(url, zip_path, log=log)
     log(f"unzipping {zip_path} ...")
     with zipfile.ZipFile(zip_path) as z:
         z.extractall(folder)
     return nested if (nested / "articles.parquet").is_file() else folder
+
+
+def artifact_folder(data_dir: str | Path, folder: str) -> Path:
+    return Path(data_dir) / ARTIFACTS_DIR / folder
+
+
+def _artifact_parquet(folder: Path, stem: str) -> Path | None:
+    found = sorted(folder.rglob("*.parquet"))
+    named = [p for p in found if p.stem == stem]
+    return (named or found or [None])[0]
+
+
+def fetch_artifact(data_dir: str | Path, folder: str, download_missing: bool = True, log: Callable = print) -> Path:
+    """The parquet of one of the organisers' article-vector artifacts (`ARTIFACTS`), unzipped into
+    `<data_dir>/ebnerd_artifacts/<folder>/` from `<folder>.zip` beside it (downloaded first when missing and
+    `download_missing`). Its vectors feed --news_encoder=Vectors --news_vectors=<the parquet>."""
+    if folder not in ARTIFACTS:
+        raise ValueError(f"--ebnerd_artifact={folder}: not one of EB-NeRD's article-vector artifacts; choose from "
+                         f"{', '.join(ARTIFACTS)}")
+    out = artifact_folder(data_dir, folder)
+    stem = ARTIFACTS[folder][0]
+    if out.is_dir() and (found := _artifact_parquet(out, stem)) is not None:
+        return found
+    if out.exists():  # something else is there: never replaced
+        raise FileExistsError(f"{out} exists but holds no .parquet file: move it away, then run this again")
+    zip_path = out.with_name(f"{folder}.zip")
+    if not zip_path.is_file():
+        if not download_missing:
+            raise FileNotFoundError(f"{zip_path} not found (nor {out}/{stem}.parquet): put EB-NeRD's artifact "
+                                    f"artifacts/{folder}.zip (recsys.eb.dk) there, or drop --no-download")
+        url = ARTIFACT_URL.format(folder=folder)
+        log(f"downloading {url} ...")
+        download(url, zip_path, log=log)
+    log(f"unzipping {zip_path} ...")
+    with zipfile.ZipFile(zip_path) as z:
+        replace_dir_atomically(out, z.extractall)
+    found = _artifact_parquet(out, stem)
+    if found is None:
+        raise CorpusError(f"{zip_path}: no .parquet file inside; download it again")
+    return found
 
 
 def write_predictions(test_dir: Path, out_dir: Path, impression_ids: Sequence[int],
