@@ -204,3 +204,19 @@ def test_unknown_artifact_and_missing_zip_without_download(tmp_path):
         ebnerd.fetch_artifact(tmp_path, FOLDER, download_missing=False)
     assert ebnerd.ARTIFACT_URL.format(folder=FOLDER) == \
         f"https://ebnerd-dataset.s3.eu-west-1.amazonaws.com/artifacts/{FOLDER}.zip"
+
+
+def test_explain_pretrain_and_fine_tune_with_vectors(trained):
+    """The other modes take the Vectors encoder like any news encoder: --mode=explain (no words to show),
+    --mode=pretrain on the converted corpus and --init_from."""
+    vectors, common, result, _ = trained
+    root = Path(common[0].split("=", 1)[1]) / "MIND-ebnerd_demo"
+    impression = (root / "dev" / "behaviors.tsv").read_text().split("\t", 1)[0]
+    shown = main(["--mode=explain", f"--dev_model_path={result['checkpoint']}", f"--impression_id={impression}",
+                  *common])
+    assert any(str(v).endswith(".png") and Path(v).is_file() for v in shown.values()), shown.keys()
+    flags = ["--dataset=ebnerd_demo", "--news_encoder=Vectors", "--user_encoder=ATT", f"--news_vectors={vectors}",
+             *TINY, *common]
+    pre = main(["--mode=pretrain", "--pretrain_tasks=contrastive,next_click", *flags])
+    tuned = main(["--mode=train", f"--init_from={pre['run_dir']}", *flags])
+    assert 0 <= tuned["dev_metrics"]["auc"] <= 1
