@@ -59,6 +59,20 @@ TOKEN_RE = re.compile(r"[\w]+|[.,!?;|]")
 
 NEWS_COLUMNS = ("NewsID", "Category", "SubCategory", "Title", "Abstract", "URL", "TitleEntities", "AbstractEntities")
 BEHAVIOR_COLUMNS = ("ImpressionID", "UserID", "Time", "History", "Impressions")
+# Beside train/dev/test, what a converter (news_data/) may add to the corpus form:
+PREPARED = ".prepared"  # the build's marker (JSON); its "language" is the news texts' ISO 639-3 code
+SENTIMENT_FILE = "news_sentiment.tsv"  # `NewsID \t polarity in [-1, 1]`: the dataset's own sentiment (EB-NeRD)
+ENGLISH = "eng"
+
+
+def corpus_language(root: str | Path) -> str:
+    """The language of a corpus folder's news texts: its marker's "language" (EB-NeRD dan, Adressa nor, xMIND
+    the --news_language), else English (MIND, the demo, a folder without a marker)."""
+    try:
+        marker = json.loads((Path(root) / PREPARED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ENGLISH
+    return str(marker.get("language") or ENGLISH) if isinstance(marker, dict) else ENGLISH
 
 
 class CorpusError(ValueError):

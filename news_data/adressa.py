@@ -24,6 +24,7 @@ from news_data.registry import MARKER, NewsDataset, SkipCounts, clean_text, read
 from util import atomic_write, replace_dir_atomically
 
 URL = "https://reclab.idi.ntnu.no/dataset/{name}.tar.gz"
+LANGUAGE = "nor"  # ISO 639-3 (Norwegian), in the marker: the beyond-accuracy metrics never run VADER on it
 # Periods are days (1-week set) or weeks counted from the first day (10-week set): periods 1..5 = history, 6 = train
 # impressions, 7 and later = evaluation impressions, shuffled (seed 0) and split 20% dev / 80% test.
 ADRESSA_PROTOCOL = dict(train_period=6, test_from=7, negatives=20, dev_share=0.2, seed=0)
@@ -186,7 +187,7 @@ class AdressaDataset(NewsDataset):
         target = self.corpus_folder(data_dir)
         source = {"files": [file_signature(p) for p in files], "protocol": ADRESSA_PROTOCOL,
                   "period_days": self.period_days}
-        if up_to_date(target, self.name, source=source):
+        if up_to_date(target, self.name, source=source, language=LANGUAGE):
             return target
         t0 = time.time()
 
@@ -209,8 +210,8 @@ class AdressaDataset(NewsDataset):
             counts = {s: len(v) for s, v in splits.items()}
             log(f"Adressa ({self.name}): {counts['train']} train, {counts['dev']} dev, {counts['test']} test "
                 f"impressions; {skips.describe()}")
-            (tmp / MARKER).write_text(json.dumps({"source": source, "impressions": counts, "skipped": skips.counts},
-                                                 sort_keys=True) + "\n")
+            (tmp / MARKER).write_text(json.dumps({"source": source, "impressions": counts, "skipped": skips.counts,
+                                                  "language": LANGUAGE}, sort_keys=True) + "\n")
         replace_dir_atomically(target, build)
         log(f"built {target} in {time.time() - t0:.1f}s")
         return target

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from MIND_corpus import SPLITS, CorpusError, file_signature
+from MIND_corpus import SENTIMENT_FILE, SPLITS, CorpusError, file_signature
 from news_data.download import download
 from news_data.registry import MARKER, NewsDataset, SkipCounts, clean_text, read_marker, register, up_to_date
 from util import atomic_write, replace_dir_atomically
@@ -52,6 +52,11 @@ BEHAVIOR_COLUMNS = {"impression_id": "int", "user_id": "int", "impression_time":
                     "article_ids_inview": "list<int>"}
 LABEL_COLUMN = ("article_ids_clicked", "list<int>")
 HISTORY_COLUMNS = {"user_id": "int", "article_id_fixed": "list<int>"}
+SENTIMENT_COLUMNS = {"sentiment_score": "float", "sentiment_label": "str"}  # optional: read when both are there
+# sentiment_score is the organisers' classifier's confidence in sentiment_label (in [0, 1], never signed), so the
+# signed polarity the beyond-accuracy metric reads is +score, -score or 0 by the label.
+SENTIMENT_SIGN = {"Positive": 1.0, "Negative": -1.0, "Neutral": 0.0}
+LANGUAGE = "dan"  # ISO 639-3, in the marker: the beyond-accuracy metrics never run VADER's English lexicon on it
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -69,6 +74,8 @@ def _kind_ok(kind: str, t) -> bool:
         return pa.types.is_string(t) or pa.types.is_large_string(t)
     if kind == "bool":
         return pa.types.is_boolean(t) or pa.types.is_integer(t)
+    if kind == "float":
+        return pa.types.is_floating(t)
     if kind == "timestamp":
         return pa.types.is_timestamp(t)
     if kind == "list<int>":
@@ -165,6 +172,40 @@ def convert_articles(path: Path, out: Path, batch_rows: int = BATCH_ROWS) -> np.
     if not ids or not sum(len(a) for a in ids):
         raise CorpusError(f"{path}: no articles (the file is empty); download the bundle again")
     return np.unique(np.concatenate(ids))
+
+
+def article_sentiment(path: Path, skips: SkipCounts, batch_rows: int = BATCH_ROWS
+                      ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(article ids, signed polarity in [-1, 1]) from articles.parquet's sentiment_label and sentiment_score, or None
+    when the file lacks either column. An article whose label is null or not Positive/Negative/Neutral, or whose
+    score is null or outside [0, 1], gets no polarity (counted)."""
+    pf = open_parquet(path, {"article_id": "int", **SENTIMENT_COLUMNS}, "articles", optional=tuple(SENTIMENT_COLUMNS))
+    if not all(pf.schema_arrow.get_field_index(c) >= 0 for c in SENTIMENT_COLUMNS):
+        return None
+    ids, polarity = [], []
+    for row0, b in iter_batches(pf, ["article_id", *SENTIMENT_COLUMNS], batch_rows):
+        aid = _ints(b, "article_id", path, row0)
+        score = b.column("sentiment_score").to_numpy(zero_copy_only=False).astype(np.float64)  # a null is NaN
+        sign = np.array([SENTIMENT_SIGN.get(v, np.nan) for v in b.column("sentiment_label").to_pylist()], np.float64)
+        ok = np.isfinite(score) & (score >= 0) & (score <= 1) & np.isfinite(sign)
+        skips.add(f"articles of {path.name} without a usable sentiment_label / sentiment_score (no sentiment)",
+                  int((~ok).sum()))
+        ids.append(aid[ok])
+        polarity.append(sign[ok] * score[ok])
+    return np.concatenate(ids), np.concatenate(polarity)
+
+
+def write_sentiment(out: Path, files: Sequence[Path], skips: SkipCounts) -> None:
+    """`out` (MIND_corpus.SENTIMENT_FILE): `<article_id>\t<polarity>` per article of `files` (the first file naming
+    an article wins); not written when no file has the sentiment columns."""
+    seen: dict[int, float] = {}
+    for path in files:
+        found = article_sentiment(path, skips)
+        if found is not None:
+            for a, v in zip(*(x.tolist() for x in found)):
+                seen.setdefault(a, v)
+    if seen:
+        out.write_text("".join(f"{a}\t{v:.7g}\n" for a, v in seen.items()), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -382,7 +423,7 @@ class EbnerdDataset(NewsDataset):
     def _convert(self, data_dir: Path, raw: dict[str, Path], log: Callable) -> Path:
         target = self.corpus_folder(data_dir)
         source = {k: file_signature(p) for k, p in raw.items()}
-        if up_to_date(target, self.name, source=source, history_kept=HISTORY_KEPT):
+        if up_to_date(target, self.name, source=source, history_kept=HISTORY_KEPT, language=LANGUAGE):
             return target
         t0 = time.time()
         log(f"converting EB-NeRD ({self.name}) into {target} ...")
@@ -416,6 +457,8 @@ def build_corpus(tmp: Path, raw: dict[str, Path], source: dict, log: Callable) -
     convert_behaviors(raw[f"{test_kind}_behaviors"], read_histories(raw[f"{test_kind}_history"]), articles, test,
                       lambda t: np.zeros(len(t), np.int64), labelled=test_kind == "validation", skips=skips)
     test["test"].close()
+    write_sentiment(tmp / SENTIMENT_FILE, [raw["articles"], *([raw["test_articles"]] if test_kind == "test" else [])],
+                    skips)
     counts = {s: int(len(np.load(tmp / s / IMPRESSION_IDS))) for s in SPLITS}
     for split, n in counts.items():
         if n == 0:
@@ -425,7 +468,8 @@ def build_corpus(tmp: Path, raw: dict[str, Path], source: dict, log: Callable) -
     log(f"EB-NeRD: {counts['train']} train, {counts['dev']} dev, {counts['test']} test impressions ({test_kind}); "
         f"{skips.describe()}")
     (tmp / MARKER).write_text(json.dumps({"source": source, "impressions": counts, "skipped": skips.counts,
-                                          "history_kept": HISTORY_KEPT, "test": test_kind}, sort_keys=True) + "\n")
+                                          "history_kept": HISTORY_KEPT, "test": test_kind, "language": LANGUAGE},
+                                         sort_keys=True) + "\n")
 
 
 def fetch_bundle(data_dir: Path, bundle: str, download: bool, log: Callable) -> Path:

