@@ -347,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="download missing zips (--no-download: only use zips already in --data_dir)")
     g.add_argument("--num_users", type=int, default=USERS_200K, help="200k protocol: number of users sampled")
     e = p.add_argument_group("EB-NeRD")
+    e.add_argument("--ebnerd_abstract", default=None, choices=list(ebnerd.ABSTRACT_COLUMNS),
+                   help="the articles' column that becomes the news' abstract: subtitle (a sentence or two) or body "
+                   "(the whole text); not typed: what the existing conversion used, else subtitle")
     e.add_argument("--ebnerd_artifact", action="append", default=None, choices=list(ebnerd.ARTIFACTS),
                    metavar="FOLDER", help="also get one of the organisers' article-vector artifacts (artifacts/"
                    "<FOLDER>.zip, unzipped into <data_dir>/ebnerd_artifacts/<FOLDER>/) for --news_encoder=Vectors "
@@ -383,15 +386,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
                                num_train_impressions=args.demo_train_impressions,
                                num_dev_impressions=args.demo_dev_impressions,
                                num_test_impressions=args.demo_test_impressions)
-    if args.ebnerd_artifact and get_dataset(args.dataset).family != "EB-NeRD":
-        p.error(f"--ebnerd_artifact is for the EB-NeRD datasets, not --dataset={args.dataset}")
+    for flag in ("ebnerd_artifact", "ebnerd_abstract"):
+        if getattr(args, flag) and get_dataset(args.dataset).family != "EB-NeRD":
+            p.error(f"--{flag} is for the EB-NeRD datasets, not --dataset={args.dataset}")
     if not is_mind(args.dataset):  # the other formats: their registry entry downloads and converts
         base = getattr(get_dataset(args.dataset), "requires", None)  # xMIND: MIND's impressions first
         if base and base != "demo":
             prepare(base, args.data_dir, download=args.download, num_users=args.num_users)
         with writing_into(args.data_dir, "--data_dir", "the converted corpus"):
+            options = {"abstract": args.ebnerd_abstract} if args.ebnerd_abstract else {}
             target = get_dataset(args.dataset).prepare(args.data_dir, download=args.download,
-                                                       language=args.news_language)
+                                                       language=args.news_language, **options)
             for folder in args.ebnerd_artifact or ():
                 vectors = ebnerd.fetch_artifact(args.data_dir, folder, args.download)
                 print(f"EB-NeRD article vectors ({folder}): {vectors}; train on them with --news_encoder=Vectors "

@@ -46,8 +46,8 @@ IMPRESSION_IDS = "ebnerd_impression_ids.npy"  # per converted split: the origina
 BEYOND_ACCURACY = "ebnerd_beyond_accuracy.npy"  # test: is_beyond_accuracy per row (all False where absent)
 
 # column -> kind; what the converter reads (the files hold more; see docs/data.md)
-ARTICLE_COLUMNS = {"article_id": "int", "title": "str", "subtitle": "str", "category_str": "str",
-                   "subcategory": "list<int>"}
+ARTICLE_COLUMNS = {"article_id": "int", "title": "str", "category_str": "str", "subcategory": "list<int>"}  # + the
+# --ebnerd_abstract column (ABSTRACT_COLUMNS) and the optional url
 BEHAVIOR_COLUMNS = {"impression_id": "int", "user_id": "int", "impression_time": "timestamp",
                     "article_ids_inview": "list<int>"}
 LABEL_COLUMN = ("article_ids_clicked", "list<int>")
@@ -56,6 +56,7 @@ SENTIMENT_COLUMNS = {"sentiment_score": "float", "sentiment_label": "str"}  # op
 # sentiment_score is the organisers' classifier's confidence in sentiment_label (in [0, 1], never signed), so the
 # signed polarity the beyond-accuracy metric reads is +score, -score or 0 by the label.
 SENTIMENT_SIGN = {"Positive": 1.0, "Negative": -1.0, "Neutral": 0.0}
+ABSTRACT_COLUMNS = ("subtitle", "body")  # --ebnerd_abstract: what becomes news.tsv's Abstract (default the first)
 LANGUAGE = "dan"  # ISO 639-3, in the marker: the beyond-accuracy metrics never run VADER's English lexicon on it
 
 
@@ -149,12 +150,14 @@ def _lists(batch, column: str) -> tuple[np.ndarray, np.ndarray]:
 # Articles -> news.tsv
 # ----------------------------------------------------------------------------------------------------------
 
-def convert_articles(path: Path, out: Path, batch_rows: int = BATCH_ROWS) -> np.ndarray:
-    """Write `out` (MIND news.tsv: id, category_str, first subcategory, title, subtitle, url, no entities);
-    returns the sorted article ids. The subtitle is the abstract; the body is not used (docs/data.md#eb-nerd)."""
-    pf = open_parquet(path, {**ARTICLE_COLUMNS, "url": "str"}, "articles", optional=("url",))
+def convert_articles(path: Path, out: Path, batch_rows: int = BATCH_ROWS, abstract: str = "subtitle") -> np.ndarray:
+    """Write `out` (MIND news.tsv: id, category_str, first subcategory, title, abstract, url, no entities);
+    returns the sorted article ids. The abstract is the `abstract` column (ABSTRACT_COLUMNS: the subtitle, or the
+    body); the other columns are not used (docs/data.md#eb-nerd says which and why)."""
+    read = {**ARTICLE_COLUMNS, abstract: "str", "url": "str"}
+    pf = open_parquet(path, read, "articles", optional=("url",))
     has_url = pf.schema_arrow.get_field_index("url") >= 0
-    columns = [*ARTICLE_COLUMNS, *(["url"] if has_url else [])]
+    columns = [*ARTICLE_COLUMNS, abstract, *(["url"] if has_url else [])]
     ids = []
     with open(out, "w", encoding="utf-8", newline="\n") as f:
         for row0, b in iter_batches(pf, columns, batch_rows):
@@ -163,7 +166,7 @@ def convert_articles(path: Path, out: Path, batch_rows: int = BATCH_ROWS) -> np.
             first = np.full(len(aid), -1, dtype=np.int64)
             has = lengths > 0
             first[has] = sub[(np.cumsum(lengths) - lengths)[has]]
-            texts = [b.column(c).to_pylist() for c in ("title", "subtitle", "category_str")]
+            texts = [b.column(c).to_pylist() for c in ("title", abstract, "category_str")]
             urls = b.column("url").to_pylist() if has_url else [None] * len(aid)
             f.writelines(f"{a}\t{clean_text(cat)}\t{'' if s < 0 else s}\t{clean_text(t)}\t{clean_text(st)}\t"
                          f"{clean_text(u)}\t[]\t[]\n"
@@ -404,12 +407,15 @@ class EbnerdDataset(NewsDataset):
                                         f"{bundle}.zip into {Path(data_dir) / bundle} again, or download it again")
         return files
 
-    def prepare(self, data_dir, *, download=True, language=None, log=print) -> Path:
+    def prepare(self, data_dir, *, download=True, language=None, log=print, abstract: str | None = None) -> Path:
+        """`abstract`: the articles' column that becomes the Abstract (ABSTRACT_COLUMNS); None keeps the choice of
+        the existing conversion (the subtitle for a new one)."""
         self.check_language(language)
         raw = self.raw_files(Path(data_dir), download, log)
-        return self._convert(Path(data_dir), raw, log)
+        return self._convert(Path(data_dir), raw, log, self._abstract(data_dir, abstract))
 
     def ensure(self, data_dir, language=None, log=print) -> Path:
+        """As `prepare` without downloading; keeps the existing conversion's --ebnerd_abstract choice."""
         self.check_language(language)
         target = self.corpus_folder(data_dir)
         try:
@@ -418,16 +424,24 @@ class EbnerdDataset(NewsDataset):
             if read_marker(target) is not None:
                 return target  # converted earlier; the raw files were moved away since
             raise FileNotFoundError(f"{e}. Get EB-NeRD with: python prepare_MIND_dataset.py --dataset={self.name}")
-        return self._convert(Path(data_dir), raw, log)
+        return self._convert(Path(data_dir), raw, log, self._abstract(data_dir, None))
 
-    def _convert(self, data_dir: Path, raw: dict[str, Path], log: Callable) -> Path:
+    def _abstract(self, data_dir, abstract: str | None) -> str:
+        if abstract is None:
+            abstract = (read_marker(self.corpus_folder(data_dir)) or {}).get("abstract") or ABSTRACT_COLUMNS[0]
+        if abstract not in ABSTRACT_COLUMNS:
+            raise ValueError(f"--ebnerd_abstract={abstract}: choose from {', '.join(ABSTRACT_COLUMNS)}")
+        return abstract
+
+    def _convert(self, data_dir: Path, raw: dict[str, Path], log: Callable, abstract: str) -> Path:
         target = self.corpus_folder(data_dir)
         source = {k: file_signature(p) for k, p in raw.items()}
-        if up_to_date(target, self.name, source=source, history_kept=HISTORY_KEPT, language=LANGUAGE):
+        if up_to_date(target, self.name, source=source, history_kept=HISTORY_KEPT, language=LANGUAGE,
+                      abstract=abstract):
             return target
         t0 = time.time()
-        log(f"converting EB-NeRD ({self.name}) into {target} ...")
-        replace_dir_atomically(target, lambda tmp: build_corpus(tmp, raw, source, log))
+        log(f"converting EB-NeRD ({self.name}) into {target} (abstract: the {abstract}) ...")
+        replace_dir_atomically(target, lambda tmp: build_corpus(tmp, raw, source, log, abstract))
         log(f"converted {target} in {time.time() - t0:.1f}s")
         return target
 
@@ -435,12 +449,12 @@ class EbnerdDataset(NewsDataset):
         return write_predictions(Path(root) / "test", Path(out_dir), impression_ids, ranks_list)
 
 
-def build_corpus(tmp: Path, raw: dict[str, Path], source: dict, log: Callable) -> None:
+def build_corpus(tmp: Path, raw: dict[str, Path], source: dict, log: Callable, abstract: str = "subtitle") -> None:
     """train/dev from the train week (dev = its last day), test from validation (or the test set)."""
     skips = SkipCounts()
     for split in SPLITS:
         (tmp / split).mkdir(parents=True)
-    articles = convert_articles(raw["articles"], tmp / "train" / "news.tsv")
+    articles = convert_articles(raw["articles"], tmp / "train" / "news.tsv", abstract=abstract)
     shutil.copyfile(tmp / "train" / "news.tsv", tmp / "dev" / "news.tsv")
     cutoff = last_day_cutoff(raw["train_behaviors"])
     writers = {s: SplitWriter(tmp / s) for s in ("train", "dev")}
@@ -450,7 +464,7 @@ def build_corpus(tmp: Path, raw: dict[str, Path], source: dict, log: Callable) -
         w.close()
     test_kind = "test" if "test_behaviors" in raw else "validation"
     if test_kind == "test":
-        articles = convert_articles(raw["test_articles"], tmp / "test" / "news.tsv")
+        articles = convert_articles(raw["test_articles"], tmp / "test" / "news.tsv", abstract=abstract)
     else:
         shutil.copyfile(tmp / "train" / "news.tsv", tmp / "test" / "news.tsv")
     test = {"test": SplitWriter(tmp / "test")}
@@ -468,7 +482,8 @@ def build_corpus(tmp: Path, raw: dict[str, Path], source: dict, log: Callable) -
     log(f"EB-NeRD: {counts['train']} train, {counts['dev']} dev, {counts['test']} test impressions ({test_kind}); "
         f"{skips.describe()}")
     (tmp / MARKER).write_text(json.dumps({"source": source, "impressions": counts, "skipped": skips.counts,
-                                          "history_kept": HISTORY_KEPT, "test": test_kind, "language": LANGUAGE},
+                                          "history_kept": HISTORY_KEPT, "test": test_kind, "language": LANGUAGE,
+                                          "abstract": abstract},
                                          sort_keys=True) + "\n")
 
 

@@ -111,3 +111,43 @@ def test_english_corpora_keep_vader(tmp_path):
     assert corpus_language(tmp_path) == "eng"  # no marker: a MIND folder (or the user's own): English
     (tmp_path / ".prepared").write_text(json.dumps({"protocol": 2}))
     assert corpus_language(tmp_path) == "eng"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --ebnerd_abstract
+# ----------------------------------------------------------------------------------------------------------
+
+def _abstracts(root: Path) -> dict[str, str]:
+    return {p[0]: p[4] for p in (line.split("\t") for line in (root / "train" / "news.tsv").read_text().splitlines())}
+
+
+def test_the_body_can_be_the_abstract_and_main_keeps_that_choice(tmp_path):
+    data = tmp_path / "data"
+    write_ebnerd(data / "ebnerd_demo", articles=60, users=20, train=50, validation=20, seed=6)
+    rows = pq.read_table(data / "ebnerd_demo" / "articles.parquet", columns=["article_id", "subtitle", "body"])
+    rows = rows.to_pylist()
+    root = prepare_MIND_dataset.main(["--dataset=ebnerd_demo", f"--data_dir={data}", "--no-download",
+                                      "--ebnerd_abstract=body"])
+    assert _abstracts(root) == {str(r["article_id"]): " ".join(r["body"].split()) for r in rows}
+    assert json.loads((root / ".prepared").read_text())["abstract"] == "body"
+    stamp = (root / "train" / "news.tsv").stat().st_mtime_ns
+    assert get_dataset("ebnerd_demo").ensure(data) == root  # main's call: the folder's own choice, no rebuild
+    assert (root / "train" / "news.tsv").stat().st_mtime_ns == stamp
+    prepare_MIND_dataset.main(["--dataset=ebnerd_demo", f"--data_dir={data}", "--no-download"])  # not typed: kept
+    assert (root / "train" / "news.tsv").stat().st_mtime_ns == stamp
+    prepare_MIND_dataset.main(["--dataset=ebnerd_demo", f"--data_dir={data}", "--no-download",
+                               "--ebnerd_abstract=subtitle"])
+    assert _abstracts(root) == {str(r["article_id"]): " ".join(r["subtitle"].split()) for r in rows}
+
+
+def test_abstract_flag_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        prepare_MIND_dataset.main(["--dataset=adressa_1w", f"--data_dir={tmp_path}", "--ebnerd_abstract=body"])
+    assert "--ebnerd_abstract is for the EB-NeRD datasets" in capsys.readouterr().err
+    data = tmp_path / "data"
+    write_ebnerd(data / "ebnerd_demo", articles=40, users=20, train=40, validation=20, seed=7)
+    path = data / "ebnerd_demo" / "articles.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["body"]), path)
+    with pytest.raises(ebnerd.CorpusError, match="column 'body' is missing"):
+        get_dataset("ebnerd_demo").prepare(data, download=False, abstract="body")
+    assert get_dataset("ebnerd_demo").prepare(data, download=False).is_dir()  # the subtitle needs no body
