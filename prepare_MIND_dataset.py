@@ -24,12 +24,13 @@ them in every result table):
   licence forbids redistributing them), used by the quick start, the tests and size benchmarks.
 
 Zips: a zip the user put in `--data_dir` (e.g. from the gated Hugging Face dataset yjw1029/MIND) is used as is;
-otherwise it is downloaded (news_data/download.py) from the official mirror `MIND_URL` into `<zip>.part` (resumed with an HTTP Range
-request after an interruption), its size checked against the server's, and renamed when complete. Each zip is
-CRC-checked and unpacked once into `data_dir/raw/<zip stem>/`. Offline, preparation fails within seconds with a
-message naming the zips, the folder to put them in and where to get them. Protocol folders are built in a temp
-folder and renamed into place, with a `.prepared` marker; a folder built by the current `PROTOCOL_VERSION` is
-not rebuilt, and a folder without the marker (a corpus the user put there) is never replaced: an error.
+otherwise it is downloaded (news_data/download.py) from the official mirror `MIND_URL` into `<zip>.part`
+(resumed with an HTTP Range request after an interruption), its size checked against the server's, and renamed
+when complete. Each zip is CRC-checked and unpacked once into `data_dir/raw/<zip stem>/`. Offline, preparation
+fails within seconds with a message naming the zips, the folder to put them in and where to get them. Protocol
+folders are built in a temp folder and renamed into place, with a `.prepared` marker; a folder built by the
+current `PROTOCOL_VERSION` is not rebuilt, and a folder without the marker (a corpus the user put there) is never
+replaced: an error.
 
 Demo corpus extras (not in MIND): `<split>/click_probabilities.tsv` (`ImpressionID \\t p1 p2 ...`, the true
 click probability of each candidate, in order), `test/labels_hidden.tsv` (`ImpressionID \\t 0 1 0 ...`, the

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import tarfile
 import time
-import urllib.request
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,9 @@ from typing import Callable
 import numpy as np
 
 from MIND_corpus import SPLITS, CorpusError, file_signature
+from news_data.download import download as fetch_url  # `download` is the converters' switch
 from news_data.registry import MARKER, NewsDataset, SkipCounts, clean_text, read_marker, register, up_to_date
-from util import atomic_write, replace_dir_atomically
+from util import replace_dir_atomically
 
 URL = "https://reclab.idi.ntnu.no/dataset/{name}.tar.gz"
 LANGUAGE = "nor"  # ISO 639-3 (Norwegian), in the marker: the beyond-accuracy metrics never run VADER on it
@@ -154,8 +154,8 @@ class AdressaDataset(NewsDataset):
             if not tar.is_file() and download:
                 url = URL.format(name=self.archive)
                 log(f"downloading {url} ...")
-                tar.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(tar, lambda tmp: urllib.request.urlretrieve(url, tmp))
+                fetch_url(url, tar, check_zip=False, log=log, hint=f"Put Adressa's {tar.name} in {tar.parent} "
+                         f"yourself (reclab.idi.ntnu.no/dataset).")
             if not tar.is_file():
                 raise FileNotFoundError(f"{folder} not found, nor {tar}: put Adressa's {self.archive}.tar.gz "
                                         f"(reclab.idi.ntnu.no/dataset) there, or run python prepare_MIND_dataset.py "

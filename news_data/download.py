@@ -80,13 +80,24 @@ def _copy(response, part: Path, have: int, url: str, name: str, log: Callable) -
 
 
 def download(url: str, path: str | Path, *, timeout: float = DOWNLOAD_TIMEOUT_S, check_zip: bool = True,
-             log: Callable = print) -> Path:
+             log: Callable = print, hint: str | None = None) -> Path:
     """Download `url` to `path` through `<path>.part`, resuming a partial `.part` with a Range request.
 
     The size is checked against the server's (Content-Range total, or Content-Length), with `check_zip` the file
     must be a zip (Adressa's tar.gz is not), and only then is it renamed to `path`. Network errors raise OSError
-    (URLError, timeouts, a connection cut short) quickly; the `.part` is kept and resumed by the next call."""
-    path = Path(path)
+    (URLError, timeouts, a connection cut short) quickly; the `.part` is kept and resumed by the next call. With
+    `hint` (where else to get the file), any failure is one OSError: `could not download <url> (<why>). <hint>`."""
+    if hint is None:
+        return _download(url, Path(path), timeout, check_zip, log)
+    try:
+        return _download(url, Path(path), timeout, check_zip, log)
+    except (OSError, http.client.HTTPException) as e:
+        part = Path(path).with_name(Path(path).name + ".part")
+        kept = f" The partial download {part} is kept and resumes next time." if part.exists() else ""
+        raise OSError(f"could not download {url} ({e}). {hint}{kept}") from None
+
+
+def _download(url: str, path: Path, timeout: float, check_zip: bool, log: Callable) -> Path:
     part = path.with_name(path.name + ".part")
     path.parent.mkdir(parents=True, exist_ok=True)
     parsed = urllib.parse.urlsplit(url)

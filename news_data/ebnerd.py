@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from MIND_corpus import SENTIMENT_FILE, SPLITS, CorpusError, file_signature
-from news_data.download import download
+from news_data.download import download as fetch_url  # `download` is the converters' switch
 from news_data.registry import MARKER, NewsDataset, SkipCounts, clean_text, read_marker, register, up_to_date
 from util import atomic_write, replace_dir_atomically
 
@@ -503,7 +503,7 @@ def fetch_bundle(data_dir: Path, bundle: str, download: bool, log: Callable) -> 
                                     f"{bundle}.zip (recsys.eb.dk) in {data_dir}")
         url = URL.format(bundle=bundle)
         log(f"downloading {url} ...")
-        download(url, zip_path, log=log)
+        fetch_url(url, zip_path, log=log, hint=f"Put EB-NeRD's {bundle}.zip (recsys.eb.dk) in {data_dir} yourself.")
     log(f"unzipping {zip_path} ...")
     with zipfile.ZipFile(zip_path) as z:
         z.extractall(folder)
@@ -540,7 +540,8 @@ def fetch_artifact(data_dir: str | Path, folder: str, download_missing: bool = T
                                     f"artifacts/{folder}.zip (recsys.eb.dk) there, or drop --no-download")
         url = ARTIFACT_URL.format(folder=folder)
         log(f"downloading {url} ...")
-        download(url, zip_path, log=log)
+        fetch_url(url, zip_path, log=log, hint=f"Put EB-NeRD's artifacts/{folder}.zip (recsys.eb.dk) in "
+                 f"{zip_path.parent} yourself.")
     log(f"unzipping {zip_path} ...")
     with zipfile.ZipFile(zip_path) as z:
         replace_dir_atomically(out, z.extractall)

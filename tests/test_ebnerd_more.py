@@ -151,3 +151,127 @@ def test_abstract_flag_errors(tmp_path, capsys):
     with pytest.raises(ebnerd.CorpusError, match="column 'body' is missing"):
         get_dataset("ebnerd_demo").prepare(data, download=False, abstract="body")
     assert get_dataset("ebnerd_demo").prepare(data, download=False).is_dir()  # the subtitle needs no body
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Downloads: news_data/download.py, for every converter
+# ----------------------------------------------------------------------------------------------------------
+
+class FileServer:
+    """A local HTTP server of one payload per path, honouring `Range: bytes=N-`; with `cut`, the first request
+    gets the full Content-Length but only its first `cut` bytes before the connection closes."""
+
+    def __init__(self, files: dict[str, bytes], cut: int = 0):
+        self.files, self.ranges, self.cut = files, [], cut
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                payload = outer.files.get(self.path.lstrip("/"))
+                if payload is None:
+                    self.send_error(404)
+                    return
+                header = self.headers.get("Range")
+                outer.ranges.append(header)
+                start = int(re.fullmatch(r"bytes=(\d+)-", header).group(1)) if header else 0
+                self.send_response(206 if header else 200)
+                if header:
+                    self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
+                self.send_header("Content-Length", str(len(payload) - start))
+                self.end_headers()
+                if outer.cut:
+                    self.wfile.write(payload[start:start + outer.cut])
+                    outer.cut = 0
+                    self.close_connection = True
+                    return
+                self.wfile.write(payload[start:])
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _zip_bytes(folder: Path) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                z.write(p, p.relative_to(folder).as_posix())
+    return buffer.getvalue()
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(tmp_path):
+    payload = _zip_bytes(Path(__file__).parent / "data")
+    assert len(payload) > 4000
+    with FileServer({"a.zip": payload}, cut=3000) as server:
+        target = tmp_path / "a.zip"
+        with pytest.raises(OSError, match="run again to resume"):
+            download(server.url + "a.zip", target, log=lambda *a: None)
+        part = tmp_path / "a.zip.part"
+        assert not target.exists() and part.read_bytes() == payload[:3000]
+        assert download(server.url + "a.zip", target, log=lambda *a: None) == target
+        assert target.read_bytes() == payload and not part.exists()
+        assert server.ranges == [None, "bytes=3000-"]
+
+
+def test_the_zip_check_is_optional_and_a_failure_names_the_hint(tmp_path):
+    with FileServer({"x.tar.gz": b"\x1f\x8b not a zip"}) as server:
+        assert download(server.url + "x.tar.gz", tmp_path / "x.tar.gz", check_zip=False).read_bytes() == \
+            b"\x1f\x8b not a zip"
+        with pytest.raises(OSError, match="not a zip file"):
+            download(server.url + "x.tar.gz", tmp_path / "y.zip")
+        assert not (tmp_path / "y.zip").exists() and not (tmp_path / "y.zip.part").exists()
+        with pytest.raises(OSError, match=r"could not download .*missing.zip \(HTTP Error 404.*\)\. Put it there"):
+            download(server.url + "missing.zip", tmp_path / "m.zip", hint="Put it there.")
+
+
+def test_every_converter_downloads_through_the_library(tmp_path, monkeypatch):
+    import inspect
+
+    for module in (ebnerd, xmind, adressa):
+        assert module.fetch_url is download and "urlretrieve" not in inspect.getsource(module)
+    import news_data.download as library
+
+    assert prepare_MIND_dataset.download is library.download  # MIND's zips too; no module imports the script
+    # EB-NeRD's bundle and Adressa's tar.gz, fetched from a local server by the converters themselves
+    write_ebnerd(tmp_path / "staging" / "ebnerd_demo", articles=40, users=20, train=40, validation=20, seed=8)
+    adressa.write_adressa_demo(tmp_path / "staging" / "one_week", days=7, users=30, news=50, clicks_per_day=60)
+    import io
+    import tarfile
+
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w:gz") as t:
+        t.add(tmp_path / "staging" / "one_week", arcname="one_week")
+    files = {"ebnerd_demo.zip": _zip_bytes(tmp_path / "staging" / "ebnerd_demo"), "one_week.tar.gz": tar.getvalue()}
+    with FileServer(files, cut=1000) as server:
+        monkeypatch.setattr(ebnerd, "URL", server.url + "{bundle}.zip")
+        monkeypatch.setattr(adressa, "URL", server.url + "{name}.tar.gz")
+        data = tmp_path / "data"
+        with pytest.raises(OSError, match=r"could not download .*ebnerd_demo.zip .*partial download .* resumes"):
+            get_dataset("ebnerd_demo").prepare(data, download=True, log=lambda *a: None)
+        assert get_dataset("ebnerd_demo").prepare(data, download=True, log=lambda *a: None).is_dir()
+        assert get_dataset("adressa_1w").prepare(data, download=True, log=lambda *a: None).is_dir()
+        assert server.ranges == [None, "bytes=1000-", None]
+
+
+def test_an_unreachable_server_fails_fast_saying_where_to_put_the_file(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(ebnerd, "URL", "http://127.0.0.1:9/{bundle}.zip")
+    t0 = time.time()
+    with pytest.raises(OSError) as e:
+        get_dataset("ebnerd_small").prepare(tmp_path, download=True, log=lambda *a: None)
+    assert time.time() - t0 < 10
+    assert f"Put EB-NeRD's ebnerd_small.zip (recsys.eb.dk) in {tmp_path} yourself" in str(e.value)

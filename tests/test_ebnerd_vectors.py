@@ -151,7 +151,8 @@ def test_a_null_vector_is_counted_as_without_one(tmp_path):
 @pytest.mark.parametrize("columns,expected", [
     ({"id": ["N1"], "a": _vectors([[1.0]]), "b": _vectors([[1.0]])}, "3 columns"),
     ({"id": ["N1"]}, "1 columns"),
-    ({"id": ["N1"], "v": pa.array([["x"]], pa.list_(pa.string()))}, "columns 'id' (string), 'v' (list<element: string>)"),
+    ({"id": ["N1"], "v": pa.array([["x"]], pa.list_(pa.string()))},
+     "columns 'id' (string), 'v' (list<element: string>)"),
     ({"id": [1.5], "v": _vectors([[1.0]])}, "columns 'id' (double)"),
 ])
 def test_wrong_columns_name_the_file_and_what_a_vector_file_holds(tmp_path, columns, expected):

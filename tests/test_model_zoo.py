@@ -101,7 +101,8 @@ def write_news_vectors(data_dir, news_ids: list[str]) -> None:
 
     ids = [nid for i, nid in enumerate(news_ids[1:]) if i % 7]
     values = np.random.default_rng(0).normal(size=(len(ids), 8)).astype(np.float32).tolist()
-    pq.write_table(pa.table({"news_id": ids, "vector": pa.array(values, pa.list_(pa.float32()))}), vector_path(data_dir))
+    table = pa.table({"news_id": ids, "vector": pa.array(values, pa.list_(pa.float32()))})
+    pq.write_table(table, vector_path(data_dir))
 
 
 def make_config(data_dir, news: str, user: str, plm_folder=None, *extra: str) -> Config:
