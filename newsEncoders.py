@@ -1626,11 +1626,36 @@ class VectorsNewsEncoder(NewsEncoder):
         missing = ~table.has_vector
         missing[0] = False  # the padding news is no news without a vector
         self.register_buffer("vector_missing", torch.from_numpy(missing.astype(np.float32)), persistent=False)  # [N]
+        self._guard_vectors(table, config.news_vectors)
         width, hidden = table.vectors.shape[1] + 1, config.vectors_hidden_dim
         self.dropout = nn.Dropout(config.dropout_rate)
         self.project = nn.Linear(width, config.vectors_dim) if not hidden else nn.Sequential(
             nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(config.dropout_rate), nn.Linear(hidden, config.vectors_dim))
         self.output_dim = config.vectors_dim
+
+    SIGNATURE_KEY = "vectors_signature"
+
+    def _guard_vectors(self, table, path: str) -> None:
+        """The checkpoint holds the table's signature in place of the table (megabytes to hundreds of them, read from
+        the file again); loading compares it with the table read now, since a rewritten file, or the file mapped onto
+        another corpus, would give a silently different model."""
+        import hashlib
+
+        digest = hashlib.sha1(table.vectors.tobytes() + table.has_vector.tobytes()).hexdigest()[:16]
+
+        def add(module, state_dict, prefix, local_metadata):
+            state_dict[prefix + self.SIGNATURE_KEY] = torch.tensor(list(digest.encode()), dtype=torch.uint8)
+
+        def check(module, state_dict, prefix, *args):
+            saved = state_dict.pop(prefix + self.SIGNATURE_KEY, None)
+            if saved is not None and bytes(saved.tolist()).decode(errors="replace") != digest:
+                raise ValueError(f"the news vectors of --news_vectors={path} (mapped onto this corpus's news) differ "
+                                 f"from the ones the checkpoint was trained with: the file was rewritten, or the "
+                                 f"corpus changed; its numbers would not be the trained model's. Use the file and "
+                                 f"corpus it was trained on")
+
+        self.register_state_dict_post_hook(add)
+        self.register_load_state_dict_pre_hook(check)
 
     def prepare(self, news, log=print, **options) -> None:
         """Nothing to compute (the table is read when the model is built); says once what the file covered."""

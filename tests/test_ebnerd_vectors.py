@@ -221,3 +221,22 @@ def test_explain_pretrain_and_fine_tune_with_vectors(trained):
     pre = main(["--mode=pretrain", "--pretrain_tasks=contrastive,next_click", *flags])
     tuned = main(["--mode=train", f"--init_from={pre['run_dir']}", *flags])
     assert 0 <= tuned["dev_metrics"]["auc"] <= 1
+
+
+def test_dev_with_other_vectors_than_the_checkpoints_is_an_error(trained, tmp_path, capsys):
+    """The table is not in the checkpoint (it is read from the file again), but its signature is: a file rewritten
+    since training would otherwise give a silently different model."""
+    vectors, common, result, _ = trained
+    saved = Path(vectors).read_bytes()
+    table = pq.read_table(vectors)
+    column = table.column("contrastive_vector").to_pylist()
+    column[0] = [v + 1.0 for v in column[0]]
+    pq.write_table(table.set_column(1, "contrastive_vector", pa.array(column, pa.list_(pa.float32()))), vectors)
+    try:
+        assert cli(["--mode=dev", f"--dev_model_path={result['checkpoint']}", *common]) == 2
+    finally:
+        Path(vectors).write_bytes(saved)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert f"--news_vectors={vectors}" in err and "differ from the ones the checkpoint was trained with" in err
+    assert cli(["--mode=dev", f"--dev_model_path={result['checkpoint']}", *common]) == 0  # the same file again: fine
