@@ -78,6 +78,10 @@ def _read(path: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if path.is_dir():
+        inside = sorted(str(p) for p in path.rglob("*.parquet"))[:3]
+        raise CorpusError(f"{FLAG}={path} is a folder; give the parquet file of vectors"
+                          + (f" (inside: {', '.join(inside)})" if inside else ""))
     if not path.is_file():
         raise FileNotFoundError(f"{FLAG}={path}: no such file; give a parquet file of news vectors (EB-NeRD's: "
                                 f"python prepare_MIND_dataset.py --dataset=ebnerd_<size> --ebnerd_artifact=<folder>)")

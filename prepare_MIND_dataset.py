@@ -4,6 +4,7 @@ in the dataset registry (news_data/, docs/data.md).
 
     python prepare_MIND_dataset.py --dataset {small,200k,large,demo} [--data_dir data] [--no-download]
     python prepare_MIND_dataset.py --dataset {ebnerd_demo,ebnerd_small,ebnerd_large,ebnerd_testset}
+        [--ebnerd_abstract {subtitle,body}] [--ebnerd_artifact FOLDER ...]
     python prepare_MIND_dataset.py --dataset {xmind_small,xmind_large} --news_language=swh
     python prepare_MIND_dataset.py --dataset {adressa_1w,adressa_10w}
 

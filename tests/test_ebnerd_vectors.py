@@ -183,6 +183,10 @@ def test_not_parquet_and_missing_file(tmp_path):
         read_vector_table(tmp_path / "v.parquet", IDS)
     with pytest.raises(FileNotFoundError, match="--ebnerd_artifact"):
         read_vector_table(tmp_path / "none.parquet", IDS)
+    (tmp_path / "artifact" / "sub").mkdir(parents=True)
+    (tmp_path / "artifact" / "sub" / "x.parquet").write_text("")
+    with pytest.raises(CorpusError, match=r"is a folder; give the parquet file of vectors \(inside: .*x.parquet\)"):
+        read_vector_table(tmp_path / "artifact", IDS)
 
 
 def test_main_without_or_with_a_bad_file_is_one_line(trained, tmp_path, capsys):
