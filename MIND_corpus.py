@@ -63,6 +63,20 @@ TOKEN_RE = re.compile(r"[\w]+|[.,!?;|]")
 
 NEWS_COLUMNS = ("NewsID", "Category", "SubCategory", "Title", "Abstract", "URL", "TitleEntities", "AbstractEntities")
 BEHAVIOR_COLUMNS = ("ImpressionID", "UserID", "Time", "History", "Impressions")
+# Beside train/dev/test, what a converter (news_data/) may add to the corpus form:
+PREPARED = ".prepared"  # the build's marker (JSON); its "language" is the news texts' ISO 639-3 code
+SENTIMENT_FILE = "news_sentiment.tsv"  # `NewsID \t polarity in [-1, 1]`: the dataset's own sentiment (EB-NeRD)
+ENGLISH = "eng"
+
+
+def corpus_language(root: str | Path) -> str:
+    """The language of a corpus folder's news texts: its marker's "language" (EB-NeRD dan, Adressa nor, xMIND
+    the --news_language), else English (MIND, the demo, a folder without a marker)."""
+    try:
+        marker = json.loads((Path(root) / PREPARED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ENGLISH
+    return str(marker.get("language") or ENGLISH) if isinstance(marker, dict) else ENGLISH
 
 
 class CorpusError(ValueError):
@@ -1028,6 +1042,7 @@ class CorpusMeta:
     vocab: list[str] = field(default_factory=list)
     news_key: str = ""  # cache folder of the news table
     category_glove: np.ndarray | None = None  # [categories, glove dim] (--use_category_glove)
+    news_ids: list[str] = field(default_factory=list)  # NewsID of each news index ([0] = "", padding)
 
     def signature(self) -> dict[str, Any]:
         """Saved with every checkpoint: dev/test refuse a corpus whose vocabulary or id spaces differ."""
@@ -1097,7 +1112,7 @@ class Corpus:
             entity_num=len(c.meta["entities"]), news_num=len(c.meta["news_ids"]),
             word_embeddings=word_embeddings, entity_embeddings=e.arrays["entity_embeddings"],
             category_names=c.meta["categories"], subcategory_names=c.meta["subcategories"],
-            vocab=c.meta["vocab"], news_key=self.news_key,
+            vocab=c.meta["vocab"], news_key=self.news_key, news_ids=list(c.meta["news_ids"]),
         )
         self.glove_found = glove_found
         self._behaviors: dict[str, Cached] = {}

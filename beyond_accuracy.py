@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -202,14 +203,39 @@ def news_features(corpus, clicks: np.ndarray, names: Sequence[str], embedding: s
             except GloveUnavailable as e:  # the package is optional: the other metrics go on, this one is reported
                 emb_source = f"none ({e})"
     if "sentiment" in reads:
-        own = corpus.news.get("sentiment") if hasattr(corpus.news, "get") else None
-        if own is not None:
-            senti, senti_source = np.asarray(own, dtype=np.float64), "the dataset's sentiment column"
-        else:
-            which = np.arange(len(cat)) if sentiment_news is None else sentiment_news
-            senti, senti_source = vader_sentiment(corpus.news_texts("title"), which), \
-                "VADER compound polarity of the title"
+        senti, senti_source = news_sentiment(corpus, len(cat), sentiment_news)
     return NewsFeatures(cat, sub, np.asarray(clicks, dtype=np.float64), emb, senti, emb_source, senti_source)
+
+
+def news_sentiment(corpus, n: int, which: np.ndarray | None) -> tuple[np.ndarray | None, str]:
+    """([N] polarity, its source): the corpus's own sentiment (a `sentiment` news column, or the converter's
+    SENTIMENT_FILE beside the splits: EB-NeRD's labels), else VADER on the titles of `which` (all news when None),
+    but only for English news: VADER is an English lexicon, and on Danish or Norwegian words it finds almost
+    nothing and calls them neutral, so another language gives (None, the reason) and the metric is not computed."""
+    import pandas as pd
+
+    from MIND_corpus import ENGLISH, SENTIMENT_FILE, corpus_language
+
+    own = corpus.news.get("sentiment") if hasattr(corpus.news, "get") else None
+    if own is not None:
+        return np.asarray(own, dtype=np.float64), "the dataset's sentiment column"
+    root = getattr(corpus, "root", None)
+    path = Path(root) / SENTIMENT_FILE if root is not None else None
+    if path is not None and path.is_file():
+        table = pd.read_csv(path, sep="\t", header=None, names=["nid", "polarity"], dtype={"nid": str},
+                            keep_default_na=False)
+        rows = corpus.news_index.get_indexer(table["nid"]) + 1  # news index: row 0 is padding (-1 + 1: unknown)
+        out = np.full(n, np.nan)
+        known = rows > 0
+        out[rows[known]] = pd.to_numeric(table["polarity"], errors="coerce").to_numpy()[known]
+        return out, (f"the dataset's sentiment column ({SENTIMENT_FILE} beside the corpus: "
+                     f"{int(np.isfinite(out).sum())} of {n - 1} news)")
+    language = corpus_language(root) if root is not None else ENGLISH
+    if language != ENGLISH:
+        return None, (f"none (VADER is an English lexicon and the news are in {language}; the corpus has no "
+                      f"{SENTIMENT_FILE} of its own)")
+    which = np.arange(n) if which is None else which
+    return vader_sentiment(corpus.news_texts("title"), which), "VADER compound polarity of the title"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -468,7 +494,8 @@ def compute(ranks: np.ndarray, beh: Mapping[str, Any], features: NewsFeatures, k
     labelled = bool(len(labels)) and bool((labels >= 0).all())
     why = {"labels": None if labelled else "needs labels",
            "embedding": None if features.embedding is not None else f"no news vectors: {features.embedding_source}",
-           "sentiment": None if features.sentiment is not None else "no sentiment of the news"}
+           "sentiment": None if features.sentiment is not None else "no sentiment of the news" + (
+               f": {features.sentiment_source}" if features.sentiment_source else "")}
     not_computed = {m: next(why[r] for r in METRICS[m].reads if why.get(r)) for m in names
                     if any(why.get(r) for r in METRICS[m].reads)}
     chosen = [m for m in names if m not in not_computed]

@@ -508,6 +508,8 @@ class Config:
             for settings_cls in component_settings(cls):
                 errors += settings_cls.from_values(self.values).errors()
         news_cls = NEWS_ENCODERS.get(self.news_encoder)
+        errors += [f"--{flag} is needed by --news_encoder={self.news_encoder}: give it (--help says what it takes)"
+                   for flag in getattr(news_cls, "required_flags", ()) if not str(self.values.get(flag) or "").strip()]
         if self.category_fusion and news_cls is not None and "category" in news_cls.features:
             reads = " and ".join(c for c in ("category", "subcategory") if c in news_cls.features)
             errors.append(f"--category_fusion: --news_encoder {self.news_encoder} reads the {reads} itself; drop the "

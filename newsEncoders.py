@@ -93,6 +93,7 @@ class NewsEncoder(nn.Module):
     # model freezes it, since no gradient would ever reach it.
     category_embedding_for_user = False
     hdc_embedding_dim = 0  # FIM reads the HDC layout from the news encoder; 0 where there is none
+    required_flags: tuple[str, ...] = ()  # own flags without a usable default (a file): Config.validate asks for them
     # >1: the model encodes a batch's unique news in this many chunks of similar text length, each cut to its own
     # longest text (issue 6; set where encoding cost grows with length, the PLMs). Needs a batch-independent
     # encoder without auxiliary losses (a mean over chunks is not the mean over the batch).
@@ -1580,3 +1581,100 @@ class TANRNewsEncoder(NewsEncoder):
         if not self.training or self.weight == 0:
             return vectors, {}
         return vectors, {self.aux_name: self.weight * self.topic_loss(vectors, news["category"].long())}
+
+
+@dataclass
+class VectorsSettings(Settings):
+    """--news_encoder=Vectors: the vector file and the projection on top of it."""
+
+    title: ClassVar[str] = "Vectors: precomputed news vectors"
+    news_vectors: str = setting(
+        "", "parquet file of one fixed vector per news: a news id column (integer or string, matched against "
+        "news.tsv's NewsID) and one list<float> column, as EB-NeRD's artifacts (prepare_MIND_dataset.py "
+        "--ebnerd_artifact=...); docs/data.md#precomputed-news-vectors")
+    vectors_dim: int = setting(256, "Vectors: D, the news vector size the file's vectors are projected to",
+                               check=at_least(1))
+    vectors_hidden_dim: int = setting(0, "Vectors: 0 = one linear projection to D; > 0 = an MLP with one hidden "
+                                         "layer of this width (ReLU)", check=at_least(0))
+
+
+@register_news_encoder("Vectors")
+class VectorsNewsEncoder(NewsEncoder):
+    """A fixed vector per news read from a file (news_vectors.py), projected to D by a trained linear layer or small
+    MLP; a news without a vector gets a zero vector and a 'missing' flag, whose weights learn what such a news is.
+
+    For EB-NeRD's precomputed article vectors (Kruse et al., "EB-NeRD", RecSys Challenge 2024: xlm-roberta-base,
+    bert-base-multilingual-cased, word2vec and contrastive document vectors); any dataset whose vector file maps its
+    news ids works. The table is a non-persistent buffer read from the file when the model is built (the width
+    decides the projection's shape), so a checkpoint holds the projection only and dev/test read the file again."""
+
+    settings = (VectorsSettings,)
+    paper = "EB-NeRD's article vectors (Kruse et al., RecSys Challenge 2024)"
+    features = ()  # the vectors come from `cached_features`, not from the corpus's news table
+    cached_inputs = ("news_vector", "news_vector_missing")  # what `cached_features` adds to the input
+    required_flags = ("news_vectors",)  # Config.validate: an empty value is an error naming the flag
+    needs_glove = False
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        from news_vectors import read_vector_table
+
+        table = read_vector_table(config.news_vectors, meta.news_ids)
+        self.description = table.describe()
+        self._reported = False
+        self.register_buffer("vector_table", torch.from_numpy(table.vectors), persistent=False)  # [N, V]
+        missing = ~table.has_vector
+        missing[0] = False  # the padding news is no news without a vector
+        self.register_buffer("vector_missing", torch.from_numpy(missing.astype(np.float32)), persistent=False)  # [N]
+        self._guard_vectors(table, config.news_vectors)
+        width, hidden = table.vectors.shape[1] + 1, config.vectors_hidden_dim
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.project = nn.Linear(width, config.vectors_dim) if not hidden else nn.Sequential(
+            nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(config.dropout_rate), nn.Linear(hidden, config.vectors_dim))
+        self.output_dim = config.vectors_dim
+
+    SIGNATURE_KEY = "vectors_signature"
+
+    def _guard_vectors(self, table, path: str) -> None:
+        """The checkpoint holds the table's signature in place of the table (megabytes to hundreds of them, read from
+        the file again); loading compares it with the table read now, since a rewritten file, or the file mapped onto
+        another corpus, would give a silently different model."""
+        import hashlib
+
+        digest = hashlib.sha1(table.vectors.tobytes() + table.has_vector.tobytes()).hexdigest()[:16]
+
+        def add(module, state_dict, prefix, local_metadata):
+            state_dict[prefix + self.SIGNATURE_KEY] = torch.tensor(list(digest.encode()), dtype=torch.uint8)
+
+        def check(module, state_dict, prefix, *args):
+            saved = state_dict.pop(prefix + self.SIGNATURE_KEY, None)
+            if saved is not None and bytes(saved.tolist()).decode(errors="replace") != digest:
+                raise ValueError(f"the news vectors of --news_vectors={path} (mapped onto this corpus's news) differ "
+                                 f"from the ones the checkpoint was trained with: the file was rewritten, or the "
+                                 f"corpus changed; its numbers would not be the trained model's. Use the file and "
+                                 f"corpus it was trained on")
+
+        self.register_state_dict_post_hook(add)
+        self.register_load_state_dict_pre_hook(check)
+
+    def prepare(self, news, log=print, **options) -> None:
+        """Nothing to compute (the table is read when the model is built); says once what the file covered."""
+        if not self._reported:
+            log(self.description)
+            self._reported = True
+
+    def cached_features(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """index [N] -> news_vector [N, V] float, news_vector_missing [N] float (1 = no vector)."""
+        return {"news_vector": self.vector_table[index], "news_vector_missing": self.vector_missing[index]}
+
+    def forward(self, news, user_id=None):
+        """
+        Args:
+            news["news_vector"]: [N, V] float, the file's vector (zeros where a news has none).
+            news["news_vector_missing"]: [N] float, 1 where the news has no vector.
+        Returns:
+            [N, D] with D = --vectors_dim.
+        """
+        x = self.dropout(news["news_vector"].float())  # [N, V]
+        flag = news["news_vector_missing"].float().unsqueeze(-1)  # [N, 1]
+        return self.project(torch.cat([x, flag], dim=-1))  # [N, D]

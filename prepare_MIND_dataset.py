@@ -4,6 +4,7 @@ in the dataset registry (news_data/, docs/data.md).
 
     python prepare_MIND_dataset.py --dataset {small,200k,large,demo} [--data_dir data] [--no-download]
     python prepare_MIND_dataset.py --dataset {ebnerd_demo,ebnerd_small,ebnerd_large,ebnerd_testset}
+        [--ebnerd_abstract {subtitle,body}] [--ebnerd_artifact FOLDER ...]
     python prepare_MIND_dataset.py --dataset {xmind_small,xmind_large} --news_language=swh
     python prepare_MIND_dataset.py --dataset {adressa_1w,adressa_10w}
 
@@ -24,12 +25,13 @@ them in every result table):
   licence forbids redistributing them), used by the quick start, the tests and size benchmarks.
 
 Zips: a zip the user put in `--data_dir` (e.g. from the gated Hugging Face dataset yjw1029/MIND) is used as is;
-otherwise it is downloaded from the official mirror `MIND_URL` into `<zip>.part` (resumed with an HTTP Range
-request after an interruption), its size checked against the server's, and renamed when complete. Each zip is
-CRC-checked and unpacked once into `data_dir/raw/<zip stem>/`. Offline, preparation fails within seconds with a
-message naming the zips, the folder to put them in and where to get them. Protocol folders are built in a temp
-folder and renamed into place, with a `.prepared` marker; a folder built by the current `PROTOCOL_VERSION` is
-not rebuilt, and a folder without the marker (a corpus the user put there) is never replaced: an error.
+otherwise it is downloaded (news_data/download.py) from the official mirror `MIND_URL` into `<zip>.part`
+(resumed with an HTTP Range request after an interruption), its size checked against the server's, and renamed
+when complete. Each zip is CRC-checked and unpacked once into `data_dir/raw/<zip stem>/`. Offline, preparation
+fails within seconds with a message naming the zips, the folder to put them in and where to get them. Protocol
+folders are built in a temp folder and renamed into place, with a `.prepared` marker; a folder built by the
+current `PROTOCOL_VERSION` is not rebuilt, and a folder without the marker (a corpus the user put there) is never
+replaced: an error.
 
 Demo corpus extras (not in MIND): `<split>/click_probabilities.tsv` (`ImpressionID \\t p1 p2 ...`, the true
 click probability of each candidate, in order), `test/labels_hidden.tsv` (`ImpressionID \\t 0 1 0 ...`, the
@@ -44,13 +46,8 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import sys
-import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -60,7 +57,8 @@ import pandas as pd
 
 from demo_corpus import DEMO_SEED, DEMO_SIZES, MIN_DEMO_NEWS, ensure_demo
 from MIND_corpus import BEHAVIOR_COLUMNS, DATASETS, SPLITS
-from news_data import dataset_names, get_dataset, is_mind
+from news_data import dataset_names, ebnerd, get_dataset, is_mind
+from news_data.download import download
 from util import check_folder, replace_dir_atomically, writing_into
 
 MIND_URL = "https://recodatasets.z20.web.core.windows.net/newsrec/"
@@ -73,7 +71,6 @@ ZIPS = {
 SPLIT_FILES = ("news.tsv", "behaviors.tsv", "entity_embedding.vec", "relation_embedding.vec")
 PROTOCOL_VERSION = 2
 USERS_200K = 200_000  # users the 200k protocol samples (the CLI's --num_users; tests use a handful)
-DOWNLOAD_TIMEOUT_S = 10.0
 
 
 class MINDNotFoundError(FileNotFoundError):
@@ -97,85 +94,6 @@ def _raw_dir(data_dir: Path, name: str) -> Path:
 
 def _is_unpacked(folder: Path) -> bool:
     return all((folder / f).exists() for f in ("news.tsv", "behaviors.tsv"))
-
-
-def _resolve_with_timeout(host: str, port: int, timeout: float) -> None:
-    """Fail within `timeout` when DNS hangs (urllib's timeout does not cover name resolution)."""
-    result: dict = {}
-
-    def work():
-        try:
-            socket.getaddrinfo(host, port)
-            result["ok"] = True
-        except OSError as e:
-            result["error"] = e
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if "error" in result:
-        raise result["error"]
-    if "ok" not in result:
-        raise socket.timeout(f"resolving {host} took more than {timeout:.0f}s")
-
-
-def download(url: str, path: Path, *, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
-    """Download `url` to `path` through `<path>.part`, resuming a partial `.part` with a Range request.
-
-    The size is checked against the server's (Content-Range total, or Content-Length), the file must be a zip,
-    and only then is it renamed to `path`. Network errors raise OSError (URLError, timeouts) quickly.
-    """
-    path = Path(path)
-    part = path.with_name(path.name + ".part")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.hostname:
-        _resolve_with_timeout(parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80), timeout)
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": "prepare_MIND_dataset.py"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    request = urllib.request.Request(url, headers=headers)
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # nothing left to fetch: the .part is complete
-            total = have
-            response = None
-        else:
-            raise
-    if response is not None:
-        with response:
-            resumed = response.status == 206
-            content_range = response.headers.get("Content-Range", "")
-            length = response.headers.get("Content-Length")
-            if resumed and "/" in content_range and content_range.rsplit("/", 1)[1].strip().isdigit():
-                total = int(content_range.rsplit("/", 1)[1])
-            elif length is not None:
-                total = int(length) + (have if resumed else 0)
-            else:
-                total = None
-            done = have if resumed else 0
-            last_report = time.time()
-            with open(part, "ab" if resumed else "wb") as f:
-                while True:
-                    chunk = response.read(1 << 20)
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    done += len(chunk)
-                    if time.time() - last_report > 10:
-                        last_report = time.time()
-                        print(f"  {path.name}: {done / 2**20:,.0f} MiB" + (f" of {total / 2**20:,.0f}" if total else ""),
-                              flush=True)
-    size = part.stat().st_size
-    if total is not None and size != total:
-        raise OSError(f"{url}: got {size} of {total} bytes; run again to resume from {part}")
-    if not zipfile.is_zipfile(part):
-        part.unlink()
-        raise OSError(f"{url}: the download is not a zip file (deleted it; try again)")
-    os.replace(part, path)
-    return path
 
 
 def obtain_zip(name: str, data_dir, download_missing: bool = True, base_url: str | None = None) -> Path:
@@ -430,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download missing zips (--no-download: only use zips already in --data_dir)")
     g.add_argument("--num_users", type=int, default=USERS_200K, help="200k protocol: number of users sampled")
+    e = p.add_argument_group("EB-NeRD")
+    e.add_argument("--ebnerd_abstract", default=None, choices=list(ebnerd.ABSTRACT_COLUMNS),
+                   help="the articles' column that becomes the news' abstract: subtitle (a sentence or two) or body "
+                   "(the whole text); not typed: what the existing conversion used, else subtitle")
+    e.add_argument("--ebnerd_artifact", action="append", default=None, choices=list(ebnerd.ARTIFACTS),
+                   metavar="FOLDER", help="also get one of the organisers' article-vector artifacts (artifacts/"
+                   "<FOLDER>.zip, unzipped into <data_dir>/ebnerd_artifacts/<FOLDER>/) for --news_encoder=Vectors "
+                   "--news_vectors=<its parquet>; repeat the flag for several. Choices: " + ", ".join(ebnerd.ARTIFACTS))
     d = p.add_argument_group("demo")
     d.add_argument("--demo_news", type=int, default=DEMO_SIZES["num_news"], help="demo: number of news")
     d.add_argument("--demo_users", type=int, default=DEMO_SIZES["num_users"], help="demo: number of users")
@@ -462,13 +388,22 @@ def main(argv: Sequence[str] | None = None) -> Path:
                                num_train_impressions=args.demo_train_impressions,
                                num_dev_impressions=args.demo_dev_impressions,
                                num_test_impressions=args.demo_test_impressions)
+    for flag in ("ebnerd_artifact", "ebnerd_abstract"):
+        if getattr(args, flag) and get_dataset(args.dataset).family != "EB-NeRD":
+            p.error(f"--{flag} is for the EB-NeRD datasets, not --dataset={args.dataset}")
     if not is_mind(args.dataset):  # the other formats: their registry entry downloads and converts
         base = getattr(get_dataset(args.dataset), "requires", None)  # xMIND: MIND's impressions first
         if base and base != "demo":
             prepare(base, args.data_dir, download=args.download, num_users=args.num_users)
         with writing_into(args.data_dir, "--data_dir", "the converted corpus"):
-            return get_dataset(args.dataset).prepare(args.data_dir, download=args.download,
-                                                     language=args.news_language)
+            options = {"abstract": args.ebnerd_abstract} if args.ebnerd_abstract else {}
+            target = get_dataset(args.dataset).prepare(args.data_dir, download=args.download,
+                                                       language=args.news_language, **options)
+            for folder in args.ebnerd_artifact or ():
+                vectors = ebnerd.fetch_artifact(args.data_dir, folder, args.download)
+                print(f"EB-NeRD article vectors ({folder}): {vectors}; train on them with --news_encoder=Vectors "
+                      f"--news_vectors={vectors}")
+            return target
     return prepare(args.dataset, args.data_dir, download=args.download, num_users=args.num_users)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import tarfile
 import time
-import urllib.request
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,12 @@ from typing import Callable
 import numpy as np
 
 from MIND_corpus import SPLITS, CorpusError, file_signature
+from news_data.download import download as fetch_url  # `download` is the converters' switch
 from news_data.registry import MARKER, NewsDataset, SkipCounts, clean_text, read_marker, register, up_to_date
-from util import atomic_write, replace_dir_atomically
+from util import replace_dir_atomically
 
 URL = "https://reclab.idi.ntnu.no/dataset/{name}.tar.gz"
+LANGUAGE = "nor"  # ISO 639-3 (Norwegian), in the marker: the beyond-accuracy metrics never run VADER on it
 # Periods are days (1-week set) or weeks counted from the first day (10-week set): periods 1..5 = history, 6 = train
 # impressions, 7 and later = evaluation impressions, shuffled (seed 0) and split 20% dev / 80% test.
 ADRESSA_PROTOCOL = dict(train_period=6, test_from=7, negatives=20, dev_share=0.2, seed=0)
@@ -153,8 +154,8 @@ class AdressaDataset(NewsDataset):
             if not tar.is_file() and download:
                 url = URL.format(name=self.archive)
                 log(f"downloading {url} ...")
-                tar.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(tar, lambda tmp: urllib.request.urlretrieve(url, tmp))
+                fetch_url(url, tar, check_zip=False, log=log, hint=f"Put Adressa's {tar.name} in {tar.parent} "
+                         f"yourself (reclab.idi.ntnu.no/dataset).")
             if not tar.is_file():
                 raise FileNotFoundError(f"{folder} not found, nor {tar}: put Adressa's {self.archive}.tar.gz "
                                         f"(reclab.idi.ntnu.no/dataset) there, or run python prepare_MIND_dataset.py "
@@ -186,7 +187,7 @@ class AdressaDataset(NewsDataset):
         target = self.corpus_folder(data_dir)
         source = {"files": [file_signature(p) for p in files], "protocol": ADRESSA_PROTOCOL,
                   "period_days": self.period_days}
-        if up_to_date(target, self.name, source=source):
+        if up_to_date(target, self.name, source=source, language=LANGUAGE):
             return target
         t0 = time.time()
 
@@ -209,8 +210,8 @@ class AdressaDataset(NewsDataset):
             counts = {s: len(v) for s, v in splits.items()}
             log(f"Adressa ({self.name}): {counts['train']} train, {counts['dev']} dev, {counts['test']} test "
                 f"impressions; {skips.describe()}")
-            (tmp / MARKER).write_text(json.dumps({"source": source, "impressions": counts, "skipped": skips.counts},
-                                                 sort_keys=True) + "\n")
+            (tmp / MARKER).write_text(json.dumps({"source": source, "impressions": counts, "skipped": skips.counts,
+                                                  "language": LANGUAGE}, sort_keys=True) + "\n")
         replace_dir_atomically(target, build)
         log(f"built {target} in {time.time() - t0:.1f}s")
         return target

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +21,24 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from MIND_corpus import SPLITS, CorpusError, file_signature
+from MIND_corpus import SENTIMENT_FILE, SPLITS, CorpusError, file_signature
+from news_data.download import download as fetch_url  # `download` is the converters' switch
 from news_data.registry import MARKER, NewsDataset, SkipCounts, clean_text, read_marker, register, up_to_date
 from util import atomic_write, replace_dir_atomically
 
 # The organisers' links (given after registering at recsys.eb.dk).
 URL = "https://ebnerd-dataset.s3.eu-west-1.amazonaws.com/{bundle}.zip"
+ARTIFACT_URL = "https://ebnerd-dataset.s3.eu-west-1.amazonaws.com/artifacts/{folder}.zip"
+ARTIFACTS_DIR = "ebnerd_artifacts"  # <data_dir>/ebnerd_artifacts/<folder>/ holds each unzipped artifact
+# The organisers' precomputed article vectors: folder -> (parquet stem, vector column, width). Each parquet holds
+# `article_id` and that one list<float32> column (the image embeddings' layout is not documented: not listed).
+ARTIFACTS = {
+    "Ekstra_Bladet_contrastive_vector": ("contrastive_vector", "contrastive_vector", 768),
+    "Ekstra_Bladet_word2vec": ("document_vector", "document_vector", 300),
+    "google_bert_base_multilingual_cased": ("bert_base_multilingual_cased", "google-bert/bert-base-multilingual-cased",
+                                            768),
+    "FacebookAI_xlm_roberta_base": ("xlm_roberta_base", "FacebookAI/xlm-roberta-base", 768),
+}
 BATCH_ROWS = 65_536
 HISTORY_KEPT = 100  # most recent history clicks written per impression (--max_history_num keeps up to this many)
 DEV_SECONDS = 24 * 3600  # dev = the train week's last day (as the organisers' NRMS example holds out)
@@ -35,12 +46,18 @@ IMPRESSION_IDS = "ebnerd_impression_ids.npy"  # per converted split: the origina
 BEYOND_ACCURACY = "ebnerd_beyond_accuracy.npy"  # test: is_beyond_accuracy per row (all False where absent)
 
 # column -> kind; what the converter reads (the files hold more; see docs/data.md)
-ARTICLE_COLUMNS = {"article_id": "int", "title": "str", "subtitle": "str", "category_str": "str",
-                   "subcategory": "list<int>"}
+ARTICLE_COLUMNS = {"article_id": "int", "title": "str", "category_str": "str", "subcategory": "list<int>"}  # + the
+# --ebnerd_abstract column (ABSTRACT_COLUMNS) and the optional url
 BEHAVIOR_COLUMNS = {"impression_id": "int", "user_id": "int", "impression_time": "timestamp",
                     "article_ids_inview": "list<int>"}
 LABEL_COLUMN = ("article_ids_clicked", "list<int>")
 HISTORY_COLUMNS = {"user_id": "int", "article_id_fixed": "list<int>"}
+SENTIMENT_COLUMNS = {"sentiment_score": "float", "sentiment_label": "str"}  # optional: read when both are there
+# sentiment_score is the organisers' classifier's confidence in sentiment_label (in [0, 1], never signed), so the
+# signed polarity the beyond-accuracy metric reads is +score, -score or 0 by the label.
+SENTIMENT_SIGN = {"Positive": 1.0, "Negative": -1.0, "Neutral": 0.0}
+ABSTRACT_COLUMNS = ("subtitle", "body")  # --ebnerd_abstract: what becomes news.tsv's Abstract (default the first)
+LANGUAGE = "dan"  # ISO 639-3, in the marker: the beyond-accuracy metrics never run VADER's English lexicon on it
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -58,6 +75,8 @@ def _kind_ok(kind: str, t) -> bool:
         return pa.types.is_string(t) or pa.types.is_large_string(t)
     if kind == "bool":
         return pa.types.is_boolean(t) or pa.types.is_integer(t)
+    if kind == "float":
+        return pa.types.is_floating(t)
     if kind == "timestamp":
         return pa.types.is_timestamp(t)
     if kind == "list<int>":
@@ -131,12 +150,14 @@ def _lists(batch, column: str) -> tuple[np.ndarray, np.ndarray]:
 # Articles -> news.tsv
 # ----------------------------------------------------------------------------------------------------------
 
-def convert_articles(path: Path, out: Path, batch_rows: int = BATCH_ROWS) -> np.ndarray:
-    """Write `out` (MIND news.tsv: id, category_str, first subcategory, title, subtitle, url, no entities);
-    returns the sorted article ids. The subtitle is the abstract; the body is not used (docs/data.md#eb-nerd)."""
-    pf = open_parquet(path, {**ARTICLE_COLUMNS, "url": "str"}, "articles", optional=("url",))
+def convert_articles(path: Path, out: Path, batch_rows: int = BATCH_ROWS, abstract: str = "subtitle") -> np.ndarray:
+    """Write `out` (MIND news.tsv: id, category_str, first subcategory, title, abstract, url, no entities);
+    returns the sorted article ids. The abstract is the `abstract` column (ABSTRACT_COLUMNS: the subtitle, or the
+    body); the other columns are not used (docs/data.md#eb-nerd says which and why)."""
+    read = {**ARTICLE_COLUMNS, abstract: "str", "url": "str"}
+    pf = open_parquet(path, read, "articles", optional=("url",))
     has_url = pf.schema_arrow.get_field_index("url") >= 0
-    columns = [*ARTICLE_COLUMNS, *(["url"] if has_url else [])]
+    columns = [*ARTICLE_COLUMNS, abstract, *(["url"] if has_url else [])]
     ids = []
     with open(out, "w", encoding="utf-8", newline="\n") as f:
         for row0, b in iter_batches(pf, columns, batch_rows):
@@ -145,7 +166,7 @@ def convert_articles(path: Path, out: Path, batch_rows: int = BATCH_ROWS) -> np.
             first = np.full(len(aid), -1, dtype=np.int64)
             has = lengths > 0
             first[has] = sub[(np.cumsum(lengths) - lengths)[has]]
-            texts = [b.column(c).to_pylist() for c in ("title", "subtitle", "category_str")]
+            texts = [b.column(c).to_pylist() for c in ("title", abstract, "category_str")]
             urls = b.column("url").to_pylist() if has_url else [None] * len(aid)
             f.writelines(f"{a}\t{clean_text(cat)}\t{'' if s < 0 else s}\t{clean_text(t)}\t{clean_text(st)}\t"
                          f"{clean_text(u)}\t[]\t[]\n"
@@ -154,6 +175,40 @@ def convert_articles(path: Path, out: Path, batch_rows: int = BATCH_ROWS) -> np.
     if not ids or not sum(len(a) for a in ids):
         raise CorpusError(f"{path}: no articles (the file is empty); download the bundle again")
     return np.unique(np.concatenate(ids))
+
+
+def article_sentiment(path: Path, skips: SkipCounts, batch_rows: int = BATCH_ROWS
+                      ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(article ids, signed polarity in [-1, 1]) from articles.parquet's sentiment_label and sentiment_score, or None
+    when the file lacks either column. An article whose label is null or not Positive/Negative/Neutral, or whose
+    score is null or outside [0, 1], gets no polarity (counted)."""
+    pf = open_parquet(path, {"article_id": "int", **SENTIMENT_COLUMNS}, "articles", optional=tuple(SENTIMENT_COLUMNS))
+    if not all(pf.schema_arrow.get_field_index(c) >= 0 for c in SENTIMENT_COLUMNS):
+        return None
+    ids, polarity = [], []
+    for row0, b in iter_batches(pf, ["article_id", *SENTIMENT_COLUMNS], batch_rows):
+        aid = _ints(b, "article_id", path, row0)
+        score = b.column("sentiment_score").to_numpy(zero_copy_only=False).astype(np.float64)  # a null is NaN
+        sign = np.array([SENTIMENT_SIGN.get(v, np.nan) for v in b.column("sentiment_label").to_pylist()], np.float64)
+        ok = np.isfinite(score) & (score >= 0) & (score <= 1) & np.isfinite(sign)
+        skips.add(f"articles of {path.name} without a usable sentiment_label / sentiment_score (no sentiment)",
+                  int((~ok).sum()))
+        ids.append(aid[ok])
+        polarity.append(sign[ok] * score[ok])
+    return np.concatenate(ids), np.concatenate(polarity)
+
+
+def write_sentiment(out: Path, files: Sequence[Path], skips: SkipCounts) -> None:
+    """`out` (MIND_corpus.SENTIMENT_FILE): `<article_id>\t<polarity>` per article of `files` (the first file naming
+    an article wins); not written when no file has the sentiment columns."""
+    seen: dict[int, float] = {}
+    for path in files:
+        found = article_sentiment(path, skips)
+        if found is not None:
+            for a, v in zip(*(x.tolist() for x in found)):
+                seen.setdefault(a, v)
+    if seen:
+        out.write_text("".join(f"{a}\t{v:.7g}\n" for a, v in seen.items()), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -352,12 +407,15 @@ class EbnerdDataset(NewsDataset):
                                         f"{bundle}.zip into {Path(data_dir) / bundle} again, or download it again")
         return files
 
-    def prepare(self, data_dir, *, download=True, language=None, log=print) -> Path:
+    def prepare(self, data_dir, *, download=True, language=None, log=print, abstract: str | None = None) -> Path:
+        """`abstract`: the articles' column that becomes the Abstract (ABSTRACT_COLUMNS); None keeps the choice of
+        the existing conversion (the subtitle for a new one)."""
         self.check_language(language)
         raw = self.raw_files(Path(data_dir), download, log)
-        return self._convert(Path(data_dir), raw, log)
+        return self._convert(Path(data_dir), raw, log, self._abstract(data_dir, abstract))
 
     def ensure(self, data_dir, language=None, log=print) -> Path:
+        """As `prepare` without downloading; keeps the existing conversion's --ebnerd_abstract choice."""
         self.check_language(language)
         target = self.corpus_folder(data_dir)
         try:
@@ -366,16 +424,24 @@ class EbnerdDataset(NewsDataset):
             if read_marker(target) is not None:
                 return target  # converted earlier; the raw files were moved away since
             raise FileNotFoundError(f"{e}. Get EB-NeRD with: python prepare_MIND_dataset.py --dataset={self.name}")
-        return self._convert(Path(data_dir), raw, log)
+        return self._convert(Path(data_dir), raw, log, self._abstract(data_dir, None))
 
-    def _convert(self, data_dir: Path, raw: dict[str, Path], log: Callable) -> Path:
+    def _abstract(self, data_dir, abstract: str | None) -> str:
+        if abstract is None:
+            abstract = (read_marker(self.corpus_folder(data_dir)) or {}).get("abstract") or ABSTRACT_COLUMNS[0]
+        if abstract not in ABSTRACT_COLUMNS:
+            raise ValueError(f"--ebnerd_abstract={abstract}: choose from {', '.join(ABSTRACT_COLUMNS)}")
+        return abstract
+
+    def _convert(self, data_dir: Path, raw: dict[str, Path], log: Callable, abstract: str) -> Path:
         target = self.corpus_folder(data_dir)
         source = {k: file_signature(p) for k, p in raw.items()}
-        if up_to_date(target, self.name, source=source, history_kept=HISTORY_KEPT):
+        if up_to_date(target, self.name, source=source, history_kept=HISTORY_KEPT, language=LANGUAGE,
+                      abstract=abstract):
             return target
         t0 = time.time()
-        log(f"converting EB-NeRD ({self.name}) into {target} ...")
-        replace_dir_atomically(target, lambda tmp: build_corpus(tmp, raw, source, log))
+        log(f"converting EB-NeRD ({self.name}) into {target} (abstract: the {abstract}) ...")
+        replace_dir_atomically(target, lambda tmp: build_corpus(tmp, raw, source, log, abstract))
         log(f"converted {target} in {time.time() - t0:.1f}s")
         return target
 
@@ -383,12 +449,12 @@ class EbnerdDataset(NewsDataset):
         return write_predictions(Path(root) / "test", Path(out_dir), impression_ids, ranks_list)
 
 
-def build_corpus(tmp: Path, raw: dict[str, Path], source: dict, log: Callable) -> None:
+def build_corpus(tmp: Path, raw: dict[str, Path], source: dict, log: Callable, abstract: str = "subtitle") -> None:
     """train/dev from the train week (dev = its last day), test from validation (or the test set)."""
     skips = SkipCounts()
     for split in SPLITS:
         (tmp / split).mkdir(parents=True)
-    articles = convert_articles(raw["articles"], tmp / "train" / "news.tsv")
+    articles = convert_articles(raw["articles"], tmp / "train" / "news.tsv", abstract=abstract)
     shutil.copyfile(tmp / "train" / "news.tsv", tmp / "dev" / "news.tsv")
     cutoff = last_day_cutoff(raw["train_behaviors"])
     writers = {s: SplitWriter(tmp / s) for s in ("train", "dev")}
@@ -398,13 +464,15 @@ def build_corpus(tmp: Path, raw: dict[str, Path], source: dict, log: Callable) -
         w.close()
     test_kind = "test" if "test_behaviors" in raw else "validation"
     if test_kind == "test":
-        articles = convert_articles(raw["test_articles"], tmp / "test" / "news.tsv")
+        articles = convert_articles(raw["test_articles"], tmp / "test" / "news.tsv", abstract=abstract)
     else:
         shutil.copyfile(tmp / "train" / "news.tsv", tmp / "test" / "news.tsv")
     test = {"test": SplitWriter(tmp / "test")}
     convert_behaviors(raw[f"{test_kind}_behaviors"], read_histories(raw[f"{test_kind}_history"]), articles, test,
                       lambda t: np.zeros(len(t), np.int64), labelled=test_kind == "validation", skips=skips)
     test["test"].close()
+    write_sentiment(tmp / SENTIMENT_FILE, [raw["articles"], *([raw["test_articles"]] if test_kind == "test" else [])],
+                    skips)
     counts = {s: int(len(np.load(tmp / s / IMPRESSION_IDS))) for s in SPLITS}
     for split, n in counts.items():
         if n == 0:
@@ -414,7 +482,9 @@ def build_corpus(tmp: Path, raw: dict[str, Path], source: dict, log: Callable) -
     log(f"EB-NeRD: {counts['train']} train, {counts['dev']} dev, {counts['test']} test impressions ({test_kind}); "
         f"{skips.describe()}")
     (tmp / MARKER).write_text(json.dumps({"source": source, "impressions": counts, "skipped": skips.counts,
-                                          "history_kept": HISTORY_KEPT, "test": test_kind}, sort_keys=True) + "\n")
+                                          "history_kept": HISTORY_KEPT, "test": test_kind, "language": LANGUAGE,
+                                          "abstract": abstract},
+                                         sort_keys=True) + "\n")
 
 
 def fetch_bundle(data_dir: Path, bundle: str, download: bool, log: Callable) -> Path:
@@ -433,11 +503,52 @@ def fetch_bundle(data_dir: Path, bundle: str, download: bool, log: Callable) -> 
                                     f"{bundle}.zip (recsys.eb.dk) in {data_dir}")
         url = URL.format(bundle=bundle)
         log(f"downloading {url} ...")
-        atomic_write(zip_path, lambda tmp: urllib.request.urlretrieve(url, tmp))
+        fetch_url(url, zip_path, log=log, hint=f"Put EB-NeRD's {bundle}.zip (recsys.eb.dk) in {data_dir} yourself.")
     log(f"unzipping {zip_path} ...")
     with zipfile.ZipFile(zip_path) as z:
         z.extractall(folder)
     return nested if (nested / "articles.parquet").is_file() else folder
+
+
+def artifact_folder(data_dir: str | Path, folder: str) -> Path:
+    return Path(data_dir) / ARTIFACTS_DIR / folder
+
+
+def _artifact_parquet(folder: Path, stem: str) -> Path | None:
+    found = sorted(folder.rglob("*.parquet"))
+    named = [p for p in found if p.stem == stem]
+    return (named or found or [None])[0]
+
+
+def fetch_artifact(data_dir: str | Path, folder: str, download_missing: bool = True, log: Callable = print) -> Path:
+    """The parquet of one of the organisers' article-vector artifacts (`ARTIFACTS`), unzipped into
+    `<data_dir>/ebnerd_artifacts/<folder>/` from `<folder>.zip` beside it (downloaded first when missing and
+    `download_missing`). Its vectors feed --news_encoder=Vectors --news_vectors=<the parquet>."""
+    if folder not in ARTIFACTS:
+        raise ValueError(f"--ebnerd_artifact={folder}: not one of EB-NeRD's article-vector artifacts; choose from "
+                         f"{', '.join(ARTIFACTS)}")
+    out = artifact_folder(data_dir, folder)
+    stem = ARTIFACTS[folder][0]
+    if out.is_dir() and (found := _artifact_parquet(out, stem)) is not None:
+        return found
+    if out.exists():  # something else is there: never replaced
+        raise FileExistsError(f"{out} exists but holds no .parquet file: move it away, then run this again")
+    zip_path = out.with_name(f"{folder}.zip")
+    if not zip_path.is_file():
+        if not download_missing:
+            raise FileNotFoundError(f"{zip_path} not found (nor {out}/{stem}.parquet): put EB-NeRD's artifact "
+                                    f"artifacts/{folder}.zip (recsys.eb.dk) there, or drop --no-download")
+        url = ARTIFACT_URL.format(folder=folder)
+        log(f"downloading {url} ...")
+        fetch_url(url, zip_path, log=log, hint=f"Put EB-NeRD's artifacts/{folder}.zip (recsys.eb.dk) in "
+                 f"{zip_path.parent} yourself.")
+    log(f"unzipping {zip_path} ...")
+    with zipfile.ZipFile(zip_path) as z:
+        replace_dir_atomically(out, z.extractall)
+    found = _artifact_parquet(out, stem)
+    if found is None:
+        raise CorpusError(f"{zip_path}: no .parquet file inside; download it again")
+    return found
 
 
 def write_predictions(test_dir: Path, out_dir: Path, impression_ids: Sequence[int],

@@ -1,7 +1,8 @@
 """A synthetic corpus in EB-NeRD's real file format (this project's code; no Ekstra Bladet rows), for the tests and
 bench/ebnerd_scale.py: `articles.parquet`, `train/` and `validation/` `{behaviors,history}.parquet` with the
 organisers' column names and dtypes, and optionally the test set (`test/`, no click columns, beyond-accuracy rows
-with impression_id 0 sharing one in-view list).
+with impression_id 0 sharing one in-view list), and an article-vector artifact in the organisers' layout
+(`write_artifact`).
 
 Users prefer one category; an impression shows `inview` random articles with one article of that category at a
 random place, clicked with probability 0.8 (else a random one), and a second click now and then (EB-NeRD
@@ -190,3 +191,31 @@ def write_ebnerd(root: str | Path, *, articles: int = 400, users: int = 150, tra
         write_behaviors(tdir / "test" / "behaviors.parquet", test, START + 2 * WEEK, user_ids, pref, by_cat, articles,
                         rng, inview, test=True, beyond_accuracy=beyond_accuracy, first_id=10 * (train + validation))
     return root
+
+
+def write_artifact(articles: str | Path, out: str | Path, column: str = "contrastive_vector", dim: int = 16,
+                   seed: int = 0, without: float = 0.1, foreign: int = 5) -> Path:
+    """An article-vector artifact in the organisers' layout (`article_id` int32 and one list<float32> column named
+    `column`) for the articles of `articles` (an articles.parquet): each vector is its category's direction plus
+    noise, so a model can learn from it; a fraction `without` of the articles gets no row (the corpus must count
+    them) and `foreign` rows name articles that do not exist (to be ignored). Returns `out`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    table = pq.read_table(articles, columns=["article_id", "category"])
+    ids = table.column("article_id").to_numpy().astype(np.int64)
+    cat = table.column("category").to_numpy().astype(np.int64) - 100
+    keep = rng.random(len(ids)) >= without
+    centre = rng.normal(size=(len(CATEGORIES), dim))
+    vectors = centre[cat[keep]] + 0.5 * rng.normal(size=(int(keep.sum()), dim))
+    extra = ids.max() + 1 + np.arange(foreign)  # no such article
+    all_ids = np.concatenate([ids[keep], extra]).astype(np.int32)
+    values = np.concatenate([vectors, rng.normal(size=(foreign, dim))]).astype(np.float32)
+    order = rng.permutation(len(all_ids))  # the file's order is not the articles' order
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"article_id": pa.array(all_ids[order], pa.int32()),
+                             column: _list_array(np.full(len(order), dim), values[order].reshape(-1), pa.float32())}),
+                   out)
+    return out

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 from MIND_corpus import DATASETS as MIND_DATASETS
-
-MARKER = ".prepared"  # written last into a converted folder: what it was built from (a stale one is rebuilt)
+from MIND_corpus import PREPARED as MARKER  # written last into a converted folder: what it was built from (a stale
+# one is rebuilt), and the news texts' language (MIND_corpus.corpus_language)
 
 
 class NewsDataset:

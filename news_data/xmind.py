@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import time
-import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from MIND_corpus import NEWS_COLUMNS, SPLITS, CorpusError, file_signature
+from news_data.download import download as fetch_url  # `download` is the converters' switch
 from news_data.registry import MARKER, NewsDataset, SkipCounts, read_marker, register, up_to_date
 from util import atomic_write, replace_dir_atomically
 
@@ -118,8 +118,8 @@ class XmindDataset(NewsDataset):
             if not path.is_file() and download and self.size != "demo":
                 url = URL.format(lang=language, name=path.name)
                 log(f"downloading {url} ...")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, lambda tmp: urllib.request.urlretrieve(url, tmp))
+                fetch_url(url, path, log=log, hint=f"Put xMIND's {path.name} for {language} in {path.parent} "
+                         f"yourself (github.com/andreeaiana/xMIND).")
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: put xMIND's {path.name} for {language} there "
                                         f"(github.com/andreeaiana/xMIND) or run python prepare_MIND_dataset.py "

@@ -22,7 +22,9 @@ from userEncoders import USER_ENCODERS, UserInputs, UserOutput, get_user_encoder
 
 from common import model_device  # noqa: E402
 
-META = CorpusMeta(vocab_size=50, category_num=6, subcategory_num=9, user_num=11, entity_num=7, news_num=30)
+META = CorpusMeta(vocab_size=50, category_num=6, subcategory_num=9, user_num=11, entity_num=7, news_num=30,
+                  news_ids=[""] + [f"N{i}" for i in range(1, 30)])
+VECTOR_WIDTH = 6  # --news_encoder=Vectors: the width of the vector file's vectors
 FLAGS = {
     "word_embedding_dim": 16, "head_num": 2, "head_dim": 8, "attention_dim": 8, "cnn_kernel_num": 16,
     "category_embedding_dim": 8, "subcategory_embedding_dim": 8, "dropout_rate": 0, "num_interest_vectors": 4,
@@ -57,11 +59,25 @@ def tiny_plm(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def vector_file(tmp_path_factory):
+    """A news-vector file for --news_encoder=Vectors: vectors for 20 of META's 29 news."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path_factory.mktemp("vectors") / "vectors.parquet"
+    values = torch.randn(20, VECTOR_WIDTH, generator=torch.Generator().manual_seed(0)).tolist()
+    pq.write_table(pa.table({"news_id": META.news_ids[1:21], "v": pa.array(values, pa.list_(pa.float32()))}), path)
+    return path
+
+
 def make_config(request, name: str | None = None, **flags) -> Config:
     """Small config; every flag typed, so no --dataset suggestion changes it."""
     values = {**FLAGS, **flags}
     if name is not None and getattr(NEWS_ENCODERS.get(name), "uses_plm", False):
         values.setdefault("plm_model_name", str(request.getfixturevalue("tiny_plm")))
+    if name == "Vectors":
+        values.setdefault("news_vectors", str(request.getfixturevalue("vector_file")))
     return Config.from_args([f"--{k}={v}" for k, v in values.items()])
 
 
@@ -99,8 +115,12 @@ def make_news(cls, lengths: list[int], width: int = 12, seed: int = 0) -> dict[s
     empty = torch.tensor([k == 0 for k in lengths])
     plm = None
     news = {}
-    for feature in cls.features:
-        if feature == "title":
+    for feature in (*cls.features, *getattr(cls, "cached_inputs", ())):
+        if feature == "news_vector":  # Vectors: a float vector per news (zeros for the padding news)
+            news[feature] = torch.randn(n, VECTOR_WIDTH, generator=gen).masked_fill(empty[:, None], 0)
+        elif feature == "news_vector_missing":  # 1 for a one-token news: some news have no vector
+            news[feature] = torch.tensor([float(k == 1) for k in lengths])
+        elif feature == "title":
             news[feature] = token_rows(lengths, width, META.vocab_size, gen)
         elif feature == "abstract":
             news[feature] = token_rows([k + k // 2 for k in lengths], width + width // 2, META.vocab_size, gen)
@@ -126,8 +146,8 @@ def make_news(cls, lengths: list[int], width: int = 12, seed: int = 0) -> dict[s
 
 def pad_news(news: dict[str, torch.Tensor], extra: int) -> dict[str, torch.Tensor]:
     """The same news with `extra` more padding slots on the right of every token column."""
-    return {k: torch.cat([v, torch.zeros(v.shape[0], extra, dtype=v.dtype, device=v.device)], 1) if v.dim() == 2 else v
-            for k, v in news.items()}
+    return {k: torch.cat([v, torch.zeros(v.shape[0], extra, dtype=v.dtype, device=v.device)], 1)
+            if v.dim() == 2 and not v.is_floating_point() else v for k, v in news.items()}  # floats: vectors, no tokens
 
 
 def rows(news: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:

@@ -16,6 +16,8 @@ Legend: B impressions, C candidates, N news.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -75,6 +77,7 @@ def zoo(tmp_path_factory):
     ensure_demo(data_dir, **SIZES)
     config = make_config(data_dir, "MHSA", "ATT")
     word = Corpus(config, need_glove=False, log=lambda *a: None)  # random word init: GloVe is not under test
+    write_news_vectors(data_dir, word.meta.news_ids)
     folder = tmp / "tiny-bert"
     folder.mkdir()
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w in word.meta.vocab[2:] if w.isalnum()]
@@ -88,10 +91,27 @@ def zoo(tmp_path_factory):
     return data_dir, folder, {False: word, True: plm}
 
 
+def vector_path(data_dir) -> Path:
+    return Path(data_dir).parent / "news_vectors.parquet"
+
+
+def write_news_vectors(data_dir, news_ids: list[str]) -> None:
+    """--news_encoder=Vectors' file: an 8-d vector for every news but each 7th (those get the 'missing' input)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = [nid for i, nid in enumerate(news_ids[1:]) if i % 7]
+    values = np.random.default_rng(0).normal(size=(len(ids), 8)).astype(np.float32).tolist()
+    table = pa.table({"news_id": ids, "vector": pa.array(values, pa.list_(pa.float32()))})
+    pq.write_table(table, vector_path(data_dir))
+
+
 def make_config(data_dir, news: str, user: str, plm_folder=None, *extra: str) -> Config:
     values = {**FLAGS, "data_dir": data_dir, "news_encoder": news, "user_encoder": user}
     if plm_folder is not None:
         values["plm_model_name"] = plm_folder
+    if news == "Vectors":
+        values["news_vectors"] = vector_path(data_dir)
     return Config.from_args([f"--{k}={v}" for k, v in values.items()] + ["--no-progress", *extra])
 
 

@@ -270,7 +270,7 @@ def _run_level_flags() -> list[dict]:
 
 
 # Encoders registered after the recording (issue 25), added to --news_encoder / --user_encoder's choices by design.
-NEW_MODEL_CHOICES = {"news_encoder": ["Fastformer", "PLMFastformer", "TANR"],
+NEW_MODEL_CHOICES = {"news_encoder": ["Fastformer", "PLMFastformer", "TANR", "Vectors"],  # Vectors: issue 24
                      "user_encoder": ["Fastformer", "CAUM", "MINS", "PPRec"]}
 
 
