@@ -49,7 +49,8 @@ import util
 CACHE_VERSION = 2  # 2: duplicate rows within a news.tsv counted, or an error if they differ
 # Versions of one component's reader, in that component's cache key only (the others stay valid):
 ENTITY_READER_VERSION = 2  # 2: a BOM on entity_embedding.vec no longer hides its first entity (zero vector)
-BEHAVIORS_READER_VERSION = 3  # 2: a candidate listed twice with both labels is an error; 3: the Time column kept
+BEHAVIORS_READER_VERSION = 3  # 2: a candidate listed twice with both labels is an error; 3: the Time column kept;
+# 4: user_key (a hash of the UserID, so users unknown to train stay apart: beyond-accuracy personalization)
 # The Time column's format (MIND's, and what the EB-NeRD / Adressa converters write), e.g. "11/15/2019 8:55:22 AM".
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
 BAD_TIME = np.iinfo(np.int32).min  # `time` of an impression whose Time could not be read (counted in the stats)
@@ -735,7 +736,7 @@ class _BehaviorsBuilder:
         self.path, self.split, self.news, self.user_index, self.max_history = path, split, news, user_index, max_history
         self.seen_histories: dict[str, int] = {}  # history text -> row of the history table
         self.parts: dict[str, list[np.ndarray]] = {k: [] for k in (
-            "impression_ids", "user", "time", "history_row", "candidates", "labels", "sizes", "histories", "known",
+            "impression_ids", "user", "user_key", "time", "history_row", "candidates", "labels", "sizes", "histories", "known",
             "length")}
         self.stats = dict(impressions=0, candidates=0, unknown_history_news=0, unknown_candidate_news=0, no_click=0,
                           no_negative=0, bad_times=0)
@@ -750,6 +751,8 @@ class _BehaviorsBuilder:
             raise CorpusError(f"{self.path}:{chunk.first_line + int(empty_user[0])}: empty UserID; every impression "
                               f"names its user")
         self.parts["user"].append((self.user_index.get_indexer(chunk.fields[:, 1]) + 1).astype(np.int32))  # -1 -> 0
+        # `user` is 0 for every user unknown to train; the key keeps them apart (64-bit hash of the id string).
+        self.parts["user_key"].append(pd.util.hash_array(chunk.fields[:, 1].astype(object)).view(np.int64))
         self._times(chunk)
         start, end, row, column = chunk.tokens((3, 4))
         imp = column == 4
@@ -890,7 +893,8 @@ class _BehaviorsBuilder:
         if stats["bad_times"]:
             out_stats["bad_times"] = stats["bad_times"]
             out_stats["first_bad_time"] = self.first_bad_time
-        arrays = dict(impression_ids=impr_ids, user=user, time=cat("time", np.int32), history_row=history_row,
+        arrays = dict(impression_ids=impr_ids, user=user, user_key=cat("user_key", np.int64),
+                      time=cat("time", np.int32), history_row=history_row,
                       histories=histories,
                       history_length=history_length, candidates=cat("candidates", np.int32),
                       labels=cat("labels", np.int8), offsets=offsets)

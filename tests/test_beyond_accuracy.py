@@ -162,6 +162,29 @@ def test_personalization_over_pairs_of_different_users():
     assert value == 1.0 and pairs == 50
 
 
+def test_personalization_keeps_users_unknown_to_train_apart(tmp_path):
+    """Every dev user unknown to train has user index 0; the behaviors' `user_key` (a hash of the UserID) tells
+    them apart, so two impressions of one unknown user are not a pair of different users, and two unknown users are."""
+    import MIND_corpus as mc
+    import pandas as pd
+
+    root = tmp_path / "dev"
+    root.mkdir()
+    lines = ["1\tU9\t11/15/2019 8:00:00 AM\tN1\tN1-1 N2-0",
+             "2\tU9\t11/15/2019 9:00:00 AM\tN1\tN1-0 N2-1",   # the same unknown user again: same top-2
+             "3\tU8\t11/15/2019 9:00:00 AM\tN1\tN1-1 N3-0"]   # another unknown user
+    (root / "behaviors.tsv").write_text("\n".join(lines) + "\n")
+    beh, _ = mc.build_behaviors(root / "behaviors.tsv", "dev", pd.Index(["N1", "N2", "N3"]), pd.Index(["U1"]), 5)
+    assert list(beh["user"]) == [0, 0, 0]
+    keys = beh["user_key"]
+    assert keys[0] == keys[1] != keys[2]
+    beh = {**beh, "ranks": np.concatenate([np.arange(1, 3)] * 3)}  # each impression in its listed order
+    res = run(beh, features(n=4), [2], ["personalization"])
+    # pairs of different users: (0, 2) and (1, 2), each sharing N1 of 2 news; (0, 1) is one user: left out
+    assert res.counts["personalization@2"]["scored"] == 2
+    assert res.means["personalization@2"] == pytest.approx(0.5)
+
+
 # -- flags and bad input --------------------------------------------------------------------------------------
 
 def test_k_and_metric_names_errors_name_the_flag():

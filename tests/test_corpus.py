@@ -286,11 +286,14 @@ def reference_behaviors(path: Path, split: str, news_ids: list[str], users: list
     labelled = any("-" in token for row in rows for token in row[4].split())
     history_of: dict[str, int] = {}
     histories, known_lengths = [], []
-    out = {k: [] for k in ("impression_ids", "user", "time", "history_row", "candidates", "labels", "sizes")}
+    out = {k: [] for k in ("impression_ids", "user", "user_key", "time", "history_row", "candidates", "labels",
+                           "sizes")}
     stats = Counter()
     for impression, user, stamp, history, impressions in rows:
         out["impression_ids"].append(int(impression))
         out["user"].append(user_id.get(user, 0))
+        out["user_key"].append(int(pd.util.hash_array(np.array([user], dtype=object))[0].astype(np.uint64)
+                                   .view(np.int64)))  # one id string at a time
         try:  # hours since 1970-01-01, floored (the time PP-Rec reads)
             out["time"].append(int((datetime.strptime(stamp, mc.TIME_FORMAT) - datetime(1970, 1, 1)).total_seconds())
                                // 3600)
@@ -320,7 +323,8 @@ def reference_behaviors(path: Path, split: str, news_ids: list[str], users: list
     for i, h in enumerate(histories):
         table[i, :len(h)] = h
     arrays = dict(impression_ids=np.array(out["impression_ids"], dtype=np.int64),
-                  user=np.array(out["user"], dtype=np.int32), time=np.array(out["time"], dtype=np.int32),
+                  user=np.array(out["user"], dtype=np.int32), user_key=np.array(out["user_key"], dtype=np.int64),
+                  time=np.array(out["time"], dtype=np.int32),
                   history_row=np.array(out["history_row"], dtype=np.int32), histories=table,
                   history_length=np.array([len(h) for h in histories], dtype=np.int16),
                   candidates=np.array(out["candidates"], dtype=np.int32),
