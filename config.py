@@ -510,6 +510,9 @@ class Config:
         if self.category_fusion and news_cls is not None and "category" in news_cls.features:
             errors.append(f"--category_fusion: --news_encoder {self.news_encoder} reads the category and subcategory "
                           f"itself; drop the flag (it is for encoders that do not)")
+        elif self.category_fusion and news_cls is not None and not news_cls.supports_category_fusion:
+            errors.append(f"--category_fusion: --news_encoder {self.news_encoder} returns two views that its user "
+                          f"encoder splits, so appended embeddings do not fit; drop the flag")
         if self.resume and self.mode != "train":
             errors.append("--resume continues training: use it with --mode=train")
         stray_tune = sorted(f for f in self.typed if f in TuneSettings.names() and self.values[f] is not None)
