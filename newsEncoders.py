@@ -1619,11 +1619,25 @@ class GatedGraphConv(nn.Module):
             nn.init.xavier_uniform_(w)
         self.gru = nn.GRUCell(dim, dim)
 
-    def forward(self, h: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-        """h [R, D] node states, src / dst [E] long node rows of each edge src -> dst -> [R, D]."""
-        for w in self.weight:
-            message = torch.zeros_like(h).index_add_(0, dst, (h @ w)[src])  # [R, D]
-            h = self.gru(message, h)
+    def forward(self, h: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, depth: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """h [R, D] node states, src / dst [E] long node rows of each edge src -> dst -> [R, D].
+
+        depth [R] (optional): each node's distance (in edges) to the nodes whose output is read (depth 0). Layer l of
+        L then updates only the nodes of depth <= L - l, the only ones whose state still reaches a depth-0 node: the
+        depth-0 rows are exactly the full computation's, the others are left part-way (GLORY reads only its centres;
+        at 2 hops, 3 layers this skips most of the GRU work)."""
+        layers = len(self.weight)
+        for i, w in enumerate(self.weight):
+            if depth is None:
+                h = self.gru(torch.zeros_like(h).index_add_(0, dst, (h @ w)[src]), h)
+                continue
+            active = depth <= layers - 1 - i  # [R]
+            rows = active.nonzero().squeeze(1)  # [A]
+            keep = active[dst]  # the edges into an active node
+            position = torch.cumsum(active, 0) - 1  # row -> its place among the active rows
+            message = h.new_zeros(len(rows), h.shape[1]).index_add_(0, position[dst[keep]], h[src[keep]] @ w)
+            h = h.index_copy(0, rows, self.gru(message, h[rows]))
         return h
 
 
@@ -1730,6 +1744,9 @@ class GLORYNewsEncoder(NewsEncoder):
         row = torch.full((n, m), -1, dtype=torch.long, device=nodes.device)
         row[real] = torch.arange(int(real.sum()), device=nodes.device)  # node row of each real slot
         edges = adj.nonzero()  # [E, 3]: (news, a, b), edge b -> a
-        graph = self.gnn(states[real], row[edges[:, 0], edges[:, 2]], row[edges[:, 0], edges[:, 1]])  # [R, D]
+        # A node's hop level is its distance to the centre: breadth-first slots, each news at its first (lowest) one.
+        level = torch.cat([torch.full((self.k ** h,), h, device=nodes.device) for h in range(self.hops + 1)])  # [M]
+        graph = self.gnn(states[real], row[edges[:, 0], edges[:, 2]], row[edges[:, 0], edges[:, 1]],
+                         depth=level.expand(n, m)[real])  # [R, D]
         out = torch.cat([local, graph[row[:, 0]]], -1)  # [N, 2D]
         return (out, weights) if return_weights else out

@@ -48,6 +48,8 @@ PAPER_MODELS: dict[str, list[str]] = {
     "TANR": ["--news_encoder=TANR", "--user_encoder=ATT"],
     "CAUM": ["--news_encoder=MHSA", "--user_encoder=CAUM"],
     "MINS": ["--news_encoder=MHSA", "--user_encoder=MINS"],
+    # GLORY's news and user encoders pair only with each other; its ego graph at the defaults (docs/models.md).
+    "GLORY": ["--news_encoder=GLORY", "--user_encoder=GLORY"],
 }
 KEYS = ("auc", "mrr", "ndcg5", "ndcg10")
 # The beyond-accuracy columns of the README's table (k = 10); the TSV has every metric at k = 5 and 10.

@@ -32,7 +32,7 @@ from main import load_corpus  # noqa: E402
 from model import Model  # noqa: E402
 from trainer import GlobalBatchSampler  # noqa: E402
 
-NEW_MODELS = ["Fastformer", "TANR", "CAUM", "MINS"]
+NEW_MODELS = ["Fastformer", "TANR", "CAUM", "MINS", "GLORY"]
 
 
 def build(name: str, args):
