@@ -1628,16 +1628,19 @@ class GatedGraphConv(nn.Module):
         depth-0 rows are exactly the full computation's, the others are left part-way (GLORY reads only its centres;
         at 2 hops, 3 layers this skips most of the GRU work)."""
         layers = len(self.weight)
+        # Under AMP the matmul and the GRU cell return the low-precision dtype: cast back, so the states keep one.
         for i, w in enumerate(self.weight):
             if depth is None:
-                h = self.gru(torch.zeros_like(h).index_add_(0, dst, (h @ w)[src]), h)
+                message = torch.zeros_like(h).index_add_(0, dst, (h @ w).to(h.dtype)[src])  # [R, D]
+                h = self.gru(message, h).to(h.dtype)
                 continue
             active = depth <= layers - 1 - i  # [R]
             rows = active.nonzero().squeeze(1)  # [A]
             keep = active[dst]  # the edges into an active node
             position = torch.cumsum(active, 0) - 1  # row -> its place among the active rows
-            message = h.new_zeros(len(rows), h.shape[1]).index_add_(0, position[dst[keep]], h[src[keep]] @ w)
-            h = h.index_copy(0, rows, self.gru(message, h[rows]))
+            sent = (h @ w).to(h.dtype)[src[keep]]  # [E', D]: W_l h_j along each edge into an active node
+            message = h.new_zeros(len(rows), h.shape[1]).index_add_(0, position[dst[keep]], sent)  # [A, D]
+            h = h.index_copy(0, rows, self.gru(message, h[rows]).to(h.dtype))
         return h
 
 

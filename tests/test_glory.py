@@ -313,3 +313,16 @@ def test_pretraining_glory_is_refused_with_one_line(tmp_path, capsys):
     assert err[-1].startswith("error: --mode=pretrain: --news_encoder GLORY cannot be pretrained: its news vector is "
                               "two views")
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.pt"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_graph_network_runs_under_autocast(dtype):
+    """Under AMP the matmuls and the GRU cell return the low-precision dtype; the node states stay one dtype, so the
+    message sums and state updates do not mix dtypes (--amp=bf16 on CPU here, bf16/fp16 on a GPU alike)."""
+    enc = news_encoder(glory_hops=2).train()
+    enc.attach_graph(HAND, titles())
+    with torch.autocast("cpu", dtype=dtype):
+        out = enc({"title": titles()[[4, 1, 0]], "click_graph": HAND[[4, 1, 0]]})
+    assert torch.isfinite(out.float()).all()
+    out.float().sum().backward()
+    assert enc.gnn.weight.grad is not None and torch.isfinite(enc.gnn.weight.grad).all()
