@@ -13,6 +13,8 @@ mtime) and every setting that changes the arrays, so a changed setting rebuilds 
 - `users`     user ids of the train split (unknown users map to 0).
 - `behaviors-<split>`  impressions: user, a row into a de-duplicated history table (most recent
               `--max_history_num` clicks, oldest first, left-aligned), flat candidates + labels + offsets.
+- `click_graph` GLORY's top-k in-neighbour table of the train histories (click_graph.py), keyed by the train
+              behaviours cache and k; built only when the news encoder reads it (`add_click_graph`).
 
 Arrays are saved as .npy and loaded with `mmap_mode="r"`, so DataLoader workers share the pages.
 Memory: behaviors.tsv is read `CHUNK_LINES` lines at a time and parsed from the bytes with numpy (candidate and

@@ -2,7 +2,8 @@
 
 Legend: N news in the call (unique news of a batch, or a slice of the corpus at evaluation), L title tokens (32),
 La abstract tokens (128), E word embedding dim, F CNN filters, D news vector dim, Hd hidden dim (--hidden_dim),
-Ee entity dim, Q personalized query dim, Lh HDC positions (category, subcategory, max_title_length words).
+Ee entity dim, Q personalized query dim, Lh HDC positions (category, subcategory, max_title_length words),
+k click-graph neighbours, M ego-graph slots (1 + k + ... + k^hops), R ego-graph nodes of a call, X their news (GLORY).
 
 Every encoder receives `news`, a dict of tensors gathered from the model's news table by index; it names the
 columns it reads in `features` so the model gathers only those. Index 0 of every vocabulary is padding.

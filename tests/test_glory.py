@@ -15,6 +15,7 @@ Legend: N news, k neighbours kept, M ego slots, R ego nodes, B users, H history,
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -303,6 +304,13 @@ def test_main_trains_evaluates_and_tests_glory_on_a_tiny_demo(tmp_path):
     test = main(["--mode=test", f"--test_model_path={ckpt}", *common, "--no-progress"])
     assert Path(test["prediction"]).exists() and 0 <= test["metrics"]["auc"] <= 1
     assert list((tmp_path / "data" / "cache").glob("click_graph-*")), "the graph has its own cache entry"
+    # Explain mode: the word weights of the batch's own news (the neighbours are encoded in a call of their own).
+    line = (tmp_path / "data" / "MIND-demo" / "dev" / "behaviors.tsv").read_text().splitlines()[0]
+    explained = main(["--mode=explain", f"--dev_model_path={ckpt}", f"--impression_id={line.split(chr(9))[0]}",
+                      *common, "--no-progress"])
+    record = json.loads(Path(explained["json"]).read_text())
+    assert record["word_attention"] == "news_encoder.attention/weights"
+    assert all(abs(sum(news["weights"]) - 1) < 1e-4 for news in record["history"] if news["weights"])
 
 
 def test_pretraining_glory_is_refused_with_one_line(tmp_path, capsys):
