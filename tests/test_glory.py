@@ -256,7 +256,8 @@ def test_user_side_fuses_the_two_views_of_clicks_and_scores_the_local_half_of_ca
     d = enc.output_dim
     assert d == 8 and enc.news_dim == 16
     gen = torch.Generator().manual_seed(0)
-    inp = UserInputs(history=torch.randn(2, 3, 2 * d, generator=gen), history_mask=torch.tensor([[1, 1, 0], [1, 0, 0]]).bool(),
+    inp = UserInputs(history=torch.randn(2, 3, 2 * d, generator=gen),
+                     history_mask=torch.tensor([[1, 1, 0], [1, 0, 0]]).bool(),
                      user_id=torch.tensor([1, 2]), candidates=torch.randn(2, 4, 2 * d, generator=gen),
                      candidate_mask=torch.ones(2, 4, dtype=torch.bool))
     with torch.no_grad():
@@ -282,6 +283,42 @@ def test_glory_pairs_only_with_itself_and_refuses_category_fusion():
         check_pairing("MHSA", "GLORY")
     with pytest.raises(ValueError, match="--category_fusion: --news_encoder GLORY returns two views"):
         Config.from_args(["--news_encoder=GLORY", "--user_encoder=GLORY", "--category_fusion"])
+
+
+@pytest.mark.parametrize("predictor", ["dot_product", "mlp"])
+def test_model_scores_the_user_encoders_candidate_vectors_with_either_predictor(predictor):
+    """Through Model: the click predictor scores the user vector against the GLORY user encoder's candidate vectors
+    (`UserOutput.candidates`, size d), a step moves the graph network, and the cached evaluation path (every news
+    encoded once) gives the forward's logits."""
+    from dataset import Batch
+    from model import Model
+
+    torch.manual_seed(0)
+    config = Config.from_args([f"--{k}={v}" for k, v in {**SMALL, "glory_neighbors": 2, "glory_hops": 2,
+                                                         "news_encoder": "GLORY", "user_encoder": "GLORY",
+                                                         "click_predictor": predictor}.items()])
+    model = Model(config, META, {"title": titles().numpy(), "click_graph": HAND.numpy()})
+    model.prepare(log=lambda *a: None)
+    history = torch.tensor([[1, 4, 0], [2, 3, 5]])
+    candidates = torch.tensor([[6, 7, 1], [8, 3, 0]])
+    batch = Batch(user=torch.tensor([1, 2]), history=history, history_mask=history > 0, candidates=candidates,
+                  candidate_mask=candidates > 0, target=torch.zeros(2, dtype=torch.long))
+    model.train()
+    out = model(batch)
+    out.loss.backward()
+    assert model.news_encoder.gnn.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        history_vectors = model.encode_news(history.reshape(-1)).view(2, 3, -1)
+        candidate_vectors = model.encode_news(candidates.reshape(-1)).view(2, 3, -1)
+        logits, user_out = model.score(batch, history_vectors, candidate_vectors)
+        expected = model.click_predictor(user_out.user, user_out.candidates)
+        real = batch.candidate_mask
+        close(logits[real], expected[real], "scored against the candidate encoder's vectors")
+        table = model.encode_all_news(torch.arange(META.news_num))
+        close(model.score_cached(batch, table)[batch.candidate_mask], model(batch).logits[batch.candidate_mask],
+              "cached evaluation path")
+    assert user_out.candidates.shape == (2, 3, 8) and table.shape == (META.news_num, 16)
 
 
 # ------------------------------------------------------------------------------------------------------------
