@@ -1647,10 +1647,11 @@ class GatedGraphConv(nn.Module):
 
 @register_news_encoder("GLORY")
 class GLORYNewsEncoder(NewsEncoder):
-    """GLORY news encoder: a local vector per news (word embeddings -> MHSA -> LayerNorm -> additive attention) and a
-    graph vector (gated graph convolution over the news' ego graph in the global click graph, started from the local
-    vectors of its nodes); returns both, [local; graph], for the GLORY user encoder to fuse (clicked news) or to read
-    the local half only (candidates: they may be new news, with no place in the graph).
+    """GLORY news encoder: a local vector per news (word embeddings -> MHSA -> LayerNorm -> additive attention ->
+    LayerNorm, the official code's layers, with the word attention masked) and a graph vector (gated graph
+    convolution over the news' ego graph in the global click graph, started from the local vectors of its nodes);
+    returns both, [local; graph], for the GLORY user encoder to fuse (clicked news) or to read the local half only
+    (candidates: they may be new news, with no place in the graph).
 
     Yang et al., "Going Beyond Local: Global Graph-Enhanced Personalized News Recommendations", RecSys 2023. The ego
     graph of a news is the news and its --glory_hops hops of top --glory_neighbors in-neighbours, each node once, with
@@ -1674,6 +1675,7 @@ class GLORYNewsEncoder(NewsEncoder):
         self.mhsa = MultiHeadSelfAttention(config.word_embedding_dim, config.head_num, config.head_dim)
         self.norm = nn.LayerNorm(d)
         self.attention = AdditiveAttention(d, config.attention_dim)
+        self.out_norm = nn.LayerNorm(d)  # after the pooling too, as the official code
         self.dropout = nn.Dropout(config.dropout_rate)
         self.gnn = GatedGraphConv(d, config.glory_gnn_layers)
         self.k, self.hops, self.local_dim = config.glory_neighbors, config.glory_hops, d
@@ -1702,7 +1704,9 @@ class GLORYNewsEncoder(NewsEncoder):
         mask = tokens > 0
         x = self.dropout(self.embedding(tokens))  # [N, L, E]
         x = self.dropout(self.norm(self.mhsa(x, mask)))  # [N, L, D]
-        return self.attention(x, mask, return_weights=return_weights)
+        vectors, weights = self.attention(x, mask, return_weights=True)
+        vectors = self.out_norm(vectors)
+        return (vectors, weights) if return_weights else vectors
 
     def ego_graphs(self, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """centre [N] news indices -> nodes [N, M] (slot 0 the news, then each hop's neighbours, 0 = none;
