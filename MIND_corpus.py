@@ -11,9 +11,11 @@ mtime) and every setting that changes the arrays, so a changed setting rebuilds 
 - `glove`     the word-embedding matrix for that vocabulary (float32).
 - `entity`    the entity-embedding matrix from the splits' `entity_embedding.vec` (float32, missing rows zero).
 - `users`     user ids of the train split (unknown users map to 0).
-- `behaviors-<split>`  impressions: user, time (hours since 1970-01-01, int32), a row into a de-duplicated history
-              table (most recent `--max_history_num` clicks, oldest first, left-aligned), flat candidates + labels
-              + offsets.
+- `behaviors-<split>`  impressions: user, user_key (a hash of the UserID), time (hours since 1970-01-01, int32),
+              a row into a de-duplicated history table (most recent `--max_history_num` clicks, oldest first,
+              left-aligned), flat candidates + labels + offsets.
+- `click_graph` GLORY's top-k in-neighbour table of the train histories (click_graph.py), keyed by the train
+              behaviours cache and k; built only when the news encoder reads it (`add_click_graph`).
 
 Arrays are saved as .npy and loaded with `mmap_mode="r"`, so DataLoader workers share the pages.
 Memory: behaviors.tsv is read `CHUNK_LINES` lines at a time and parsed from the bytes with numpy (candidate and
@@ -1267,6 +1269,27 @@ class Corpus:
         self.news = {**self.news, **c.arrays}
         self.log(f"PLM tokens: {c.arrays['plm_ids'].shape[1]} per news text ({'built' if c.built else 'cache'}"
                  + (f"; template {template!r}" if template != "{title}" else "") + ")")
+
+    def add_click_graph(self, k: int) -> None:
+        """GLORY's global click graph from the train histories (click_graph.py): adds `click_graph` [N, 1 + k] int32
+        (own index, then the top-k in-neighbours, 0 = none) and `click_weights` [N, k] float32 to the news table.
+        Cached under `click_graph-<key>`, keyed by the train behaviours cache (train file signature, news files,
+        --max_history_num) and k: a changed train file rebuilds it. Dev and test histories are never read."""
+        from click_graph import build_click_graph
+
+        beh = self.behaviors("train")
+        source = self._behaviors["train"].path.name  # behaviors-train-<key>: the key hashes the train file's signature
+        n = self.meta.news_num
+
+        def build():
+            return build_click_graph(beh["user"], beh["history_row"], beh["histories"], beh["history_length"], n, k)
+
+        c = cached(self.cache_dir, "click_graph", dict(behaviors=source, news=self.news_key, k=k), build)
+        self.news = {**self.news, **c.arrays}
+        stats = {key: v for key, v in c.meta.items() if not key.startswith("_")}
+        self.log(f"click graph (GLORY): {stats['edges']} directed edges from {stats['users']} train users, "
+                 f"{stats['news_with_neighbours']} news with in-neighbours, top {k} kept "
+                 f"({'built' if c.built else 'cache'})")
 
     def plm_texts(self, template: str) -> list[str]:
         """Every news' PLM text (row 0, the padding news, included): `template` filled per news."""

@@ -514,6 +514,9 @@ class Config:
             reads = " and ".join(c for c in ("category", "subcategory") if c in news_cls.features)
             errors.append(f"--category_fusion: --news_encoder {self.news_encoder} reads the {reads} itself; drop the "
                           f"flag (it is for encoders that do not)")
+        elif self.category_fusion and news_cls is not None and not news_cls.supports_category_fusion:
+            errors.append(f"--category_fusion: --news_encoder {self.news_encoder} returns two views that its user "
+                          f"encoder splits, so appended embeddings do not fit; drop the flag")
         if self.resume and self.mode != "train":
             errors.append("--resume continues training: use it with --mode=train")
         stray_tune = sorted(f for f in self.typed if f in TuneSettings.names() and self.values[f] is not None)

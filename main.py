@@ -116,6 +116,9 @@ def load_corpus(config, log=print) -> Corpus:
                               config.plm_text_template)
     if config.use_category_glove:
         corpus.add_category_glove()
+    graph_size = news_cls.click_graph_size(config)
+    if graph_size:
+        corpus.add_click_graph(graph_size)  # after the train split is readable: the graph is built from it
     # The splits this mode reads, parsed and checked before any model is built: a missing, empty or unusable split
     # fails in seconds, naming its file, not after a PLM has loaded.
     for split in MODE_SPLITS.get(config.mode, ()):

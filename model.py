@@ -339,7 +339,10 @@ class Model(nn.Module):
         out = self.user_encoder(inputs)
         # An encoder that scores candidates itself (FIM, MINER max/mean) returns logits; check_pairing made sure
         # the click predictor agrees.
-        logits = out.logits if out.logits is not None else self.click_predictor(out.user, candidates)  # [B, C]
+        if out.logits is not None:
+            logits = out.logits
+        else:  # the encoder's own candidate vectors where it re-encodes them (GLORY), else the news vectors
+            logits = self.click_predictor(out.user, candidates if out.candidates is None else out.candidates)  # [B, C]
         # -inf, not a large negative: a padded candidate must get exactly zero probability.
         logits = logits.float().masked_fill(~batch.candidate_mask, float("-inf"))
         return logits, out

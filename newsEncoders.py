@@ -2,7 +2,8 @@
 
 Legend: N news in the call (unique news of a batch, or a slice of the corpus at evaluation), L title tokens (32),
 La abstract tokens (128), E word embedding dim, F CNN filters, D news vector dim, Hd hidden dim (--hidden_dim),
-Ee entity dim, Q personalized query dim, Lh HDC positions (category, subcategory, max_title_length words).
+Ee entity dim, Q personalized query dim, Lh HDC positions (category, subcategory, max_title_length words),
+k click-graph neighbours, M ego-graph slots (1 + k + ... + k^hops), R ego-graph nodes of a call, X their news (GLORY).
 
 Every encoder receives `news`, a dict of tensors gathered from the model's news table by index; it names the
 columns it reads in `features` so the model gathers only those. Index 0 of every vocabulary is padding.
@@ -99,6 +100,8 @@ class NewsEncoder(nn.Module):
     # encoder without auxiliary losses (a mean over chunks is not the mean over the batch).
     length_buckets = 1
     paper = ""
+    supports_category_fusion = True  # False: --category_fusion is refused (GLORY's user encoder splits its vector)
+    pretrain_refusal = ""  # why --mode=pretrain cannot train this encoder ("" = it can)
 
     def __init__(self, config: "Config", meta: "CorpusMeta"):
         super().__init__()
@@ -128,6 +131,12 @@ class NewsEncoder(nn.Module):
 
     def forward(self, news: dict[str, torch.Tensor], user_id: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    @classmethod
+    def click_graph_size(cls, config: "Config") -> int | None:
+        """Neighbours per news of the global click graph the corpus must add (`Corpus.add_click_graph`, GLORY);
+        None: the encoder reads no click graph."""
+        return None
 
     def param_groups(self) -> list[dict]:
         """Optimizer groups with their own learning rate (the PLM's); the rest trains at --lr."""
@@ -1678,3 +1687,172 @@ class VectorsNewsEncoder(NewsEncoder):
         x = self.dropout(news["news_vector"].float())  # [N, V]
         flag = news["news_vector_missing"].float().unsqueeze(-1)  # [N, 1]
         return self.project(torch.cat([x, flag], dim=-1))  # [N, D]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GLORY (issue 25): the global click graph (click_graph.py) and the graph-enhanced clicked-news vectors
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class GLORYSettings(Settings):
+    """GLORY's global news graph: the neighbour table kept per news, the ego graph read around each news and the
+    gated graph convolution over it."""
+
+    title: ClassVar[str] = "GLORY"
+    glory_neighbors: int = setting(8, "GLORY: in-neighbours kept per news in the global click graph, the most "
+                                      "frequent first (the paper's 8)", check=at_least(1))
+    glory_hops: int = setting(1, "GLORY: hops of each news' ego graph in the neighbour table (the paper's 2; "
+                                 "each hop multiplies the nodes by up to --glory_neighbors)", check=at_least(1))
+    glory_gnn_layers: int = setting(3, "GLORY: gated graph convolution layers (the paper's 3)", check=at_least(1))
+
+
+class GatedGraphConv(nn.Module):
+    """Gated graph neural network layers (Li et al., ICLR 2016) as PyTorch Geometric's GatedGraphConv with add
+    aggregation, which GLORY uses: per layer l, m_i = sum over edges j -> i of W_l h_j, then h_i = GRUCell(m_i, h_i).
+    Edge weights are not read (as in GLORY's code)."""
+
+    def __init__(self, dim: int, layers: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(layers, dim, dim))
+        for w in self.weight:
+            nn.init.xavier_uniform_(w)
+        self.gru = nn.GRUCell(dim, dim)
+
+    def forward(self, h: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, depth: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """h [R, D] node states, src / dst [E] long node rows of each edge src -> dst -> [R, D].
+
+        depth [R] (optional): each node's distance (in edges) to the nodes whose output is read (depth 0). Layer l of
+        L then updates only the nodes of depth <= L - l, the only ones whose state still reaches a depth-0 node: the
+        depth-0 rows are exactly the full computation's, the others are left part-way (GLORY reads only its centres;
+        at 2 hops, 3 layers this skips most of the GRU work)."""
+        layers = len(self.weight)
+        # Under AMP the matmul and the GRU cell return the low-precision dtype: cast back, so the states keep one.
+        for i, w in enumerate(self.weight):
+            if depth is None:
+                message = torch.zeros_like(h).index_add_(0, dst, (h @ w).to(h.dtype)[src])  # [R, D]
+                h = self.gru(message, h).to(h.dtype)
+                continue
+            active = depth <= layers - 1 - i  # [R]
+            rows = active.nonzero().squeeze(1)  # [A]
+            keep = active[dst]  # the edges into an active node
+            position = torch.cumsum(active, 0) - 1  # row -> its place among the active rows
+            sent = (h @ w).to(h.dtype)[src[keep]]  # [E', D]: W_l h_j along each edge into an active node
+            message = h.new_zeros(len(rows), h.shape[1]).index_add_(0, position[dst[keep]], sent)  # [A, D]
+            h = h.index_copy(0, rows, self.gru(message, h[rows]).to(h.dtype))
+        return h
+
+
+@register_news_encoder("GLORY")
+class GLORYNewsEncoder(NewsEncoder):
+    """GLORY news encoder: a local vector per news (word embeddings -> MHSA -> LayerNorm -> additive attention ->
+    LayerNorm, the official code's layers, with the word attention masked) and a graph vector (gated graph
+    convolution over the news' ego graph in the global click graph, started from the local vectors of its nodes);
+    returns both, [local; graph], for the GLORY user encoder to fuse (clicked news) or to read the local half only
+    (candidates: they may be new news, with no place in the graph).
+
+    Yang et al., "Going Beyond Local: Global Graph-Enhanced Personalized News Recommendations", RecSys 2023. The ego
+    graph of a news is the news and its --glory_hops hops of top --glory_neighbors in-neighbours, each node once, with
+    the table's edges among them; a news' graph vector depends on that fixed neighbourhood only, never on the other
+    news of the batch (the paper builds one graph per user from all their clicks). `prepare` attaches the corpus
+    graph (`Corpus.add_click_graph`); without it the encoder refuses to run."""
+
+    settings = (MHSASettings, GLORYSettings)
+
+    paper = "GLORY (Yang et al., RecSys 2023)"
+    features = ("title", "click_graph")
+    compatible_user_encoders = ("GLORY",)
+    supports_category_fusion = False  # the user encoder splits [local; graph]: appended embeddings would break it
+    pretrain_refusal = ("its news vector is two views ([local; graph]) that only the GLORY user encoder reads; "
+                        "pretraining compares user and news vectors directly: train GLORY from scratch")
+
+    def __init__(self, config, meta):
+        super().__init__(config, meta)
+        d = config.head_num * config.head_dim
+        self.embedding = word_embedding(config, meta)
+        self.mhsa = MultiHeadSelfAttention(config.word_embedding_dim, config.head_num, config.head_dim)
+        self.norm = nn.LayerNorm(d)
+        self.attention = AdditiveAttention(d, config.attention_dim)
+        self.out_norm = nn.LayerNorm(d)  # after the pooling too, as the official code
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.gnn = GatedGraphConv(d, config.glory_gnn_layers)
+        self.k, self.hops, self.local_dim = config.glory_neighbors, config.glory_hops, d
+        self.output_dim = 2 * d
+        # The corpus' graph and titles (non-persistent: rebuilt from the corpus, never in a checkpoint).
+        self.register_buffer("graph_table", None, persistent=False)  # [N, 1 + k] long
+        self.register_buffer("graph_titles", None, persistent=False)  # [N, L]
+
+    @classmethod
+    def click_graph_size(cls, config) -> int | None:
+        return config.glory_neighbors
+
+    def prepare(self, news, log=print, **options):
+        self.attach_graph(news.column("click_graph"), news.column("title"))
+
+    def attach_graph(self, table: torch.Tensor, titles: torch.Tensor) -> None:
+        """table [N, 1 + k] (own index, top-k in-neighbours; click_graph.py), titles [N, L] of every news."""
+        if table.shape[1] != self.k + 1:
+            raise ValueError(f"the click graph keeps {table.shape[1] - 1} neighbours per news, but --glory_neighbors "
+                             f"is {self.k}: rebuild it with Corpus.add_click_graph({self.k})")
+        self.graph_table = table.long()
+        self.graph_titles = titles
+
+    def local(self, tokens: torch.Tensor, return_weights: bool = False):
+        """tokens [N, L] -> [N, D] local news vectors (and [N, L] word weights)."""
+        mask = tokens > 0
+        x = self.dropout(self.embedding(tokens))  # [N, L, E]
+        x = self.dropout(self.norm(self.mhsa(x, mask)))  # [N, L, D]
+        vectors, weights = self.attention(x, mask, return_weights=True)
+        vectors = self.out_norm(vectors)
+        return (vectors, weights) if return_weights else vectors
+
+    def ego_graphs(self, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """centre [N] news indices -> nodes [N, M] (slot 0 the news, then each hop's neighbours, 0 = none;
+        M = 1 + k + ... + k^hops), real [N, M] (each news once per ego graph: a repeated news keeps its first slot)
+        and adj [N, M, M] bool (adj[n, a, b]: edge b -> a, b among a's top-k in-neighbours)."""
+        levels, frontier = [centre[:, None]], centre[:, None]
+        for _ in range(self.hops):
+            frontier = self.graph_table[frontier, 1:].flatten(1)  # [N, k^hop]; row 0 (none) has no neighbours
+            levels.append(frontier)
+        nodes = torch.cat(levels, 1)  # [N, M]
+        m = nodes.shape[1]
+        same = nodes[:, :, None] == nodes[:, None, :]  # [N, M, M]
+        earlier = torch.ones(m, m, dtype=torch.bool, device=nodes.device).tril(-1)
+        real = (nodes > 0) & ~(same & earlier).any(-1)
+        real[:, 0] = True  # the news itself, even the padding news
+        neighbours = self.graph_table[nodes, 1:]  # [N, M, k]
+        linked = ((neighbours[..., None] == nodes[:, None, None, :]) & (neighbours[..., None] > 0)).any(2)
+        return nodes, real, linked & real[:, :, None] & real[:, None, :]
+
+    def forward(self, news, user_id=None, return_weights: bool = False):
+        """
+        Args:
+            news["title"]: [N, L] int token ids (0 = pad); news["click_graph"]: [N, 1 + k] (column 0: own index).
+        Returns:
+            [N, 2D]: [local; graph] (and [N, L] word weights of the local vectors when asked).
+        """
+        if self.graph_table is None:
+            raise RuntimeError("GLORY news encoder: no click graph attached; Model.prepare attaches the corpus' one")
+        nodes, real, adj = self.ego_graphs(news["click_graph"][:, 0])
+        n, m = nodes.shape
+        others = nodes[:, 1:][real[:, 1:]]  # every other node of every ego graph
+        unique, inverse = torch.unique(others, return_inverse=True)
+        titles = self.graph_titles[unique].long()
+        used = titles.ne(0).any(0).nonzero()
+        titles = titles[:, :int(used[-1]) + 1 if len(used) else 1]  # cut to the longest title, as the model does
+        # The neighbours first, the batch's own news last: explain mode reads the word weights of the last call.
+        other_vectors = self.local(titles)  # [X, D]
+        local = self.local(news["title"], return_weights=return_weights)
+        local, weights = local if return_weights else (local, None)
+        states = local.new_zeros(n, m, self.local_dim)  # [N, M, D]
+        states[:, 0] = local
+        states[:, 1:][real[:, 1:]] = other_vectors[inverse]
+        row = torch.full((n, m), -1, dtype=torch.long, device=nodes.device)
+        row[real] = torch.arange(int(real.sum()), device=nodes.device)  # node row of each real slot
+        edges = adj.nonzero()  # [E, 3]: (news, a, b), edge b -> a
+        # A node's hop level is its distance to the centre: breadth-first slots, each news at its first (lowest) one.
+        level = torch.cat([torch.full((self.k ** h,), h, device=nodes.device) for h in range(self.hops + 1)])  # [M]
+        graph = self.gnn(states[real], row[edges[:, 0], edges[:, 2]], row[edges[:, 0], edges[:, 1]],
+                         depth=level.expand(n, m)[real])  # [R, D]
+        out = torch.cat([local, graph[row[:, 0]]], -1)  # [N, 2D]
+        return (out, weights) if return_weights else out

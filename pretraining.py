@@ -804,6 +804,9 @@ class PretrainModel(Model):
         if self.news_encoder.personalized:
             raise ValueError(f"--mode=pretrain: --news_encoder {config.news_encoder} is personalized (its news vectors "
                              f"depend on the user); pretraining encodes each news once per batch: choose another")
+        if self.news_encoder.pretrain_refusal:
+            raise ValueError(f"--mode=pretrain: --news_encoder {config.news_encoder} cannot be pretrained: "
+                             f"{self.news_encoder.pretrain_refusal}")
         user_cls = type(self.user_encoder)
         if not user_cls.returns_user_vectors(config):
             raise ValueError(f"--mode=pretrain: --user_encoder {config.user_encoder} scores candidates itself with "

@@ -66,6 +66,9 @@ class UserOutput:
 
     user: torch.Tensor | None = None  # [B, D] or, candidate-aware, [B, C, D]
     logits: torch.Tensor | None = None  # [B, C] when the encoder scores candidates itself (MINER max/mean)
+    # [B, C, Du]: the candidate vectors the click predictor scores, when the encoder re-encodes the candidates (GLORY's
+    # candidate encoder reads the local half of its news vectors); None: the news vectors themselves are scored.
+    candidates: torch.Tensor | None = None
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted auxiliary losses (training)
     attention: dict[str, torch.Tensor] = field(default_factory=dict)  # for explain mode
 
@@ -1093,3 +1096,49 @@ class PPRecUserEncoder(UserEncoder):
         popular = self.popularity(inp.candidates, inp.candidate_ctr, inp.candidate_age)
         logits = 2 * eta * personal + 2 * (1 - eta) * popular
         return UserOutput(logits=logits, attention={"history": alpha})
+
+
+@register_user_encoder("GLORY")
+class GLORYUserEncoder(UserEncoder):
+    """GLORY's user side: each clicked news' [local; graph] vectors fused by attention pooling (the click fusion),
+    then multi-head self-attention and attention pooling over the clicks -> user [B, D/2]; each candidate's local
+    half through Linear + LeakyReLU(0.2) (the candidate encoder; no graph: a candidate may be new news) -> the
+    candidate vectors the click predictor scores (`UserOutput.candidates`).
+
+    Yang et al., RecSys 2023. Pairs only with the GLORY news encoder (its [local; graph] vectors). The entity views
+    of both encoders are not built (docs/models.md)."""
+
+    settings = (MHSASettings,)
+
+    paper = "GLORY (Yang et al., RecSys 2023)"
+    compatible_news_encoders = ("GLORY",)
+
+    def __init__(self, config, meta, news_encoder):
+        super().__init__(config, meta, news_encoder)
+        if self.news_dim % 2:
+            raise ValueError(f"--user_encoder GLORY reads [local; graph] news vectors; got odd size {self.news_dim}")
+        d = self.news_dim // 2
+        self.output_dim = d
+        inner = config.head_num * config.head_dim
+        self.fusion = AdditiveAttention(d, config.attention_dim)
+        self.mhsa = MultiHeadSelfAttention(d, config.head_num, config.head_dim)
+        self.project = nn.Linear(inner, d) if inner != d else nn.Identity()
+        self.attention = AdditiveAttention(d, config.attention_dim)
+        self.candidate = nn.Linear(d, d)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def clicked(self, history: torch.Tensor) -> torch.Tensor:
+        """history [B, H, 2d] ([local; graph]) -> [B, H, d]: attention pooling over the two views of each click."""
+        b, h, _ = history.shape
+        return self.fusion(history.reshape(b * h, 2, self.output_dim)).view(b, h, self.output_dim)
+
+    def forward(self, inp):
+        """history [B, H, 2d], history_mask [B, H], candidates [B, C, 2d] -> user [B, d], candidates [B, C, d]"""
+        x = self.dropout(self.clicked(inp.history))  # [B, H, d]
+        x = self.project(self.dropout(self.mhsa(x, inp.history_mask)))
+        user, weights = self.attention(x, inp.history_mask, return_weights=True)
+        candidates = None
+        if inp.candidates is not None:
+            local = inp.candidates[..., :self.output_dim]  # [B, C, d]
+            candidates = F.leaky_relu(self.candidate(self.dropout(local)), 0.2)
+        return UserOutput(user=user, candidates=candidates, attention={"history": weights})

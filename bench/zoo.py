@@ -50,6 +50,8 @@ PAPER_MODELS: dict[str, list[str]] = {
     "MINS": ["--news_encoder=MHSA", "--user_encoder=MINS"],
     # PP-Rec reads the impression time and the train split's CTRs (docs/models.md: which split each signal comes from).
     "PP-Rec": ["--news_encoder=MHSA", "--user_encoder=PPRec"],
+    # GLORY's news and user encoders pair only with each other; its ego graph at the defaults (docs/models.md).
+    "GLORY": ["--news_encoder=GLORY", "--user_encoder=GLORY"],
 }
 KEYS = ("auc", "mrr", "ndcg5", "ndcg10")
 # The beyond-accuracy columns of the README's table (k = 10); the TSV has every metric at k = 5 and 10.

@@ -33,7 +33,7 @@ from model import Model  # noqa: E402
 from popularity import time_popularity_for  # noqa: E402
 from trainer import GlobalBatchSampler  # noqa: E402
 
-NEW_MODELS = ["Fastformer", "TANR", "CAUM", "MINS", "PP-Rec"]
+NEW_MODELS = ["Fastformer", "TANR", "CAUM", "MINS", "PP-Rec", "GLORY"]
 
 
 def build(name: str, args):

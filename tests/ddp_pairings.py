@@ -41,8 +41,12 @@ def table() -> dict[str, np.ndarray]:
     tokens[0] = 0  # the padding news
     tokens[:, 4:] = 0
     mask = (tokens > 0).astype(np.int8)
+    # GLORY's click graph at its default --glory_neighbors (8): own index, then in-neighbours (0 = none).
+    neighbours = rng.integers(0, N, size=(N, 8))
+    neighbours[0] = 0
+    click_graph = np.concatenate([np.arange(N)[:, None], neighbours], 1)
     return {"title": tokens, "abstract": tokens[:, ::-1].copy(), "category": rng.integers(1, 5, N),
-            "subcategory": rng.integers(1, 6, N), "plm_ids": tokens, "plm_mask": mask}
+            "subcategory": rng.integers(1, 6, N), "plm_ids": tokens, "plm_mask": mask, "click_graph": click_graph}
 
 
 def popularity():

@@ -83,7 +83,23 @@ def make_config(request, name: str | None = None, **flags) -> Config:
 
 def build_news_encoder(request, name: str, **flags):
     torch.manual_seed(0)
-    return NEWS_ENCODERS[name](make_config(request, name, **flags), META).to(DEVICE)
+    enc = NEWS_ENCODERS[name](make_config(request, name, **flags), META).to(DEVICE)
+    if hasattr(enc, "attach_graph"):  # GLORY: a click graph over META's news, as Model.prepare attaches the corpus'
+        table, titles = click_graph_table(enc.k)
+        enc.attach_graph(table.to(DEVICE), titles.to(DEVICE))
+    return enc
+
+
+def click_graph_table(k: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random click graph over META's news ([N, 1 + k]: own index, then k in-neighbours, some 0 = none; news 0 has
+    none) and their titles [N, 12] (the padding news empty), for the encoders that read one (GLORY)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = META.news_num
+    neighbours = torch.randint(1, n, (n, k), generator=gen)
+    neighbours = neighbours.masked_fill(torch.rand(n, k, generator=gen) < 0.3, 0)
+    neighbours[0] = 0
+    titles = token_rows([0] + torch.randint(1, 12, (n - 1,), generator=gen).tolist(), 12, META.vocab_size, gen)
+    return torch.cat([torch.arange(n)[:, None], neighbours], 1), titles
 
 
 def build_user_encoder(request, name: str, **flags):
@@ -128,6 +144,9 @@ def make_news(cls, lengths: list[int], width: int = 12, seed: int = 0) -> dict[s
             title = news.get("title", token_rows(lengths, width, META.vocab_size, gen))
             entity = torch.randint(0, META.entity_num, title.shape, generator=gen)
             news[feature] = entity.masked_fill(title == 0, 0)
+        elif feature == "click_graph":  # the gathered rows of the click graph: column 0 names the news (GLORY)
+            own = torch.arange(1, n + 1).masked_fill(empty, 0)  # the padding news is news 0
+            news[feature] = torch.cat([own[:, None], torch.zeros(n, 1, dtype=torch.long)], 1)
         elif feature in ("category", "subcategory"):
             size = META.category_num if feature == "category" else META.subcategory_num
             news[feature] = torch.randint(1, size, (n,), generator=gen).masked_fill(empty, 0)
@@ -204,12 +223,14 @@ def user_rows(inp: UserInputs, index) -> UserInputs:
 
 
 def scores(enc, out: UserOutput, inp: UserInputs) -> torch.Tensor:
-    """What the model ranks by: the encoder's logits, else user . candidate -> [B, C]."""
+    """What the model ranks by: the encoder's logits, else user . candidate -> [B, C] (the encoder's own candidate
+    vectors where it returns them, GLORY)."""
     if out.logits is not None:
         return out.logits
+    candidates = inp.candidates if out.candidates is None else out.candidates
     if out.user.dim() == 3:
-        return (out.user * inp.candidates).sum(-1)
-    return torch.bmm(inp.candidates, out.user.unsqueeze(-1)).squeeze(-1)
+        return (out.user * candidates).sum(-1)
+    return torch.bmm(candidates, out.user.unsqueeze(-1)).squeeze(-1)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -318,14 +339,18 @@ C_LENGTHS = [3, 2, 3, 1]
 def check_user_output(enc, out: UserOutput, b: int, c: int) -> None:
     assert isinstance(out, UserOutput)
     assert out.user is not None or out.logits is not None, "a user encoder returns user vectors or logits"
+    # The user vector has the news size, unless the encoder re-encodes the candidates (GLORY: its own size).
+    d = D if out.candidates is None else enc.output_dim
     if out.user is not None:
-        expected = (b, c, D) if enc.candidate_aware else (b, D)
+        expected = (b, c, d) if enc.candidate_aware else (b, d)
         assert out.user.shape == expected, f"user {tuple(out.user.shape)}, expected {expected}"
         assert torch.isfinite(out.user).all()
+    if out.candidates is not None:
+        assert out.candidates.shape == (b, c, d) and torch.isfinite(out.candidates).all()
     if out.logits is not None:
         assert enc.candidate_aware, "only candidate-aware encoders can score candidates themselves"
         assert out.logits.shape == (b, c) and torch.isfinite(out.logits).all()
-    assert enc.output_dim == D
+    assert enc.output_dim == d
 
 
 @pytest.mark.parametrize("name", USER_NAMES)

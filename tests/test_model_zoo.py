@@ -46,7 +46,7 @@ FLAGS = {
     "eval_batch_size": 16, "max_title_length": 16, "max_abstract_length": 24, "hidden_dim": 8,
     "HDC_filter_num": 4, "KCNN_filter_num": 4, "user_embedding_dim": 4, "personalized_embedding_dim": 8,
     "gcn_layer_num": 2, "OMAP_head_num": 2, "conv3D_filter_num_first": 4, "conv3D_filter_num_second": 4,
-    "max_history_num": 10, "maxpooling3D_size": 2, "maxpooling3D_stride": 2,
+    "max_history_num": 10, "maxpooling3D_size": 2, "maxpooling3D_stride": 2, "glory_neighbors": 3, "glory_hops": 2,
 }
 
 
@@ -78,6 +78,7 @@ def zoo(tmp_path_factory):
     config = make_config(data_dir, "MHSA", "ATT")
     word = Corpus(config, need_glove=False, log=lambda *a: None)  # random word init: GloVe is not under test
     write_news_vectors(data_dir, word.meta.news_ids)
+    word.add_click_graph(FLAGS["glory_neighbors"])  # GLORY's global click graph (main.load_corpus adds it the same way)
     folder = tmp / "tiny-bert"
     folder.mkdir()
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w in word.meta.vocab[2:] if w.isalnum()]

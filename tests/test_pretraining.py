@@ -261,16 +261,22 @@ def tiny_corpus(tmp_path_factory):
 @pytest.mark.parametrize("user_encoder", sorted(__import__("userEncoders").USER_ENCODERS))
 def test_every_user_encoder_with_user_vectors_pretrains_with_every_task(user_encoder, tiny_corpus):
     """One step of all tasks together: a finite loss, and a gradient for every trainable weight of the encoders and
-    the heads; an encoder that returns no user vector (FIM) is refused at construction."""
+    the heads; an encoder that returns no user vector (FIM) is refused at construction, as is GLORY (the only
+    partner of its user encoder is a news encoder that cannot be pretrained; tests/test_glory.py)."""
     from common import SMALL_MODEL, TINY_DEMO
     from config import Config
     from model import get_user_encoder
 
     data, corpus = tiny_corpus
-    news = "HDC" if user_encoder == "FIM" else "MHSA"
+    news = {"FIM": "HDC", "GLORY": "GLORY"}.get(user_encoder, "MHSA")
     cfg = Config.from_args(["--mode=pretrain", "--dataset=demo", f"--data_dir={data}", f"--news_encoder={news}",
                             f"--user_encoder={user_encoder}", "--pretrain_tasks=contrastive,next_click,mip,map,aap,sp",
                             *TINY_DEMO, *SMALL_MODEL])
+    if news == "GLORY":
+        corpus.add_click_graph(cfg.glory_neighbors)  # as main.load_corpus does for GLORY
+        with pytest.raises(ValueError, match="--news_encoder GLORY cannot be pretrained"):
+            P.PretrainModel(cfg, corpus.meta, corpus.news)
+        return
     if not get_user_encoder(user_encoder).returns_user_vectors(cfg):
         with pytest.raises(ValueError, match="returns no user vector"):
             P.PretrainModel(cfg, corpus.meta, corpus.news)

@@ -250,9 +250,11 @@ def test_mins_user_vector_is_each_channels_gru_last_real_state():
 # ------------------------------------------------------------------------------------------------------------
 
 def test_new_models_train_two_steps_under_ddp(tmp_path):
-    """2 DDP steps (find_unused_parameters off) for TANR with and without its topic loss and the new user
-    encoders; DDP stops at step 2 on a trainable parameter that got no gradient."""
-    pairings = ["TANR-ATT", "TANR-ATT:--topic_loss_weight=0", "Fastformer-Fastformer", "CNN-CAUM", "CNN-MINS"]
+    """2 DDP steps (find_unused_parameters off) for TANR with and without its topic loss, the new user encoders and
+    GLORY (its graph network and candidate encoder); DDP stops at step 2 on a trainable parameter that got no
+    gradient."""
+    pairings = ["TANR-ATT", "TANR-ATT:--topic_loss_weight=0", "Fastformer-Fastformer", "CNN-CAUM", "CNN-MINS",
+                "GLORY-GLORY", "GLORY-GLORY:--glory_hops=2"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
            "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", "tests/ddp_pairings.py", str(tmp_path),
            *pairings]

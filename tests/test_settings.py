@@ -270,8 +270,8 @@ def _run_level_flags() -> list[dict]:
 
 
 # Encoders registered after the recording (issue 25), added to --news_encoder / --user_encoder's choices by design.
-NEW_MODEL_CHOICES = {"news_encoder": ["Fastformer", "PLMFastformer", "TANR", "Vectors"],  # Vectors: issue 24
-                     "user_encoder": ["Fastformer", "CAUM", "MINS", "PPRec"]}
+NEW_MODEL_CHOICES = {"news_encoder": ["Fastformer", "PLMFastformer", "TANR", "Vectors", "GLORY"],  # Vectors: issue 24
+                     "user_encoder": ["Fastformer", "CAUM", "MINS", "PPRec", "GLORY"]}
 
 
 def test_run_level_flags_keep_name_default_type_choices_help_and_group():
