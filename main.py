@@ -50,16 +50,17 @@ from newsEncoders import get_news_encoder, resolve_plm_path
 from popularity import time_popularity_for
 from trainer import Callback, Trainer, TrainingInterrupted
 
-# Flags a user may change when evaluating a checkpoint (they do not change the model or the corpus arrays).
+# Flags a user may change when evaluating a checkpoint (they do not change the model or the corpus arrays;
+# --news_vectors: where the vector file is now, its content checked against the checkpoint's signature).
 EVAL_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_workers", "progress", "mode",
                     "dev_model_path", "test_model_path", "output_dir", "amp", "dist_timeout", "impression_id",
                     "explain_output", "tie_break", "beyond_metrics", "beyond_k", "beyond_embedding", "rerank",
-                    "rerank_lambda")
+                    "rerank_lambda", "news_vectors")
 # Flags a user may change when resuming a run (`--resume`): where and how fast it runs, and how long it goes on.
 # Everything else comes from the run's saved config, so the resumed epochs continue the same training.
 RESUME_OVERRIDABLE = ("data_dir", "cache_dir", "device", "eval_batch_size", "num_workers", "progress", "amp", "dist_timeout",
                       "find_unused_parameters", "epoch", "early_stopping_epoch", "resume", "mode", "output_dir",
-                      "log_every", "tensorboard", "plot", "compile", "tracker")
+                      "log_every", "tensorboard", "plot", "compile", "tracker", "news_vectors")
 
 
 def rank0_print(*args, **kwargs) -> None:

@@ -244,3 +244,21 @@ def test_dev_with_other_vectors_than_the_checkpoints_is_an_error(trained, tmp_pa
     assert err.startswith("error: ") and "\n" not in err
     assert f"--news_vectors={vectors}" in err and "differ from the ones the checkpoint was trained with" in err
     assert cli(["--mode=dev", f"--dev_model_path={result['checkpoint']}", *common]) == 0  # the same file again: fine
+
+
+def test_dev_reads_the_vector_file_from_where_it_is_now(trained, tmp_path, capsys):
+    """The file's path is stored as typed (often relative to where training ran); after a move, or from another
+    folder, dev names the file it cannot find and `--news_vectors` points it at the same file's new place: its
+    signature, not its path, is what must match."""
+    vectors, common, result, _ = trained
+    moved = tmp_path / "moved.parquet"
+    moved.write_bytes(Path(vectors).read_bytes())
+    Path(vectors).rename(tmp_path / "away.parquet")
+    try:
+        assert cli(["--mode=dev", f"--dev_model_path={result['checkpoint']}", *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"--news_vectors={vectors}: no such file" in err, err
+        assert cli(["--mode=dev", f"--dev_model_path={result['checkpoint']}", *common, f"--news_vectors={moved}"]) == 0
+        assert capsys.readouterr().err.strip() == ""
+    finally:
+        (tmp_path / "away.parquet").rename(vectors)
