@@ -1600,7 +1600,8 @@ class VectorsSettings(Settings):
     news_vectors: str = setting(
         "", "parquet file of one fixed vector per news: a news id column (integer or string, matched against "
         "news.tsv's NewsID) and one list<float> column, as EB-NeRD's artifacts (prepare_MIND_dataset.py "
-        "--ebnerd_artifact=...); docs/data.md#precomputed-news-vectors", architecture=False)
+        "--ebnerd_artifact=...); docs/data.md#precomputed-news-vectors", architecture=False,
+        modes=("train", "pretrain", "dev", "test", "explain"))  # dev/test/explain: where the file is now
     vectors_dim: int = setting(256, "Vectors: D, the news vector size the file's vectors are projected to",
                                check=at_least(1))
     vectors_hidden_dim: int = setting(0, "Vectors: 0 = one linear projection to D; > 0 = an MLP with one hidden "
