@@ -596,7 +596,7 @@ def cli(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) -
         if rank == 0:
             print("interrupted", file=sys.stderr)
         return 130
-    except (CorpusError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+    except (CorpusError, FileNotFoundError, FileExistsError, ValueError, ImportError, util.RankStopped) as e:
         # A user mistake (bad file, wrong path, conflicting flags) gets its message, not a traceback.
         print(f"error{f' (rank {rank})' if world_size > 1 else ''}: {e}", file=sys.stderr)
         return 2

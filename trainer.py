@@ -711,33 +711,49 @@ class Trainer:
             state.best, state.best_epoch, state.best_metrics = decision["value"], epoch, result.metrics
         # Taken after evaluation, the last use of the generators in this epoch, on every rank.
         rng = util.all_gather_object(util.get_rng_state(), group=rt.wait_group)
+        failure = None
         if rt.is_main:
-            # A full disk or a read-only folder: one line naming the run folder; atomic writes keep the last files.
-            with util.writing_into(run.run_dir, "--output_dir", "the run's records"):
-                rate = stats["samples"] / stats["seconds"]
-                util.write_lines_atomic(run.run_dir / self.epoch_log, [json.dumps(r) for r in state.history])
-                self._record(run, {"kind": "epoch", "epoch": epoch, "step": state.step, "train_loss": stats["loss"],
-                                   "aux": stats["aux"], "lr": _group_lrs(run.optimizer),
-                                   "train_seconds": round(stats["seconds"], 2), "samples_per_s": rate,
-                                   "impressions_per_s": rate * run.impressions_per_sample,
-                                   "dev_seconds": round(result.seconds, 2), "criterion": decision["value"],
-                                   **{k: result.metrics[k] for k in scorer.METRIC_KEYS if k in result.metrics}})
-                if cfg.plot:
-                    self._plot(run.run_dir)
-                if decision["improved"]:
-                    self._save_best(run, epoch, result)
-                self._save_last(run.last, run.optimizer, run.scheduler, run.scaler, state, rng)
-                run.say(f"epoch {epoch}: loss {stats['loss']:.4f} ({stats['seconds']:.1f}s) | "
-                        f"{self._metrics_text(result.metrics)}{'  *best*' if decision['improved'] else ''}")
-                if result.ties and format_ties(result.ties, "dev"):
-                    run.say(format_ties(result.ties, "dev"))
-        util.barrier(rt.wait_group)  # checkpoints written before anyone goes on
+            try:
+                self._write_epoch(run, epoch, stats, result, decision, rng)
+            except Exception as e:  # re-raised below, once the other ranks know
+                failure = e
+        # In place of a barrier: checkpoints are written before anyone goes on, and a rank-0 failure (a full disk)
+        # reaches every rank, which stops with one line instead of a broken or hanging collective.
+        told = util.broadcast_object(None if failure is None else str(failure), group=rt.wait_group)
+        if failure is not None:
+            raise failure
+        if told is not None:
+            raise util.RankStopped(f"rank 0 stopped writing the run's records: {told}")
         run.epoch_bar.set_postfix(best=f"{state.best:.4f}", best_epoch=state.best_epoch)
         if state.stopped_early:
             what = decision.get("criterion", f"dev improvement ({cfg.dev_criterion})")
             run.say(f"early stopping: no {what} for {state.bad_epochs} epochs")
         for cb in self.callbacks:
             cb.on_epoch_end(self, epoch, record)
+
+    def _write_epoch(self, run: "_Run", epoch: int, stats: dict[str, Any], result, decision: dict[str, Any],
+                     rng: list) -> None:
+        """Rank 0: the epoch's log lines, curves, the best checkpoint when dev improved, and last.pt."""
+        cfg, state = self.config, run.state
+        # A full disk or a read-only folder: one line naming the run folder; atomic writes keep the last files.
+        with util.writing_into(run.run_dir, "--output_dir", "the run's records"):
+            rate = stats["samples"] / stats["seconds"]
+            util.write_lines_atomic(run.run_dir / self.epoch_log, [json.dumps(r) for r in state.history])
+            self._record(run, {"kind": "epoch", "epoch": epoch, "step": state.step, "train_loss": stats["loss"],
+                               "aux": stats["aux"], "lr": _group_lrs(run.optimizer),
+                               "train_seconds": round(stats["seconds"], 2), "samples_per_s": rate,
+                               "impressions_per_s": rate * run.impressions_per_sample,
+                               "dev_seconds": round(result.seconds, 2), "criterion": decision["value"],
+                               **{k: result.metrics[k] for k in scorer.METRIC_KEYS if k in result.metrics}})
+            if cfg.plot:
+                self._plot(run.run_dir)
+            if decision["improved"]:
+                self._save_best(run, epoch, result)
+            self._save_last(run.last, run.optimizer, run.scheduler, run.scaler, state, rng)
+            run.say(f"epoch {epoch}: loss {stats['loss']:.4f} ({stats['seconds']:.1f}s) | "
+                    f"{self._metrics_text(result.metrics)}{'  *best*' if decision['improved'] else ''}")
+            if result.ties and format_ties(result.ties, "dev"):
+                run.say(format_ties(result.ties, "dev"))
 
     def _finish(self, run: "_Run") -> TrainResult:
         cfg, state = self.config, run.state

@@ -60,6 +60,11 @@ class UnusableFolder(ValueError, OSError):
     ValueError too, so the command lines print it as a message, not a traceback."""
 
 
+class RankStopped(Exception):
+    """Under DDP, another rank stopped with an error at a point where the ranks meet: this rank stops too, with one
+    line, instead of failing in (or waiting at) the next collective."""
+
+
 def check_folder(path: str | Path, flag: str) -> Path:
     """`path` as a folder a run may create and write in: an UnusableFolder error naming `flag` when it, or the
     nearest existing folder above it, is a file (mkdir would fail with NotADirectoryError or FileExistsError)."""

@@ -148,6 +148,20 @@ def test_a_dead_rank_ends_the_job_with_an_error(tmp_path, runs):
     assert not list((tmp_path / "crash").rglob(checkpoints.LAST_CHECKPOINT))  # it died in epoch 1
 
 
+def test_a_write_error_on_rank_0_stops_every_rank_with_one_line_each(tmp_path, runs):
+    """Rank 0 writes the checkpoints; when that fails (a full disk), the other ranks learn it from rank 0 at the
+    end of the epoch and stop with one line each, instead of a traceback from the broken collective (or a wait until
+    --dist_timeout where the launcher does not stop them)."""
+    _, data, _, _, _ = runs
+    proc = torchrun([*TRAIN, *data, f"--output_dir={tmp_path / 'full'}"], script=["tests/save_fails_main.py"],
+                    timeout=120)
+    assert proc.returncode != 0
+    assert "error (rank 0): cannot write the run's records" in proc.stderr, proc.stderr[-3000:]
+    # (torchrun's own report of a failed worker has a traceback of the launcher: not the ranks')
+    assert "[rank1]: Traceback" not in proc.stderr and "error (rank 1): rank 0 stopped" in proc.stderr, \
+        proc.stderr[-3000:]
+
+
 def test_global_batches_are_split_exactly_whatever_the_world_size():
     """The ranks' parts of each global batch are the one-process batch, and the loss weights make DDP's mean of
     per-rank mean gradients equal the global batch mean, also when the last batch leaves a rank empty."""
