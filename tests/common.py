@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,27 @@ TINY_DEMO = ["--demo_news=300", "--demo_users=120", "--demo_train_impressions=30
              "--demo_dev_impressions=80", "--demo_test_impressions=80"]
 
 DEVICE_ENV = "MIND_TEST_DEVICE"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(args, timeout: float = 150, nproc: int = 2, env: dict | None = None,
+             script=("main.py",)) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run` of `script` with `args` on this machine (gloo, 1 thread per rank, offline),
+    from the repository root; the completed process (stdout and stderr captured)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", *script, *args]
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full_env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                     "MASTER_ADDR": "127.0.0.1", **(env or {})})
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_pairings_under_ddp(first: str, pairings: list[str], timeout: float = 300) -> None:
+    """tests/ddp_pairings.py under torchrun (2 gloo processes): each pairing trains two steps; every one must say ok,
+    in order. `first`: the script's first argument (a folder for its corpus, or a tiny PLM)."""
+    proc = torchrun([first, *pairings], timeout=timeout, script=("tests/ddp_pairings.py",))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert [line[3:] for line in proc.stdout.splitlines() if line.startswith("ok ")] == pairings
 
 
 def model_device() -> torch.device:

@@ -7,10 +7,7 @@ and use 127.0.0.1 with a free port only. Each launch is bounded by a subprocess 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,24 +22,13 @@ import trainer
 import util
 from main import main
 
-ROOT = Path(__file__).resolve().parents[1]
-from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
+from common import SMALL_MODEL, TINY_DEMO, torchrun, train_pairings_under_ddp  # noqa: E402
 
 # 608 training samples: global batch 100 with 2 accumulation steps -> 7 micro-batches (the last holds 8 samples)
 # and 4 optimizer steps, the last with one micro-batch: every branch of the loop (no_sync, partial batch) runs.
 # Dropout 0: the runs must differ only by float rounding. lr 1e-3 makes a data bug move weights far beyond it.
 TRAIN = ["--mode=train", "--dataset=demo", "--epoch=1", "--batch_size=100", "--grad_accum_steps=2",
          "--dropout_rate=0", "--lr=1e-3", "--log_every=2", *TINY_DEMO, *SMALL_MODEL]
-
-
-def torchrun(args: list[str], timeout: float = 150, nproc: int = 2, env: dict | None = None,
-             script: list[str] = ("main.py",)):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", *script, *args]
-    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    full_env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                     "MASTER_ADDR": "127.0.0.1", **(env or {})})
-    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -245,10 +231,4 @@ def test_pairings_with_a_parameter_used_only_sometimes_train_under_ddp(tmp_path)
                          intermediate_size=16, max_position_embeddings=16)).save_pretrained(plm)
     pairings = _pairings_with("PLMMiner") + _pairings_with("DAE", "--Alpha=0")
     assert {"PLMMiner-ATT", "PLMMiner-MHSA", "DAE-GRU:--Alpha=0"} <= set(pairings) and len(pairings) >= 20
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", "tests/ddp_pairings.py", str(plm), *pairings]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1"})
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert [line[3:] for line in proc.stdout.splitlines() if line.startswith("ok ")] == pairings
+    train_pairings_under_ddp(str(plm), pairings)

@@ -13,9 +13,6 @@ Legend: B impressions, H history, C candidates, D news dim, N news.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +22,7 @@ import pytest
 import torch
 
 import MIND_corpus as mc
-from common import SMALL_MODEL, TINY_DEMO
+from common import SMALL_MODEL, TINY_DEMO, train_pairings_under_ddp
 from config import Config
 from dataset import EvalDataset, TrainDataset, train_share_of
 from main import cli, main
@@ -34,7 +31,6 @@ from model import Model, check_pairing
 from popularity import NEVER_SHOWN, PopularityLookup, build_popularity, time_popularity_for
 from userEncoders import USER_ENCODERS, UserInputs
 
-ROOT = Path(__file__).resolve().parents[1]
 HOUR0 = int(np.datetime64("2019-11-11T00", "h").astype(np.int64))  # hours since 1970 of 11/11/2019 0:00
 
 
@@ -336,11 +332,4 @@ def test_pretraining_refuses_pprec_with_the_reason(tmp_path, capsys):
 
 def test_pprec_trains_two_steps_under_ddp(tmp_path):
     pairings = ["CNN-PPRec", "MHSA-PPRec"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", "tests/ddp_pairings.py", str(tmp_path),
-           *pairings]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1"})
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert [line[3:] for line in proc.stdout.splitlines() if line.startswith("ok ")] == pairings
+    train_pairings_under_ddp(str(tmp_path), pairings)

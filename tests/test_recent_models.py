@@ -15,16 +15,13 @@ Legend: N news, L tokens, B users, H history, C candidates, D news dim, Hd heads
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common import train_pairings_under_ddp
 from config import Config
 from dataset import Batch
 from layers import FastformerAttention
@@ -33,7 +30,6 @@ from model import Model
 from newsEncoders import NEWS_ENCODERS
 from userEncoders import USER_ENCODERS, UserInputs
 
-ROOT = Path(__file__).resolve().parents[1]
 META = CorpusMeta(vocab_size=40, category_num=5, subcategory_num=7, user_num=9, entity_num=6, news_num=12)
 FLAGS = {"word_embedding_dim": 12, "attention_dim": 6, "cnn_kernel_num": 8, "dropout_rate": 0, "head_num": 2,
          "head_dim": 4, "max_title_length": 10, "max_abstract_length": 14, "fastformer_hidden_dim": 8,
@@ -255,11 +251,4 @@ def test_new_models_train_two_steps_under_ddp(tmp_path):
     gradient."""
     pairings = ["TANR-ATT", "TANR-ATT:--topic_loss_weight=0", "Fastformer-Fastformer", "CNN-CAUM", "CNN-MINS",
                 "GLORY-GLORY", "GLORY-GLORY:--glory_hops=2"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", "tests/ddp_pairings.py", str(tmp_path),
-           *pairings]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1"})
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert [line[3:] for line in proc.stdout.splitlines() if line.startswith("ok ")] == pairings
+    train_pairings_under_ddp(str(tmp_path), pairings)

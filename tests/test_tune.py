@@ -16,7 +16,7 @@ import scorer
 import tuning
 from main import cli, main
 from trainer import Callback, TrainingInterrupted
-from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
+from common import SMALL_MODEL, TINY_DEMO, torchrun  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--dataset=demo", "--epoch=2", "--max_steps_per_epoch=2", "--batch_size=32", "--no-plot", "--no-tensorboard",
@@ -245,11 +245,7 @@ def test_a_trial_runs_as_a_torchrun_job_with_one_study_worker(tmp_path, data_dir
     main(["--mode=train", f"--data_dir={data_dir}", f"--output_dir={tmp_path / 'warm'}", *FAST, "--epoch=1",
           "--max_steps_per_epoch=1"])  # the corpus cache exists before the ranks start
     argv = _setup(tmp_path, data_dir, extra=["--n_trials=2", "--tune_pruner=none"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=127.0.0.1:0", "--monitor_interval=0.5", "main.py", *argv]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"})
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    proc = torchrun(argv, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("=== trial") == 2  # printed by rank 0 only
     study, folder = _study(tmp_path)
