@@ -88,3 +88,15 @@ def copy_demo_without_test_labels(data_dir, dest):
     beh.write_text("".join("\t".join(r[:4] + [" ".join(c.rsplit("-", 1)[0] for c in r[4].split())]) + "\n"
                            for r in rows))
     return dest
+
+
+def train_two_seeds(tmp) -> tuple:
+    """Two NRMS runs on the tiny demo under `tmp` (seeds 0 and 1, one epoch, `--seeds=0,1`): (tmp, the data and
+    output flags, their two best-model checkpoints). For the tests of what compares runs."""
+    from main import main
+
+    common = [f"--data_dir={tmp / 'data'}", f"--output_dir={tmp / 'best_model'}", "--no-progress"]
+    train = ["--mode=train", "--dataset=demo", "--epoch=1", "--batch_size=32", "--no-plot", "--no-tensorboard",
+             *TINY_DEMO, *SMALL_MODEL, *common]
+    results = main([*train, "--seeds=0,1"])["runs"]
+    return tmp, common, [Path(r["checkpoint"]) for r in results]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import beyond_accuracy as ba
-from common import SMALL_MODEL, TINY_DEMO, copy_demo_without_test_labels, needs_glove50
+from common import copy_demo_without_test_labels, needs_glove50, train_two_seeds
 from config import Config
 from main import main
 
@@ -255,12 +255,7 @@ def test_records_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("beyond")
-    common = [f"--data_dir={tmp / 'data'}", f"--output_dir={tmp / 'best_model'}", "--no-progress"]
-    train = ["--mode=train", "--dataset=demo", "--epoch=1", "--batch_size=32", "--no-plot", "--no-tensorboard",
-             *TINY_DEMO, *SMALL_MODEL, *common]
-    results = main([*train, "--seeds=0,1"])["runs"]
-    return tmp, common, [Path(r["checkpoint"]) for r in results]
+    return train_two_seeds(tmp_path_factory.mktemp("beyond"))
 
 
 @needs_glove50

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from common import SMALL_MODEL, TINY_DEMO, copy_demo_without_test_labels
+from common import copy_demo_without_test_labels, train_two_seeds
 from scipy import stats
 
 import run_records
@@ -308,12 +308,7 @@ def test_main_aggregate_prints_intervals_and_the_paired_table(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("compare")
-    common = [f"--data_dir={tmp / 'data'}", f"--output_dir={tmp / 'best_model'}", "--no-progress"]
-    train = ["--mode=train", "--dataset=demo", "--epoch=1", "--batch_size=32", "--no-plot", "--no-tensorboard",
-             *TINY_DEMO, *SMALL_MODEL, *common]
-    results = main([*train, "--seeds=0,1"])["runs"]
-    return tmp, common, [Path(r["checkpoint"]) for r in results]
+    return train_two_seeds(tmp_path_factory.mktemp("compare"))
 
 
 def test_training_and_dev_mode_write_per_impression_records(two_runs):
