@@ -487,6 +487,17 @@ def build_corpus(tmp: Path, raw: dict[str, Path], source: dict, log: Callable, a
                                          sort_keys=True) + "\n")
 
 
+def _ensure_zip(zip_path: Path, url: str, download: bool, log: Callable, missing: str, hint: str) -> None:
+    """`zip_path` as the organisers publish it: there already, or downloaded from `url` when `download` (else a
+    FileNotFoundError saying `missing`); then says it is unzipping it."""
+    if not zip_path.is_file():
+        if not download:
+            raise FileNotFoundError(missing)
+        log(f"downloading {url} ...")
+        fetch_url(url, zip_path, log=log, hint=hint)
+    log(f"unzipping {zip_path} ...")
+
+
 def fetch_bundle(data_dir: Path, bundle: str, download: bool, log: Callable) -> Path:
     """`<data_dir>/<bundle>/` with articles.parquet (or the test set's test/ folder), unzipped from
     `<data_dir>/<bundle>.zip` (downloaded first with `download`) when missing."""
@@ -497,14 +508,10 @@ def fetch_bundle(data_dir: Path, bundle: str, download: bool, log: Callable) -> 
     if (nested / "articles.parquet").is_file():
         return nested
     zip_path = data_dir / f"{bundle}.zip"
-    if not zip_path.is_file():
-        if not download:
-            raise FileNotFoundError(f"{folder / 'articles.parquet'} not found, nor {zip_path}: put EB-NeRD's "
-                                    f"{bundle}.zip (recsys.eb.dk) in {data_dir}")
-        url = URL.format(bundle=bundle)
-        log(f"downloading {url} ...")
-        fetch_url(url, zip_path, log=log, hint=f"Put EB-NeRD's {bundle}.zip (recsys.eb.dk) in {data_dir} yourself.")
-    log(f"unzipping {zip_path} ...")
+    _ensure_zip(zip_path, URL.format(bundle=bundle), download, log,
+                missing=f"{folder / 'articles.parquet'} not found, nor {zip_path}: put EB-NeRD's {bundle}.zip "
+                        f"(recsys.eb.dk) in {data_dir}",
+                hint=f"Put EB-NeRD's {bundle}.zip (recsys.eb.dk) in {data_dir} yourself.")
     with zipfile.ZipFile(zip_path) as z:
         z.extractall(folder)
     return nested if (nested / "articles.parquet").is_file() else folder
@@ -534,15 +541,10 @@ def fetch_artifact(data_dir: str | Path, folder: str, download_missing: bool = T
     if out.exists():  # something else is there: never replaced
         raise FileExistsError(f"{out} exists but holds no .parquet file: move it away, then run this again")
     zip_path = out.with_name(f"{folder}.zip")
-    if not zip_path.is_file():
-        if not download_missing:
-            raise FileNotFoundError(f"{zip_path} not found (nor {out}/{stem}.parquet): put EB-NeRD's artifact "
-                                    f"artifacts/{folder}.zip (recsys.eb.dk) there, or drop --no-download")
-        url = ARTIFACT_URL.format(folder=folder)
-        log(f"downloading {url} ...")
-        fetch_url(url, zip_path, log=log, hint=f"Put EB-NeRD's artifacts/{folder}.zip (recsys.eb.dk) in "
-                 f"{zip_path.parent} yourself.")
-    log(f"unzipping {zip_path} ...")
+    _ensure_zip(zip_path, ARTIFACT_URL.format(folder=folder), download_missing, log,
+                missing=f"{zip_path} not found (nor {out}/{stem}.parquet): put EB-NeRD's artifact "
+                        f"artifacts/{folder}.zip (recsys.eb.dk) there, or drop --no-download",
+                hint=f"Put EB-NeRD's artifacts/{folder}.zip (recsys.eb.dk) in {zip_path.parent} yourself.")
     with zipfile.ZipFile(zip_path) as z:
         replace_dir_atomically(out, z.extractall)
     found = _artifact_parquet(out, stem)
