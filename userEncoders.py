@@ -120,6 +120,15 @@ class UserEncoder(nn.Module):
         return []
 
 
+def history_self_attention(d: int, config) -> tuple[nn.Module, nn.Module]:
+    """Self-attention of --head_num × --head_dim heads over D-dim history items, and the projection of its output
+    back to D. NRMS has no projection because both sides are 20x20; other news encoders (a 768-d PLM) need one.
+    (Built in this order, mhsa then project, where each encoder built them: the same seeded initial weights.)"""
+    mhsa = MultiHeadSelfAttention(d, config.head_num, config.head_dim)
+    inner = config.head_num * config.head_dim
+    return mhsa, (nn.Linear(inner, d) if inner != d else nn.Identity())
+
+
 @register_user_encoder("MHSA")
 class MHSAUserEncoder(UserEncoder):
     """NRMS user encoder: multi-head self-attention over the history, then additive attention.
@@ -135,10 +144,7 @@ class MHSAUserEncoder(UserEncoder):
     def __init__(self, config, meta, news_encoder):
         super().__init__(config, meta, news_encoder)
         d = self.news_dim
-        self.mhsa = MultiHeadSelfAttention(d, config.head_num, config.head_dim)
-        inner = config.head_num * config.head_dim
-        # NRMS has no projection because both sides are 20x20; other news encoders (a 768-d PLM) need one.
-        self.project = nn.Linear(inner, d) if inner != d else nn.Identity()
+        self.mhsa, self.project = history_self_attention(d, config)
         self.attention = AdditiveAttention(d, config.attention_dim)
         self.dropout = nn.Dropout(config.dropout_rate)
 
@@ -1055,9 +1061,7 @@ class PPRecUserEncoder(UserEncoder):
     def __init__(self, config, meta, news_encoder):
         super().__init__(config, meta, news_encoder)
         d = self.news_dim
-        self.mhsa = MultiHeadSelfAttention(d, config.head_num, config.head_dim)
-        inner = config.head_num * config.head_dim
-        self.project = nn.Linear(inner, d) if inner != d else nn.Identity()
+        self.mhsa, self.project = history_self_attention(d, config)
         self.ctr_buckets, self.age_buckets = config.pprec_ctr_buckets, config.pprec_age_buckets
         self.ctr_embedding = nn.Embedding(config.pprec_ctr_buckets, config.pprec_ctr_dim)
         # Over [h_i; CTR embedding]; no last bias: the softmax cancels it.
@@ -1119,10 +1123,8 @@ class GLORYUserEncoder(UserEncoder):
             raise ValueError(f"--user_encoder GLORY reads [local; graph] news vectors; got odd size {self.news_dim}")
         d = self.news_dim // 2
         self.output_dim = d
-        inner = config.head_num * config.head_dim
         self.fusion = AdditiveAttention(d, config.attention_dim)
-        self.mhsa = MultiHeadSelfAttention(d, config.head_num, config.head_dim)
-        self.project = nn.Linear(inner, d) if inner != d else nn.Identity()
+        self.mhsa, self.project = history_self_attention(d, config)
         self.attention = AdditiveAttention(d, config.attention_dim)
         self.candidate = nn.Linear(d, d)
         self.dropout = nn.Dropout(config.dropout_rate)
