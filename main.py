@@ -324,11 +324,15 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
                       keep_scores=cfg.rerank != "none" or cfg.beyond_embedding == "model")
     report: dict[str, Any] = {"split": split, "checkpoint": str(path), "metrics": result.metrics,
                               "ties": result.ties, "stats": beh["stats"], "seconds": round(result.seconds, 2)}
-    if runtime.is_main:
+
+    def measure_and_write() -> None:
         beyond = rerank_and_measure(cfg, corpus, beh, result, corpus.behaviors("train"))  # re-ranks result
         report["metrics"] = result.metrics
         write_evaluation_report(cfg, corpus, path, ckpt, result, beh, report, flag, model.news_num, beyond)
-    shutdown_runtime(runtime)  # its barrier keeps the other ranks until the files are written
+
+    # The other ranks wait for the files; a rank-0 failure (a full disk) stops them with one line each.
+    util.on_main_rank(measure_and_write, runtime.is_main, runtime.wait_group, f"writing the {split} records")
+    shutdown_runtime(runtime)
     return report
 
 

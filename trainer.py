@@ -711,19 +711,9 @@ class Trainer:
             state.best, state.best_epoch, state.best_metrics = decision["value"], epoch, result.metrics
         # Taken after evaluation, the last use of the generators in this epoch, on every rank.
         rng = util.all_gather_object(util.get_rng_state(), group=rt.wait_group)
-        failure = None
-        if rt.is_main:
-            try:
-                self._write_epoch(run, epoch, stats, result, decision, rng)
-            except Exception as e:  # re-raised below, once the other ranks know
-                failure = e
-        # In place of a barrier: checkpoints are written before anyone goes on, and a rank-0 failure (a full disk)
-        # reaches every rank, which stops with one line instead of a broken or hanging collective.
-        told = util.broadcast_object(None if failure is None else str(failure), group=rt.wait_group)
-        if failure is not None:
-            raise failure
-        if told is not None:
-            raise util.RankStopped(f"rank 0 stopped writing the run's records: {told}")
+        # Checkpoints are written before anyone goes on; a rank-0 failure stops every rank with one line.
+        util.on_main_rank(lambda: self._write_epoch(run, epoch, stats, result, decision, rng), rt.is_main,
+                          rt.wait_group, "writing the run's records")
         run.epoch_bar.set_postfix(best=f"{state.best:.4f}", best_epoch=state.best_epoch)
         if state.stopped_early:
             what = decision.get("criterion", f"dev improvement ({cfg.dev_criterion})")

@@ -13,6 +13,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -232,6 +233,25 @@ def broadcast_object(obj, src: int = 0, group=None):
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def on_main_rank(work: Callable[[], Any], is_main: bool, group, what: str):
+    """`work()` on rank 0 only (writing a run's files), in place of a barrier after it: its failure (a full disk)
+    reaches every rank, and the others stop with one RankStopped line naming `what` instead of a traceback from the
+    next collective (or a wait until --dist_timeout). Rank 0 re-raises its own error. Returns work()'s value on
+    rank 0, None elsewhere; in a single process, just work()."""
+    result, failure = None, None
+    if is_main:
+        try:
+            result = work()
+        except Exception as e:  # re-raised below, once the other ranks know
+            failure = e
+    told = broadcast_object(None if failure is None else str(failure), group=group)
+    if failure is not None:
+        raise failure
+    if told is not None:
+        raise RankStopped(f"rank 0 stopped {what}: {told}")
+    return result
 
 
 def all_gather_object(obj, group=None) -> list:

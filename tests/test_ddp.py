@@ -148,6 +148,20 @@ def test_a_write_error_on_rank_0_stops_every_rank_with_one_line_each(tmp_path, r
         proc.stderr[-3000:]
 
 
+def test_a_records_write_error_on_rank_0_in_dev_stops_every_rank_with_one_line_each(tmp_path, runs):
+    """--mode=dev/test under torchrun: rank 0 measures and writes the records while the others wait; when writing
+    fails (a full disk), the others stop with one line each, not a traceback from the broken barrier."""
+    _, data, _, two_dir, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(two_dir, run)
+    proc = torchrun(["--mode=dev", f"--dev_model_path={run / 'MHSA-MHSA'}", *data, "--no-progress"],
+                    script=["tests/save_fails_main.py"], timeout=120)
+    assert proc.returncode != 0
+    assert "error (rank 0): cannot write the dev records" in proc.stderr, proc.stderr[-3000:]
+    assert "[rank1]: Traceback" not in proc.stderr and "error (rank 1): rank 0 stopped writing the dev records" \
+        in proc.stderr, proc.stderr[-3000:]
+
+
 def test_global_batches_are_split_exactly_whatever_the_world_size():
     """The ranks' parts of each global batch are the one-process batch, and the loss weights make DDP's mean of
     per-rank mean gradients equal the global batch mean, also when the last batch leaves a rank empty."""
