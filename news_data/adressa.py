@@ -9,7 +9,6 @@ comparable with MIND's or EB-NeRD's.
 from __future__ import annotations
 
 import json
-import tarfile
 import time
 from array import array
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 
 from MIND_corpus import SPLITS, CorpusError, file_signature
 from news_data.download import download as fetch_url  # `download` is the converters' switch
+from news_data.download import unpack_atomically
 from news_data.registry import MARKER, NewsDataset, SkipCounts, clean_text, read_marker, register, up_to_date
 from util import replace_dir_atomically
 
@@ -161,8 +161,7 @@ class AdressaDataset(NewsDataset):
                                         f"(reclab.idi.ntnu.no/dataset) there, or run python prepare_MIND_dataset.py "
                                         f"--dataset={self.name}")
             log(f"unpacking {tar} ...")
-            with tarfile.open(tar) as t:
-                t.extractall(folder.parent, filter="data")
+            unpack_atomically(tar, folder)
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         if not files:
             raise FileNotFoundError(f"{folder} holds no daily event files; unpack {self.archive}.tar.gz there")

@@ -8,14 +8,18 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import tarfile
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable
+
+from util import replace_dir_atomically
 
 DOWNLOAD_TIMEOUT_S = 10.0
 CHUNK = 1 << 20
@@ -125,3 +129,34 @@ def _download(url: str, path: Path, timeout: float, check_zip: bool, log: Callab
         raise OSError(f"{url}: the download is not a zip file (deleted it; try again)")
     os.replace(part, path)
     return path
+
+
+def unpack_atomically(archive: str | Path, target: str | Path) -> Path:
+    """Unpack a .zip or a .tar(.gz) into `target`, which appears whole or not at all (built in a hidden folder
+    beside it, then renamed): an interrupted unpack never leaves a half folder that a later run would take for the
+    data. An archive whose members all sit in one folder named like `target` (`one_week/...` for `one_week/`) is
+    unpacked without that extra level. Member paths are sanitised (zipfile's rules; tarfile's "data" filter)."""
+    archive, target = Path(archive), Path(target)
+
+    def build(tmp: Path) -> None:
+        try:
+            if archive.suffix == ".zip":
+                with zipfile.ZipFile(archive) as z:
+                    z.extractall(tmp)
+            else:
+                with tarfile.open(archive) as t:
+                    t.extractall(tmp, filter="data")
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:  # not the user's mistake to debug
+            raise ValueError(f"{archive} cannot be unpacked ({type(e).__name__}: {e}): an interrupted copy or "
+                             f"download? Delete it and run this again") from None
+        entries = list(tmp.iterdir())
+        if len(entries) == 1 and entries[0].is_dir() and entries[0].name == target.name:
+            inner = tmp / ".unpacked-top"  # renamed first: it may hold a folder of its own name
+            os.replace(entries[0], inner)
+            for child in list(inner.iterdir()):
+                os.replace(child, tmp / child.name)
+            inner.rmdir()
+
+    replace_dir_atomically(target, build)
+    return target
+

@@ -23,6 +23,7 @@ import numpy as np
 
 from MIND_corpus import SENTIMENT_FILE, SPLITS, CorpusError, file_signature
 from news_data.download import download as fetch_url  # `download` is the converters' switch
+from news_data.download import unpack_atomically
 from news_data.registry import MARKER, NewsDataset, SkipCounts, clean_text, read_marker, register, up_to_date
 from util import atomic_write, replace_dir_atomically
 
@@ -403,8 +404,9 @@ class EbnerdDataset(NewsDataset):
         for key, p in files.items():
             if not p.is_file():
                 bundle = self.test_bundle if key.startswith("test_") else self.bundle
-                raise FileNotFoundError(f"{p} not found (EB-NeRD's {bundle} bundle is incomplete): unzip "
-                                        f"{bundle}.zip into {Path(data_dir) / bundle} again, or download it again")
+                raise FileNotFoundError(f"{p} not found (EB-NeRD's {bundle} bundle is incomplete): move "
+                                        f"{Path(data_dir) / bundle} away and run this again to unzip {bundle}.zip "
+                                        f"(delete the zip too to download it again)")
         return files
 
     def prepare(self, data_dir, *, download=True, language=None, log=print, abstract: str | None = None) -> Path:
@@ -507,14 +509,16 @@ def fetch_bundle(data_dir: Path, bundle: str, download: bool, log: Callable) -> 
     nested = folder / bundle  # a zip whose members start with the bundle's folder
     if (nested / "articles.parquet").is_file():
         return nested
+    if folder.exists():  # the user's files, or a half unzip by hand: never unzipped over
+        raise FileExistsError(f"{folder} exists but holds no articles.parquet (nor {nested.name}/articles.parquet): "
+                              f"unzip EB-NeRD's {bundle}.zip there completely, or move the folder away and run this "
+                              f"again to unzip it")
     zip_path = data_dir / f"{bundle}.zip"
     _ensure_zip(zip_path, URL.format(bundle=bundle), download, log,
                 missing=f"{folder / 'articles.parquet'} not found, nor {zip_path}: put EB-NeRD's {bundle}.zip "
                         f"(recsys.eb.dk) in {data_dir}",
                 hint=f"Put EB-NeRD's {bundle}.zip (recsys.eb.dk) in {data_dir} yourself.")
-    with zipfile.ZipFile(zip_path) as z:
-        z.extractall(folder)
-    return nested if (nested / "articles.parquet").is_file() else folder
+    return unpack_atomically(zip_path, folder)
 
 
 def artifact_folder(data_dir: str | Path, folder: str) -> Path:
@@ -545,8 +549,7 @@ def fetch_artifact(data_dir: str | Path, folder: str, download_missing: bool = T
                 missing=f"{zip_path} not found (nor {out}/{stem}.parquet): put EB-NeRD's artifact "
                         f"artifacts/{folder}.zip (recsys.eb.dk) there, or drop --no-download",
                 hint=f"Put EB-NeRD's artifacts/{folder}.zip (recsys.eb.dk) in {zip_path.parent} yourself.")
-    with zipfile.ZipFile(zip_path) as z:
-        replace_dir_atomically(out, z.extractall)
+    unpack_atomically(zip_path, out)
     found = _artifact_parquet(out, stem)
     if found is None:
         raise CorpusError(f"{zip_path}: no .parquet file inside; download it again")

@@ -275,3 +275,115 @@ def test_an_unreachable_server_fails_fast_saying_where_to_put_the_file(tmp_path,
         get_dataset("ebnerd_small").prepare(tmp_path, download=True, log=lambda *a: None)
     assert time.time() - t0 < 10
     assert f"Put EB-NeRD's ebnerd_small.zip (recsys.eb.dk) in {tmp_path} yourself" in str(e.value)
+
+
+def _tar_gz(folder: Path, arcname: str) -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as t:
+        t.add(folder, arcname=arcname)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested", "nested twice"])
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_an_archive_unpacks_into_its_folder_whole_with_or_without_its_top_folder(tmp_path, kind, layout):
+    from news_data.download import unpack_atomically
+
+    src = tmp_path / "src"
+    (src / "train").mkdir(parents=True)
+    (src / "articles.parquet").write_bytes(b"a")
+    (src / "train" / "behaviors.parquet").write_bytes(b"b")
+    if layout == "nested twice":  # the archive's folder holds a folder of its own name: only the outer one is dropped
+        (src / "bundle").mkdir()
+        (src / "bundle" / "x").write_bytes(b"c")
+    archive = tmp_path / f"bundle.{kind}"
+    top = "" if layout == "flat" else "bundle"
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as z:
+            for p in sorted(src.rglob("*")):
+                if p.is_file():
+                    z.write(p, "/".join(filter(None, [top, p.relative_to(src).as_posix()])))
+    else:
+        archive.write_bytes(_tar_gz(src, top or "."))
+    target = tmp_path / "data" / "bundle"
+    unpack_atomically(archive, target)
+    got = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    assert got == (["articles.parquet", "bundle/x", "train/behaviors.parquet"] if layout == "nested twice"
+                   else ["articles.parquet", "train/behaviors.parquet"])
+    assert [p.name for p in target.parent.iterdir()] == ["bundle"]  # no temp folder left
+
+
+def test_an_interrupted_unpack_leaves_no_half_folder_and_the_next_run_unpacks_it(tmp_path, monkeypatch):
+    """EB-NeRD's bundle and Adressa's tar.gz were unpacked in place: a kill in the middle left a folder that a later
+    run took for the data (Adressa: a week of which some days were missing, converted without a word)."""
+    write_ebnerd(tmp_path / "staging" / "ebnerd_demo", articles=40, users=20, train=40, validation=20, seed=8)
+    adressa.write_adressa_demo(tmp_path / "staging" / "one_week", days=7, users=30, news=50, clicks_per_day=60)
+    data = tmp_path / "data"
+    (data / "adressa").mkdir(parents=True)
+    (data / "ebnerd_demo.zip").write_bytes(_zip_bytes(tmp_path / "staging" / "ebnerd_demo"))
+    (data / "adressa" / "one_week.tar.gz").write_bytes(_tar_gz(tmp_path / "staging" / "one_week", "one_week"))
+    import tarfile
+
+    calls: list = []
+
+    def cut(real):  # a Ctrl-C after two members
+        def extract(self, member, *args, **kwargs):
+            if calls.append(member) or len(calls) > 2:
+                raise KeyboardInterrupt
+            return real(self, member, *args, **kwargs)
+        return extract
+
+    for cls, method in ((zipfile.ZipFile, "_extract_member"), (tarfile.TarFile, "_extract_one")):
+        monkeypatch.setattr(cls, method, cut(getattr(cls, method)))
+    for name, folder in (("ebnerd_demo", data / "ebnerd_demo"), ("adressa_1w", data / "adressa" / "one_week")):
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            get_dataset(name).prepare(data, download=False, log=lambda *a: None)
+        assert len(calls) == 3 and not folder.exists()
+        assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # the temp folder is gone too
+    monkeypatch.undo()
+    for name in ("ebnerd_demo", "adressa_1w"):
+        assert get_dataset(name).prepare(data, download=False, log=lambda *a: None).is_dir()
+
+
+def test_a_bundle_folder_without_articles_is_never_unpacked_over(tmp_path):
+    write_ebnerd(tmp_path / "staging" / "ebnerd_demo", articles=40, users=20, train=40, validation=20, seed=8)
+    (tmp_path / "ebnerd_demo.zip").write_bytes(_zip_bytes(tmp_path / "staging" / "ebnerd_demo"))
+    (tmp_path / "ebnerd_demo").mkdir()
+    (tmp_path / "ebnerd_demo" / "mine.txt").write_text("a user's file")
+    with pytest.raises(FileExistsError, match=r"ebnerd_demo exists but holds no articles.parquet.*move the folder away"):
+        get_dataset("ebnerd_demo").prepare(tmp_path, download=False, log=lambda *a: None)
+    assert [p.name for p in (tmp_path / "ebnerd_demo").iterdir()] == ["mine.txt"]
+    (tmp_path / "ebnerd_demo" / "articles.parquet").write_bytes(b"")  # a hand unzip cut short: no behaviors
+    with pytest.raises(FileNotFoundError, match=r"behaviors.parquet not found \(EB-NeRD's ebnerd_demo bundle is "
+                                                r"incomplete\): move .*ebnerd_demo away and run this again"):
+        get_dataset("ebnerd_demo").prepare(tmp_path, download=False, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_a_truncated_archive_is_one_line_naming_it(tmp_path, kind):
+    import subprocess
+    import sys
+
+    src = tmp_path / "staging" / "one_week"
+    write_ebnerd(tmp_path / "staging" / "ebnerd_demo", articles=40, users=20, train=40, validation=20, seed=8)
+    adressa.write_adressa_demo(src, days=7, users=30, news=50, clicks_per_day=60)
+    data = tmp_path / "data"
+    (data / "adressa").mkdir(parents=True)
+    if kind == "zip":
+        archive, dataset = data / "ebnerd_demo.zip", "ebnerd_demo"
+        whole = _zip_bytes(tmp_path / "staging" / "ebnerd_demo")
+    else:
+        archive, dataset = data / "adressa" / "one_week.tar.gz", "adressa_1w"
+        whole = _tar_gz(src, "one_week")
+    archive.write_bytes(whole[: len(whole) // 2])  # an interrupted copy
+    proc = subprocess.run([sys.executable, "prepare_MIND_dataset.py", f"--dataset={dataset}", f"--data_dir={data}",
+                           "--no-download"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{archive} cannot be unpacked" in proc.stderr and "Delete it and run this again" in proc.stderr
+    assert sorted(p.name for p in archive.parent.iterdir()) == sorted([archive.name] + (["adressa"] if kind == "zip"
+                                                                                          else []))  # no half folder

@@ -51,7 +51,7 @@ def trained(data):
     with redirect_stdout(out):
         prepare_MIND_dataset.main(["--dataset=ebnerd_demo", f"--data_dir={data}", "--no-download",
                                    f"--ebnerd_artifact={FOLDER}"])
-    vectors = ebnerd.artifact_folder(data, FOLDER) / FOLDER / "contrastive_vector.parquet"
+    vectors = ebnerd.artifact_folder(data, FOLDER) / "contrastive_vector.parquet"  # the zip's top folder dropped
     common = [f"--data_dir={data}", f"--output_dir={data.parent / 'best_model'}"]
     with redirect_stdout(out):
         result = main(["--mode=train", "--dataset=ebnerd_demo", "--news_encoder=Vectors", "--user_encoder=ATT",
@@ -68,7 +68,7 @@ def test_prepare_unzips_the_artifact_and_says_how_to_use_it(data, trained):
 
 def test_train_dev_test_and_submission_on_the_vectors(trained):
     vectors, common, result, printed = trained
-    articles = pq.read_table(Path(vectors).parents[3] / "ebnerd_demo" / "articles.parquet").num_rows
+    articles = pq.read_table(Path(vectors).parents[2] / "ebnerd_demo" / "articles.parquet").num_rows
     file_rows = pq.read_table(vectors).num_rows
     with_vector = file_rows - 5  # 5 rows name no article
     assert (f"{with_vector} of {articles} news have one; {articles - with_vector} without one get the learned "
