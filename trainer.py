@@ -419,9 +419,9 @@ class Trainer:
         run_dir = self._opened[0]
         if state.epoch == 0:
             removed = self._remove_failed_start()
-            return TrainingInterrupted(run_dir, 0, f"interrupted in epoch 1, before any epoch finished: nothing to "
-                                       f"resume" + (f" ({run_dir} removed)" if removed else f" ({run_dir} keeps the "
-                                                    f"logs of the interrupted epoch)"))
+            return TrainingInterrupted(run_dir, 0, "interrupted in epoch 1, before any epoch finished: nothing to "
+                                       "resume" + (f" ({run_dir} removed)" if removed else f" ({run_dir} keeps the "
+                                                    "logs of the interrupted epoch)"))
         return TrainingInterrupted(run_dir, state.epoch, f"interrupted in epoch {state.epoch + 1}: epoch "
                                    f"{state.epoch} is saved in {run_dir / LAST_CHECKPOINT}")
 

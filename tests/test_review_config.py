@@ -4,7 +4,6 @@ name the right files and never pool different configurations."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

@@ -5,7 +5,6 @@ sequence are errors."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

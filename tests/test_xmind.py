@@ -4,7 +4,6 @@ impressions stay MIND's, the titles are the language's."""
 from __future__ import annotations
 
 import zipfile
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +13,7 @@ from main import main
 from MIND_corpus import CorpusError
 from news_data import get_dataset, xmind
 
-from common import SMALL_MODEL, TINY_DEMO  # noqa: E402
+from common import SMALL_MODEL  # noqa: E402
 
 TINY = ["--epoch=1", "--batch_size=32", "--max_title_length=12", "--max_abstract_length=16", *SMALL_MODEL]
 SIZES = dict(num_news=300, num_users=120, num_train_impressions=300, num_dev_impressions=80, num_test_impressions=80)
