@@ -49,6 +49,76 @@ DATASET_SUGGESTIONS: dict[str, dict[str, Any]] = {
     "large": {"dropout_rate": 0.1, "gcn_layer_num": 4, "epoch": 8},
 }
 
+# The paper models as flags (the README's model table; bench/zoo.py trains them): what a name like "NRMS", typed
+# where an encoder's name goes, stands for. FIM's click predictor is set by its user encoder (apply_click_predictor_rule).
+PAPER_MODELS: dict[str, tuple[str, ...]] = {
+    "NRMS": ("--news_encoder=MHSA", "--user_encoder=MHSA"),
+    "NAML": ("--news_encoder=NAML", "--user_encoder=ATT"),
+    "LSTUR": ("--news_encoder=CNN", "--user_encoder=LSTUR"),
+    "NPA": ("--news_encoder=PNE", "--user_encoder=PUE"),
+    "DKN": ("--news_encoder=KCNN", "--user_encoder=CATT", "--word_embedding_dim=100"),
+    "EBNR": ("--news_encoder=DAE", "--user_encoder=GRU"),
+    "FIM": ("--news_encoder=HDC", "--user_encoder=FIM"),
+    "Hi-Fi Ark": ("--news_encoder=CNN", "--user_encoder=OMAP"),
+    "CNE-SUE": ("--news_encoder=CNE", "--user_encoder=SUE"),
+    "Inception-CATT": ("--news_encoder=Inception", "--user_encoder=CATT"),
+    "PLM-NRMS": ("--news_encoder=PLMNRMS", "--user_encoder=MHSA"),
+    "MINER": ("--news_encoder=PLMMiner", "--user_encoder=MINER", "--use_category_glove"),
+    "Fastformer": ("--news_encoder=Fastformer", "--user_encoder=Fastformer"),
+    "Fastformer+PLM-NR": ("--news_encoder=PLMFastformer", "--user_encoder=Fastformer"),
+    "TANR": ("--news_encoder=TANR", "--user_encoder=ATT"),
+    "CAUM": ("--news_encoder=MHSA", "--user_encoder=CAUM"),
+    "MINS": ("--news_encoder=MHSA", "--user_encoder=MINS"),
+    "PP-Rec": ("--news_encoder=MHSA", "--user_encoder=PPRec"),
+    "GLORY": ("--news_encoder=GLORY", "--user_encoder=GLORY"),
+}
+
+
+def _squash(name: str) -> str:
+    return "".join(c for c in str(name).lower() if c.isalnum())
+
+
+def choice_hint(flag: str, value: Any, choices) -> str:
+    """What a value outside a flag's choices probably meant, or "": the same name in other letter case, a paper
+    model's name typed as an encoder (`--news_encoder=NRMS`: NRMS is MHSA news and user encoders), or the closest
+    choice."""
+    names = [str(c) for c in choices]
+    papers = [name for name in PAPER_MODELS if _squash(name) == _squash(value)]
+    if papers and flag in ("news_encoder", "user_encoder"):
+        return f"{papers[0]} is a paper model, not one encoder: {' '.join(PAPER_MODELS[papers[0]])}"
+    same = [c for c in names if _squash(c) == _squash(value)]
+    if same:
+        return f"did you mean --{flag}={same[0]}?"
+    close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.6)
+    return f"the closest is --{flag}={close[0]}" if close else ""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose error for a value outside a flag's choices ends with `choice_hint`."""
+
+    def parse_args(self, args=None, namespace=None):
+        import sys
+
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
+
+    def error(self, message):
+        hints = []
+        argv = getattr(self, "_argv", [])
+        for action in self._actions:
+            if action.choices is None or not action.option_strings:
+                continue
+            for opt in action.option_strings:
+                for i, a in enumerate(argv):
+                    value = a.split("=", 1)[1] if a.startswith(opt + "=") else argv[i + 1] if a == opt and \
+                        i + 1 < len(argv) else None
+                    if value is not None and value not in action.choices:
+                        hint = choice_hint(action.dest, value, action.choices)
+                        if hint and f"'{value}'" in message:
+                            hints.append(f"  ({hint})")
+        super().error(message + "".join("\n" + h for h in hints))
+
+
 # Run-level flags that shape the arrays a model was trained on (the corpus side of "which flags shape the model";
 # the component side comes from the settings classes, see architecture_flags).
 CORPUS_SHAPE_FLAGS = ("dataset", "news_language", "word_threshold", "max_title_length", "max_abstract_length",
@@ -375,7 +445,7 @@ def architecture_flags(values: dict[str, Any]) -> set[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="main.py",
         allow_abbrev=False,  # abbreviations would hide which flags were typed (see _typed_flags)
         description="Neural news recommendation on MIND: train, evaluate on dev, predict on test.",
@@ -649,7 +719,9 @@ def _file_value(action: argparse.Action, value: Any) -> tuple[Any, str | None]:
             getattr(action.type, "__name__", None), "true or false" if action.nargs == 0 else "a string")
         return None, None if action.default is None else f"{flag} takes {wanted}, got null"
     if action.choices is not None and value not in action.choices:
-        return value, f"{flag} must be one of {sorted(action.choices)}, got {_json(value)}"
+        hint = choice_hint(action.dest, value, action.choices)
+        return value, f"{flag} must be one of {sorted(action.choices)}, got {_json(value)}" + (f" ({hint})" if hint
+                                                                                               else "")
     if isinstance(action, argparse.BooleanOptionalAction):
         if not isinstance(value, bool):
             return value, f"{flag} is a switch: give true or false (a JSON boolean), got {_json(value)}"

@@ -26,33 +26,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import config  # noqa: E402
 from main import main  # noqa: E402
 
-# name -> flags, as in the README's model table. The demo GloVe is the offline 50-d package;
-# DKN's 100-d embeddings therefore start random (the corpus says so), as they would without GloVe 6B-100d.
+# name -> flags: the README's model table (config.PAPER_MODELS) without the two PLM rows (PLM-NRMS, MINER), with
+# FIM's click predictor spelled out. The demo GloVe is the offline 50-d package; DKN's 100-d embeddings therefore
+# start random (the corpus says so), as they would without GloVe 6B-100d. CAUM, MINS and PP-Rec use NRMS's news
+# encoder, as their papers' are NRMS-like title encoders (their entity and abstract views are not built here).
 PAPER_MODELS: dict[str, list[str]] = {
-    "NRMS": ["--news_encoder=MHSA", "--user_encoder=MHSA"],
-    "NAML": ["--news_encoder=NAML", "--user_encoder=ATT"],
-    "LSTUR": ["--news_encoder=CNN", "--user_encoder=LSTUR"],
-    "NPA": ["--news_encoder=PNE", "--user_encoder=PUE"],
-    "DKN": ["--news_encoder=KCNN", "--user_encoder=CATT", "--word_embedding_dim=100"],
-    "EBNR": ["--news_encoder=DAE", "--user_encoder=GRU"],
-    "FIM": ["--news_encoder=HDC", "--user_encoder=FIM", "--click_predictor=FIM"],
-    "Hi-Fi Ark": ["--news_encoder=CNN", "--user_encoder=OMAP"],
-    "CNE-SUE": ["--news_encoder=CNE", "--user_encoder=SUE"],
-    "Inception-CATT": ["--news_encoder=Inception", "--user_encoder=CATT"],
-    # The models since NNR (issue 25; docs/models.md). CAUM, MINS and PP-Rec with NRMS's news encoder, as their
-    # papers' are NRMS-like title encoders (their entity and abstract views are not built here).
-    "Fastformer": ["--news_encoder=Fastformer", "--user_encoder=Fastformer"],
-    "Fastformer+PLM-NR": ["--news_encoder=PLMFastformer", "--user_encoder=Fastformer"],
-    "TANR": ["--news_encoder=TANR", "--user_encoder=ATT"],
-    "CAUM": ["--news_encoder=MHSA", "--user_encoder=CAUM"],
-    "MINS": ["--news_encoder=MHSA", "--user_encoder=MINS"],
-    # PP-Rec reads the impression time and the train split's CTRs (docs/models.md: which split each signal comes from).
-    "PP-Rec": ["--news_encoder=MHSA", "--user_encoder=PPRec"],
-    # GLORY's news and user encoders pair only with each other; its ego graph at the defaults (docs/models.md).
-    "GLORY": ["--news_encoder=GLORY", "--user_encoder=GLORY"],
-}
+    name: [*flags, *(["--click_predictor=FIM"] if name == "FIM" else [])]
+    for name, flags in config.PAPER_MODELS.items() if name not in ("PLM-NRMS", "MINER")}
 KEYS = ("auc", "mrr", "ndcg5", "ndcg10")
 # The beyond-accuracy columns of the README's table (k = 10); the TSV has every metric at k = 5 and 10.
 BEYOND_COLUMNS = ("ild_category", "novelty", "calibration_js", "unexpectedness", "sentiment", "coverage", "gini",

@@ -9,6 +9,8 @@ here without editing this file. Padding invariance and batch independence are wh
 """
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -581,6 +583,44 @@ def test_unknown_encoder_name_is_an_error_listing_the_valid_ones(getter, registr
     assert exit_.value.code == 2
     stderr = capsys.readouterr().err
     assert "invalid choice: 'nope'" in stderr and all(name in stderr for name in registry)
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--news_encoder=NRMS"], "NRMS is a paper model, not one encoder: --news_encoder=MHSA --user_encoder=MHSA"),
+    (["--user_encoder", "pp-rec"], "PP-Rec is a paper model, not one encoder: --news_encoder=MHSA --user_encoder=PPRec"),
+    (["--news_encoder=mhsa"], "did you mean --news_encoder=MHSA?"),
+    (["--user_encoder=GLROY"], "the closest is --user_encoder=GLORY"),
+    (["--dataset=Small"], "did you mean --dataset=small?"),
+])
+def test_a_value_outside_the_choices_says_what_it_probably_meant(argv, hint, capsys, tmp_path):
+    """A paper model's name typed as an encoder (the README's table names models, the flags name encoders), another
+    letter case, a typo: argparse's error (exit 2, the choices) ends with the hint; a config file's error too."""
+    with pytest.raises(SystemExit) as exit_:
+        Config.from_args(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and err.rstrip().endswith(f"({hint})"), err
+    key, value = (argv[0][2:].split("=", 1) if "=" in argv[0] else (argv[0][2:], argv[1]))
+    with pytest.raises(ValueError, match=re.escape(f"got \"{value}\" ({hint})")):
+        Config.from_args([], file_values={key: value})
+    Config.from_args(["--news_encoder=MHSA"])  # a valid choice: no error, no hint
+
+
+def test_the_paper_model_table_of_the_readme_is_the_config_s():
+    """config.PAPER_MODELS (the hints above, bench/zoo.py) and the README's model table name the same flags."""
+    from config import PAPER_MODELS, _squash
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("| model | command flags | paper |", 1)[1].split("\n\n", 1)[0]
+    seen = set()
+    for row in table.strip().splitlines()[1:]:
+        name, flags = row.split("|")[1:3]
+        matches = [m for m in PAPER_MODELS if _squash(m) == _squash(name)]
+        assert matches, f"README row {name.strip()!r} is not in config.PAPER_MODELS"
+        typed = {f for code in re.findall(r"`([^`]+)`", flags) for f in code.split() if f.startswith("--")}
+        assert typed == set(PAPER_MODELS[matches[0]]), name
+        seen.add(matches[0])
+    assert seen == set(PAPER_MODELS)
 
 
 def test_registering_a_name_twice_is_an_error_and_keeps_the_first():
