@@ -79,9 +79,9 @@ def _squash(name: str) -> str:
 
 
 def choice_hint(flag: str, value: Any, choices) -> str:
-    """What a value outside a flag's choices probably meant, or "": the same name in other letter case, a paper
-    model's name typed as an encoder (`--news_encoder=NRMS`: NRMS is MHSA news and user encoders), or the closest
-    choice."""
+    """What a value outside a flag's choices probably meant, or "": a paper model's name typed as an encoder
+    (`--news_encoder=NRMS`: NRMS is MHSA news and user encoders), a choice spelled with other letter case or
+    punctuation, or the closest choice."""
     names = [str(c) for c in choices]
     papers = [name for name in PAPER_MODELS if _squash(name) == _squash(value)]
     if papers and flag in ("news_encoder", "user_encoder"):
@@ -103,20 +103,20 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_args(args, namespace)
 
     def error(self, message):
-        hints = []
-        argv = getattr(self, "_argv", [])
-        for action in self._actions:
-            if action.choices is None or not action.option_strings:
-                continue
-            for opt in action.option_strings:
-                for i, a in enumerate(argv):
-                    value = a.split("=", 1)[1] if a.startswith(opt + "=") else argv[i + 1] if a == opt and \
-                        i + 1 < len(argv) else None
-                    if value is not None and value not in action.choices:
-                        hint = choice_hint(action.dest, value, action.choices)
-                        if hint and f"'{value}'" in message:
-                            hints.append(f"  ({hint})")
+        hints = [f"  ({hint})" for action in self._actions if action.choices is not None
+                 for opt in action.option_strings for value in _values_typed(getattr(self, "_argv", []), opt)
+                 if value not in action.choices and f"'{value}'" in message
+                 and (hint := choice_hint(action.dest, value, action.choices))]
         super().error(message + "".join("\n" + h for h in hints))
+
+
+def _values_typed(argv: Sequence[str], opt: str):
+    """The values given to the option `opt` in `argv` (`--x=v` or `--x v`)."""
+    for i, a in enumerate(argv):
+        if a.startswith(opt + "="):
+            yield a.split("=", 1)[1]
+        elif a == opt and i + 1 < len(argv):
+            yield argv[i + 1]
 
 
 # Run-level flags that shape the arrays a model was trained on (the corpus side of "which flags shape the model";
