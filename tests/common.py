@@ -3,10 +3,13 @@
 tests that need the optional offline packages."""
 from __future__ import annotations
 
+import http.server
 import importlib
 import os
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,47 @@ def train_two_seeds(tmp) -> tuple:
              *TINY_DEMO, *SMALL_MODEL, *common]
     results = main([*train, "--seeds=0,1"])["runs"]
     return tmp, common, [Path(r["checkpoint"]) for r in results]
+
+
+class FileServer:
+    """A local HTTP server of one payload per path, honouring `Range: bytes=N-`; with `cut`, the first request
+    gets the full Content-Length but only its first `cut` bytes before the connection closes."""
+
+    def __init__(self, files: dict[str, bytes], cut: int = 0):
+        self.files, self.ranges, self.cut = files, [], cut
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                payload = outer.files.get(self.path.lstrip("/"))
+                if payload is None:
+                    self.send_error(404)
+                    return
+                header = self.headers.get("Range")
+                outer.ranges.append(header)
+                start = int(re.fullmatch(r"bytes=(\d+)-", header).group(1)) if header else 0
+                self.send_response(206 if header else 200)
+                if header:
+                    self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
+                self.send_header("Content-Length", str(len(payload) - start))
+                self.end_headers()
+                if outer.cut:
+                    self.wfile.write(payload[start:start + outer.cut])
+                    outer.cut = 0
+                    self.close_connection = True
+                    return
+                self.wfile.write(payload[start:])
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

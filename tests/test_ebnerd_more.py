@@ -3,10 +3,7 @@ on news that are not English), `--ebnerd_abstract` choosing the subtitle or the 
 (news_data/download.py) every converter uses, served by a local HTTP server, including a resumed download."""
 from __future__ import annotations
 
-import http.server
 import json
-import re
-import threading
 import zipfile
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from news_data import adressa, ebnerd, get_dataset, xmind
 from news_data.download import download
 from news_data.ebnerd_synth import write_ebnerd
 
-from common import SMALL_MODEL  # noqa: E402
+from common import SMALL_MODEL, FileServer  # noqa: E402
 
 TINY = ["--epoch=1", "--batch_size=32", "--max_history_num=20", "--max_title_length=12", "--max_abstract_length=16",
         "--word_threshold=1", *SMALL_MODEL]
@@ -156,50 +153,6 @@ def test_abstract_flag_errors(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------
 # Downloads: news_data/download.py, for every converter
 # ----------------------------------------------------------------------------------------------------------
-
-class FileServer:
-    """A local HTTP server of one payload per path, honouring `Range: bytes=N-`; with `cut`, the first request
-    gets the full Content-Length but only its first `cut` bytes before the connection closes."""
-
-    def __init__(self, files: dict[str, bytes], cut: int = 0):
-        self.files, self.ranges, self.cut = files, [], cut
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                payload = outer.files.get(self.path.lstrip("/"))
-                if payload is None:
-                    self.send_error(404)
-                    return
-                header = self.headers.get("Range")
-                outer.ranges.append(header)
-                start = int(re.fullmatch(r"bytes=(\d+)-", header).group(1)) if header else 0
-                self.send_response(206 if header else 200)
-                if header:
-                    self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
-                self.send_header("Content-Length", str(len(payload) - start))
-                self.end_headers()
-                if outer.cut:
-                    self.wfile.write(payload[start:start + outer.cut])
-                    outer.cut = 0
-                    self.close_connection = True
-                    return
-                self.wfile.write(payload[start:])
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
 
 def _zip_bytes(folder: Path) -> bytes:
     import io

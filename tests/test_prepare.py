@@ -3,12 +3,10 @@ built here from tiny fake MIND zips (MIND rows may not be redistributed), plus t
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import json
 import re
 import shutil
-import threading
 import time
 import zipfile
 from datetime import datetime
@@ -22,6 +20,8 @@ import prepare_MIND_dataset as pm
 import scorer
 from MIND_corpus import SPLITS
 import util
+
+from common import FileServer  # noqa: E402
 
 TINY = dict(num_news=300, num_users=150, num_train_impressions=400, num_dev_impressions=120,
             num_test_impressions=120)
@@ -456,48 +456,13 @@ def test_unreachable_mirror_fails_fast(tmp_path, monkeypatch):
     assert not (tmp_path / "MINDsmall_train.zip").exists()
 
 
-class RangeServer:
-    """A local HTTP server for one file that honours `Range: bytes=N-` (like the official mirror)."""
-
-    def __init__(self, payload: bytes):
-        self.payload, self.ranges = payload, []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                start = 0
-                header = self.headers.get("Range")
-                outer.ranges.append(header)
-                if header:
-                    start = int(re.fullmatch(r"bytes=(\d+)-", header).group(1))
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(outer.payload) - 1}/{len(outer.payload)}")
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(outer.payload) - start))
-                self.end_headers()
-                self.wfile.write(outer.payload[start:])
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_download_resumes_a_partial_file(tmp_path, tiny):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as z:
         for name in pm.SPLIT_FILES:
             z.write(tiny / "dev" / name, name)
     payload = buffer.getvalue()
-    server = RangeServer(payload)
-    try:
+    with FileServer({"MINDsmall_dev.zip": payload}) as server:
         (tmp_path / "MINDsmall_dev.zip.part").write_bytes(payload[:1000])
         path = pm.obtain_zip("MINDsmall_dev.zip", tmp_path, base_url=server.url)
         assert path.read_bytes() == payload and server.ranges == ["bytes=1000-"]
@@ -505,5 +470,3 @@ def test_download_resumes_a_partial_file(tmp_path, tiny):
         fresh = tmp_path / "fresh"
         assert pm.obtain_zip("MINDsmall_dev.zip", fresh, base_url=server.url).read_bytes() == payload
         assert server.ranges[-1] is None
-    finally:
-        server.close()
