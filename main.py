@@ -363,9 +363,9 @@ def write_evaluation_report(cfg: Config, corpus: Corpus, path: Path, ckpt: dict[
         pop = popularity_for(cfg, corpus.behaviors("train"), beh, news_num)
         report["popularity_metrics"] = scorer.mean_metrics(pop)
     model_name = cfg.model_name + (f"+{reranked}" if reranked else "")
-    seeds = {"seed": cfg.seed}  # the training run's (--seed is not an evaluation flag): records are paired by it
+    # "seed": the training run's (--seed is not an evaluation flag); compare pairs records by it
     meta = {"split": split, "dataset": cfg.dataset, "corpus": str(corpus.root), "model": model_name,
-            "run": Path(path).parent.name, **seeds, "epoch": ckpt.get("epoch"), "checkpoint": str(path),
+            "run": Path(path).parent.name, "seed": cfg.seed, "epoch": ckpt.get("epoch"), "checkpoint": str(path),
             "tie_break": cfg.tie_break, "written_by": f"--mode={split}"}
     with util.writing_into(out_dir, flag, f"the {split} records"):
         if split == "test":  # a leaderboard's own file, where the dataset has one (EB-NeRD's predictions.zip)
@@ -378,7 +378,7 @@ def write_evaluation_report(cfg: Config, corpus: Corpus, path: Path, ckpt: dict[
             report["beyond"] = beyond.summary()
             report["per_impression_beyond"] = str(beyond_accuracy.write_records(
                 out_dir, beyond, beh, {"split": split, "dataset": cfg.dataset, "model": model_name,
-                                       "run": Path(path).parent.name, **seeds, "checkpoint": str(path)}))
+                                       "run": Path(path).parent.name, "seed": cfg.seed, "checkpoint": str(path)}))
         written = write_evaluation(out_dir, result, beh, pop, report, meta)
     print(f"evaluated {which}")
     if out_dir != default:
