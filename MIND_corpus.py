@@ -51,7 +51,7 @@ import util
 CACHE_VERSION = 2  # 2: duplicate rows within a news.tsv counted, or an error if they differ
 # Versions of one component's reader, in that component's cache key only (the others stay valid):
 ENTITY_READER_VERSION = 2  # 2: a BOM on entity_embedding.vec no longer hides its first entity (zero vector)
-BEHAVIORS_READER_VERSION = 3  # 2: a candidate listed twice with both labels is an error; 3: the Time column kept;
+BEHAVIORS_READER_VERSION = 4  # 2: a candidate listed twice with both labels is an error; 3: the Time column kept;
 # 4: user_key (a hash of the UserID, so users unknown to train stay apart: beyond-accuracy personalization)
 # The Time column's format (MIND's, and what the EB-NeRD / Adressa converters write), e.g. "11/15/2019 8:55:22 AM".
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"

@@ -339,7 +339,7 @@ def coverage(top: np.ndarray, candidates: np.ndarray | None = None, catalogue: n
 def personalization(top: np.ndarray, users: np.ndarray | None, pairs: int = PERSONALIZATION_PAIRS,
                     seed: int = PERSONALIZATION_SEED) -> tuple[float, int]:
     """1 - mean overlap |A ∩ B| / sqrt(|A| |B|) of the top-k news of impression pairs of different users (`users`: the
-    split's per-impression user keys; given train user indices instead, as caches before the keys had, an index of 0,
+    split's per-impression user keys; given train user indices instead (arrays without keys), an index of 0,
     unknown to train, counts as different from every user); every pair when there are at most `pairs`,
     else `pairs` drawn with `seed`. Returns (value, pairs used)."""
     rows = np.flatnonzero((top > 0).any(1))
@@ -533,7 +533,8 @@ def compute(ranks: np.ndarray, beh: Mapping[str, Any], features: NewsFeatures, k
             res.means[key] = float(np.nanmean(v)) if scored else float("nan")
             res.counts[key] = {"scored": scored, "skipped": int(nonempty.sum()) - scored,
                                "missing_news": missing.get(name, 0)}
-        # user_key tells apart the users unknown to train (all user index 0); caches before it had only the index
+        # user_key tells apart the users unknown to train (all user index 0); arrays without it (built by hand, as
+        # the toy cases are) give the user index
         _global_metrics(res, top, catalogue, beh["user_key"] if "user_key" in beh else beh.get("user"), chosen, k)
     return res
 
